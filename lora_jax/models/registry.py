@@ -1,0 +1,36 @@
+"""Architecture registry: HF `model_type` -> the lora_jax module that implements it.
+
+Each architecture module (e.g. `lora_jax.models.gpt2`) exposes the same small interface, so the
+loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model code of their own:
+
+- `Config`: a frozen dataclass of the architecture's hyperparameters.
+- `config_from_hf(hf_config: dict) -> Config`: from an HF `config.json` dict.
+- `build(config, *, dtype, param_dtype, scan_layers, remat_policy, task) -> nn.Module`.
+- `params_from_hf(state_dict: dict[str, np.ndarray], config, *, scan_layers) -> params`:
+  HF PyTorch tensor names -> the Flax params tree (errors name missing/extra/misshaped tensors).
+- `HF_CLASSES`: names of the transformers classes it mirrors.
+- `LAYER_STACKS`: dotted paths of the per-layer lists (e.g. `("transformer.h",)`); unscanned
+  layers are named `h_0, h_1, ...` and a scanned stack is one module named `h` whose params carry
+  a leading layer axis. Apart from that, Flax module paths equal the HF PyTorch module paths.
+"""
+
+import importlib
+from types import ModuleType
+
+ARCHITECTURES = {
+    "gpt2": "lora_jax.models.gpt2",
+    "bert": "lora_jax.models.bert",
+    "llama": "lora_jax.models.llama",
+    "bloom": "lora_jax.models.bloom",
+    "t5": "lora_jax.models.t5",
+}
+
+
+def architecture(model_type: str) -> ModuleType:
+    """The lora_jax module for an HF `model_type`; a clear error for an unknown one."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {model_type!r}: lora_jax has reference models for "
+            f"{sorted(ARCHITECTURES)}"
+        )
+    return importlib.import_module(ARCHITECTURES[model_type])
