@@ -1,0 +1,36 @@
+"""lora_jax: purely functional LoRA for JAX and Flax.
+
+>>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+>>> import lora_jax
+>>> model, x = nn.Dense(8), jnp.ones((2, 16))
+>>> config = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=".*")
+>>> params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config, jax.random.key(1))
+>>> apply = lora_jax.wrap(model.apply, config)
+>>> tx = lora_jax.optimizer(optax.adam(1e-2), params, config)
+>>> apply({"params": params}, x).shape
+(2, 8)
+"""
+
+from lora_jax.config import LoraConfig
+from lora_jax.counting import count_parameters, print_trainable_parameters
+from lora_jax.factors import Layout
+from lora_jax.inject import inject
+from lora_jax.linen import layouts, wrap
+from lora_jax.merge import merge
+from lora_jax.optimizer import optimizer
+from lora_jax.partition import combine, split
+
+__all__ = [
+    "Layout",
+    "LoraConfig",
+    "combine",
+    "count_parameters",
+    "inject",
+    "layouts",
+    "merge",
+    "optimizer",
+    "print_trainable_parameters",
+    "split",
+    "wrap",
+]
+__version__ = "0.1.0"

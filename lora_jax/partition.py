@@ -1,0 +1,100 @@
+"""`split` a params tree into trainable and frozen parts, and `combine` them again.
+
+Both parts have the structure of the whole tree, with `None` where a leaf belongs to the other
+part (equinox's partition/combine idea), so either can be passed to `jax.grad`, optax or a
+checkpointer on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lora_jax.config import LoraConfig
+from lora_jax.factors import FACTOR_LEAVES
+from lora_jax.targets import matches
+
+Tree = Mapping[str, Any]
+
+
+def has_factors(module: Tree) -> bool:
+    """Whether a module dict holds LoRA factors."""
+    return any(name in module for name in FACTOR_LEAVES)
+
+
+def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
+    """A tree of bools: True for the factors, for biases per `config.bias`, and for every leaf
+    of a module in `config.modules_to_save`."""
+
+    def visit(node: Tree, path: str, saved: bool) -> dict[str, Any]:
+        adapted = has_factors(node)
+        out = {}
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else key
+            if isinstance(value, Mapping):
+                keep = saved or bool(config.modules_to_save and
+                                     matches(config.modules_to_save, child))
+                out[key] = visit(value, child, keep)
+            else:
+                out[key] = (
+                    saved
+                    or key in FACTOR_LEAVES
+                    or (key == "bias" and (config.bias == "all"
+                                           or (config.bias == "lora_only" and adapted)))
+                )
+        return out
+
+    return visit(params, "", False)
+
+
+def _select(params: Tree, mask: Tree, keep: bool) -> dict[str, Any]:
+    return {
+        key: _select(value, mask[key], keep) if isinstance(value, Mapping)
+        else (value if mask[key] == keep else None)
+        for key, value in params.items()
+    }
+
+
+def split(params: Tree, config: LoraConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable, frozen): two trees shaped like `params` with `None` holes.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"dense": {"kernel": jnp.ones((3, 4)), "lora_A": jnp.ones((3, 2)),
+    ...                     "lora_B": jnp.zeros((2, 4))}}
+    >>> trainable, frozen = split(params, LoraConfig(r=2))
+    >>> trainable["dense"]["kernel"] is None, frozen["dense"]["lora_A"] is None
+    (True, True)
+    """
+    mask = trainable_mask(params, config)
+    return _select(params, mask, True), _select(params, mask, False)
+
+
+def combine(*trees: Tree) -> dict[str, Any]:
+    """The inverse of `split`: at every position exactly one tree holds the leaf.
+
+    Raises naming the path where the trees' structures differ or two trees both hold a leaf.
+    """
+    return _combine(trees, "")
+
+
+def _combine(trees: tuple[Any, ...], path: str) -> Any:
+    present = [t for t in trees if t is not None]
+    if not present:
+        return None
+    if all(isinstance(t, Mapping) for t in present):
+        keys = list(present[0])
+        for tree in present[1:]:
+            if set(tree) != set(keys):
+                missing = sorted(set(keys) ^ set(tree))
+                raise ValueError(
+                    f"combine: the trees differ at {path or '<root>'!r}: keys {missing} are "
+                    "in one tree but not the other (were they split from the same params?)"
+                )
+        return {k: _combine(tuple(t[k] if t is not None else None for t in trees),
+                            f"{path}.{k}" if path else k) for k in keys}
+    if len(present) > 1:
+        raise ValueError(
+            f"combine: more than one tree holds a value at {path or '<root>'!r}; each "
+            "position must be None in all trees but one"
+        )
+    return present[0]

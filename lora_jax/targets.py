@@ -1,0 +1,69 @@
+"""Module paths in a params tree and peft's rules for matching them.
+
+A path is the "."-joined keys of the params tree down to a module, e.g.
+`transformer.h_0.attn.c_attn`. Flax names list elements `h_0`; peft names them `h.0`. Every rule
+here is tried on both spellings, so peft's target names and layer indices work unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_LIST_ELEMENT = re.compile(r"^(.*)_(\d+)$")
+
+
+def join_path(keys: Sequence[Any]) -> str:
+    """The dotted path of a sequence of tree keys (strings or jax key entries)."""
+    return ".".join(str(getattr(k, "key", k)) for k in keys)
+
+
+def path_forms(path: str) -> tuple[str, ...]:
+    """The path as written and with Flax list names `h_0` read as peft's `h.0`."""
+    peft_form = ".".join(_LIST_ELEMENT.sub(r"\1.\2", part) for part in path.split("."))
+    return (path,) if peft_form == path else (path, peft_form)
+
+
+def matches(spec: str | Sequence[str], path: str) -> bool:
+    """peft's rule: a str is `re.fullmatch`ed; a list matches equal names or "." + name suffixes."""
+    forms = path_forms(path)
+    if isinstance(spec, str):
+        return any(re.fullmatch(spec, form) for form in forms)
+    return any(form == name or form.endswith("." + name) for form in forms for name in spec)
+
+
+def layer_index(path: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The layer index in `path` (the number after `layers_pattern`, or after any component)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    regexes = [r"[^.]+"] if not patterns else [re.escape(p) for p in patterns]
+    for form in path_forms(path):
+        for name in regexes:
+            found = re.match(rf"(?:.*\.)?{name}\.(\d+)\.", form + ".")
+            if found:
+                return int(found.group(1))
+    return None
+
+
+def pattern_value(patterns: Mapping[str, T], path: str, default: T) -> T:
+    """The value of the first regex key matching the end of `path` (peft's rank/alpha_pattern)."""
+    for key, value in patterns.items():
+        if any(re.match(rf"(?:.*\.)?(?:{key})$", form) for form in path_forms(path)):
+            return value
+    return default
+
+
+WEIGHT_LEAVES = ("kernel", "embedding")
+
+
+def iter_modules(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[
+    tuple[str, Mapping[str, Any]]
+]:
+    """(path, module dict) for every module in the tree that holds a `kernel` or `embedding`."""
+    if any(name in params and not isinstance(params[name], Mapping) for name in WEIGHT_LEAVES):
+        yield join_path(prefix), params
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            yield from iter_modules(value, (*prefix, key))
