@@ -1,0 +1,224 @@
+"""Layer stacks shared by the reference models: run, stack/unstack, and load from HF names.
+
+A model's per-layer blocks (HF `transformer.h`, `model.layers`, ...) are either separate modules
+named `h_0, h_1, ...` or, with `scan_layers=True`, one `nn.scan`-ned module named `h` whose params
+carry a leading layer axis. `layer_stack` builds either form; `stack_layers` / `unstack_layers`
+convert params (or any tree with the same layout, LoRA factors included) between them, and
+`load_hf_weights` turns an HF PyTorch state dict into the unscanned tree with clear errors.
+
+    scanned = stack_layers(params, "transformer.h")   # h_0..h_11 -> h with a [12, ...] axis
+    params = unstack_layers(scanned, "transformer.h")  # and back
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+
+# --- running a stack of blocks ------------------------------------------------------------------
+
+def _remat(block_cls: type[nn.Module], remat_policy: str | None, scan: bool) -> type[nn.Module]:
+    if remat_policy is None:
+        return block_cls
+    policy = getattr(jax.checkpoint_policies, remat_policy, None)
+    if policy is None or not callable(policy):
+        names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+        raise ValueError(
+            f"unknown remat_policy {remat_policy!r}: use None (no remat) or one of {names}"
+        )
+    # Under scan, CSE across iterations cannot happen, so prevent_cse only costs performance.
+    return nn.remat(block_cls, policy=policy, prevent_cse=not scan)
+
+
+def layer_stack(
+    block_cls: type[nn.Module],
+    block_kwargs: Mapping[str, Any],
+    n: int,
+    carry: Any,
+    layer_inputs: Any,
+    *broadcast: Any,
+    name: str,
+    scan: bool,
+    remat_policy: str | None,
+) -> tuple[Any, Any]:
+    """Run `n` blocks in sequence; call it inside a parent's `@nn.compact` method.
+
+    Each block is `block_cls(**block_kwargs)` with `__call__(carry, layer_input, *broadcast) ->
+    (carry, layer_output)`. `layer_inputs` (e.g. a KV cache, or None) has a leading layer axis and
+    block i gets slice i; the `broadcast` arguments go to every block. Returns the final carry and
+    the layer outputs stacked on a leading axis. `scan=True` makes one `nn.scan`-ned module named
+    `name`; otherwise the blocks are `name_0 ... name_{n-1}`. Both give equal results.
+    """
+    block = _remat(block_cls, remat_policy, scan)
+    if scan:
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, *([nn.broadcast] * len(broadcast))),
+            out_axes=0,
+            length=n,
+        )
+        return scanned(**block_kwargs, name=name)(carry, layer_inputs, *broadcast)
+    outputs = []
+    for i in range(n):
+        layer_input = jax.tree_util.tree_map(lambda a, i=i: a[i], layer_inputs)
+        carry, out = block(**block_kwargs, name=f"{name}_{i}")(carry, layer_input, *broadcast)
+        outputs.append(out)
+    return carry, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outputs)
+
+
+# --- converting params between the two layouts ---------------------------------------------------
+
+def _split_path(params: Mapping[str, Any], stack_path: str) -> tuple[list[str], str]:
+    *parents, leaf = stack_path.split(".")
+    node: Any = params
+    for i, part in enumerate(parents):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(
+                f"no {'.'.join(parents[: i + 1])!r} in the params tree (looking for the layer "
+                f"stack {stack_path!r}); top-level keys: {sorted(params)}"
+            )
+        node = node[part]
+    return parents, leaf
+
+
+def _replace(params: Mapping[str, Any], parents: Sequence[str],
+             fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Params:
+    """A copy of `params` whose dict at `parents` is `fn(copy of it)`; the input is not mutated."""
+    if not parents:
+        return fn(dict(params))
+    head, *rest = parents
+    out = dict(params)
+    out[head] = _replace(params[head], rest, fn)
+    return out
+
+
+def stack_layers(params: Mapping[str, Any], stack_path: str) -> Params:
+    """Unscanned -> scanned: `<stack_path>_0 ... _{n-1}` become `<stack_path>` with a layer axis.
+
+    E.g. SmolLM2's `model.layers_<i>.mlp.up_proj.kernel` [576, 1536] become
+    `model.layers.mlp.up_proj.kernel` [30, 576, 1536].
+    """
+    parents, leaf = _split_path(params, stack_path)
+    pattern = re.compile(rf"{re.escape(leaf)}_(\d+)")
+
+    def fn(node: dict[str, Any]) -> dict[str, Any]:
+        found = sorted(int(m.group(1)) for k in node if (m := pattern.fullmatch(k)))
+        if not found or found != list(range(len(found))):
+            raise ValueError(
+                f"expected layers {stack_path}_0 ... {stack_path}_<n-1> to stack, found indices "
+                f"{found} among keys {sorted(node)}"
+            )
+        layers = [node.pop(f"{leaf}_{i}") for i in found]
+        try:
+            node[leaf] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+        except ValueError as e:
+            raise ValueError(f"the layers of {stack_path!r} differ in structure: {e}") from e
+        return node
+
+    return _replace(params, parents, fn)
+
+
+def unstack_layers(params: Mapping[str, Any], stack_path: str) -> Params:
+    """Scanned -> unscanned: `<stack_path>` (leading layer axis) -> `<stack_path>_0 ... _{n-1}`."""
+    parents, leaf = _split_path(params, stack_path)
+
+    def fn(node: dict[str, Any]) -> dict[str, Any]:
+        if leaf not in node:
+            raise ValueError(f"no layer stack {stack_path!r}; keys there: {sorted(node)}")
+        stacked = node.pop(leaf)
+        sizes = {a.shape[0] for a in jax.tree_util.tree_leaves(stacked)}
+        if len(sizes) != 1:
+            raise ValueError(f"the leaves of {stack_path!r} have different layer counts {sizes}")
+        (n,) = sizes
+        for i in range(n):
+            node[f"{leaf}_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+        return node
+
+    return _replace(params, parents, fn)
+
+
+# --- loading HF PyTorch state dicts ---------------------------------------------------------------
+
+# Flax leaf name -> the HF parameter name of the same tensor.
+_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def hf_name(flax_path: str, stacks: Iterable[str]) -> str:
+    """The HF PyTorch name of a Flax param path: `transformer.h_0.attn.c_attn.kernel` ->
+    `transformer.h.0.attn.c_attn.weight` when `transformer.h` is one of `stacks`.
+
+    A nested stack is named without indices, e.g. `encoder.block.layer` for
+    `encoder.block.0.layer.1`.
+    """
+    stacks = set(stacks)
+    *modules, leaf = flax_path.split(".")
+    out: list[str] = []
+    for part in modules:
+        m = re.fullmatch(r"(.+)_(\d+)", part)
+        plain = [p for p in out if not p.isdigit()]
+        if m and ".".join([*plain, m.group(1)]) in stacks:
+            out += [m.group(1), m.group(2)]
+        else:
+            out.append(part)
+    return ".".join([*out, _HF_LEAF.get(leaf, leaf)])
+
+
+def load_hf_weights(
+    state_dict: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    *,
+    stacks: Sequence[str],
+    transpose_kernels: bool = True,
+    ignore: str | None = None,
+) -> Params:
+    """Build the unscanned params tree shaped like `expected` from an HF state dict.
+
+    `expected` is the abstract params tree (e.g. `jax.eval_shape(model.init, ...)["params"]`).
+    Every leaf is read from `hf_name(path, stacks)`; 2-D `kernel`s are transposed from torch's
+    [out, in] unless `transpose_kernels=False` (GPT-2's Conv1D). HF names
+    matching the regex `ignore` (buffers, a tied head) may be present or absent. Raises one
+    ValueError listing every missing, unexpected and misshaped tensor; returns only when all
+    tensors loaded, so nothing is ever half-loaded.
+    """
+    flat = {
+        ".".join(str(k.key) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
+    values: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    missing, misshaped = [], []
+    for path, spec in flat.items():
+        name = hf_name(path, stacks)
+        if name not in state_dict:
+            missing.append(name)
+            continue
+        used.add(name)
+        value = np.asarray(state_dict[name])
+        if path.endswith("kernel") and value.ndim == 2 and transpose_kernels:
+            value = value.T
+        if tuple(value.shape) != tuple(spec.shape):
+            misshaped.append(f"{name}: got {tuple(value.shape)}, "
+                             f"expected {tuple(spec.shape)} (as {path})")
+        values[path] = value.astype(spec.dtype)
+    ignored = re.compile(ignore) if ignore else None
+    extra = sorted(k for k in state_dict
+                   if k not in used and not (ignored and ignored.fullmatch(k)))
+    problems = [f"missing: {missing}" if missing else "",
+                f"unexpected: {extra}" if extra else "",
+                f"wrong shape: {misshaped}" if misshaped else ""]
+    if any(problems):
+        raise ValueError("cannot load the HF weights; " + "; ".join(p for p in problems if p))
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(expected), [jnp.asarray(values[p]) for p in flat]
+    )
