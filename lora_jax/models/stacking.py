@@ -1,8 +1,9 @@
-"""Layer stacks shared by the reference models: run, stack/unstack, and load from HF names.
+"""Layer stacks shared by the reference models: run, stack/unstack, and load from HF names/configs.
 
 A model's per-layer blocks (HF `transformer.h`, `model.layers`, ...) are either separate modules
 named `h_0, h_1, ...` or, with `scan_layers=True`, one `nn.scan`-ned module named `h` whose params
-carry a leading layer axis. `layer_stack` builds either form; `stack_layers` / `unstack_layers`
+carry a leading layer axis. `layer_stack` builds either form and
+`run_layers` runs it; `stack_layers` / `unstack_layers`
 convert params (or any tree with the same layout, LoRA factors included) between them, and
 `load_hf_weights` turns an HF PyTorch state dict into the unscanned tree with clear errors.
 
@@ -12,6 +13,7 @@ convert params (or any tree with the same layout, LoRA factors included) between
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -43,36 +45,44 @@ def layer_stack(
     block_cls: type[nn.Module],
     block_kwargs: Mapping[str, Any],
     n: int,
-    carry: Any,
-    layer_inputs: Any,
-    *broadcast: Any,
-    name: str,
+    *,
     scan: bool,
     remat_policy: str | None,
-) -> tuple[Any, Any]:
-    """Run `n` blocks in sequence; call it inside a parent's `@nn.compact` method.
+    num_broadcast: int = 1,
+) -> nn.Module | list[nn.Module]:
+    """`n` blocks to assign in a parent's `setup`, e.g. `self.h = layer_stack(Block, kw, 12, ...)`.
 
     Each block is `block_cls(**block_kwargs)` with `__call__(carry, layer_input, *broadcast) ->
-    (carry, layer_output)`. `layer_inputs` (e.g. a KV cache, or None) has a leading layer axis and
-    block i gets slice i; the `broadcast` arguments go to every block. Returns the final carry and
-    the layer outputs stacked on a leading axis. `scan=True` makes one `nn.scan`-ned module named
-    `name`; otherwise the blocks are `name_0 ... name_{n-1}`. Both give equal results.
+    (carry, layer_output)`, taking `num_broadcast` broadcast arguments; run them with
+    `run_layers`. `scan=True` gives one `nn.scan`-ned module (named after the attribute, params
+    with a leading layer axis); otherwise a list, which Flax names `h_0 ... h_{n-1}`. With a
+    `remat_policy` (a name in `jax.checkpoint_policies`) each block is wrapped in `nn.remat`.
     """
     block = _remat(block_cls, remat_policy, scan)
-    if scan:
-        scanned = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, *([nn.broadcast] * len(broadcast))),
-            out_axes=0,
-            length=n,
-        )
-        return scanned(**block_kwargs, name=name)(carry, layer_inputs, *broadcast)
+    if not scan:
+        return [block(**block_kwargs) for _ in range(n)]
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, *([nn.broadcast] * num_broadcast)),
+        out_axes=0,
+        length=n,
+    )
+    return scanned(**block_kwargs)
+
+
+def run_layers(stack: nn.Module | Sequence[nn.Module], carry: Any, layer_inputs: Any,
+               *broadcast: Any) -> tuple[Any, Any]:
+    """Run a `layer_stack`: block i gets slice i of `layer_inputs` (a tree with a leading layer
+    axis, e.g. a KV cache, or None) and every `broadcast` argument. Returns the final carry and
+    the blocks' outputs stacked on a leading axis; scanned and unscanned stacks agree."""
+    if isinstance(stack, nn.Module):
+        return stack(carry, layer_inputs, *broadcast)
     outputs = []
-    for i in range(n):
+    for i, block in enumerate(stack):
         layer_input = jax.tree_util.tree_map(lambda a, i=i: a[i], layer_inputs)
-        carry, out = block(**block_kwargs, name=f"{name}_{i}")(carry, layer_input, *broadcast)
+        carry, out = block(carry, layer_input, *broadcast)
         outputs.append(out)
     return carry, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outputs)
 
@@ -222,3 +232,20 @@ def load_hf_weights(
     return jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(expected), [jnp.asarray(values[p]) for p in flat]
     )
+
+
+def config_from_dict(cls: type, hf_config: Mapping[str, Any],
+                     unsupported: Mapping[str, Any] | None = None) -> Any:
+    """`cls(**fields)` from the keys of an HF `config.json` dict that are fields of `cls`.
+
+    `unsupported` maps HF options the model does not implement to their only supported value;
+    another value is a ValueError (better than silently wrong outputs).
+    """
+    for name, supported in (unsupported or {}).items():
+        if name in hf_config and hf_config[name] is not None and hf_config[name] != supported:
+            raise ValueError(
+                f"{cls.__module__} does not implement {name}={hf_config[name]!r} "
+                f"(only {supported!r})"
+            )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in hf_config.items() if k in fields})

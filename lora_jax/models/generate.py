@@ -1,0 +1,225 @@
+"""KV-cache decoding and `generate` for the causal LMs (GPT-2, Llama, BLOOM).
+
+The cache is an explicit argument: a causal LM's `__call__(input_ids, attention_mask=None,
+position_ids=None, cache=None)` returns logits, or `(logits, new_cache)` when given a `KVCache`
+(from `model.init_cache(batch, max_length)`). The cache has a fixed number of slots, so a jitted
+decode step compiles once. With a cache, `attention_mask` covers all the cache's slots [B, S]
+(1 = a real token), and the new tokens fill the slots from `cache.index` on.
+
+`generate` works with any `apply_fn` with `module.apply`'s signature, e.g. plain `model.apply`
+with merged params or `lora_jax.wrap(model.apply, config)` with un-merged LoRA factors:
+
+    model, params = ...                      # e.g. lora_jax.models.gguf.load_gguf(path)[:2]
+    tokens = generate(model.apply, params, model, input_ids, max_new_tokens=20)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.models.attention import attention
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, [L, B, S, K, H], and the number of slots filled."""
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def create(cls, num_layers: int, batch: int, max_length: int, num_kv_heads: int,
+               head_dim: int, dtype: Any = jnp.float32) -> KVCache:
+        """An empty cache with `max_length` slots per sequence."""
+        shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+class DecodeInputs(NamedTuple):
+    """What every layer needs besides its own cache slice: the boolean mask [B, 1, T, S], the
+    first slot the new tokens go to, and the position of each new token [B, T]."""
+
+    mask: jax.Array
+    index: jax.Array
+    positions: jax.Array
+
+
+def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
+                  position_ids: jax.Array | None, cache: KVCache | None) -> DecodeInputs:
+    """The causal mask (padding included) and positions for a forward with or without a cache.
+
+    Query t sits in slot `index + t` and sees key slot s iff s <= index + t and the key is not
+    padding. Default positions count slots from 0, as HF does without `position_ids`.
+    """
+    batch, length = input_ids.shape
+    index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    slots = length if cache is None else cache.key.shape[2]
+    if attention_mask is not None and attention_mask.shape != (batch, slots):
+        what = "the input" if cache is None else "the cache's slots"
+        raise ValueError(
+            f"attention_mask has shape {attention_mask.shape}; expected {(batch, slots)}, one "
+            f"entry per token of {what}"
+        )
+    query_slot = index + jnp.arange(length)
+    mask = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
+    mask = jnp.broadcast_to(mask, (batch, 1, length, slots))
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(query_slot, (batch, length))
+    return DecodeInputs(mask, index, position_ids)
+
+
+def cached_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array,
+    layer_cache: tuple[jax.Array, jax.Array] | None, inputs: DecodeInputs,
+    *, bias: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Attention of [B, T, N, H] queries over this layer's cache with the new keys/values written
+    at `inputs.index`; returns the output and the updated (key, value) slices (None without a
+    cache)."""
+    if layer_cache is not None:
+        start = (0, inputs.index, 0, 0)
+        key = jax.lax.dynamic_update_slice(layer_cache[0], key.astype(layer_cache[0].dtype), start)
+        value = jax.lax.dynamic_update_slice(
+            layer_cache[1], value.astype(layer_cache[1].dtype), start)
+        layer_cache = (key, value)
+    out = attention(query, key.astype(query.dtype), value.astype(query.dtype),
+                    mask=inputs.mask, bias=bias)
+    return out, layer_cache
+
+
+def layer_caches(cache: KVCache | None) -> tuple[jax.Array, jax.Array] | None:
+    """The per-layer (key, value) stacks that `stacking.layer_stack` slices layer by layer."""
+    return None if cache is None else (cache.key, cache.value)
+
+
+def advance(cache: KVCache | None, new: tuple[jax.Array, jax.Array] | None,
+            length: int) -> KVCache | None:
+    """The cache after a forward of `length` new tokens wrote `new`."""
+    if cache is None:
+        return None
+    return KVCache(new[0], new[1], cache.index + length)
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, *, top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+    """Set logits outside the top-k / nucleus (top-p) sets to -inf, as HF's warpers do (top-k
+    first). The most likely token always stays."""
+    neg_inf = jnp.finfo(logits.dtype).min
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+        keep = before < top_p
+        keep = keep.at[..., 0].set(True)
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    return logits
+
+
+def _next_token(logits: jax.Array, key: jax.Array | None, temperature: float,
+                top_k: int | None, top_p: float | None) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@partial(jax.jit, static_argnames=("apply_fn", "model", "max_new_tokens", "temperature", "top_k",
+                                   "top_p", "eos_token_id", "pad_token_id"))
+def _generate(apply_fn, params, model, input_ids, attention_mask, key, *, max_new_tokens,
+              temperature, top_k, top_p, eos_token_id, pad_token_id):
+    batch, length = input_ids.shape
+    cache = model.init_cache(batch, length + max_new_tokens)
+    mask = jnp.concatenate(
+        [attention_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    # Positions skip left padding, as HF's generate does.
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    variables = {"params": params}
+
+    logits, cache = apply_fn(variables, input_ids, attention_mask=mask,
+                             position_ids=positions[:, :length], cache=cache)
+    token = _next_token(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    out = jnp.full((batch, max_new_tokens), pad_token_id, input_ids.dtype)
+
+    def body(state):
+        i, token, done, cache, out = state
+        token = jnp.where(done, pad_token_id, token).astype(out.dtype)
+        out = out.at[:, i].set(token)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        pos = jax.lax.dynamic_slice_in_dim(positions, length + i, 1, axis=1)
+        logits, cache = apply_fn(variables, token[:, None], attention_mask=mask,
+                                 position_ids=pos, cache=cache)
+        nxt = _next_token(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
+        return i + 1, nxt, done, cache, out
+
+    def cond(state):
+        i, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    done = jnp.zeros((batch,), bool)
+    *_, out = jax.lax.while_loop(cond, body, (0, token, done, cache, out))
+    return jnp.concatenate([input_ids, out], axis=1)
+
+
+def generate(
+    apply_fn: Callable[..., Any],
+    params: Any,
+    model: nn.Module,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    attention_mask: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: jax.Array | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> jax.Array:
+    """Continue `input_ids` [B, T] by `max_new_tokens`; returns [B, T + max_new_tokens].
+
+    `temperature=0` is greedy; otherwise tokens are sampled from softmax(logits / temperature)
+    restricted to the top-k / top-p sets, with `key` (required). `model` is the causal LM (for
+    `init_cache`); `apply_fn` is `model.apply` or `lora_jax.wrap(model.apply, config)`. Left-pad
+    a batch of prompts and pass `attention_mask`. After `eos_token_id` a sequence is filled with
+    `pad_token_id` (default: the EOS id, else 0); decoding stops once every sequence is done.
+    Prefill and the decode loop run in one jitted function, compiled once per shape and setting.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(0)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if not hasattr(model, "init_cache"):
+        raise ValueError(f"{type(model).__name__} has no KV cache (init_cache): not a causal LM")
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    return _generate(
+        apply_fn, params, model, input_ids, jnp.asarray(attention_mask),
+        jax.random.key(0) if key is None else key,
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+        top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )

@@ -1,0 +1,193 @@
+"""GPT-2 (HF `GPT2LMHeadModel`) as a Flax linen module with HF parameter paths.
+
+Paths: `transformer.wte`, `transformer.wpe`, `transformer.h_<i>.{ln_1, attn.c_attn, attn.c_proj,
+ln_2, mlp.c_fc, mlp.c_proj}`, `transformer.ln_f`; the LM head is the tied `wte` (`Embed.attend`).
+With `scan_layers=True` the blocks are one scanned `transformer.h`. HF's dropouts are not
+modelled (the model is deterministic); LoRA dropout comes from `lora_jax.wrap`.
+
+    config = config_from_hf(hf_model.config.to_dict())
+    model = build(config)
+    params = params_from_hf({k: v.numpy() for k, v in hf_model.state_dict().items()}, config)
+    logits = model.apply({"params": params}, input_ids)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.models.generate import (
+    DecodeInputs,
+    KVCache,
+    advance,
+    cached_attention,
+    decode_inputs,
+    layer_caches,
+)
+from lora_jax.models.stacking import (
+    config_from_dict,
+    layer_stack,
+    load_hf_weights,
+    run_layers,
+    stack_layers,
+)
+
+HF_CLASSES = ("GPT2LMHeadModel",)
+LAYER_STACKS = ("transformer.h",)
+_ACTIVATIONS = {"gelu_new": partial(jax.nn.gelu, approximate=True),
+                "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+                "gelu": partial(jax.nn.gelu, approximate=False),
+                "relu": jax.nn.relu}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """GPT-2 hyperparameters (HF names)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> Config:
+    """The Config of an HF GPT-2 `config.json` dict; rejects options this model lacks."""
+    config = config_from_dict(Config, hf_config, {
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "scale_attn_weights": True, "add_cross_attention": False, "tie_word_embeddings": True})
+    if config.activation_function not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation_function {config.activation_function!r}; "
+                         f"supported: {sorted(_ACTIVATIONS)}")
+    return config
+
+
+class _Layer(nn.Module):
+    config: Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def norm(self, name: str | None = None) -> nn.LayerNorm:
+        return nn.LayerNorm(epsilon=self.config.layer_norm_epsilon, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)
+
+
+class GPT2Attention(_Layer):
+    """Causal self-attention with the fused `c_attn` ([q | k | v] columns) and `c_proj`."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer_cache: Any, inputs: DecodeInputs
+                 ) -> tuple[jax.Array, Any]:
+        c = self.config
+        batch, length, _ = x.shape
+        qkv = self.dense(3 * c.n_embd, "c_attn")(x)
+        q, k, v = (t.reshape(batch, length, c.n_head, -1) for t in jnp.split(qkv, 3, axis=-1))
+        out, layer_cache = cached_attention(q, k, v, layer_cache, inputs)
+        return self.dense(c.n_embd, "c_proj")(out.reshape(batch, length, c.n_embd)), layer_cache
+
+
+class GPT2MLP(_Layer):
+    """`c_proj(act(c_fc(x)))`."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        h = _ACTIVATIONS[c.activation_function](self.dense(c.n_inner or 4 * c.n_embd, "c_fc")(x))
+        return self.dense(c.n_embd, "c_proj")(h)
+
+
+class GPT2Block(_Layer):
+    """Pre-LayerNorm block; `(x, layer_cache, inputs) -> (x, layer_cache)`."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer_cache: Any, inputs: DecodeInputs
+                 ) -> tuple[jax.Array, Any]:
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        out, layer_cache = GPT2Attention(**kw, name="attn")(self.norm("ln_1")(x), layer_cache,
+                                                            inputs)
+        x = x + out
+        return x + GPT2MLP(**kw, name="mlp")(self.norm("ln_2")(x)), layer_cache
+
+
+class GPT2Model(_Layer):
+    """Embeddings, blocks and final LayerNorm (HF `transformer`)."""
+
+    scan_layers: bool = False
+    remat_policy: str | None = None
+
+    def setup(self) -> None:
+        c = self.config
+        embed = lambda n: nn.Embed(n, c.n_embd, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.wte = embed(c.vocab_size)
+        self.wpe = embed(c.n_positions)
+        kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.h = layer_stack(GPT2Block, kw, c.n_layer, scan=self.scan_layers,
+                             remat_policy=self.remat_policy)
+        self.ln_f = self.norm()
+
+    def __call__(self, input_ids: jax.Array, inputs: DecodeInputs, caches: Any
+                 ) -> tuple[jax.Array, Any]:
+        """Hidden states [B, T, D] after `ln_f`, and the blocks' updated caches."""
+        x = self.wte(input_ids) + self.wpe(inputs.positions)
+        x, caches = run_layers(self.h, x, caches, inputs)
+        return self.ln_f(x), caches
+
+
+class GPT2LMHeadModel(_Layer):
+    """GPT-2 with the tied LM head; see `lora_jax.models.generate` for the cache protocol."""
+
+    scan_layers: bool = False
+    remat_policy: str | None = None
+
+    def setup(self) -> None:
+        self.transformer = GPT2Model(self.config, self.dtype, self.param_dtype,
+                                     self.scan_layers, self.remat_policy)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [B, T, V]; with a `cache`, `(logits, updated cache)`."""
+        inputs = decode_inputs(input_ids, attention_mask, position_ids, cache)
+        h, new = self.transformer(input_ids, inputs, layer_caches(cache))
+        logits = self.transformer.wte.attend(h)
+        return logits if cache is None else (logits, advance(cache, new, input_ids.shape[1]))
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
+        c = self.config
+        if max_length > c.n_positions:
+            raise ValueError(f"max_length {max_length} exceeds n_positions {c.n_positions}")
+        return KVCache.create(c.n_layer, batch, max_length, c.n_head, c.n_embd // c.n_head,
+                              self.dtype)
+
+
+def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+          scan_layers: bool = False, remat_policy: str | None = None,
+          task: str = "causal_lm") -> GPT2LMHeadModel:
+    """The GPT-2 LM module (`task="causal_lm"`, the only task)."""
+    if task != "causal_lm":
+        raise ValueError(f"GPT-2 supports task='causal_lm' only, got {task!r}")
+    return GPT2LMHeadModel(config, dtype, param_dtype, scan_layers, remat_policy)
+
+
+def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
+                   scan_layers: bool = False) -> dict[str, Any]:
+    """Flax params from an HF GPT2LMHeadModel state dict of numpy arrays (Conv1D is [in, out])."""
+    model = build(config)
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS,
+                             transpose_kernels=False,
+                             ignore=r"lm_head\.weight|.*\.attn\.(masked_)?bias")
+    return stack_layers(params, LAYER_STACKS[0]) if scan_layers else params

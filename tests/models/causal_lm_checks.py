@@ -1,0 +1,102 @@
+"""Checks shared by the causal-LM tests (GPT-2, Llama, BLOOM): parity with HF, KV cache, bad
+weights, LoRA parameter counts. Each `check_*` asserts and returns what it measured."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import lora_jax
+
+TOL = 1e-4  # float32 logits, max abs diff against HF PyTorch
+VARIANTS = [(False, None), (True, None), (True, "nothing_saveable"), (False, "dots_saveable")]
+
+
+def state_dict(hf_model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+
+
+def load(arch: ModuleType, hf_model: torch.nn.Module, *, scan_layers: bool = False,
+         remat_policy: str | None = None) -> tuple[Any, Any, Any]:
+    config = arch.config_from_hf(hf_model.config.to_dict())
+    model = arch.build(config, scan_layers=scan_layers, remat_policy=remat_policy)
+    return model, arch.params_from_hf(state_dict(hf_model), config, scan_layers=scan_layers), config
+
+
+def hf_logits(hf_model: torch.nn.Module, ids: np.ndarray, **kwargs: Any) -> np.ndarray:
+    with torch.no_grad():
+        tensors = {k: torch.tensor(np.asarray(v)) for k, v in kwargs.items()}
+        return hf_model(torch.tensor(ids), **tensors).logits.numpy()
+
+
+def check_parity(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray,
+                 valid: np.ndarray | None = None, **kwargs: Any) -> dict[str, float]:
+    """Our logits equal HF's (at positions where `valid`, default all) for every variant."""
+    ref = hf_logits(hf_model, ids, **kwargs)
+    valid = np.ones(ids.shape, bool) if valid is None else valid
+    assert np.abs(ref[valid]).max() > 0.5, "logits too small for a meaningful comparison"
+    diffs = {}
+    for scan, remat in VARIANTS:
+        model, params, _ = load(arch, hf_model, scan_layers=scan, remat_policy=remat)
+        out = np.asarray(model.apply({"params": params}, ids, **kwargs))
+        diffs[f"scan={scan},remat={remat}"] = diff = float(np.abs(out - ref)[valid].max())
+        assert diff <= TOL, (scan, remat, diff)
+    return diffs
+
+
+def check_cache(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray,
+                prefill: int, *, scan_layers: bool) -> float:
+    """Prefill, then decode token by token: each step's logits equal the full forward's."""
+    model, params, _ = load(arch, hf_model, scan_layers=scan_layers)
+    variables = {"params": params}
+    full = np.asarray(model.apply(variables, ids))
+    step = jax.jit(model.apply)
+    logits, cache = step(variables, ids[:, :prefill], cache=model.init_cache(len(ids), 16))
+    outs = [logits]
+    for t in range(prefill, ids.shape[1]):
+        logits, cache = step(variables, ids[:, t:t + 1], cache=cache)
+        outs.append(logits)
+    assert int(cache.index) == ids.shape[1]
+    diff = float(np.abs(np.concatenate(outs, axis=1) - full).max())
+    assert diff <= TOL, diff
+    return diff
+
+
+def check_bad_weights(arch: ModuleType, hf_model: torch.nn.Module, name: str) -> None:
+    """Missing, unexpected and misshaped tensors are errors that name them."""
+    sd = state_dict(hf_model)
+    config = arch.config_from_hf(hf_model.config.to_dict())
+    missing = {k: v for k, v in sd.items() if k != name}
+    with pytest.raises(ValueError, match=rf"missing: \['{name}'\]"):
+        arch.params_from_hf(missing, config)
+    with pytest.raises(ValueError, match=r"unexpected: \['model.extra.weight'\]"):
+        arch.params_from_hf({**sd, "model.extra.weight": np.zeros(3)}, config, scan_layers=True)
+    bad = {**sd, name: sd[name][..., :-1]}
+    with pytest.raises(ValueError, match=rf"wrong shape: \['{name}: got"):
+        arch.params_from_hf(bad, config)
+
+
+def check_lora_counts(arch: ModuleType, hf_model: torch.nn.Module, targets: list[str],
+                      ids: np.ndarray) -> tuple[int, int]:
+    """`count_parameters` after `inject` (unscanned and scanned) equals peft's counts, and a
+    freshly injected adapter leaves the outputs unchanged through `wrap`."""
+    import peft
+
+    kwargs = dict(r=4, lora_alpha=16, lora_dropout=0.05, target_modules=targets)
+    peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(**kwargs))
+    expected = peft_model.get_nb_trainable_parameters()
+    peft_model.unload()  # the tests reuse the HF model unadapted
+    config = lora_jax.LoraConfig(**kwargs)
+    for scan in (False, True):
+        model, params, _ = load(arch, hf_model, scan_layers=scan)
+        layouts = lora_jax.layouts(model, ids) if scan else None
+        adapted = lora_jax.inject(params, config, jax.random.key(0), layouts=layouts)
+        assert lora_jax.count_parameters(adapted, config) == expected
+        out = lora_jax.wrap(model.apply, config)({"params": adapted}, ids)
+        np.testing.assert_allclose(out, model.apply({"params": params}, ids), atol=1e-6)
+    return expected
