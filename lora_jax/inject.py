@@ -78,9 +78,13 @@ def _selected_layers(config: LoraConfig, path: str, layout: Layout) -> tuple[int
 
 def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
     spec = config.target_modules
-    names = sorted({form.rsplit(".", 1)[-1] for p in paths for form in path_forms(p)})
+    names = sorted({form.rsplit(".", 1)[-1] for p in paths for form in path_forms(p)} - {""})
     wanted = [spec] if isinstance(spec, str) else list(spec)
-    close = sorted({c for w in wanted for c in difflib.get_close_matches(w, names + paths, n=3)})
+    close = {c for w in wanted for c in difflib.get_close_matches(w, names + paths, n=3,
+                                                                  cutoff=0.5)}
+    # Names sharing a "_"-separated word also count: "q_proj" suggests "q".
+    close |= {n for w in wanted for n in names if set(n.split("_")) & set(w.split("_"))}
+    close = sorted(close)
     return ValueError(
         f"target_modules={spec!r} matched no module. Modules with weights: {paths[:40]}"
         + (" ..." if len(paths) > 40 else "")

@@ -1,0 +1,190 @@
+"""wrap: the delta inside each layer, and composition with jit, grad, vmap, scan, remat, dropout."""
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from layer_zoo import KINDS, TinyLM, single_layer, unscanned_params
+
+import lora_jax
+from lora_jax import LoraConfig
+
+IDS = jnp.arange(10).reshape(2, 5) % 32
+RTOL = 1e-5  # float32: relative to the output's largest magnitude
+
+
+def _adapted(kind, dim, out, r, init=False, seed=0, dtype=jnp.float32):
+    model, x = single_layer(kind, dim, out, dtype=dtype, param_dtype=dtype)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["layer"], init_lora_weights=init)
+    params = model.init(jax.random.key(seed), x)["params"]
+    params = lora_jax.inject(params, config, jax.random.key(seed + 1),
+                             layouts=lora_jax.layouts(model, x))
+    return model, x, config, params
+
+
+def _assert_close(actual, expected, rtol=RTOL):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    scale = max(np.abs(expected).max(), 1e-6)
+    assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(2, 9),
+       r=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_wrapped_output_equals_the_merged_kernel(kind, dim, out, r, seed):
+    model, x, config, params = _adapted(kind, dim, out, r, seed=seed)
+    wrapped = lora_jax.wrap(model.apply, config)({"params": params}, x)
+    merged = model.apply({"params": lora_jax.merge(params, config)}, x)
+    base = model.apply({"params": lora_jax.split(params, config)[1]}, x)
+    _assert_close(wrapped, merged)
+    assert not np.allclose(wrapped, base)  # the adapter does change the output
+
+
+@settings(max_examples=15, deadline=None)
+@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(2, 9),
+       r=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_default_init_gives_exactly_the_base_output(kind, dim, out, r, seed):
+    model, x, config, params = _adapted(kind, dim, out, r, init=True, seed=seed)
+    base_params = model.init(jax.random.key(seed), x)["params"]
+    np.testing.assert_array_equal(lora_jax.wrap(model.apply, config)({"params": params}, x),
+                                  model.apply({"params": base_params}, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_base_with_float32_factors(kind):
+    model, x, config, params = _adapted(kind, 8, 6, 2, dtype=jnp.bfloat16)
+    wrapped = lora_jax.wrap(model.apply, config)({"params": params}, x)
+    assert wrapped.dtype == jnp.bfloat16
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    model32, x32 = single_layer(kind, 8, 6)
+    reference = lora_jax.wrap(model32.apply, config)(
+        {"params": f32}, x if kind == "embed" else x.astype(jnp.float32))
+    _assert_close(wrapped, reference, rtol=3e-2)  # bfloat16 keeps ~3 significant digits
+
+
+def test_the_product_a_b_is_never_formed():
+    """No dot_general of A [in, r] with B [r, out] in the forward or the gradient."""
+    dim, out, r = 12, 10, 3
+    model, x, config, params = _adapted("dense", dim, out, r)
+    apply = lora_jax.wrap(model.apply, config)
+    loss = lambda p: apply({"params": p}, x).sum()
+
+    def products(jaxpr):
+        found = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                shapes = sorted(tuple(v.aval.shape) for v in eqn.invars)
+                found.append(shapes)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                found += products(sub)
+        return found
+
+    forward = products(jax.make_jaxpr(loss)(params).jaxpr)
+    backward = products(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    ab = sorted([(dim, r), (r, out)])
+    assert forward and backward
+    assert ab not in forward and ab not in backward
+    # The check can fail: merge does form the product.
+    merged = products(jax.make_jaxpr(lambda p: lora_jax.merge(p, config))(params).jaxpr)
+    assert ab in merged
+
+
+def test_gradients_reach_only_the_factors():
+    model, x, config, params = _adapted("dense", 8, 6, 2)
+    apply = lora_jax.wrap(model.apply, config)
+    grads = jax.grad(lambda p: (apply({"params": p}, x) ** 2).sum())(params)["layer"]
+    assert not grads["kernel"].any() and not grads["bias"].any()
+    assert grads["lora_A"].any() and grads["lora_B"].any()
+
+
+def test_jit_and_grad_compose():
+    model, x, config, params = _adapted("dense", 8, 6, 2)
+    apply = lora_jax.wrap(model.apply, config)
+    loss = lambda p: (apply({"params": p}, x) ** 2).sum()
+    eager = jax.grad(loss)(params)
+    jitted = jax.jit(jax.grad(loss))(params)
+    jax.tree.map(lambda a, b: _assert_close(a, b), jitted, eager)
+
+
+def test_dropout_only_with_a_dropout_rng():
+    model = TinyLM()
+    config = LoraConfig(r=2, target_modules=["q", "v"], lora_dropout=0.5,
+                        init_lora_weights=False)
+    params = lora_jax.inject(model.init(jax.random.key(0), IDS)["params"], config,
+                             jax.random.key(1))
+    apply = lora_jax.wrap(model.apply, config)
+    evaluation = apply({"params": params}, IDS)
+    no_dropout = lora_jax.wrap(model.apply, LoraConfig(r=2, target_modules=["q", "v"]))(
+        {"params": params}, IDS)
+    np.testing.assert_array_equal(evaluation, no_dropout)  # no rng: no dropout at all
+    key = {"dropout": jax.random.key(5)}
+    train_a = apply({"params": params}, IDS, rngs=key)
+    train_b = apply({"params": params}, IDS, rngs={"dropout": jax.random.key(6)})
+    np.testing.assert_array_equal(train_a, apply({"params": params}, IDS, rngs=key))
+    assert not np.allclose(train_a, evaluation) and not np.allclose(train_a, train_b)
+
+
+def test_vmap_over_a_stack_of_adapters_sharing_one_base():
+    model, x, config, params = _adapted("dense", 8, 6, 2)
+    trainable, frozen = lora_jax.split(params, config)
+    adapters = [lora_jax.split(lora_jax.inject(frozen_only, config, jax.random.key(k)), config)[0]
+                for k, frozen_only in enumerate([lora_jax.merge(params, config)] * 3)]
+    adapters = [jax.tree.map(lambda a, k=k: a + k, t) for k, t in enumerate(adapters)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *adapters)
+    apply = lora_jax.wrap(model.apply, config)
+    batched = jax.vmap(lambda t: apply({"params": lora_jax.combine(t, frozen)}, x))(stacked)
+    for k, adapter in enumerate(adapters):
+        single = apply({"params": lora_jax.combine(adapter, frozen)}, x)
+        _assert_close(batched[k], single)
+    del trainable
+
+
+def test_scanned_and_remat_stack_equals_the_unrolled_model():
+    scanned_model, plain_model = TinyLM(scan=True), TinyLM(scan=False)
+    config = LoraConfig(r=2, target_modules=["q", "v", "wte"], init_lora_weights=False)
+    scanned = lora_jax.inject(scanned_model.init(jax.random.key(0), IDS)["params"], config,
+                              jax.random.key(1), layouts=lora_jax.layouts(scanned_model, IDS))
+    plain = unscanned_params(scanned, 3)
+    run = lambda model, p: lora_jax.wrap(model.apply, config)({"params": p}, IDS)
+    _assert_close(run(scanned_model, scanned), run(plain_model, plain))
+    loss = lambda model: (lambda p: (run(model, p) ** 2).mean())
+    g_scanned = jax.grad(loss(scanned_model))(scanned)
+    g_plain = jax.grad(loss(plain_model))(plain)
+    _assert_close(unscanned_params(g_scanned, 3)["h_1"]["q"]["lora_A"],
+                  g_plain["h_1"]["q"]["lora_A"])
+    _assert_close(run(scanned_model, scanned),
+                  scanned_model.apply({"params": lora_jax.merge(scanned, config)}, IDS))
+
+
+def test_factors_on_an_unsupported_layer_are_an_error():
+    class RawLinear(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 4))
+
+    x = jnp.ones((2, 6))
+    model = RawLinear()
+    config = LoraConfig(r=2, target_modules=".*")
+    params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+                             jax.random.key(1))
+    with pytest.raises(ValueError, match="'' is a RawLinear holding LoRA factors"):
+        lora_jax.wrap(model.apply, config)({"params": params}, x)
+
+
+def test_an_einsum_with_batch_axes_cannot_be_adapted():
+    model = nn.Einsum((2, 6, 4), "bnd,ndo->bno")
+    with pytest.raises(ValueError, match="cannot adapt nn.Einsum 'bnd,ndo->bno'"):
+        lora_jax.layouts(model, jnp.ones((3, 2, 6)))
+
+
+def test_layouts_reads_scanned_stacks_and_layer_kinds():
+    found = lora_jax.layouts(TinyLM(scan=True), IDS)
+    assert found["wte"] == lora_jax.Layout("embed", stacked=0, n_in=1)
+    assert found["h.q"] == lora_jax.Layout("dense", stacked=1, n_in=1)
+    assert found["lm_head"] == lora_jax.Layout("dense", stacked=0, n_in=1)
+    conv, x = single_layer("conv", 6, 5)
+    assert lora_jax.layouts(conv, x)["layer"] == lora_jax.Layout("conv", stacked=0, n_in=3)
