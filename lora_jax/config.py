@@ -76,7 +76,9 @@ class LoraConfig:
             if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
                 raise ValueError(f"LoraConfig.{name} must be a positive number, got {alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError(
+                f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}"
+            )
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"

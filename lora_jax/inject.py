@@ -176,7 +176,7 @@ def inject(
             mask = _layer_mask(selected, weight.shape[0]).reshape(-1, *([1] * (a.ndim - 1)))
             a, b = jnp.where(mask, a, 0), jnp.where(mask, b, 0)
         names = EMBED_FACTORS if layout.kind == "embed" else KERNEL_FACTORS
-        new_factors[path] = dict(zip(names, (a, b)))
+        new_factors[path] = dict(zip(names, (a, b), strict=True))
     return _with_leaves(params, new_factors)
 
 
