@@ -324,6 +324,18 @@ def _torch_weight(name: str, value: Any, fan_in_fan_out: bool, key: str) -> np.n
     return value
 
 
+def _saved_modules(modules_to_save: Sequence[str] | None, paths: Mapping[str, str]
+                   ) -> list[str] | None:
+    """`modules_to_save` for the other naming: `paths` maps each module's name in the other
+    naming to its name in ours. Kept as is if it selects the same modules there, else the
+    explicit names of the selected modules."""
+    if not modules_to_save:
+        return modules_to_save
+    ours = {other for other, path in paths.items() if _saved_root(path, modules_to_save)}
+    theirs = {other for other in paths if _saved_root(other, modules_to_save)}
+    return list(modules_to_save) if ours == theirs else sorted(ours)
+
+
 def _saved_root(path: str, modules_to_save: Sequence[str] | None) -> str | None:
     """The outermost module on `path` that `modules_to_save` names, if any."""
     if not modules_to_save:
@@ -361,6 +373,8 @@ def save_peft(
     if fan_in_fan_out is None:
         fan_in_fan_out = model_type in _FAN_IN_FAN_OUT
     index = _index(params, stacks, path_map)
+    saved_modules = _saved_modules(config.modules_to_save, {p: s.flax_path for p, s in
+                                                            index.items()})
     wanted = config.layers_to_transform
     wanted = None if wanted is None else ({wanted} if isinstance(wanted, int) else set(wanted))
     tensors: dict[str, np.ndarray] = {}
@@ -382,10 +396,10 @@ def save_peft(
             a, b = (np.asarray(slot.leaf(n)) for n in factors)
             suffix = (".lora_embedding_A", ".lora_embedding_B") if factors is EMBED_FACTORS \
                 else (".lora_A.weight", ".lora_B.weight")
-            tensors[key + suffix[0]] = np.ascontiguousarray(a.T)
-            tensors[key + suffix[1]] = np.ascontiguousarray(b.T)
+            tensors[key + suffix[0]] = a.T
+            tensors[key + suffix[1]] = b.T
             adapted[torch_path] = (a.shape[-1], config.alpha(slot.flax_path))
-        root = _saved_root(torch_path, config.modules_to_save)
+        root = _saved_root(torch_path, saved_modules)
         for name, value in _leaves(node).items():
             if name in FACTOR_LEAVES:
                 continue
@@ -411,6 +425,9 @@ def save_peft(
         raise ValueError("save_peft: the params hold no LoRA factors (was inject applied?)")
     tree, layouts = _shape_tree(index)
     torch_config = _agreeing(config, tree, layouts, adapted)
+    if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
+        torch_config = LoraConfig.from_dict({**torch_config.to_dict(),
+                                             "modules_to_save": saved_modules})
     auto_mapping = None
     if task_type is None and model_type is not None:
         from lora_jax.models.registry import architecture
@@ -425,6 +442,8 @@ def save_peft(
     from safetensors.numpy import save_file
 
     os.makedirs(path, exist_ok=True)
+    # safetensors writes an array's buffer as is: transposed views must be made contiguous.
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         f.write(json.dumps(fields, indent=2, sort_keys=True))
@@ -590,7 +609,11 @@ def load_peft(
                                    stacked=int(s.layer is not None),
                                    n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
                for s in index.values() if "kernel" in s.node or "embedding" in s.node}
-    return new_params, _agreeing(config, new_params, layouts, adapted)
+    result = _agreeing(config, new_params, layouts, adapted)
+    saved = _saved_modules(config.modules_to_save, {s.flax_path: p for p, s in index.items()})
+    if tuple(saved or ()) != tuple(config.modules_to_save or ()):
+        result = LoraConfig.from_dict({**result.to_dict(), "modules_to_save": saved})
+    return new_params, result
 
 
 def _weight_name(node: Mapping[str, Any]) -> str:

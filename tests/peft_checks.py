@@ -1,0 +1,119 @@
+"""Shared helpers for the peft interop tests: build a peft adapter with random non-zero factors
+on a tiny HF model, load it with lora_jax, train/save in JAX, and compare files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import peft
+import torch
+from safetensors import safe_open
+
+import lora_jax
+from lora_jax.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft, save_peft
+
+TOL = 1e-4  # float32 logits, max abs diff against peft on PyTorch
+
+
+def state_dict(hf_model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+
+
+def base_params(arch: ModuleType, hf_model: torch.nn.Module, *, scan_layers: bool = False,
+                build_kwargs: dict[str, Any] | None = None,
+                load_kwargs: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Our model and base params from the HF model's weights (taken before peft wraps it)."""
+    config = arch.config_from_hf(hf_model.config.to_dict())
+    model = arch.build(config, scan_layers=scan_layers, **(build_kwargs or {}))
+    return model, arch.params_from_hf(state_dict(hf_model), config, scan_layers=scan_layers,
+                                      **(load_kwargs or {}))
+
+
+def peft_adapter(hf_model: torch.nn.Module, path: str, *, seed: int = 0,
+                 **lora_kwargs: Any) -> peft.PeftModel:
+    """`hf_model` wrapped by peft LoRA with random non-zero factors (and biases / saved
+    modules perturbed), saved with save_pretrained to `path`. Returns the peft model (eval)."""
+    model = peft.get_peft_model(hf_model, peft.LoraConfig(**lora_kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # the factors, trained biases, modules_to_save copies
+                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+def torch_out(model: torch.nn.Module, inputs: dict[str, np.ndarray], field: str = "logits"
+              ) -> np.ndarray:
+    with torch.no_grad():
+        return getattr(model(**{k: torch.tensor(v) for k, v in inputs.items()}),
+                       field).numpy()
+
+
+def max_diff(a: Any, b: Any) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def read_adapter(path: str) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, Any]]:
+    """(tensors as numpy float32/str dtype kept by name, safetensors metadata, config dict)."""
+    tensors = {}
+    with safe_open(os.path.join(path, WEIGHTS_NAME), "pt") as f:
+        metadata = f.metadata()
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    return tensors, metadata, config
+
+
+def assert_same_files(ours: str, theirs: str) -> None:
+    """Key set, shapes, dtypes, metadata and config fields equal (target_modules as a set)."""
+    t_ours, m_ours, c_ours = read_adapter(ours)
+    t_theirs, m_theirs, c_theirs = read_adapter(theirs)
+    assert m_ours == m_theirs == {"format": "pt"}
+    assert sorted(t_ours) == sorted(t_theirs)
+    for key, value in t_theirs.items():
+        assert (t_ours[key].shape, t_ours[key].dtype) == (value.shape, value.dtype), key
+    for config in (c_ours, c_theirs):
+        if isinstance(config["target_modules"], list):
+            config["target_modules"] = sorted(config["target_modules"])
+    assert c_ours == c_theirs
+
+
+def train(params: Any, config: lora_jax.LoraConfig, loss_of_output: Callable[[Any], Any],
+          apply: Callable[..., Any], inputs: tuple[Any, ...], steps: int = 3) -> Any:
+    """A few Adam steps on the trainable leaves (lora_jax.optimizer)."""
+    tx = lora_jax.optimizer(optax.adam(3e-2), params, config)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(lambda p: loss_of_output(apply({"params": p}, *inputs)))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params
+
+
+def peft_to_jax(arch: ModuleType, model: Any, base: dict[str, Any], peft_model: Any,
+                path: str, inputs: dict[str, np.ndarray], **load_kwargs: Any) -> float:
+    """Max abs diff between peft's logits and ours with the adapter loaded by load_peft."""
+    params, config = load_peft(path, base, **load_kwargs)
+    ours = lora_jax.wrap(model.apply, config)({"params": params}, **inputs)
+    ref = torch_out(peft_model, inputs)
+    assert np.abs(ref).max() > 0.3, "logits too small for a meaningful comparison"
+    return max_diff(ours, ref)
+
+
+__all__ = ["TOL", "assert_same_files", "base_params", "load_peft", "max_diff", "peft_adapter",
+           "peft_to_jax", "read_adapter", "save_peft", "state_dict", "torch_out", "train"]
