@@ -1,0 +1,7 @@
+"""`python -m lora_jax ...` runs the `lora-jax` command line."""
+
+import sys
+
+from lora_jax.cli import main
+
+sys.exit(main())

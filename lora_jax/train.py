@@ -1,0 +1,214 @@
+"""The training loop behind `lora-jax finetune`: a jitted step over the trainable half of the
+params, evaluation, a tqdm progress bar, orbax checkpoints, and Ctrl-C that saves and stops.
+
+The loop is method-agnostic. A method is a `forward(params, batch, dropout_key) -> logits`
+(LoRA: `lora_jax.wrap(model.apply, config)`; prompt-tuning: `lora_jax.prompt_tuning.wrap`),
+a `LoraConfig` whose `split` picks the trainable leaves (LoRA factors, `modules_to_save`), and
+an optax transformation (`lora_jax.optimizer` for LoRA). Only the trainable half is
+differentiated, updated and checkpointed; the frozen half is an argument that is never written.
+
+Runs are reproducible step by step: batch `i` and its dropout key are pure functions of
+(seed, i), so a run resumed from the checkpoint of step k repeats the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_jax.config import LoraConfig
+from lora_jax.data import batch_indices
+from lora_jax.partition import combine
+
+Params = dict[str, Any]
+Batch = Mapping[str, Any]
+Forward = Callable[[Params, Batch, "jax.Array | None"], jax.Array]
+
+
+class Interrupted(Exception):
+    """Raised by `fit` after Ctrl-C, once the checkpoint of the last finished step is saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.step = step
+
+
+def task_loss(task: str, logits: jax.Array, batch: Batch) -> jax.Array:
+    """Mean cross-entropy: over examples (`classify`, logits [B, C]) or over next tokens where
+    the attention mask is 1 (`lm`, logits [B, T, V])."""
+    logits = logits.astype(jnp.float32)
+    if task == "classify":
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    if task == "lm":
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1], batch["input_ids"][:, 1:])
+        weights = batch["attention_mask"][:, 1:].astype(jnp.float32)
+        return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    raise ValueError(f"unknown task {task!r}: use 'classify' or 'lm'")
+
+
+def make_step(forward: Forward, task: str, tx: optax.GradientTransformation
+              ) -> Callable[..., tuple[Params, Any, jax.Array]]:
+    """jitted `step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss)`.
+
+    Gradients are taken with respect to `trainable` only (frozen weights get none); `trainable`
+    and `opt_state` are donated.
+    """
+
+    def step(trainable: Params, frozen: Params, opt_state: Any, batch: Batch, key: jax.Array
+             ) -> tuple[Params, Any, jax.Array]:
+        def loss_of(t: Params) -> jax.Array:
+            return task_loss(task, forward(combine(t, frozen), batch, key), batch)
+
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
+             batch_size: int) -> dict[str, float]:
+    """Loss and accuracy (`classify`) or loss and perplexity (`lm`) over all of `arrays`."""
+
+    @jax.jit
+    def sums(batch: Batch, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        logits = forward(params, batch, None).astype(jnp.float32)
+        if task == "classify":
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+            correct = (logits.argmax(-1) == batch["labels"]) & valid
+            return jnp.where(valid, losses, 0).sum(), correct.sum(), valid.sum()
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1], batch["input_ids"][:, 1:])
+        weights = (batch["attention_mask"][:, 1:] > 0) & valid[:, None]
+        return jnp.where(weights, losses, 0).sum(), jnp.asarray(0), weights.sum()
+
+    n = len(arrays["input_ids"])
+    totals = np.zeros(3)
+    for start in range(0, n, batch_size):
+        # One compiled shape: the last batch is filled up with copies of its first row.
+        index = np.arange(start, start + batch_size)
+        valid = index < n
+        batch = {k: v[np.where(valid, index, start)] for k, v in arrays.items()}
+        totals += [float(x) for x in sums(batch, jnp.asarray(valid))]
+    loss_sum, correct, count = totals
+    if task == "classify":
+        return {"loss": loss_sum / count, "accuracy": correct / count, "examples": int(count)}
+    return {"loss": loss_sum / count, "perplexity": float(np.exp(loss_sum / count)),
+            "tokens": int(count)}
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Final trainable params and optimizer state, and the loss of every step from step 1."""
+
+    trainable: Params
+    opt_state: Any
+    losses: list[float]
+    seconds: float
+    tokens: int
+
+
+class _StopFlag:
+    """SIGINT sets a flag that the loop checks between steps (no half-finished step)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, lambda *_: self.event.set())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(
+    forward: Forward,
+    task: str,
+    tx: optax.GradientTransformation,
+    trainable: Params,
+    frozen: Params,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    config: LoraConfig,
+    opt_state: Any = None,
+    start_step: int = 0,
+    losses: list[float] | None = None,
+    checkpointer: Any = None,
+    save_every: int = 0,
+    on_save: Callable[[int, list[float]], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train from `start_step` to `steps` on `arrays` (dict of equal-length numpy arrays).
+
+    Batches come from `lora_jax.data.batch_indices(n, batch_size, seed, start_step)` and step i's
+    dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
+    `lora_jax.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
+    the end, and on Ctrl-C, after which `Interrupted` is raised; `on_save(step, losses)` is
+    called with each save (e.g. to write the loss log beside the checkpoint). `trainable` and
+    `opt_state` are donated to the jitted step: pass copies if you need them afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    step_fn = make_step(forward, task, tx)
+    opt_state = tx.init(trainable) if opt_state is None else opt_state
+    losses = list(losses or [])[:start_step]
+    n = len(next(iter(arrays.values())))
+    base_key = jax.random.key(seed)
+    bar = tqdm(total=steps, initial=start_step, disable=not progress, unit="step",
+               dynamic_ncols=True)
+    pending: list[jax.Array] = []  # device losses not yet read (keeps dispatch asynchronous)
+    tokens = 0
+    start_time = time.perf_counter()
+
+    def save(step: int) -> None:
+        losses.extend(float(x) for x in pending)
+        pending.clear()
+        if checkpointer is not None:
+            checkpointer.save(step, trainable, opt_state, config, force=True)
+            checkpointer.wait()
+        if on_save is not None:
+            on_save(step, losses)
+
+    with _StopFlag() as stop:
+        order = batch_indices(n, batch_size, seed, start_step)
+        step = start_step
+        while step < steps:
+            index = next(order)
+            batch = {k: v[index] for k, v in arrays.items()}
+            trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch,
+                                                 jax.random.fold_in(base_key, step))
+            step += 1
+            pending.append(loss)
+            tokens += int(batch["attention_mask"].sum())
+            if len(pending) > 1:  # read the previous step's loss, which is done by now
+                losses.append(float(pending.pop(0)))
+                elapsed = time.perf_counter() - start_time
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / elapsed:,.0f}",
+                                refresh=False)
+            bar.update(1)
+            if stop.event.is_set():
+                save(step)
+                bar.close()
+                raise Interrupted(step)
+            if save_every and step % save_every == 0 and step < steps:
+                save(step)
+        save(step)
+    bar.close()
+    return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time, tokens)
