@@ -1,0 +1,133 @@
+"""Bad peft adapters: each raises a ValueError that names the problem, and the base params tree
+is never modified. Files are made by real peft on a tiny GPT-2, then edited."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from peft_checks import base_params, load_peft, peft_adapter, save_peft
+from safetensors.torch import load_file, save_file
+from test_peft_io import gpt2_hf
+
+import lora_jax
+from lora_jax.models import gpt2
+
+PREFIX = "base_model.model.transformer."
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter")
+    hf = gpt2_hf()
+    _, base = base_params(gpt2, hf)
+    peft_adapter(hf, str(path), r=4, target_modules=["c_attn"])
+    return path, base
+
+
+def edited(src, dst, tensors=None, config=None):
+    """A copy of the adapter at `src` in `dst` with `tensors(dict)` / `config(dict)` applied."""
+    dst.mkdir()
+    weights = load_file(src / "adapter_model.safetensors")
+    fields = json.loads((src / "adapter_config.json").read_text())
+    if tensors:
+        tensors(weights)
+    if config:
+        config(fields)
+    save_file(weights, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    (dst / "adapter_config.json").write_text(json.dumps(fields))
+    return dst
+
+
+def rename(old, new):
+    return lambda w: w.__setitem__(new, w.pop(old))
+
+
+CASES = {
+    "unknown module": (dict(tensors=rename(PREFIX + "h.1.attn.c_attn.lora_A.weight",
+                                           PREFIX + "h.7.attn.c_attn.lora_A.weight")),
+                       r"h\.7\.attn\.c_attn\.lora_A\.weight'.*not in the params tree.*closest"),
+    "missing key": (dict(tensors=lambda w: w.pop(PREFIX + "h.0.attn.c_attn.lora_B.weight")),
+                    r"missing key '.*h\.0\.attn\.c_attn\.lora_B\.weight'"),
+    "wrong shape": (dict(tensors=lambda w: w.__setitem__(PREFIX + "h.0.attn.c_attn.lora_A.weight",
+                                                         torch.zeros(4, 31))),
+                    r"h\.0\.attn\.c_attn\.lora_A\.weight' \(4, 31\).*do not fit.*\[r, 32\]"),
+    "rank differs from config": (dict(config=lambda c: c.update(r=8)),
+                                 r"has rank 4, but the config gives .*h\.0\.attn\.c_attn' r=8"),
+    "not a LoRA key": (dict(tensors=lambda w: w.__setitem__(PREFIX + "h.0.attn.c_attn.foo",
+                                                            torch.zeros(3))),
+                       r"h\.0\.attn\.c_attn\.foo' is not a LoRA factor"),
+    "untargeted module": (dict(config=lambda c: c.update(target_modules=["h.0.attn.c_attn"])),
+                          r"h\.1\.attn\.c_attn\.lora_A\.weight' adapts .* does not select"),
+    "bias without bias config": (dict(tensors=lambda w: w.__setitem__(
+        PREFIX + "h.0.attn.c_attn.base_layer.bias", torch.zeros(96))), r"bias is 'none'"),
+    "IA3": (dict(config=lambda c: c.update(peft_type="IA3")),
+            r"peft_type is 'IA3'; lora_jax loads LoRA adapters only"),
+    "DoRA": (dict(config=lambda c: c.update(use_dora=True)), r"use_dora=True is not supported"),
+    "lora_bias": (dict(config=lambda c: c.update(lora_bias=True)),
+                  r"lora_bias=True is not supported"),
+    "PiSSA": (dict(config=lambda c: c.update(init_lora_weights="pissa")),
+              r"init_lora_weights='pissa' trains against modified base weights"),
+    "regex with layers_to_transform": (
+        dict(config=lambda c: c.update(target_modules=".*c_attn", layers_to_transform=[0])),
+        r"peft rejects layers_to_transform together with a str \(regex\) target_modules"),
+    "r = 0": (dict(config=lambda c: c.update(r=0)),
+              r"invalid LoRA config: LoraConfig.r must be a positive integer, got 0"),
+    "layers_pattern alone": (dict(config=lambda c: c.update(layers_pattern="h")),
+                             r"layers_pattern needs layers_to_transform"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_adapter_raises_and_leaves_base_alone(adapter, tmp_path, case):
+    src, base = adapter
+    edit, message = CASES[case]
+    before = jax.tree.map(np.array, base)
+    with pytest.raises(ValueError, match=message):
+        load_peft(edited(src, tmp_path / "bad", **edit), base)
+    assert jax.tree.structure(base) == jax.tree.structure(before)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base),
+                                                    jax.tree.leaves(before), strict=True))
+
+
+def test_missing_files_and_existing_factors(adapter, tmp_path):
+    src, base = adapter
+    with pytest.raises(ValueError, match=r"no '.*adapter_config.json'"):
+        load_peft(tmp_path, base)
+    params, _ = load_peft(src, base)
+    with pytest.raises(ValueError, match=r"'transformer.h_0.attn.c_attn' already has LoRA"):
+        load_peft(src, params)
+
+
+def test_scanned_needs_stacks_and_one_rank(tmp_path):
+    hf = gpt2_hf()
+    _, scanned = base_params(gpt2, hf, scan_layers=True)
+    peft_adapter(hf, str(tmp_path), r=4, target_modules=["c_attn"],
+                 rank_pattern={"h.1.attn.c_attn": 2})
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn'.*not in the params tree.*"
+                                         r"model_type="):
+        load_peft(tmp_path, scanned)
+    with pytest.raises(ValueError, match=r"scanned 'transformer.h.attn.c_attn' get different "
+                                         r"\(rank, alpha\) \[\(2, 8\), \(4, 8\)\]"):
+        load_peft(tmp_path, scanned, model_type="gpt2")
+
+
+def test_save_rejects_what_peft_cannot_represent(tmp_path):
+    x = jnp.ones((2, 3, 4))
+    model = nn.DenseGeneral((2, 5), axis=-1)
+    config = lora_jax.LoraConfig(r=2, target_modules=".*")
+    params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+                             jax.random.key(1), layouts=lora_jax.layouts(model, x))
+    with pytest.raises(ValueError, match=r"shape \(4, 2, 5\) per layer has no PyTorch "
+                                         r"Linear/Embedding layout"):
+        save_peft(tmp_path, params, config)
+    dense = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    with pytest.raises(ValueError, match="hold no LoRA factors"):
+        save_peft(tmp_path, {"d": dense}, config)
+    regex = lora_jax.LoraConfig(r=2, target_modules=".*", layers_to_transform=[0])
+    lin = lora_jax.inject({"h_0": {"d": dense}}, regex, jax.random.key(0))
+    with pytest.raises(ValueError, match="peft rejects layers_to_transform"):
+        save_peft(tmp_path, lin, regex)
