@@ -3,6 +3,7 @@ on a tiny HF model, load it with lora_jax, train/save in JAX, and compare files.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -40,7 +41,8 @@ def peft_adapter(hf_model: torch.nn.Module, path: str, *, seed: int = 0,
                  **lora_kwargs: Any) -> peft.PeftModel:
     """`hf_model` wrapped by peft LoRA with random non-zero factors (and biases / saved
     modules perturbed), saved with save_pretrained to `path`. Returns the peft model (eval)."""
-    model = peft.get_peft_model(hf_model, peft.LoraConfig(**lora_kwargs))
+    # peft extends list arguments in place (modules_to_save for task models): pass copies.
+    model = peft.get_peft_model(hf_model, peft.LoraConfig(**copy.deepcopy(lora_kwargs)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

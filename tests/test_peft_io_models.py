@@ -1,0 +1,96 @@
+"""peft -> lora_jax parity for the other reference models (BERT with a modules_to_save classifier,
+Llama with a rank_pattern), plus file equality for BERT's modules_to_save and bias keys.
+Real peft on tiny random HF models; float32, max abs diff of logits <= peft_checks.TOL."""
+
+import jax
+import numpy as np
+import torch
+import transformers
+from peft_checks import (
+    TOL,
+    assert_same_files,
+    base_params,
+    load_peft,
+    max_diff,
+    peft_adapter,
+    peft_to_jax,
+    read_adapter,
+    save_peft,
+)
+
+import lora_jax
+from lora_jax.models import bert, llama
+
+IDS = np.random.RandomState(1).randint(0, 99, (2, 8))
+MASK = np.array([[1] * 8, [1] * 5 + [0] * 3])
+
+
+def bert_hf() -> transformers.BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=32, num_labels=3,
+                                     initializer_range=0.2)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def llama_hf() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32,
+                                      initializer_range=0.2, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+BERT_LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"],
+                 modules_to_save=["classifier"], task_type="SEQ_CLS")
+
+
+def test_bert_peft_to_jax(tmp_path):
+    inputs = {"input_ids": IDS, "attention_mask": MASK}
+    for bias, scan in (("none", False), ("all", True)):
+        hf = bert_hf()
+        model, base = base_params(bert, hf, scan_layers=scan, build_kwargs={"task": "classify"},
+                                  load_kwargs={"task": "classify"})
+        path = str(tmp_path / bias)
+        pm = peft_adapter(hf, path, bias=bias, **BERT_LORA)
+        diff = peft_to_jax(bert, model, base, pm, path, inputs, model_type="bert")
+        assert diff <= TOL, (bias, scan, diff)
+        params, config = load_peft(path, base, model_type="bert")
+        assert config.modules_to_save == ("classifier", "score")
+        trained = pm.base_model.model.classifier.modules_to_save["default"].weight.detach()
+        assert max_diff(params["classifier"]["kernel"], trained.numpy().T) == 0
+        print(f"bert bias={bias} scan={scan} peft->jax max diff {diff:.2e}")
+
+
+def test_bert_files_match_what_peft_writes(tmp_path):
+    hf = bert_hf()
+    _, base = base_params(bert, hf, build_kwargs={"task": "classify"},
+                          load_kwargs={"task": "classify"})
+    lora = {k: v for k, v in BERT_LORA.items() if k != "task_type"}
+    peft_adapter(hf, str(tmp_path / "peft"), bias="lora_only", **BERT_LORA)
+    config = lora_jax.LoraConfig(bias="lora_only", **lora)
+    params = lora_jax.inject(base, config, jax.random.key(0))
+    save_peft(tmp_path / "ours", params, config, model_type="bert", task_type="SEQ_CLS")
+    assert_same_files(str(tmp_path / "ours"), str(tmp_path / "peft"))
+    tensors, _, fields = read_adapter(str(tmp_path / "ours"))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias",
+            "base_model.model.bert.encoder.layer.1.attention.self.value.base_layer.bias"
+            } <= set(tensors)
+    assert fields["modules_to_save"] == ["classifier", "classifier", "score"]
+
+
+def test_llama_peft_to_jax_with_rank_pattern(tmp_path):
+    hf = llama_hf()
+    model, base = base_params(llama, hf)
+    pm = peft_adapter(hf, str(tmp_path), r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                      rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 4},
+                      task_type="CAUSAL_LM")
+    diff = peft_to_jax(llama, model, base, pm, str(tmp_path), {"input_ids": IDS},
+                       model_type="llama")
+    assert diff <= TOL
+    params, config = load_peft(tmp_path, base, model_type="llama")
+    assert params["model"]["layers_0"]["self_attn"]["v_proj"]["lora_A"].shape == (32, 2)
+    assert config.scaling("model.layers_1.self_attn.q_proj") == 1.0
+    print(f"llama peft->jax max diff {diff:.2e}")
