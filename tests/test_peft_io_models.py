@@ -4,6 +4,7 @@ Real peft on tiny random HF models; float32, max abs diff of logits <= peft_chec
 
 import jax
 import numpy as np
+import peft
 import torch
 import transformers
 from peft_checks import (
@@ -16,6 +17,8 @@ from peft_checks import (
     peft_to_jax,
     read_adapter,
     save_peft,
+    torch_out,
+    train,
 )
 
 import lora_jax
@@ -94,3 +97,26 @@ def test_llama_peft_to_jax_with_rank_pattern(tmp_path):
     assert params["model"]["layers_0"]["self_attn"]["v_proj"]["lora_A"].shape == (32, 2)
     assert config.scaling("model.layers_1.self_attn.q_proj") == 1.0
     print(f"llama peft->jax max diff {diff:.2e}")
+
+
+def test_bert_jax_to_peft_with_trained_classifier(tmp_path):
+    hf = bert_hf()
+    model, base = base_params(bert, hf, build_kwargs={"task": "classify"},
+                              load_kwargs={"task": "classify"})
+    config = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                 modules_to_save=["classifier"])
+    apply = lora_jax.wrap(model.apply, config)
+    params = lora_jax.inject(base, config, jax.random.key(0))
+    labels = np.array([0, 2])
+
+    def loss(logits):
+        return -jax.numpy.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+
+    params = train(params, config, loss, apply, (IDS, MASK))
+    assert max_diff(params["classifier"]["kernel"], base["classifier"]["kernel"]) > 0
+    save_peft(tmp_path, params, config, model_type="bert", task_type="SEQ_CLS")
+    pm = peft.PeftModel.from_pretrained(bert_hf(), tmp_path).eval()
+    ref = torch_out(pm, {"input_ids": IDS, "attention_mask": MASK})
+    diff = max_diff(apply({"params": params}, IDS, MASK), ref)
+    assert diff <= TOL
+    print(f"bert jax->peft logits diff {diff:.2e}")
