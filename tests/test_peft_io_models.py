@@ -1,6 +1,8 @@
-"""peft -> lora_jax parity for the other reference models (BERT with a modules_to_save classifier,
-Llama with a rank_pattern), plus file equality for BERT's modules_to_save and bias keys.
+"""peft <-> lora_jax for the other reference models: BERT (modules_to_save classifier, biases,
+file equality), Llama (rank/alpha patterns), BLOOM (fused query_key_value).
 Real peft on tiny random HF models; float32, max abs diff of logits <= peft_checks.TOL."""
+
+import copy
 
 import jax
 import numpy as np
@@ -22,7 +24,7 @@ from peft_checks import (
 )
 
 import lora_jax
-from lora_jax.models import bert, llama
+from lora_jax.models import bert, bloom, llama
 
 IDS = np.random.RandomState(1).randint(0, 99, (2, 8))
 MASK = np.array([[1] * 8, [1] * 5 + [0] * 3])
@@ -120,3 +122,22 @@ def test_bert_jax_to_peft_with_trained_classifier(tmp_path):
     diff = max_diff(apply({"params": params}, IDS, MASK), ref)
     assert diff <= TOL
     print(f"bert jax->peft logits diff {diff:.2e}")
+
+
+def test_bloom_peft_to_jax_query_key_value(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4,
+                                      initializer_range=0.2)
+    hf = transformers.BloomForCausalLM(config).eval()
+    inputs = {"input_ids": IDS, "attention_mask": MASK}
+    for scan in (False, True):
+        model, base = base_params(bloom, hf, scan_layers=scan)
+        path = str(tmp_path / str(scan))
+        pm = peft_adapter(copy.deepcopy(hf), path, r=4, lora_alpha=8,
+                          target_modules=["query_key_value"], bias="lora_only",
+                          task_type="CAUSAL_LM")
+        params, lora = load_peft(path, base, model_type="bloom")
+        ours = lora_jax.wrap(model.apply, lora)({"params": params}, **inputs)
+        diff = max_diff(np.asarray(ours)[MASK == 1], torch_out(pm, inputs)[MASK == 1])
+        assert diff <= TOL, (scan, diff)
+        print(f"bloom scan={scan} peft->jax max diff {diff:.2e} (unpadded positions)")
