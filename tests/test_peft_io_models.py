@@ -141,3 +141,22 @@ def test_bloom_peft_to_jax_query_key_value(tmp_path):
         diff = max_diff(np.asarray(ours)[MASK == 1], torch_out(pm, inputs)[MASK == 1])
         assert diff <= TOL, (scan, diff)
         print(f"bloom scan={scan} peft->jax max diff {diff:.2e} (unpadded positions)")
+
+
+def test_t5_peft_to_jax_encoder_and_decoder(tmp_path):
+    from lora_jax.models import t5
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    hf = transformers.T5ForConditionalGeneration(config).eval()
+    model, base = base_params(t5, hf)
+    pm = peft_adapter(hf, str(tmp_path), r=4, lora_alpha=8, target_modules=["q", "v"],
+                      task_type="SEQ_2_SEQ_LM")
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}
+    diff = peft_to_jax(t5, model, base, pm, str(tmp_path), inputs, model_type="t5")
+    assert diff <= TOL
+    params, _ = load_peft(tmp_path, base, model_type="t5")
+    attn = params["decoder"]["block_1"]["layer_1"]["EncDecAttention"]
+    assert attn["q"]["lora_A"].shape == (32, 4) and "lora_A" not in attn["k"]
+    print(f"t5 peft->jax max diff {diff:.2e}")
