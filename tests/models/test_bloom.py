@@ -8,6 +8,7 @@ import transformers
 from causal_lm_checks import (
     TOL,
     check_bad_weights,
+    check_bfloat16,
     check_cache,
     check_lora_counts,
     check_parity,
@@ -61,7 +62,7 @@ def test_padded_logits_match_hf(hf_model):
     mask = np.ones_like(IDS)
     mask[0, :3] = 0
     mask[1, 7:] = 0
-    check_parity(bloom, hf_model, IDS, valid=mask.astype(bool), attention_mask=mask)
+    check_parity(bloom, hf_model, IDS, valid=mask.astype(bool), variants=2, attention_mask=mask)
 
 
 def test_kv_cache_matches_full_forward(hf_model):
@@ -90,3 +91,7 @@ def test_lora_counts_match_peft(hf_model):
     trainable, _ = check_lora_counts(bloom, hf_model, ["query_key_value"], IDS)
     d = hf_model.config.hidden_size
     assert trainable == 3 * 4 * (d + 3 * d)
+
+
+def test_bfloat16(hf_model):
+    check_bfloat16(bloom, hf_model, IDS)

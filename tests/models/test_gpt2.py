@@ -8,6 +8,7 @@ import transformers
 from causal_lm_checks import (
     TOL,
     check_bad_weights,
+    check_bfloat16,
     check_cache,
     check_lora_counts,
     check_parity,
@@ -49,7 +50,7 @@ def test_padded_logits_match_hf(hf_model):
     mask[0, :3] = 0
     mask[1, 7:] = 0
     positions = np.maximum(mask.cumsum(1) - 1, 0)
-    check_parity(gpt2, hf_model, IDS, valid=mask.astype(bool), attention_mask=mask,
+    check_parity(gpt2, hf_model, IDS, valid=mask.astype(bool), variants=2, attention_mask=mask,
                  position_ids=positions)
 
 
@@ -87,3 +88,7 @@ def test_lora_counts_match_peft(hf_model):
     trainable, total = check_lora_counts(gpt2, hf_model, ["c_attn"], IDS)
     assert trainable == 3 * 4 * (32 + 96)
     assert hf_logits(hf_model, IDS).shape == (2, 10, 99)  # the HF model is left unadapted
+
+
+def test_bfloat16(hf_model):
+    check_bfloat16(gpt2, hf_model, IDS)

@@ -8,6 +8,7 @@ import transformers
 from causal_lm_checks import (
     TOL,
     check_bad_weights,
+    check_bfloat16,
     check_cache,
     check_lora_counts,
     check_parity,
@@ -57,7 +58,7 @@ def test_padded_logits_match_hf(hf_model):
     mask[0, :3] = 0
     mask[1, 7:] = 0
     positions = np.maximum(mask.cumsum(1) - 1, 0)
-    check_parity(llama, hf_model, IDS, valid=mask.astype(bool), attention_mask=mask,
+    check_parity(llama, hf_model, IDS, valid=mask.astype(bool), variants=2, attention_mask=mask,
                  position_ids=positions)
 
 
@@ -78,3 +79,7 @@ def test_bad_weights_and_config(hf_model):
 def test_lora_counts_match_peft(hf_model):
     trainable, _ = check_lora_counts(llama, hf_model, ["q_proj", "v_proj"], IDS)
     assert trainable == 3 * 4 * ((32 + 32) + (32 + 16))
+
+
+def test_bfloat16(hf_model):
+    check_bfloat16(llama, hf_model, IDS)
