@@ -36,6 +36,8 @@ def tiny(name: str) -> torch.nn.Module:
         "LlamaForCausalLM": lambda: t.LlamaForCausalLM(t.LlamaConfig(
             vocab_size=99, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)),
+        "BloomForCausalLM": lambda: t.BloomForCausalLM(t.BloomConfig(
+            vocab_size=99, hidden_size=16, n_layer=2, n_head=4, initializer_range=0.2)),
         "T5ForConditionalGeneration": lambda: t.T5ForConditionalGeneration(t.T5Config(
             vocab_size=99, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=16)),
@@ -61,7 +63,7 @@ def assert_same_tree(a, b) -> None:
 
 
 @pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification",
-                                  "GPT2LMHeadModel", "LlamaForCausalLM",
+                                  "GPT2LMHeadModel", "LlamaForCausalLM", "BloomForCausalLM",
                                   "T5ForConditionalGeneration"])
 def test_from_torch_and_from_pretrained_match_hf(name, tmp_path):
     hf_model = tiny(name)
