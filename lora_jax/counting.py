@@ -35,6 +35,9 @@ def _unused_factor_count(params: Mapping[str, Any], config: LoraConfig) -> int:
 def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int, int]:
     """(trainable, total) parameter counts; total includes the factors, as peft counts.
 
+    One difference from peft: for `modules_to_save` peft keeps a frozen original beside the
+    trained copy and counts both; lora_jax trains the module in place and counts it once.
+
     >>> import jax.numpy as jnp
     >>> params = {"kernel": jnp.ones((3, 4)), "lora_A": jnp.ones((3, 2)),
     ...           "lora_B": jnp.zeros((2, 4))}

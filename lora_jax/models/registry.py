@@ -8,7 +8,9 @@ loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model cod
 - `build(config, *, dtype, param_dtype, scan_layers, remat_policy, task) -> nn.Module`.
 - `params_from_hf(state_dict: dict[str, np.ndarray], config, *, scan_layers) -> params`:
   HF PyTorch tensor names -> the Flax params tree (errors name missing/extra/misshaped tensors).
-- `HF_CLASSES`: names of the transformers classes it mirrors.
+- `HF_CLASSES`: names of the transformers classes it mirrors; optional `TASKS` maps an HF class
+  name to the `task` that `build` / `params_from_hf(..., task=)` take, for architectures with
+  several heads (BERT: base model or sequence classification).
 - `LAYER_STACKS`: dotted paths of the per-layer lists (e.g. `("transformer.h",)`); unscanned
   layers are named `h_0, h_1, ...` and a scanned stack is one module named `h` whose params carry
   a leading layer axis. Apart from that, Flax module paths equal the HF PyTorch module paths.
