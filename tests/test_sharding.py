@@ -208,7 +208,7 @@ def test_clear_errors_before_compiling():
     with pytest.raises(ValueError, match=r"'o.kernel' .* axis 0 of size 4 .* \(8 devices\)"):
         shard_inject(params, TINY_CONFIG, jax.random.key(1), make_mesh(
             (1, 4, 2)), specs=indivisible, layouts=layouts)
-    with pytest.raises(ValueError, match=r"6 rows .* does not divide over the 4 data-parallel"):
+    with pytest.raises(ValueError, match=r"6 rows does not divide over the 4 data-parallel"):
         shard_batch(np.zeros((6, 5), np.int32), mesh)
     with pytest.raises(ValueError, match="none of the batch axes"):
         shard_batch(np.zeros((8, 5), np.int32), make_mesh((8,), ("x",)))
@@ -264,10 +264,11 @@ def make_train_step(model, config, tx):
 def test_sharded_training_equals_single_device(name):
     module, model_config, rules, targets = MODELS[name]
     model = module.build(model_config, scan_layers=True)
-    # The same batch each step, so that the loss must fall.
-    ids = jnp.broadcast_to(jax.random.randint(jax.random.key(5), (8, 9), 0,
-                                              model_config.vocab_size), (3, 8, 9))
-    base = model.init(jax.random.key(0), ids[0, :, :-1])["params"]
+    # The same batch each step, so that the loss must fall. (numpy and jit everywhere: each
+    # eager jax op would compile on its own, which dominates this test's time.)
+    ids = np.broadcast_to(np.random.default_rng(5).integers(
+        0, model_config.vocab_size, (8, 9), dtype=np.int32), (3, 8, 9))
+    base = jax.jit(lambda k: model.init(k, ids[0, :, :-1])["params"])(jax.random.key(0))
     layouts = lora_jax.layouts(model, ids[0, :, :-1])
     config = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                  init_lora_weights=False)
@@ -282,28 +283,31 @@ def test_sharded_training_equals_single_device(name):
             o_sh = named_shardings(opt_state_specs(
                 jax.eval_shape(tx.init, params), jax.tree.map(lambda s: s.spec, t_sh)), mesh)
             opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-            b_sh = shard_batch(np.asarray(ids[0]), mesh).sharding
+            b_sh = shard_batch(ids[0], mesh).sharding
             step = jax.jit(step, in_shardings=(t_sh, f_sh, o_sh, b_sh),
                            out_shardings=(t_sh, o_sh, NamedSharding(mesh, P())))
         else:
-            opt_state, step = tx.init(params), jax.jit(step)
+            opt_state, step = jax.jit(tx.init)(params), jax.jit(step)
         losses = []
         for i in range(ids.shape[0]):
-            batch = shard_batch(np.asarray(ids[i]), mesh) if sharded else ids[i]
+            batch = shard_batch(ids[i], mesh) if sharded else ids[i]
             trainable, opt_state, loss = step(trainable, frozen, opt_state, batch)
             losses.append(float(loss))
         return losses, trainable, opt_state, frozen
 
-    single = jax.device_put(lora_jax.inject(base, config, jax.random.key(1), layouts=layouts),
-                            jax.devices()[0])
+    single = jax.jit(lambda p, k: lora_jax.inject(p, config, k, layouts=layouts))(
+        base, jax.random.key(1))
     sharded = shard_inject(base, config, jax.random.key(1), mesh,
                            specs=match_specs(base, rules), layouts=layouts)
     want, want_t, _, _ = run(single, sharded=False)
     got, got_t, opt_state, frozen = run(sharded, sharded=True)
     assert want[0] > want[-1]  # it trains
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Factors (|x| ~ 0.4): Adam divides by sqrt(nu), which magnifies the float32 differences
+    # of near-zero gradients summed in another order (up to lr per step in principle); measured
+    # max 2e-4 after 3 steps at lr 3e-2, bound 1e-3.
     for a, b in zip(jax.tree.leaves(got_t), jax.tree.leaves(want_t), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
     # The trained factors kept their derived shardings through the jitted steps.
     stack = got_t["transformer"]["h"]["attn"]["c_attn"] if name == "gpt2" else \
         got_t["model"]["layers"]["self_attn"]["q_proj"]
@@ -320,7 +324,7 @@ def test_fsdp_base_bytes_per_device_and_optimizer_state_only_for_factors():
     mesh = make_mesh((1, 8, 1))
     # Pure fsdp: every leaf's last axis over the 8 devices.
     fsdp = jax.tree.map(lambda a: P(*([None] * (a.ndim - 1)), "fsdp"), base)
-    config = lora_jax.LoraConfig(r=8, target_modules=["c_attn", "c_fc"])
+    config = lora_jax.LoraConfig(r=2, target_modules=["c_attn", "c_fc"])
     params = shard_inject(base, config, jax.random.key(1), mesh, specs=fsdp,
                           layouts=lora_jax.layouts(model, ids))
     trainable, frozen = lora_jax.split(params, config)
@@ -332,6 +336,11 @@ def test_fsdp_base_bytes_per_device_and_optimizer_state_only_for_factors():
     tx = lora_jax.optimizer(optax.adam(1e-3), params, config)
     state = tx.init(params)
     adam = state[0]
+    paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in
+                          jax.tree_util.tree_flatten_with_path(tree)[0]}
+    assert paths(adam.mu) == paths(adam.nu) == paths(trainable)
+    assert all(p.endswith(("['lora_A']", "['lora_B']")) for p in paths(adam.mu))
+    assert len(paths(adam.mu)) == 4  # A and B of c_attn and c_fc (scanned: one leaf each)
     factor_bytes = sum(a.nbytes for a in jax.tree.leaves(trainable))
     assert sum(a.nbytes for a in jax.tree.leaves((adam.mu, adam.nu))) == 2 * factor_bytes
-    assert factor_bytes < total / 10
+    assert factor_bytes < total / 20
