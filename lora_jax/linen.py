@@ -188,14 +188,14 @@ def layouts(module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
                 and layer.scope is not None):
             name = "embedding" if isinstance(layer, nn.Embed) else "kernel"
             if layer.has_variable("params", name):
-                weight = layer.get_variable("params", name)
+                weight = nn.unbox(layer.get_variable("params", name))
                 seen[join_path(layer.path)] = (
                     _layout_of(layer, weight, call_args, call_kwargs), weight.ndim)
         return out
 
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     with nn.intercept_methods(record):
-        shapes = jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))["params"]
+        shapes = nn.unbox(jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))["params"])
     modules = dict(iter_modules(shapes))
     result = {}
     for path, (layout, inner_ndim) in seen.items():

@@ -188,3 +188,14 @@ def test_layouts_reads_scanned_stacks_and_layer_kinds():
     assert found["lm_head"] == lora_jax.Layout("dense", stacked=0, n_in=1)
     conv, x = single_layer("conv", 6, 5)
     assert lora_jax.layouts(conv, x)["layer"] == lora_jax.Layout("conv", stacked=0, n_in=3)
+
+
+def test_layouts_reads_logically_partitioned_params():
+    class Partitioned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            return nn.Dense(6, kernel_init=init, name="proj")(x)
+
+    found = lora_jax.layouts(Partitioned(), jnp.ones((2, 4)))
+    assert found == {"proj": lora_jax.Layout("dense", stacked=0, n_in=1)}
