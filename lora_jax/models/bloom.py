@@ -177,7 +177,8 @@ class BloomForCausalLM(_Layer):
         from `attention_mask`, as in HF; `position_ids` is accepted (for `generate`) and unused."""
         inputs = decode_inputs(input_ids, attention_mask, position_ids, cache)
         if attention_mask is None:
-            attention_mask = jnp.ones((input_ids.shape[0], inputs.mask.shape[-1]), jnp.int32)
+            slots = input_ids.shape[1] if cache is None else cache.key.shape[2]
+            attention_mask = jnp.ones((input_ids.shape[0], slots), jnp.int32)
         h, new = self.transformer(input_ids, inputs, layer_caches(cache), attention_mask)
         logits = self.transformer.word_embeddings.attend(h)
         return logits if cache is None else (logits, advance(cache, new, input_ids.shape[1]))

@@ -42,10 +42,11 @@ class KVCache(NamedTuple):
 
 
 class DecodeInputs(NamedTuple):
-    """What every layer needs besides its own cache slice: the boolean mask [B, 1, T, S], the
-    first slot the new tokens go to, and the position of each new token [B, T]."""
+    """What every layer needs besides its own cache slice: the boolean mask [B, 1, T, S] (None:
+    plain causal attention, which cuDNN runs without a mask tensor), the first slot the new
+    tokens go to, and the position of each new token [B, T]."""
 
-    mask: jax.Array
+    mask: jax.Array | None
     index: jax.Array
     positions: jax.Array
 
@@ -55,7 +56,8 @@ def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
     """The causal mask (padding included) and positions for a forward with or without a cache.
 
     Query t sits in slot `index + t` and sees key slot s iff s <= index + t and the key is not
-    padding. Default positions count slots from 0, as HF does without `position_ids`.
+    padding. Default positions count slots from 0, as HF does without `position_ids`. Without a
+    cache or padding the mask is None (causal).
     """
     batch, length = input_ids.shape
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
@@ -67,8 +69,10 @@ def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
             f"entry per token of {what}"
         )
     query_slot = index + jnp.arange(length)
-    mask = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
-    mask = jnp.broadcast_to(mask, (batch, 1, length, slots))
+    mask = None
+    if cache is not None or attention_mask is not None:
+        mask = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
+        mask = jnp.broadcast_to(mask, (batch, 1, length, slots))
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, None, :]
     if position_ids is None:
@@ -91,7 +95,7 @@ def cached_attention(
             layer_cache[1], value.astype(layer_cache[1].dtype), start)
         layer_cache = (key, value)
     out = attention(query, key.astype(query.dtype), value.astype(query.dtype),
-                    mask=inputs.mask, bias=bias)
+                    mask=inputs.mask, bias=bias, is_causal=inputs.mask is None)
     return out, layer_cache
 
 
