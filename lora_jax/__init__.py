@@ -11,6 +11,8 @@
 (2, 8)
 """
 
+from lora_jax import distributed, sharding
+from lora_jax.checkpoint import AdapterCheckpointer
 from lora_jax.config import LoraConfig
 from lora_jax.counting import count_parameters, print_trainable_parameters
 from lora_jax.factors import Layout
@@ -19,17 +21,26 @@ from lora_jax.linen import layouts, wrap
 from lora_jax.merge import merge
 from lora_jax.optimizer import optimizer
 from lora_jax.partition import combine, split
+from lora_jax.peft_io import load_peft, save_peft
+from lora_jax.sharding import lora_specs, shard_inject
 
 __all__ = [
+    "AdapterCheckpointer",
     "Layout",
     "LoraConfig",
     "combine",
     "count_parameters",
+    "distributed",
     "inject",
     "layouts",
+    "load_peft",
+    "lora_specs",
     "merge",
     "optimizer",
     "print_trainable_parameters",
+    "save_peft",
+    "shard_inject",
+    "sharding",
     "split",
     "wrap",
 ]
