@@ -204,9 +204,10 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
     from lora_jax.models import loading
 
     if path.suffix == ".gguf":
-        from lora_jax.models import gguf
+        from lora_jax.models.gguf import load_gguf
 
-        module, params, tokenizer, model_type = gguf.load(str(path))
+        module, params, tokenizer, _ = load_gguf(path)
+        model_type = "llama"
     else:
         task = task or default_task(path)
         model_type = json.loads((path / "config.json").read_text())["model_type"]
@@ -364,7 +365,6 @@ def finetune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     import jax
-    import numpy as np
 
     import lora_jax
     from lora_jax import data, train
@@ -375,7 +375,7 @@ def finetune(args: argparse.Namespace) -> int:
     loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed)
     parts = data.split(dataset, seed=args.seed)
     if args.limit:
-        parts = tuple(p.subset(np.arange(min(args.limit, len(p)))) for p in parts)
+        parts = tuple(data.sample(p, args.limit, args.seed) for p in parts)
     train_a, val_a, test_a = (encode_split(loaded, task, p.texts, p.labels, args.seq_len)
                               for p in parts)
     n_train = len(train_a["input_ids"])

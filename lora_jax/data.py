@@ -162,6 +162,13 @@ def split(data: TextDataset, seed: int = 0, fractions: Sequence[float] = SPLIT_F
     return tuple(data.subset(i) for i in split_indices(len(data), data.labels, seed, fractions))
 
 
+def sample(data: TextDataset, n: int, seed: int = 0) -> TextDataset:
+    """At most `n` examples drawn at random (seeded), so a small slice still mixes the classes."""
+    if n >= len(data):
+        return data
+    return data.subset(np.sort(np.random.default_rng(seed).permutation(len(data))[:n]))
+
+
 def encode(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask), int32 [N, seq_len]: truncated and right-padded.
 

@@ -161,6 +161,7 @@ def fit(
     save_every: int = 0,
     on_save: Callable[[int, list[float]], None] | None = None,
     progress: bool = True,
+    step_fn: Callable[..., Any] | None = None,
 ) -> FitResult:
     """Train from `start_step` to `steps` on `arrays` (dict of equal-length numpy arrays).
 
@@ -168,12 +169,13 @@ def fit(
     dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
     `lora_jax.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
     the end, and on Ctrl-C, after which `Interrupted` is raised; `on_save(step, losses)` is
-    called with each save (e.g. to write the loss log beside the checkpoint). `trainable` and
+    called with each save (e.g. to write the loss log beside the checkpoint). `step_fn` replaces
+    `make_step(forward, task, tx)` (e.g. with its compiled form). `trainable` and
     `opt_state` are donated to the jitted step: pass copies if you need them afterwards.
     """
     from tqdm.auto import tqdm
 
-    step_fn = make_step(forward, task, tx)
+    step_fn = step_fn or make_step(forward, task, tx)
     opt_state = tx.init(trainable) if opt_state is None else opt_state
     losses = list(losses or [])[:start_step]
     n = len(next(iter(arrays.values())))
