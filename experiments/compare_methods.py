@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
@@ -68,8 +69,9 @@ def run_method(loaded: cli.Loaded, task: str, label: str, arrays: dict, args: ar
     train_a, test_a = arrays["train"], arrays["test"]
     sample = {k: v[: args.batch_size] for k, v in train_a.items()}
     step, memory = compiled_step(setup, task, trainable, frozen, sample)
-    result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
-                       steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+    # fit donates what it trains: copies keep the shared base (e.g. the new head) alive.
+    result = train.fit(setup.forward, task, setup.tx, jax.tree.map(jnp.copy, trainable), frozen,
+                       train_a, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                        config=setup.config, progress=not args.no_progress, step_fn=step)
     params = lora_jax.combine(result.trainable, frozen)
     quality = train.evaluate(setup.forward, task, params, test_a, args.eval_batch_size)

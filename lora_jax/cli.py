@@ -432,7 +432,7 @@ def finetune(args: argparse.Namespace) -> int:
         "trainable_params": n_trainable, "all_params": n_total,
         "trainable_percent": 100 * n_trainable / n_total,
         "train_seconds_this_process": result.seconds,
-        "tokens_per_second": result.tokens / result.seconds if result.seconds else None,
+        "step_seconds": result.step_seconds, "tokens_per_second": result.tokens_per_second,
         "validation": val, "test": test, "losses": result.losses,
         "wall_seconds_this_process": time.perf_counter() - start,
         "device": str(jax.devices()[0].platform),
@@ -440,7 +440,7 @@ def finetune(args: argparse.Namespace) -> int:
     if before is not None:
         metrics["test_before"] = before
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_losses(result.losses, out / "loss.png", f"{args.method} · {Path(loaded.source).name}")
+    plot_losses(result.losses, out / "loss.png", f"{args.method} on {args.model}, {args.data}")
     print(f"wrote {out}/: adapter/, checkpoint/, metrics.json, loss.png "
           f"({metrics['wall_seconds_this_process']:.0f} s)")
     return 0

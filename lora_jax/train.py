@@ -117,7 +117,12 @@ class FitResult:
     seconds: float  # wall time of the steps run, compilation included
     first_step_seconds: float  # the first step of this call: compilation + one step
     steps_run: int  # steps run by this call (fewer than len(losses) after a resume)
-    tokens: int
+    tokens: int  # unpadded tokens seen by this call's steps after the first
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Unpadded tokens per second after the first step (no compilation)."""
+        return self.tokens / max(self.seconds - self.first_step_seconds, 1e-9)
 
     @property
     def step_seconds(self) -> float:
@@ -185,7 +190,7 @@ def fit(
     pending: list[jax.Array] = []  # device losses not yet read (keeps dispatch asynchronous)
     tokens = 0
     start_time = time.perf_counter()
-    first_step_seconds = 0.0
+    first_step_seconds, first_tokens = 0.0, 0
 
     def save(step: int) -> None:
         losses.extend(float(x) for x in pending)
@@ -205,16 +210,17 @@ def fit(
             trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch,
                                                  jax.random.fold_in(base_key, step))
             step += 1
-            if step == start_step + 1:  # compilation + one step
+            tokens += int(batch["attention_mask"].sum())
+            if step == start_step + 1:  # compilation + one step: not counted in tokens/s
                 jax.block_until_ready(loss)
                 first_step_seconds = time.perf_counter() - start_time
+                first_tokens = tokens
             pending.append(loss)
-            tokens += int(batch["attention_mask"].sum())
             if len(pending) > 1:  # read the previous step's loss, which is done by now
                 losses.append(float(pending.pop(0)))
-                elapsed = time.perf_counter() - start_time
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / elapsed:,.0f}",
-                                refresh=False)
+                elapsed = time.perf_counter() - start_time - first_step_seconds
+                bar.set_postfix(loss=f"{losses[-1]:.4f}",
+                                tok_s=f"{(tokens - first_tokens) / elapsed:,.0f}", refresh=False)
             bar.update(1)
             if stop.event.is_set():
                 save(step)
@@ -225,4 +231,4 @@ def fit(
         save(step)
     bar.close()
     return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time,
-                     first_step_seconds, step - start_step, tokens)
+                     first_step_seconds, step - start_step, tokens - first_tokens)
