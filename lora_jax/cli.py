@@ -606,8 +606,10 @@ def save_hf(folder: Path, params: Mapping[str, Any], loaded: Loaded) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     source = Path(loaded.source)
-    hf_config = (json.loads((source / "config.json").read_text()) if source.is_dir()
-                 else {"model_type": loaded.model_type})
+    if source.is_dir():
+        hf_config = json.loads((source / "config.json").read_text())
+    else:  # a GGUF file: the config the loader built (HF field names)
+        hf_config = {**dataclasses.asdict(loaded.module.config), "model_type": loaded.model_type}
     class_name = type(loaded.module).__name__
     if class_name in arch.HF_CLASSES:
         hf_config["architectures"] = [class_name]

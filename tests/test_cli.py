@@ -196,7 +196,7 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses(capsys, tin
     import signal
     import time
 
-    steps = "1500"
+    steps = "800"
     interrupted = tmp_path / "interrupted"
     argv = [sys.executable, "-m", "lora_jax",
             *_finetune_args(tiny_bert, topics, interrupted, "--steps", steps)]
@@ -258,3 +258,23 @@ def test_lm_finetune_then_generate_with_the_adapter(capsys, tmp_path):
                                  "--max-new-tokens", "4")
     assert code == 0, err
     assert stdout.startswith("the match") and len(stdout.split()) > 2
+
+    # merge: an HF folder whose plain forward equals base + adapter through wrap (float32).
+    merged = tmp_path / "merged"
+    code, _, err = run_main(capsys, "merge", "--adapter", str(out / "adapter"), "--out",
+                            str(merged))
+    assert code == 0, err
+    import jax.numpy as jnp
+
+    import lora_jax
+    from lora_jax.models import from_pretrained
+    from lora_jax.peft_io import load_peft
+
+    module, base = from_pretrained(folder)
+    adapted, config = load_peft(out / "adapter", base, model_type="llama")
+    merged_module, merged_params = from_pretrained(merged)
+    ids = jnp.arange(1, 9, dtype=jnp.int32)[None] * 7
+    want = lora_jax.wrap(module.apply, config)({"params": adapted}, ids)
+    got = merged_module.apply({"params": merged_params}, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert float(jnp.abs(module.apply({"params": base}, ids) - want).max()) > 1e-3  # it changed
