@@ -32,8 +32,9 @@ def _assert_close(actual, expected, rtol=RTOL):
     assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
 
 
-@settings(max_examples=30, deadline=None)
-@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(2, 9),
+# out >= 3 >= r keeps every drawn rank within min(fan_in, fan_out).
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(3, 9),
        r=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_wrapped_output_equals_the_merged_kernel(kind, dim, out, r, seed):
     model, x, config, params = _adapted(kind, dim, out, r, seed=seed)
@@ -44,8 +45,8 @@ def test_wrapped_output_equals_the_merged_kernel(kind, dim, out, r, seed):
     assert not np.allclose(wrapped, base)  # the adapter does change the output
 
 
-@settings(max_examples=15, deadline=None)
-@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(2, 9),
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(3, 9),
        r=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_default_init_gives_exactly_the_base_output(kind, dim, out, r, seed):
     model, x, config, params = _adapted(kind, dim, out, r, init=True, seed=seed)
