@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lora_jax.models.attention import attention
+from lora_jax.models.layers import Layer, activation
 from lora_jax.models.stacking import (
     config_from_dict,
     layer_stack,
@@ -38,19 +38,6 @@ from lora_jax.models.stacking import (
 HF_CLASSES = ("BertModel", "BertForSequenceClassification")
 TASKS = {"BertModel": "base", "BertForSequenceClassification": "classify"}
 LAYER_STACKS = ("encoder.layer", "bert.encoder.layer")
-# HF activation names (transformers' ACT2FN) -> jax functions; "gelu" is the exact erf form.
-ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False),
-               "gelu_new": partial(jax.nn.gelu, approximate=True),
-               "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
-               "relu": jax.nn.relu,
-               "silu": jax.nn.silu}
-
-
-def activation(name: str) -> Any:
-    """The jax function for an HF activation name; a ValueError naming the supported ones."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,21 +68,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> Config:
     return config
 
 
-class _Layer(nn.Module):
-    config: Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def dense(self, features: int, name: str) -> nn.Dense:
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-    def norm(self, name: str) -> nn.LayerNorm:
-        return nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name)
-
-    def embed(self, num: int, name: str) -> nn.Embed:
-        return nn.Embed(num, self.config.hidden_size, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
+class _Layer(Layer):
+    norm_eps: ClassVar[str] = "layer_norm_eps"
 
 
 class BertSelfAttention(_Layer):
@@ -124,7 +98,7 @@ class BertAttention(_Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.layer_kwargs
         return BertAddNorm(**kw, name="output")(BertSelfAttention(**kw, name="self")(x, mask), x)
 
 
@@ -142,7 +116,7 @@ class BertLayer(_Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_input: None, mask: jax.Array) -> tuple[jax.Array, None]:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.layer_kwargs
         x = BertAttention(**kw, name="attention")(x, mask)
         h = BertIntermediate(**kw, name="intermediate")(x)
         return BertAddNorm(**kw, name="output")(h, x), None
@@ -155,7 +129,7 @@ class BertEncoder(_Layer):
     remat_policy: str | None = None
 
     def setup(self) -> None:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.layer_kwargs
         self.layer = layer_stack(BertLayer, kw, self.config.num_hidden_layers,
                                  scan=self.scan_layers, remat_policy=self.remat_policy)
 
@@ -170,9 +144,11 @@ class BertEmbeddings(_Layer):
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
                  position_ids: jax.Array) -> jax.Array:
         c = self.config
-        x = (self.embed(c.vocab_size, "word_embeddings")(input_ids)
-             + self.embed(c.max_position_embeddings, "position_embeddings")(position_ids)
-             + self.embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
+        x = (self.embed(c.vocab_size, c.hidden_size, "word_embeddings")(input_ids)
+             + self.embed(c.max_position_embeddings, c.hidden_size,
+                          "position_embeddings")(position_ids)
+             + self.embed(c.type_vocab_size, c.hidden_size,
+                          "token_type_embeddings")(token_type_ids))
         return self.norm("LayerNorm")(x)
 
 
@@ -196,7 +172,7 @@ class BertModel(_Layer):
                  position_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """`(last_hidden_state [B, T, D], pooler_output [B, D])`; `attention_mask` [B, T] is 1
         for real tokens, 0 for padding (default all 1); positions default to 0..T-1."""
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.layer_kwargs
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)

@@ -27,6 +27,7 @@ from lora_jax.models.generate import (
     decode_inputs,
     layer_caches,
 )
+from lora_jax.models.layers import Layer, check_task
 from lora_jax.models.stacking import (
     config_from_dict,
     layer_stack,
@@ -80,20 +81,7 @@ def alibi_bias(key_mask: jax.Array, n_heads: int) -> jax.Array:
     return alibi_slopes(n_heads)[None, :, None, None] * positions[:, None, None, :]
 
 
-class _Layer(nn.Module):
-    config: Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def dense(self, features: int, name: str) -> nn.Dense:
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-    def norm(self, name: str | None = None) -> nn.LayerNorm:
-        return nn.LayerNorm(epsilon=self.config.layer_norm_epsilon, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name)
-
-
-class BloomAttention(_Layer):
+class BloomAttention(Layer):
     """Self-attention with the fused, head-interleaved `query_key_value` and ALiBi."""
 
     @nn.compact
@@ -109,7 +97,7 @@ class BloomAttention(_Layer):
         return self.dense(c.hidden_size, "dense")(out.reshape(batch, length, -1)), layer_cache
 
 
-class BloomMLP(_Layer):
+class BloomMLP(Layer):
     """`dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))`."""
 
     @nn.compact
@@ -119,13 +107,13 @@ class BloomMLP(_Layer):
             jax.nn.gelu(h, approximate=True))
 
 
-class BloomBlock(_Layer):
+class BloomBlock(Layer):
     """Pre-LayerNorm block; `(x, layer_cache, inputs, alibi) -> (x, layer_cache)`."""
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: Any, inputs: DecodeInputs,
                  alibi: jax.Array) -> tuple[jax.Array, Any]:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.layer_kwargs
         post_ln = self.config.apply_residual_connection_post_layernorm
         h = self.norm("input_layernorm")(x)
         out, layer_cache = BloomAttention(**kw, name="self_attention")(h, layer_cache, inputs,
@@ -135,7 +123,7 @@ class BloomBlock(_Layer):
         return (h if post_ln else x) + BloomMLP(**kw, name="mlp")(h), layer_cache
 
 
-class BloomModel(_Layer):
+class BloomModel(Layer):
     """Embeddings (+ LayerNorm), blocks and final LayerNorm (HF `transformer`)."""
 
     scan_layers: bool = False
@@ -143,11 +131,9 @@ class BloomModel(_Layer):
 
     def setup(self) -> None:
         c = self.config
-        self.word_embeddings = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
-                                        param_dtype=self.param_dtype)
+        self.word_embeddings = self.embed(c.vocab_size, c.hidden_size)
         self.word_embeddings_layernorm = self.norm()
-        kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.h = layer_stack(BloomBlock, kw, c.n_layer, scan=self.scan_layers,
+        self.h = layer_stack(BloomBlock, self.layer_kwargs, c.n_layer, scan=self.scan_layers,
                              remat_policy=self.remat_policy, num_broadcast=2)
         self.ln_f = self.norm()
 
@@ -160,7 +146,7 @@ class BloomModel(_Layer):
         return self.ln_f(x), caches
 
 
-class BloomForCausalLM(_Layer):
+class BloomForCausalLM(Layer):
     """BLOOM with the tied LM head; see `lora_jax.models.generate` for the cache protocol."""
 
     scan_layers: bool = False
@@ -194,8 +180,7 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
           scan_layers: bool = False, remat_policy: str | None = None,
           task: str = "causal_lm") -> BloomForCausalLM:
     """The BLOOM LM module (`task="causal_lm"`, the only task)."""
-    if task != "causal_lm":
-        raise ValueError(f"BLOOM supports task='causal_lm' only, got {task!r}")
+    check_task("BLOOM", task, "causal_lm")
     return BloomForCausalLM(config, dtype, param_dtype, scan_layers, remat_policy)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +29,7 @@ from lora_jax.models.generate import (
     decode_inputs,
     layer_caches,
 )
+from lora_jax.models.layers import Layer, activation, check_task
 from lora_jax.models.stacking import (
     config_from_dict,
     layer_stack,
@@ -40,10 +40,6 @@ from lora_jax.models.stacking import (
 
 HF_CLASSES = ("GPT2LMHeadModel",)
 LAYER_STACKS = ("transformer.h",)
-_ACTIVATIONS = {"gelu_new": partial(jax.nn.gelu, approximate=True),
-                "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
-                "gelu": partial(jax.nn.gelu, approximate=False),
-                "relu": jax.nn.relu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,26 +61,11 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> Config:
     config = config_from_dict(Config, hf_config, {
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "scale_attn_weights": True, "add_cross_attention": False, "tie_word_embeddings": True})
-    if config.activation_function not in _ACTIVATIONS:
-        raise ValueError(f"unsupported activation_function {config.activation_function!r}; "
-                         f"supported: {sorted(_ACTIVATIONS)}")
+    activation(config.activation_function)
     return config
 
 
-class _Layer(nn.Module):
-    config: Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def dense(self, features: int, name: str) -> nn.Dense:
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-    def norm(self, name: str | None = None) -> nn.LayerNorm:
-        return nn.LayerNorm(epsilon=self.config.layer_norm_epsilon, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name)
-
-
-class GPT2Attention(_Layer):
+class GPT2Attention(Layer):
     """Causal self-attention with the fused `c_attn` ([q | k | v] columns) and `c_proj`."""
 
     @nn.compact
@@ -98,30 +79,30 @@ class GPT2Attention(_Layer):
         return self.dense(c.n_embd, "c_proj")(out.reshape(batch, length, c.n_embd)), layer_cache
 
 
-class GPT2MLP(_Layer):
+class GPT2MLP(Layer):
     """`c_proj(act(c_fc(x)))`."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        h = _ACTIVATIONS[c.activation_function](self.dense(c.n_inner or 4 * c.n_embd, "c_fc")(x))
+        h = activation(c.activation_function)(self.dense(c.n_inner or 4 * c.n_embd, "c_fc")(x))
         return self.dense(c.n_embd, "c_proj")(h)
 
 
-class GPT2Block(_Layer):
+class GPT2Block(Layer):
     """Pre-LayerNorm block; `(x, layer_cache, inputs) -> (x, layer_cache)`."""
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: Any, inputs: DecodeInputs
                  ) -> tuple[jax.Array, Any]:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.layer_kwargs
         out, layer_cache = GPT2Attention(**kw, name="attn")(self.norm("ln_1")(x), layer_cache,
                                                             inputs)
         x = x + out
         return x + GPT2MLP(**kw, name="mlp")(self.norm("ln_2")(x)), layer_cache
 
 
-class GPT2Model(_Layer):
+class GPT2Model(Layer):
     """Embeddings, blocks and final LayerNorm (HF `transformer`)."""
 
     scan_layers: bool = False
@@ -129,11 +110,9 @@ class GPT2Model(_Layer):
 
     def setup(self) -> None:
         c = self.config
-        embed = lambda n: nn.Embed(n, c.n_embd, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.wte = embed(c.vocab_size)
-        self.wpe = embed(c.n_positions)
-        kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.h = layer_stack(GPT2Block, kw, c.n_layer, scan=self.scan_layers,
+        self.wte = self.embed(c.vocab_size, c.n_embd)
+        self.wpe = self.embed(c.n_positions, c.n_embd)
+        self.h = layer_stack(GPT2Block, self.layer_kwargs, c.n_layer, scan=self.scan_layers,
                              remat_policy=self.remat_policy)
         self.ln_f = self.norm()
 
@@ -145,7 +124,7 @@ class GPT2Model(_Layer):
         return self.ln_f(x), caches
 
 
-class GPT2LMHeadModel(_Layer):
+class GPT2LMHeadModel(Layer):
     """GPT-2 with the tied LM head; see `lora_jax.models.generate` for the cache protocol."""
 
     scan_layers: bool = False
@@ -177,8 +156,7 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
           scan_layers: bool = False, remat_policy: str | None = None,
           task: str = "causal_lm") -> GPT2LMHeadModel:
     """The GPT-2 LM module (`task="causal_lm"`, the only task)."""
-    if task != "causal_lm":
-        raise ValueError(f"GPT-2 supports task='causal_lm' only, got {task!r}")
+    check_task("GPT-2", task, "causal_lm")
     return GPT2LMHeadModel(config, dtype, param_dtype, scan_layers, remat_policy)
 
 

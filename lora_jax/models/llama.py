@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,7 @@ from lora_jax.models.generate import (
     decode_inputs,
     layer_caches,
 )
+from lora_jax.models.layers import Layer, check_task
 from lora_jax.models.stacking import (
     config_from_dict,
     layer_stack,
@@ -94,18 +95,9 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x * cos + rotated * sin).astype(x.dtype)
 
 
-class _Layer(nn.Module):
-    config: Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def dense(self, features: int, name: str, bias: bool) -> nn.Dense:
-        return nn.Dense(features, use_bias=bias, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
-
-    def rms_norm(self, name: str | None = None) -> nn.RMSNorm:
-        return nn.RMSNorm(epsilon=self.config.rms_norm_eps, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=name)
+class _Layer(Layer):
+    norm_cls: ClassVar[type[nn.Module]] = nn.RMSNorm
+    norm_eps: ClassVar[str] = "rms_norm_eps"
 
 
 class LlamaAttention(_Layer):
@@ -143,11 +135,11 @@ class LlamaDecoderLayer(_Layer):
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: Any, inputs: DecodeInputs,
                  rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, Any]:
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.layer_kwargs
         out, layer_cache = LlamaAttention(**kw, name="self_attn")(
-            self.rms_norm("input_layernorm")(x), layer_cache, inputs, rope)
+            self.norm("input_layernorm")(x), layer_cache, inputs, rope)
         x = x + out
-        return x + LlamaMLP(**kw, name="mlp")(self.rms_norm("post_attention_layernorm")(x)), \
+        return x + LlamaMLP(**kw, name="mlp")(self.norm("post_attention_layernorm")(x)), \
             layer_cache
 
 
@@ -159,13 +151,11 @@ class LlamaModel(_Layer):
 
     def setup(self) -> None:
         c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
-                                     param_dtype=self.param_dtype)
-        kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.layers = layer_stack(LlamaDecoderLayer, kw, c.num_hidden_layers,
+        self.embed_tokens = self.embed(c.vocab_size, c.hidden_size)
+        self.layers = layer_stack(LlamaDecoderLayer, self.layer_kwargs, c.num_hidden_layers,
                                   scan=self.scan_layers, remat_policy=self.remat_policy,
                                   num_broadcast=2)
-        self.norm = self.rms_norm()
+        self.norm = self.norm()  # the final RMSNorm (HF `model.norm`) replaces the factory
 
     def __call__(self, input_ids: jax.Array, inputs: DecodeInputs, caches: Any
                  ) -> tuple[jax.Array, Any]:
@@ -186,8 +176,7 @@ class LlamaForCausalLM(_Layer):
         self.model = LlamaModel(self.config, self.dtype, self.param_dtype, self.scan_layers,
                                 self.remat_policy)
         if not self.config.tie_word_embeddings:
-            self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
+            self.lm_head = self.dense(self.config.vocab_size, use_bias=False)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, cache: KVCache | None = None
@@ -212,8 +201,7 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
           scan_layers: bool = False, remat_policy: str | None = None,
           task: str = "causal_lm") -> LlamaForCausalLM:
     """The Llama LM module (`task="causal_lm"`, the only task)."""
-    if task != "causal_lm":
-        raise ValueError(f"Llama supports task='causal_lm' only, got {task!r}")
+    check_task("Llama", task, "causal_lm")
     return LlamaForCausalLM(config, dtype, param_dtype, scan_layers, remat_policy)
 
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lora_jax.models.attention import attention
-from lora_jax.models.bert import activation
+from lora_jax.models.layers import Layer, activation, check_task
 from lora_jax.models.stacking import (
     config_from_dict,
     layer_stack,
@@ -124,29 +124,14 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
     return buckets + jnp.where(relative_position < max_exact, relative_position, large)
 
 
-class _Layer(nn.Module):
-    config: Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def dense(self, features: int, name: str) -> nn.Dense:
-        return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name=name)
-
-    def norm(self, name: str) -> nn.RMSNorm:
-        """T5LayerNorm: x * rsqrt(mean(x^2) + eps) * scale, no mean subtraction, no bias."""
-        return nn.RMSNorm(epsilon=self.config.layer_norm_epsilon, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=name)
+class _Layer(Layer):
+    # T5LayerNorm: x * rsqrt(mean(x^2) + eps) * scale, no mean subtraction, no bias.
+    norm_cls: ClassVar[type[nn.Module]] = nn.RMSNorm
+    use_bias: ClassVar[bool] = False
 
     def bias_table(self, name: str | None = None) -> nn.Embed:
         """The `relative_attention_bias` table [buckets, heads]."""
-        c = self.config
-        return nn.Embed(c.relative_attention_num_buckets, c.num_heads, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
-
-    @property
-    def layer_kwargs(self) -> dict[str, Any]:
-        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        return self.embed(self.config.relative_attention_num_buckets, self.config.num_heads, name)
 
 
 def position_bias(table: nn.Embed, config: Config, query_length: int, key_length: int, *,
@@ -307,8 +292,7 @@ class T5ForConditionalGeneration(_Layer):
 
     def setup(self) -> None:
         c = self.config
-        self.shared = nn.Embed(c.vocab_size, c.d_model, dtype=self.dtype,
-                               param_dtype=self.param_dtype)
+        self.shared = self.embed(c.vocab_size, c.d_model)
         stack = lambda decoder: T5Stack(**self.layer_kwargs, embed_tokens=self.shared,
                                         is_decoder=decoder, scan_layers=self.scan_layers,
                                         remat_policy=self.remat_policy)
@@ -346,8 +330,7 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
           scan_layers: bool = False, remat_policy: str | None = None,
           task: str = "seq2seq_lm") -> T5ForConditionalGeneration:
     """The T5 encoder-decoder (`task="seq2seq_lm"`, the only task)."""
-    if task != "seq2seq_lm":
-        raise ValueError(f"T5 supports task='seq2seq_lm' only, got {task!r}")
+    check_task("T5", task, "seq2seq_lm")
     return T5ForConditionalGeneration(config, dtype, param_dtype, scan_layers, remat_policy)
 
 
