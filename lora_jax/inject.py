@@ -18,7 +18,7 @@ from lora_jax.factors import (
     init_factors,
     max_rank,
 )
-from lora_jax.targets import iter_modules, layer_index, matches, path_forms
+from lora_jax.targets import iter_modules, layer_index, matches, path_forms, with_leaves
 
 # "all-linear" skips the output head, as peft does.
 _OUTPUT_HEADS = ("lm_head",)
@@ -177,15 +177,4 @@ def inject(
             a, b = jnp.where(mask, a, 0), jnp.where(mask, b, 0)
         names = EMBED_FACTORS if layout.kind == "embed" else KERNEL_FACTORS
         new_factors[path] = dict(zip(names, (a, b), strict=True))
-    return _with_leaves(params, new_factors)
-
-
-def _with_leaves(params: Mapping[str, Any], additions: Mapping[str, Mapping[str, Any]],
-                 prefix: str = "") -> dict[str, Any]:
-    """A copy of the tree with `additions[path]` merged into the module dict at each path."""
-    out = {}
-    for key, value in params.items():
-        path = f"{prefix}.{key}" if prefix else key
-        out[key] = _with_leaves(value, additions, path) if isinstance(value, Mapping) else value
-    out.update(additions.get(prefix, {}))
-    return out
+    return with_leaves(params, new_factors)

@@ -35,7 +35,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,7 +45,8 @@ import numpy as np
 from lora_jax.config import LoraConfig
 from lora_jax.factors import EMBED_FACTORS, FACTOR_LEAVES, KERNEL_FACTORS, Layout
 from lora_jax.inject import find_targets
-from lora_jax.targets import matches
+from lora_jax.models.stacking import hf_module_parts
+from lora_jax.targets import iter_modules, matches, with_leaves
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -84,8 +85,6 @@ _PLAIN_INITS = {True: True, False: False, "gaussian": "gaussian", "eva": True,
 # The heads peft's task models add to modules_to_save when saving (peft_model.py).
 _TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                "QUESTION_ANS": ["qa_outputs"]}
-# Architectures whose PyTorch checkpoints store Linear-like weights [in, out] (GPT-2 Conv1D).
-_FAN_IN_FAN_OUT = ("gpt2",)
 _FACTOR_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
                     ".lora_embedding_A": "lora_embedding_A",
                     ".lora_embedding_B": "lora_embedding_B"}
@@ -97,15 +96,6 @@ _LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
 
 def _leaves(node: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in node.items() if not isinstance(v, Mapping)}
-
-
-def _modules(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping]]:
-    """(path, node) of every dict in the tree that holds arrays directly."""
-    if _leaves(params):
-        yield prefix, params
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            yield from _modules(value, f"{prefix}.{key}" if prefix else key)
 
 
 def _infer_stacks(params: Mapping[str, Any], plain: str = "") -> tuple[str, ...]:
@@ -127,22 +117,10 @@ def _infer_stacks(params: Mapping[str, Any], plain: str = "") -> tuple[str, ...]
 def _walk(path: str, stacks: Sequence[str]) -> tuple[list[str], int | None]:
     """The PyTorch components of a Flax path (list elements `h_0` -> `h`, `0`) and the index of
     the Flax component naming a scanned stack (a stack's name without an index), if any."""
-    out: list[str] = []
-    plain: list[str] = []
-    scanned = None
-    for i, part in enumerate(path.split(".") if path else []):
-        m = _LIST_ELEMENT.fullmatch(part)
-        if m and ".".join([*plain, m[1]]) in stacks:
-            out += [m[1], m[2]]
-            plain.append(m[1])
-            continue
-        if ".".join([*plain, part]) in stacks:
-            if scanned is not None:
-                raise ValueError(f"{path!r} lies in two scanned stacks; peft interop supports one")
-            scanned = i
-        out.append(part)
-        plain.append(part)
-    return out, scanned
+    out, scanned = hf_module_parts(path, stacks)
+    if len(scanned) > 1:
+        raise ValueError(f"{path!r} lies in two scanned stacks; peft interop supports one")
+    return out, scanned[0] if scanned else None
 
 
 class _Slot:
@@ -161,7 +139,7 @@ def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
     """{PyTorch module path: slot} for every module of the Flax tree that holds arrays."""
     stacks = tuple(stacks) if stacks is not None else _infer_stacks(params)
     index: dict[str, _Slot] = {}
-    for flax_path, node in _modules(params):
+    for flax_path, node in iter_modules(params, leaves=None):
         _, scanned = _walk(flax_path, stacks)
         if scanned is None:
             layers: list[int | None] = [None]
@@ -198,6 +176,15 @@ def _resolve_stacks(model_type: str | None, stacks: Sequence[str] | None) -> tup
     from lora_jax.models.registry import architecture
 
     return tuple(architecture(model_type).LAYER_STACKS)
+
+
+def _fan_in_fan_out(model_type: str | None) -> bool:
+    """Whether the architecture's PyTorch weights are [in, out] (its `FAN_IN_FAN_OUT`)."""
+    if model_type is None:
+        return False
+    from lora_jax.models.registry import architecture
+
+    return bool(getattr(architecture(model_type), "FAN_IN_FAN_OUT", False))
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -239,7 +226,7 @@ def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
     """
     if config.modules_to_save:
         present = [m for m in config.modules_to_save
-                   if any(_saved_root(p, [m]) for p, _ in _modules(tree))]
+                   if any(_saved_root(p, [m]) for p, _ in iter_modules(tree, leaves=None))]
         config = LoraConfig.from_dict({**config.to_dict(), "modules_to_save": present or None})
     try:
         return set(find_targets(tree, config, layouts))
@@ -371,7 +358,7 @@ def save_peft(
     """
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
-        fan_in_fan_out = model_type in _FAN_IN_FAN_OUT
+        fan_in_fan_out = _fan_in_fan_out(model_type)
     index = _index(params, stacks, path_map)
     saved_modules = _saved_modules(config.modules_to_save, {p: s.flax_path for p, s in
                                                             index.items()})
@@ -416,7 +403,7 @@ def save_peft(
                     tensors[PREFIX + ".".join(p for p in parts if p)] = np.asarray(value)
             elif name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and has)):
                 tensors[key + (".base_layer.bias" if has else ".bias")] = np.asarray(value)
-    unmapped = [p for p, node in _modules(params) if p not in mapped
+    unmapped = [p for p, node in iter_modules(params, leaves=None) if p not in mapped
                 and any(n in node for n in FACTOR_LEAVES)]
     if unmapped:
         raise ValueError(f"save_peft: path_map gives no PyTorch path for the adapted modules "
@@ -664,14 +651,4 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
                 else (np.zeros(shape) if name in FACTOR_LEAVES else np.asarray(node[name][i]))
                 for i in range(n)]), target)
         new_leaves[flax_path] = out
-    return _replace_leaves(params, new_leaves), adapted
-
-
-def _replace_leaves(params: Mapping[str, Any], new: Mapping[str, Mapping[str, Any]],
-                    prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in params.items():
-        path = f"{prefix}.{key}" if prefix else key
-        out[key] = _replace_leaves(value, new, path) if isinstance(value, Mapping) else value
-    out.update(new.get(prefix, {}))
-    return out
+    return with_leaves(params, new_leaves), adapted

@@ -32,9 +32,9 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.config import LoraConfig
 from lora_jax.factors import EMBED_FACTORS, FACTOR_LEAVES, KERNEL_FACTORS, Layout
-from lora_jax.inject import _with_leaves, inject
+from lora_jax.inject import inject
 from lora_jax.partition import has_factors
-from lora_jax.targets import iter_modules
+from lora_jax.targets import iter_modules, with_leaves
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -213,7 +213,7 @@ def shard_inject(
                         for path, m in iter_modules(abstract) if has_factors(m)}
     new = jax.jit(factors, out_shardings=factor_shardings)(key)
     placed = jax.tree.map(jax.device_put, plain, _without_factors(shardings))
-    return _with_leaves(placed, new)
+    return with_leaves(placed, new)
 
 
 def _at(tree: Mapping[str, Any], path: str, name: str) -> Any:

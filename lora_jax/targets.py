@@ -58,12 +58,31 @@ def pattern_value(patterns: Mapping[str, T], path: str, default: T) -> T:
 WEIGHT_LEAVES = ("kernel", "embedding")
 
 
-def iter_modules(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[
+def iter_modules(params: Mapping[str, Any], prefix: tuple[str, ...] = (), *,
+                 leaves: Sequence[str] | None = WEIGHT_LEAVES) -> Iterator[
     tuple[str, Mapping[str, Any]]
 ]:
-    """(path, module dict) for every module in the tree that holds a `kernel` or `embedding`."""
-    if any(name in params and not isinstance(params[name], Mapping) for name in WEIGHT_LEAVES):
+    """(path, module dict) for every module in the tree that holds one of the array `leaves`
+    (default: a `kernel` or `embedding`; None: any array) directly, parents first."""
+    names = params if leaves is None else leaves
+    if any(name in params and not isinstance(params[name], Mapping) for name in names):
         yield join_path(prefix), params
     for key, value in params.items():
         if isinstance(value, Mapping):
-            yield from iter_modules(value, (*prefix, key))
+            yield from iter_modules(value, (*prefix, key), leaves=leaves)
+
+
+def with_leaves(params: Mapping[str, Any], additions: Mapping[str, Mapping[str, Any]],
+                prefix: str = "") -> dict[str, Any]:
+    """A copy of the tree with `additions[path]` merged into the module dict at each path
+    (new leaves added, same-named ones replaced); the input is not mutated.
+
+    >>> with_leaves({"dense": {"kernel": 1}}, {"dense": {"lora_A": 2}})
+    {'dense': {'kernel': 1, 'lora_A': 2}}
+    """
+    out = {}
+    for key, value in params.items():
+        path = f"{prefix}.{key}" if prefix else key
+        out[key] = with_leaves(value, additions, path) if isinstance(value, Mapping) else value
+    out.update(additions.get(prefix, {}))
+    return out

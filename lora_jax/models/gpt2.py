@@ -40,6 +40,7 @@ from lora_jax.models.stacking import (
 
 HF_CLASSES = ("GPT2LMHeadModel",)
 LAYER_STACKS = ("transformer.h",)
+FAN_IN_FAN_OUT = True  # HF's Conv1D stores its weights [in, out]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,9 @@ loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model cod
 - `LAYER_STACKS`: dotted paths of the per-layer lists (e.g. `("transformer.h",)`); unscanned
   layers are named `h_0, h_1, ...` and a scanned stack is one module named `h` whose params carry
   a leading layer axis. Apart from that, Flax module paths equal the HF PyTorch module paths.
+- optional `FAN_IN_FAN_OUT` (default False): True when the PyTorch checkpoints store the
+  projection weights [in, out] (GPT-2's Conv1D), so they are not transposed to torch's
+  [out, in]; peft interop writes it as `fan_in_fan_out`.
 """
 
 import importlib
