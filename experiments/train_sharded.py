@@ -34,23 +34,8 @@ from lora_jax.checkpoint import AdapterCheckpointer
 from lora_jax.models import gpt2, llama
 from lora_jax.sharding import match_specs, named_shardings, opt_state_specs, shard_inject
 
-# Megatron-style tensor parallelism (column-parallel in, row-parallel out) with fsdp on the
-# other weight axis; the leading None is the scanned layer axis.
-RULES = {
-    "gpt2": [
-        (r".*(c_attn|c_fc)\.kernel", P(None, "fsdp", "tensor")),
-        (r".*c_proj\.kernel", P(None, "tensor", "fsdp")),
-        (r".*(c_attn|c_fc)\.bias", P(None, "tensor")),
-        (r".*wte\.embedding", P("tensor", "fsdp")),
-        (r".*wpe\.embedding", P(None, "fsdp")),
-    ],
-    "llama": [
-        (r".*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel", P(None, "fsdp", "tensor")),
-        (r".*(o_proj|down_proj)\.kernel", P(None, "tensor", "fsdp")),
-        (r".*embed_tokens\.embedding", P("tensor", "fsdp")),
-        (r"lm_head\.kernel", P("fsdp", "tensor")),
-    ],
-}
+# Megatron-style tensor parallelism with fsdp on the other weight axis (the models' rules).
+RULES = {"gpt2": gpt2.SHARDING_RULES, "llama": llama.SHARDING_RULES}
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear"}
 
 

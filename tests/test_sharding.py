@@ -219,26 +219,14 @@ def test_clear_errors_before_compiling():
 
 # --- training: GPT-2 and Llama on data x fsdp x tensor equal one device -------------------------
 
-GPT2_RULES = [
-    (r".*(c_attn|c_fc)\.kernel", P(None, "fsdp", "tensor")),
-    (r".*c_proj\.kernel", P(None, "tensor", "fsdp")),
-    (r".*(c_attn|c_fc)\.bias", P(None, "tensor")),
-    (r".*wte\.embedding", P("tensor", "fsdp")),
-    (r".*wpe\.embedding", P(None, "fsdp")),
-]
-LLAMA_RULES = [
-    (r".*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel", P(None, "fsdp", "tensor")),
-    (r".*(o_proj|down_proj)\.kernel", P(None, "tensor", "fsdp")),
-    (r".*embed_tokens\.embedding", P("tensor", "fsdp")),
-    (r"lm_head\.kernel", P("fsdp", "tensor")),
-]
+# The models' own SHARDING_RULES (the ones experiments/train_sharded.py uses).
 MODELS = {
     "gpt2": (gpt2, gpt2.Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4),
-             GPT2_RULES, ["c_attn", "c_proj", "c_fc", "wte"]),
+             gpt2.SHARDING_RULES, ["c_attn", "c_proj", "c_fc", "wte"]),
     "llama": (llama, llama.Config(vocab_size=128, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=32),
-              LLAMA_RULES, "all-linear"),
+              llama.SHARDING_RULES, "all-linear"),
 }
 
 

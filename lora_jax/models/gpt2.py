@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lora_jax.models.generate import (
     DecodeInputs,
@@ -41,6 +42,16 @@ from lora_jax.models.stacking import (
 HF_CLASSES = ("GPT2LMHeadModel",)
 LAYER_STACKS = ("transformer.h",)
 FAN_IN_FAN_OUT = True  # HF's Conv1D stores its weights [in, out]
+# `lora_jax.sharding.match_specs` rules for the scanned model (leading None: the layer axis) on
+# a mesh with "fsdp" and "tensor" axes: Megatron-style tensor parallelism (column-parallel in,
+# row-parallel out) with fsdp on the other weight axis.
+SHARDING_RULES = [
+    (r".*(c_attn|c_fc)\.kernel", P(None, "fsdp", "tensor")),
+    (r".*c_proj\.kernel", P(None, "tensor", "fsdp")),
+    (r".*(c_attn|c_fc)\.bias", P(None, "tensor")),
+    (r".*wte\.embedding", P("tensor", "fsdp")),
+    (r".*wpe\.embedding", P(None, "fsdp")),
+]
 
 
 @dataclasses.dataclass(frozen=True)

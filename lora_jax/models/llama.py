@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lora_jax.models.generate import (
     DecodeInputs,
@@ -40,6 +41,15 @@ from lora_jax.models.stacking import (
 
 HF_CLASSES = ("LlamaForCausalLM",)
 LAYER_STACKS = ("model.layers",)
+# `lora_jax.sharding.match_specs` rules for the scanned model (leading None: the layer axis) on
+# a mesh with "fsdp" and "tensor" axes: Megatron-style tensor parallelism (column-parallel in,
+# row-parallel out) with fsdp on the other weight axis.
+SHARDING_RULES = [
+    (r".*(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel", P(None, "fsdp", "tensor")),
+    (r".*(o_proj|down_proj)\.kernel", P(None, "tensor", "fsdp")),
+    (r".*embed_tokens\.embedding", P("tensor", "fsdp")),
+    (r"lm_head\.kernel", P("fsdp", "tensor")),
+]
 
 
 @dataclasses.dataclass(frozen=True)
