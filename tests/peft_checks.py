@@ -23,6 +23,12 @@ from lora_jax.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft, save_peft
 TOL = 1e-4  # float32 logits, max abs diff against peft on PyTorch
 
 
+def tiny_hf(model_cls: type, config: Any) -> Any:
+    """`model_cls(config)` in eval mode, its random weights drawn after `torch.manual_seed(0)`."""
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
 def state_dict(hf_model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
 
@@ -118,4 +124,5 @@ def peft_to_jax(arch: ModuleType, model: Any, base: dict[str, Any], peft_model: 
 
 
 __all__ = ["TOL", "assert_same_files", "base_params", "load_peft", "max_diff", "peft_adapter",
-           "peft_to_jax", "read_adapter", "save_peft", "state_dict", "torch_out", "train"]
+           "peft_to_jax", "read_adapter", "save_peft", "state_dict", "tiny_hf", "torch_out",
+           "train"]

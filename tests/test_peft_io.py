@@ -21,6 +21,7 @@ from peft_checks import (
     read_adapter,
     save_peft,
     state_dict,
+    tiny_hf,
     torch_out,
     train,
 )
@@ -36,11 +37,10 @@ GPT2_LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn", "wte"], bias="lora
 
 
 def gpt2_hf() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=99, n_positions=32, n_embd=32, n_layer=2,
                                      n_head=4, initializer_range=0.2, bos_token_id=0,
                                      eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_hf(transformers.GPT2LMHeadModel, config)
 
 
 def lm_loss(logits: jax.Array) -> jax.Array:

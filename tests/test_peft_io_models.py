@@ -7,7 +7,6 @@ import copy
 import jax
 import numpy as np
 import peft
-import torch
 import transformers
 from peft_checks import (
     TOL,
@@ -19,6 +18,7 @@ from peft_checks import (
     peft_to_jax,
     read_adapter,
     save_peft,
+    tiny_hf,
     torch_out,
     train,
 )
@@ -31,21 +31,19 @@ MASK = np.array([[1] * 8, [1] * 5 + [0] * 3])
 
 
 def bert_hf() -> transformers.BertForSequenceClassification:
-    torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64,
                                      max_position_embeddings=32, num_labels=3,
                                      initializer_range=0.2)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_hf(transformers.BertForSequenceClassification, config)
 
 
 def llama_hf() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=32,
                                       initializer_range=0.2, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_hf(transformers.LlamaForCausalLM, config)
 
 
 BERT_LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"],
@@ -125,10 +123,9 @@ def test_bert_jax_to_peft_with_trained_classifier(tmp_path):
 
 
 def test_bloom_peft_to_jax_query_key_value(tmp_path):
-    torch.manual_seed(0)
     config = transformers.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4,
                                       initializer_range=0.2)
-    hf = transformers.BloomForCausalLM(config).eval()
+    hf = tiny_hf(transformers.BloomForCausalLM, config)
     inputs = {"input_ids": IDS, "attention_mask": MASK}
     for scan in (False, True):
         model, base = base_params(bloom, hf, scan_layers=scan)
@@ -146,10 +143,9 @@ def test_bloom_peft_to_jax_query_key_value(tmp_path):
 def test_t5_peft_to_jax_encoder_and_decoder(tmp_path):
     from lora_jax.models import t5
 
-    torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                    num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
-    hf = transformers.T5ForConditionalGeneration(config).eval()
+    hf = tiny_hf(transformers.T5ForConditionalGeneration, config)
     model, base = base_params(t5, hf)
     pm = peft_adapter(hf, str(tmp_path), r=4, lora_alpha=8, target_modules=["q", "v"],
                       task_type="SEQ_2_SEQ_LM")

@@ -3,6 +3,7 @@ weights, LoRA parameter counts. Each `check_*` asserts and returns what it measu
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
 from typing import Any
 
@@ -16,6 +17,16 @@ import lora_jax
 TOL = 1e-4  # float32 logits, max abs diff against HF PyTorch
 # (scan_layers, remat_policy); the padded cases run the first two.
 VARIANTS = [(False, None), (True, None), (True, "nothing_saveable")]
+
+
+def perturb(hf_model: torch.nn.Module, pattern: str) -> torch.nn.Module:
+    """Draw the parameters whose name matches the regex `pattern` (norm scales, biases: 1 and 0
+    at init) from U(0.5, 1.5), so that parity tests see them; returns the model."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if re.search(pattern, name):
+                p.uniform_(0.5, 1.5)
+    return hf_model
 
 
 def state_dict(hf_model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -50,6 +61,18 @@ def check_parity(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray,
         diffs[f"scan={scan},remat={remat}"] = diff = float(np.abs(out - ref)[valid].max())
         assert diff <= TOL, (scan, remat, diff)
     return diffs
+
+
+def check_padded_parity(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray, *,
+                        position_ids: bool = True) -> dict[str, float]:
+    """`check_parity` (unscanned and scanned) with left padding in row 0 and right padding in
+    row 1, compared at the real tokens; with `position_ids`, HF-style positions from the mask."""
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, 7:] = 0
+    kwargs = {"position_ids": np.maximum(mask.cumsum(1) - 1, 0)} if position_ids else {}
+    return check_parity(arch, hf_model, ids, valid=mask.astype(bool), variants=2,
+                        attention_mask=mask, **kwargs)
 
 
 def check_cache(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray,

@@ -11,8 +11,10 @@ from causal_lm_checks import (
     check_bfloat16,
     check_cache,
     check_lora_counts,
+    check_padded_parity,
     check_parity,
     load,
+    perturb,
 )
 
 from lora_jax.models import bloom, registry
@@ -28,12 +30,7 @@ def hf_model(request):
     config = transformers.BloomConfig(
         vocab_size=99, hidden_size=8 * heads, n_layer=3, n_head=heads, initializer_range=0.2,
         apply_residual_connection_post_layernorm=post_ln, bos_token_id=0, eos_token_id=0)
-    model = transformers.BloomForCausalLM(config).eval()
-    with torch.no_grad():  # non-trivial LayerNorms and biases
-        for name, p in model.named_parameters():
-            if "layernorm" in name or "ln_f" in name or name.endswith("bias"):
-                p.uniform_(0.5, 1.5)
-    return model
+    return perturb(transformers.BloomForCausalLM(config).eval(), r"layernorm|ln_f|bias$")
 
 
 def test_registry_and_paths(hf_model):
@@ -59,10 +56,8 @@ def test_logits_match_hf(hf_model):
 
 
 def test_padded_logits_match_hf(hf_model):
-    mask = np.ones_like(IDS)
-    mask[0, :3] = 0
-    mask[1, 7:] = 0
-    check_parity(bloom, hf_model, IDS, valid=mask.astype(bool), variants=2, attention_mask=mask)
+    # ALiBi positions come from the mask (position_ids are unused by BLOOM).
+    check_padded_parity(bloom, hf_model, IDS, position_ids=False)
 
 
 def test_kv_cache_matches_full_forward(hf_model):

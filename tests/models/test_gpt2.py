@@ -11,6 +11,7 @@ from causal_lm_checks import (
     check_bfloat16,
     check_cache,
     check_lora_counts,
+    check_padded_parity,
     check_parity,
     hf_logits,
     load,
@@ -45,13 +46,7 @@ def test_logits_match_hf(hf_model):
 
 
 def test_padded_logits_match_hf(hf_model):
-    # Right padding in row 1; left padding in row 0 with HF-style positions from the mask.
-    mask = np.ones_like(IDS)
-    mask[0, :3] = 0
-    mask[1, 7:] = 0
-    positions = np.maximum(mask.cumsum(1) - 1, 0)
-    check_parity(gpt2, hf_model, IDS, valid=mask.astype(bool), variants=2, attention_mask=mask,
-                 position_ids=positions)
+    check_padded_parity(gpt2, hf_model, IDS)
 
 
 def test_kv_cache_matches_full_forward(hf_model):

@@ -11,8 +11,10 @@ from causal_lm_checks import (
     check_bfloat16,
     check_cache,
     check_lora_counts,
+    check_padded_parity,
     check_parity,
     load,
+    perturb,
 )
 
 from lora_jax.models import llama, registry
@@ -27,12 +29,7 @@ def tiny(tie: bool) -> transformers.LlamaForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
         tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
         attention_bias=not tie)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # non-trivial norm scales and biases
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.uniform_(0.5, 1.5)
-    return model
+    return perturb(transformers.LlamaForCausalLM(config).eval(), r"norm|bias$")
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -54,12 +51,7 @@ def test_logits_match_hf(hf_model):
 
 
 def test_padded_logits_match_hf(hf_model):
-    mask = np.ones_like(IDS)
-    mask[0, :3] = 0
-    mask[1, 7:] = 0
-    positions = np.maximum(mask.cumsum(1) - 1, 0)
-    check_parity(llama, hf_model, IDS, valid=mask.astype(bool), variants=2, attention_mask=mask,
-                 position_ids=positions)
+    check_padded_parity(llama, hf_model, IDS)
 
 
 def test_kv_cache_matches_full_forward(hf_model):
