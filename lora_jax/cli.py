@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seq-len", type=_positive(int), default=64,
                     help="tokens per example / LM block (default 64)")
     ft.add_argument("--lr", type=_positive(float),
-                    help="peak learning rate (default: lora 3e-3, head 1e-3, full 5e-5, "
+                    help="peak learning rate (default: lora 3e-3, head 1e-2, full 5e-5, "
                     "prompt 3e-2)")
     ft.add_argument("--prompt-tokens", type=_positive(int), default=20,
                     help="soft-prompt length for --method prompt (20)")
@@ -325,7 +325,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     return Setup(params, config, forward, tx, method == "lora")
 
 
-DEFAULT_LR = {"lora": 3e-3, "head": 1e-3, "full": 5e-5, "prompt": 3e-2}
+DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 5e-5, "prompt": 3e-2}
 
 
 # --- finetune ------------------------------------------------------------------------------------
