@@ -595,7 +595,7 @@ def save_hf(folder: Path, params: Mapping[str, Any], loaded: Loaded) -> None:
     from lora_jax.models.stacking import hf_name
 
     arch = architecture(loaded.model_type)
-    transpose = loaded.model_type != "gpt2"  # GPT-2's Conv1D keeps [in, out]
+    transpose = not getattr(arch, "FAN_IN_FAN_OUT", False)  # GPT-2's Conv1D keeps [in, out]
     tensors = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         flax_path = ".".join(str(k.key) for k in path)
