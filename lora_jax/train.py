@@ -42,18 +42,25 @@ class Interrupted(Exception):
         self.step = step
 
 
-def task_loss(task: str, logits: jax.Array, batch: Batch) -> jax.Array:
-    """Mean cross-entropy: over examples (`classify`, logits [B, C]) or over next tokens where
-    the attention mask is 1 (`lm`, logits [B, T, V])."""
+def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Per-example (`classify`, logits [B, C]) or per-next-token (`lm`, logits [B, T, V])
+    cross-entropies and their weights (the attention mask for `lm`)."""
     logits = logits.astype(jnp.float32)
     if task == "classify":
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return losses, jnp.ones_like(losses)
     if task == "lm":
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1], batch["input_ids"][:, 1:])
-        weights = batch["attention_mask"][:, 1:].astype(jnp.float32)
-        return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        return losses, batch["attention_mask"][:, 1:].astype(jnp.float32)
     raise ValueError(f"unknown task {task!r}: use 'classify' or 'lm'")
+
+
+def task_loss(task: str, logits: jax.Array, batch: Batch) -> jax.Array:
+    """Mean cross-entropy: over examples (`classify`) or over next tokens where the attention
+    mask is 1 (`lm`)."""
+    losses, weights = _losses(task, logits, batch)
+    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 def make_step(forward: Forward, task: str, tx: optax.GradientTransformation
@@ -81,16 +88,15 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
     """Loss and accuracy (`classify`) or loss and perplexity (`lm`) over all of `arrays`."""
 
     @jax.jit
-    def sums(batch: Batch, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        logits = forward(params, batch, None).astype(jnp.float32)
+    def sums(params: Params, batch: Batch, valid: jax.Array
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        logits = forward(params, batch, None)
+        losses, weights = _losses(task, logits, batch)
+        weights = weights * valid.reshape(-1, *([1] * (losses.ndim - 1)))
+        correct = jnp.asarray(0.0)
         if task == "classify":
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-            correct = (logits.argmax(-1) == batch["labels"]) & valid
-            return jnp.where(valid, losses, 0).sum(), correct.sum(), valid.sum()
-        losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, :-1], batch["input_ids"][:, 1:])
-        weights = (batch["attention_mask"][:, 1:] > 0) & valid[:, None]
-        return jnp.where(weights, losses, 0).sum(), jnp.asarray(0), weights.sum()
+            correct = ((logits.argmax(-1) == batch["labels"]) * weights).sum()
+        return (losses * weights).sum(), correct, weights.sum()
 
     n = len(arrays["input_ids"])
     totals = np.zeros(3)
@@ -99,7 +105,7 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
         index = np.arange(start, start + batch_size)
         valid = index < n
         batch = {k: v[np.where(valid, index, start)] for k, v in arrays.items()}
-        totals += [float(x) for x in sums(batch, jnp.asarray(valid))]
+        totals += [float(x) for x in sums(params, batch, jnp.asarray(valid))]
     loss_sum, correct, count = totals
     if task == "classify":
         return {"loss": loss_sum / count, "accuracy": correct / count, "examples": int(count)}
