@@ -51,6 +51,8 @@ def build_model(name: str, hidden: int, layers: int, vocab: int, seq: int):
 
 
 def make_train_step(model, config, tx):
+    """`step(trainable, frozen, opt_state, ids) -> (trainable, opt_state, loss)`: next-token loss,
+    gradients of the trainable half only, and `tx` (a `lora_jax.optimizer`) on that half."""
     apply = lora_jax.wrap(model.apply, config)
 
     def step(trainable, frozen, opt_state, ids):
@@ -59,11 +61,8 @@ def make_train_step(model, config, tx):
             return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        params = lora_jax.combine(trainable, frozen)
-        updates, opt_state = tx.update(
-            lora_jax.combine(grads, jax.tree.map(jnp.zeros_like, frozen)), opt_state, params)
-        trainable, _ = lora_jax.split(optax.apply_updates(params, updates), config)
-        return trainable, opt_state, loss
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
 
     return step
 

@@ -2,7 +2,9 @@
 logical metadata), the arrays' actual shardings, sharded training equal to one device, fsdp
 memory, and clear errors for bad meshes, specs and batches."""
 
+import sys
 from functools import partial
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -15,6 +17,10 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax
 from lora_jax.distributed import shard_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from train_sharded import make_train_step  # noqa: E402  (the step the example trains with)
+
 from lora_jax.models import gpt2, llama
 from lora_jax.sharding import (
     lora_specs,
@@ -228,24 +234,6 @@ MODELS = {
                                   num_key_value_heads=2, max_position_embeddings=32),
               llama.SHARDING_RULES, "all-linear"),
 }
-
-
-def make_train_step(model, config, tx):
-    apply = lora_jax.wrap(model.apply, config)
-
-    def step(trainable, frozen, opt_state, ids):
-        def loss_fn(trainable):
-            logits = apply({"params": lora_jax.combine(trainable, frozen)}, ids[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        params = lora_jax.combine(trainable, frozen)
-        updates, opt_state = tx.update(
-            lora_jax.combine(grads, jax.tree.map(jnp.zeros_like, frozen)), opt_state, params)
-        trainable, _ = lora_jax.split(optax.apply_updates(params, updates), config)
-        return trainable, opt_state, loss
-
-    return step
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
