@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--limit", type=_positive(int),
                     help="use at most this many examples of each split (quick trials)")
-    ft.add_argument("--save-every", type=int, default=0,
+    ft.add_argument("--save-every", type=_positive(int, allow_zero=True), default=0,
                     help="also checkpoint every N steps (default: at the end and on Ctrl-C)")
     ft.add_argument("--out", help="output folder (default runs/<timestamp>)")
     ft.add_argument("--resume", metavar="DIR",
@@ -94,14 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(kind: type) -> Any:
+def _positive(kind: type, allow_zero: bool = False) -> Any:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(
+                f"must be {'non-negative' if allow_zero else 'positive'}, got {text}")
         return value
 
     parse.__name__ = kind.__name__

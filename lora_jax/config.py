@@ -90,6 +90,12 @@ class LoraConfig:
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern needs layers_to_transform to be set too")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # peft rejects this too, so such an adapter could never be exported.
+            raise ValueError(
+                "LoraConfig.layers_to_transform cannot be used with a str (regex or 'all-linear') "
+                f"target_modules={self.target_modules!r}, as in peft; list the module names instead"
+            )
 
     def rank(self, path: str) -> int:
         """The rank for the module at `path` (`rank_pattern` overrides `r`)."""

@@ -104,16 +104,19 @@ def find_targets(
             "'v_proj'], a regex, or 'all-linear'"
         )
     modules = list(iter_modules(params))
-    targets = {}
+    matched = {}
     for path, module in modules:
-        if not _is_target(config, path, module, layouts):
-            continue
-        layout = _resolve_layout(path, module, layouts)
+        if _is_target(config, path, module, layouts):
+            matched[path] = (module, _resolve_layout(path, module, layouts))
+    if not matched:
+        raise _no_match_error(config, [p for p, _ in modules])
+    if config.layers_to_transform is not None:
+        _check_layer_selection(config, matched)
+    targets = {}
+    for path, (_, layout) in matched.items():
         selected = _selected_layers(config, path, layout)
         if selected is not False:
             targets[path] = (layout, selected)
-    if not targets:
-        raise _no_match_error(config, [p for p, _ in modules])
     if config.modules_to_save and not any(matches(config.modules_to_save, p) for p, _ in modules):
         raise ValueError(
             f"modules_to_save={list(config.modules_to_save)} matched no module; modules with "
@@ -122,11 +125,36 @@ def find_targets(
     return targets
 
 
-def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
-    if any(not 0 <= i < n_layers for i in selected):
+def _check_layer_selection(config: LoraConfig,
+                           matched: Mapping[str, tuple[Mapping[str, Any], Layout]]) -> None:
+    """Every index in layers_to_transform must exist among the targeted modules' layers."""
+    wanted = config.layers_to_transform
+    wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+    available: set[int] = set()
+    for path, (module, layout) in matched.items():
+        index = layer_index(path, config.layers_pattern)
+        if index is not None:
+            available.add(index)
+        elif layout.stacked:
+            weight = module["embedding" if layout.kind == "embed" else "kernel"]
+            available.update(range(weight.shape[0]))
+            if config.bias == "lora_only":
+                raise ValueError(
+                    f"bias='lora_only' with layers_to_transform on the scanned stack {path!r} "
+                    "would train the biases of every layer (a stacked bias is one leaf); use "
+                    "bias='none' or 'all', or unscanned layers"
+                )
+    missing = sorted(wanted - available)
+    if missing:
         raise ValueError(
-            f"layers_to_transform={list(selected)} is out of range for a stack of {n_layers} layers"
+            f"layers_to_transform names layers {missing} that the targeted modules do not have; "
+            f"their layer indices are {sorted(available)}"
+            + ("" if config.layers_pattern is None else
+               f" (read after layers_pattern={config.layers_pattern!r})")
         )
+
+
+def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
     return jnp.zeros(n_layers, bool).at[jnp.asarray(selected)].set(True)
 
 

@@ -9,6 +9,7 @@ interceptor (`flax.linen.intercept_methods`) that reads the factors beside the l
 from __future__ import annotations
 
 import string
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -106,11 +107,18 @@ def _delta(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], 
                 "supported"
             )
         axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        axes = tuple(ax % x.ndim for ax in axes)
+        axes = tuple(sorted(ax % x.ndim for ax in axes))  # flax orders the kernel's axes so
         low = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))), precision=precision)
     else:
         low = jnp.matmul(x, a, precision=precision)
     return jnp.tensordot(low * scale, b, axes=1, precision=precision)
+
+
+_TIED_HEAD_WARNING = (
+    "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
+    "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
+    "differs from the wrapped one in its head. Adapt the embedding only if you keep it unmerged."
+)
 
 
 def _interceptor(config: LoraConfig) -> Callable[..., Any]:
@@ -118,6 +126,9 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
                   kwargs: dict[str, Any], context: Any) -> Any:
         out = next_fun(*args, **kwargs)
         module = context.module
+        if context.method_name == "attend" and isinstance(module, nn.Embed) and \
+                module.has_variable("params", EMBED_FACTORS[0]):
+            warnings.warn(_TIED_HEAD_WARNING.format(path=join_path(module.path)), stacklevel=2)
         if context.method_name != "__call__" or module.scope is None:
             return out
         names = EMBED_FACTORS if isinstance(module, nn.Embed) else KERNEL_FACTORS

@@ -19,7 +19,9 @@ def merge(params: Mapping[str, Any], config: LoraConfig, safe: bool = False) -> 
 
     The delta is added in float32 and the sum cast once to the kernel's dtype (merging in
     bfloat16 drifts). `safe=True` raises if a merged weight holds NaN or inf (checked on the
-    host, so not under `jit`).
+    host, so not under `jit`). An adapted embedding that the model also uses as a tied output
+    head (`Embed.attend`) changes the head too once merged, though not in the wrapped forward
+    (peft behaves the same; `wrap` warns when it sees this).
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"kernel": jnp.zeros((3, 4)), "lora_A": jnp.ones((3, 2)),

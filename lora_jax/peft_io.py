@@ -189,15 +189,6 @@ def _fan_in_fan_out(model_type: str | None) -> bool:
 
 # --- config ---------------------------------------------------------------------------------------
 
-def _check_peft_rules(fields: Mapping[str, Any], where: str) -> None:
-    """The LoraConfig checks peft itself makes (tuners/lora/config.py `__post_init__`)."""
-    target = fields.get("target_modules")
-    for name in ("layers_to_transform", "layers_pattern"):
-        if isinstance(target, str) and fields.get(name) is not None:
-            raise ValueError(f"{where}: peft rejects {name} together with a str (regex) "
-                             f"target_modules={target!r}; use a list of module names")
-
-
 def _shape_tree(index: Mapping[str, _Slot]) -> tuple[dict[str, Any], dict[str, Layout]]:
     """A tree keyed by PyTorch paths holding each module's weight shape (per layer), with
     layouts, so `find_targets` applies peft's matching rules to the PyTorch names."""
@@ -263,7 +254,6 @@ def _peft_fields(config: LoraConfig, *, fan_in_fan_out: bool, task_type: str | N
         fields["layers_to_transform"] = [fields["layers_to_transform"]]
     fields.update(fan_in_fan_out=fan_in_fan_out, task_type=task_type,
                   base_model_name_or_path=base_model_name_or_path, auto_mapping=auto_mapping)
-    _check_peft_rules(fields, "save_peft")
     return fields
 
 
@@ -288,7 +278,6 @@ def _config_from_peft(fields: Mapping[str, Any], where: str) -> LoraConfig:
             "adapter does not apply to the original model; convert it with peft's "
             "save_pretrained(path_initial_model_for_weight_conversion=...) first"
         )
-    _check_peft_rules(fields, where)
     ours = {k: fields[k] for k in _OUR_FIELDS if k in fields}
     ours["init_lora_weights"] = _PLAIN_INITS[init]
     if ours.get("modules_to_save"):
@@ -354,7 +343,7 @@ def save_peft(
     dtype. Without `task_type`, peft records `auto_mapping` from `base_model_class` (default:
     the architecture's first `HF_CLASSES` entry).
 
-    >>> save_peft("adapter", params, config, model_type="gpt2")  # doctest: +SKIP
+        save_peft("adapter", params, config, model_type="gpt2")
     """
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
@@ -512,7 +501,7 @@ def load_peft(
     checked (names, shapes, ranks, the config's targets) before the new tree is built, so a bad
     adapter raises a ValueError naming the key and `params` is never modified.
 
-    >>> params, config = load_peft("adapter", base_params, model_type="gpt2")  # doctest: +SKIP
+        params, config = load_peft("adapter", base_params, model_type="gpt2")
     """
     fields, tensors = _read(path)
     where = f"load_peft({os.fspath(path)!r})"

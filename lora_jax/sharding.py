@@ -108,7 +108,7 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
     ...           "lora_B": jnp.ones((2, 6))}
     >>> specs = lora_specs(params, {"kernel": P("fsdp", "tensor")})
     >>> specs["lora_A"], specs["lora_B"]
-    (PartitionSpec('fsdp', None), PartitionSpec(None, 'tensor'))
+    (P('fsdp', None), P(None, 'tensor'))
     """
     flat_base = _flatten(base_specs(base, rules=rules))
 

@@ -14,6 +14,7 @@ Runs are reproducible step by step: batch `i` and its dropout key are pure funct
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -83,9 +84,10 @@ def make_step(forward: Forward, task: str, tx: optax.GradientTransformation
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
-             batch_size: int) -> dict[str, float]:
-    """Loss and accuracy (`classify`) or loss and perplexity (`lm`) over all of `arrays`."""
+@functools.lru_cache(maxsize=16)
+def _eval_sums(forward: Forward, task: str) -> Callable[..., tuple[jax.Array, ...]]:
+    """jitted (loss sum, correct, count) of one batch; cached so that repeated evaluations of the
+    same forward (before training, validation, test) compile once."""
 
     @jax.jit
     def sums(params: Params, batch: Batch, valid: jax.Array
@@ -98,6 +100,13 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
             correct = ((logits.argmax(-1) == batch["labels"]) * weights).sum()
         return (losses * weights).sum(), correct, weights.sum()
 
+    return sums
+
+
+def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
+             batch_size: int) -> dict[str, float]:
+    """Loss and accuracy (`classify`) or loss and perplexity (`lm`) over all of `arrays`."""
+    sums = _eval_sums(forward, task)
     n = len(arrays["input_ids"])
     totals = np.zeros(3)
     for start in range(0, n, batch_size):

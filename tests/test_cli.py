@@ -21,6 +21,7 @@ def run_main(capsys, *argv):
     (["finetune", "--bogus"], "unrecognized arguments: --bogus"),
     (["finetune", "--method", "qlora"], "invalid choice: 'qlora'"),
     (["finetune", "--r", "0"], "must be positive"),
+    (["finetune", "--save-every", "-3"], "--save-every: must be non-negative, got -3"),
     (["finetune", "--steps", "3", "--epochs", "1"], "not allowed with argument"),
     (["finetune", "--data", "/no/such/file.jsonl"], "no such file"),
     (["finetune", "--model", "bert-huge"], "unknown model 'bert-huge'"),

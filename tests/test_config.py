@@ -51,6 +51,8 @@ def test_dict_round_trip():
         ({"bias": "some"}, "bias must be 'none', 'all' or 'lora_only'"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights must be True, False or 'gaussian'"),
         ({"layers_pattern": "h"}, "layers_pattern needs layers_to_transform"),
+        ({"target_modules": ".*c_attn", "layers_to_transform": [0]},
+         r"layers_to_transform cannot be used with a str \(regex or 'all-linear'\)"),
     ],
 )
 def test_invalid_values(kwargs, message):

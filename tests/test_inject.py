@@ -168,11 +168,23 @@ def test_modules_to_save_matching_nothing_is_an_error():
         lora_jax.inject(params, config, jax.random.key(0))
 
 
-def test_layers_to_transform_out_of_range_for_a_stack():
+@pytest.mark.parametrize("scan", [False, True])
+def test_layers_to_transform_out_of_range(scan):
+    model, params = _tiny(scan=scan)
+    layouts = lora_jax.layouts(model, IDS) if scan else None
+    for wanted in ([5], [0, 5]):  # wholly and partly out of range
+        config = LoraConfig(r=2, target_modules=["q"], layers_to_transform=wanted)
+        with pytest.raises(ValueError, match=r"layers_to_transform names layers \[5\] that the "
+                                             r"targeted modules do not have; their layer indices "
+                                             r"are \[0, 1, 2\]"):
+            lora_jax.inject(params, config, jax.random.key(0), layouts=layouts)
+
+
+def test_lora_only_bias_with_a_layer_selection_on_a_scanned_stack_is_an_error():
     model, params = _tiny(scan=True)
-    config = LoraConfig(r=2, target_modules=["q"], layers_to_transform=[5])
-    with pytest.raises(ValueError, match=r"layers_to_transform=\[5\] is out of range for a stack "
-                                         "of 3 layers"):
+    config = LoraConfig(r=2, target_modules=["q"], layers_to_transform=[1], bias="lora_only")
+    with pytest.raises(ValueError, match="bias='lora_only' with layers_to_transform on the scanned "
+                                         "stack 'h.q' would train the biases of every layer"):
         lora_jax.inject(params, config, jax.random.key(0), layouts=lora_jax.layouts(model, IDS))
 
 

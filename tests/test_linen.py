@@ -200,3 +200,30 @@ def test_layouts_reads_logically_partitioned_params():
 
     found = lora_jax.layouts(Partitioned(), jnp.ones((2, 4)))
     assert found == {"proj": lora_jax.Layout("dense", stacked=0, n_in=1)}
+
+
+def test_dense_general_with_unsorted_axes():
+    """Flax sorts DenseGeneral's input axes; the delta must contract in the same order."""
+    model = nn.DenseGeneral(5, axis=(-1, -2))
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    config = LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    params = lora_jax.inject(model.init(jax.random.key(1), x)["params"], config,
+                             jax.random.key(2), layouts=lora_jax.layouts(model, x))
+    _assert_close(lora_jax.wrap(model.apply, config)({"params": params}, x),
+                  model.apply({"params": lora_jax.merge(params, config)}, x))
+
+
+def test_an_adapted_tied_embedding_warns():
+    class TiedLM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            wte = nn.Embed(16, 8, name="wte")
+            return wte.attend(wte(ids))
+
+    ids = jnp.arange(6).reshape(2, 3)
+    model = TiedLM()
+    config = LoraConfig(r=2, target_modules=["wte"])
+    params = lora_jax.inject(model.init(jax.random.key(0), ids)["params"], config,
+                             jax.random.key(1))
+    with pytest.warns(UserWarning, match="'wte' is adapted and also used as a tied output head"):
+        lora_jax.wrap(model.apply, config)({"params": params}, ids)
