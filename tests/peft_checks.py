@@ -1,12 +1,13 @@
 """Shared helpers for the peft interop tests: build a peft adapter with random non-zero factors
-on a tiny HF model, load it with lora_jax, train/save in JAX, and compare files."""
+on a tiny HF model, load it with lora_jax, train/save in JAX and load that with peft, and
+compare files."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -66,6 +67,13 @@ def torch_out(model: torch.nn.Module, inputs: dict[str, np.ndarray], field: str 
                        field).numpy()
 
 
+def peft_logits(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The peft model's logits, large enough that a max abs diff <= TOL means something."""
+    logits = torch_out(model, inputs)
+    assert np.abs(logits).max() > 0.3, "logits too small for a meaningful comparison"
+    return logits
+
+
 def max_diff(a: Any, b: Any) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
@@ -97,14 +105,17 @@ def assert_same_files(ours: str, theirs: str) -> None:
 
 
 def train(params: Any, config: lora_jax.LoraConfig, loss_of_output: Callable[[Any], Any],
-          apply: Callable[..., Any], inputs: tuple[Any, ...], steps: int = 3) -> Any:
-    """A few Adam steps on the trainable leaves (lora_jax.optimizer)."""
+          apply: Callable[..., Any], inputs: tuple[Any, ...] | Mapping[str, Any],
+          steps: int = 3) -> Any:
+    """A few Adam steps on the trainable leaves (lora_jax.optimizer); `inputs` are `apply`'s
+    positional (tuple) or keyword (mapping) arguments."""
     tx = lora_jax.optimizer(optax.adam(3e-2), params, config)
     state = tx.init(params)
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (inputs, {})
 
     @jax.jit
     def step(params, state):
-        grads = jax.grad(lambda p: loss_of_output(apply({"params": p}, *inputs)))(params)
+        grads = jax.grad(lambda p: loss_of_output(apply({"params": p}, *args, **kwargs)))(params)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -118,11 +129,39 @@ def peft_to_jax(arch: ModuleType, model: Any, base: dict[str, Any], peft_model: 
     """Max abs diff between peft's logits and ours with the adapter loaded by load_peft."""
     params, config = load_peft(path, base, **load_kwargs)
     ours = lora_jax.wrap(model.apply, config)({"params": params}, **inputs)
-    ref = torch_out(peft_model, inputs)
-    assert np.abs(ref).max() > 0.3, "logits too small for a meaningful comparison"
-    return max_diff(ours, ref)
+    return max_diff(ours, peft_logits(peft_model, inputs))
 
 
-__all__ = ["TOL", "assert_same_files", "base_params", "load_peft", "max_diff", "peft_adapter",
-           "peft_to_jax", "read_adapter", "save_peft", "state_dict", "tiny_hf", "torch_out",
-           "train"]
+def jax_to_peft(arch: ModuleType, hf_model: Callable[[], torch.nn.Module],
+                config: lora_jax.LoraConfig, loss_of_output: Callable[[Any], Any],
+                inputs: dict[str, np.ndarray], path: str, *, task_type: str | None,
+                scan_layers: bool = False, build_kwargs: dict[str, Any] | None = None,
+                load_kwargs: dict[str, Any] | None = None) -> tuple[Any, float, float]:
+    """Train `config`'s adapter in JAX on `hf_model()`'s weights, `save_peft` it to `path` and
+    load it with `PeftModel.from_pretrained` onto a fresh `hf_model()` (same seed, same weights).
+    Returns (trained params, max abs diff of the logits, max abs diff of peft's
+    `merge_and_unload` weights against `lora_jax.merge`)."""
+    model_type = arch.__name__.rpartition(".")[2]
+    model, base = base_params(arch, hf_model(), scan_layers=scan_layers,
+                              build_kwargs=build_kwargs, load_kwargs=load_kwargs)
+    apply = lora_jax.wrap(model.apply, config)
+    shapes = lora_jax.layouts(model, **inputs) if scan_layers else None
+    params = train(lora_jax.inject(base, config, jax.random.key(0), layouts=shapes), config,
+                   loss_of_output, apply, inputs)
+    b_max = {"/".join(str(k.key) for k in p): float(np.abs(v).max())
+             for p, v in jax.tree_util.tree_leaves_with_path(params)
+             if p[-1].key in ("lora_B", "lora_embedding_B")}
+    assert b_max and min(b_max.values()) > 0, f"untrained B factors: {b_max}"
+    save_peft(path, params, config, model_type=model_type, task_type=task_type)
+    pm = peft.PeftModel.from_pretrained(hf_model(), path).eval()
+    logits_diff = max_diff(apply({"params": params}, **inputs), peft_logits(pm, inputs))
+    merged_ref = arch.params_from_hf(state_dict(pm.merge_and_unload()), model.config,
+                                     scan_layers=scan_layers, **(load_kwargs or {}))
+    merged = lora_jax.merge(params, config)
+    merge_diff = max(jax.tree.leaves(jax.tree.map(max_diff, merged, merged_ref)))
+    return params, logits_diff, merge_diff
+
+
+__all__ = ["TOL", "assert_same_files", "base_params", "jax_to_peft", "load_peft", "max_diff",
+           "peft_adapter", "peft_logits", "peft_to_jax", "read_adapter", "save_peft", "state_dict",
+           "tiny_hf", "torch_out", "train"]

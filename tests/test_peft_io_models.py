@@ -1,17 +1,22 @@
 """peft <-> lora_jax for the other reference models: BERT (modules_to_save classifier, biases,
-file equality), Llama (rank/alpha patterns), BLOOM (fused query_key_value).
-Real peft on tiny random HF models; float32, max abs diff of logits <= peft_checks.TOL."""
+file equality), Llama (rank/alpha patterns), BLOOM (fused query_key_value), T5 (encoder and
+decoder). Both directions: peft -> lora_jax (load_peft) and lora_jax -> peft (train in JAX,
+save_peft, PeftModel.from_pretrained: logits, and merge_and_unload against lora_jax.merge).
+Real peft on tiny random HF models; float32, max abs diff of logits <= peft_checks.TOL, of
+merged weights <= MERGE_TOL."""
 
 import copy
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import peft
+import pytest
 import transformers
 from peft_checks import (
     TOL,
     assert_same_files,
     base_params,
+    jax_to_peft,
     load_peft,
     max_diff,
     peft_adapter,
@@ -20,14 +25,14 @@ from peft_checks import (
     save_peft,
     tiny_hf,
     torch_out,
-    train,
 )
 
 import lora_jax
-from lora_jax.models import bert, bloom, llama
+from lora_jax.models import bert, bloom, llama, t5
 
 IDS = np.random.RandomState(1).randint(0, 99, (2, 8))
 MASK = np.array([[1] * 8, [1] * 5 + [0] * 3])
+MERGE_TOL = 1e-5  # float32 merged weights, lora_jax.merge against peft's merge_and_unload
 
 
 def bert_hf() -> transformers.BertForSequenceClassification:
@@ -44,6 +49,27 @@ def llama_hf() -> transformers.LlamaForCausalLM:
                                       num_key_value_heads=2, max_position_embeddings=32,
                                       initializer_range=0.2, tie_word_embeddings=False)
     return tiny_hf(transformers.LlamaForCausalLM, config)
+
+
+def bloom_hf() -> transformers.BloomForCausalLM:
+    config = transformers.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4,
+                                      initializer_range=0.2)
+    return tiny_hf(transformers.BloomForCausalLM, config)
+
+
+def t5_hf() -> transformers.T5ForConditionalGeneration:
+    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    return tiny_hf(transformers.T5ForConditionalGeneration, config)
+
+
+def token_loss(targets: np.ndarray):
+    """Cross-entropy of logits[:, :T] against `targets` [B, T] (next token: ids[:, 1:])."""
+    def loss(logits: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(logits[:, : targets.shape[1]])
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+    return loss
 
 
 BERT_LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"],
@@ -100,32 +126,55 @@ def test_llama_peft_to_jax_with_rank_pattern(tmp_path):
 
 
 def test_bert_jax_to_peft_with_trained_classifier(tmp_path):
-    hf = bert_hf()
-    model, base = base_params(bert, hf, build_kwargs={"task": "classify"},
-                              load_kwargs={"task": "classify"})
     config = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                  modules_to_save=["classifier"])
-    apply = lora_jax.wrap(model.apply, config)
-    params = lora_jax.inject(base, config, jax.random.key(0))
-    labels = np.array([0, 2])
+    loss = token_loss(np.array([[0], [2]]))  # one label per sequence: logits [B, 3] as [B, 1, 3]
+    task = {"task": "classify"}
+    params, logits_diff, merge_diff = jax_to_peft(
+        bert, bert_hf, config, lambda logits: loss(logits[:, None]),
+        {"input_ids": IDS, "attention_mask": MASK}, str(tmp_path), task_type="SEQ_CLS",
+        build_kwargs=task, load_kwargs=task)
+    base_kernel = bert_hf().classifier.weight.detach().numpy().T
+    assert max_diff(params["classifier"]["kernel"], base_kernel) > 0
+    assert logits_diff <= TOL and merge_diff <= MERGE_TOL, (logits_diff, merge_diff)
+    print(f"bert jax->peft logits diff {logits_diff:.2e}, merge diff {merge_diff:.2e}")
 
-    def loss(logits):
-        return -jax.numpy.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
 
-    params = train(params, config, loss, apply, (IDS, MASK))
-    assert max_diff(params["classifier"]["kernel"], base["classifier"]["kernel"]) > 0
-    save_peft(tmp_path, params, config, model_type="bert", task_type="SEQ_CLS")
-    pm = peft.PeftModel.from_pretrained(bert_hf(), tmp_path).eval()
-    ref = torch_out(pm, {"input_ids": IDS, "attention_mask": MASK})
-    diff = max_diff(apply({"params": params}, IDS, MASK), ref)
-    assert diff <= TOL
-    print(f"bert jax->peft logits diff {diff:.2e}")
+# lora_jax -> peft: (architecture, HF model, LoraConfig fields, inputs, loss targets, task_type,
+# scan_layers). BLOOM trains a scanned stack, which save_peft splits into per-layer tensors.
+JAX_TO_PEFT = {
+    "llama": (llama, llama_hf,
+              dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                   rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 4}),
+              {"input_ids": IDS}, IDS[:, 1:], "CAUSAL_LM", False),
+    "bloom": (bloom, bloom_hf,
+              dict(r=4, lora_alpha=8, target_modules=["query_key_value"], bias="lora_only"),
+              {"input_ids": IDS, "attention_mask": np.ones_like(MASK)}, IDS[:, 1:], "CAUSAL_LM",
+              True),
+    "t5": (t5, t5_hf, dict(r=4, lora_alpha=8, target_modules=["q", "v"]),
+           {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}, IDS[:, 1:6], "SEQ_2_SEQ_LM",
+           False),
+}
+
+
+@pytest.mark.parametrize("name", JAX_TO_PEFT)
+def test_jax_to_peft_logits_and_merge(tmp_path, name):
+    arch, hf_model, lora, inputs, targets, task_type, scan = JAX_TO_PEFT[name]
+    config = lora_jax.LoraConfig(**lora)
+    _, logits_diff, merge_diff = jax_to_peft(arch, hf_model, config, token_loss(targets), inputs,
+                                             str(tmp_path), task_type=task_type,
+                                             scan_layers=scan)
+    # The config is written as given (its names match the PyTorch paths), not as explicit paths.
+    _, _, fields = read_adapter(str(tmp_path))
+    assert sorted(fields["target_modules"]) == sorted(lora["target_modules"])
+    assert fields["rank_pattern"] == lora.get("rank_pattern", {})
+    assert fields["alpha_pattern"] == lora.get("alpha_pattern", {})
+    assert logits_diff <= TOL and merge_diff <= MERGE_TOL, (logits_diff, merge_diff)
+    print(f"{name} jax->peft logits diff {logits_diff:.2e}, merge diff {merge_diff:.2e}")
 
 
 def test_bloom_peft_to_jax_query_key_value(tmp_path):
-    config = transformers.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4,
-                                      initializer_range=0.2)
-    hf = tiny_hf(transformers.BloomForCausalLM, config)
+    hf = bloom_hf()
     inputs = {"input_ids": IDS, "attention_mask": MASK}
     for scan in (False, True):
         model, base = base_params(bloom, hf, scan_layers=scan)
@@ -141,11 +190,7 @@ def test_bloom_peft_to_jax_query_key_value(tmp_path):
 
 
 def test_t5_peft_to_jax_encoder_and_decoder(tmp_path):
-    from lora_jax.models import t5
-
-    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                   num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
-    hf = tiny_hf(transformers.T5ForConditionalGeneration, config)
+    hf = t5_hf()
     model, base = base_params(t5, hf)
     pm = peft_adapter(hf, str(tmp_path), r=4, lora_alpha=8, target_modules=["q", "v"],
                       task_type="SEQ_2_SEQ_LM")
