@@ -6,24 +6,35 @@
     lora-jax generate --model smollm2 --adapter runs/X/adapter --prompt "The match"
     lora-jax merge --adapter runs/X/adapter --out merged/
 
-Errors in what the user asked for (bad flags, missing files, unknown models, a one-class
-dataset) print one line and exit with status 2.
+Errors in what the user asked for (bad flags, missing or damaged files, unknown models, a
+one-class dataset) print one line and exit with status 2; a diverging run (non-finite loss) stops
+with status 3 and keeps its last finite checkpoint; Ctrl-C exits with 130 after saving.
+
+Nothing is written over an input: `merge` writes a new folder (through a temporary folder and a
+rename), `finetune` refuses a non-empty `--out` unless it holds a run that stopped before its
+first checkpoint, and every side file (run_config.json, losses.json, metrics.json, adapter/) is
+written whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 METHODS = ("lora", "full", "prompt", "head")
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
@@ -51,41 +62,46 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", default="bbc",
                     help='bbc | a text file | a .jsonl file of {"text", "label"} (default bbc)')
     ft.add_argument("--method", choices=METHODS, default="lora")
-    ft.add_argument("--r", type=_positive(int), default=8, help="LoRA rank (default 8)")
-    ft.add_argument("--alpha", type=_positive(float), default=16.0, help="lora_alpha (16)")
-    ft.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (0.05)")
+    ft.add_argument("--r", type=_number(int, 1), default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--alpha", type=_number(float, 0, low_open=True), default=16.0,
+                    help="lora_alpha (16)")
+    ft.add_argument("--dropout", type=_number(float, 0, 1, high_open=True), default=0.05,
+                    help="lora_dropout, in [0, 1) (0.05)")
     ft.add_argument("--targets", help="comma-separated target_modules (default: the model's "
                     "attention query/value projections)")
     length = ft.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive(int), help="training steps")
-    length.add_argument("--epochs", type=_positive(float), help="epochs (default 2)")
-    ft.add_argument("--batch-size", type=_positive(int), default=16)
-    ft.add_argument("--seq-len", type=_positive(int), default=64,
+    length.add_argument("--steps", type=_number(int, 1), help="training steps")
+    length.add_argument("--epochs", type=_number(float, 0, low_open=True),
+                        help="epochs (default 2)")
+    ft.add_argument("--batch-size", type=_number(int, 1), default=16)
+    ft.add_argument("--seq-len", type=_number(int, 1), default=64,
                     help="tokens per example / LM block (default 64)")
-    ft.add_argument("--lr", type=_positive(float),
+    ft.add_argument("--lr", type=_number(float, 0, low_open=True),
                     help="peak learning rate (default: lora 3e-3, head 1e-2, full 5e-5, "
                     "prompt 3e-2)")
-    ft.add_argument("--prompt-tokens", type=_positive(int), default=20,
+    ft.add_argument("--prompt-tokens", type=_number(int, 1), default=20,
                     help="soft-prompt length for --method prompt (20)")
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--limit", type=_positive(int),
+    ft.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
+    ft.add_argument("--limit", type=_number(int, 1),
                     help="use at most this many examples of each split (quick trials)")
-    ft.add_argument("--save-every", type=_positive(int, allow_zero=True), default=0,
+    ft.add_argument("--save-every", type=_number(int, 0), default=0,
                     help="also checkpoint every N steps (default: at the end and on Ctrl-C)")
     ft.add_argument("--out", help="output folder (default runs/<timestamp>)")
     ft.add_argument("--resume", metavar="DIR",
-                    help="continue the interrupted run in DIR with its saved settings")
+                    help="continue the interrupted run in DIR with its saved settings (only "
+                    "--steps / --epochs / --save-every / --no-progress may differ)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     gen = sub.add_parser("generate", help="generate text with a causal LM (and an adapter)")
     gen.add_argument("--model", default="smollm2")
     gen.add_argument("--adapter", help="a peft adapter folder (e.g. runs/X/adapter)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=_positive(int), default=40)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=_positive(int))
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=_number(int, 1), default=40)
+    gen.add_argument("--temperature", type=_number(float, 0), default=0.0,
+                     help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=_number(int, 1))
+    gen.add_argument("--top-p", type=_number(float, 0, 1, low_open=True))
+    gen.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
 
     mg = sub.add_parser("merge", help="fold an adapter into its base; write HF safetensors")
     mg.add_argument("--adapter", required=True, help="a peft adapter folder")
@@ -94,25 +110,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(kind: type, allow_zero: bool = False) -> Any:
+MAX_SEED = 2**31 - 1
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False) -> Any:
+    """An argparse type: a finite `kind` in [low, high] (open ends where asked)."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(
-                f"must be {'non-negative' if allow_zero else 'positive'}, got {text}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            allowed = _range_text(kind, low, high, low_open, high_open)
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
 
 
+def _range_text(kind: type, low: float | None, high: float | None, low_open: bool,
+                high_open: bool) -> str:
+    if kind is int and high is None and low in (0, 1):
+        return "positive" if low == 1 else "non-negative"
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _explicit_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """The finetune options given on the command line (not defaults), by dest."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices["finetune"]._actions:
+        action.default = argparse.SUPPRESS
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if k != "command"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lora-jax` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "finetune":
+            args.given = _explicit_flags(argv)
         command = {"finetune": finetune, "generate": generate, "merge": merge}[args.command]
         return command(args)
     except UsageError as err:
@@ -121,9 +167,177 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as err:
         print(f"lora-jax: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # a full disk, a vanished folder: one line, not a traceback
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"lora-jax: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lora-jax: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+
+# --- files: read with clear errors, write whole or not at all ----------------------------------
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; a missing, non-UTF-8 or malformed file is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN / Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any, indent: int | None = 1) -> None:
+    """Write valid JSON (non-finite numbers as null) atomically: a temporary file, then rename."""
+    write_bytes(path, json.dumps(json_safe(value), indent=indent, allow_nan=False).encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """`path` holds `data` afterwards, or (killed midway) its old content: never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def new_folder(final: Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; on success it is renamed to `final` (replacing an
+    older `final` of ours only after the new one is complete), on failure it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_writable(folder: Path, flag: str = "--out") -> None:
+    """Create `folder` if needed and make sure files can be written in it (before any model
+    is loaded, so a read-only or full destination fails at once)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {folder}: cannot write there ({err.strerror or err})") from None
+
+
+def _empty_or_absent(folder: Path) -> bool:
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def _checkpoint_steps(folder: Path) -> list[int]:
+    """Complete checkpoint steps under `folder` (digit-named subfolders)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _unstarted_run(folder: Path) -> bool:
+    """A run folder that holds no checkpoint yet (stopped before the first one): reusable."""
+    names = {p.name for p in folder.iterdir()}
+    ours = {"run_config.json", "losses.json", "checkpoint"}
+    leftovers = {n for n in names - ours if not (n.startswith(".") and n.endswith(".tmp"))}
+    return "run_config.json" in names and not leftovers and not _checkpoint_steps(
+        folder / "checkpoint")
+
+
+# --- adapters: checked before they are used -------------------------------------------------------
+
+def check_adapter(folder: Path) -> dict[str, Any]:
+    """adapter_config.json's fields after checking the adapter folder: valid JSON, a positive
+    integer `r`, a finite `lora_alpha`, and adapter_model.safetensors readable, every tensor a
+    float and finite. Each problem is a ValueError naming the file."""
+    import numpy as np
+
+    from lora_jax.models.loading import read_safetensors
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--adapter {folder}: no such folder")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--adapter {folder}: no adapter_config.json there")
+    fields = read_json(config_file)
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    r, alpha = fields.get("r"), fields.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{config_file}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{config_file}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(fields.get("use_rslora", False), bool):
+        raise ValueError(f"{config_file}: use_rslora must be true or false, got "
+                         f"{fields['use_rslora']!r}")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"--adapter {folder}: no adapter_model.safetensors there")
+    for name, value in read_safetensors(str(weights)).items():
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+            raise ValueError(f"{weights}: tensor {name} is {value.dtype.name}, not a float: "
+                             "not a LoRA adapter lora-jax can use")
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise ValueError(f"{weights}: tensor {name} holds NaN or infinite values (the "
+                             "adapter of a diverged run?)")
+    return fields
+
+
+def max_positions(module: Any) -> int | None:
+    """How many positions the model has (None: no fixed limit, e.g. ALiBi or relative)."""
+    config = getattr(module, "config", None)
+    for field in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(loaded: Loaded, task: str, seq_len: int, prompt_tokens: int = 0) -> None:
+    """--seq-len must fit the model's positions and, for a causal LM, leave a token to predict."""
+    if task == "lm" and seq_len < 2:
+        raise ValueError(f"--seq-len {seq_len} leaves no next token to predict: a causal LM "
+                         "needs --seq-len 2 or more")
+    limit = max_positions(loaded.module)
+    total = seq_len + prompt_tokens
+    if limit is not None and total > limit:
+        extra = f" + --prompt-tokens {prompt_tokens}" if prompt_tokens else ""
+        raise ValueError(f"--seq-len {seq_len}{extra} is longer than the model's {limit} "
+                         f"positions: use at most {limit - prompt_tokens}")
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -190,7 +404,8 @@ def default_task(path: Path) -> str:
     """`classify` for encoders, `lm` for causal LMs (GGUF files are causal LMs)."""
     if path.suffix == ".gguf":
         return "lm"
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    hf_config = read_json(path / "config.json")
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     if model_type not in FAMILIES:
         raise ValueError(f"--model {str(path)!r} is a {model_type!r} model; lora-jax supports "
                          f"{sorted(FAMILIES)}")
@@ -200,7 +415,8 @@ def default_task(path: Path) -> str:
 def load_model(spec: str, task: str | None, num_labels: int | None = None, seed: int = 0
                ) -> tuple[Loaded, str]:
     """(the loaded model, the task): `task=None` picks the family's default task. For
-    `classify`, an encoder without a head of `num_labels` outputs gets a new one (seeded)."""
+    `classify`, an encoder without a head of `num_labels` outputs gets a new one (seeded);
+    `base` loads the folder's model as it is."""
     path = resolve_model(spec)
     from lora_jax.models import loading
 
@@ -211,14 +427,19 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
         model_type = "llama"
     else:
         task = task or default_task(path)
-        model_type = json.loads((path / "config.json").read_text())["model_type"]
+        model_type = read_json(path / "config.json")["model_type"]
+        if model_type not in FAMILIES:
+            raise ValueError(f"--model {spec!r} is a {model_type!r} model; lora-jax supports "
+                             f"{sorted(FAMILIES)}")
         module, params = loading.from_pretrained(path)
         if task == "classify":
             module, params = with_classifier(module, params, model_type, num_labels, seed)
         tokenizer = loading.load_tokenizer(path)
     family = FAMILIES[model_type]
     task = task or family.task
-    if task == "classify" and family.head is None:
+    if task == "base":
+        task = family.task if family.head is None else "classify"
+    elif task == "classify" and family.head is None:
         raise ValueError(f"--task classify needs an encoder with a classification head; "
                          f"{spec!r} is a {model_type} causal LM (use --task lm)")
     return Loaded(module, params, tokenizer, model_type, str(path)), task
@@ -332,7 +553,7 @@ DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 5e-5, "prompt": 3e-2}
 # --- finetune ------------------------------------------------------------------------------------
 
 def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
-                 seq_len: int) -> dict[str, Any]:
+                 seq_len: int, allow_empty: bool = False) -> dict[str, Any]:
     """Model inputs of one split: padded examples (classify) or token blocks (lm)."""
     import numpy as np
 
@@ -341,7 +562,8 @@ def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
     if task == "classify":
         ids, mask = data.encode(loaded.tokenizer, texts, seq_len)
         return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels, np.int32)}
-    blocks = data.lm_blocks(loaded.tokenizer, texts, seq_len, eos_id=_eos_id(loaded.tokenizer))
+    blocks = data.lm_blocks(loaded.tokenizer, texts, seq_len, eos_id=_eos_id(loaded.tokenizer),
+                            allow_empty=allow_empty)
     return {"input_ids": blocks, "attention_mask": np.ones_like(blocks)}
 
 
@@ -358,11 +580,14 @@ def finetune(args: argparse.Namespace) -> int:
     if args.resume:
         args = _resumed_args(args)
     out = Path(args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if not args.resume and out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not empty: pick another folder, or "
-                         f"continue an interrupted run with --resume {out}")
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not args.resume and not _empty_or_absent(out):
+        if not _unstarted_run(out):
+            raise ValueError(f"--out {out} exists and is not empty: pick another folder, or "
+                             f"continue an interrupted run with --resume {out}")
+        print(f"reusing {out}: the run there stopped before its first checkpoint")
+    check_writable(out)
     start = time.perf_counter()
 
     import jax
@@ -374,17 +599,23 @@ def finetune(args: argparse.Namespace) -> int:
     task = args.task or default_task(resolve_model(args.model))
     dataset = data.load_dataset(args.data, task)
     loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed)
+    check_seq_len(loaded, task, args.seq_len,
+                  args.prompt_tokens if args.method == "prompt" else 0)
     parts = data.split(dataset, seed=args.seed)
     if args.limit:
         parts = tuple(data.sample(p, args.limit, args.seed) for p in parts)
-    train_a, val_a, test_a = (encode_split(loaded, task, p.texts, p.labels, args.seq_len)
-                              for p in parts)
+    if len(parts[0]) == 0:
+        raise ValueError(f"--data {args.data}: the training split is empty ({len(dataset)} "
+                         "examples in all): give more data")
+    train_a, val_a, test_a = (encode_split(loaded, task, p.texts, p.labels, args.seq_len,
+                                           allow_empty=i > 0) for i, p in enumerate(parts))
     n_train = len(train_a["input_ids"])
     steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // args.batch_size)))
     lr = args.lr or DEFAULT_LR[args.method]
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
                          dropout=args.dropout, targets=_split_targets(args.targets),
                          prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed)
+    write_json(out / "run_config.json", _run_config(args, out))
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
     print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
           f"trainable%: {100 * n_trainable / n_total:.4f}")
@@ -393,22 +624,30 @@ def finetune(args: argparse.Namespace) -> int:
           f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
           f"{steps} steps of {args.batch_size} x {args.seq_len}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(vars(args) | {"out": str(out)}, indent=1))
     trainable, frozen = lora_jax.split(setup.params, setup.config)
     start_step, losses, opt_state = 0, [], None
     checkpointer = AdapterCheckpointer(out / "checkpoint", max_to_keep=2)
-    if args.resume:
+    if args.resume and checkpointer.all_steps():
         target = (trainable, setup.tx.init(trainable))
-        start_step, trainable, opt_state, _ = checkpointer.restore(target=target)
-        losses = json.loads((out / "losses.json").read_text())[:start_step]
+        (start_step, trainable, opt_state, _), skipped = checkpointer.restore_intact(
+            target=target)
+        for bad, reason in skipped:
+            print(f"lora-jax: warning: skipped checkpoint step {bad} ({reason}); moved to "
+                  f"{out / 'checkpoint.unreadable'}", file=sys.stderr)
+        losses = _saved_losses(checkpointer, start_step, out)
+        if start_step > steps:
+            checkpointer.close()
+            raise ValueError(f"--resume {out}: the checkpoint is at step {start_step}, past "
+                             f"--steps {steps}: give --steps {start_step} or more")
         print(f"resuming from step {start_step} of {steps}")
+    elif args.resume:
+        print(f"{out} has no checkpoint yet: starting from step 0 of {steps}")
 
     def write_losses(step: int, so_far: list[float]) -> None:
-        (out / "losses.json").write_text(json.dumps(so_far))
+        write_json(out / "losses.json", so_far, indent=None)
 
     before = None
-    if task == "lm" and not args.resume:
+    if task == "lm" and not start_step:
         before = train.evaluate(setup.forward, task, setup.params, test_a, args.batch_size)
     try:
         result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
@@ -421,13 +660,18 @@ def finetune(args: argparse.Namespace) -> int:
         print(f"interrupted after step {stop.step}: checkpoint saved in {out / 'checkpoint'}; "
               f"continue with: lora-jax finetune --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except train.Diverged as bad:
+        checkpointer.close()
+        return _diverged(bad, out, args, lr)
     checkpointer.close()
     params = lora_jax.combine(result.trainable, frozen)
     val = train.evaluate(setup.forward, task, params, val_a, 64)
     test = train.evaluate(setup.forward, task, params, test_a, 64)
     _print_eval(task, val, test, before)
-    save_adapter(out / "adapter", params, setup, loaded, task, args.method, args.prompt_tokens)
+    with new_folder(out / "adapter") as tmp:
+        save_adapter(tmp, params, setup, loaded, task, args.method, args.prompt_tokens)
     metrics = {
+        "status": "finished",
         "model": loaded.source, "model_type": loaded.model_type, "task": task,
         "method": args.method, "data": args.data, "steps": steps, "lr": lr,
         "trainable_params": n_trainable, "all_params": n_total,
@@ -440,11 +684,41 @@ def finetune(args: argparse.Namespace) -> int:
     }
     if before is not None:
         metrics["test_before"] = before
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(out / "metrics.json", metrics)
     plot_losses(result.losses, out / "loss.png", f"{args.method} on {args.model}, {args.data}")
     print(f"wrote {out}/: adapter/, checkpoint/, metrics.json, loss.png "
           f"({metrics['wall_seconds_this_process']:.0f} s)")
     return 0
+
+
+def _diverged(bad: Any, out: Path, args: argparse.Namespace, lr: float) -> int:
+    """Report a diverged run: the losses file matches the checkpoint kept, metrics.json says
+    what happened (valid JSON), and the message says what to do."""
+    kept = bad.last_saved
+    write_json(out / "losses.json", bad.losses[:kept or 0], indent=None)
+    write_json(out / "metrics.json", {
+        "status": "diverged", "diverged_at_step": bad.step,
+        "loss": None if bad.loss is None else str(bad.loss), "lr": lr,
+        "last_finite_checkpoint": kept, "losses": bad.losses})
+    where = (f"the last finite checkpoint (step {kept}) is kept in {out / 'checkpoint'}"
+             if kept else "no checkpoint was saved")
+    print(f"lora-jax: error: {bad}: stopped; {where}. Lower the learning rate (now --lr {lr:g}) "
+          "and start a new run with another --out", file=sys.stderr)
+    return EXIT_DIVERGED
+
+
+def _saved_losses(checkpointer: Any, step: int, out: Path) -> list[float]:
+    """The losses up to `step`: from the checkpoint itself (committed with it), else (older
+    checkpoints) from losses.json when it covers the step."""
+    extra = checkpointer.extra(step)
+    if isinstance(extra, dict) and isinstance(extra.get("losses"), list):
+        losses = extra["losses"]
+    else:
+        losses = read_json(out / "losses.json") if (out / "losses.json").exists() else []
+    if not isinstance(losses, list) or len(losses) < step:
+        raise ValueError(f"--resume {out}: the loss log holds {len(losses)} steps, fewer than "
+                         f"the checkpoint's {step}")
+    return [float(x) for x in losses[:step]]
 
 
 def _split_targets(text: str | None) -> tuple[str, ...] | None:
@@ -456,26 +730,76 @@ def _split_targets(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
+RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "no_progress")
+_NOT_SAVED = ("command", "resume", "out", "no_progress", "given")
+
+
+def _run_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    fields = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
+    return fields | {"out": str(out)}
+
+
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The saved run's settings (re-checked like flags), with the flags given now that may
+    change on resume; a flag that would change the run is refused."""
     folder = Path(args.resume)
-    saved = folder / "run_config.json"
-    if not saved.is_file() or not (folder / "checkpoint").is_dir():
-        raise ValueError(f"--resume {folder}: not a lora-jax run folder (needs run_config.json "
-                         "and checkpoint/)")
-    fields = json.loads(saved.read_text())
-    fields.update(resume=str(folder), out=str(folder), no_progress=args.no_progress)
+    saved_file = folder / "run_config.json"
+    if not saved_file.is_file():
+        raise ValueError(f"--resume {folder}: not a lora-jax run folder (no run_config.json)")
+    saved = read_json(saved_file)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{saved_file} is not a JSON object")
+    argv = ["finetune"]
+    for key, value in saved.items():
+        if key in _NOT_SAVED or value is None or value is False:
+            continue
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    try:
+        fields = vars(build_parser().parse_args(argv))
+    except UsageError as err:
+        raise ValueError(f"{saved_file}: {str(err).split(': ', 1)[-1]}") from None
+    given = dict(getattr(args, "given", {}))
+    if given.get("out") is not None and Path(given["out"]).resolve() != folder.resolve():
+        raise ValueError(f"--resume {folder} writes to its own folder: drop --out {given['out']}")
+    changes = {k: v for k, v in given.items()
+               if k not in ("resume", "out", "no_progress") and fields.get(k) != v}
+    refused = [k for k in changes if k not in RESUME_MAY_CHANGE]
+    if refused:
+        listed = ", ".join(f"--{k.replace('_', '-')} {changes[k]} (saved: {fields.get(k)})"
+                           for k in refused)
+        raise ValueError(f"--resume {folder}: {listed} would change the run; only --steps, "
+                         "--epochs and --save-every may differ. Start a new run with another "
+                         "--out to change it")
+    for key, value in changes.items():
+        print(f"resume: --{key.replace('_', '-')} {value} (was {fields.get(key)})"
+              + ("; the learning-rate schedule now spans the new length"
+                 if key in ("steps", "epochs") else ""))
+        fields[key] = value
+        if key == "steps":
+            fields["epochs"] = None
+        elif key == "epochs":
+            fields["steps"] = None
+    fields.update(command="finetune", resume=str(folder), out=str(folder),
+                  no_progress=args.no_progress)
     return argparse.Namespace(**fields)
 
 
-def _print_eval(task: str, val: Mapping[str, float], test: Mapping[str, float],
-                before: Mapping[str, float] | None) -> None:
-    if task == "classify":
-        print(f"validation accuracy {val['accuracy']:.4f} (loss {val['loss']:.4f}); "
-              f"test accuracy {test['accuracy']:.4f} on {test['examples']} examples")
-    else:
-        was = f" (before: {before['perplexity']:.2f})" if before else ""
-        print(f"validation perplexity {val['perplexity']:.2f}; test perplexity "
-              f"{test['perplexity']:.2f}{was}")
+def _print_eval(task: str, val: Mapping[str, Any], test: Mapping[str, Any],
+                before: Mapping[str, Any] | None) -> None:
+    key = "accuracy" if task == "classify" else "perplexity"
+
+    def shown(name: str, result: Mapping[str, Any]) -> str:
+        if result[key] is None:  # an empty split has no result, not a 0 or NaN one
+            return f"{name}: no {'examples' if task == 'classify' else 'tokens'} (empty split)"
+        if task == "classify":
+            return (f"{name} accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f}) on "
+                    f"{result['examples']} examples")
+        return f"{name} perplexity {result['perplexity']:.2f}"
+
+    was = ""
+    if before is not None and before.get("perplexity") is not None:
+        was = f" (before: {before['perplexity']:.2f})"
+    print(f"{shown('validation', val)}; {shown('test', test)}{was}")
 
 
 def save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded: Loaded,
@@ -537,51 +861,73 @@ def generate(args: argparse.Namespace) -> int:
     import lora_jax
     from lora_jax.models.generate import generate as run_generate
 
+    if args.adapter:
+        check_adapter(Path(args.adapter))
     loaded, task = load_model(args.model, "lm")
+    if loaded.family.head is not None:
+        raise ValueError(f"--model {args.model}: generate needs a causal LM, this is a "
+                         f"{loaded.model_type} encoder")
     params, apply = loaded.params, loaded.module.apply
     if args.adapter:
         from lora_jax.peft_io import load_peft
 
         params, config = load_peft(args.adapter, params, model_type=loaded.model_type)
         apply = lora_jax.wrap(apply, config)
-    ids = loaded.tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    from lora_jax.data import _copy as plain_tokenizer  # no padding: only the prompt's tokens
+
+    ids = plain_tokenizer(loaded.tokenizer).encode(args.prompt, add_special_tokens=False).ids
     if not ids:
         raise ValueError("--prompt is empty")
+    limit = max_positions(loaded.module)
+    if limit is not None and len(ids) + args.max_new_tokens > limit:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} after a {len(ids)}-token "
+                         f"prompt exceeds the model's {limit} positions: use at most "
+                         f"{max(limit - len(ids), 0)}")
     eos = _eos_id(loaded.tokenizer)
     out = run_generate(apply, params, loaded.module, jnp.asarray([ids], jnp.int32),
                        args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, key=jax.random.key(args.seed), eos_token_id=eos)
     new = [int(t) for t in out[0, len(ids):] if eos is None or int(t) != eos]
-    print(args.prompt + loaded.tokenizer.decode(new))
+    # Decode prompt + continuation together (word-piece spacing), then print the prompt as given.
+    prefix, whole = loaded.tokenizer.decode(ids), loaded.tokenizer.decode(ids + new)
+    print(args.prompt + (whole[len(prefix):] if whole.startswith(prefix)
+                         else loaded.tokenizer.decode(new)))
     return 0
 
 
 def merge(args: argparse.Namespace) -> int:
-    """`lora-jax merge`: base + adapter -> merged weights as HF-format safetensors."""
+    """`lora-jax merge`: base + adapter -> merged weights as HF-format safetensors, in a new
+    folder `--out` (written as a temporary folder, then renamed: never over an input)."""
     import lora_jax
+    from lora_jax.models.loading import read_safetensors
     from lora_jax.peft_io import load_peft
 
+    out = Path(args.out)
+    if not _empty_or_absent(out):
+        raise ValueError(f"--out {out} exists and is not empty: merge writes a new folder and "
+                         "never replaces one (pick another --out)")
+    check_writable(out.parent if not out.exists() else out)  # before anything is read
     adapter = Path(args.adapter)
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise ValueError(f"--adapter {adapter}: no adapter_config.json there")
-    fields = json.loads(config_file.read_text())
+    fields = check_adapter(adapter)
     base = args.model or fields.get("base_model_name_or_path")
     if not base:
-        raise ValueError("the adapter names no base model: pass --model")
-    task = "classify" if fields.get("task_type") == "SEQ_CLS" else None
-    num_labels = None
-    if task == "classify":
-        from safetensors import safe_open
-
-        with safe_open(str(adapter / "adapter_model.safetensors"), "np") as f:
-            heads = [k for k in f.keys() if k.endswith("classifier.weight")]
-            num_labels = f.get_tensor(heads[0]).shape[0] if heads else None
-    loaded, _ = load_model(base, task, num_labels)
-    params, config = load_peft(adapter, loaded.params, model_type=loaded.model_type)
-    merged = lora_jax.merge(params, config, safe=True)
-    save_hf(Path(args.out), merged, loaded)
-    print(f"wrote merged {loaded.model_type} weights to {args.out}/model.safetensors")
+        raise ValueError(f"{adapter / 'adapter_config.json'} names no base model "
+                         "(base_model_name_or_path): pass --model")
+    heads = {k: v for k, v in read_safetensors(str(adapter / "adapter_model.safetensors")).items()
+             if k.endswith("classifier.weight")}
+    num_labels = next(iter(heads.values())).shape[0] if heads else None
+    if fields.get("task_type") == "SEQ_CLS" or heads:
+        task = "classify"
+    else:
+        task = "base"  # the base model as it is (a causal LM, or an encoder without a head)
+    with new_folder(out) as tmp:  # a temporary sibling: a read-only place fails here, early
+        loaded, _ = load_model(base, task, num_labels)
+        params, config = load_peft(adapter, loaded.params, model_type=loaded.model_type)
+        merged = lora_jax.merge(params, config, safe=True)
+        save_hf(tmp, merged, loaded)
+        if not _empty_or_absent(out):  # someone wrote there meanwhile: keep theirs
+            raise ValueError(f"--out {out} was filled while merging: nothing replaced")
+    print(f"wrote merged {loaded.model_type} weights to {out}/model.safetensors")
     return 0
 
 

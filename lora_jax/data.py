@@ -84,9 +84,15 @@ def read_text(path: str | Path) -> TextDataset:
 
 
 def read_jsonl(path: str | Path) -> TextDataset:
-    """`{"text", "label"}` lines; every line must have a label, or none may."""
+    """`{"text", "label"}` lines; every line must have a label, or none may. Labels are strings
+    or integers; the file must be UTF-8. Errors name the file and line."""
     texts, raw_labels = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at "
+                             f"column {err.start + 1}); save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -95,8 +101,12 @@ def read_jsonl(path: str | Path) -> TextDataset:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
+        label = row.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+            raise ValueError(f'{path}:{number}: "label" must be a string or an integer, got '
+                             f"{type(label).__name__} {json.dumps(label)[:60]}")
         texts.append(row["text"])
-        raw_labels.append(row.get("label"))
+        raw_labels.append(label)
     if not texts:
         raise ValueError(f"{path} holds no examples")
     has_label = [lab is not None for lab in raw_labels]
@@ -185,14 +195,17 @@ def encode(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[np.ndarr
 
 
 def lm_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int,
-              eos_id: int | None = None) -> np.ndarray:
-    """Language-modelling blocks: the texts' tokens, joined by `eos_id`, cut into [N, seq_len]."""
+              eos_id: int | None = None, allow_empty: bool = False) -> np.ndarray:
+    """Language-modelling blocks: the texts' tokens, joined by `eos_id`, cut into [N, seq_len].
+    Fewer tokens than one block is an error, or (`allow_empty`) zero blocks."""
     stream: list[int] = []
     for enc in _copy(tokenizer).encode_batch(list(texts), add_special_tokens=False):
         stream.extend(enc.ids)
         if eos_id is not None:
             stream.append(eos_id)
     n = len(stream) // seq_len
+    if n == 0 and allow_empty:
+        return np.zeros((0, seq_len), np.int32)
     if n == 0:
         raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of "
                          f"--seq-len {seq_len}")

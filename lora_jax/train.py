@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import signal
 import threading
 import time
@@ -41,6 +42,26 @@ class Interrupted(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"interrupted after step {step}")
         self.step = step
+
+
+class Diverged(Exception):
+    """Raised by `fit` when a step's loss (or the trained state) is not finite. Nothing after the
+    last finite step is checkpointed: `last_saved` is the newest checkpoint written by this call
+    or before it (`start_step` of a resumed run; None if there is none), `losses` the finite
+    losses from step 1 up to the bad step."""
+
+    def __init__(self, step: int, loss: float | None, last_saved: int | None,
+                 losses: list[float]) -> None:
+        what = (f"the loss of step {step} is {loss}" if loss is not None
+                else f"the trained parameters or optimizer state are not finite after step {step}")
+        super().__init__(f"training diverged: {what}")
+        self.step, self.loss, self.last_saved, self.losses = step, loss, last_saved, losses
+
+
+def _all_finite(tree: Any) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return all(bool(jnp.isfinite(x).all()) for x in leaves)
 
 
 def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -105,9 +126,14 @@ def _eval_sums(forward: Forward, task: str) -> Callable[..., tuple[jax.Array, ..
 
 def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
              batch_size: int) -> dict[str, float]:
-    """Loss and accuracy (`classify`) or loss and perplexity (`lm`) over all of `arrays`."""
-    sums = _eval_sums(forward, task)
+    """Loss and accuracy (`classify`) or loss and perplexity (`lm`) over all of `arrays`.
+    An empty split gives None for every measure (and 0 examples / tokens), never a number."""
     n = len(arrays["input_ids"])
+    if n == 0:
+        if task == "classify":
+            return {"loss": None, "accuracy": None, "examples": 0}
+        return {"loss": None, "perplexity": None, "tokens": 0}
+    sums = _eval_sums(forward, task)
     totals = np.zeros(3)
     for start in range(0, n, batch_size):
         # One compiled shape: the last batch is filled up with copies of its first row.
@@ -116,6 +142,8 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
         batch = {k: v[np.where(valid, index, start)] for k, v in arrays.items()}
         totals += [float(x) for x in sums(params, batch, jnp.asarray(valid))]
     loss_sum, correct, count = totals
+    if count == 0:  # blocks whose mask leaves no next token to predict
+        return evaluate(forward, task, params, {k: v[:0] for k, v in arrays.items()}, batch_size)
     if task == "classify":
         return {"loss": loss_sum / count, "accuracy": correct / count, "examples": int(count)}
     return {"loss": loss_sum / count, "perplexity": float(np.exp(loss_sum / count)),
@@ -185,12 +213,16 @@ def fit(
 ) -> FitResult:
     """Train from `start_step` to `steps` on `arrays` (dict of equal-length numpy arrays).
 
+    A non-finite loss (or trained state) raises `Diverged`; no checkpoint is written after the
+    last finite step, so the checkpointer keeps only good states.
+
     Batches come from `lora_jax.data.batch_indices(n, batch_size, seed, start_step)` and step i's
     dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
     `lora_jax.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
-    the end, and on Ctrl-C, after which `Interrupted` is raised; `on_save(step, losses)` is
-    called with each save (e.g. to write the loss log beside the checkpoint). `step_fn` replaces
-    `make_step(forward, task, tx)` (e.g. with its compiled form). `trainable` and
+    the end, and on Ctrl-C, after which `Interrupted` is raised; the losses up to the step are
+    saved in the checkpoint's `extra` (`{"losses": [...]}`), committed with its arrays, and
+    `on_save(step, losses)` is called after each save (e.g. to write the loss log beside it).
+    `step_fn` replaces `make_step(forward, task, tx)` (e.g. with its compiled form). `trainable` and
     `opt_state` are donated to the jitted step: pass copies if you need them afterwards.
     """
     from tqdm.auto import tqdm
@@ -207,12 +239,27 @@ def fit(
     start_time = time.perf_counter()
     first_step_seconds, first_tokens = 0.0, 0
 
+    last_saved = start_step if checkpointer is not None and start_step else None
+
+    def record(value: jax.Array) -> None:
+        loss = float(value)
+        if not math.isfinite(loss):
+            bar.close()
+            raise Diverged(len(losses) + 1, loss, last_saved, list(losses))
+        losses.append(loss)
+
     def save(step: int) -> None:
-        losses.extend(float(x) for x in pending)
-        pending.clear()
+        nonlocal last_saved
+        while pending:
+            record(pending.pop(0))
+        if not _all_finite((trainable, opt_state)):
+            bar.close()
+            raise Diverged(step, None, last_saved, list(losses))
         if checkpointer is not None:
-            checkpointer.save(step, trainable, opt_state, config, force=True)
+            checkpointer.save(step, trainable, opt_state, config, force=True,
+                              extra={"losses": list(losses)})
             checkpointer.wait()
+            last_saved = step
         if on_save is not None:
             on_save(step, losses)
 
@@ -232,7 +279,7 @@ def fit(
                 first_tokens = tokens
             pending.append(loss)
             if len(pending) > 1:  # read the previous step's loss, which is done by now
-                losses.append(float(pending.pop(0)))
+                record(pending.pop(0))
                 elapsed = time.perf_counter() - start_time - first_step_seconds
                 bar.set_postfix(loss=f"{losses[-1]:.4f}",
                                 tok_s=f"{(tokens - first_tokens) / elapsed:,.0f}", refresh=False)

