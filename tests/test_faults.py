@@ -345,3 +345,15 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_or_resumed(tiny_
     assert code == 0, err
     assert "stopped before its first checkpoint" in stdout
     assert len(strict_json(saved / "metrics.json")["losses"]) == 2
+
+
+def test_merge_of_an_adapter_saved_without_task_type(bert_run, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(bert_run / "adapter", adapter)
+    fields = json.loads((adapter / "adapter_config.json").read_text())
+    del fields["task_type"]  # e.g. saved by hand: the classifier tensors still say what it is
+    (adapter / "adapter_config.json").write_text(json.dumps(fields))
+    code, stdout, err = lora_jax_cli("merge", "--adapter", adapter, "--out", tmp_path / "m")
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
