@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from lora_jax import cli, data, train
+from lora_jax import data, run, train
 
 PARTS = {
     "minilm": dict(model="minilm", task="classify", title="all-MiniLM-L6-v2",
@@ -44,7 +44,7 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def compiled_step(setup: cli.Setup, task: str, trainable: Any, frozen: Any, batch: Any
+def compiled_step(setup: run.Setup, task: str, trainable: Any, frozen: Any, batch: Any
                   ) -> tuple[Any, int | None]:
     """The compiled training step and its memory (XLA: arguments + outputs + temporaries)."""
     step = train.make_step(setup.forward, task, setup.tx)
@@ -57,11 +57,11 @@ def compiled_step(setup: cli.Setup, task: str, trainable: Any, frozen: Any, batc
                          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def run_method(loaded: cli.Loaded, task: str, label: str, arrays: dict, args: argparse.Namespace
+def run_method(loaded: run.Loaded, task: str, label: str, arrays: dict, args: argparse.Namespace
                ) -> dict[str, Any]:
     method, _, rank = label.partition("-")
-    lr = args.lr.get(method) or cli.DEFAULT_LR[method]
-    setup = cli.setup_method(loaded, task, method, r=int(rank or 8), alpha=2 * int(rank or 8),
+    lr = args.lr.get(method) or run.DEFAULT_LR[method]
+    setup = run.setup_method(loaded, task, method, r=int(rank or 8), alpha=2 * int(rank or 8),
                              dropout=0.05, prompt_tokens=args.prompt_tokens, lr=lr,
                              steps=args.steps, seed=args.seed)
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
@@ -76,7 +76,7 @@ def run_method(loaded: cli.Loaded, task: str, label: str, arrays: dict, args: ar
     params = lora_jax.combine(result.trainable, frozen)
     quality = train.evaluate(setup.forward, task, params, test_a, args.eval_batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        cli.save_adapter(Path(tmp) / "a", params, setup, loaded, task, method, args.prompt_tokens)
+        run.save_adapter(Path(tmp) / "a", params, setup, loaded, task, method, args.prompt_tokens)
         size = folder_bytes(Path(tmp) / "a")
     row = {"method": label, "lr": lr, "trainable": n_trainable, "total": n_total,
            "trainable_percent": 100 * n_trainable / n_total, "adapter_bytes": size,
@@ -147,10 +147,10 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     part = PARTS[args.part]
-    loaded, task = cli.load_model(part["model"], part["task"], 5)
+    loaded, task = run.load_model(part["model"], part["task"], 5)
     dataset = data.load_dataset("bbc", task)
     train_p, _, test_p = data.split(dataset, seed=args.seed)
-    arrays = {name: cli.encode_split(loaded, task, p.texts, p.labels, args.seq_len)
+    arrays = {name: run.encode_split(loaded, task, p.texts, p.labels, args.seq_len)
               for name, p in (("train", train_p), ("test", test_p))}
     for name, limit in (("train", args.limit_train), ("test", args.limit_test)):
         if limit:  # a seeded random subset: the splits are sorted by class
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             arrays[name] = {k: v[keep] for k, v in arrays[name].items()}
     before = None
     if task == "lm":
-        base = cli.setup_method(loaded, task, "head" if task == "classify" else "full")
+        base = run.setup_method(loaded, task, "head" if task == "classify" else "full")
         before = train.evaluate(base.forward, task, base.params, arrays["test"],
                                 args.eval_batch_size)
         print(f"base model: {before}", flush=True)

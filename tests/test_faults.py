@@ -357,3 +357,35 @@ def test_merge_of_an_adapter_saved_without_task_type(bert_run, tmp_path):
     assert code == 0, err
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_killed_at_seeded_random_times_the_run_always_resumes_or_reruns(tiny_bert, topics,
+                                                                         tmp_path):
+    """SIGKILL (no cleanup) at seeded random times from process start (imports, model loading,
+    training, checkpoint saves): the folder left behind resumes (it has run_config.json) or
+    reruns (it has not), and the finished run's losses equal the uninterrupted run's."""
+    import time
+
+    args = ("--steps", "60", "--save-every", "3")
+    reference = tmp_path / "reference"
+    code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, reference, *args))
+    assert code == 0, err
+    want = strict_json(reference / "metrics.json")["losses"]
+    rng = np.random.default_rng(0)
+    for i, delay in enumerate(rng.uniform(1.0, 9.0, size=3)):
+        out = tmp_path / f"killed{i}"
+        argv = [sys.executable, "-m", "lora_jax",
+                *map(str, finetune_args(tiny_bert, topics, out, *args))]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=ENV)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        if (out / "metrics.json").exists():
+            continue  # it finished before the kill
+        if (out / "run_config.json").exists():
+            code, _, err = lora_jax_cli("finetune", "--resume", out)
+        else:
+            code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, out, *args))
+        assert code == 0, (delay, err)
+        assert strict_json(out / "metrics.json")["losses"] == want, delay
