@@ -22,12 +22,16 @@ from lora_jax.merge import merge
 from lora_jax.optimizer import optimizer
 from lora_jax.partition import combine, split
 from lora_jax.peft_io import load_peft, save_peft
+from lora_jax.record import LoraRecord
+from lora_jax.rules import Rule, register_rule
 from lora_jax.sharding import lora_specs, shard_inject
 
 __all__ = [
     "AdapterCheckpointer",
     "Layout",
     "LoraConfig",
+    "LoraRecord",
+    "Rule",
     "combine",
     "count_parameters",
     "distributed",
@@ -38,6 +42,7 @@ __all__ = [
     "merge",
     "optimizer",
     "print_trainable_parameters",
+    "register_rule",
     "save_peft",
     "shard_inject",
     "sharding",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,11 @@ class LoraConfig:
     - `bias`: "none" | "all" (every bias trains) | "lora_only" (biases of adapted modules).
     - `modules_to_save`: modules trained in full (e.g. a classifier head), matched like a list
       of `target_modules`.
+    - `target_parameters`: params adapted by name (peft's field), matched like a list of
+      `target_modules` against `module.param` paths, e.g. `["experts.w_in"]`: for weights of
+      layers without a rule (see `lora_jax.rules`); the forward adds A B to the weight
+      (`W + scale * A B`, materialised) and warns. Leading axes beyond two are kept (separate
+      factors per index, e.g. per expert) unless `layouts` says otherwise.
     - `init_lora_weights`: True (A kaiming-uniform, B = 0: starts equal to the base), "gaussian"
       (A ~ N(0, (1/r)^2), B = 0) or False (both random: a non-identity start, for tests).
 
@@ -53,10 +59,12 @@ class LoraConfig:
     layers_pattern: str | Sequence[str] | None = None
     init_lora_weights: bool | Literal["gaussian"] = True
     modules_to_save: Sequence[str] | None = None
+    target_parameters: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         # Lists become tuples so the config is hashable and can be a static jit argument.
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
+                     "target_parameters"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
@@ -73,9 +81,19 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.{name} must be a positive integer, got {r!r}")
         for name, alpha in [("lora_alpha", self.lora_alpha),
                             *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
-            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-                raise ValueError(f"LoraConfig.{name} must be a positive number, got {alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or \
+                    not math.isfinite(alpha) or alpha <= 0:
+                raise ValueError(
+                    f"LoraConfig.{name} must be a positive finite number, got {alpha!r}"
+                )
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig.use_rslora must be True or False, got "
+                             f"{self.use_rslora!r}")
+        if isinstance(self.target_parameters, str):
+            raise ValueError("LoraConfig.target_parameters must be a list of param names, got "
+                             f"the str {self.target_parameters!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool) \
+                or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(
                 f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}"
             )
@@ -140,6 +158,9 @@ def _reject_unknown_fields(cls: type) -> type:
             )
         dataclass_init(self, *args, **kwargs)
 
+    # Keep the dataclass's signature for help() and IDE completion.
+    __init__.__signature__ = inspect.signature(dataclass_init)
+    __init__.__doc__ = dataclass_init.__doc__
     cls.__init__ = __init__
     return cls
 

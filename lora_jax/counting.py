@@ -9,26 +9,19 @@ from typing import Any
 import jax
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import FACTOR_LEAVES
 from lora_jax.partition import split
-from lora_jax.targets import iter_modules
+from lora_jax.record import iter_records
 
 
-def _unused_factor_count(params: Mapping[str, Any], config: LoraConfig) -> int:
+def _unused_factor_count(params: Mapping[str, Any]) -> int:
     """Factor entries of scanned layers left out by `layers_to_transform` (kept at zero)."""
-    wanted = config.layers_to_transform
-    if wanted is None:
-        return 0
-    n_wanted = 1 if isinstance(wanted, int) else len(set(wanted))
     unused = 0
-    for _, module in iter_modules(params):
-        factors = [module[name] for name in FACTOR_LEAVES if name in module]
-        if not factors:
+    for item in iter_records(params):
+        if item.record.layers is None:
             continue
-        weight = module["embedding" if "embedding" in module else "kernel"]
-        if factors[0].ndim + factors[1].ndim - 2 > weight.ndim:  # stacked: a leading layer axis
-            per_layer = sum(math.prod(f.shape[1:]) for f in factors)
-            unused += per_layer * (weight.shape[0] - n_wanted)
+        n_layers = item.factors[0].shape[0]
+        per_layer = sum(math.prod(f.shape[1:]) for f in item.factors)
+        unused += per_layer * (n_layers - len(item.record.layers))
     return unused
 
 
@@ -38,14 +31,15 @@ def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int
     One difference from peft: for `modules_to_save` peft keeps a frozen original beside the
     trained copy and counts both; lora_jax trains the module in place and counts it once.
 
-    >>> import jax.numpy as jnp
-    >>> params = {"kernel": jnp.ones((3, 4)), "lora_A": jnp.ones((3, 2)),
-    ...           "lora_B": jnp.zeros((2, 4))}
-    >>> count_parameters(params, LoraConfig(r=2))
-    (14, 26)
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import inject
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> count_parameters(inject(params, config, jax.random.key(1)), config)
+    (14, 30)
     """
     trainable, _ = split(params, config)
-    unused = _unused_factor_count(params, config)
+    unused = _unused_factor_count(params)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable)) - unused
     n_total = sum(x.size for x in jax.tree.leaves(params)) - unused
     return n_trainable, n_total

@@ -1,16 +1,19 @@
-"""The LoRA math, independent of any module system: factor shapes, initialisation, merging.
+"""The LoRA math, independent of any module system: factor shapes, initialisation, the delta of a
+projection, merging.
 
-A kernel is read as `[*stack, *in, *out]`: `stack` are leading axes added by `nn.scan`/`vmap`
-(one per stacked layer), `in` the contracting axes (a conv's window and input channels), `out`
-the output axes. Its factors are `A [*stack, *in, r]` and `B [*stack, r, *out]`, so A keeps the
-kernel's input axes (and their sharding) and B its output axes. An embedding table
-`[*stack, V, D]` reads the same way with `in = (V,)`.
+A weight's axes have roles. `stack` axes get separate factors per index: leading axes added by
+`nn.scan` / `vmap` (one per stacked layer) and kept axes such as Gemma's q/k/v axis. `in` axes
+are contracted with the input (a conv's window and input channels), `out` axes reach the output.
+The factors are `A [*stack, *in, r]` and `B [*stack, r, *out]` whatever order the weight stores
+its axes in, so A keeps the weight's input axes (and their sharding) and B its output axes. An
+embedding table `[*stack, V, D]` reads the same way with `in = (V,)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from typing import Literal
 
 import jax
@@ -18,39 +21,73 @@ import jax.numpy as jnp
 
 Kind = Literal["dense", "conv", "embed", "einsum"]
 
-# Leaf names of the factors beside a kernel / an embedding table (peft's names).
-KERNEL_FACTORS = ("lora_A", "lora_B")
-EMBED_FACTORS = ("lora_embedding_A", "lora_embedding_B")
-FACTOR_LEAVES = KERNEL_FACTORS + EMBED_FACTORS
-
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How to read a kernel's axes: its layer kind, stacked leading axes and input axes.
+    """How to read a weight's axes.
+
+    - `kind`: "dense", "conv", "einsum" or "embed" (embeddings initialise the other way round).
+    - `stacked`: leading axes added by `nn.scan` / `vmap`, one per stacked layer.
+    - `n_in`: the number of input axes when `order` is None: the weight is `[*in, *out]`.
+    - `order`: the roles of the weight's own axes (after `stacked`) as stored, one letter each:
+      "i" input, "o" output, "b" kept (separate factors per index). E.g. transformers'
+      FlaxConv1D stores `[out, in]` ("oi"); Gemma's q/k/v einsum stores SNDH ("boio").
+    - `rule`: the name of the layer rule that reads the module (None: read from the tree alone).
+    - `weight`: the param name of the weight (None: `kernel`, or `embedding` for "embed").
+    - `error`: why the module cannot be adapted (set by `lora_jax.layouts`; `inject` raises it
+      if the module is targeted).
 
     >>> Layout("dense", stacked=1, n_in=1).split((12, 768, 2304))
     ((12,), (768,), (2304,))
+    >>> Layout("dense", order="oi").split((2304, 768))
+    ((), (768,), (2304,))
     """
 
     kind: Kind
     stacked: int = 0
     n_in: int = 1
+    order: str | None = None
+    rule: str | None = None
+    weight: str | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.order is not None:
+            if set(self.order) - set("bio") or "i" not in self.order or "o" not in self.order:
+                raise ValueError(
+                    f"Layout.order {self.order!r} must use the letters 'b', 'i', 'o' (kept, "
+                    "input, output axes) with at least one 'i' and one 'o'"
+                )
+            object.__setattr__(self, "n_in", self.order.count("i"))
+
+    def roles(self, ndim: int) -> str:
+        """One role letter per axis of a weight with `ndim` axes ("s" for stacked layers)."""
+        inner = self.order or "i" * self.n_in + "o" * (ndim - self.stacked - self.n_in)
+        if self.stacked + len(inner) != ndim or "o" not in inner:
+            raise ValueError(
+                f"a {self.kind} weight with {self.stacked} stacked axes and axes "
+                f"{inner!r} does not fit {ndim} dimensions"
+            )
+        return "s" * self.stacked + inner
 
     def split(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-        """(stack, in, out) dimensions of a kernel of this layout."""
-        s, n = self.stacked, self.n_in
-        if len(shape) < s + n + 1:
-            raise ValueError(
-                f"a {self.kind} kernel with {s} stacked and {n} input axes needs at least "
-                f"{s + n + 1} dimensions, got shape {shape}"
-            )
-        return shape[:s], shape[s : s + n], shape[s + n :]
+        """(stack, in, out) dimensions of a weight of this layout, each in storage order."""
+        roles = self.roles(len(shape))
+        pick = lambda letters: tuple(d for d, r in zip(shape, roles, strict=True) if r in letters)
+        return pick("sb"), pick("i"), pick("o")
+
+    def to_stored(self, canonical: jax.Array) -> jax.Array:
+        """An array laid out `[*stack, *in, *out]` transposed to the weight's storage order."""
+        roles = self.roles(canonical.ndim)
+        canonical_order = [i for group in ("sb", "i", "o")
+                           for i, r in enumerate(roles) if r in group]
+        return jnp.transpose(canonical, [canonical_order.index(i) for i in range(len(roles))])
 
 
 def factor_shapes(
     kernel_shape: tuple[int, ...], layout: Layout, r: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of A `[*stack, *in, r]` and B `[*stack, r, *out]` for a kernel."""
+    """Shapes of A `[*stack, *in, r]` and B `[*stack, r, *out]` for a weight."""
     stack, fan_in, fan_out = layout.split(kernel_shape)
     return (*stack, *fan_in, r), (*stack, r, *fan_out)
 
@@ -95,18 +132,83 @@ def init_factors(
     return a, b
 
 
-def kernel_delta(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
-    """A @ B laid out as the kernel `[*stack, *in, *out]`, computed in float32.
+def kernel_delta(a: jax.Array, b: jax.Array, layout: Layout,
+                 kernel_shape: tuple[int, ...]) -> jax.Array:
+    """A @ B laid out as the weight (its storage order), computed in float32.
 
-    The number of stacked axes follows from the shapes: A and B each carry them, the kernel once.
-    Used only to merge; the forward pass never forms this product.
+    Used to merge and by the materialising fallback; layers with a rule never form it.
     """
-    stacked = a.ndim + b.ndim - 2 - len(kernel_shape)
-    stack = a.shape[:stacked]
+    stack, fan_in, fan_out = layout.split(kernel_shape)
     r = a.shape[-1]
     a2 = a.astype(jnp.float32).reshape(*stack, -1, r)
     b2 = b.astype(jnp.float32).reshape(*stack, r, -1)
-    return jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(kernel_shape)
+    product = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+    return layout.to_stored(product.reshape(*stack, *fan_in, *fan_out))
+
+
+def dense_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: tuple[int, ...] = (-1,),
+                precision: jax.lax.PrecisionLike = None) -> jax.Array:
+    """(x @ A) @ B for a projection contracting `axes` of x with A's input axes."""
+    axes = tuple(sorted(ax % x.ndim for ax in axes))
+    low = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))), precision=precision)
+    return jnp.tensordot(low, b, axes=1, precision=precision)
+
+
+def embed_delta(ids: jax.Array, a: jax.Array, b: jax.Array,
+                precision: jax.lax.PrecisionLike = None) -> jax.Array:
+    """A[ids] @ B: the delta of an embedding lookup."""
+    return jnp.matmul(jnp.take(a, ids, axis=0), b, precision=precision)
+
+
+def einsum_roles(equation: str) -> tuple[str, str]:
+    """(roles of the kernel's axes, why not adaptable or "") for `"lhs,kernel->out"`.
+
+    A kernel axis is "i" if contracted with the input, "o" if it reaches the output, and "b"
+    (separate factors per index) if it is an output axis that leads both the kernel and the
+    output, as Gemma's q/k/v axis in `BTD,SNDH->SBTNH`.
+    """
+    spec = equation.replace(" ", "")
+    if spec.count(",") != 1 or "->" not in spec:
+        return "", f"equation {equation!r} is not of the form 'input,kernel->output'"
+    lhs, rest = spec.split(",")
+    kernel, out = rest.split("->")
+    if "." in kernel:
+        return "", f"kernel spec {kernel!r} of {equation!r} has an ellipsis"
+    roles = ""
+    for c in kernel:
+        if c in lhs and c in out:
+            return "", (f"kernel axis {c!r} of {equation!r} is shared by input, kernel and "
+                        "output (a batch axis)")
+        roles += "i" if c in lhs else "o" if c in out else "?"
+    if "?" in roles or "i" not in roles or "o" not in roles:
+        return "", (f"{equation!r}: LoRA needs kernel axes that are each contracted with the "
+                    "input or reach the output, with at least one of each")
+    first_input = min((out.index(c) for c in lhs if c in out), default=len(out))
+    leading = 0
+    while leading < len(kernel) and roles[leading] == "o" and out.find(kernel[leading]) < \
+            first_input and out.find(kernel[leading]) == leading:
+        leading += 1
+    if leading and "o" in roles[leading:]:
+        roles = "b" * leading + roles[leading:]
+    return roles, ""
+
+
+def einsum_delta(equation: str, x: jax.Array, a: jax.Array, b: jax.Array,
+                 precision: jax.lax.PrecisionLike = None) -> jax.Array:
+    """(x @ A) @ B for `jnp.einsum(equation, x, kernel)`, with the roles of `einsum_roles`."""
+    roles, why = einsum_roles(equation)
+    if why:
+        raise ValueError(why)
+    lhs, rest = equation.replace(" ", "").split(",")
+    kernel, out = rest.split("->")
+    pick = lambda role: "".join(c for c, r in zip(kernel, roles, strict=True) if r == role)
+    kept, contracted, produced = pick("b"), pick("i"), pick("o")
+    rank = next(c for c in string.ascii_letters if c not in lhs + kernel + out)
+    lhs_rest = "".join(c for c in lhs if c not in contracted)
+    low = jnp.einsum(f"{lhs},{kept}{contracted}{rank}->{kept}{lhs_rest}{rank}", x, a,
+                     precision=precision)
+    return jnp.einsum(f"{kept}{lhs_rest}{rank},{kept}{rank}{produced}->{out}", low, b,
+                      precision=precision)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

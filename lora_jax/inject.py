@@ -1,7 +1,8 @@
-"""`inject`: add LoRA factors beside every targeted kernel of a params tree."""
+"""`inject`: add LoRA factors and a record beside every targeted weight of a params tree."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Mapping
 from typing import Any
@@ -10,51 +11,95 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import (
-    EMBED_FACTORS,
-    FACTOR_LEAVES,
-    KERNEL_FACTORS,
-    Layout,
-    init_factors,
-    max_rank,
+from lora_jax.factors import Layout, init_factors, max_rank
+from lora_jax.record import (
+    MATERIALISE,
+    LoraRecord,
+    factor_names,
+    is_factor,
+    target_path,
 )
-from lora_jax.targets import iter_modules, layer_index, matches, path_forms, with_leaves
+from lora_jax.targets import (
+    iter_modules,
+    layer_index,
+    matches,
+    path_forms,
+    unbox,
+    with_leaves,
+)
 
-# "all-linear" skips the output head, as peft does.
-_OUTPUT_HEADS = ("lm_head",)
+# "all-linear" skips output and classification heads, as peft does.
+_HEADS = ("lm_head", "classifier", "score")
 
 
-def default_layout(path: str, module: Mapping[str, Any]) -> Layout | None:
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A weight that may be adapted: its module dict, param name and layout."""
+
+    path: str  # of the module dict
+    weight: str
+    layout: Layout
+    shape: tuple[int, ...]
+
+
+def _default_layout(weight: str, shape: tuple[int, ...]) -> Layout | None:
     """The layout readable from the tree alone: 2-D kernels are Dense, tables are Embed."""
-    if "embedding" in module:
-        return Layout("embed", stacked=module["embedding"].ndim - 2)
-    if module["kernel"].ndim == 2:
-        return Layout("dense")
-    return None
+    if weight == "embedding":
+        return Layout("embed", stacked=len(shape) - 2)
+    return Layout("dense") if len(shape) == 2 else None
 
 
-def _resolve_layout(path: str, module: Mapping[str, Any], layouts: Mapping[str, Layout] | None
-                    ) -> Layout:
-    if layouts and path in layouts:
-        return layouts[path]
-    layout = default_layout(path, module)
-    if layout is None:
-        raise ValueError(
-            f"the kernel at {path!r} has shape {tuple(module['kernel'].shape)}: lora_jax cannot "
-            "tell its stacked (scanned), input and output axes from the tree alone. Pass "
-            "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}"
-        )
-    return layout
+def _sites(params: Mapping[str, Any], config: LoraConfig,
+           layouts: Mapping[str, Layout] | None) -> dict[str, Site]:
+    """{target path: site} for every weight `config` could name: kernels and tables, the
+    weights `layouts` describes, and params named by `target_parameters`."""
+    layouts = dict(layouts or {})
+    sites: dict[str, Site] = {}
+    for path, module in iter_modules(params, leaves=None):
+        for name, value in module.items():
+            if isinstance(value, Mapping) or is_factor(name) or getattr(unbox(value), "ndim",
+                                                                        0) < 2:
+                continue
+            shape = tuple(unbox(value).shape)
+            target = target_path(path, name, module)
+            layout = layouts.get(target)
+            if layout is None or layout.weight not in (None, name):
+                layout = None
+                if name in ("kernel", "embedding"):
+                    layout = _default_layout(name, shape) or Layout(
+                        "dense", error=_no_layout_message(target, shape))
+            if layout is not None:
+                sites[target] = Site(path, name, layout, shape)
+            param_path = f"{path}.{name}" if path else name
+            if config.target_parameters and matches(config.target_parameters, param_path):
+                given = layouts.get(param_path) or Layout("dense", order="b" * (len(shape) - 2)
+                                                          + "io")
+                sites[param_path] = Site(path, name, dataclasses.replace(
+                    given, rule=MATERIALISE, weight=name, error=None), shape)
+    return sites
 
 
-def _is_target(config: LoraConfig, path: str, module: Mapping[str, Any],
-               layouts: Mapping[str, Layout] | None) -> bool:
+def _no_layout_message(path: str, shape: tuple[int, ...]) -> str:
+    return (f"the kernel at {path!r} has shape {shape}: lora_jax cannot tell its stacked "
+            "(scanned), input and output axes from the tree alone. Pass "
+            "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}")
+
+
+def _is_target(config: LoraConfig, path: str, site: Site) -> bool:
     spec = config.target_modules
-    if spec == "all-linear":
-        if matches(_OUTPUT_HEADS + tuple(config.modules_to_save or ()), path):
+    if site.layout.rule == MATERIALISE:
+        found = True
+    elif spec is None:
+        found = False
+    elif spec == "all-linear":
+        if matches(_HEADS + tuple(config.modules_to_save or ()), path):
             return False
-        found = "kernel" in module and _resolve_layout(path, module, layouts).kind in (
-            "dense", "einsum")
+        found = site.weight != "embedding" and (site.layout.error is not None or
+                                                site.layout.kind in ("dense", "einsum"))
+        if found and site.layout.error and site.layout.rule is None:
+            raise ValueError(site.layout.error)
+        if site.layout.error and site.layout.rule is not None:
+            found = False  # all-linear skips layers LoRA cannot apply to
     else:
         found = matches(spec, path)
     if found and config.exclude_modules is not None:
@@ -78,6 +123,8 @@ def _selected_layers(config: LoraConfig, path: str, layout: Layout) -> tuple[int
 
 def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
     spec = config.target_modules
+    if spec is None:
+        spec = config.target_parameters
     names = sorted({form.rsplit(".", 1)[-1] for p in paths for form in path_forms(p)} - {""})
     wanted = [spec] if isinstance(spec, str) else list(spec)
     close = {c for w in wanted for c in difflib.get_close_matches(w, names + paths, n=3,
@@ -85,8 +132,9 @@ def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
     # Names sharing a "_"-separated word also count: "q_proj" suggests "q".
     close |= {n for w in wanted for n in names if set(n.split("_")) & set(w.split("_"))}
     close = sorted(close)
+    field = "target_modules" if config.target_modules is not None else "target_parameters"
     return ValueError(
-        f"target_modules={spec!r} matched no module. Modules with weights: {paths[:40]}"
+        f"{field}={spec!r} matched no module. Modules with weights: {paths[:40]}"
         + (" ..." if len(paths) > 40 else "")
         + (f". Closest names: {close}" if close else "")
     )
@@ -96,48 +144,55 @@ def find_targets(
     params: Mapping[str, Any],
     config: LoraConfig,
     layouts: Mapping[str, Layout] | None = None,
-) -> dict[str, tuple[Layout, tuple[int, ...] | bool]]:
-    """{path: (layout, selected layers)} of the modules `config` adapts; raises if none."""
-    if config.target_modules is None:
+) -> dict[str, tuple[Site, tuple[int, ...] | bool]]:
+    """{target path: (site, selected layers)} of the weights `config` adapts; raises if none,
+    or if a targeted module cannot be adapted (naming it, the reason and what to do)."""
+    if config.target_modules is None and not config.target_parameters:
         raise ValueError(
             "LoraConfig.target_modules is None: name the modules to adapt, e.g. ['q_proj', "
-            "'v_proj'], a regex, or 'all-linear'"
+            "'v_proj'], a regex, or 'all-linear' (or name params with target_parameters)"
         )
-    modules = list(iter_modules(params))
-    matched = {}
-    for path, module in modules:
-        if _is_target(config, path, module, layouts):
-            matched[path] = (module, _resolve_layout(path, module, layouts))
+    sites = _sites(params, config, layouts)
+    matched = {path: site for path, site in sites.items() if _is_target(config, path, site)}
+    # A weight targeted both as a module (with a rule) and as a param keeps its rule.
+    ruled = {(s.path, s.weight) for s in matched.values() if s.layout.rule != MATERIALISE}
+    matched = {path: site for path, site in matched.items()
+               if site.layout.rule != MATERIALISE or (site.path, site.weight) not in ruled}
     if not matched:
-        raise _no_match_error(config, [p for p, _ in modules])
+        raise _no_match_error(config, [p for p in sites if sites[p].layout.rule != MATERIALISE])
+    for path, site in matched.items():
+        if site.layout.error:
+            raise ValueError(
+                f"cannot adapt {path!r}: {site.layout.error}" if site.layout.rule else
+                site.layout.error
+            )
     if config.layers_to_transform is not None:
         _check_layer_selection(config, matched)
     targets = {}
-    for path, (_, layout) in matched.items():
-        selected = _selected_layers(config, path, layout)
+    for path, site in matched.items():
+        selected = _selected_layers(config, path, site.layout)
         if selected is not False:
-            targets[path] = (layout, selected)
-    if config.modules_to_save and not any(matches(config.modules_to_save, p) for p, _ in modules):
+            targets[path] = (site, selected)
+    if config.modules_to_save and not any(matches(config.modules_to_save, p)
+                                          for p, _ in iter_modules(params, leaves=None)):
         raise ValueError(
             f"modules_to_save={list(config.modules_to_save)} matched no module; modules with "
-            f"weights: {[p for p, _ in modules][:40]}"
+            f"weights: {list(sites)[:40]}"
         )
     return targets
 
 
-def _check_layer_selection(config: LoraConfig,
-                           matched: Mapping[str, tuple[Mapping[str, Any], Layout]]) -> None:
+def _check_layer_selection(config: LoraConfig, matched: Mapping[str, Site]) -> None:
     """Every index in layers_to_transform must exist among the targeted modules' layers."""
     wanted = config.layers_to_transform
     wanted = {wanted} if isinstance(wanted, int) else set(wanted)
     available: set[int] = set()
-    for path, (module, layout) in matched.items():
+    for path, site in matched.items():
         index = layer_index(path, config.layers_pattern)
         if index is not None:
             available.add(index)
-        elif layout.stacked:
-            weight = module["embedding" if layout.kind == "embed" else "kernel"]
-            available.update(range(weight.shape[0]))
+        elif site.layout.stacked:
+            available.update(range(site.shape[0]))
             if config.bias == "lora_only":
                 raise ValueError(
                     f"bias='lora_only' with layers_to_transform on the scanned stack {path!r} "
@@ -166,43 +221,55 @@ def inject(
     layouts: Mapping[str, Layout] | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> dict[str, Any]:
-    """A copy of `params` with LoRA factors beside each targeted kernel or embedding table.
+    """A copy of `params` with LoRA factors and a `LoraRecord` beside each targeted weight.
 
-    Dense-like modules get `lora_A` / `lora_B`, Embed gets `lora_embedding_A` / `_B`, stored in
-    `dtype` (float32 by default, whatever the base's dtype). 2-D kernels and embedding tables need
-    nothing more; a kernel of more axes (a scanned stack, DenseGeneral, Conv, Einsum) needs
-    `layouts`, best from `lora_jax.layouts(model, *example_inputs)`. Works under `jax.jit`.
+    Dense-like modules get `lora_A` / `lora_B` (and the record `lora`), Embed gets
+    `lora_embedding_A` / `_B`, another weight `w` gets `w_lora_A` / `w_lora_B`; factors are
+    stored in `dtype` (float32 by default, whatever the base's dtype). 2-D kernels and embedding
+    tables read as Dense / Embed from the tree alone; any other layer needs `layouts`, best from
+    `lora_jax.layouts(model, *example_inputs)`, which asks each layer's rule how it reads its
+    weight (a GPT-2 FlaxConv1D kernel is `[out, in]`, a Gemma einsum stacks q/k/v). Weights
+    named by `config.target_parameters` are adapted by materialising W + scale * A B. Works
+    under `jax.jit`.
 
     >>> import flax.linen as nn
     >>> model = nn.Dense(4)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
     >>> params = inject(params, LoraConfig(r=2, target_modules=".*"), jax.random.key(1))
     >>> sorted(params), params["lora_A"].shape, params["lora_B"].shape
-    (['bias', 'kernel', 'lora_A', 'lora_B'], (3, 2), (2, 4))
+    (['bias', 'kernel', 'lora', 'lora_A', 'lora_B'], (3, 2), (2, 4))
     """
     targets = find_targets(params, config, layouts)
-    modules = dict(iter_modules(params))
-    new_factors: dict[str, dict[str, jax.Array]] = {}
-    for index, (path, (layout, selected)) in enumerate(sorted(targets.items())):
-        module = modules[path]
-        if any(name in module for name in FACTOR_LEAVES):
+    modules = dict(iter_modules(params, leaves=None))
+    new_leaves: dict[str, dict[str, Any]] = {}
+    for index, (path, (site, selected)) in enumerate(sorted(targets.items())):
+        module = modules[site.path]
+        a_name, b_name, record_name = factor_names(site.weight)
+        if a_name in module or record_name in module:
             raise ValueError(
                 f"{path!r} already has LoRA factors; inject once per module (merge first, or "
                 "exclude it with exclude_modules)"
             )
-        weight = module["embedding" if layout.kind == "embed" else "kernel"]
+        if site.layout.rule == MATERIALISE and config.lora_dropout:
+            raise ValueError(
+                f"{path!r} is adapted through target_parameters (W + scale * A B), which has no "
+                "input to drop out: set lora_dropout=0 or target its module instead"
+            )
         r = config.rank(path)
-        if r > max_rank(weight.shape, layout):
+        if r > max_rank(site.shape, site.layout):
             raise ValueError(
                 f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
-                f"{max_rank(weight.shape, layout)} of its weight {tuple(weight.shape)}"
+                f"{max_rank(site.shape, site.layout)} of its weight {site.shape}"
             )
-        a, b = init_factors(jax.random.fold_in(key, index), tuple(weight.shape), layout, r,
+        a, b = init_factors(jax.random.fold_in(key, index), site.shape, site.layout, r,
                             config.init_lora_weights, dtype)
+        layers = None
         if isinstance(selected, tuple):
             # Unselected layers of a scanned stack: A = B = 0 keeps them at zero during training.
-            mask = _layer_mask(selected, weight.shape[0]).reshape(-1, *([1] * (a.ndim - 1)))
+            mask = _layer_mask(selected, site.shape[0]).reshape(-1, *([1] * (a.ndim - 1)))
             a, b = jnp.where(mask, a, 0), jnp.where(mask, b, 0)
-        names = EMBED_FACTORS if layout.kind == "embed" else KERNEL_FACTORS
-        new_factors[path] = dict(zip(names, (a, b), strict=True))
-    return with_leaves(params, new_factors)
+            layers = tuple(sorted(set(selected)))
+        record = LoraRecord(site.weight, site.layout, r, config.scaling(path, rank=r),
+                            config.lora_dropout, layers)
+        new_leaves.setdefault(site.path, {}).update({a_name: a, b_name: b, record_name: record})
+    return with_leaves(params, new_leaves)

@@ -1,124 +1,80 @@
-"""flax.linen adapter: `wrap` adds the LoRA deltas inside the adapted layers; `layouts` probes a
-model for how to read its kernels.
+"""flax.linen frontend: `wrap` adds the LoRA deltas inside the adapted layers; `layouts` probes a
+model for how its layers read their weights.
 
-The delta `scale * (dropout(x) @ A) @ B` is added after the layer's own call by a method
-interceptor (`flax.linen.intercept_methods`) that reads the factors beside the layer's kernel, so
-`W + A B` is never formed, and `nn.scan` / `nn.remat` stacks slice the factors with their layer.
+The delta `scale * (dropout(x) @ A) @ B` is added after a layer's own call by a method
+interceptor (`flax.linen.intercept_methods`) that finds the layer's rule (`lora_jax.rules`) and
+the factors and record beside its weight, so `W + A B` is never formed, and `nn.scan` /
+`nn.remat` stacks slice the factors with their layer. Weights adapted without a rule
+(`target_parameters`) are materialised as `W + scale * A B` before the call, with a warning.
 """
 
 from __future__ import annotations
 
-import string
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import lora_jax.linen_rules  # noqa: F401  (registers the rules for flax's and others' layers)
 from lora_jax.config import LoraConfig
-from lora_jax.factors import EMBED_FACTORS, KERNEL_FACTORS, Layout, dropout
+from lora_jax.factors import Layout, dropout, kernel_delta
 from lora_jax.partition import combine, split
-from lora_jax.targets import iter_modules, join_path
-
-_ADAPTABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.Einsum)
-
-
-class _EinsumParts(NamedTuple):
-    lhs: str  # the input's letters
-    lhs_rest: str  # the input's letters less the contracted ones
-    contracted: str  # kernel letters contracted with the input (A's input axes)
-    kernel_out: str  # kernel letters that reach the output (B's output axes)
-    out: str
-
-
-def _einsum_parts(einsum_str: str) -> _EinsumParts:
-    """The letters of an `nn.Einsum` spec, split for the two factor contractions.
-
-    Raises unless the kernel's axes are its contracted axes followed by output axes.
-    """
-    spec = einsum_str.replace(" ", "")
-    lhs, rest = spec.split(",")
-    kernel, out = rest.split("->")
-    contracted = "".join(c for c in kernel if c in lhs and c not in out)
-    kernel_out = "".join(c for c in kernel if c in out and c not in lhs)
-    batch = [c for c in kernel if c in lhs and c in out]
-    if batch or "." in kernel or kernel != contracted + kernel_out:
-        raise ValueError(
-            f"cannot adapt nn.Einsum {einsum_str!r}: LoRA needs a kernel whose axes are the "
-            "contracted axes followed by output axes, with no batch axes shared by input, kernel "
-            "and output. Exclude this module or reorder its kernel"
-        )
-    lhs_rest = "".join(c for c in lhs if c not in contracted)
-    return _EinsumParts(lhs, lhs_rest, contracted, kernel_out, out)
-
-
-def _layout_of(module: nn.Module, weight: jax.Array, call_args: tuple[Any, ...],
-               call_kwargs: Mapping[str, Any]) -> Layout:
-    if isinstance(module, nn.Embed):
-        return Layout("embed", n_in=1)
-    if isinstance(module, nn.Conv):
-        return Layout("conv", n_in=weight.ndim - 1)
-    if isinstance(module, nn.Einsum):
-        parts = _einsum_parts(_einsum_str(module, call_args, call_kwargs))
-        return Layout("einsum", n_in=len(parts.contracted))
-    if isinstance(module, nn.DenseGeneral):
-        features = module.features if isinstance(module.features, tuple) else (module.features,)
-        return Layout("dense", n_in=weight.ndim - len(features))
-    return Layout("dense", n_in=1)
-
-
-def _einsum_str(module: nn.Einsum, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    return given if given is not None else module.einsum_str
-
-
-def _delta(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], a: jax.Array,
-           b: jax.Array, scale: float, dtype: jnp.dtype, rate: float,
-           key: jax.Array | None) -> jax.Array:
-    """scale * (dropout(x) @ A) @ B for one call of a supported layer, in `dtype`."""
-    x = kwargs["inputs"] if "inputs" in kwargs else args[0]
-    a, b = a.astype(dtype), b.astype(dtype)
-    precision = getattr(module, "precision", None)
-    if isinstance(module, nn.Embed):
-        return jnp.matmul(jnp.take(a, x, axis=0) * scale, b, precision=precision)
-    x = dropout(jnp.asarray(x, dtype), rate, key)
-    if isinstance(module, nn.Conv):
-        if module.feature_group_count != 1 or module.mask is not None:
-            raise ValueError(
-                f"{join_path(module.path)!r}: LoRA on a grouped or masked nn.Conv is not supported"
-            )
-        # A is a conv with the base's window, strides, padding and dilations; B is a 1x1 conv.
-        conv_a = module.clone(parent=None, name=None, features=a.shape[-1], use_bias=False,
-                              dtype=dtype)
-        low = conv_a.apply({"params": {"kernel": a}}, x)
-    elif isinstance(module, nn.Einsum):
-        p = _einsum_parts(_einsum_str(module, args, kwargs))
-        rank = next(c for c in string.ascii_letters if c not in p.lhs + p.out + p.kernel_out)
-        low = jnp.einsum(f"{p.lhs},{p.contracted}{rank}->{p.lhs_rest}{rank}", x, a,
-                         precision=precision)
-        return jnp.einsum(f"{p.lhs_rest}{rank},{rank}{p.kernel_out}->{p.out}", low * scale, b,
-                          precision=precision)
-    elif isinstance(module, nn.DenseGeneral):
-        if module.batch_dims:
-            raise ValueError(
-                f"{join_path(module.path)!r}: LoRA on nn.DenseGeneral with batch_dims is not "
-                "supported"
-            )
-        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        axes = tuple(sorted(ax % x.ndim for ax in axes))  # flax orders the kernel's axes so
-        low = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))), precision=precision)
-    else:
-        low = jnp.matmul(x, a, precision=precision)
-    return jnp.tensordot(low * scale, b, axes=1, precision=precision)
-
+from lora_jax.record import (
+    Adapted,
+    LoraRecord,
+    check_config,
+    factor_names,
+    iter_records,
+    target_path,
+)
+from lora_jax.rules import NotAdaptable, Rule, rule_for
+from lora_jax.targets import iter_modules, join_path, unbox, with_leaves
 
 _TIED_HEAD_WARNING = (
     "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
     "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
     "differs from the wrapped one in its head. Adapt the embedding only if you keep it unmerged."
 )
+_MATERIALISE_WARNING = (
+    "{path!r} ({shape}) has no layer rule, so its adapted weight W + scale * A B is formed on "
+    "every call: {size:,d} extra values and an in x out matmul per step. Register a Rule for "
+    "its module class (lora_jax.register_rule) to add the low-rank delta instead"
+)
+
+
+def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any]) -> tuple[str, Any, Layout]:
+    """(weight name, weight as the module sees it, layout for this call) of a ruled module."""
+    name = rule.weight_name(module)
+    weight = unbox(module.get_variable("params", name))
+    try:
+        layout = rule.layout(module, weight, args, dict(kwargs))
+    except NotAdaptable as e:
+        return name, weight, Layout("dense", rule=rule.name, weight=name, error=str(e))
+    return name, weight, dataclasses.replace(layout, rule=rule.name, weight=name)
+
+
+def _same_reading(record: LoraRecord, layout: Layout, inner_ndim: int) -> bool:
+    stored = record.layout
+    return stored.kind == layout.kind and \
+        stored.roles(stored.stacked + inner_ndim)[stored.stacked:] == layout.roles(inner_ndim)
+
+
+def _check_no_orphans(module: nn.Module, path: str) -> None:
+    """A module without a rule must not hold factors that expect one (they would be ignored)."""
+    for name in ("lora", "lora_embedding"):
+        if module.has_variable("params", name) and \
+                not module.get_variable("params", name).materialised:
+            raise ValueError(
+                f"{path!r} is a {type(module).__name__}, which has no layer rule, but holds LoRA "
+                "factors: register a Rule for its class (lora_jax.register_rule), or target its "
+                "weight with LoraConfig(target_parameters=[...]) to add W + scale * A B, or "
+                "exclude it"
+            )
 
 
 def _interceptor(config: LoraConfig) -> Callable[..., Any]:
@@ -126,38 +82,77 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
                   kwargs: dict[str, Any], context: Any) -> Any:
         out = next_fun(*args, **kwargs)
         module = context.module
-        if context.method_name == "attend" and isinstance(module, nn.Embed) and \
-                module.has_variable("params", EMBED_FACTORS[0]):
-            warnings.warn(_TIED_HEAD_WARNING.format(path=join_path(module.path)), stacklevel=2)
-        if context.method_name != "__call__" or module.scope is None:
+        if module.scope is None or context.method_name not in ("__call__", "attend"):
             return out
-        names = EMBED_FACTORS if isinstance(module, nn.Embed) else KERNEL_FACTORS
-        if not module.has_variable("params", names[0]):
-            return out
+        rule = rule_for(module)
         path = join_path(module.path)
-        if not isinstance(module, _ADAPTABLE):
+        if rule is None:
+            _check_no_orphans(module, path)
+            return out
+        record_name = factor_names(rule.weight_name(module))[2]
+        if not module.has_variable("params", record_name):
+            return out
+        if context.method_name == "attend":
+            warnings.warn(_TIED_HEAD_WARNING.format(path=path), stacklevel=2)
+            return out
+        record = module.get_variable("params", record_name)
+        if record.materialised:
+            return out
+        _, weight, layout = _call_layout(rule, module, args, kwargs)
+        if layout.error or not _same_reading(record, layout, weight.ndim):
+            how = layout.error or (
+                f"its rule reads the weight as {layout.roles(weight.ndim)!r} (i: input, "
+                f"o: output, b: kept axes) but its factors were made for "
+                f"{record.layout.roles(record.layout.stacked + weight.ndim)!r}")
             raise ValueError(
-                f"{path!r} is a {type(module).__name__} holding LoRA factors; lora_jax adapts "
-                "nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed and nn.Einsum. Exclude this module"
+                f"{path!r} ({type(module).__name__}): {how}. Inject with "
+                "layouts=lora_jax.layouts(model, *example_inputs) so inject reads each layer "
+                "the way its rule does"
             )
-        a = module.get_variable("params", names[0])
-        b = module.get_variable("params", names[1])
-        training = config.lora_dropout > 0 and module.has_rng("dropout")
-        key = module.make_rng("dropout") if training else None
-        delta = _delta(module, args, kwargs, a, b, config.scaling(path, rank=a.shape[-1]),
-                       out.dtype, config.lora_dropout, key)
+        a_name, b_name = record.names
+        a = module.get_variable("params", a_name)
+        b = module.get_variable("params", b_name)
+        x = rule.inputs(args, kwargs)
+        dtype = out.dtype
+        if rule.dropout:
+            training = record.dropout > 0 and module.has_rng("dropout")
+            key = module.make_rng("dropout") if training else None
+            x = dropout(jnp.asarray(x, dtype), record.dropout, key)
+        # The scale goes on B ([r, out]): the cheapest place, and the same product.
+        delta = rule.delta(module, x, a.astype(dtype), (b * record.scale).astype(dtype), args,
+                           kwargs)
         return out + delta.astype(out.dtype)
 
     return intercept
 
 
+def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, Any]:
+    """`params` with each rule-less adapted weight replaced by W + scale * A B (differentiable in
+    A and B); weights with a rule are left alone."""
+    updates: dict[str, dict[str, Any]] = {}
+    for item in adapted:
+        if not item.record.materialised:
+            continue
+        weight = unbox(item.weight)
+        warnings.warn(_MATERIALISE_WARNING.format(path=f"{item.path}.{item.record.weight}",
+                                                  shape=tuple(weight.shape),
+                                                  size=weight.size), stacklevel=3)
+        a, b = item.factors
+        delta = kernel_delta(a, b, item.record.layout, tuple(weight.shape)) * item.record.scale
+        value = (weight.astype(jnp.float32) + delta).astype(weight.dtype)
+        updates.setdefault(item.path, {})[item.record.weight] = value
+    return with_leaves(params, updates) if updates else dict(params)
+
+
 def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
     """`apply_fn` (e.g. `model.apply`) with the LoRA deltas added inside the adapted layers.
 
-    Same signature as `apply_fn(variables, *args, **kwargs)`. Frozen leaves go through
-    `stop_gradient`, so `jax.grad` of the whole params tree computes no weight gradients.
-    LoRA dropout runs exactly when the call is given a "dropout" rng (`rngs={"dropout": key}`),
-    i.e. while training; evaluate without one.
+    Same signature as `apply_fn(variables, *args, **kwargs)`. The rank, scale and dropout rate
+    of each adapted weight come from its record (set at `inject`); `config` decides which other
+    leaves train (bias, modules_to_save) and must describe the same ranks and scales (a config
+    that does not raises). Frozen leaves go through `stop_gradient`, so `jax.grad` of the
+    whole params tree computes no weight gradients. LoRA dropout runs exactly when the call is
+    given a "dropout" rng (`rngs={"dropout": key}`), i.e. while training; evaluate without one.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import LoraConfig, inject
@@ -170,8 +165,12 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     interceptor = _interceptor(config)
 
     def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        adapted = list(iter_records(variables["params"]))
+        for item in adapted:
+            check_config(item, config)
         trainable, frozen = split(variables["params"], config)
         params = combine(trainable, jax.tree.map(jax.lax.stop_gradient, frozen))
+        params = materialise(params, adapted)
         with nn.intercept_methods(interceptor):
             return apply_fn({**variables, "params": params}, *args, **kwargs)
 
@@ -179,37 +178,40 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
 
 
 def layouts(module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
-    """{path: Layout} for every Dense, DenseGeneral, Conv, Embed and Einsum in `module`.
+    """{path: Layout} for every layer with a rule in `module` (see `lora_jax.rules`).
 
-    Runs `module.init(key, *args, **kwargs)` abstractly (no FLOPs, no memory) and compares each
-    layer's kernel, as the layer sees it, with the params tree: extra leading axes are stacked
-    layers (nn.scan, nn.vmap). Small example inputs suffice.
+    Runs `module.init(key, *args, **kwargs)` abstractly (no FLOPs, no memory) and asks each
+    layer's rule how it reads its weight on that call; extra leading axes in the params tree
+    are stacked layers (nn.scan, nn.vmap). A layer LoRA cannot apply to gets a layout with an
+    `error`, raised by `inject` only if the layer is targeted. Small example inputs suffice.
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> layouts(nn.DenseGeneral((2, 3), axis=(-2, -1)), jnp.ones((1, 4, 5)))
-    {'': Layout(kind='dense', stacked=0, n_in=2)}
-    """
-    seen: dict[str, tuple[Layout, int]] = {}
+    {'': Layout(kind='dense', stacked=0, n_in=2, order=None, rule='flax.linen.linear.DenseGeneral', weight='kernel', error=None)}
+    """  # noqa: E501
+    seen: dict[tuple[str, str], tuple[Layout, int]] = {}
 
     def record(next_fun: Callable[..., Any], call_args: tuple[Any, ...],
                call_kwargs: dict[str, Any], context: Any) -> Any:
         out = next_fun(*call_args, **call_kwargs)
         layer = context.module
-        if (context.method_name == "__call__" and isinstance(layer, _ADAPTABLE)
-                and layer.scope is not None):
-            name = "embedding" if isinstance(layer, nn.Embed) else "kernel"
-            if layer.has_variable("params", name):
-                weight = nn.unbox(layer.get_variable("params", name))
-                seen[join_path(layer.path)] = (
-                    _layout_of(layer, weight, call_args, call_kwargs), weight.ndim)
+        rule = rule_for(layer)
+        if context.method_name == "__call__" and rule is not None and layer.scope is not None \
+                and layer.has_variable("params", rule.weight_name(layer)):
+            name, weight, layout = _call_layout(rule, layer, call_args, call_kwargs)
+            seen[(join_path(layer.path), name)] = (layout, weight.ndim)
         return out
 
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     with nn.intercept_methods(record):
-        shapes = nn.unbox(jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))["params"])
-    modules = dict(iter_modules(shapes))
+        shapes = unbox(jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))["params"])
+    modules = dict(iter_modules(shapes, leaves=None))
     result = {}
-    for path, (layout, inner_ndim) in seen.items():
-        weight = modules[path]["embedding" if layout.kind == "embed" else "kernel"]
-        result[path] = Layout(layout.kind, stacked=weight.ndim - inner_ndim, n_in=layout.n_in)
+    for (path, name), (layout, inner_ndim) in seen.items():
+        node = modules.get(path)
+        # A layer called through its own `.apply` (a tied head) is not in this tree: skip it.
+        if node is None or name not in node or node[name].ndim < inner_ndim:
+            continue
+        stacked = node[name].ndim - inner_ndim
+        result[target_path(path, name, node)] = dataclasses.replace(layout, stacked=stacked)
     return result

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax.config import LoraConfig
-from lora_jax.partition import combine, has_factors, split
-from lora_jax.targets import iter_modules
+from lora_jax.partition import combine, split
+from lora_jax.record import check_config, records
 
 
 def optimizer(
@@ -22,15 +22,23 @@ def optimizer(
     Optimizer state exists only for the trainable leaves (Adam's state is 2x their bytes, not the
     model's); frozen leaves get zero updates, so `optax.apply_updates` leaves them bit-identical.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"kernel": jnp.ones((3, 4)), "lora_A": jnp.ones((3, 2)),
-    ...           "lora_B": jnp.zeros((2, 4))}
-    >>> tx = optimizer(optax.adam(1e-3), params, LoraConfig(r=2))
+    Cost: this whole-tree form makes a model-sized tree of zero updates and rewrites every frozen
+    weight each step (`apply_updates` adds the zeros). The fast way, which the CLI uses, is to
+    `split` once, differentiate and update only the trainable half with `tx` itself, and
+    `combine` for the forward; `experiments/benchmark.py` measures the difference. Use this form
+    only where an API insists on whole-tree updates.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> from lora_jax import inject
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> params = nn.Dense(4, use_bias=False).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> params = inject(params, config, jax.random.key(1))
+    >>> tx = optimizer(optax.adam(1e-3), params, config)
     >>> jax.tree.map(jnp.shape, tx.init(params)[0].mu)
-    {'kernel': None, 'lora_A': (3, 2), 'lora_B': (2, 4)}
+    {'kernel': None, 'lora': None, 'lora_A': (3, 2), 'lora_B': (2, 4)}
     """
-    if not any(has_factors(module) for _, module in iter_modules(params)):
-        raise ValueError("optimizer: the params hold no LoRA factors; call lora_jax.inject first")
+    for item in records(params):
+        check_config(item, config)
 
     def init_fn(params: Any) -> optax.OptState:
         trainable, _ = split(params, config)

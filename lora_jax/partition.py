@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import FACTOR_LEAVES
+from lora_jax.record import LoraRecord, is_factor
 from lora_jax.targets import matches
 
 Tree = Mapping[str, Any]
@@ -19,12 +19,12 @@ Tree = Mapping[str, Any]
 
 def has_factors(module: Tree) -> bool:
     """Whether a module dict holds LoRA factors."""
-    return any(name in module for name in FACTOR_LEAVES)
+    return any(is_factor(name) for name in module)
 
 
 def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
     """A tree of bools: True for the factors, for biases per `config.bias`, and for every leaf
-    of a module in `config.modules_to_save`."""
+    of a module in `config.modules_to_save`; records are always frozen."""
 
     def visit(node: Tree, path: str, saved: bool) -> dict[str, Any]:
         adapted = has_factors(node)
@@ -36,9 +36,9 @@ def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
                                      matches(config.modules_to_save, child))
                 out[key] = visit(value, child, keep)
             else:
-                out[key] = (
+                out[key] = not isinstance(value, LoraRecord) and (
                     saved
-                    or key in FACTOR_LEAVES
+                    or is_factor(key)
                     or (key == "bias" and (config.bias == "all"
                                            or (config.bias == "lora_only" and adapted)))
                 )
@@ -59,9 +59,12 @@ def split(params: Tree, config: LoraConfig) -> tuple[dict[str, Any], dict[str, A
     """(trainable, frozen): two trees shaped like `params` with `None` holes.
 
     >>> import jax, jax.numpy as jnp
-    >>> params = {"dense": {"kernel": jnp.ones((3, 4)), "lora_A": jnp.ones((3, 2)),
-    ...                     "lora_B": jnp.zeros((2, 4))}}
-    >>> trainable, frozen = split(params, LoraConfig(r=2))
+    >>> import flax.linen as nn
+    >>> from lora_jax import inject
+    >>> config = LoraConfig(r=2, target_modules=["dense"])
+    >>> params = {"dense": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]}
+    >>> params = inject(params, config, jax.random.key(1))
+    >>> trainable, frozen = split(params, config)
     >>> trainable["dense"]["kernel"] is None, frozen["dense"]["lora_A"] is None
     (True, True)
     """

@@ -31,6 +31,7 @@ written as explicit module paths. `load_peft` does the same in the other directi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -43,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import EMBED_FACTORS, FACTOR_LEAVES, KERNEL_FACTORS, Layout
+from lora_jax.factors import Layout
 from lora_jax.inject import find_targets
-from lora_jax.models.stacking import hf_module_parts
-from lora_jax.targets import iter_modules, matches, with_leaves
+from lora_jax.record import LoraRecord, factor_names, is_factor
+from lora_jax.targets import hf_module_parts, iter_modules, matches, with_leaves
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -95,7 +96,20 @@ _LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
 # --- module paths ---------------------------------------------------------------------------------
 
 def _leaves(node: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+    return {k: v for k, v in node.items() if not isinstance(v, Mapping | LoraRecord)}
+
+
+def _record(node: Mapping[str, Any], where: str) -> LoraRecord | None:
+    """The record of the module's adapted kernel or embedding; raises for weights peft's files
+    cannot name."""
+    records = [v for v in node.values() if isinstance(v, LoraRecord)]
+    for record in records:
+        if record.weight not in ("kernel", "embedding") or record.materialised:
+            raise ValueError(
+                f"{where}: the adapted weight {record.weight!r} (rule {record.layout.rule}) has "
+                "no peft file format; peft interop covers Dense-like kernels and Embed tables"
+            )
+    return records[0] if records else None
 
 
 def _infer_stacks(params: Mapping[str, Any], plain: str = "") -> tuple[str, ...]:
@@ -168,23 +182,45 @@ def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
     return index
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What peft io needs to know of an architecture (supplied by `lora_jax.models`, or by a
+    user for their own): its layer stacks, whether its PyTorch weights are `[in, out]`
+    (`fan_in_fan_out`, GPT-2's Conv1D) and the transformers class peft records."""
+
+    stacks: tuple[str, ...]
+    fan_in_fan_out: bool = False
+    base_model_class: str | None = None
+    parent_library: str | None = None
+
+
+_ARCHITECTURES: dict[str, Callable[[], Architecture]] = {}
+
+
+def register_architecture(model_type: str, facts: Architecture | Callable[[], Architecture]
+                          ) -> None:
+    """Make `model_type=` name an architecture in `save_peft` / `load_peft` (facts may be a
+    function, called on first use)."""
+    _ARCHITECTURES[model_type] = facts if callable(facts) else (lambda: facts)
+
+
+def _architecture(model_type: str | None) -> Architecture | None:
+    if model_type is None:
+        return None
+    if model_type not in _ARCHITECTURES:
+        raise ValueError(
+            f"unknown model_type {model_type!r}: import lora_jax.models (which registers "
+            f"gpt2, bert, llama, bloom and t5), call lora_jax.peft_io.register_architecture, "
+            "or pass stacks= and fan_in_fan_out= instead"
+        )
+    return _ARCHITECTURES[model_type]()
+
+
 def _resolve_stacks(model_type: str | None, stacks: Sequence[str] | None) -> tuple[str, ...] | None:
     if stacks is not None:
         return tuple(stacks)
-    if model_type is None:
-        return None
-    from lora_jax.models.registry import architecture
-
-    return tuple(architecture(model_type).LAYER_STACKS)
-
-
-def _fan_in_fan_out(model_type: str | None) -> bool:
-    """Whether the architecture's PyTorch weights are [in, out] (its `FAN_IN_FAN_OUT`)."""
-    if model_type is None:
-        return False
-    from lora_jax.models.registry import architecture
-
-    return bool(getattr(architecture(model_type), "FAN_IN_FAN_OUT", False))
+    arch = _architecture(model_type)
+    return None if arch is None else arch.stacks
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -347,7 +383,7 @@ def save_peft(
     """
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
-        fan_in_fan_out = _fan_in_fan_out(model_type)
+        fan_in_fan_out = bool(model_type) and _architecture(model_type).fan_in_fan_out
     index = _index(params, stacks, path_map)
     saved_modules = _saved_modules(config.modules_to_save, {p: s.flax_path for p, s in
                                                             index.items()})
@@ -359,25 +395,25 @@ def save_peft(
     for torch_path, slot in index.items():
         node, key = slot.node, PREFIX + torch_path
         mapped.add(slot.flax_path)
-        factors = EMBED_FACTORS if EMBED_FACTORS[0] in node else KERNEL_FACTORS
-        has = factors[0] in node
+        record = _record(node, slot.flax_path)
+        has = record is not None
         if has and not (slot.layer is not None and wanted is not None and slot.layer not in wanted):
-            weight = slot.leaf("embedding" if factors is EMBED_FACTORS else "kernel")
+            weight = slot.leaf(record.weight)
             if weight.ndim != 2:
                 raise ValueError(
                     f"{slot.flax_path!r}: a weight of shape {tuple(weight.shape)} per layer has no "
                     "PyTorch Linear/Embedding layout; peft interop supports nn.Dense and nn.Embed "
                     "(pass model_type/stacks if this is a scanned stack)"
                 )
-            a, b = (np.asarray(slot.leaf(n)) for n in factors)
-            suffix = (".lora_embedding_A", ".lora_embedding_B") if factors is EMBED_FACTORS \
+            a, b = (np.asarray(slot.leaf(n)) for n in record.names)
+            suffix = (".lora_embedding_A", ".lora_embedding_B") if record.weight == "embedding" \
                 else (".lora_A.weight", ".lora_B.weight")
             tensors[key + suffix[0]] = a.T
             tensors[key + suffix[1]] = b.T
             adapted[torch_path] = (a.shape[-1], config.alpha(slot.flax_path))
         root = _saved_root(torch_path, saved_modules)
         for name, value in _leaves(node).items():
-            if name in FACTOR_LEAVES:
+            if is_factor(name):
                 continue
             value = value if slot.layer is None else value[slot.layer]
             if root is not None:
@@ -393,7 +429,7 @@ def save_peft(
             elif name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and has)):
                 tensors[key + (".base_layer.bias" if has else ".bias")] = np.asarray(value)
     unmapped = [p for p, node in iter_modules(params, leaves=None) if p not in mapped
-                and any(n in node for n in FACTOR_LEAVES)]
+                and any(is_factor(n) for n in node)]
     if unmapped:
         raise ValueError(f"save_peft: path_map gives no PyTorch path for the adapted modules "
                          f"{unmapped}")
@@ -406,12 +442,9 @@ def save_peft(
                                              "modules_to_save": saved_modules})
     auto_mapping = None
     if task_type is None and model_type is not None:
-        from lora_jax.models.registry import architecture
-
-        auto_mapping = {
-            "base_model_class": base_model_class or architecture(model_type).HF_CLASSES[0],
-            "parent_library": f"transformers.models.{model_type}.modeling_{model_type}",
-        }
+        arch = _architecture(model_type)
+        auto_mapping = {"base_model_class": base_model_class or arch.base_model_class,
+                        "parent_library": arch.parent_library}
     fields = _peft_fields(torch_config, fan_in_fan_out=fan_in_fan_out, task_type=task_type,
                           base_model_name_or_path=base_model_name_or_path,
                           auto_mapping=auto_mapping)
@@ -492,6 +525,7 @@ def load_peft(
     model_type: str | None = None,
     stacks: Sequence[str] | None = None,
     path_map: PathMap | None = None,
+    layouts: Mapping[str, Layout] | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> tuple[dict[str, Any], LoraConfig]:
     """(params with the adapter, its LoraConfig) from a peft adapter directory.
@@ -549,7 +583,7 @@ def load_peft(
     for torch_path in sorted(expected | set(factors)):
         slot, found = index[torch_path], factors.get(torch_path, {})
         embed = "embedding" in slot.node
-        names = EMBED_FACTORS if embed else KERNEL_FACTORS
+        names = factor_names("embedding" if embed else "kernel")[:2]
         keys = [PREFIX + torch_path + s for s, n in _FACTOR_SUFFIXES.items() if n in names]
         if torch_path not in expected:
             raise ValueError(f"{where}: {keys[0]!r} adapts {torch_path!r}, which the adapter's "
@@ -576,16 +610,16 @@ def load_peft(
         updates.setdefault((slot.flax_path, slot.layer), {}).update(
             {names[0]: a, names[1]: b, "_torch_path": torch_path})
     for slot in index.values():
-        if any(n in slot.node for n in FACTOR_LEAVES):
+        if any(is_factor(n) for n in slot.node):
             raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
                              "the base params (or merge first)")
-    new_params, adapted = _build(params, index, updates, config, dtype, where)
+    new_params, adapted = _build(params, index, updates, config, dtype, where, layouts)
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
-    layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",
-                                   stacked=int(s.layer is not None),
-                                   n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
-               for s in index.values() if "kernel" in s.node or "embedding" in s.node}
-    result = _agreeing(config, new_params, layouts, adapted)
+    flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",
+                                        stacked=int(s.layer is not None),
+                                        n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
+                    for s in index.values() if "kernel" in s.node or "embedding" in s.node}
+    result = _agreeing(config, new_params, flax_layouts, adapted)
     saved = _saved_modules(config.modules_to_save, {s.flax_path: p for p, s in index.items()})
     if tuple(saved or ()) != tuple(config.modules_to_save or ()):
         result = LoraConfig.from_dict({**result.to_dict(), "modules_to_save": saved})
@@ -603,7 +637,8 @@ def _rank(leaves: Mapping[str, Any]) -> int:
 
 def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
            updates: Mapping[tuple[str, int | None], dict[str, Any]], config: LoraConfig,
-           dtype: jnp.dtype, where: str) -> tuple[dict[str, Any], dict[str, tuple[int, float]]]:
+           dtype: jnp.dtype, where: str, layouts: Mapping[str, Layout] | None
+           ) -> tuple[dict[str, Any], dict[str, tuple[int, float]]]:
     """The new tree (per-layer updates stacked for scanned modules) and {flax path: (r, alpha)}."""
     by_module: dict[str, dict[int | None, dict[str, Any]]] = {}
     for (flax_path, layer), leaves in updates.items():
@@ -624,10 +659,20 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
             )
         if values:
             adapted[flax_path] = next(iter(values.values()))
+            r, alpha = adapted[flax_path]
+            weight = _weight_name(node)
+            scanned = None not in layers
+            layout = (layouts or {}).get(flax_path) or Layout(
+                "embed" if weight == "embedding" else "dense", stacked=int(scanned))
+            adapted_layers = tuple(sorted(i for i in values)) if scanned else None
+            if adapted_layers is not None and len(adapted_layers) == len(node[weight]):
+                adapted_layers = None
+            record = LoraRecord(weight, layout, r, alpha / (r ** 0.5 if config.use_rslora else r),
+                                config.lora_dropout, adapted_layers)
         names = {k for v in layers.values() for k in v if k != "_torch_path"}
         out = {}
         for name in names:
-            target = dtype if name in FACTOR_LEAVES else node[name].dtype
+            target = dtype if is_factor(name) else node[name].dtype
             if None in layers:
                 out[name] = jnp.asarray(layers[None][name], target)
                 continue
@@ -637,7 +682,9 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
             n = node[name].shape[0] if name in node else len(node[_weight_name(node)])
             out[name] = jnp.asarray(np.stack([
                 layers[i][name] if name in layers.get(i, {})
-                else (np.zeros(shape) if name in FACTOR_LEAVES else np.asarray(node[name][i]))
+                else (np.zeros(shape) if is_factor(name) else np.asarray(node[name][i]))
                 for i in range(n)]), target)
+        if values:
+            out[factor_names(record.weight)[2]] = record
         new_leaves[flax_path] = out
     return with_leaves(params, new_leaves), adapted

@@ -31,10 +31,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import EMBED_FACTORS, FACTOR_LEAVES, KERNEL_FACTORS, Layout
+from lora_jax.factors import Layout
 from lora_jax.inject import inject
-from lora_jax.partition import has_factors
-from lora_jax.targets import iter_modules, with_leaves
+from lora_jax.record import LoraRecord, factor_names, iter_records
+from lora_jax.targets import with_leaves, without_leaves
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -103,9 +103,11 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
     shaped like the base params (with or without factors); the factors' specs are derived from
     their weight's spec and the factor shapes.
 
-    >>> import jax.numpy as jnp
-    >>> params = {"kernel": jnp.ones((8, 6)), "lora_A": jnp.ones((8, 2)),
-    ...           "lora_B": jnp.ones((2, 6))}
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> from lora_jax import inject
+    >>> model = nn.Dense(6, use_bias=False)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> params = inject(params, LoraConfig(r=2, target_modules=".*"), jax.random.key(1))
     >>> specs = lora_specs(params, {"kernel": P("fsdp", "tensor")})
     >>> specs["lora_A"], specs["lora_B"]
     (P('fsdp', None), P(None, 'tensor'))
@@ -121,28 +123,34 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
             )
         return _check_rank(flat_base[keys], leaf.ndim, path, strict)
 
+    plain = nn.unbox(params)
+    factor_specs: dict[tuple[str, ...], P] = {}
+    for item in iter_records(plain):
+        keys = tuple(item.path.split(".")) if item.path else ()
+        weight = item.weight
+        spec = base_spec((*keys, item.record.weight), weight, strict=True) or \
+            (None,) * weight.ndim
+        roles = item.record.layout.roles(weight.ndim)
+        pick = lambda letters, spec=spec, roles=roles: [
+            ax for ax, r in zip(spec, roles, strict=True) if r in letters]
+        a_name, b_name = item.record.names
+        factor_specs[(*keys, a_name)] = P(*pick("sb"), *pick("i"), None)
+        factor_specs[(*keys, b_name)] = P(*pick("sb"), None, *pick("o"))
+
     def visit(node: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in node.items():
             if isinstance(value, Mapping):
                 out[key] = visit(value, (*keys, key))
-            elif value is None:
-                out[key] = None
-            elif key not in FACTOR_LEAVES:
+            elif value is None or isinstance(value, LoraRecord):
+                out[key] = value
+            elif (*keys, key) in factor_specs:
+                out[key] = factor_specs[(*keys, key)]
+            else:
                 out[key] = base_spec((*keys, key), value, strict=False)
-        if has_factors(node):
-            is_embed = EMBED_FACTORS[0] in node
-            weight_name = "embedding" if is_embed else "kernel"
-            a_name, b_name = EMBED_FACTORS if is_embed else KERNEL_FACTORS
-            weight, a, b = node[weight_name], node[a_name], node[b_name]
-            spec = base_spec((*keys, weight_name), weight, strict=True) or (None,) * weight.ndim
-            stacked = a.ndim + b.ndim - 2 - weight.ndim
-            n_in = a.ndim - stacked - 1
-            out[a_name] = P(*spec[: stacked + n_in], None)
-            out[b_name] = P(*spec[:stacked], None, *spec[stacked + n_in :])
         return out
 
-    return visit(nn.unbox(params), ())
+    return visit(plain, ())
 
 
 def _flatten(tree: Any) -> dict[tuple[str, ...], P]:
@@ -204,28 +212,18 @@ def shard_inject(
     shardings = named_shardings(all_specs, mesh, abstract)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain)
 
-    def factors(k: jax.Array) -> dict[str, Any]:
-        injected = inject(shapes, config, k, layouts=layouts)
-        return {path: {n: m[n] for n in FACTOR_LEAVES if n in m}
-                for path, m in iter_modules(injected) if has_factors(m)}
+    def factors(tree: Any) -> dict[str, dict[str, Any]]:
+        return {item.path: dict(zip(item.record.names, item.factors, strict=True))
+                for item in iter_records(tree)}
 
-    factor_shardings = {path: {n: _at(shardings, path, n) for n in FACTOR_LEAVES if n in m}
-                        for path, m in iter_modules(abstract) if has_factors(m)}
-    new = jax.jit(factors, out_shardings=factor_shardings)(key)
-    placed = jax.tree.map(jax.device_put, plain, _without_factors(shardings))
-    return with_leaves(placed, new)
-
-
-def _at(tree: Mapping[str, Any], path: str, name: str) -> Any:
-    node = tree
-    for key in path.split(".") if path else ():
-        node = node[key]
-    return node[name]
-
-
-def _without_factors(tree: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _without_factors(v) if isinstance(v, Mapping) else v
-            for k, v in tree.items() if k not in FACTOR_LEAVES}
+    new = jax.jit(lambda k: factors(inject(shapes, config, k, layouts=layouts)),
+                  out_shardings=factors(shardings))(key)
+    records = {item.path: {factor_names(item.record.weight)[2]: item.record}
+               for item in iter_records(abstract)}
+    placed = jax.tree.map(jax.device_put, plain, without_leaves(shardings, {
+        (item.path, name) for item in iter_records(abstract)
+        for name in factor_names(item.record.weight)}))
+    return with_leaves(with_leaves(placed, new), records)
 
 
 def opt_state_specs(opt_state: Any, trainable_specs: Any) -> Any:

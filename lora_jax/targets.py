@@ -8,8 +8,10 @@ here is tried on both spellings, so peft's target names and layer indices work u
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
+
+from flax.core import meta
 
 T = TypeVar("T")
 
@@ -58,6 +60,12 @@ def pattern_value(patterns: Mapping[str, T], path: str, default: T) -> T:
 WEIGHT_LEAVES = ("kernel", "embedding")
 
 
+def unbox(tree: Any) -> Any:
+    """The tree (or leaf) with Flax metadata boxes (`nn.Partitioned`, `nn.LogicallyPartitioned`)
+    replaced by their values."""
+    return meta.unbox(tree)
+
+
 def iter_modules(params: Mapping[str, Any], prefix: tuple[str, ...] = (), *,
                  leaves: Sequence[str] | None = WEIGHT_LEAVES) -> Iterator[
     tuple[str, Mapping[str, Any]]
@@ -86,3 +94,48 @@ def with_leaves(params: Mapping[str, Any], additions: Mapping[str, Mapping[str, 
         out[key] = with_leaves(value, additions, path) if isinstance(value, Mapping) else value
     out.update(additions.get(prefix, {}))
     return out
+
+
+def without_leaves(params: Mapping[str, Any], drop: set[tuple[str, str]],
+                   prefix: str = "") -> dict[str, Any]:
+    """A copy of the tree without the leaves `(module path, name)` in `drop`.
+
+    >>> without_leaves({"dense": {"kernel": 1, "lora_A": 2}}, {("dense", "lora_A")})
+    {'dense': {'kernel': 1}}
+    """
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            out[key] = without_leaves(value, drop, f"{prefix}.{key}" if prefix else key)
+        elif (prefix, key) not in drop:
+            out[key] = value
+    return out
+
+
+def hf_module_parts(flax_path: str, stacks: Iterable[str]) -> tuple[list[str], list[int]]:
+    """The HF PyTorch components of a Flax module path, and the positions of the components
+    that name a scanned stack (a name in `stacks` without an index).
+
+    A list element `h_0` of a stack becomes `h`, `0`; a nested stack is named without indices,
+    e.g. `encoder.block.layer` for `encoder.block_0.layer_1`.
+
+    >>> hf_module_parts("transformer.h_0.attn", ["transformer.h"])
+    (['transformer', 'h', '0', 'attn'], [])
+    >>> hf_module_parts("transformer.h.attn", ["transformer.h"])
+    (['transformer', 'h', 'attn'], [1])
+    """
+    stacks = set(stacks)
+    out: list[str] = []
+    plain: list[str] = []  # the components without layer indices
+    scanned: list[int] = []
+    for i, part in enumerate(flax_path.split(".") if flax_path else []):
+        m = _LIST_ELEMENT.match(part)
+        if m and ".".join([*plain, m[1]]) in stacks:
+            out += [m[1], m[2]]
+            plain.append(m[1])
+            continue
+        if ".".join([*plain, part]) in stacks:
+            scanned.append(i)
+        out.append(part)
+        plain.append(part)
+    return out, scanned

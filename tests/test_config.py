@@ -44,8 +44,14 @@ def test_dict_round_trip():
         ({"r": -2}, "r must be a positive integer"),
         ({"r": 2.5}, "r must be a positive integer"),
         ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\] must be a positive integer"),
-        ({"lora_alpha": 0}, "lora_alpha must be a positive number, got 0"),
-        ({"alpha_pattern": {"q": -1}}, r"alpha_pattern\['q'\] must be a positive number"),
+        ({"lora_alpha": 0}, "lora_alpha must be a positive finite number, got 0"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a positive finite number, got nan"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a positive finite number, got inf"),
+        ({"use_rslora": "no"}, "use_rslora must be True or False, got 'no'"),
+        ({"lora_dropout": float("nan")}, r"lora_dropout must be in \[0, 1\), got nan"),
+        ({"target_parameters": "w"}, "target_parameters must be a list of param names"),
+        ({"alpha_pattern": {"q": -1}},
+         r"alpha_pattern\['q'\] must be a positive finite number"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
         ({"lora_dropout": -0.1}, "lora_dropout must be in"),
         ({"bias": "some"}, "bias must be 'none', 'all' or 'lora_only'"),
@@ -66,3 +72,11 @@ def test_misspelled_field_names_the_closest_field():
         LoraConfig(target_module=["q"])
     with pytest.raises(TypeError, match="'lora_alpa'.*'lora_alpha'"):
         LoraConfig.from_dict({"r": 4, "lora_alpa": 8})
+
+
+def test_the_signature_is_the_dataclass_one():
+    import inspect
+
+    params = inspect.signature(LoraConfig).parameters
+    assert list(params)[:3] == ["r", "lora_alpha", "target_modules"]
+    assert params["r"].default == 8 and "target_parameters" in params

@@ -172,23 +172,31 @@ def test_factors_on_an_unsupported_layer_are_an_error():
     config = LoraConfig(r=2, target_modules=".*")
     params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
                              jax.random.key(1))
-    with pytest.raises(ValueError, match="'' is a RawLinear holding LoRA factors"):
+    with pytest.raises(ValueError, match="'' is a RawLinear, which has no layer rule"):
         lora_jax.wrap(model.apply, config)({"params": params}, x)
 
 
 def test_an_einsum_with_batch_axes_cannot_be_adapted():
-    model = nn.Einsum((2, 6, 4), "bnd,ndo->bno")
-    with pytest.raises(ValueError, match="cannot adapt nn.Einsum 'bnd,ndo->bno'"):
-        lora_jax.layouts(model, jnp.ones((3, 2, 6)))
+    model, x = nn.Einsum((2, 6, 4), "bnd,ndo->bno"), jnp.ones((3, 2, 6))
+    found = lora_jax.layouts(model, x)  # an untargeted module never raises
+    assert "shared by input, kernel and output" in found[""].error
+    params = model.init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match="cannot adapt '': kernel axis 'n' of 'bnd,ndo->bno' "
+                                         "is shared by input, kernel and output"):
+        lora_jax.inject(params, LoraConfig(r=2, target_modules=".*"), jax.random.key(1),
+                        layouts=found)
 
 
 def test_layouts_reads_scanned_stacks_and_layer_kinds():
     found = lora_jax.layouts(TinyLM(scan=True), IDS)
-    assert found["wte"] == lora_jax.Layout("embed", stacked=0, n_in=1)
-    assert found["h.q"] == lora_jax.Layout("dense", stacked=1, n_in=1)
-    assert found["lm_head"] == lora_jax.Layout("dense", stacked=0, n_in=1)
+    assert found["wte"] == lora_jax.Layout("embed", rule="flax.linen.linear.Embed",
+                                           weight="embedding")
+    assert found["h.q"] == lora_jax.Layout("dense", stacked=1, n_in=1,
+                                           rule="flax.linen.linear.Dense", weight="kernel")
+    assert (found["lm_head"].kind, found["lm_head"].stacked) == ("dense", 0)
     conv, x = single_layer("conv", 6, 5)
-    assert lora_jax.layouts(conv, x)["layer"] == lora_jax.Layout("conv", stacked=0, n_in=3)
+    found = lora_jax.layouts(conv, x)["layer"]
+    assert (found.kind, found.stacked, found.n_in) == ("conv", 0, 3)
 
 
 def test_layouts_reads_logically_partitioned_params():
@@ -199,7 +207,8 @@ def test_layouts_reads_logically_partitioned_params():
             return nn.Dense(6, kernel_init=init, name="proj")(x)
 
     found = lora_jax.layouts(Partitioned(), jnp.ones((2, 4)))
-    assert found == {"proj": lora_jax.Layout("dense", stacked=0, n_in=1)}
+    assert list(found) == ["proj"]
+    assert (found["proj"].kind, found["proj"].stacked, found["proj"].n_in) == ("dense", 0, 1)
 
 
 def test_dense_general_with_unsorted_axes():

@@ -10,32 +10,53 @@ import lora_jax
 from lora_jax import LoraConfig
 
 
+def _adapted(modules, config, a, b):
+    """`modules` ({name: {"kernel": ...}}) injected by `config`, with the factors set to a, b."""
+    params = lora_jax.inject(modules, config, jax.random.key(0))
+    return {name: {**node, "lora_A": a, "lora_B": b} for name, node in params.items()}
+
+
 def test_merge_removes_factors_and_adds_the_scaled_product():
     a = jax.random.normal(jax.random.key(0), (6, 2))
     b = jax.random.normal(jax.random.key(1), (2, 5))
-    params = {"proj": {"kernel": jnp.ones((6, 5)), "bias": jnp.zeros(5), "lora_A": a,
-                       "lora_B": b}}
-    merged = lora_jax.merge(params, LoraConfig(r=2, lora_alpha=6))
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=["proj"])
+    params = _adapted({"proj": {"kernel": jnp.ones((6, 5)), "bias": jnp.zeros(5)}}, config, a, b)
+    merged = lora_jax.merge(params, config)
     assert set(merged["proj"]) == {"kernel", "bias"}
     np.testing.assert_allclose(merged["proj"]["kernel"], 1 + 3 * (a @ b), rtol=1e-6)
 
 
 def test_merge_uses_per_module_alpha_and_rslora():
-    a, b = jnp.ones((4, 4)), jnp.ones((4, 3))
-    params = {"q": {"kernel": jnp.zeros((4, 3)), "lora_A": a, "lora_B": b},
-              "v": {"kernel": jnp.zeros((4, 3)), "lora_A": a, "lora_B": b}}
-    config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"v": 16}, use_rslora=True)
+    a, b = jnp.ones((4, 3)), jnp.ones((3, 3))
+    config = LoraConfig(r=3, lora_alpha=6, alpha_pattern={"v": 12}, use_rslora=True,
+                        target_modules=["q", "v"])
+    params = _adapted({"q": {"kernel": jnp.zeros((4, 3))}, "v": {"kernel": jnp.zeros((4, 3))}},
+                      config, a, b)
     merged = lora_jax.merge(params, config)
-    np.testing.assert_allclose(merged["q"]["kernel"], 4 * 8 / 2)  # (a@b) * 8 / sqrt(4)
-    np.testing.assert_allclose(merged["v"]["kernel"], 4 * 16 / 2)
+    np.testing.assert_allclose(merged["q"]["kernel"], 3 * 6 / 3 ** 0.5, rtol=1e-6)
+    np.testing.assert_allclose(merged["v"]["kernel"], 3 * 12 / 3 ** 0.5, rtol=1e-6)
+
+
+def test_a_config_that_rescales_the_factors_is_an_error():
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q"])
+    params = lora_jax.inject({"q": {"kernel": jnp.zeros((4, 3))}}, config, jax.random.key(0))
+    for other in (LoraConfig(r=2, lora_alpha=8, target_modules=["q"]),
+                  LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules=["q"]),
+                  LoraConfig(r=4, lora_alpha=8, target_modules=["q"])):
+        with pytest.raises(ValueError, match="'q' was adapted with r=2, scale=2, but this "
+                                             "LoraConfig gives"):
+            lora_jax.merge(params, other)
+    # Without a config the record's scale is used.
+    assert set(lora_jax.merge(params)["q"]) == {"kernel"}
 
 
 def test_bfloat16_kernel_is_merged_in_float32_and_cast_once():
     kernel = jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)
     a = jax.random.normal(jax.random.key(1), (64, 4)) * 1e-2
     b = jax.random.normal(jax.random.key(2), (4, 32)) * 1e-2
-    params = {"p": {"kernel": kernel, "lora_A": a, "lora_B": b}}
-    merged = lora_jax.merge(params, LoraConfig(r=4, lora_alpha=4))["p"]["kernel"]
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["p"])
+    params = _adapted({"p": {"kernel": kernel}}, config, a, b)
+    merged = lora_jax.merge(params, config)["p"]["kernel"]
     assert merged.dtype == jnp.bfloat16
     expected = (kernel.astype(jnp.float32) + a @ b).astype(jnp.bfloat16)
     np.testing.assert_array_equal(merged, expected)
@@ -55,11 +76,12 @@ def test_merged_scanned_stack_equals_the_wrapped_model():
 
 
 def test_safe_merge_raises_on_non_finite_weights():
-    params = {"p": {"kernel": jnp.ones((3, 3)), "lora_A": jnp.full((3, 1), jnp.inf),
-                    "lora_B": jnp.ones((1, 3))}}
+    config = LoraConfig(r=1, target_modules=["p"])
+    params = _adapted({"p": {"kernel": jnp.ones((3, 3))}}, config, jnp.full((3, 1), jnp.inf),
+                      jnp.ones((1, 3)))
     with pytest.raises(ValueError, match="merging 'p' produced NaN or inf"):
-        lora_jax.merge(params, LoraConfig(r=1), safe=True)
-    assert not np.isfinite(lora_jax.merge(params, LoraConfig(r=1))["p"]["kernel"]).all()
+        lora_jax.merge(params, config, safe=True)
+    assert not np.isfinite(lora_jax.merge(params, config)["p"]["kernel"]).all()
 
 
 def test_merge_without_factors_is_an_error():

@@ -83,5 +83,5 @@ def test_unselected_scanned_layers_stay_zero_under_adamw():
 def test_optimizer_needs_factors():
     model = TinyLM()
     params = model.init(jax.random.key(0), IDS)["params"]
-    with pytest.raises(ValueError, match="call lora_jax.inject first"):
+    with pytest.raises(ValueError, match="hold no LoRA factors: call lora_jax.inject"):
         lora_jax.optimizer(optax.adam(1e-3), params, LoraConfig(target_modules=["q"]))

@@ -22,6 +22,8 @@ loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model cod
 import importlib
 from types import ModuleType
 
+from lora_jax import peft_io
+
 ARCHITECTURES = {
     "gpt2": "lora_jax.models.gpt2",
     "bert": "lora_jax.models.bert",
@@ -39,3 +41,18 @@ def architecture(model_type: str) -> ModuleType:
             f"{sorted(ARCHITECTURES)}"
         )
     return importlib.import_module(ARCHITECTURES[model_type])
+
+
+def _peft_facts(model_type: str) -> peft_io.Architecture:
+    arch = architecture(model_type)
+    return peft_io.Architecture(
+        stacks=tuple(arch.LAYER_STACKS),
+        fan_in_fan_out=bool(getattr(arch, "FAN_IN_FAN_OUT", False)),
+        base_model_class=arch.HF_CLASSES[0],
+        parent_library=f"transformers.models.{model_type}.modeling_{model_type}",
+    )
+
+
+# peft io reads architecture facts from here; the core never imports the models.
+for _name in ARCHITECTURES:
+    peft_io.register_architecture(_name, lambda name=_name: _peft_facts(name))

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.targets import hf_module_parts
+
 Params = dict[str, Any]
 
 
@@ -163,35 +165,6 @@ def unstack_layers(params: Mapping[str, Any], stack_path: str) -> Params:
 # Flax leaf name -> the HF parameter name of the same tensor.
 _HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
-
-
-def hf_module_parts(flax_path: str, stacks: Iterable[str]) -> tuple[list[str], list[int]]:
-    """The HF PyTorch components of a Flax module path, and the positions of the components
-    that name a scanned stack (a name in `stacks` without an index).
-
-    A list element `h_0` of a stack becomes `h`, `0`; a nested stack is named without indices,
-    e.g. `encoder.block.layer` for `encoder.block_0.layer_1`.
-
-    >>> hf_module_parts("transformer.h_0.attn", ["transformer.h"])
-    (['transformer', 'h', '0', 'attn'], [])
-    >>> hf_module_parts("transformer.h.attn", ["transformer.h"])
-    (['transformer', 'h', 'attn'], [1])
-    """
-    stacks = set(stacks)
-    out: list[str] = []
-    plain: list[str] = []  # the components without layer indices
-    scanned: list[int] = []
-    for i, part in enumerate(flax_path.split(".") if flax_path else []):
-        m = _LIST_ELEMENT.fullmatch(part)
-        if m and ".".join([*plain, m[1]]) in stacks:
-            out += [m[1], m[2]]
-            plain.append(m[1])
-            continue
-        if ".".join([*plain, part]) in stacks:
-            scanned.append(i)
-        out.append(part)
-        plain.append(part)
-    return out, scanned
 
 
 def hf_name(flax_path: str, stacks: Iterable[str]) -> str:

@@ -1,0 +1,144 @@
+"""`LoraRecord`: everything about one adapted weight, stored in the params tree beside its factors.
+
+`inject` (and `load_peft`) put a record next to each adapted weight: `{"kernel": W, "lora_A": A,
+"lora_B": B, "lora": LoraRecord(...)}`. The record is a static pytree node (no array leaves), so
+it passes through `jit`, `grad`, `scan`, optax and orbax unchanged and costs nothing, while
+`wrap`, `merge`, `split`, counting, sharding and peft io all read the facts from it instead of
+re-deriving them: the layout (which axes are stacked, input, output; the storage order), the
+layer rule, the rank and the scale. The scale travels with the factors, so a later config can
+never silently rescale them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+
+from lora_jax.factors import Layout
+
+# The rule name of weights adapted by materialising W + scale * A B (no layer rule).
+MATERIALISE = "materialise"
+
+
+def factor_names(weight: str) -> tuple[str, str, str]:
+    """(A, B, record) leaf names for the adapted `weight` (peft's names for kernel / embedding).
+
+    >>> factor_names("kernel"), factor_names("w")
+    (('lora_A', 'lora_B', 'lora'), ('w_lora_A', 'w_lora_B', 'w_lora'))
+    """
+    if weight == "kernel":
+        return "lora_A", "lora_B", "lora"
+    if weight == "embedding":
+        return "lora_embedding_A", "lora_embedding_B", "lora_embedding"
+    return f"{weight}_lora_A", f"{weight}_lora_B", f"{weight}_lora"
+
+
+def is_factor(name: str) -> bool:
+    """Whether a leaf name is a LoRA factor (A or B of any weight)."""
+    return name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") or \
+        name.endswith(("_lora_A", "_lora_B"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraRecord:
+    """One adapted weight: its name, layout (and rule), rank, scale and dropout rate.
+
+    `layers` lists the stacked layers that are adapted when only some of a scanned stack's are
+    (`layers_to_transform`); the others hold zero factors.
+    """
+
+    weight: str
+    layout: Layout
+    rank: int
+    scale: float
+    dropout: float = 0.0
+    layers: tuple[int, ...] | None = None
+    variant: str = "lora"
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The leaf names of A and B."""
+        return factor_names(self.weight)[:2]
+
+    @property
+    def materialised(self) -> bool:
+        """Whether the forward adds A B to the weight (no layer rule) instead of to the output."""
+        return self.layout.rule == MATERIALISE
+
+
+jax.tree_util.register_static(LoraRecord)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A record with where it lives: the module dict's path and the dict itself."""
+
+    path: str  # of the module dict
+    module: Mapping[str, Any]
+    record: LoraRecord
+
+    @property
+    def target(self) -> str:
+        """The path targets name this weight by (peft's module path, or path.param)."""
+        return target_path(self.path, self.record.weight, self.module)
+
+    @property
+    def weight(self) -> Any:
+        return self.module[self.record.weight]
+
+    @property
+    def factors(self) -> tuple[Any, Any]:
+        a, b = self.record.names
+        return self.module[a], self.module[b]
+
+
+def target_path(path: str, weight: str, module: Mapping[str, Any]) -> str:
+    """The module path of a weight: the dict's path, or `path.weight` when the dict holds
+    several weights that could be adapted (a shared scope, e.g. Gemma's MLP)."""
+    if weight in ("kernel", "embedding"):
+        return path
+    others = [k for k, v in module.items() if k != weight and not isinstance(v, Mapping)
+              and not is_factor(k) and not isinstance(v, LoraRecord)
+              and getattr(v, "ndim", 0) >= 2]
+    return f"{path}.{weight}" if others else path
+
+
+def iter_records(params: Mapping[str, Any], prefix: str = "") -> Iterator[Adapted]:
+    """Every adapted weight of a params tree, parents first."""
+    for value in params.values():
+        if isinstance(value, LoraRecord):
+            yield Adapted(prefix, params, value)
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            yield from iter_records(value, f"{prefix}.{key}" if prefix else key)
+
+
+def records(params: Mapping[str, Any]) -> list[Adapted]:
+    """The adapted weights of `params`; raises if there are none."""
+    found = list(iter_records(params))
+    if not found:
+        raise ValueError("the params hold no LoRA factors: call lora_jax.inject (or load_peft) "
+                         "first")
+    return found
+
+
+def check_config(adapted: Adapted, config: Any) -> None:
+    """Raise if `config` would give this weight another rank or scale than it was injected with.
+
+    The record's values are the ones used; this catches a config that does not describe them.
+    """
+    if config is None:
+        return
+    path, record = adapted.target, adapted.record
+    want_rank = config.rank(path)
+    want_scale = config.scaling(path, rank=want_rank)
+    if want_rank != record.rank or abs(want_scale - record.scale) > 1e-9 * abs(record.scale):
+        raise ValueError(
+            f"{path!r} was adapted with r={record.rank}, scale={record.scale:g}, but this "
+            f"LoraConfig gives r={want_rank}, scale={want_scale:g} (lora_alpha, use_rslora, "
+            "rank_pattern or alpha_pattern differ). Pass the config used at inject / returned "
+            "by load_peft"
+        )
