@@ -575,8 +575,8 @@ def load_peft(
             raise ValueError(f"{where}: {key!r} disagrees with another copy of the same tensor")
         updates[(slot.flax_path, slot.layer)][name] = value
 
-    tree, layouts = _shape_tree(index)
-    expected = _selected(config, tree, layouts)
+    tree, torch_layouts = _shape_tree(index)
+    expected = _selected(config, tree, torch_layouts)
     if expected is None:
         raise ValueError(f"{where}: target_modules={config.target_modules!r} matches no module "
                          f"of the params tree (PyTorch paths: {sorted(tree)[:5]}...)")
@@ -596,13 +596,17 @@ def load_peft(
         if weight.ndim != 2:
             raise ValueError(f"{where}: {keys[0]!r}: {slot.flax_path!r} has a weight of shape "
                              f"{tuple(weight.shape)}; peft interop supports nn.Dense and nn.Embed")
+        # The weight's (in, out) as its layout reads it (a FlaxConv1D kernel is [out, in]).
+        layout = (layouts or {}).get(slot.flax_path) or Layout("dense")
+        _, (fan_in,), (fan_out,) = dataclasses.replace(layout, stacked=0).split(weight.shape)
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] \
-                or (a.shape[0], b.shape[1]) != tuple(weight.shape):
+                or (a.shape[0], b.shape[1]) != (fan_in, fan_out):
             raise ValueError(
                 f"{where}: {keys[0]!r} {tuple(found[names[0]].shape)} and {keys[1]!r} "
                 f"{tuple(found[names[1]].shape)} do not fit {slot.flax_path!r} of shape "
-                f"{tuple(weight.shape)} (expected [r, {weight.shape[0]}] and "
-                f"[{weight.shape[1]}, r])"
+                f"{tuple(weight.shape)} (expected [r, {fan_in}] and [{fan_out}, r]"
+                + ("" if layouts else "; pass layouts=lora_jax.layouts(model, ...) if its kernel "
+                   "is not [in, out]") + ")"
             )
         if a.shape[1] != config.rank(torch_path):
             raise ValueError(f"{where}: {keys[0]!r} has rank {a.shape[1]}, but the config gives "

@@ -252,9 +252,14 @@ def test_flax_conv1d_adapter_loads_in_peft(tmp_path):
         expected = loaded(torch.from_numpy(np.asarray(X))).numpy()
     wrapped = lora_jax.wrap(model.apply, config)({"params": params}, X)
     np.testing.assert_allclose(wrapped, expected, rtol=1e-4, atol=1e-4)
-    assert not np.allclose(expected, model.apply({"params": {"c_attn": {
-        "kernel": params["c_attn"]["kernel"], "bias": params["c_attn"]["bias"]}}}, X),
-        atol=1e-3)
+    base = {"c_attn": {"kernel": params["c_attn"]["kernel"], "bias": params["c_attn"]["bias"]}}
+    assert not np.allclose(expected, model.apply({"params": base}, X), atol=1e-3)
+    # And back: peft's file onto the [out, in] kernel, read through the rule's layout.
+    loaded_params, loaded_config = lora_jax.load_peft(tmp_path, base,
+                                                      layouts=lora_jax.layouts(model, X))
+    np.testing.assert_allclose(
+        lora_jax.wrap(model.apply, loaded_config)({"params": loaded_params}, X), expected,
+        rtol=1e-4, atol=1e-4)
 
 
 def test_an_untargeted_unadaptable_layer_never_raises_a_targeted_one_does_at_inject():
@@ -334,3 +339,13 @@ def test_einsum_roles_read_the_equation():
     assert einsum_roles("BTD,SNDH->SBTNH")[0] == "boio"
     assert einsum_roles("...F,NFH->...NH")[0] == "oio"
     assert einsum_roles("BTNH,NHD->BTD")[0] == "iio"
+
+
+def test_wrap_and_optimizer_refuse_a_config_that_rescales_the_factors():
+    model, config, _, params = _setup("flax_conv1d", False)
+    other = LoraConfig(r=2, lora_alpha=16, target_modules=["c_attn"])
+    with pytest.raises(ValueError, match=r"'h_0.c_attn' was adapted with r=2, scale=2, but this "
+                                         r"LoraConfig gives r=2, scale=8"):
+        lora_jax.wrap(model.apply, other)({"params": params}, X)
+    with pytest.raises(ValueError, match="was adapted with r=2, scale=2"):
+        lora_jax.optimizer(optax.adam(1e-3), params, other)
