@@ -397,9 +397,8 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), max(steps, 2))
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, weight_decay=0.01 if method != "prompt" else 0.0))
-    trainable = lora_jax.split(params, config)[0]
-    if method == "lora":
-        tx = lora_jax.optimizer(tx, trainable, config)
+    # `tx` updates the trainable half that `train.fit` differentiates (split once, combine for
+    # the forward): no whole-tree `lora_jax.optimizer` wrapper is needed.
     return Setup(params, config, forward, tx, method == "lora")
 
 
