@@ -7,6 +7,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,7 +40,11 @@ class LoraConfig:
       (`W + scale * A B`, materialised) and warns. Leading axes beyond two are kept (separate
       factors per index, e.g. per expert) unless `layouts` says otherwise.
     - `init_lora_weights`: True (A kaiming-uniform, B = 0: starts equal to the base), "gaussian"
-      (A ~ N(0, (1/r)^2), B = 0) or False (both random: a non-identity start, for tests).
+      (A ~ N(0, (1/r)^2), B = 0), False (both random: a non-identity start, for tests), or,
+      changing the base weights (inject returns the residual base): "pissa" (top-r SVD),
+      "pissa_niter_K" (randomised SVD, K power iterations) or "olora" (QR).
+    - `use_dora`: DoRA (peft's field): a trained magnitude per output feature rescales
+      W + scale * A B to that length.
 
     >>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.05)
     >>> config.scaling("transformer.h_0.attn.c_attn")
@@ -57,9 +62,10 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | str = True
     modules_to_save: Sequence[str] | None = None
     target_parameters: Sequence[str] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         # Lists become tuples so the config is hashable and can be a static jit argument.
@@ -101,11 +107,15 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
             )
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        init = self.init_lora_weights
+        if init not in (True, False, "gaussian", "pissa", "olora") and not (
+                isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init)):
             raise ValueError(
-                "LoraConfig.init_lora_weights must be True, False or 'gaussian', got "
-                f"{self.init_lora_weights!r}"
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', "
+                f"'pissa_niter_K' (K >= 1) or 'olora', got {init!r}"
             )
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern needs layers_to_transform to be set too")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

@@ -76,6 +76,14 @@ class Layout:
         pick = lambda letters: tuple(d for d, r in zip(shape, roles, strict=True) if r in letters)
         return pick("sb"), pick("i"), pick("o")
 
+    def to_canonical(self, stored: jax.Array) -> jax.Array:
+        """The weight as a matrix per stack index: `[*stack, fan_in, fan_out]`."""
+        roles = self.roles(stored.ndim)
+        order = [i for group in ("sb", "i", "o") for i, r in enumerate(roles) if r in group]
+        stack, fan_in, fan_out = self.split(stored.shape)
+        return jnp.transpose(stored, order).reshape(*stack, math.prod(fan_in),
+                                                     math.prod(fan_out))
+
     def to_stored(self, canonical: jax.Array) -> jax.Array:
         """An array laid out `[*stack, *in, *out]` transposed to the weight's storage order."""
         roles = self.roles(canonical.ndim)
@@ -146,12 +154,17 @@ def kernel_delta(a: jax.Array, b: jax.Array, layout: Layout,
     return layout.to_stored(product.reshape(*stack, *fan_in, *fan_out))
 
 
+def project(x: jax.Array, w: jax.Array, axes: tuple[int, ...] = (-1,),
+            precision: jax.lax.PrecisionLike = None) -> jax.Array:
+    """x @ w, contracting `axes` of x (in sorted order, as flax does) with w's leading axes."""
+    axes = tuple(sorted(ax % x.ndim for ax in axes))
+    return jnp.tensordot(x, w, axes=(axes, tuple(range(len(axes)))), precision=precision)
+
+
 def dense_delta(x: jax.Array, a: jax.Array, b: jax.Array, axes: tuple[int, ...] = (-1,),
                 precision: jax.lax.PrecisionLike = None) -> jax.Array:
     """(x @ A) @ B for a projection contracting `axes` of x with A's input axes."""
-    axes = tuple(sorted(ax % x.ndim for ax in axes))
-    low = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))), precision=precision)
-    return jnp.tensordot(low, b, axes=1, precision=precision)
+    return jnp.tensordot(project(x, a, axes, precision), b, axes=1, precision=precision)
 
 
 def embed_delta(ids: jax.Array, a: jax.Array, b: jax.Array,
@@ -209,6 +222,93 @@ def einsum_delta(equation: str, x: jax.Array, a: jax.Array, b: jax.Array,
                      precision=precision)
     return jnp.einsum(f"{kept}{lhs_rest}{rank},{kept}{rank}{produced}->{out}", low, b,
                       precision=precision)
+
+
+def _letters(layout: Layout, ndim: int) -> tuple[str, str, str, str]:
+    """Einsum letters of a weight's axes in storage order, and its stack / in / out letters."""
+    roles = layout.roles(ndim)
+    letters = string.ascii_lowercase[:ndim]
+    pick = lambda group: "".join(c for c, r in zip(letters, roles, strict=True) if r in group)
+    return letters, pick("sb"), pick("i"), pick("o")
+
+
+def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Array,
+                layout: Layout) -> jax.Array:
+    """||W + scale * A B|| over the input axes, per output feature: `[*stack, *out]`, float32.
+
+    DoRA's weight norm without forming W + A B or any in x out product: with w_j the weight's
+    column j, n_j^2 = ||w_j||^2 + 2 s (A^T w_j) . b_j + s^2 b_j^T (A^T A) b_j.
+    """
+    w, a, b = (t.astype(jnp.float32) for t in (w, a, b))
+    k, stack, fan_in, out = _letters(layout, w.ndim)
+    r, q = "R", "S"
+    hi = jax.lax.Precision.HIGHEST
+    squares = jnp.einsum(f"{k},{k}->{stack}{out}", w, w, precision=hi)
+    a_w = jnp.einsum(f"{stack}{fan_in}{r},{k}->{stack}{r}{out}", a, w, precision=hi)
+    gram = jnp.einsum(f"{stack}{fan_in}{r},{stack}{fan_in}{q}->{stack}{r}{q}", a, a, precision=hi)
+    gram_b = jnp.einsum(f"{stack}{r}{q},{stack}{q}{out}->{stack}{r}{out}", gram, b, precision=hi)
+    cross = jnp.sum(a_w * b, axis=len(stack))
+    quad = jnp.sum(gram_b * b, axis=len(stack))
+    return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale**2 * quad, 0.0))
+
+
+def per_column(values: jax.Array, layout: Layout, ndim: int) -> jax.Array:
+    """`[*stack, *out]` values (e.g. DoRA's m / n) shaped to broadcast against the weight."""
+    roles = layout.roles(ndim)
+    if "b" in roles:
+        raise ValueError("per-output-feature values need a weight without kept axes")
+    dims = iter(values.shape)
+    return values.reshape([1 if r == "i" else next(dims) for r in roles])
+
+
+def _randomized_svd(w: jax.Array, r: int, niter: int, key: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rank-r SVD of `w [..., m, n]` by subspace iteration (Halko et al.; what torch's
+    `svd_lowrank(w, q=r, niter)` computes, with another random start)."""
+    qr = lambda t: jnp.linalg.qr(t)[0]
+    wt = jnp.swapaxes(w, -1, -2)
+    q = qr(w @ jax.random.normal(key, (*w.shape[:-2], w.shape[-1], r), w.dtype))
+    for _ in range(niter):
+        q = qr(w @ qr(wt @ q))
+    u, s, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ w, full_matrices=False)
+    return q @ u, s, vh
+
+
+def svd_init(w: jax.Array, layout: Layout, r: int, scale: float, niter: int | None = None,
+             key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """PiSSA (peft's `init_lora_weights="pissa"` / `"pissa_niter_K"`): A, B from the top-r
+    singular triplets of W with the singular values divided by `scale`, and the residual base
+    W - scale * A B in W's storage order and dtype. `niter` selects the randomised SVD."""
+    wc = layout.to_canonical(w).astype(jnp.float32)
+    if niter is None:
+        u, s, vh = jnp.linalg.svd(wc, full_matrices=False)
+    else:
+        u, s, vh = _randomized_svd(wc, r, niter, key)
+    root = jnp.sqrt(s[..., :r] / scale)
+    a = u[..., :r] * root[..., None, :]
+    b = root[..., :, None] * vh[..., :r, :]
+    return _factors_and_residual(w, wc, a, b, layout, scale)
+
+
+def qr_init(w: jax.Array, layout: Layout, r: int, scale: float
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """OLoRA (peft's `init_lora_weights="olora"`): the QR decomposition of W as PyTorch stores
+    it (`[out, in]`) gives B from Q's first r columns and A from R's first r rows (no division
+    by `scale`); the residual base is W - scale * A B."""
+    wc = layout.to_canonical(w).astype(jnp.float32)
+    q, rr = jnp.linalg.qr(jnp.swapaxes(wc, -1, -2))
+    a = jnp.swapaxes(rr[..., :r, :], -1, -2)
+    b = jnp.swapaxes(q[..., :, :r], -1, -2)
+    return _factors_and_residual(w, wc, a, b, layout, scale)
+
+
+def _factors_and_residual(w: jax.Array, wc: jax.Array, a: jax.Array, b: jax.Array,
+                          layout: Layout, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    stack, fan_in, fan_out = layout.split(w.shape)
+    product = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    residual = layout.to_stored((wc - scale * product).reshape(*stack, *fan_in, *fan_out))
+    return (a.reshape(*stack, *fan_in, a.shape[-1]), b.reshape(*stack, b.shape[-2], *fan_out),
+            residual.astype(w.dtype))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,14 +12,16 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import Layout, init_factors, max_rank
+from lora_jax.factors import Layout, column_norm, init_factors, max_rank, qr_init, svd_init
 from lora_jax.record import (
     MATERIALISE,
     LoraRecord,
     factor_names,
     is_factor,
+    magnitude_name,
     target_path,
 )
+from lora_jax.rules import rule_named
 from lora_jax.targets import (
     iter_modules,
     layer_index,
@@ -213,6 +216,75 @@ def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
     return jnp.zeros(n_layers, bool).at[jnp.asarray(selected)].set(True)
 
 
+def _check_variant(path: str, site: Site, config: LoraConfig, weight: Any) -> None:
+    """Clear errors for DoRA / PiSSA / OLoRA where they do not apply."""
+    roles = site.layout.roles(len(site.shape))
+    if config.use_dora:
+        if site.layout.rule == MATERIALISE or site.layout.kind == "einsum" or "b" in roles:
+            raise ValueError(
+                f"use_dora is not supported for {path!r} ({site.layout.kind}"
+                f"{', materialised' if site.layout.rule == MATERIALISE else ''}): as in peft, "
+                "DoRA applies to Dense-like, Conv and Embed layers; exclude it or drop use_dora"
+            )
+        if config.layers_to_transform is not None and site.layout.stacked:
+            raise ValueError(
+                f"use_dora with layers_to_transform on the scanned stack {path!r} would train the "
+                "magnitudes of every layer (one stacked leaf); use unscanned layers"
+            )
+        rule = rule_named(site.layout.rule)
+        if config.lora_dropout and site.layout.kind != "embed" and rule is not None \
+                and rule.base is None:
+            raise ValueError(
+                f"use_dora with lora_dropout on {path!r}: its rule {rule.name!r} has no `base` "
+                "to recompute the layer on the dropped input (peft's DoRA does); set "
+                "lora_dropout=0 or give the rule a base"
+            )
+    init = config.init_lora_weights
+    if isinstance(init, str) and init != "gaussian":
+        if site.layout.kind == "embed" or site.layout.rule == MATERIALISE:
+            raise ValueError(f"init_lora_weights={init!r} is not supported for {path!r} "
+                             f"({site.layout.kind}); peft applies it to Dense-like and Conv layers")
+        if not jnp.issubdtype(unbox(weight).dtype, jnp.floating):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs a float base weight, but {path!r} is "
+                f"{unbox(weight).dtype} (quantized?): use init_lora_weights=True"
+            )
+
+
+def _adapter_leaves(path: str, site: Site, weight: Any, config: LoraConfig, r: int,
+                    scale: float, key: jax.Array, dtype: jnp.dtype,
+                    selected: tuple[int, ...] | bool) -> dict[str, Any]:
+    """The new leaves of one adapted weight: A, B (peft's init), DoRA's magnitude, and for
+    PiSSA / OLoRA the residual base weight."""
+    a_name, b_name, _ = factor_names(site.weight)
+    init, plain = config.init_lora_weights, unbox(weight)
+    leaves: dict[str, Any] = {}
+    if isinstance(init, str) and init.startswith("pissa"):
+        niter = int(init.rsplit("_", 1)[1]) if init != "pissa" else None
+        a, b, residual = svd_init(plain, site.layout, r, scale, niter, key)
+    elif init == "olora":
+        a, b, residual = qr_init(plain, site.layout, r, scale)
+    else:
+        a, b = init_factors(key, site.shape, site.layout, r, init, dtype)
+        residual = None
+    if isinstance(selected, tuple):
+        # Unselected layers of a scanned stack: A = B = 0 keeps them at zero during training.
+        mask = _layer_mask(selected, site.shape[0])
+        select = lambda new, old: jnp.where(mask.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+        a, b = select(a, 0), select(b, 0)
+        residual = None if residual is None else select(residual, plain)
+    if residual is not None:
+        leaves[site.weight] = weight.replace_boxed(residual) if hasattr(weight, "replace_boxed") \
+            else residual
+    a, b = a.astype(dtype), b.astype(dtype)
+    leaves.update({a_name: a, b_name: b})
+    if config.use_dora:
+        base = plain if residual is None else residual
+        leaves[magnitude_name(site.weight)] = column_norm(base, a, b, scale,
+                                                          site.layout).astype(dtype)
+    return leaves
+
+
 def inject(
     params: Mapping[str, Any],
     config: LoraConfig,
@@ -255,21 +327,27 @@ def inject(
                 f"{path!r} is adapted through target_parameters (W + scale * A B), which has no "
                 "input to drop out: set lora_dropout=0 or target its module instead"
             )
+        _check_variant(path, site, config, module[site.weight])
         r = config.rank(path)
         if r > max_rank(site.shape, site.layout):
             raise ValueError(
                 f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
                 f"{max_rank(site.shape, site.layout)} of its weight {site.shape}"
             )
-        a, b = init_factors(jax.random.fold_in(key, index), site.shape, site.layout, r,
-                            config.init_lora_weights, dtype)
-        layers = None
-        if isinstance(selected, tuple):
-            # Unselected layers of a scanned stack: A = B = 0 keeps them at zero during training.
-            mask = _layer_mask(selected, site.shape[0]).reshape(-1, *([1] * (a.ndim - 1)))
-            a, b = jnp.where(mask, a, 0), jnp.where(mask, b, 0)
-            layers = tuple(sorted(set(selected)))
-        record = LoraRecord(site.weight, site.layout, r, config.scaling(path, rank=r),
-                            config.lora_dropout, layers)
-        new_leaves.setdefault(site.path, {}).update({a_name: a, b_name: b, record_name: record})
+        scale = config.scaling(path, rank=r)
+        leaves = _adapter_leaves(path, site, module[site.weight], config, r, scale,
+                                 jax.random.fold_in(key, index), dtype, selected)
+        layers = tuple(sorted(set(selected))) if isinstance(selected, tuple) else None
+        variant = "dora" if config.use_dora else "lora"
+        leaves[record_name] = LoraRecord(site.weight, site.layout, r, scale, config.lora_dropout,
+                                         layers, variant)
+        new_leaves.setdefault(site.path, {}).update(leaves)
+    residuals = [p for p, leaves in new_leaves.items() for k in leaves if not is_factor(k)
+                 and not isinstance(leaves[k], LoraRecord)]
+    if residuals:
+        warnings.warn(
+            f"init_lora_weights={config.init_lora_weights!r} replaced {len(residuals)} base "
+            "weights by their residual W - scale * A B (the adapted model starts equal to the "
+            "base). Keep the original params: save_peft(..., initial_params=...) converts the "
+            "adapter to a plain LoRA of the untouched base", stacklevel=2)
     return with_leaves(params, new_leaves)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 import lora_jax.linen_rules  # noqa: F401  (registers the rules for flax's and others' layers)
 from lora_jax.config import LoraConfig
-from lora_jax.factors import Layout, dropout, kernel_delta
+from lora_jax.factors import Layout, column_norm, dropout, kernel_delta
 from lora_jax.partition import combine, split
 from lora_jax.record import (
     Adapted,
@@ -29,6 +29,7 @@ from lora_jax.record import (
     check_config,
     factor_names,
     iter_records,
+    magnitude_name,
     target_path,
 )
 from lora_jax.rules import NotAdaptable, Rule, rule_for
@@ -114,6 +115,7 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
         b = module.get_variable("params", b_name)
         x = rule.inputs(args, kwargs)
         dtype = out.dtype
+        key = None
         if rule.dropout:
             training = record.dropout > 0 and module.has_rng("dropout")
             key = module.make_rng("dropout") if training else None
@@ -121,9 +123,31 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
         # The scale goes on B ([r, out]): the cheapest place, and the same product.
         delta = rule.delta(module, x, a.astype(dtype), (b * record.scale).astype(dtype), args,
                            kwargs)
+        if record.variant == "dora":
+            return out + _dora_extra(module, rule, record, out, x, key is not None, a, b,
+                                     delta, args, kwargs)
         return out + delta.astype(out.dtype)
 
     return intercept
+
+
+def _dora_extra(module: nn.Module, rule: Rule, record: LoraRecord, out: jax.Array,
+                x: jax.Array, dropped: bool, a: jax.Array, b: jax.Array, delta: jax.Array,
+                args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> jax.Array:
+    """DoRA on top of the base output: (m/n - 1) * (x W) + (m/n) * scale * (x A) B, with the
+    norm n = ||W + scale A B|| per output feature detached and formed without W + A B."""
+    weight = unbox(module.get_variable("params", record.weight))
+    magnitude = module.get_variable("params", magnitude_name(record.weight))
+    inner = dataclasses.replace(record.layout, stacked=0)
+    norm = jax.lax.stop_gradient(column_norm(weight, a, b, record.scale, inner))
+    ratio = (magnitude / norm).astype(out.dtype)
+    if dropped:  # peft recomputes the base on the dropped input
+        base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
+    else:
+        bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") \
+            else None
+        base = out if bias is None else out - unbox(bias)
+    return ((ratio - 1) * base + ratio * delta).astype(out.dtype)
 
 
 def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, Any]:

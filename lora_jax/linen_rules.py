@@ -11,7 +11,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lora_jax.factors import Layout, dense_delta, einsum_delta, einsum_roles, embed_delta
+from lora_jax.factors import (
+    Layout,
+    dense_delta,
+    einsum_delta,
+    einsum_roles,
+    embed_delta,
+    project,
+)
 from lora_jax.rules import NotAdaptable, Rule, qualname, register_rule
 
 
@@ -60,17 +67,26 @@ def _flax_einsum_str(module: nn.Einsum, args: tuple[Any, ...], kwargs: dict[str,
     return given if given is not None else module.einsum_str
 
 
+def _conv_base(module: nn.Conv, x: Any, weight: Any, args: Any, kwargs: Any) -> Any:
+    conv = module.clone(parent=None, name=None, use_bias=False, dtype=x.dtype)
+    return conv.apply({"params": {"kernel": weight}}, x)
+
+
 register_rule(Rule(
     names=(qualname(nn.Dense),),
     layout=lambda module, weight, args, kwargs: Layout("dense"),
     delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b,
-                                                            precision=module.precision)))
+                                                            precision=module.precision),
+    base=lambda module, x, w, args, kwargs: project(x, w, precision=module.precision)))
 register_rule(Rule(
     names=(qualname(nn.DenseGeneral),),
     layout=_dense_general_layout,
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, _axes(module.axis), precision=module.precision)))
-register_rule(Rule(names=(qualname(nn.Conv),), layout=_conv_layout, delta=_conv_delta))
+        x, a, b, _axes(module.axis), precision=module.precision),
+    base=lambda module, x, w, args, kwargs: project(x, w, _axes(module.axis),
+                                                    precision=module.precision)))
+register_rule(Rule(names=(qualname(nn.Conv),), layout=_conv_layout, delta=_conv_delta,
+                   base=_conv_base))
 register_rule(Rule(
     names=(qualname(nn.Embed),), weight="embedding", dropout=False,
     layout=lambda module, weight, args, kwargs: Layout("embed"),
@@ -90,7 +106,9 @@ register_rule(Rule(
     names=("transformers.models.gpt2.modeling_flax_gpt2.FlaxConv1D",),
     layout=lambda module, weight, args, kwargs: Layout("dense", order="oi"),
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, precision=getattr(module, "precision", None))))
+        x, a, b, precision=getattr(module, "precision", None)),
+    base=lambda module, x, w, args, kwargs: project(x, w.T, precision=getattr(
+        module, "precision", None))))
 
 
 def _gemma_equation(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -113,4 +131,5 @@ register_rule(Rule(
     layout=lambda module, weight, args, kwargs: Layout(
         "dense", n_in=len(_axes(getattr(module, "axis", -1)))),
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, _axes(getattr(module, "axis", -1)))))
+        x, a, b, _axes(getattr(module, "axis", -1))),
+    base=lambda module, x, w, args, kwargs: project(x, w, _axes(getattr(module, "axis", -1)))))

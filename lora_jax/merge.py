@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import kernel_delta
-from lora_jax.record import check_config, factor_names, records
+from lora_jax.factors import column_norm, kernel_delta, per_column
+from lora_jax.record import check_config, records
 from lora_jax.targets import unbox, with_leaves, without_leaves
 
 
@@ -42,11 +42,15 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
         plain = unbox(weight)
         a, b = item.factors
         delta = kernel_delta(a, b, record.layout, tuple(plain.shape)) * record.scale
-        merged = (plain.astype(jnp.float32) + delta).astype(plain.dtype)
+        merged = plain.astype(jnp.float32) + delta
+        if record.variant == "dora":  # W' = (m / n) (W + scale A B), per output feature
+            norm = column_norm(plain, a, b, record.scale, record.layout)
+            merged = merged * per_column(item.magnitude / norm, record.layout, plain.ndim)
+        merged = merged.astype(plain.dtype)
         if safe and not np.isfinite(np.asarray(merged, np.float32)).all():
             raise ValueError(f"merging {item.target!r} produced NaN or inf; the adapter is "
                              "broken")
         boxed = weight.replace_boxed(merged) if hasattr(weight, "replace_boxed") else merged
         updates.setdefault(item.path, {})[record.weight] = boxed
-    drop = {(item.path, name) for item in found for name in factor_names(item.record.weight)}
+    drop = {(item.path, name) for item in found for name in item.record.leaves}
     return with_leaves(without_leaves(params, drop), updates)

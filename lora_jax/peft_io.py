@@ -46,7 +46,7 @@ import numpy as np
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import find_targets
-from lora_jax.record import LoraRecord, factor_names, is_factor
+from lora_jax.record import LoraRecord, factor_names, is_factor, magnitude_name
 from lora_jax.targets import hf_module_parts, iter_modules, matches, with_leaves
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -74,7 +74,7 @@ _PEFT_DEFAULTS: dict[str, Any] = {
 }
 _OUR_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
                "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-               "layers_pattern", "init_lora_weights", "modules_to_save")
+               "layers_pattern", "init_lora_weights", "modules_to_save", "use_dora")
 # Fields that only describe the file or the base model: any value is fine on load.
 _INFORMATIONAL = ("auto_mapping", "base_model_name_or_path", "fan_in_fan_out", "inference_mode",
                   "peft_type", "peft_version", "revision", "task_type", "megatron_core",
@@ -88,7 +88,8 @@ _TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "
                "QUESTION_ANS": ["qa_outputs"]}
 _FACTOR_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
                     ".lora_embedding_A": "lora_embedding_A",
-                    ".lora_embedding_B": "lora_embedding_B"}
+                    ".lora_embedding_B": "lora_embedding_B",
+                    ".lora_magnitude_vector": "lora_magnitude_vector"}
 _WEIGHT_LEAVES = ("kernel", "embedding", "scale")
 _LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
 
@@ -410,6 +411,9 @@ def save_peft(
                 else (".lora_A.weight", ".lora_B.weight")
             tensors[key + suffix[0]] = a.T
             tensors[key + suffix[1]] = b.T
+            if record.variant == "dora":
+                tensors[key + ".lora_magnitude_vector"] = np.asarray(
+                    slot.leaf(magnitude_name(record.weight)))
             adapted[torch_path] = (a.shape[-1], config.alpha(slot.flax_path))
         root = _saved_root(torch_path, saved_modules)
         for name, value in _leaves(node).items():
@@ -482,8 +486,6 @@ def _parse_key(key: str, config: LoraConfig) -> tuple[str, str, str] | None:
     for suffix, leaf in _FACTOR_SUFFIXES.items():
         if name.endswith(suffix):
             return "factor", name[: -len(suffix)], leaf
-    if "lora_magnitude_vector" in name:
-        raise ValueError(f"load_peft: {key!r} is a DoRA magnitude; lora_jax has no DoRA")
     module, _, leaf = name.rpartition(".")
     parts = module.split(".")
     for marker in ("modules_to_save", "original_module"):
@@ -608,11 +610,23 @@ def load_peft(
                 + ("" if layouts else "; pass layouts=lora_jax.layouts(model, ...) if its kernel "
                    "is not [in, out]") + ")"
             )
+        magnitude = found.get("lora_magnitude_vector")
+        if (magnitude is not None) != config.use_dora:
+            raise ValueError(
+                f"{where}: {torch_path!r} " + ("has a DoRA magnitude (lora_magnitude_vector) "
+                                               "but the config's use_dora is false" if
+                                               magnitude is not None else
+                                               "has no lora_magnitude_vector but use_dora is true"))
+        if magnitude is not None and magnitude.shape != (fan_out,):
+            raise ValueError(f"{where}: {torch_path}.lora_magnitude_vector has shape "
+                             f"{magnitude.shape}, expected ({fan_out},)")
         if a.shape[1] != config.rank(torch_path):
             raise ValueError(f"{where}: {keys[0]!r} has rank {a.shape[1]}, but the config gives "
                              f"{torch_path!r} r={config.rank(torch_path)}")
         updates.setdefault((slot.flax_path, slot.layer), {}).update(
             {names[0]: a, names[1]: b, "_torch_path": torch_path})
+        if magnitude is not None:
+            updates[(slot.flax_path, slot.layer)]["lora_magnitude_vector"] = magnitude
     for slot in index.values():
         if any(is_factor(n) for n in slot.node):
             raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
@@ -672,7 +686,8 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
             if adapted_layers is not None and len(adapted_layers) == len(node[weight]):
                 adapted_layers = None
             record = LoraRecord(weight, layout, r, alpha / (r ** 0.5 if config.use_rslora else r),
-                                config.lora_dropout, adapted_layers)
+                                config.lora_dropout, adapted_layers,
+                                "dora" if config.use_dora else "lora")
         names = {k for v in layers.values() for k in v if k != "_torch_path"}
         out = {}
         for name in names:
@@ -682,6 +697,10 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
                 continue
             # A scanned module: layers absent from the file keep their base leaf, or get zero
             # factors (layers outside layers_to_transform; a fixed point of training).
+            if is_factor(name) and name.endswith("magnitude_vector") and len(layers) < len(
+                    node[_weight_name(node)]):
+                raise ValueError(f"{where}: a DoRA adapter for only some layers of the scanned "
+                                 f"{flax_path!r}; load it onto unscanned params")
             shape = next(v[name].shape for v in layers.values() if name in v)
             n = node[name].shape[0] if name in node else len(node[_weight_name(node)])
             out[name] = jnp.asarray(np.stack([

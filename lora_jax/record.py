@@ -36,10 +36,17 @@ def factor_names(weight: str) -> tuple[str, str, str]:
     return f"{weight}_lora_A", f"{weight}_lora_B", f"{weight}_lora"
 
 
+def magnitude_name(weight: str) -> str:
+    """The leaf name of DoRA's magnitude vector for `weight` (peft's `lora_magnitude_vector`)."""
+    return "lora_magnitude_vector" if weight in ("kernel", "embedding") else \
+        f"{weight}_lora_magnitude_vector"
+
+
 def is_factor(name: str) -> bool:
-    """Whether a leaf name is a LoRA factor (A or B of any weight)."""
-    return name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") or \
-        name.endswith(("_lora_A", "_lora_B"))
+    """Whether a leaf name is a trained LoRA leaf: A or B of any weight, or a DoRA magnitude."""
+    return name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                    "lora_magnitude_vector") or \
+        name.endswith(("_lora_A", "_lora_B", "_lora_magnitude_vector"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +54,8 @@ class LoraRecord:
     """One adapted weight: its name, layout (and rule), rank, scale and dropout rate.
 
     `layers` lists the stacked layers that are adapted when only some of a scanned stack's are
-    (`layers_to_transform`); the others hold zero factors.
+    (`layers_to_transform`); the others hold zero factors. `variant` is "lora" or "dora" (a
+    magnitude vector beside the factors rescales each output feature).
     """
 
     weight: str
@@ -62,6 +70,17 @@ class LoraRecord:
     def names(self) -> tuple[str, str]:
         """The leaf names of A and B."""
         return factor_names(self.weight)[:2]
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The names of the trained arrays this record describes: A, B and DoRA's magnitude."""
+        names = self.names
+        return (*names, magnitude_name(self.weight)) if self.variant == "dora" else names
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """Every leaf this record owns beside the weight: its arrays and itself."""
+        return (*self.arrays, factor_names(self.weight)[2])
 
     @property
     def materialised(self) -> bool:
@@ -93,6 +112,10 @@ class Adapted:
     def factors(self) -> tuple[Any, Any]:
         a, b = self.record.names
         return self.module[a], self.module[b]
+
+    @property
+    def magnitude(self) -> Any:
+        return self.module[magnitude_name(self.record.weight)]
 
 
 def target_path(path: str, weight: str, module: Mapping[str, Any]) -> str:

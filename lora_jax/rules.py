@@ -65,6 +65,8 @@ class Rule:
       for the input `x` (after LoRA dropout) and factors without stacked axes.
     - `inputs(args, kwargs) -> x`: the call's input (default: `inputs=`/`x=` or the first arg).
     - `dropout`: whether LoRA dropout applies to the input (not for an embedding's ids).
+    - `base(module, x, weight, args, kwargs) -> array`: the layer's product without its bias, for
+      another input (DoRA with dropout recomputes it on the dropped input, as peft does).
     """
 
     names: tuple[str, ...]
@@ -73,6 +75,7 @@ class Rule:
     weight: str | Callable[[Any], str] = "kernel"
     inputs: Callable[[tuple[Any, ...], dict[str, Any]], Any] = _first_input
     dropout: bool = True
+    base: Callable[..., Any] | None = None
 
     @property
     def name(self) -> str:

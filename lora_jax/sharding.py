@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import inject
-from lora_jax.record import LoraRecord, factor_names, iter_records
+from lora_jax.record import LoraRecord, factor_names, iter_records, magnitude_name
 from lora_jax.targets import with_leaves, without_leaves
 
 Rules = Sequence[tuple[str, Any]]
@@ -136,6 +136,8 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
         a_name, b_name = item.record.names
         factor_specs[(*keys, a_name)] = P(*pick("sb"), *pick("i"), None)
         factor_specs[(*keys, b_name)] = P(*pick("sb"), None, *pick("o"))
+        if item.record.variant == "dora":
+            factor_specs[(*keys, magnitude_name(item.record.weight))] = P(*pick("sb"), *pick("o"))
 
     def visit(node: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -213,7 +215,7 @@ def shard_inject(
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain)
 
     def factors(tree: Any) -> dict[str, dict[str, Any]]:
-        return {item.path: dict(zip(item.record.names, item.factors, strict=True))
+        return {item.path: {name: item.module[name] for name in item.record.arrays}
                 for item in iter_records(tree)}
 
     new = jax.jit(lambda k: factors(inject(shapes, config, k, layouts=layouts)),
@@ -221,8 +223,7 @@ def shard_inject(
     records = {item.path: {factor_names(item.record.weight)[2]: item.record}
                for item in iter_records(abstract)}
     placed = jax.tree.map(jax.device_put, plain, without_leaves(shardings, {
-        (item.path, name) for item in iter_records(abstract)
-        for name in factor_names(item.record.weight)}))
+        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves}))
     return with_leaves(with_leaves(placed, new), records)
 
 
