@@ -26,6 +26,7 @@ The packages live in separate environments, each part runs in a subprocess:
 
     python experiments/real_layers.py --setup   # build the venvs (timed, sizes recorded)
     python experiments/real_layers.py           # run all parts, write results/real_layers.*
+    python experiments/real_layers.py --lora-jax-commit HEAD   # lora_jax exactly as committed
 
 gemma 4.x needs Python >= 3.12 and its full dependency set pulls in tensorflow (via kauldron):
 `--setup` installs gemma and kauldron with `--no-deps --ignore-requires-python` plus the few
@@ -86,10 +87,13 @@ def _versions(names: list[str]) -> dict[str, str]:
     return out
 
 
-def _git_rev() -> str:
+def _git_rev(commit: str | None = None) -> str:
+    """The short hash of `commit`, or of HEAD marked when the checkout's lora_jax differs."""
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", commit or "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
+        if commit:
+            return rev
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "lora_jax"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return rev + ("+uncommitted lora_jax changes" if dirty else "")
@@ -736,6 +740,20 @@ def _markdown(results: dict[str, Any]) -> str:
     if "load_peft_roundtrip_max_abs" in gpt2:
         lines += [f"- `load_peft` of that adapter back onto the Flax base: max abs diff "
                   f"{gpt2['load_peft_roundtrip_max_abs']:.2e}"]
+    elif "load_peft_roundtrip" in gpt2:
+        lines += ["- `load_peft` of that adapter back onto the Flax base (with `layouts=`) "
+                  f"**failed**: `{gpt2['load_peft_roundtrip']['error'][:600]}`"]
+    stacked = sorted({(w.split(".")[-2] if w.endswith(".w") else w.split(".")[-1], r)
+                      for m in results.get("gemma", {}).get("models", [])
+                      for w, r in m.get("roles", {}).items()
+                      if w.endswith(("qkv_einsum.w", "kv_einsum.w", "gating_einsum"))})
+    if stacked:
+        lines += ["", "Gemma's stacked projections (q/k/v, k/v, gate/up on the kernel's first "
+                  "axis): " + ", ".join(f"`{n}` roles `{r}`" for n, r in stacked)
+                  + ". A leading `b` gives each projection its own A and B (as peft on separate "
+                  "q/k/v or gate/up Linears); an `o` there shares one A across them (as peft on "
+                  "a fused Linear such as GPT-2's c_attn, and as gemma.peft does for all of "
+                  "them)."]
     lines += ["", "## Adapted weights (shapes as stored; roles: b kept, i input, o output)", ""]
     for part in ("gemma", "gpt2"):
         for m in results.get(part, {}).get("models", []):
@@ -761,6 +779,9 @@ def _markdown(results: dict[str, Any]) -> str:
             lines += [""]
     if "install" in results:
         lines += ["## Install cost (`--setup`)", "",
+                  "Download then install, timed separately, on this 2-core machine; the large "
+                  "tf4 wheels (jaxlib, scipy, numpy, tensorstore) came from its local wheel "
+                  "store. venv MB: the venv's (or overlay dir's) size on disk.", "",
                   "| venv | wheels | download MB | download s | install s | venv MB |",
                   "|---|---|---|---|---|---|"]
         for name, s in results["install"].items():
@@ -796,6 +817,8 @@ def main() -> None:
     ap.add_argument("--setup", action="store_true", help="(re)build the venvs, timed")
     ap.add_argument("--venvs", type=Path, default=VENVS, help="where the venvs live")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--lora-jax-commit", help="test lora_jax as of this commit (default: the "
+                    "checkout's lora_jax, marked if it has uncommitted changes)")
     ap.add_argument("--gpt2-env", choices=["auto", "venv", "overlay"], default="auto",
                     help="run the GPT-2 part in the tf4 venv or on the system python with the "
                          "tf4_overlay dir first on PYTHONPATH (auto: the venv if it exists)")
@@ -805,17 +828,27 @@ def main() -> None:
         (args.workdir / f"{args.part}.json").write_text(json.dumps(result, indent=1, default=str))
         return
 
-    results: dict[str, Any] = {"lora_jax_commit": _git_rev()}
+    if args.lora_jax_commit:  # resolve once: HEAD may move while this runs
+        args.lora_jax_commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", args.lora_jax_commit], capture_output=True,
+            text=True, check=True).stdout.strip()
+    results: dict[str, Any] = {"lora_jax_commit": _git_rev(args.lora_jax_commit)}
     if args.setup:
         results["install"] = setup(args.venvs)
     elif (args.out_dir / "real_layers.json").exists():  # keep the last measured install cost
         old = json.loads((args.out_dir / "real_layers.json").read_text())
         if "install" in old:
             results["install"] = old["install"]
-    # the lora_jax under test: this checkout (LORA_JAX_ROOT: another copy of the package's root)
-    env = {"PYTHONPATH": os.environ.get("LORA_JAX_ROOT", str(REPO))}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        # the lora_jax under test: this checkout's, or that of --lora-jax-commit
+        env = {"PYTHONPATH": str(REPO)}
+        if args.lora_jax_commit:
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.lora_jax_commit,
+                                      "lora_jax"], capture_output=True, check=True).stdout
+            (workdir / "src").mkdir()
+            subprocess.run(["tar", "-x", "-C", str(workdir / "src")], input=archive, check=True)
+            env = {"PYTHONPATH": str(workdir / "src")}
         results["gemma"] = _run_part("gemma", args.venvs / "gemma" / "bin" / "python", workdir,
                                      env)
         tf4 = args.venvs / "tf4" / "bin" / "python"
