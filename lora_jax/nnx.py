@@ -1,0 +1,555 @@
+"""Flax NNX frontend: the same LoRA on `nnx.Module` models.
+
+`inject(model, config, rngs)` reads the model's parameters as a plain dict (the nnx state's
+`to_pure_dict()`), lets the framework-free core (`lora_jax.inject`) choose the targets and
+initialise the factors exactly as for linen, and puts the result back on the modules:
+
+- the factors become `nnx.LoRAParam` variables of the adapted module, beside its weight
+  (`q.kernel`, `q.lora_A`, `q.lora_B`), so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`,
+  `nnx.DiffState(0, nnx.LoRAParam)` and `nnx.split(model, nnx.LoRAParam, ...)` see them;
+- the `LoraRecord` becomes a `LoraRecordVar` variable (`q.lora`; no arrays), so the module's
+  state as a pure dict is exactly the tree the core reads: `lora_jax.split`, `combine`,
+  `merge`, `count_parameters`, `save_peft` work on `nnx.to_pure_dict(nnx.state(model))`;
+- the module's class is swapped for a subclass whose `__call__` runs the layer's own call and
+  adds `scale * (dropout(x) @ A) @ B` (the layer's `lora_jax.Rule`, `lora_jax.nnx_rules`), so
+  `W + A B` is never formed. `nnx.jit`, `nnx.grad`, `nnx.vmap` / `nnx.scan` stacks (the factors
+  get the stack's leading axis and are sliced with the weights) and `nnx.remat` see a plain
+  module.
+
+LoRA dropout uses an rng stream forked from `rngs` onto each adapted module (as `nnx.Dropout`
+does) and follows `model.train()` / `model.eval()` (the module's `deterministic` attribute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import lora_jax.nnx_rules  # noqa: F401  (registers the rules for nnx's layers)
+from lora_jax import counting, peft_io
+from lora_jax.config import LoraConfig
+from lora_jax.factors import Layout, dropout, kernel_delta
+from lora_jax.inject import find_targets
+from lora_jax.inject import inject as core_inject
+from lora_jax.merge import merge as core_merge
+from lora_jax.nnx_rules import NnxRule
+from lora_jax.partition import trainable_mask
+from lora_jax.record import LoraRecord, check_config, factor_names, iter_records, target_path
+from lora_jax.rules import NotAdaptable, Rule, rule_for
+from lora_jax.targets import iter_modules
+
+__all__ = [
+    "LoraRecordVar",
+    "adapt",
+    "count_parameters",
+    "inject",
+    "layouts",
+    "load_peft",
+    "merge",
+    "params",
+    "print_trainable_parameters",
+    "save_peft",
+    "trainable",
+]
+
+_RNGS = "lora_rngs"  # the attribute holding an adapted module's LoRA dropout stream
+
+_TIED_HEAD_WARNING = (
+    "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
+    "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
+    "differs from the adapted one in its head. Adapt the embedding only if you keep it unmerged."
+)
+_MATERIALISE_WARNING = (
+    "{path!r} ({shape}) has no layer rule, so its adapted weight W + scale * A B is formed on "
+    "every call: {size:,d} extra values and an in x out matmul per step. Register a Rule for "
+    "its module class (lora_jax.register_rule) to add the low-rank delta instead"
+)
+
+
+class LoraRecordVar(nnx.Variable):
+    """An adapted weight's `LoraRecord` as an NNX variable: no arrays (free under jit), but part
+    of the module's state, so the functional side reads it from `to_pure_dict()`."""
+
+
+def _path(keys: tuple[Any, ...]) -> str:
+    return ".".join(str(k) for k in keys)
+
+
+def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
+    """{dotted path: module} of every module in the graph (a shared module under its first
+    path)."""
+    return {_path(tuple(p)): node for p, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Module)}
+
+
+def params(model: Any) -> dict[str, Any]:
+    """The model's parameters and LoRA records as a pure nested dict (what the core reads):
+    `state.to_pure_dict()` with `nnx.List` indices as str keys ("0"), so that paths read
+    `h.0.attn.q` and `nnx.replace_by_pure_dict` takes the dict back.
+
+    `model` is an `nnx.Module` or an `nnx.State` (e.g. from `nnx.split`). Parameters only: rng
+    streams, batch statistics and caches are left out.
+    """
+    state = model if isinstance(model, nnx.State) else nnx.state(model)
+    pure = nnx.to_pure_dict(nnx.filter_state(state, nnx.Any(nnx.Param, LoraRecordVar)))
+
+    def keys_as_str(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {str(k): keys_as_str(v) for k, v in node.items()}
+        return node
+
+    return keys_as_str(pure)
+
+
+# --- how each module reads its weight ----------------------------------------------------------
+
+def _read(rule: Rule, module: nnx.Module, name: str, shape: tuple[int, ...], dtype: Any,
+          inner_ndim: int | None, args: tuple[Any, ...] = (),
+          kwargs: Mapping[str, Any] | None = None) -> Layout:
+    """The layout of `module`'s weight `name` (stored `shape`) as its rule reads it."""
+    if inner_ndim is None:
+        inner_ndim = len(shape)
+    stacked = len(shape) - inner_ndim
+    base = dict(rule=rule.name, weight=name)
+    if stacked < 0:
+        return Layout("dense", **base, error=(
+            f"its weight {name!r} has shape {shape}, fewer axes than the module's "
+            f"{inner_ndim}"))
+    try:
+        layout = rule.layout(module, jax.ShapeDtypeStruct(shape[stacked:], dtype), args,
+                             dict(kwargs or {}))
+    except NotAdaptable as e:
+        return Layout("dense", stacked=stacked, **base, error=str(e))
+    layout = dataclasses.replace(layout, stacked=stacked, **base)
+    try:
+        layout.roles(len(shape))
+    except ValueError as e:
+        return dataclasses.replace(layout, error=(
+            f"{e} (stored shape {shape}). A stacked (nnx.vmap / nnx.scan) weight of a rule "
+            "without NnxRule.weight_ndim: pass layouts=lora_jax.nnx.layouts(model, "
+            "*example_inputs)"))
+    return layout
+
+
+def _static_layouts(model: nnx.Module, tree: Mapping[str, Any]) -> dict[str, Layout]:
+    """{target path: Layout} of the modules with a rule, read from their attributes alone."""
+    nodes = dict(iter_modules(tree, leaves=None))
+    out = {}
+    for path, module in _modules(model).items():
+        rule = rule_for(module)
+        if rule is None:
+            continue
+        name = rule.weight_name(module)
+        node = nodes.get(path)
+        if node is None or name not in node or not hasattr(node[name], "shape"):
+            continue
+        inner = rule.weight_ndim(module) if isinstance(rule, NnxRule) and rule.weight_ndim \
+            else None
+        out[target_path(path, name, node)] = _read(rule, module, name, tuple(node[name].shape),
+                                                   node[name].dtype, inner)
+    return out
+
+
+def layouts(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
+    """{path: Layout} of every module with a rule, read from one abstract call `model(*args,
+    **kwargs)` (no FLOPs): for rules that need the call (an `nnx.Einsum` whose equation is given
+    at call time) or that cannot tell a stacked weight's layer axes from the module alone (a
+    user's `Rule` without `NnxRule.weight_ndim`). Pass it to `inject(..., layouts=...)`. flax's
+    own layers need no example: `inject` reads them from their attributes.
+    """
+    graphdef, state = nnx.split(model)
+    seen: dict[str, tuple[Rule, str, tuple[int, ...], tuple[Any, ...], dict[str, Any]]] = {}
+    stored = params(state)
+    nodes = dict(iter_modules(stored, leaves=None))
+
+    def run(state: nnx.State) -> Any:
+        copy = nnx.merge(graphdef, state)
+        for path, module in _modules(copy).items():
+            rule = rule_for(module)
+            if rule is not None and isinstance(getattr(module, rule.weight_name(module), None),
+                                               nnx.Variable):
+                module._lora_probe = path  # static: survives nnx transforms
+                module.__class__ = _probe_class(type(module))
+        return copy(*args, **kwargs)
+
+    token = _PROBE.set(seen)
+    try:
+        jax.eval_shape(run, state)
+    finally:
+        _PROBE.reset(token)
+    out = {}
+    modules = _modules(model)
+    for path, (rule, name, inner, call_args, call_kwargs) in seen.items():
+        node = nodes.get(path)
+        if node is None or name not in node:
+            continue
+        shape = tuple(node[name].shape)
+        out[target_path(path, name, node)] = _read(rule, modules[path], name, shape,
+                                                   node[name].dtype, len(inner), call_args,
+                                                   call_kwargs)
+    return out
+
+
+class _ProbeContext:
+    """Where `layouts`' probe classes record the calls they see (a stack for nesting)."""
+
+    def __init__(self) -> None:
+        self.stack: list[dict[str, Any]] = []
+
+    def set(self, seen: dict[str, Any]) -> int:
+        self.stack.append(seen)
+        return len(self.stack)
+
+    def reset(self, token: int) -> None:
+        del self.stack[token - 1:]
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        return self.stack[-1] if self.stack else None
+
+
+_PROBE = _ProbeContext()
+_PROBE_CLASSES: dict[type, type] = {}
+
+
+def _probe_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    base = type(self)._lora_probed
+    seen = _PROBE.current
+    path = getattr(self, "_lora_probe", None)
+    if seen is not None and path is not None and path not in seen:
+        rule = rule_for(self)
+        name = rule.weight_name(self)
+        seen[path] = (rule, name, tuple(getattr(self, name)[...].shape), args, dict(kwargs))
+    return base.__call__(self, *args, **kwargs)
+
+
+def _probe_class(base: type) -> type:
+    if base not in _PROBE_CLASSES:
+        _PROBE_CLASSES[base] = type(base.__name__, (base,), {
+            "__call__": _probe_call, "__module__": __name__, "_lora_probed": base})
+    return _PROBE_CLASSES[base]
+
+
+# --- the adapted forward ------------------------------------------------------------------------
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+
+
+def _records(module: nnx.Module) -> list[LoraRecord]:
+    return [v.get_value() for v in vars(module).values() if isinstance(v, LoraRecordVar)]
+
+
+def _where(module: nnx.Module) -> str:
+    return f"{getattr(module, '_lora_path', '?')!r} ({type(module).__mro__[1].__name__})"
+
+
+def _check_reading(module: nnx.Module, rule: Rule, record: LoraRecord, weight: Any,
+                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The factors were made for the reading the rule gives on this call, or raise."""
+    try:
+        layout = rule.layout(module, weight, args, kwargs)
+        how = None
+        stored = record.layout
+        inner = stored.roles(stored.stacked + weight.ndim)[stored.stacked:]
+        if stored.kind != layout.kind or inner != layout.roles(weight.ndim):
+            how = (f"its rule reads the weight as {layout.roles(weight.ndim)!r} (i: input, "
+                   f"o: output, b: kept axes) but its factors were made for {inner!r}")
+    except (NotAdaptable, ValueError) as e:
+        how = str(e)
+    if how:
+        raise ValueError(
+            f"{_where(module)}: {how}. Inject with layouts=lora_jax.nnx.layouts(model, "
+            "*example_inputs) so inject reads each layer the way it is called"
+        )
+
+
+def _lora_delta(module: nnx.Module, record: LoraRecord, out: Any, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+    rule = rule_for(module)
+    weight = getattr(module, record.weight)[...]
+    _check_reading(module, rule, record, weight, args, kwargs)
+    a_name, b_name = record.names
+    a, b = getattr(module, a_name)[...], getattr(module, b_name)[...]
+    x = rule.inputs(args, kwargs)
+    dtype = out.dtype
+    if rule.dropout:
+        stream = getattr(module, _RNGS, None)
+        training = record.dropout > 0 and stream is not None and \
+            not getattr(module, "deterministic", False)
+        x = dropout(jnp.asarray(x, dtype), record.dropout, stream() if training else None)
+    # The scale goes on B ([r, out]): the cheapest place, and the same product.
+    delta = rule.delta(module, x, a.astype(dtype), (b * record.scale).astype(dtype), args, kwargs)
+    return delta.astype(out.dtype)
+
+
+@contextlib.contextmanager
+def _materialised(module: nnx.Module, records: list[LoraRecord]) -> Iterator[None]:
+    """The weights of `records` replaced by W + scale * A B for the duration of one call."""
+    saved = []
+    try:
+        for record in records:
+            var = getattr(module, record.weight)
+            weight = var[...]
+            a, b = (getattr(module, name)[...] for name in record.names)
+            layout = record.layout
+            # Inside a vmap / scan the stacked axes are sliced off: as many as A lost.
+            inner = layout.order or "i" * layout.n_in
+            stored_a_ndim = layout.stacked + inner.count("b") + inner.count("i") + 1
+            layout = dataclasses.replace(layout, stacked=layout.stacked - (stored_a_ndim - a.ndim))
+            warnings.warn(_MATERIALISE_WARNING.format(
+                path=f"{getattr(module, '_lora_path', '?')}.{record.weight}",
+                shape=tuple(weight.shape), size=weight.size), stacklevel=4)
+            delta = kernel_delta(a, b, layout, tuple(weight.shape)) * record.scale
+            saved.append((var, weight))
+            var.set_value((weight.astype(jnp.float32) + delta).astype(weight.dtype))
+        yield
+    finally:
+        for var, weight in reversed(saved):
+            var.set_value(weight)
+
+
+def _adapted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    base = type(self)._lora_base
+    records = _records(self)
+    whole = [r for r in records if r.materialised]
+    if whole:
+        with _materialised(self, whole):
+            out = base.__call__(self, *args, **kwargs)
+    else:
+        out = base.__call__(self, *args, **kwargs)
+    for record in records:
+        if not record.materialised:
+            out = out + _lora_delta(self, record, out, args, kwargs)
+    return out
+
+
+def _adapted_attend(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if any(not r.materialised for r in _records(self)):
+        warnings.warn(_TIED_HEAD_WARNING.format(path=getattr(self, "_lora_path", "?")),
+                      stacklevel=2)
+    return type(self)._lora_base.attend(self, *args, **kwargs)
+
+
+def _adapted_class(base: type) -> type:
+    """The subclass of `base` whose call adds the LoRA deltas (one per base class)."""
+    if "_lora_base" in vars(base):
+        return base
+    if base not in _ADAPTED_CLASSES:
+        namespace = {"__call__": _adapted_call, "__module__": __name__, "_lora_base": base,
+                     "__doc__": f"{base.__qualname__} with LoRA deltas added to its output."}
+        if hasattr(base, "attend"):
+            namespace["attend"] = _adapted_attend
+        _ADAPTED_CLASSES[base] = type(f"{base.__name__}WithLoRA", (base,), namespace)
+    return _ADAPTED_CLASSES[base]
+
+
+# --- inject / adapt / merge ---------------------------------------------------------------------
+
+def _keys(rngs: nnx.Rngs | jax.Array | int, config: LoraConfig) -> tuple[jax.Array, Any]:
+    """(init key, dropout stream or None)."""
+    if isinstance(rngs, nnx.Rngs):
+        key = rngs.params()
+        stream = rngs.dropout if config.lora_dropout else None  # else the default stream
+        return key, stream
+    key = jax.random.key(rngs) if isinstance(rngs, int) else rngs
+    stream = nnx.RngStream(jax.random.fold_in(key, 1 << 30), tag="dropout") \
+        if config.lora_dropout else None
+    return key, stream
+
+
+def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array | int, *,
+           layouts: Mapping[str, Layout] | None = None,
+           dtype: jnp.dtype = jnp.float32) -> nnx.Module:
+    """Add LoRA factors to the modules of `model` that `config` targets, in place (NNX style);
+    returns `model`.
+
+    Targets, paths, ranks, scales, init and errors are the core's (`lora_jax.inject`) on the
+    model's parameter dict: paths are the nnx state's keys joined by "." (`h.0.attn.q` for an
+    `nnx.List`; `h.attn.q` for an `nnx.vmap` / `nnx.scan` stack, whose layers are the leading
+    axis that `layers_to_transform` selects on). `rngs` (an `nnx.Rngs`, a key or an int seed)
+    gives the init key (its `params` stream) and, with `lora_dropout`, the dropout stream
+    (`dropout`, else `default`). flax's Linear, LinearGeneral, Conv, Embed and Einsum are read
+    from their attributes; `layouts` (`lora_jax.nnx.layouts(model, x)`) is needed only for
+    rules that must see a call.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    >>> model = inject(model, LoraConfig(r=2, target_modules=".*"), nnx.Rngs(1))
+    >>> model.lora_A.shape, model.lora_B.shape, type(model).__name__
+    ((3, 2), (2, 4), 'LinearWithLoRA')
+    >>> model(jnp.ones((1, 3))).shape
+    (1, 4)
+    """
+    tree = params(model)
+    found = {**_static_layouts(model, tree), **dict(layouts or {})}
+    key, stream = _keys(rngs, config)
+    _check_rules(model, config, tree, found)
+    with warnings.catch_warnings():
+        adapted = core_inject(tree, config, key, layouts=found, dtype=dtype)
+    return adapt(model, adapted, stream)
+
+
+def _check_rules(model: nnx.Module, config: LoraConfig, tree: Mapping[str, Any],
+                 found: Mapping[str, Layout]) -> None:
+    """Refuse, before any work, targets of modules the NNX frontend cannot call with LoRA."""
+    if getattr(config, "use_dora", False):
+        raise ValueError("use_dora is not supported by the NNX frontend yet (the magnitude "
+                         "needs its own forward); use the linen frontend or plain LoRA")
+    modules = _modules(model)
+    for path, (site, _) in find_targets(tree, config, found).items():
+        module = modules.get(site.path)
+        if module is None:
+            raise ValueError(f"{path!r}: no NNX module owns this weight")
+        if site.layout.rule != "materialise" and site.layout.rule is None:
+            raise ValueError(
+                f"{path!r} is a {type(module).__name__}, which has no layer rule, so LoRA "
+                "cannot be added to its output: register a Rule for its class "
+                "(lora_jax.register_rule), target its weight with LoraConfig("
+                f"target_parameters=['{site.path + '.' if site.path else ''}{site.weight}']) to "
+                "add W + scale * A B, or exclude it"
+            )
+
+
+def adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: nnx.Rngs | Any = None) -> nnx.Module:
+    """Put the adapters of a parameter dict onto `model`, in place; returns `model`.
+
+    `tree` is `model`'s `params` with factors and records beside the adapted weights, e.g. from
+    `lora_jax.inject` or `lora_jax.load_peft` on `params(model)`. A changed weight (PiSSA's
+    residual) replaces the module's. `rngs` gives LoRA dropout its stream.
+    """
+    modules = _modules(model)
+    stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+    for item in iter_records(tree):
+        record = item.record
+        module = modules.get(item.path)
+        if module is None:
+            raise ValueError(f"{item.target!r}: the model has no module at {item.path!r}")
+        if record.variant != "lora":
+            raise ValueError(f"{item.target!r}: variant {record.variant!r} is not supported by "
+                             "the NNX frontend yet")
+        rule = rule_for(module)
+        if not record.materialised and (rule is None or rule.weight_name(module) !=
+                                        record.weight):
+            raise ValueError(
+                f"{item.target!r} holds LoRA factors for {record.weight!r}, but its "
+                f"{type(module).__name__} has no layer rule for that weight: register a Rule "
+                "for its class (lora_jax.register_rule), or adapt it through target_parameters"
+            )
+        weight = getattr(module, record.weight)
+        added = list(getattr(module, "_lora_added", ()))
+        record_name = factor_names(record.weight)[2]
+        for name in (*getattr(record, "arrays", record.names), record_name):
+            if name in vars(module):
+                raise ValueError(f"{item.target!r} already has an attribute {name!r}; inject "
+                                 "once per module (merge first, or exclude it)")
+        for name in getattr(record, "arrays", record.names):
+            setattr(module, name, nnx.LoRAParam(item.module[name], **_factor_metadata(weight)))
+            added.append(name)
+        setattr(module, record_name, LoraRecordVar(record))
+        added.append(record_name)
+        if item.module[record.weight] is not weight.get_value():
+            weight.set_value(item.module[record.weight])  # a residual base (PiSSA / OLoRA)
+        if record.dropout and stream is not None and _RNGS not in vars(module):
+            fork = stream.fork()
+            shape = item.factors[0].shape[:record.layout.stacked]
+            setattr(module, _RNGS, fork.split(shape) if shape else fork)
+            added.append(_RNGS)
+            if not hasattr(module, "deterministic"):
+                module.deterministic = False
+                added.append("deterministic")
+        module._lora_added = tuple(added)
+        module._lora_path = item.path
+        module.__class__ = _adapted_class(type(module))
+    return model
+
+
+def _factor_metadata(weight: nnx.Variable) -> dict[str, Any]:
+    """Metadata the factors inherit from their weight (none yet: sharding is per factor)."""
+    return {}
+
+
+def _detach(module: nnx.Module) -> None:
+    """Remove what `adapt` added to `module` and restore its class."""
+    for name in getattr(module, "_lora_added", ()):
+        if name in vars(module):
+            delattr(module, name)
+    for name in ("_lora_added", "_lora_path"):
+        if name in vars(module):
+            delattr(module, name)
+    base = vars(type(module)).get("_lora_base")
+    if base is not None:
+        module.__class__ = base
+
+
+def merge(model: nnx.Module, config: LoraConfig | None = None, *,
+          safe: bool = False) -> nnx.Module:
+    """A plain copy of `model`: W + scale * A B folded into each adapted weight (the core's
+    `lora_jax.merge`: float32, cast once), factors, records and LoRA dropout removed, the
+    modules' own classes restored. `model` is left as it is."""
+    plain = nnx.clone(model)
+    tree = params(plain)
+    merged = core_merge(tree, config, safe)
+    nodes = dict(iter_modules(merged, leaves=None))
+    modules = _modules(plain)
+    for item in iter_records(tree):
+        module = modules[item.path]
+        _detach(module)
+        getattr(module, item.record.weight).set_value(nodes[item.path][item.record.weight])
+    return plain
+
+
+# --- the functional side ------------------------------------------------------------------------
+
+def trainable(model: nnx.Module, config: LoraConfig) -> Callable[[tuple[Any, ...], Any], bool]:
+    """An nnx filter for what `config` trains: the factors, plus biases (`bias="all"` /
+    `"lora_only"`) and `modules_to_save`. With plain `bias="none"` and no modules to save it
+    selects what `nnx.LoRAParam` selects. For `nnx.Optimizer(model, tx, wrt=...)`,
+    `nnx.DiffState(0, ...)` and `nnx.split(model, ..., ...)`."""
+    tree = params(model)
+    for item in iter_records(tree):
+        check_config(item, config)
+    chosen: set[tuple[Any, ...]] = set()
+
+    def visit(mask: Mapping[Any, Any], keys: tuple[Any, ...]) -> None:
+        for key, value in mask.items():
+            if isinstance(value, Mapping):
+                visit(value, (*keys, key))
+            elif value:
+                chosen.add((*keys, key))
+
+    visit(trainable_mask(tree, config), ())
+    return lambda path, value: tuple(str(k) for k in path) in chosen
+
+
+def count_parameters(model: nnx.Module, config: LoraConfig) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as peft counts (`lora_jax.count_parameters`)."""
+    return counting.count_parameters(params(model), config)
+
+
+def print_trainable_parameters(model: nnx.Module, config: LoraConfig) -> None:
+    """peft's line: `trainable params: X || all params: Y || trainable%: Z`."""
+    counting.print_trainable_parameters(params(model), config)
+
+
+def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
+              **kwargs: Any) -> None:
+    """peft adapter files for `model` (`lora_jax.save_peft` on `params(model)`); an
+    `nnx.List` stack's paths (`h.0.attn`) are peft's already."""
+    peft_io.save_peft(path, params(model), config, *args, **kwargs)
+
+
+def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None,
+              **kwargs: Any) -> LoraConfig:
+    """Put a peft adapter onto `model` in place (`lora_jax.load_peft` + `adapt`); returns its
+    `LoraConfig`."""
+    tree, config = peft_io.load_peft(path, params(model), **kwargs)
+    adapt(model, tree, rngs)
+    return config

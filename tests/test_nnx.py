@@ -1,0 +1,488 @@
+"""The NNX frontend: the LoRA contract (one suite over both frontends), NNX idioms (Optimizer,
+DiffState, split), nnx.List and nnx.vmap/nnx.scan stacks, the functional side on the state's
+pure dict, merge back to a plain model, and bad input named by NNX paths."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from layer_zoo import KINDS, single_layer
+
+import lora_jax
+import lora_jax.nnx as lnnx
+from lora_jax import Layout, LoraConfig, Rule
+from lora_jax.factors import dense_delta
+
+RTOL = 1e-5
+
+
+def _close(actual, expected, rtol=RTOL):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    scale = max(np.abs(expected).max(), 1e-6)
+    assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
+
+
+# --- one layer of each kind, in both frontends, with the same weights ----------------------------
+
+class Single(nnx.Module):
+    """The NNX twin of layer_zoo.single_layer: the layer as attribute `layer`."""
+
+    def __init__(self, kind, dim, out, rngs):
+        if kind == "dense":
+            self.layer = nnx.Linear(dim, out, rngs=rngs)
+        elif kind == "dense_general":
+            self.layer = nnx.LinearGeneral((dim, 2), (out, 3), axis=(-2, -1), rngs=rngs)
+        elif kind == "conv":
+            self.layer = nnx.Conv(dim, out, (3, 2), strides=(2, 1), padding="SAME", rngs=rngs)
+        elif kind == "embed":
+            self.layer = nnx.Embed(dim, out, rngs=rngs)
+        else:
+            self.layer = nnx.Einsum("btd,dnh->btnh", (dim, 2, out), (2, out), rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+class Frontend:
+    """(base output, adapted output, merged output, adapted params dict) of one layer."""
+
+    def __init__(self, name, kind, config, dim=8, out=6):
+        self.name = name
+        linen_model, self.x = single_layer(kind, dim, out)
+        base = linen_model.init(jax.random.key(0), self.x)["params"]
+        key = jax.random.key(1)
+        if name == "linen":
+            self.base_out = linen_model.apply({"params": base}, self.x)
+            self.params = lora_jax.inject(base, config, key,
+                                          layouts=lora_jax.layouts(linen_model, self.x))
+            self.out = lora_jax.wrap(linen_model.apply, config)({"params": self.params}, self.x)
+            merged = lora_jax.merge(self.params, config)
+            self.merged_out = linen_model.apply({"params": merged}, self.x)
+        else:
+            model = Single(kind, dim, out, nnx.Rngs(0))
+            state = nnx.state(model, nnx.Param)
+            nnx.replace_by_pure_dict(state, base)  # the linen layer's weights
+            nnx.update(model, state)
+            self.base_out = model(self.x)
+            lnnx.inject(model, config, key)
+            self.params = lnnx.params(model)
+            self.out = model(self.x)
+            self.merged_out = lnnx.merge(model, config)(self.x)
+            self.model = model
+
+
+FRONTENDS = ("linen", "nnx")
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_init_is_the_base_exactly(frontend, kind):
+    run = Frontend(frontend, kind, LoraConfig(r=2, lora_alpha=4, target_modules=["layer"]))
+    np.testing.assert_array_equal(run.out, run.base_out)
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapted_equals_merged(frontend, kind):
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False)
+    run = Frontend(frontend, kind, config)
+    assert not np.allclose(run.out, run.base_out, atol=1e-3)
+    _close(run.out, run.merged_out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nnx_gets_the_factors_and_outputs_of_linen(kind):
+    """One core: the same weights, config and key give the same factors and records."""
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False)
+    linen, nnx_ = Frontend("linen", kind, config), Frontend("nnx", kind, config)
+    linen_layer, nnx_layer = linen.params["layer"], nnx_.params["layer"]
+    for name in linen_layer:
+        if name.startswith("lora"):
+            assert name in nnx_layer
+            if isinstance(linen_layer[name], lora_jax.LoraRecord):
+                mine, theirs = nnx_layer[name], linen_layer[name]
+                assert (mine.rank, mine.scale, mine.layout.order, mine.layout.n_in) == \
+                    (theirs.rank, theirs.scale, theirs.layout.order, theirs.layout.n_in)
+            else:
+                np.testing.assert_array_equal(nnx_layer[name], linen_layer[name])
+    _close(nnx_.out, linen.out)
+
+
+def test_linear_general_with_unsorted_axes():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    # nnx contracts the input's axes in increasing order: in_features (3, 4)
+    model = nnx.LinearGeneral((3, 4), 5, axis=(-1, -2), rngs=nnx.Rngs(0))
+    config = LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    lnnx.inject(model, config, nnx.Rngs(1))
+    assert model.lora_A.shape == (3, 4, 2)
+    _close(model(x), lnnx.merge(model, config)(x))
+
+
+def test_conv_with_causal_padding_and_dilation():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 4))
+    model = nnx.Conv(4, 5, 3, padding="CAUSAL", kernel_dilation=2, rngs=nnx.Rngs(0))
+    config = LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    lnnx.inject(model, config, nnx.Rngs(1))
+    _close(model(x), lnnx.merge(model, config)(x))
+
+
+# --- a tiny NNX language model: nnx.List or an nnx.vmap stack run by nnx.scan + nnx.remat --------
+
+V, D, L = 32, 8, 3
+IDS = jnp.arange(10).reshape(2, 5) % V
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.ln = nnx.LayerNorm(D, rngs=rngs)
+        self.q = nnx.Linear(D, D, rngs=rngs)
+        self.v = nnx.Linear(D, D, rngs=rngs)
+        self.o = nnx.Linear(D, D, rngs=rngs)
+        self.mlp = nnx.Linear(D, D, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.ln(x)
+        h = jax.nn.softmax(self.q(h) @ h.swapaxes(-1, -2) / 4.0) @ self.v(h)
+        x = x + self.o(self.drop(h))
+        return x + self.mlp(jax.nn.gelu(x))
+
+
+class TinyLM(nnx.Module):
+    def __init__(self, rngs, scan=False):
+        self.scan = scan
+        self.wte = nnx.Embed(V, D, rngs=rngs)
+        if scan:
+            @nnx.split_rngs(splits=L)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs):
+                return Block(rngs)
+
+            self.h = create(rngs)
+        else:
+            self.h = nnx.List([Block(rngs) for _ in range(L)])
+        self.lm_head = nnx.Linear(D, V, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.wte(ids)
+        if self.scan:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            @nnx.remat
+            def body(x, block):
+                return block(x)
+
+            x = body(x, self.h)
+        else:
+            for block in self.h:
+                x = block(x)
+        return self.lm_head(x)
+
+
+def _lm(scan=False, **fields):
+    model = TinyLM(nnx.Rngs(0, dropout=1), scan=scan)
+    model.eval()
+    fields = {"r": 2, "lora_alpha": 4, "target_modules": ["q", "v"], **fields}
+    config = LoraConfig(**fields)
+    base = model(IDS)
+    lnnx.inject(model, config, nnx.Rngs(params=2, dropout=3))
+    return model, config, base
+
+
+def _loss(model):
+    return (model(IDS) ** 2).mean()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_the_nnx_optimizer_trains_only_the_factors_under_jit(scan):
+    model, config, base = _lm(scan, init_lora_weights=False)
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    for path, new in jax.tree_util.tree_flatten_with_path(after)[0]:
+        if str(path[-1].key).startswith("lora_"):
+            assert not np.array_equal(new, flat_before[path]), path
+        else:
+            np.testing.assert_array_equal(new, flat_before[path])
+    # Adam's state (mu, nu) exists for the factors only: 2x their bytes, plus the step count.
+    factor_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(optimizer.opt_state)))
+    assert opt_bytes - 4 == 2 * factor_bytes
+
+
+def test_list_and_scanned_stacks_agree():
+    listed, stacked = TinyLM(nnx.Rngs(0)), TinyLM(nnx.Rngs(0), scan=True)
+    listed.eval(), stacked.eval()
+    # the same weights, per layer (h.i.q) or stacked on the layer axis (h.q)
+    weights = lnnx.params(listed)
+    weights["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[weights["h"][str(i)]
+                                                            for i in range(L)])
+    state = nnx.state(stacked, nnx.Param)
+    nnx.replace_by_pure_dict(state, weights)
+    nnx.update(stacked, state)
+    _close(stacked(IDS), listed(IDS))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=False)
+    lnnx.inject(listed, config, 0)
+    lnnx.inject(stacked, config, 0)
+    assert stacked.h.q.lora_A.shape == (L, D, 2) and listed.h[0].q.lora_A.shape == (D, 2)
+    factors = lnnx.params(listed)["h"]
+    factors = jax.tree.map(lambda *xs: jnp.stack(xs), *[factors[str(i)] for i in range(L)])
+    state = nnx.state(stacked, nnx.LoRAParam)
+    nnx.replace_by_pure_dict(state, {"h": {name: {f: factors[name][f] for f in ("lora_A",
+                                                                               "lora_B")}
+                                           for name in ("q", "v")}})
+    nnx.update(stacked, state)
+    _close(stacked(IDS), listed(IDS))
+    _close(lnnx.merge(stacked, config)(IDS), listed(IDS))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_layers_to_transform_on_a_list_and_a_scanned_stack(scan):
+    model, config, _ = _lm(scan, layers_to_transform=[1], init_lora_weights=False)
+    tree = lnnx.params(model)
+    if scan:
+        record = tree["h"]["q"]["lora"]
+        assert record.layers == (1,) and record.layout.stacked == 1
+        a = model.h.q.lora_A[...]
+        assert a[1].any() and not a[0].any() and not a[2].any()
+    else:
+        adapted = sorted(item.target for item in lora_jax.record.iter_records(tree))
+        assert adapted == ["h.1.q", "h.1.v"]
+    # peft's count: unselected stacked layers are not trainable
+    assert lnnx.count_parameters(model, config)[0] == 2 * (D * 2 + 2 * D)
+    # unselected layers stay at zero through training
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.LoRAParam)
+    grads = nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    if scan:
+        a = model.h.q.lora_A[...]
+        assert not a[0].any() and not a[2].any() and a[1].any()
+
+
+def test_peft_style_names_and_layer_indices_of_an_nnx_list():
+    model, _, _ = _lm(False, target_modules=["h.2.q", "0.v"])
+    adapted = sorted(item.target for item in lora_jax.record.iter_records(lnnx.params(model)))
+    assert adapted == ["h.0.v", "h.2.q"]
+    assert type(model.h[2].q).__name__ == "LinearWithLoRA"
+    assert type(model.h[1].q) is nnx.Linear
+
+
+def test_the_functional_side_on_the_state_dict():
+    model, config, base = _lm(False, init_lora_weights=False, bias="lora_only")
+    tree = nnx.to_pure_dict(nnx.state(model))
+    trainable, frozen = lora_jax.split(lnnx.params(model), config)
+    assert trainable["h"]["0"]["q"]["kernel"] is None
+    assert trainable["h"]["0"]["q"]["bias"] is not None  # lora_only
+    assert lora_jax.combine(trainable, frozen).keys() == lnnx.params(model).keys()
+    n_factors = L * 2 * (D * 2 + 2 * D)
+    assert lora_jax.count_parameters(lnnx.params(model), config)[0] == n_factors + L * 2 * D
+    # the core's merge of the pure dict == the NNX merge's weights
+    merged_tree = lora_jax.merge(lnnx.params(model), config)
+    plain = lnnx.merge(model, config)
+    np.testing.assert_array_equal(merged_tree["h"]["1"]["q"]["kernel"], plain.h[1].q.kernel[...])
+    assert "lora" in tree["h"][0]["q"]  # nnx's own dict holds the record too
+    # nnx's filter for what the config trains: factors + the adapted modules' biases
+    kernel = model.h[0].q.kernel[...]
+    wrt = lnnx.trainable(model, config)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)
+    grads = nnx.grad(_loss, argnums=nnx.DiffState(0, wrt))(model)
+    optimizer.update(model, grads)
+    assert not np.array_equal(model.h[0].q.bias[...], plain.h[0].q.bias[...])
+    np.testing.assert_array_equal(model.h[0].q.kernel[...], kernel)
+    assert nnx.to_pure_dict(nnx.state(optimizer.opt_state))[0]["mu"]["h"][0]["q"].keys() == \
+        {"bias", "lora_A", "lora_B"}
+
+
+def test_jax_jit_grad_and_vmap_over_adapters_with_nnx_split():
+    model, config, _ = _lm(False, init_lora_weights=False)
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    @jax.jit
+    def loss(lora, rest):
+        return _loss(nnx.merge(graphdef, lora, rest))
+
+    grads = jax.grad(loss)(lora, rest)
+    assert jax.tree.structure(grads) == jax.tree.structure(lora)
+    # two adapters over one frozen base, vmapped
+    other = jax.tree.map(lambda a: a * 2.0, lora)
+    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), lora, other)
+    outs = jax.vmap(lambda one: nnx.merge(graphdef, one, rest)(IDS))(both)
+    _close(outs[0], model(IDS))
+    _close(outs[1], nnx.merge(graphdef, other, rest)(IDS))
+
+
+def test_dropout_follows_train_and_eval():
+    model, config, _ = _lm(False, init_lora_weights=False, lora_dropout=0.5,
+                           target_modules=["q", "v", "o", "mlp"])
+    for block in model.h:
+        block.drop.deterministic = True  # the model's own dropout off: LoRA's alone
+    model.eval()
+    evaluated = model(IDS)
+    np.testing.assert_array_equal(evaluated, model(IDS))
+    model.train()
+    for block in model.h:
+        block.drop.deterministic = True
+    first, second = model(IDS), model(IDS)
+    assert not np.allclose(first, evaluated) and not np.allclose(first, second)
+    jitted = nnx.jit(lambda m: m(IDS))
+    assert not np.allclose(jitted(model), jitted(model))  # the stream advances under nnx.jit
+    model.eval()
+    np.testing.assert_array_equal(model(IDS), evaluated)
+
+
+def test_dropout_in_a_scanned_stack():
+    model, config, _ = _lm(True, init_lora_weights=False, lora_dropout=0.5)
+    assert model.h.q.lora_rngs.key.shape == (L,)  # one stream per stacked layer
+    model.eval()
+    evaluated = model(IDS)
+    model.train()
+    model.set_attributes(nnx.Dropout, deterministic=True)
+    assert not np.allclose(model(IDS), evaluated)
+
+
+def test_merge_gives_a_plain_model_and_leaves_the_adapted_one():
+    model, config, _ = _lm(False, init_lora_weights=False, lora_dropout=0.1)
+    plain = lnnx.merge(model, config)
+    assert type(plain.h[0].q) is nnx.Linear
+    assert not nnx.to_pure_dict(nnx.state(plain, nnx.LoRAParam))
+    assert "lora_rngs" not in vars(plain.h[0].q) and "deterministic" not in vars(plain.h[0].q)
+    assert type(model.h[0].q).__name__ == "LinearWithLoRA"  # unchanged
+    model.eval()
+    _close(plain(IDS), model(IDS))
+    with pytest.raises(ValueError, match="'h.0.q' was adapted with r=2, scale=2"):
+        lnnx.merge(model, LoraConfig(r=2, lora_alpha=8, target_modules=["q"]))
+
+
+# --- user rules, the materialising fallback, a call-time einsum ---------------------------------
+
+class Proj(nnx.Module):
+    """A user's layer: weight `w` stored [out, in]."""
+
+    def __init__(self, din, dout, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (dout, din)) * 0.5)
+
+    def __call__(self, x):
+        return x @ self.w[...].T
+
+
+lora_jax.register_rule(Rule(
+    names=(f"{Proj.__module__}.{Proj.__qualname__}",), weight="w",
+    layout=lambda module, w, args, kwargs: Layout("dense", order="oi"),
+    delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b)))
+
+
+class Experts(nnx.Module):
+    """A weight [experts, in, out] in a module no rule knows."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (3, D, D)) * 0.3)
+
+    def __call__(self, x):
+        return jnp.einsum("btd,edf->btf", x, self.w[...]) / 3
+
+
+class Mixed(nnx.Module):
+    """A stack of 2 user layers (nnx.vmap + nnx.scan), a rule-less weight, an nnx.Einsum."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return Proj(D, D, rngs)
+
+        self.proj = create(rngs)
+        self.experts = Experts(rngs)
+        self.einsum = nnx.Einsum("btd,dnh->btnh", (D, 2, D // 2), rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, proj):
+            return proj(x)
+
+        x = self.experts(body(x, self.proj))
+        return self.einsum(x, einsum_str="bsd,dnh->bsnh").reshape(x.shape)
+
+
+X = jax.random.normal(jax.random.key(3), (2, 3, D))
+
+
+def test_a_stacked_user_rule_the_fallback_and_a_call_time_einsum():
+    model = Mixed(nnx.Rngs(0))
+    config = LoraConfig(r=2, target_modules=["proj", "einsum"], target_parameters=["experts.w"],
+                        init_lora_weights=False)
+    # the user's rule cannot tell a stacked [2, out, in] weight from the module alone
+    with pytest.raises(ValueError, match=r"cannot adapt 'proj'.*lora_jax.nnx.layouts"):
+        lnnx.inject(model, config, 1)
+    lnnx.inject(model, config, 1, layouts=lnnx.layouts(model, X))
+    assert model.proj.w_lora_A.shape == (2, D, 2) and model.proj.w_lora_B.shape == (2, 2, D)
+    assert model.experts.w_lora_A.shape == (3, D, 2)
+    assert model.einsum.lora.get_value().layout.order == "ioo"
+    with pytest.warns(UserWarning, match="'experts.w' \\(\\(3, 8, 8\\)\\) has no layer rule"):
+        out = model(X)
+    _close(out, lnnx.merge(model, config)(X))
+    # gradients reach the fallback's factors through W + scale * A B
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads = nnx.grad(lambda m: (m(X) ** 2).sum(),
+                         argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    assert np.abs(grads["experts"]["w_lora_B"][...]).sum() > 0
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_bad_input_names_nnx_paths():
+    model = TinyLM(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"matched no module.*'h\.0\.q'.*Closest names: "
+                                         r"\['q'"):
+        lnnx.inject(model, LoraConfig(target_modules=["q_proj"]), 0)
+    with pytest.raises(ValueError, match=r"r=9 for 'h.0.q' is larger than"):
+        lnnx.inject(model, LoraConfig(r=9, target_modules=["q"]), 0)
+    with pytest.raises(ValueError, match=r"layers_to_transform names layers \[5\]"):
+        lnnx.inject(model, LoraConfig(target_modules=["q"], layers_to_transform=[5]), 0)
+    lnnx.inject(model, LoraConfig(r=2, target_modules=["q"]), 0)
+    with pytest.raises(ValueError, match="'h.0.q' already has LoRA factors"):
+        lnnx.inject(model, LoraConfig(r=2, target_modules=["q"]), 0)
+
+
+def test_unadaptable_and_ruleless_modules_are_refused_by_path():
+    class Holder(nnx.Module):
+        def __init__(self, rngs):
+            self.batched = nnx.LinearGeneral(4, 5, batch_axis={0: 2}, rngs=rngs)
+            self.raw = RawKernel(rngs)
+
+    class RawKernel(nnx.Module):
+        def __init__(self, rngs):
+            self.kernel = nnx.Param(jnp.ones((4, 4)))
+
+    model = Holder(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="cannot adapt 'batched': nnx.LinearGeneral with "
+                                         "batch_axis"):
+        lnnx.inject(model, LoraConfig(target_modules=["batched"]), 0)
+    with pytest.raises(ValueError, match="'raw' is a RawKernel, which has no layer rule.*"
+                                         r"target_parameters=\['raw.kernel'\]"):
+        lnnx.inject(model, LoraConfig(r=2, target_modules=["raw"]), 0)
+    assert type(model.raw) is RawKernel and not nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+
+
+def test_linen_modules_are_unaffected():
+    """Registering the NNX rules leaves the linen frontend's classes alone."""
+    model, x = nn.Dense(4), jnp.ones((1, 3))
+    config = LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+                             jax.random.key(1))
+    _close(lora_jax.wrap(model.apply, config)({"params": params}, x),
+           model.apply({"params": lora_jax.merge(params, config)}, x))
