@@ -14,10 +14,12 @@
 from lora_jax import distributed, sharding
 from lora_jax.checkpoint import AdapterCheckpointer
 from lora_jax.config import LoraConfig
+from lora_jax.convert import to_plain_lora
 from lora_jax.counting import count_parameters, print_trainable_parameters
 from lora_jax.factors import Layout
 from lora_jax.inject import inject
 from lora_jax.linen import layouts, wrap
+from lora_jax.loraplus import loraplus
 from lora_jax.merge import merge
 from lora_jax.optimizer import optimizer
 from lora_jax.partition import combine, split
@@ -38,6 +40,7 @@ __all__ = [
     "inject",
     "layouts",
     "load_peft",
+    "loraplus",
     "lora_specs",
     "merge",
     "optimizer",
@@ -47,6 +50,7 @@ __all__ = [
     "shard_inject",
     "sharding",
     "split",
+    "to_plain_lora",
     "wrap",
 ]
 __version__ = "0.1.0"

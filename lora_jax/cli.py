@@ -44,6 +44,19 @@ class _Parser(argparse.ArgumentParser):
 
 # --- the command line ----------------------------------------------------------------------------
 
+def _init(text: str) -> bool | str:
+    """--init: "default" (peft's True) or an init_lora_weights string LoraConfig accepts."""
+    from lora_jax import LoraConfig
+
+    value = True if text == "default" else text
+    try:
+        LoraConfig(init_lora_weights=value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("LoraConfig.init_lora_weights", "--init")
+                                         ) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lora-jax` argument parser (subcommands finetune, generate, merge)."""
     parser = _Parser(prog="lora-jax", description=__doc__.split("\n\n")[0])
@@ -62,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lora_alpha (16)")
     ft.add_argument("--dropout", type=_number(float, 0, 1, high_open=True), default=0.05,
                     help="lora_dropout, in [0, 1) (0.05)")
+    ft.add_argument("--dora", action="store_true",
+                    help="DoRA: train a magnitude per output feature too (peft's use_dora)")
+    ft.add_argument("--init", type=_init, default=True, metavar="INIT",
+                    help="factor initialisation: default, gaussian, pissa, pissa_niter_K or olora "
+                         "(pissa / olora start from the top singular directions; the saved "
+                         "adapter is converted to apply to the original base)")
+    ft.add_argument("--loraplus-ratio", type=_number(float, 0, low_open=True), metavar="RATIO",
+                    help="LoRA+: B factors (and 1-D trainables) learn RATIO x faster (e.g. 16)")
     ft.add_argument("--targets", help="comma-separated target_modules (default: the model's "
                     "attention query/value projections)")
     length = ft.add_mutually_exclusive_group()

@@ -115,8 +115,10 @@ def _gemma_equation(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return kwargs["eqn"] if "eqn" in kwargs else args[0]
 
 
-# Gemma (`gemma.gm.nn`): `Einsum(shape, weight_name="w")(eqn, x)`; q/k/v (and gate/up) are
-# stacked on a leading kernel axis, which keeps separate factors per projection.
+# Gemma (`gemma.gm.nn`): `Einsum(shape, weight_name="w")(eqn, x)`. The q/k/v (and k/v) axis
+# leads both kernel and output (`BTD,SNDH->SBTNH`), so each projection keeps its own factors; the
+# MLP's gate/up axis follows the batch axes (`...F,NHF->...NH`), so gate and up share A and B
+# spans both (one fused projection, as gemma's own LoRA treats it).
 register_rule(Rule(
     names=("gemma.gm.nn._layers.Einsum", "gemma.layers.Einsum"),
     weight=lambda module: getattr(module, "weight_name", "w"),

@@ -372,16 +372,24 @@ def save_peft(
     path_map: PathMap | None = None,
     fan_in_fan_out: bool | None = None,
     base_model_class: str | None = None,
+    initial_params: Mapping[str, Any] | None = None,
 ) -> None:
     """Write `params`' adapter as peft's `adapter_model.safetensors` + `adapter_config.json`.
 
     `model_type` (a `lora_jax.models` architecture, e.g. "gpt2") gives the layer stacks and
     `fan_in_fan_out`; `task_type` is peft's (e.g. "CAUSAL_LM", "SEQ_CLS"). Factors keep their
     dtype. Without `task_type`, peft records `auto_mapping` from `base_model_class` (default:
-    the architecture's first `HF_CLASSES` entry).
+    the architecture's first `HF_CLASSES` entry). For an adapter that started from PiSSA /
+    OLoRA, `initial_params` (the params right after `inject`) converts it to a plain LoRA of the
+    original base (`lora_jax.convert.to_plain_lora`), as peft's
+    `path_initial_model_for_weight_conversion` does; without it the file needs the residual base.
 
         save_peft("adapter", params, config, model_type="gpt2")
     """
+    if initial_params is not None:
+        from lora_jax.convert import to_plain_lora
+
+        params, config = to_plain_lora(params, initial_params, config)
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(model_type) and _architecture(model_type).fan_in_fan_out

@@ -346,12 +346,14 @@ class Setup:
     forward: Any
     tx: Any
     is_lora: bool
+    initial_params: Any = None  # after inject, when the init changed the base (PiSSA / OLoRA)
 
 
 def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.05, targets: Sequence[str] | None = None,
                  prompt_tokens: int = 20, lr: float = 1e-3, steps: int = 100,
-                 seed: int = 0) -> Setup:
+                 seed: int = 0, dora: bool = False, init: bool | str = True,
+                 loraplus_ratio: float | None = None) -> Setup:
     """Params, trainable selection, forward and optimizer of `method` on `loaded`."""
     import jax
     import optax
@@ -364,11 +366,26 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     params = loaded.params
     apply = loaded.module.apply
     key = jax.random.key(seed)
+    initial = None
+    if method != "lora" and (dora or init is not True or loraplus_ratio):
+        raise ValueError("--dora, --init and --loraplus-ratio apply to --method lora")
+    if dora and init in ("pissa", "olora") or dora and str(init).startswith("pissa_niter"):
+        raise ValueError(f"--dora with --init {init}: a DoRA adapter trained from the residual "
+                         "base cannot be converted to the original base; use one of them")
     if method == "lora":
         config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                      target_modules=tuple(targets or family.targets),
-                                     modules_to_save=head or None)
+                                     modules_to_save=head or None, use_dora=dora,
+                                     init_lora_weights=init)
         params = lora_jax.inject(params, config, key)
+        if isinstance(init, str) and init != "gaussian":
+            # The starting factors, copied: training donates the trainable buffers.
+            from lora_jax.record import iter_records
+            from lora_jax.targets import with_leaves
+
+            initial = with_leaves(params, {
+                item.path: {n: jax.numpy.array(item.module[n], copy=True)
+                            for n in item.record.names} for item in iter_records(params)})
         apply = lora_jax.wrap(apply, config)
     elif method == "full":
         config = lora_jax.LoraConfig(modules_to_save=tuple(params))
@@ -394,12 +411,19 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         out = apply({"params": model_params}, p["prompt"]["embedding"], *args, rngs=rngs)
         return out if task == "classify" else prompt_tuning.strip(out, prompt_tokens)
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), max(steps, 2))
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, weight_decay=0.01 if method != "prompt" else 0.0))
+    decay = 0.01 if method != "prompt" else 0.0
+
+    def adamw(peak: float) -> optax.GradientTransformation:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(1, steps // 10),
+                                                      max(steps, 2))
+        return optax.adamw(schedule, weight_decay=decay)
+
+    inner = adamw(lr) if not loraplus_ratio else lora_jax.loraplus(
+        adamw, lr, loraplus_lr_ratio=loraplus_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), inner)
     # `tx` updates the trainable half that `train.fit` differentiates (split once, combine for
     # the forward): no whole-tree `lora_jax.optimizer` wrapper is needed.
-    return Setup(params, config, forward, tx, method == "lora")
+    return Setup(params, config, forward, tx, method == "lora", initial)
 
 
 DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 5e-5, "prompt": 3e-2}
@@ -474,7 +498,8 @@ def finetune(args: argparse.Namespace) -> int:
     lr = args.lr or DEFAULT_LR[args.method]
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
                          dropout=args.dropout, targets=_split_targets(args.targets),
-                         prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed)
+                         prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed,
+                         dora=args.dora, init=args.init, loraplus_ratio=args.loraplus_ratio)
     write_json(out / "run_config.json", _run_config(args, out))
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
     print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
@@ -630,7 +655,7 @@ def save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded: 
 
         save_peft(folder, params, setup.config, base_model_name_or_path=loaded.source,
                   task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
-                  model_type=loaded.model_type)
+                  model_type=loaded.model_type, initial_params=setup.initial_params)
         return
     folder.mkdir(parents=True, exist_ok=True)
     trainable = split(params, setup.config)[0]

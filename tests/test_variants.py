@@ -140,3 +140,113 @@ def test_dora_on_a_layer_peft_does_not_support_is_an_error(kind):
                                          "in peft, DoRA applies to Dense-like, Conv and Embed"):
         lora_jax.inject(params, LoraConfig(target_modules=["layer"], use_dora=True),
                         jax.random.key(1), layouts=lora_jax.layouts(model, x))
+
+
+def _peft_linear(init, r, alpha, seed=0, rslora=False):
+    """A torch Linear wrapped by peft with `init_lora_weights=init`, and its original weight."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(12, 9))
+    # A clear spectral gap, so the randomised SVD finds the same subspace.
+    with torch.no_grad():
+        u, _, v = torch.linalg.svd(torch.randn(9, 12), full_matrices=False)
+        net.proj.weight.copy_(u @ torch.diag(torch.logspace(1, -2, 9)) @ v)
+    original = net.proj.weight.detach().numpy().copy()
+    model = peft.get_peft_model(net, peft.LoraConfig(r=r, lora_alpha=alpha,
+                                                     target_modules=["proj"],
+                                                     init_lora_weights=init, use_rslora=rslora))
+    return model, original
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_6", "olora"])
+def test_pissa_and_olora_give_peft_residual_and_product(init):
+    r, alpha = 3, 6
+    peft_model, original = _peft_linear(init, r, alpha)
+    layer = peft_model.base_model.model.proj
+    residual = layer.base_layer.weight.detach().numpy()
+    product = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy()
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=init)
+    base = {"proj": {"kernel": jnp.asarray(original.T), "bias": jnp.zeros(9)}}
+    with pytest.warns(UserWarning, match=f"init_lora_weights='{init}' replaced 1 base weights"):
+        ours = lora_jax.inject(base, config, jax.random.key(0))["proj"]
+    # Factors agree up to the sign / rotation freedom of SVD and QR: compare products.
+    tol = 1e-4 if init != "pissa_niter_6" else 1e-3
+    np.testing.assert_allclose(np.asarray(ours["lora_A"] @ ours["lora_B"]).T, product,
+                               atol=tol * np.abs(product).max())
+    np.testing.assert_allclose(np.asarray(ours["kernel"]).T, residual,
+                               atol=tol * np.abs(original).max())
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_pissa_adapter_converts_to_a_plain_lora_of_the_original_base(tmp_path, rslora):
+    model, x = single_layer("dense", 12, 9)
+    base = model.init(jax.random.key(0), x)["params"]
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["layer"], init_lora_weights="pissa",
+                        use_rslora=rslora)
+    with pytest.warns(UserWarning):
+        start = lora_jax.inject(base, config, jax.random.key(1))
+    apply = lora_jax.wrap(model.apply, config)
+    np.testing.assert_allclose(apply({"params": start}, x), model.apply({"params": base}, x),
+                               atol=1e-5)
+    trained = {**start, "layer": {**start["layer"], "lora_B": start["layer"]["lora_B"] * 1.5 + 0.1}}
+    lora_jax.save_peft(tmp_path, trained, config, initial_params=start)
+    loaded, loaded_config = lora_jax.load_peft(tmp_path, base)
+    assert loaded_config.r == 6 and loaded_config.init_lora_weights is True
+    np.testing.assert_allclose(lora_jax.wrap(model.apply, loaded_config)({"params": loaded}, x),
+                               apply({"params": trained}, x), rtol=1e-4, atol=1e-4)
+    # peft loads the converted file onto the untouched base too.
+    net = torch.nn.Sequential()
+    net.add_module("layer", torch.nn.Linear(12, 9))
+    with torch.no_grad():
+        net.layer.weight.copy_(torch.from_numpy(np.asarray(base["layer"]["kernel"]).T))
+        net.layer.bias.copy_(torch.from_numpy(np.asarray(base["layer"]["bias"])))
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(net, tmp_path)(torch.from_numpy(
+            np.asarray(x))).numpy()
+    np.testing.assert_allclose(theirs, apply({"params": trained}, x), rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_bad_input_is_refused():
+    table = {"emb": {"embedding": jnp.ones((10, 4))}}
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported for 'emb' "
+                                         r"\(embed\)"):
+        lora_jax.inject(table, LoraConfig(r=2, target_modules=["emb"], init_lora_weights="pissa"),
+                        jax.random.key(0))
+    quantized = {"q": {"kernel": jnp.ones((8, 8), jnp.int8)}}
+    with pytest.raises(ValueError, match="needs a float base weight, but 'q' is int8"):
+        lora_jax.inject(quantized, LoraConfig(r=2, target_modules=["q"],
+                                              init_lora_weights="olora"), jax.random.key(0))
+    with pytest.raises(ValueError, match="r=9 for 'q' is larger than min"):
+        lora_jax.inject({"q": {"kernel": jnp.ones((8, 8))}},
+                        LoraConfig(r=9, target_modules=["q"], init_lora_weights="pissa"),
+                        jax.random.key(0))
+    with pytest.raises(ValueError, match="init_lora_weights must be True, False, 'gaussian', "
+                                         "'pissa', 'pissa_niter_K'"):
+        LoraConfig(init_lora_weights="pissa_niter_0")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_loraplus_b_moves_ratio_times_a_where_gradients_are_equal(optimizer):
+    import optax
+
+    trainable = {"q": {"kernel": None, "bias": jnp.ones(3), "lora_A": jnp.ones((3, 3)),
+                       "lora_B": jnp.ones((3, 3)), "lora": None},
+                 "wte": {"embedding": None, "lora_embedding_A": jnp.ones((5, 3)),
+                         "lora_embedding_B": jnp.ones((3, 3))}}
+    grads = jax.tree.map(lambda v: jnp.full_like(v, 0.5), trainable)
+    tx = lora_jax.loraplus(getattr(optax, optimizer), 1e-3, loraplus_lr_ratio=16,
+                           loraplus_lr_embedding=1e-6)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    a = updates["q"]["lora_A"]
+    np.testing.assert_allclose(updates["q"]["lora_B"] / a, 16, rtol=1e-6)
+    np.testing.assert_allclose(updates["q"]["bias"] / a[0], 16, rtol=1e-6)  # 1-D: group B
+    np.testing.assert_allclose(updates["wte"]["lora_embedding_B"] / a, 1e-3, rtol=1e-6)
+    assert updates["q"]["kernel"] is None
+
+
+def test_loraplus_bad_ratio_is_refused():
+    import optax
+
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="loraplus_lr_ratio must be a positive finite"):
+            lora_jax.loraplus(optax.sgd, 1e-3, loraplus_lr_ratio=bad)
