@@ -250,3 +250,12 @@ def test_loraplus_bad_ratio_is_refused():
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="loraplus_lr_ratio must be a positive finite"):
             lora_jax.loraplus(optax.sgd, 1e-3, loraplus_lr_ratio=bad)
+
+
+def test_dora_parameter_counts_equal_peft():
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = peft.get_peft_model(llama_hf(), peft.LoraConfig(use_dora=True, **fields))
+    model, base = base_params(llama, llama_hf())
+    config = LoraConfig(use_dora=True, **fields)
+    params = lora_jax.inject(base, config, jax.random.key(0))
+    assert lora_jax.count_parameters(params, config) == peft_model.get_nb_trainable_parameters()
