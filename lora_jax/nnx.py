@@ -422,14 +422,23 @@ def adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: nnx.Rngs | Any = Non
     """Put the adapters of a parameter dict onto `model`, in place; returns `model`.
 
     `tree` is `model`'s `params` with factors and records beside the adapted weights, e.g. from
-    `lora_jax.inject` or `lora_jax.load_peft` on `params(model)`. A changed weight (PiSSA's
-    residual) replaces the module's. `rngs` gives LoRA dropout its stream.
+    `lora_jax.inject` or `lora_jax.load_peft` on `params(model)`. Any other leaf that differs
+    from the model's (PiSSA's residual weight, a bias or module trained with the adapter)
+    replaces it. `rngs` gives LoRA dropout its stream.
     """
+    return _adapt(model, tree, rngs, {})
+
+
+def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
+           rename: Mapping[str, str]) -> nnx.Module:
+    """`adapt`, with `rename` mapping the tree's module paths to the model's."""
     modules = _modules(model)
     stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
-    for item in iter_records(tree):
+    records = list(iter_records(tree))
+    owners = {}
+    for item in records:  # check everything before changing anything
         record = item.record
-        module = modules.get(item.path)
+        module = modules.get(rename.get(item.path, item.path))
         if module is None:
             raise ValueError(f"{item.target!r}: the model has no module at {item.path!r}")
         if record.variant != "lora":
@@ -443,20 +452,22 @@ def adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: nnx.Rngs | Any = Non
                 f"{type(module).__name__} has no layer rule for that weight: register a Rule "
                 "for its class (lora_jax.register_rule), or adapt it through target_parameters"
             )
-        weight = getattr(module, record.weight)
-        added = list(getattr(module, "_lora_added", ()))
-        record_name = factor_names(record.weight)[2]
-        for name in (*getattr(record, "arrays", record.names), record_name):
+        for name in (*getattr(record, "arrays", record.names), factor_names(record.weight)[2]):
             if name in vars(module):
                 raise ValueError(f"{item.target!r} already has an attribute {name!r}; inject "
                                  "once per module (merge first, or exclude it)")
+        owners[id(item)] = module
+    _replace_changed(modules, tree, rename)
+    for item in records:
+        record, module = item.record, owners[id(item)]
+        weight = getattr(module, record.weight)
+        added = list(getattr(module, "_lora_added", ()))
         for name in getattr(record, "arrays", record.names):
             setattr(module, name, nnx.LoRAParam(item.module[name], **_factor_metadata(weight)))
             added.append(name)
+        record_name = factor_names(record.weight)[2]
         setattr(module, record_name, LoraRecordVar(record))
         added.append(record_name)
-        if item.module[record.weight] is not weight.get_value():
-            weight.set_value(item.module[record.weight])  # a residual base (PiSSA / OLoRA)
         if record.dropout and stream is not None and _RNGS not in vars(module):
             fork = stream.fork()
             shape = item.factors[0].shape[:record.layout.stacked]
@@ -466,9 +477,22 @@ def adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: nnx.Rngs | Any = Non
                 module.deterministic = False
                 added.append("deterministic")
         module._lora_added = tuple(added)
-        module._lora_path = item.path
+        module._lora_path = rename.get(item.path, item.path)
         module.__class__ = _adapted_class(type(module))
     return model
+
+
+def _replace_changed(modules: Mapping[str, nnx.Module], tree: Mapping[str, Any],
+                     rename: Mapping[str, str], path: str = "") -> None:
+    """Set every existing variable whose value in `tree` is another array."""
+    module = modules.get(rename.get(path, path))
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            _replace_changed(modules, value, rename, f"{path}.{key}" if path else str(key))
+        elif module is not None and not isinstance(value, LoraRecord):
+            var = vars(module).get(key)
+            if isinstance(var, nnx.Variable) and var.get_value() is not value:
+                var.set_value(value)
 
 
 def _factor_metadata(weight: nnx.Variable) -> dict[str, Any]:
@@ -539,17 +563,41 @@ def print_trainable_parameters(model: nnx.Module, config: LoraConfig) -> None:
     counting.print_trainable_parameters(params(model), config)
 
 
+def _linen_form(tree: Mapping[str, Any], lin: str = "", nnx_path: str = "",
+                paths: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """`tree` with `nnx.List` elements `h: {"0": ...}` named as the linen models name them
+    (`h_0`), which peft io reads with `model_type`'s stacks; and {linen path: NNX path}."""
+    paths = {} if paths is None else paths
+    out: dict[str, Any] = {}
+    join = lambda a, b: f"{a}.{b}" if a else str(b)
+    for key, value in tree.items():
+        if not isinstance(value, Mapping):
+            out[key] = value
+            continue
+        if value and all(str(k).isdigit() and isinstance(v, Mapping) for k, v in value.items()):
+            items = [(f"{key}_{i}", join(nnx_path, f"{key}.{i}"), v) for i, v in value.items()]
+        else:
+            items = [(key, join(nnx_path, key), value)]
+        for name, child_nnx, child in items:
+            child_lin = join(lin, name)
+            paths[child_lin] = child_nnx
+            out[name] = _linen_form(child, child_lin, child_nnx, paths)[0]
+    return out, paths
+
+
 def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
               **kwargs: Any) -> None:
-    """peft adapter files for `model` (`lora_jax.save_peft` on `params(model)`); an
-    `nnx.List` stack's paths (`h.0.attn`) are peft's already."""
-    peft_io.save_peft(path, params(model), config, *args, **kwargs)
+    """peft adapter files for `model` (`lora_jax.save_peft` on `params(model)`, with
+    `nnx.List` elements named as peft io reads them); `model_type="gpt2"` / `"llama"` for the
+    NNX reference models."""
+    peft_io.save_peft(path, _linen_form(params(model))[0], config, *args, **kwargs)
 
 
 def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None,
               **kwargs: Any) -> LoraConfig:
     """Put a peft adapter onto `model` in place (`lora_jax.load_peft` + `adapt`); returns its
-    `LoraConfig`."""
-    tree, config = peft_io.load_peft(path, params(model), **kwargs)
-    adapt(model, tree, rngs)
+    `LoraConfig`. Keyword arguments go to `lora_jax.load_peft` (`model_type`, `path_map`)."""
+    tree, rename = _linen_form(params(model))
+    tree, config = peft_io.load_peft(path, tree, **kwargs)
+    _adapt(model, tree, rngs, rename)
     return config

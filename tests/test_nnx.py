@@ -486,3 +486,72 @@ def test_linen_modules_are_unaffected():
                              jax.random.key(1))
     _close(lora_jax.wrap(model.apply, config)({"params": params}, x),
            model.apply({"params": lora_jax.merge(params, config)}, x))
+
+
+# --- NNX GPT-2 and Llama with HF paths: parity with transformers, peft files both ways ------------
+
+HF_IDS = np.random.RandomState(0).randint(0, 99, (2, 10))
+
+
+def _hf(arch):
+    import transformers
+    from peft_checks import tiny_hf
+
+    if arch == "gpt2":
+        return tiny_hf(transformers.GPT2LMHeadModel, transformers.GPT2Config(
+            vocab_size=99, n_positions=32, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+            bos_token_id=0, eos_token_id=0))
+    return tiny_hf(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        initializer_range=0.2, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def _nnx_model(arch, hf_model, scan):
+    from peft_checks import state_dict
+
+    from lora_jax.models import nnx_gpt2, nnx_llama
+
+    module = nnx_gpt2 if arch == "gpt2" else nnx_llama
+    config = module.config_from_hf(hf_model.config.to_dict())
+    return module.from_hf(state_dict(hf_model), config, scan_layers=scan, remat=scan)
+
+
+PEFT_CASES = [("gpt2", False, ["c_attn", "c_fc"]), ("llama", True, ["q_proj", "v_proj",
+                                                                     "down_proj"])]
+
+
+@pytest.mark.parametrize("arch,scan,targets", PEFT_CASES)
+def test_nnx_model_trained_here_loads_in_peft(arch, scan, targets, tmp_path):
+    import peft
+    from peft_checks import TOL, max_diff, peft_logits, torch_out
+
+    model = _nnx_model(arch, _hf(arch), scan)
+    hf_logits = torch_out(_hf(arch), {"input_ids": HF_IDS})
+    assert max_diff(model(HF_IDS), hf_logits) <= TOL  # the NNX model is HF's
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    lnnx.inject(model, config, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
+    loss = lambda m: (m(HF_IDS) ** 2).mean()
+    for _ in range(3):
+        optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
+    lnnx.save_peft(tmp_path, model, config, model_type=arch)
+    pm = peft.PeftModel.from_pretrained(_hf(arch), tmp_path).eval()
+    ours = model(HF_IDS)
+    assert max_diff(ours, hf_logits) > 100 * TOL  # the adapter matters
+    assert max_diff(ours, peft_logits(pm, {"input_ids": HF_IDS})) <= TOL
+    merged = lnnx.merge(model, config)
+    assert max_diff(merged(HF_IDS), torch_out(pm.merge_and_unload(), {"input_ids": HF_IDS})) \
+        <= TOL
+
+
+@pytest.mark.parametrize("arch,scan,targets", PEFT_CASES)
+def test_peft_adapter_loads_onto_the_nnx_model(arch, scan, targets, tmp_path):
+    from peft_checks import TOL, max_diff, peft_adapter, peft_logits
+
+    pm = peft_adapter(_hf(arch), str(tmp_path), r=4, lora_alpha=8, target_modules=targets,
+                      **({"fan_in_fan_out": True} if arch == "gpt2" else {}))
+    model = _nnx_model(arch, _hf(arch), scan)
+    config = lnnx.load_peft(tmp_path, model, model_type=arch)
+    assert config.r == 4
+    assert max_diff(model(HF_IDS), peft_logits(pm, {"input_ids": HF_IDS})) <= TOL

@@ -1,0 +1,82 @@
+"""Layer stacks and HF weights for the NNX reference models (`nnx_gpt2`, `nnx_llama`).
+
+A stack is an `nnx.List` of blocks (paths `transformer.h.0.attn.c_attn`: peft's names as they
+are) or, with `scan_layers=True`, one block made by `nnx.vmap` whose params carry a leading layer
+axis (`transformer.h.attn.c_attn`), run by `nnx.scan` and, with `remat=True`, `nnx.remat`.
+Weights load through the linen models' HF loaders: the NNX params dict is the linen one with list
+elements `h_0` read as `h.0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from lora_jax.targets import _LIST_ELEMENT
+
+
+def make_stack(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,
+               scan: bool) -> nnx.Module:
+    """`n` blocks from `create(rngs)`: an nnx.List, or one nnx.vmap-stacked block."""
+    if not scan:
+        return nnx.List([create(rngs) for _ in range(n)])
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked(rngs: nnx.Rngs) -> nnx.Module:
+        return create(rngs)
+
+    return stacked(rngs)
+
+
+def run_stack(stack: nnx.Module, x: Any, *broadcast: Any, scan: bool, remat: bool) -> Any:
+    """`x` through every block, `block(x, *broadcast)`."""
+    if not scan:
+        for block in stack:
+            x = block(x, *broadcast)
+        return x
+
+    def body(x: Any, block: nnx.Module, *broadcast: Any) -> Any:
+        return block(x, *broadcast)
+
+    if remat:
+        body = nnx.remat(body)
+    run = nnx.scan(body, in_axes=(nnx.Carry, 0, *[None] * len(broadcast)), out_axes=nnx.Carry)
+    return run(x, stack, *broadcast)
+
+
+def from_linen_params(params: Mapping[str, Any], stacks: Sequence[str],
+                      prefix: str = "") -> dict[str, Any]:
+    """A linen reference model's params with the list elements `h_0, h_1` of the `stacks`
+    (e.g. `transformer.h`) grouped as `h: {"0", "1"}`: the NNX model's pure dict (scanned stacks
+    are the same in both)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        m = _LIST_ELEMENT.fullmatch(key)
+        stack = m is not None and (f"{prefix}.{m[1]}" if prefix else m[1]) in stacks
+        name = m[1] if stack else key
+        child = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, Mapping):
+            value = from_linen_params(value, stacks, child)
+        if stack:
+            out.setdefault(m[1], {})[m[2]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load(model: nnx.Module, linen_params: Mapping[str, Any], stacks: Sequence[str]
+         ) -> nnx.Module:
+    """Set `model`'s params from a linen reference model's params (in place); returns it."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, from_linen_params(linen_params, stacks))
+    nnx.update(model, state)
+    return model
+
+
+def causal_mask(attention_mask: Any | None) -> Any | None:
+    """[B, 1, 1, S] boolean keep-mask from HF's 0/1 attention_mask (None: none)."""
+    return None if attention_mask is None else jnp.asarray(attention_mask, bool)[:, None, None, :]
