@@ -5,6 +5,8 @@ Training (GPT-2, next-token loss, AdamW):
 - LoRA (r=8 on c_attn, `lora_jax.wrap`; split -> grad of the trainable half -> update ->
   combine, the one training idiom), and the same LoRA through the whole-tree
   `lora_jax.optimizer` (model-sized zero updates, every frozen weight rewritten each step);
+- DoRA (the same LoRA with `use_dora=True`: a magnitude per output feature, the detached norm
+  formed without an in x out product);
 - frozen-base bound: forward + activation gradients, no weight gradients (the gradient of the
   loss with respect to the embedding output), which LoRA cannot beat;
 - PyTorch eager + peft (same config, same batch) when torch, transformers and peft are installed.
@@ -103,30 +105,37 @@ def jax_training(model: nn.Module, params: dict, ids: jax.Array, args: argparse.
     runners = {"full fine-tune": run_full}
     results["full fine-tune"] = {"bytes": full_bytes}
 
-    # LoRA.
+    # LoRA and DoRA: split -> grad of the trainable half -> update -> combine.
+    def split_step(config: lora_jax.LoraConfig) -> tuple[Callable[[], Any], int | None, Any]:
+        adapted = lora_jax.inject(params, config, jax.random.key(1))
+        trainable, frozen = lora_jax.split(adapted, config)
+        apply = lora_jax.wrap(model.apply, config)
+
+        @jax.jit
+        def step(t, frozen, state, ids):
+            def loss_of(t):
+                return lm_loss(apply({"params": lora_jax.combine(t, frozen)}, ids), ids)
+
+            loss, grads = jax.value_and_grad(loss_of)(t)
+            updates, state = tx.update(grads, state, t)
+            return optax.apply_updates(t, updates), state, loss
+
+        live = {"t": trainable, "s": tx.init(trainable)}
+        fn, nbytes = compile_with_bytes(step, live["t"], frozen, live["s"], ids)
+
+        def run():
+            live["t"], live["s"], loss = fn(live["t"], frozen, live["s"], ids)
+            return loss
+
+        return run, nbytes, (live, frozen, adapted, apply)
+
     config = lora_jax.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS)
-    lora_params = lora_jax.inject(params, config, jax.random.key(1))
-    trainable, frozen = lora_jax.split(lora_params, config)
-    apply = lora_jax.wrap(model.apply, config)
-
-    @jax.jit
-    def lora_step(t, frozen, state, ids):
-        def loss_of(t):
-            return lm_loss(apply({"params": lora_jax.combine(t, frozen)}, ids), ids)
-
-        loss, grads = jax.value_and_grad(loss_of)(t)
-        updates, state = tx.update(grads, state, t)
-        return optax.apply_updates(t, updates), state, loss
-
-    lora = {"t": trainable, "s": tx.init(trainable)}
-    lora_fn, lora_bytes = compile_with_bytes(lora_step, lora["t"], frozen, lora["s"], ids)
-
-    def run_lora():
-        lora["t"], lora["s"], loss = lora_fn(lora["t"], frozen, lora["s"], ids)
-        return loss
-
-    runners["LoRA"] = run_lora
+    runners["LoRA"], lora_bytes, (lora, frozen, lora_params, apply) = split_step(config)
     results["LoRA"] = {"bytes": lora_bytes}
+    dora_config = lora_jax.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS,
+                                      use_dora=True)
+    runners["DoRA"], dora_bytes, _ = split_step(dora_config)
+    results["DoRA"] = {"bytes": dora_bytes}
 
     # The same LoRA through the whole-tree optimizer (the idiom lora_jax does not recommend).
     whole_tx = lora_jax.optimizer(tx, lora_params, config)
@@ -267,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lora_step / frozen_bound": training["LoRA"]["step_s"]
         / training["frozen-base bound"]["step_s"],
         "lora_step / full_step": training["LoRA"]["step_s"] / training["full fine-tune"]["step_s"],
+        "dora_step / lora_step": training["DoRA"]["step_s"] / training["LoRA"]["step_s"],
+        "dora memory / lora memory": training["DoRA"]["bytes"] / training["LoRA"]["bytes"],
         "whole-tree optimizer step / split step": training["LoRA, whole-tree optimizer"][
             "step_s"] / training["LoRA"]["step_s"],
         "whole-tree optimizer memory / split memory": training["LoRA, whole-tree optimizer"][

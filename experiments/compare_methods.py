@@ -1,5 +1,6 @@
 """The seed document's comparison table, measured: full fine-tune vs LoRA (r 4/8/16) vs
-prompt-tuning vs head-only, on the same model, data, steps and batch.
+prompt-tuning vs head-only, on the same model, data, steps and batch; and LoRA's variants at the
+same rank (`dora-8`, `pissa-8`, `olora-8`, `loraplus-8`: LoRA+ with ratio 16).
 
 (a) all-MiniLM-L6-v2 + BBC News topic classification: test accuracy.
 (b) SmolLM2-135M + BBC News text, language modelling: held-out perplexity before -> after
@@ -11,6 +12,7 @@ time after compilation, quality. Writes `compare_<part>.md`, `.json` and `.png` 
 
     python experiments/compare_methods.py --part minilm --steps 97 --seq-len 64
     python experiments/compare_methods.py --part smollm2 --steps 20 --seq-len 128 --batch-size 4
+    python experiments/compare_methods.py --part minilm --methods lora-8,dora-8,pissa-8,loraplus-8
 """
 
 from __future__ import annotations
@@ -57,13 +59,19 @@ def compiled_step(setup: run.Setup, task: str, trainable: Any, frozen: Any, batc
                          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+# A variant label's LoRA options (run.setup_method keywords).
+VARIANTS = {"lora": {}, "dora": {"dora": True}, "pissa": {"init": "pissa"},
+            "olora": {"init": "olora"}, "loraplus": {"loraplus_ratio": 16.0}}
+
+
 def run_method(loaded: run.Loaded, task: str, label: str, arrays: dict, args: argparse.Namespace
                ) -> dict[str, Any]:
-    method, _, rank = label.partition("-")
-    lr = args.lr.get(method) or run.DEFAULT_LR[method]
+    name, _, rank = label.partition("-")
+    method = "lora" if name in VARIANTS else name
+    lr = args.lr.get(name) or args.lr.get(method) or run.DEFAULT_LR[method]
     setup = run.setup_method(loaded, task, method, r=int(rank or 8), alpha=2 * int(rank or 8),
                              dropout=0.05, prompt_tokens=args.prompt_tokens, lr=lr,
-                             steps=args.steps, seed=args.seed)
+                             steps=args.steps, seed=args.seed, **VARIANTS.get(name, {}))
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
     trainable, frozen = lora_jax.split(setup.params, setup.config)
     train_a, test_a = arrays["train"], arrays["test"]
