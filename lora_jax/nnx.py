@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -43,7 +44,7 @@ from lora_jax.nnx_rules import NnxRule
 from lora_jax.partition import trainable_mask
 from lora_jax.record import LoraRecord, check_config, factor_names, iter_records, target_path
 from lora_jax.rules import NotAdaptable, Rule, rule_for
-from lora_jax.targets import iter_modules
+from lora_jax.targets import iter_modules, with_leaves, without_leaves
 
 __all__ = [
     "LoraRecordVar",
@@ -585,12 +586,42 @@ def _linen_form(tree: Mapping[str, Any], lin: str = "", nnx_path: str = "",
     return out, paths
 
 
+def _as_linear(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """`tree` with each adapted weight of several input / output axes and no kept or stacked
+    ones (an einsum `BTD,DNH->BTNH` kernel [D, N, H]) replaced by the Linear of its row-major
+    flattening ([D, N*H], named `kernel`, factors `lora_A` [D, r] / `lora_B` [r, N*H]): how
+    PyTorch checkpoints store such projections (HF Llama's q_proj is [N*H, D]), and what peft's
+    files can name."""
+    updates: dict[str, dict[str, Any]] = {}
+    drop: set[tuple[str, str]] = set()
+    for item in iter_records(tree):
+        record, weight = item.record, item.weight
+        roles = record.layout.roles(weight.ndim)
+        if record.materialised or record.weight in ("kernel", "embedding") and weight.ndim == 2 \
+                or record.layout.kind not in ("dense", "einsum") or set(roles) != {"i", "o"}:
+            continue
+        order = [i for i, r in enumerate(roles) if r == "i"] + \
+            [i for i, r in enumerate(roles) if r == "o"]
+        n_in = math.prod(weight.shape[i] for i, r in enumerate(roles) if r == "i")
+        a, b = item.factors
+        kernel = jnp.transpose(weight, order).reshape(n_in, -1)
+        layout = Layout("dense", rule=record.layout.rule, weight="kernel")
+        flat = dataclasses.replace(record, weight="kernel", layout=layout)
+        a_name, b_name, record_name = factor_names("kernel")
+        drop |= {(item.path, n) for n in (record.weight, *record.names,
+                                          factor_names(record.weight)[2])}
+        updates[item.path] = {"kernel": kernel, a_name: a.reshape(n_in, -1),
+                              b_name: b.reshape(b.shape[0], -1), record_name: flat}
+    return with_leaves(without_leaves(tree, drop), updates) if updates else dict(tree)
+
+
 def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
               **kwargs: Any) -> None:
     """peft adapter files for `model` (`lora_jax.save_peft` on `params(model)`, with
     `nnx.List` elements named as peft io reads them); `model_type="gpt2"` / `"llama"` for the
-    NNX reference models."""
-    peft_io.save_peft(path, _linen_form(params(model))[0], config, *args, **kwargs)
+    NNX reference models, `path_map` for others. A projection kernel of several axes (an
+    einsum's [D, N, H]) is written as the PyTorch Linear of its row-major flattening."""
+    peft_io.save_peft(path, _as_linear(_linen_form(params(model))[0]), config, *args, **kwargs)
 
 
 def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None,

@@ -137,3 +137,22 @@ register_rule(NnxRule(
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         _einsum_str(module, args, kwargs).replace(" ", ""), x, a, b,
         precision=module.precision)))
+
+
+# --- layers of other packages ------------------------------------------------------------------
+
+def _kernel_spec(equation: str) -> str:
+    return equation.replace(" ", "").split("->")[0].split(",")[1]
+
+
+# tunix's NNX models (`tunix.models.{llama3,qwen2,qwen3,gemma,gemma3}.model.Einsum`): weight `w`,
+# equation `einsum_str` fixed at construction (e.g. q_proj 'BTD,DNH->BTNH', o_proj
+# 'BTNH,NHD->BTD', Gemma's stacked qkv 'BTD,SNDH->SBTNH'), called as `einsum(x)`.
+register_rule(NnxRule(
+    names=tuple(f"tunix.models.{m}.model.Einsum" for m in ("llama3", "qwen2", "qwen3", "gemma",
+                                                          "gemma3")),
+    weight="w",
+    weight_ndim=lambda module: len(_kernel_spec(module.einsum_str)),
+    layout=lambda module, weight, args, kwargs: _einsum_layout(module.einsum_str),
+    delta=lambda module, x, a, b, args, kwargs: einsum_delta(
+        module.einsum_str.replace(" ", ""), x, a, b)))
