@@ -44,6 +44,7 @@ from lora_jax.nnx_rules import NnxRule
 from lora_jax.partition import trainable_mask
 from lora_jax.record import LoraRecord, check_config, factor_names, iter_records, target_path
 from lora_jax.rules import NotAdaptable, Rule, rule_for
+from lora_jax.sharding import lora_specs
 from lora_jax.targets import iter_modules, with_leaves, without_leaves
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "print_trainable_parameters",
     "save_peft",
     "trainable",
+    "update",
 ]
 
 _RNGS = "lora_rngs"  # the attribute holding an adapted module's LoRA dropout stream
@@ -393,8 +395,7 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array | i
     found = {**_static_layouts(model, tree), **dict(layouts or {})}
     key, stream = _keys(rngs, config)
     _check_rules(model, config, tree, found)
-    with warnings.catch_warnings():
-        adapted = core_inject(tree, config, key, layouts=found, dtype=dtype)
+    adapted = core_inject(tree, config, key, layouts=found, dtype=dtype)
     return adapt(model, adapted, stream)
 
 
@@ -463,8 +464,9 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
         record, module = item.record, owners[id(item)]
         weight = getattr(module, record.weight)
         added = list(getattr(module, "_lora_added", ()))
+        specs = _factor_specs(item, weight)
         for name in getattr(record, "arrays", record.names):
-            setattr(module, name, nnx.LoRAParam(item.module[name], **_factor_metadata(weight)))
+            setattr(module, name, _factor(item.module[name], weight, specs.get(name)))
             added.append(name)
         record_name = factor_names(record.weight)[2]
         setattr(module, record_name, LoraRecordVar(record))
@@ -490,15 +492,48 @@ def _replace_changed(modules: Mapping[str, nnx.Module], tree: Mapping[str, Any],
     for key, value in tree.items():
         if isinstance(value, Mapping):
             _replace_changed(modules, value, rename, f"{path}.{key}" if path else str(key))
-        elif module is not None and not isinstance(value, LoraRecord):
+        elif module is not None and value is not None and not isinstance(value, LoraRecord):
             var = vars(module).get(key)
             if isinstance(var, nnx.Variable) and var.get_value() is not value:
                 var.set_value(value)
 
 
-def _factor_metadata(weight: nnx.Variable) -> dict[str, Any]:
-    """Metadata the factors inherit from their weight (none yet: sharding is per factor)."""
-    return {}
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def update(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
+    """Set `model`'s variables from a params dict, in place (e.g. the trainable half of
+    `lora_jax.split(params(model), config)` after training or from a checkpoint): `None` holes
+    and records are skipped, so a partial tree updates only its leaves. Returns `model`."""
+    _replace_changed(_modules(model), tree, {})
+    return model
+
+
+def _factor_specs(item: Any, weight: nnx.Variable) -> dict[str, Any]:
+    """{factor name: PartitionSpec} from the weight's sharding metadata (the core's
+    `lora_specs`: A keeps the weight's input and stacked axes' mesh axes, B its output axes);
+    {} when the weight has none."""
+    metadata = weight.get_metadata()
+    names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
+    if names is None:
+        return {}
+    record = item.record
+    arrays = getattr(record, "arrays", record.names)
+    node = {record.weight: item.weight, factor_names(record.weight)[2]: record,
+            **{name: item.module[name] for name in arrays}}
+    specs = lora_specs(node, {record.weight: jax.sharding.PartitionSpec(*names)})
+    return {name: specs[name] for name in arrays}
+
+
+def _factor(value: Any, weight: nnx.Variable, spec: Any) -> nnx.LoRAParam:
+    """A factor as an `nnx.LoRAParam`; with a spec, carrying it as its sharding metadata and
+    placed on the weight's mesh when the weight's value is."""
+    if spec is None:
+        return nnx.LoRAParam(value)
+    sharding = getattr(weight.get_value(), "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
+    return nnx.LoRAParam(value, out_sharding=tuple(spec), eager_sharding=False)
 
 
 def _detach(module: nnx.Module) -> None:

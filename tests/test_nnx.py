@@ -153,6 +153,13 @@ class Block(nnx.Module):
         return x + self.mlp(jax.nn.gelu(x))
 
 
+class Body(nnx.Module):
+    """The blocks under `transformer.h` (peft reads a layer index after a non-leading name)."""
+
+    def __init__(self, h):
+        self.h = h
+
+
 class TinyLM(nnx.Module):
     def __init__(self, rngs, scan=False):
         self.scan = scan
@@ -163,10 +170,14 @@ class TinyLM(nnx.Module):
             def create(rngs):
                 return Block(rngs)
 
-            self.h = create(rngs)
+            self.transformer = Body(create(rngs))
         else:
-            self.h = nnx.List([Block(rngs) for _ in range(L)])
+            self.transformer = Body(nnx.List([Block(rngs) for _ in range(L)]))
         self.lm_head = nnx.Linear(D, V, rngs=rngs)
+
+    @property
+    def h(self):
+        return self.transformer.h
 
     def __call__(self, ids):
         x = self.wte(ids)
@@ -229,8 +240,9 @@ def test_list_and_scanned_stacks_agree():
     listed.eval(), stacked.eval()
     # the same weights, per layer (h.i.q) or stacked on the layer axis (h.q)
     weights = lnnx.params(listed)
-    weights["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[weights["h"][str(i)]
-                                                            for i in range(L)])
+    blocks = weights["transformer"]["h"]
+    weights["transformer"]["h"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                               *[blocks[str(i)] for i in range(L)])
     state = nnx.state(stacked, nnx.Param)
     nnx.replace_by_pure_dict(state, weights)
     nnx.update(stacked, state)
@@ -239,12 +251,11 @@ def test_list_and_scanned_stacks_agree():
     lnnx.inject(listed, config, 0)
     lnnx.inject(stacked, config, 0)
     assert stacked.h.q.lora_A.shape == (L, D, 2) and listed.h[0].q.lora_A.shape == (D, 2)
-    factors = lnnx.params(listed)["h"]
+    factors = lnnx.params(listed)["transformer"]["h"]
     factors = jax.tree.map(lambda *xs: jnp.stack(xs), *[factors[str(i)] for i in range(L)])
     state = nnx.state(stacked, nnx.LoRAParam)
-    nnx.replace_by_pure_dict(state, {"h": {name: {f: factors[name][f] for f in ("lora_A",
-                                                                               "lora_B")}
-                                           for name in ("q", "v")}})
+    nnx.replace_by_pure_dict(state, {"transformer": {"h": {
+        name: {f: factors[name][f] for f in ("lora_A", "lora_B")} for name in ("q", "v")}}})
     nnx.update(stacked, state)
     _close(stacked(IDS), listed(IDS))
     _close(lnnx.merge(stacked, config)(IDS), listed(IDS))
@@ -255,13 +266,13 @@ def test_layers_to_transform_on_a_list_and_a_scanned_stack(scan):
     model, config, _ = _lm(scan, layers_to_transform=[1], init_lora_weights=False)
     tree = lnnx.params(model)
     if scan:
-        record = tree["h"]["q"]["lora"]
+        record = tree["transformer"]["h"]["q"]["lora"]
         assert record.layers == (1,) and record.layout.stacked == 1
         a = model.h.q.lora_A[...]
         assert a[1].any() and not a[0].any() and not a[2].any()
     else:
         adapted = sorted(item.target for item in lora_jax.record.iter_records(tree))
-        assert adapted == ["h.1.q", "h.1.v"]
+        assert adapted == ["transformer.h.1.q", "transformer.h.1.v"]
     # peft's count: unselected stacked layers are not trainable
     assert lnnx.count_parameters(model, config)[0] == 2 * (D * 2 + 2 * D)
     # unselected layers stay at zero through training
@@ -276,7 +287,7 @@ def test_layers_to_transform_on_a_list_and_a_scanned_stack(scan):
 def test_peft_style_names_and_layer_indices_of_an_nnx_list():
     model, _, _ = _lm(False, target_modules=["h.2.q", "0.v"])
     adapted = sorted(item.target for item in lora_jax.record.iter_records(lnnx.params(model)))
-    assert adapted == ["h.0.v", "h.2.q"]
+    assert adapted == ["transformer.h.0.v", "transformer.h.2.q"]
     assert type(model.h[2].q).__name__ == "LinearWithLoRA"
     assert type(model.h[1].q) is nnx.Linear
 
@@ -285,16 +296,17 @@ def test_the_functional_side_on_the_state_dict():
     model, config, base = _lm(False, init_lora_weights=False, bias="lora_only")
     tree = nnx.to_pure_dict(nnx.state(model))
     trainable, frozen = lora_jax.split(lnnx.params(model), config)
-    assert trainable["h"]["0"]["q"]["kernel"] is None
-    assert trainable["h"]["0"]["q"]["bias"] is not None  # lora_only
+    assert trainable["transformer"]["h"]["0"]["q"]["kernel"] is None
+    assert trainable["transformer"]["h"]["0"]["q"]["bias"] is not None  # lora_only
     assert lora_jax.combine(trainable, frozen).keys() == lnnx.params(model).keys()
     n_factors = L * 2 * (D * 2 + 2 * D)
     assert lora_jax.count_parameters(lnnx.params(model), config)[0] == n_factors + L * 2 * D
     # the core's merge of the pure dict == the NNX merge's weights
     merged_tree = lora_jax.merge(lnnx.params(model), config)
     plain = lnnx.merge(model, config)
-    np.testing.assert_array_equal(merged_tree["h"]["1"]["q"]["kernel"], plain.h[1].q.kernel[...])
-    assert "lora" in tree["h"][0]["q"]  # nnx's own dict holds the record too
+    np.testing.assert_array_equal(merged_tree["transformer"]["h"]["1"]["q"]["kernel"],
+                                  plain.h[1].q.kernel[...])
+    assert "lora" in tree["transformer"]["h"][0]["q"]  # nnx's own dict holds the record too
     # nnx's filter for what the config trains: factors + the adapted modules' biases
     kernel = model.h[0].q.kernel[...]
     wrt = lnnx.trainable(model, config)
@@ -303,8 +315,8 @@ def test_the_functional_side_on_the_state_dict():
     optimizer.update(model, grads)
     assert not np.array_equal(model.h[0].q.bias[...], plain.h[0].q.bias[...])
     np.testing.assert_array_equal(model.h[0].q.kernel[...], kernel)
-    assert nnx.to_pure_dict(nnx.state(optimizer.opt_state))[0]["mu"]["h"][0]["q"].keys() == \
-        {"bias", "lora_A", "lora_B"}
+    mu = nnx.to_pure_dict(nnx.state(optimizer.opt_state))[0]["mu"]
+    assert mu["transformer"]["h"][0]["q"].keys() == {"bias", "lora_A", "lora_B"}
 
 
 def test_jax_jit_grad_and_vmap_over_adapters_with_nnx_split():
@@ -363,7 +375,7 @@ def test_merge_gives_a_plain_model_and_leaves_the_adapted_one():
     assert type(model.h[0].q).__name__ == "LinearWithLoRA"  # unchanged
     model.eval()
     _close(plain(IDS), model(IDS))
-    with pytest.raises(ValueError, match="'h.0.q' was adapted with r=2, scale=2"):
+    with pytest.raises(ValueError, match="'transformer.h.0.q' was adapted with r=2, scale=2"):
         lnnx.merge(model, LoraConfig(r=2, lora_alpha=8, target_modules=["q"]))
 
 
@@ -442,19 +454,90 @@ def test_a_stacked_user_rule_the_fallback_and_a_call_time_einsum():
     assert np.abs(grads["experts"]["w_lora_B"][...]).sum() > 0
 
 
+def test_adapter_only_orbax_checkpoint(tmp_path):
+    from lora_jax.checkpoint import AdapterCheckpointer
+
+    model, config, _ = _lm(False, init_lora_weights=False)
+    tx = optax.adam(1e-2)
+    trainable, _ = lora_jax.split(lnnx.params(model), config)
+    opt_state = tx.init(trainable)
+    with AdapterCheckpointer(tmp_path / "ckpt", async_save=False) as checkpointer:
+        checkpointer.save(3, trainable, opt_state, config)
+    other = TinyLM(nnx.Rngs(0, dropout=1))  # the same base, other factors (another key)
+    other.eval()
+    lnnx.inject(other, config, 99)
+    assert not np.allclose(other(IDS), model(IDS))
+    target = (lora_jax.split(lnnx.params(other), config)[0], opt_state)
+    with AdapterCheckpointer(tmp_path / "ckpt") as checkpointer:
+        restored = checkpointer.restore(target=target)
+    assert restored.step == 3 and restored.config == config
+    lnnx.update(other, restored.trainable)
+    np.testing.assert_array_equal(other(IDS), model(IDS))
+
+
+# --- sharding -------------------------------------------------------------------------------------
+
+class Mlp(nnx.Module):
+    def __init__(self, rngs, partitioned):
+        init = nnx.initializers.lecun_normal()
+        part = (lambda *names: nnx.with_partitioning(init, names)) if partitioned else \
+            (lambda *names: init)
+        self.up = nnx.Linear(D, 16, kernel_init=part("fsdp", "tensor"), rngs=rngs)
+        self.down = nnx.Linear(16, D, kernel_init=part("tensor", "fsdp"), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+def test_factors_follow_the_kernels_sharding_and_a_sharded_step_equals_one_device():
+    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    config = LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False)
+    with jax.set_mesh(mesh):
+        sharded = lnnx.inject(Mlp(nnx.Rngs(0), True), config, 1)
+    single = lnnx.inject(Mlp(nnx.Rngs(0), False), config, 1)
+    P = jax.sharding.PartitionSpec
+    for layer, a_spec, b_spec in [(sharded.up, P("fsdp", None), P(None, "tensor")),
+                                  (sharded.down, P("tensor", None), P(None, "fsdp"))]:
+        assert layer.lora_A[...].sharding.spec == a_spec
+        assert layer.lora_B[...].sharding.spec == b_spec
+        assert layer.lora_A.get_metadata()["out_sharding"] == tuple(a_spec)
+    assert single.up.lora_A.get_metadata().get("out_sharding") is None
+    x = jax.random.normal(jax.random.key(0), (8, D))
+
+    def train(model):
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+        @nnx.jit
+        def step(model, optimizer):
+            loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean(),
+                                             argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+            optimizer.update(model, grads)
+            return loss
+
+        return [float(step(model, optimizer)) for _ in range(3)]
+
+    with jax.set_mesh(mesh):
+        sharded_losses = train(sharded)
+    np.testing.assert_allclose(sharded_losses, train(single), rtol=1e-5)
+    np.testing.assert_allclose(sharded.up.lora_B[...], single.up.lora_B[...], rtol=1e-5,
+                               atol=1e-6)
+    assert sharded.up.lora_B[...].sharding.spec == P(None, "tensor")  # kept through training
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def test_bad_input_names_nnx_paths():
     model = TinyLM(nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"matched no module.*'h\.0\.q'.*Closest names: "
-                                         r"\['q'"):
+    with pytest.raises(ValueError, match=r"matched no module.*'transformer\.h\.0\.q'.*"
+                                         r"Closest names: \['q'"):
         lnnx.inject(model, LoraConfig(target_modules=["q_proj"]), 0)
-    with pytest.raises(ValueError, match=r"r=9 for 'h.0.q' is larger than"):
-        lnnx.inject(model, LoraConfig(r=9, target_modules=["q"]), 0)
-    with pytest.raises(ValueError, match=r"layers_to_transform names layers \[5\]"):
+    with pytest.raises(ValueError, match=r"layers_to_transform"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         lnnx.inject(model, LoraConfig(target_modules=["q"], layers_to_transform=[5]), 0)
+    assert not nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))  # nothing half-done
     lnnx.inject(model, LoraConfig(r=2, target_modules=["q"]), 0)
-    with pytest.raises(ValueError, match="'h.0.q' already has LoRA factors"):
+    with pytest.raises(ValueError, match="'transformer.h.0.q' already has LoRA factors"):
         lnnx.inject(model, LoraConfig(r=2, target_modules=["q"]), 0)
 
 
