@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -23,10 +24,17 @@ from lora_jax.record import (
 )
 from lora_jax.rules import rule_named
 from lora_jax.targets import (
+    PATH_ALIASES,
     iter_modules,
     layer_index,
+    layer_path,
     matches,
+    matches_any,
     path_forms,
+    pattern_value,
+    peft_path,
+    saved_match,
+    stack_root,
     unbox,
     with_leaves,
 )
@@ -88,14 +96,43 @@ def _no_layout_message(path: str, shape: tuple[int, ...]) -> str:
             "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}")
 
 
-def _is_target(config: LoraConfig, path: str, site: Site) -> bool:
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One module as peft sees it: the names it goes by (the Flax path; for a layer of a scanned
+    stack also peft's per-layer path) and the stacked position it stands for (None if not
+    stacked)."""
+
+    names: tuple[str, ...]
+    layer: int | None = None
+
+    @property
+    def peft(self) -> str:
+        return peft_path(self.names[-1])
+
+
+def _views(params: Mapping[str, Any], path: str, site: Site) -> list[View]:
+    """The modules a site stands for: itself, or each layer of its scanned stack."""
+    if site.layout.stacked == 1 and site.layout.rule != MATERIALISE:
+        stack = stack_root(params, site.path, site.shape[0])
+        if stack is not None:
+            return [View((path, layer_path(path, stack, i)), i) for i in range(site.shape[0])]
+    if path in PATH_ALIASES:
+        return [View((path, PATH_ALIASES[path]))]
+    return [View((path,))]
+
+
+def _is_target(config: LoraConfig, view: View, site: Site) -> bool:
+    names = view.names
     spec = config.target_modules
+    if site.layout.rule != MATERIALISE and any(saved_match(config.modules_to_save, n)
+                                               for n in names):
+        return False  # peft keeps modules_to_save (and what lies inside them) out of LoRA
     if site.layout.rule == MATERIALISE:
         found = True
     elif spec is None:
         found = False
     elif spec == "all-linear":
-        if matches(_HEADS + tuple(config.modules_to_save or ()), path):
+        if matches_any(_HEADS + tuple(config.modules_to_save or ()), names):
             return False
         found = site.weight != "embedding" and (site.layout.error is not None or
                                                 site.layout.kind in ("dense", "einsum"))
@@ -104,24 +141,42 @@ def _is_target(config: LoraConfig, path: str, site: Site) -> bool:
         if site.layout.error and site.layout.rule is not None:
             found = False  # all-linear skips layers LoRA cannot apply to
     else:
-        found = matches(spec, path)
+        found = matches_any(spec, names)
     if found and config.exclude_modules is not None:
-        found = not matches(config.exclude_modules, path)
+        found = not matches_any(config.exclude_modules, names)
     return found
 
 
-def _selected_layers(config: LoraConfig, path: str, layout: Layout) -> tuple[int, ...] | bool:
-    """True (all layers), False (skip the module), or the stacked-axis indices to adapt."""
+def _wanted_layers(config: LoraConfig) -> set[int] | None:
+    """The layer indices to keep, or None for no filter (peft: None, or an empty list)."""
     wanted = config.layers_to_transform
     if wanted is None:
+        return None
+    wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+    return wanted or None
+
+
+def _view_index(config: LoraConfig, view: View) -> int | None:
+    index = layer_index(view.peft, config.layers_pattern)
+    if index is None and view.layer is not None and not config.layers_pattern:
+        index = view.layer  # a stack at the root of the tree: its position on the stack axis
+    return index
+
+
+def _layer_selected(config: LoraConfig, view: View, peft_quirks: bool = False) -> bool:
+    """Whether `layers_to_transform` keeps this module (peft's rule: the module's layer index,
+    read after `layers_pattern`, must be listed; a module without one is dropped). With
+    `peft_quirks`, a module named in full by a list target_modules skips the filter, as peft's
+    code does (its docs say the filter applies)."""
+    wanted = _wanted_layers(config)
+    if wanted is None:
         return True
-    wanted = (wanted,) if isinstance(wanted, int) else tuple(wanted)
-    index = layer_index(path, config.layers_pattern)
-    if index is not None:
-        return index in wanted
-    if layout.stacked:
-        return wanted
-    return False  # peft skips modules with no layer index when layers_to_transform is set
+    spec = config.target_modules
+    if peft_quirks and not isinstance(spec, str) and spec is not None and any(
+            form in spec for n in view.names for form in path_forms(n)):
+        return True
+    index = _view_index(config, view)
+    return index is not None and index in wanted
 
 
 def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
@@ -147,37 +202,101 @@ def find_targets(
     params: Mapping[str, Any],
     config: LoraConfig,
     layouts: Mapping[str, Layout] | None = None,
+    *,
+    peft_quirks: bool = False,
 ) -> dict[str, tuple[Site, tuple[int, ...] | bool]]:
     """{target path: (site, selected layers)} of the weights `config` adapts; raises if none,
-    or if a targeted module cannot be adapted (naming it, the reason and what to do)."""
+    or if a targeted module cannot be adapted (naming it, the reason and what to do).
+
+    A scanned stack's layers are matched one by one under peft's per-layer names
+    (`transformer.h.3.attn.c_attn`), so exclude_modules, rank/alpha patterns, per-layer targets
+    and layers_to_transform select layers of the stack; the others get zero factors. The
+    selected layers must share one rank and scale (a stack has one pair of factors)."""
+    targets = {path: (site, selected) for path, (site, selected, _) in
+               _find(params, config, layouts, peft_quirks=peft_quirks).items()}
+    return targets
+
+
+def target_values(params: Mapping[str, Any], config: LoraConfig,
+                  layouts: Mapping[str, Layout] | None = None
+                  ) -> dict[str, tuple[Site, tuple[int, ...] | bool, tuple[int, float]]]:
+    """find_targets with each target's (rank, scale)."""
+    return _find(params, config, layouts)
+
+
+def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, Layout] | None,
+          *, peft_quirks: bool = False
+          ) -> dict[str, tuple[Site, tuple[int, ...] | bool, tuple[int, float]]]:
     if config.target_modules is None and not config.target_parameters:
         raise ValueError(
             "LoraConfig.target_modules is None: name the modules to adapt, e.g. ['q_proj', "
             "'v_proj'], a regex, or 'all-linear' (or name params with target_parameters)"
         )
     sites = _sites(params, config, layouts)
-    matched = {path: site for path, site in sites.items() if _is_target(config, path, site)}
+    views = {path: _views(params, path, site) for path, site in sites.items()}
+    matched = {path: [v for v in views[path] if _is_target(config, v, site)]
+               for path, site in sites.items()}
+    matched = {path: found for path, found in matched.items() if found}
     # A weight targeted both as a module (with a rule) and as a param keeps its rule.
-    ruled = {(s.path, s.weight) for s in matched.values() if s.layout.rule != MATERIALISE}
-    matched = {path: site for path, site in matched.items()
-               if site.layout.rule != MATERIALISE or (site.path, site.weight) not in ruled}
+    ruled = {(sites[p].path, sites[p].weight) for p in matched
+             if sites[p].layout.rule != MATERIALISE}
+    matched = {path: found for path, found in matched.items()
+               if sites[path].layout.rule != MATERIALISE
+               or (sites[path].path, sites[path].weight) not in ruled}
     if not matched:
         raise _no_match_error(config, [p for p in sites if sites[p].layout.rule != MATERIALISE])
-    for path, site in matched.items():
+    _check_unsupported(params, config, sites, views)
+    for path in matched:
+        site = sites[path]
         if site.layout.error:
             raise ValueError(
                 f"cannot adapt {path!r}: {site.layout.error}" if site.layout.rule else
                 site.layout.error
             )
-    if config.layers_to_transform is not None:
-        _check_layer_selection(config, matched)
+    if _wanted_layers(config) is not None:
+        _check_layer_selection(config, sites, matched)
     targets = {}
-    for path, site in matched.items():
-        selected = _selected_layers(config, path, site.layout)
-        if selected is not False:
-            targets[path] = (site, selected)
-    if config.modules_to_save and not any(matches(config.modules_to_save, p)
-                                          for p, _ in iter_modules(params, leaves=None)):
+    for path, found in matched.items():
+        site = sites[path]
+        kept = [v for v in found if _layer_selected(config, v, peft_quirks)]
+        if not kept:
+            continue
+        values = {}
+        for view in kept:
+            r = _pattern(config.rank_pattern, view, config.r)
+            alpha = _pattern(config.alpha_pattern, view, config.lora_alpha)
+            values[view.layer] = (r, alpha / (math.sqrt(r) if config.use_rslora else r))
+        if len(set(values.values())) > 1:
+            raise ValueError(
+                f"the layers of the scanned stack {path!r} get different (rank, scale) "
+                f"{dict(sorted(values.items()))} from rank_pattern / alpha_pattern; a scanned "
+                "stack has one pair of factors with one rank and scale: give its layers one "
+                "rank and alpha, or use unscanned layers"
+            )
+        layers = [v.layer for v in kept]
+        if None in layers or len(layers) == len(views[path]) and \
+                _wanted_layers(config) is None and len(found) == len(views[path]):
+            selected: tuple[int, ...] | bool = True
+        else:
+            selected = tuple(sorted(layers))
+            if len(selected) == site.shape[0]:
+                selected = True
+        if selected is not True and config.bias == "lora_only" and "bias" in _module(
+                params, site.path):
+            raise ValueError(
+                f"bias='lora_only' with only some layers of the scanned stack {path!r} adapted "
+                "would train the biases of every layer (a stacked bias is one leaf); use "
+                "bias='none' or 'all', or unscanned layers"
+            )
+        targets[path] = (site, selected, next(iter(values.values())))
+    if not targets:
+        raise ValueError(
+            f"layers_to_transform={config.layers_to_transform!r} keeps none of the targeted "
+            f"modules {sorted(matched)[:20]}"
+            + ("" if config.layers_pattern is None else
+               f" (layer indices read after layers_pattern={config.layers_pattern!r})"))
+    if config.modules_to_save and not any(
+            saved_match(config.modules_to_save, p) for p in _module_paths(params)):
         raise ValueError(
             f"modules_to_save={list(config.modules_to_save)} matched no module; modules with "
             f"weights: {list(sites)[:40]}"
@@ -185,31 +304,74 @@ def find_targets(
     return targets
 
 
-def _check_layer_selection(config: LoraConfig, matched: Mapping[str, Site]) -> None:
-    """Every index in layers_to_transform must exist among the targeted modules' layers."""
-    wanted = config.layers_to_transform
-    wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-    available: set[int] = set()
-    for path, site in matched.items():
-        index = layer_index(path, config.layers_pattern)
-        if index is not None:
-            available.add(index)
-        elif site.layout.stacked:
-            available.update(range(site.shape[0]))
-            if config.bias == "lora_only":
-                raise ValueError(
-                    f"bias='lora_only' with layers_to_transform on the scanned stack {path!r} "
-                    "would train the biases of every layer (a stacked bias is one leaf); use "
-                    "bias='none' or 'all', or unscanned layers"
-                )
+def _pattern(patterns: Mapping[str, Any], view: View, default: Any) -> Any:
+    """rank/alpha_pattern for a view: its peft path first, then its other names."""
+    for name in reversed(view.names):
+        found = pattern_value(patterns, name, None)
+        if found is not None:
+            return found
+    return default
+
+
+def _module(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    node = params
+    for part in path.split(".") if path else []:
+        node = node[part]
+    return node
+
+
+def _module_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every module (dict) path of the tree, containers included."""
+    out = []
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            path = f"{prefix}.{key}" if prefix else key
+            out.append(path)
+            out += _module_paths(value, path)
+    return out
+
+
+def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
+                       sites: Mapping[str, Site], views: Mapping[str, list[View]]) -> None:
+    """peft raises when target_modules names a module that is not a layer LoRA applies to
+    (a LayerNorm, a block or another container): so does lora_jax."""
+    spec = config.target_modules
+    if spec is None or spec == "all-linear":
+        return
+    known = {site.path for site in sites.values()}
+    for path in _module_paths(params):
+        module = _module(params, path)
+        if path in known or any(is_factor(k) for k in module):
+            continue
+        names = [path, peft_path(path + ".x")[:-2]]  # a container may be a list element
+        if any(saved_match(config.modules_to_save, n) for n in names):
+            continue
+        if matches_any(spec, names) and not (config.exclude_modules is not None and
+                                             matches_any(config.exclude_modules, names)):
+            kind = "a container of modules" if any(isinstance(v, Mapping) for v in
+                                                   module.values()) else "a layer"
+            raise ValueError(
+                f"target_modules={spec!r} matches {path!r}, {kind} without a weight LoRA "
+                "applies to (keys: " + ", ".join(sorted(module)[:8]) + "); peft raises on it "
+                "too: narrow the names or the regex, or exclude it with exclude_modules"
+            )
+
+
+def _check_layer_selection(config: LoraConfig, sites: Mapping[str, Site],
+                           matched: Mapping[str, list[View]]) -> None:
+    """Warn when layers_to_transform names layers that no targeted module has (peft adapts the
+    ones that exist)."""
+    wanted = _wanted_layers(config) or set()
+    available = {i for found in matched.values() for v in found
+                 if (i := _view_index(config, v)) is not None}
     missing = sorted(wanted - available)
     if missing:
-        raise ValueError(
+        warnings.warn(
             f"layers_to_transform names layers {missing} that the targeted modules do not have; "
             f"their layer indices are {sorted(available)}"
             + ("" if config.layers_pattern is None else
                f" (read after layers_pattern={config.layers_pattern!r})")
-        )
+            + "; adapting the layers that exist, as peft does", stacklevel=3)
 
 
 def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
@@ -311,10 +473,10 @@ def inject(
     >>> sorted(params), params["lora_A"].shape, params["lora_B"].shape
     (['bias', 'kernel', 'lora', 'lora_A', 'lora_B'], (3, 2), (2, 4))
     """
-    targets = find_targets(params, config, layouts)
+    targets = _find(params, config, layouts)
     modules = dict(iter_modules(params, leaves=None))
     new_leaves: dict[str, dict[str, Any]] = {}
-    for index, (path, (site, selected)) in enumerate(sorted(targets.items())):
+    for index, (path, (site, selected, (r, scale))) in enumerate(sorted(targets.items())):
         module = modules[site.path]
         a_name, b_name, record_name = factor_names(site.weight)
         if a_name in module or record_name in module:
@@ -328,13 +490,14 @@ def inject(
                 "input to drop out: set lora_dropout=0 or target its module instead"
             )
         _check_variant(path, site, config, module[site.weight])
-        r = config.rank(path)
         if r > max_rank(site.shape, site.layout):
-            raise ValueError(
-                f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
-                f"{max_rank(site.shape, site.layout)} of its weight {site.shape}"
-            )
-        scale = config.scaling(path, rank=r)
+            message = (f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
+                       f"{max_rank(site.shape, site.layout)} of its weight {site.shape}")
+            if config.init_lora_weights not in (True, False, "gaussian"):
+                raise ValueError(message + f": init_lora_weights="
+                                 f"{config.init_lora_weights!r} needs r <= that")
+            warnings.warn(message + "; the update's rank is at most that (peft accepts it "
+                          "too)", stacklevel=2)
         leaves = _adapter_leaves(path, site, module[site.weight], config, r, scale,
                                  jax.random.fold_in(key, index), dtype, selected)
         layers = tuple(sorted(set(selected))) if isinstance(selected, tuple) else None

@@ -36,6 +36,7 @@ import difflib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import find_targets
 from lora_jax.record import LoraRecord, factor_names, is_factor, magnitude_name
-from lora_jax.targets import hf_module_parts, iter_modules, matches, with_leaves
+from lora_jax.targets import PATH_ALIASES, hf_module_parts, iter_modules, matches, with_leaves
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -166,7 +167,9 @@ def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
             if layer is not None:
                 flax_form[scanned] += f"_{layer}"
             flax_form_path = ".".join(flax_form)
-            if path_map is None:
+            if path_map is None and flax_form_path in PATH_ALIASES:
+                torch_path = PATH_ALIASES[flax_form_path]
+            elif path_map is None:
                 torch_path = ".".join(_walk(flax_form_path, stacks)[0])
             elif isinstance(path_map, Mapping):
                 torch_path = path_map.get(flax_form_path)
@@ -193,6 +196,9 @@ class Architecture:
     fan_in_fan_out: bool = False
     base_model_class: str | None = None
     parent_library: str | None = None
+    # {module: why}: modules whose peft adapter the PyTorch model never calls (T5's `shared`
+    # with transformers 5 looks up through `encoder/decoder.embed_tokens`).
+    peft_unused: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 _ARCHITECTURES: dict[str, Callable[[], Architecture]] = {}
@@ -215,6 +221,16 @@ def _architecture(model_type: str | None) -> Architecture | None:
             "or pass stacks= and fan_in_fan_out= instead"
         )
     return _ARCHITECTURES[model_type]()
+
+
+def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str) -> None:
+    """Warn when an adapted module is one that peft's model never calls (see Architecture)."""
+    arch = _architecture(model_type)
+    for path in sorted(set(adapted) & set(arch.peft_unused if arch else ())):
+        warnings.warn(
+            f"{what}: {path!r} is adapted, but peft with transformers 5 never applies an adapter "
+            f"on it ({arch.peft_unused[path]}): peft's logits stay the base model's. lora_jax "
+            "applies it to the lookups, as a LoRA on this module is meant to", stacklevel=3)
 
 
 def _resolve_stacks(model_type: str | None, stacks: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -245,8 +261,8 @@ def _shape_tree(index: Mapping[str, _Slot]) -> tuple[dict[str, Any], dict[str, L
     return tree, layouts
 
 
-def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout]
-              ) -> set[str] | None:
+def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
+              peft_quirks: bool = False) -> set[str] | None:
     """The modules `config` targets in `tree` (peft's rules), or None if it targets none.
 
     modules_to_save names absent from the model are dropped first: peft's task models add
@@ -257,17 +273,22 @@ def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
                    if any(_saved_root(p, [m]) for p, _ in iter_modules(tree, leaves=None))]
         config = LoraConfig.from_dict({**config.to_dict(), "modules_to_save": present or None})
     try:
-        return set(find_targets(tree, config, layouts))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return set(find_targets(tree, config, layouts, peft_quirks=peft_quirks))
     except ValueError:
         return None
 
 
 def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
-              adapted: Mapping[str, tuple[int, float]]) -> LoraConfig:
+              adapted: Mapping[str, tuple[int, float]], *, for_peft: bool = False
+              ) -> LoraConfig:
     """`config`, or a copy with explicit paths, such that matching it against the paths of `tree`
-    selects exactly the `adapted` modules ({path: (rank, alpha)}) with their ranks and alphas."""
+    selects exactly the `adapted` modules ({path: (rank, alpha)}) with their ranks and alphas
+    (`for_peft`: as peft's code selects, full names skipping layers_to_transform)."""
     fields = config.to_dict()
-    if _selected(config, tree, layouts) != set(adapted):
+    if _selected(config, tree, layouts) != set(adapted) or for_peft and _selected(
+            config, tree, layouts, peft_quirks=True) != set(adapted):
         fields.update(target_modules=sorted(adapted), exclude_modules=None,
                       layers_to_transform=None, layers_pattern=None)
     for name, getter, value_of in (("rank_pattern", config.rank, 0), ("alpha_pattern",
@@ -396,8 +417,6 @@ def save_peft(
     index = _index(params, stacks, path_map)
     saved_modules = _saved_modules(config.modules_to_save, {p: s.flax_path for p, s in
                                                             index.items()})
-    wanted = config.layers_to_transform
-    wanted = None if wanted is None else ({wanted} if isinstance(wanted, int) else set(wanted))
     tensors: dict[str, np.ndarray] = {}
     adapted: dict[str, tuple[int, float]] = {}
     mapped: set[str] = set()
@@ -405,8 +424,10 @@ def save_peft(
         node, key = slot.node, PREFIX + torch_path
         mapped.add(slot.flax_path)
         record = _record(node, slot.flax_path)
-        has = record is not None
-        if has and not (slot.layer is not None and wanted is not None and slot.layer not in wanted):
+        # A layer of a scanned stack that the record leaves out holds zero factors: not adapted.
+        has = record is not None and (slot.layer is None or record.layers is None
+                                      or slot.layer in record.layers)
+        if has:
             weight = slot.leaf(record.weight)
             if weight.ndim != 2:
                 raise ValueError(
@@ -422,7 +443,12 @@ def save_peft(
             if record.variant == "dora":
                 tensors[key + ".lora_magnitude_vector"] = np.asarray(
                     slot.leaf(magnitude_name(record.weight)))
-            adapted[torch_path] = (a.shape[-1], config.alpha(slot.flax_path))
+            # alpha from the record's scale: the value the factors were trained with.
+            r = a.shape[-1]
+            alpha = record.scale * (r ** 0.5 if config.use_rslora else r)
+            given = config.alpha(torch_path)
+            adapted[torch_path] = (r, given if abs(given - alpha) <= 1e-9 * abs(alpha)
+                                   else alpha)
         root = _saved_root(torch_path, saved_modules)
         for name, value in _leaves(node).items():
             if is_factor(name):
@@ -447,8 +473,9 @@ def save_peft(
                          f"{unmapped}")
     if not adapted:
         raise ValueError("save_peft: the params hold no LoRA factors (was inject applied?)")
+    _warn_unused(model_type, list(adapted), "save_peft")
     tree, layouts = _shape_tree(index)
-    torch_config = _agreeing(config, tree, layouts, adapted)
+    torch_config = _agreeing(config, tree, layouts, adapted, for_peft=True)
     if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
         torch_config = LoraConfig.from_dict({**torch_config.to_dict(),
                                              "modules_to_save": saved_modules})
@@ -504,7 +531,15 @@ def _parse_key(key: str, config: LoraConfig) -> tuple[str, str, str] | None:
                 raise ValueError(f"load_peft: {key!r}: {root!r} is not in modules_to_save")
             if marker == "original_module":
                 return None  # the frozen original, which the base tree holds
-            module = ".".join(parts[:at] + parts[at + 1:])
+            # peft keeps the adapter name after the marker in some keys (bias="all" collects
+            # every bias, `pooler.modules_to_save.default.dense.bias`).
+            skip = 2 if at + 1 < len(parts) and parts[at + 1] == "default" else 1
+            module = ".".join(parts[:at] + parts[at + skip:])
+    if leaf == "weight" and module.endswith(".base_layer"):
+        # peft saves the base weight of a targeted embedding / lm_head (its
+        # save_embedding_layers="auto", in case the vocabulary was resized): the base tree holds
+        # it already.
+        return "base", module[: -len(".base_layer")], "weight"
     if _saved_root(module, config.modules_to_save) is not None:
         return "saved", module, leaf
     if leaf == "bias" and module.endswith(".base_layer"):
@@ -567,6 +602,17 @@ def load_peft(
         if kind == "factor":
             factors.setdefault(torch_path, {})[leaf] = value
             continue
+        if kind == "base":
+            names = [n for n in _WEIGHT_LEAVES if n in slot.node]
+            base = np.asarray(slot.leaf(names[0])) if names else None
+            if names == ["kernel"] and not fan_in_fan_out:
+                base = base.T
+            if base is None or base.shape != value.shape or not np.allclose(
+                    base, value, rtol=1e-5, atol=1e-6):
+                raise ValueError(f"{where}: {key!r} is a base weight saved with the adapter "
+                                 f"(peft's save_embedding_layers) that differs from "
+                                 f"{slot.flax_path!r} in the params tree (a resized vocabulary?)")
+            continue
         if kind == "bias" and config.bias == "none":
             raise ValueError(f"{where}: {key!r} is a bias but the adapter's bias is 'none'")
         names = ["bias"] if leaf == "bias" else [n for n in _WEIGHT_LEAVES if n in slot.node]
@@ -587,6 +633,16 @@ def load_peft(
 
     tree, torch_layouts = _shape_tree(index)
     expected = _selected(config, tree, torch_layouts)
+    quirky = _selected(config, tree, torch_layouts, peft_quirks=True)
+    if quirky is not None and quirky != expected and set(factors) == quirky:
+        # peft's code lets a module named in full skip layers_to_transform (its docs say the
+        # filter applies); the file follows peft's code: load what it holds.
+        warnings.warn(
+            f"{where}: target_modules names modules in full that layers_to_transform leaves out "
+            f"({sorted(quirky - (expected or set()))[:5]}); peft adapts them anyway (against its "
+            "docs) and so does this file: loading them, the returned config names the adapted "
+            "modules explicitly", stacklevel=2)
+        expected = quirky
     if expected is None:
         raise ValueError(f"{where}: target_modules={config.target_modules!r} matches no module "
                          f"of the params tree (PyTorch paths: {sorted(tree)[:5]}...)")
@@ -639,6 +695,7 @@ def load_peft(
         if any(is_factor(n) for n in slot.node):
             raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
                              "the base params (or merge first)")
+    _warn_unused(model_type, list(factors), where)
     new_params, adapted = _build(params, index, updates, config, dtype, where, layouts)
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
     flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",

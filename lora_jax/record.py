@@ -129,6 +129,22 @@ def target_path(path: str, weight: str, module: Mapping[str, Any]) -> str:
     return f"{path}.{weight}" if others else path
 
 
+def _config_values(config: Any, path: str) -> tuple[int, float]:
+    rank = config.rank(path)
+    return rank, config.scaling(path, rank=rank)
+
+
+def _agrees(values: tuple[int, float], record: LoraRecord) -> bool:
+    return values[0] == record.rank and abs(values[1] - record.scale) <= 1e-9 * abs(record.scale)
+
+
+def _layer_names(path: str, layer: int) -> list[str]:
+    """peft's names of one layer of the scanned module at `path`, for each place its stack's
+    name may end."""
+    parts = path.split(".")
+    return [".".join([*parts[:k], str(layer), *parts[k:]]) for k in range(1, len(parts))]
+
+
 def iter_records(params: Mapping[str, Any], prefix: str = "") -> Iterator[Adapted]:
     """Every adapted weight of a params tree, parents first."""
     for value in params.values():
@@ -156,9 +172,14 @@ def check_config(adapted: Adapted, config: Any) -> None:
     if config is None:
         return
     path, record = adapted.target, adapted.record
-    want_rank = config.rank(path)
-    want_scale = config.scaling(path, rank=want_rank)
+    want_rank, want_scale = _config_values(config, path)
     if want_rank != record.rank or abs(want_scale - record.scale) > 1e-9 * abs(record.scale):
+        # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns
+        # may name it so (inject matched them per layer; all adapted layers agree).
+        if record.layout.stacked == 1 and any(
+                _agrees(_config_values(config, name), record)
+                for name in _layer_names(path, (record.layers or (0,))[0])):
+            return
         raise ValueError(
             f"{path!r} was adapted with r={record.rank}, scale={record.scale:g}, but this "
             f"LoraConfig gives r={want_rank}, scale={want_scale:g} (lora_alpha, use_rslora, "

@@ -23,10 +23,43 @@ def join_path(keys: Sequence[Any]) -> str:
     return ".".join(str(getattr(k, "key", k)) for k in keys)
 
 
+# Flax module paths whose module sits elsewhere in the PyTorch model, {flax path: peft path}:
+# registered by architectures that move a module out of a scanned stack (T5's position bias
+# table lives in the first block's self-attention). Read by target matching and peft io.
+PATH_ALIASES: dict[str, str] = {}
+
+
+def register_path_alias(flax_path: str, peft_name: str) -> None:
+    """Match (and save) the module at `flax_path` under peft's name `peft_name` as well."""
+    PATH_ALIASES[flax_path] = peft_name
+
+
+def peft_path(path: str) -> str:
+    """peft's spelling of a Flax path: list elements `h_0` read as `h.0`. The last component is
+    kept as written: a module path ends with the module's own name, which may end in a number
+    (T5's gated `wi_0`), while list elements hold modules (`h_0.attn`)."""
+    parts = path.split(".")
+    return ".".join([_LIST_ELEMENT.sub(r"\1.\2", part) for part in parts[:-1]] + parts[-1:])
+
+
 def path_forms(path: str) -> tuple[str, ...]:
-    """The path as written and with Flax list names `h_0` read as peft's `h.0`."""
-    peft_form = ".".join(_LIST_ELEMENT.sub(r"\1.\2", part) for part in path.split("."))
+    """The path as written and in peft's spelling (`peft_path`)."""
+    peft_form = peft_path(path)
     return (path,) if peft_form == path else (path, peft_form)
+
+
+def matches_any(spec: str | Sequence[str], paths: Iterable[str]) -> bool:
+    """Whether `spec` matches any of the names a module goes by."""
+    return any(matches(spec, path) for path in paths)
+
+
+def saved_match(modules_to_save: Sequence[str] | None, path: str) -> bool:
+    """peft's rule keeping a module out of LoRA: it is, or lies inside, a module named (a regex
+    on whole components) by `modules_to_save`."""
+    if not modules_to_save or not path:
+        return False
+    return any(re.match(rf"(^|.*\.)(?:{m})($|\..*)", form) for form in path_forms(path)
+               for m in modules_to_save)
 
 
 def matches(spec: str | Sequence[str], path: str) -> bool:
@@ -38,21 +71,58 @@ def matches(spec: str | Sequence[str], path: str) -> bool:
 
 
 def layer_index(path: str, layers_pattern: str | Sequence[str] | None) -> int | None:
-    """The layer index in `path` (the number after `layers_pattern`, or after any component)."""
+    """The layer index in `path`, read as peft reads it from the module name: the first number
+    after `layers_pattern` (a regex, or any of a list), or without a pattern the first number
+    component that follows a non-leading component (`encoder.block.0.layer.1.x` is block 0; a
+    module's own name, `wi_0`, is never an index)."""
+    form = peft_path(path)
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    regexes = [r"[^.]+"] if not patterns else [re.escape(p) for p in patterns]
-    for form in path_forms(path):
-        for name in regexes:
-            found = re.match(rf"(?:.*\.)?{name}\.(\d+)\.", form + ".")
-            if found:
-                return int(found.group(1))
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", form)
+        return int(found.group(1)) if found else None
+    for name in patterns:
+        found = re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", form)
+        if found:
+            return int(found.group(1))
     return None
+
+
+def stack_root(params: Mapping[str, Any], path: str, n_layers: int) -> str | None:
+    """The path of the scanned stack that the module at `path` lies in: the outermost module on
+    the path under which every array has `n_layers` as its leading axis (descending through
+    modules with a single child, BERT's `encoder` -> `encoder.layer`), or None."""
+    parts = path.split(".") if path else []
+    node: Any = params
+    for depth in range(len(parts) + 1):
+        if depth:
+            node = node[parts[depth - 1]]
+        leaves = [unbox(v) for v in _arrays(node)]
+        if leaves and all(getattr(v, "ndim", 0) >= 2 and v.shape[0] == n_layers for v in leaves):
+            while depth < len(parts) and len(node) == 1:
+                node, depth = node[parts[depth]], depth + 1
+            return ".".join(parts[:depth]) if depth else None
+    return None
+
+
+def _arrays(node: Any) -> Iterator[Any]:
+    if isinstance(node, Mapping):
+        for value in node.values():
+            yield from _arrays(value)
+    elif hasattr(unbox(node), "shape"):
+        yield node
+
+
+def layer_path(path: str, stack: str, layer: int) -> str:
+    """peft's path of one layer of a scanned module: `stack.<layer>` in place of `stack`."""
+    rest = path[len(stack):]
+    return peft_path(f"{stack}_{layer}{rest}" if rest else f"{stack}_{layer}.x")[
+        : None if rest else -2]
 
 
 def pattern_value(patterns: Mapping[str, T], path: str, default: T) -> T:
     """The value of the first regex key matching the end of `path` (peft's rank/alpha_pattern)."""
     for key, value in patterns.items():
-        if any(re.match(rf"(?:.*\.)?(?:{key})$", form) for form in path_forms(path)):
+        if any(re.match(rf"(.*\.)?({key})$", form) for form in path_forms(path)):
             return value
     return default
 

@@ -139,11 +139,15 @@ def test_target_modules_none_is_an_error():
         lora_jax.inject(params, LoraConfig(), jax.random.key(0))
 
 
-def test_rank_larger_than_the_kernel_is_an_error():
+def test_rank_larger_than_the_kernel_warns_as_peft_accepts_it():
     _, params = _tiny()
-    with pytest.raises(ValueError, match=r"r=9 for 'h_0.v' is larger than min\(fan_in, fan_out\)"
+    with pytest.warns(UserWarning, match=r"r=9 for 'h_0.v' is larger than min\(fan_in, fan_out\)"
                                          r"=8 of its weight \(8, 16\)"):
-        lora_jax.inject(params, LoraConfig(r=9, target_modules=["v"]), jax.random.key(0))
+        out = lora_jax.inject(params, LoraConfig(r=9, target_modules=["v"]), jax.random.key(0))
+    assert out["h_0"]["v"]["lora_A"].shape == (8, 9)
+    with pytest.raises(ValueError, match="needs r <= that"):
+        lora_jax.inject(params, LoraConfig(r=9, target_modules=["v"], init_lora_weights="olora"),
+                        jax.random.key(0))
 
 
 def test_injecting_twice_is_an_error():
@@ -168,24 +172,31 @@ def test_modules_to_save_matching_nothing_is_an_error():
         lora_jax.inject(params, config, jax.random.key(0))
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_layers_to_transform_out_of_range(scan):
-    model, params = _tiny(scan=scan)
-    layouts = lora_jax.layouts(model, IDS) if scan else None
-    for wanted in ([5], [0, 5]):  # wholly and partly out of range
-        config = LoraConfig(r=2, target_modules=["q"], layers_to_transform=wanted)
-        with pytest.raises(ValueError, match=r"layers_to_transform names layers \[5\] that the "
-                                             r"targeted modules do not have; their layer indices "
-                                             r"are \[0, 1, 2\]"):
-            lora_jax.inject(params, config, jax.random.key(0), layouts=layouts)
+def test_layers_to_transform_out_of_range_warns_and_adapts_the_layers_that_exist():
+    model, params = _tiny(scan=True)
+    layouts = lora_jax.layouts(model, IDS)
+    config = LoraConfig(r=2, target_modules=["q"], layers_to_transform=[0, 5])
+    with pytest.warns(UserWarning, match=r"layers_to_transform names layers \[5\] that the "
+                                         r"targeted modules do not have; their layer indices "
+                                         r"are \[0, 1, 2\]"):
+        out = lora_jax.inject(params, config, jax.random.key(0), layouts=layouts)
+    assert out["h"]["q"]["lora"].layers == (0,)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="keeps none"):
+        lora_jax.inject(params, LoraConfig(r=2, target_modules=["q"], layers_to_transform=[5]),
+                        jax.random.key(0), layouts=layouts)
 
 
 def test_lora_only_bias_with_a_layer_selection_on_a_scanned_stack_is_an_error():
     model, params = _tiny(scan=True)
+    assert "bias" in params["h"]["q"]
     config = LoraConfig(r=2, target_modules=["q"], layers_to_transform=[1], bias="lora_only")
-    with pytest.raises(ValueError, match="bias='lora_only' with layers_to_transform on the scanned "
-                                         "stack 'h.q' would train the biases of every layer"):
+    with pytest.raises(ValueError, match="bias='lora_only' with only some layers of the scanned "
+                                         "stack 'h.q' adapted would train the biases of every"):
         lora_jax.inject(params, config, jax.random.key(0), layouts=lora_jax.layouts(model, IDS))
+    # Without a bias there is nothing to train per layer: accepted.
+    layouts = lora_jax.layouts(model, IDS)
+    params = {**params, "h": {**params["h"], "q": {"kernel": params["h"]["q"]["kernel"]}}}
+    lora_jax.inject(params, config, jax.random.key(0), layouts=layouts)
 
 
 def test_all_linear_targets_dense_like_layers_but_not_the_head():

@@ -50,8 +50,9 @@ def test_path_forms_reads_list_names_as_indices():
         ("model.layers_7.self_attn.q_proj", ["h", "layers"], 7),
         ("model.layers_7.self_attn.q_proj", "h", None),
         ("encoder.block_3.layer_1.EncDecAttention.q", "block", 3),
-        # peft's regex is greedy: without a pattern the last index counts (T5's layer_1).
-        ("encoder.block_3.layer_1.EncDecAttention.q", None, 1),
+        # peft 0.21 reads the first index without a pattern (T5's block, not its layer_1).
+        ("encoder.block_3.layer_1.EncDecAttention.q", None, 3),
+        ("encoder.block_3.layer_1.DenseReluDense.wi_0", None, 3),
         ("transformer.h.attn.c_attn", None, None),  # a scanned stack has no index in its path
         ("lm_head", None, None),
     ],

@@ -50,6 +50,7 @@ def _peft_facts(model_type: str) -> peft_io.Architecture:
         fan_in_fan_out=bool(getattr(arch, "FAN_IN_FAN_OUT", False)),
         base_model_class=arch.HF_CLASSES[0],
         parent_library=f"transformers.models.{model_type}.modeling_{model_type}",
+        peft_unused=dict(getattr(arch, "PEFT_UNUSED", {})),
     )
 
 

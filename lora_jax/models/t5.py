@@ -43,11 +43,19 @@ from lora_jax.models.stacking import (
     stack_layers,
     unstack_layers,
 )
+from lora_jax.targets import register_path_alias
 
 HF_CLASSES = ("T5ForConditionalGeneration",)
 LAYER_STACKS = ("encoder.block", "encoder.block.layer", "decoder.block", "decoder.block.layer")
 _STACKS = ("encoder", "decoder")
 _BIAS_PATH = ("block_0", "layer_0", "SelfAttention", "relative_attention_bias")
+# peft wraps `shared`, but transformers 5's T5 looks tokens up through the encoder's and decoder's
+# `embed_tokens` (the same table, other module objects), so peft's adapter on it is never called.
+PEFT_UNUSED = {"shared": "T5 looks up through encoder/decoder.embed_tokens"}
+# Scanned, each stack's bias table sits beside the blocks; peft names it in the first block.
+for _stack in _STACKS:
+    register_path_alias(f"{_stack}.relative_attention_bias",
+                        f"{_stack}.block.0.layer.0.SelfAttention.relative_attention_bias")
 
 
 @dataclasses.dataclass(frozen=True)

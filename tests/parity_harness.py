@@ -1,0 +1,304 @@
+"""One LoraConfig on one tiny model, run through peft and lora_jax, compared on everything peft
+interop promises: validity (both raise or both accept), the adapted modules with their r and
+scaling, the number of trainable parameters, the logits, merge, export (save_peft ->
+PeftModel.from_pretrained) and import (peft save_pretrained -> load_peft).
+
+`compare(arch, fields, scan, tmp)` returns a `Result` with a list of disagreements (empty when
+the two agree). Used by tests/test_peft_parity.py (one named test per class of past
+disagreement) and tests/test_peft_differential.py (hypothesis over peft's field space).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import peft
+import torch
+import transformers
+from peft_checks import max_diff, state_dict, tiny_hf, torch_out
+
+import lora_jax
+from lora_jax import peft_io
+from lora_jax.models import bert, bloom, gpt2, llama, t5
+
+TOL = 1e-4  # logits, float32
+MERGE_TOL = 1e-5
+IDS = np.random.RandomState(1).randint(0, 99, (2, 8))
+MASK = np.array([[1] * 8, [1] * 5 + [0] * 3])
+
+
+def gpt2_hf() -> Any:
+    return tiny_hf(transformers.GPT2LMHeadModel, transformers.GPT2Config(
+        vocab_size=99, n_positions=32, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+        bos_token_id=0, eos_token_id=0))
+
+
+def bert_hf() -> Any:
+    return tiny_hf(transformers.BertForSequenceClassification, transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3, initializer_range=0.2))
+
+
+def llama_hf(tied: bool = False) -> Any:
+    return tiny_hf(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        initializer_range=0.2, tie_word_embeddings=tied))
+
+
+def bloom_hf() -> Any:
+    return tiny_hf(transformers.BloomForCausalLM, transformers.BloomConfig(
+        vocab_size=99, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.2))
+
+
+def t5_hf(gated: bool = True) -> Any:
+    return tiny_hf(transformers.T5ForConditionalGeneration, transformers.T5Config(
+        vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu" if gated else "relu"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    module: Any
+    hf: Any
+    inputs: dict[str, np.ndarray]
+    task: dict[str, str]
+    # Names that exist in the model, for generating configs.
+    linear: tuple[str, ...]
+    other: tuple[str, ...]  # embeddings, heads, norms: targets or modules_to_save
+    layers_pattern: str
+    compare_rows: np.ndarray | None = None  # positions whose logits are compared
+
+
+ARCHS = {
+    "gpt2": Arch(gpt2, gpt2_hf, {"input_ids": IDS}, {},
+                 ("c_attn", "c_proj", "c_fc"), ("wte", "wpe", "ln_f", "ln_1", "attn"), "h"),
+    "bert": Arch(bert, bert_hf, {"input_ids": IDS, "attention_mask": MASK},
+                 {"task": "classify"}, ("query", "key", "value", "dense", "classifier"),
+                 ("word_embeddings", "pooler", "LayerNorm", "classifier", "output"), "layer"),
+    "llama": Arch(llama, llama_hf, {"input_ids": IDS},
+                  {}, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                       "down_proj", "lm_head"), ("embed_tokens", "lm_head", "norm", "mlp"),
+                  "layers"),
+    "bloom": Arch(bloom, bloom_hf, {"input_ids": IDS, "attention_mask": np.ones_like(MASK)},
+                  {}, ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+                  ("word_embeddings", "ln_f", "word_embeddings_layernorm"), "h"),
+    "t5": Arch(t5, t5_hf, {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}, {},
+               ("q", "k", "v", "o", "wi_0", "wi_1", "wo", "lm_head"),
+               ("shared", "relative_attention_bias", "final_layer_norm", "layer_norm"), "block"),
+}
+
+
+@dataclasses.dataclass
+class Result:
+    disagreements: list[str] = dataclasses.field(default_factory=list)
+    peft_error: str | None = None
+    ours_error: str | None = None
+    peft_targets: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    our_targets: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    checks: dict[str, float] = dataclasses.field(default_factory=dict)
+    quirk: bool = False
+
+    def fail(self, what: str) -> None:
+        self.disagreements.append(what)
+
+
+def our_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k != "task_type"}
+
+
+def _full_name_quirk(fields: dict[str, Any], only_peft: set[str]) -> bool:
+    """Whether peft adapts `only_peft` only because they are named in full (class 13)."""
+    targets, wanted = fields.get("target_modules"), fields.get("layers_to_transform")
+    return bool(only_peft) and isinstance(targets, list) and bool(wanted) and all(
+        p in targets for p in only_peft)
+
+
+def peft_targets(model: Any) -> dict[str, tuple[int, float]]:
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.r:
+            name = name.removeprefix("base_model.model.")
+            out[name] = (module.r["default"], float(module.scaling["default"]))
+    return out
+
+
+def our_targets(params: Any, stacks: Any) -> dict[str, tuple[int, float]]:
+    out = {}
+    for torch_path, slot in peft_io._index(params, stacks, None).items():
+        record = peft_io._record(slot.node, slot.flax_path)
+        if record is None:
+            continue
+        if slot.layer is not None and record.layers is not None and \
+                slot.layer not in record.layers:
+            continue
+        out[torch_path] = (record.rank, float(record.scale))
+    return out
+
+
+@contextlib.contextmanager
+def quiet():
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _perturb_torch(model: Any, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+
+
+def _perturb_jax(params: Any, config: lora_jax.LoraConfig, seed: int) -> Any:
+    trainable, frozen = lora_jax.split(params, config)
+    leaves, treedef = jax.tree.flatten(trainable)
+    rng = np.random.RandomState(seed)
+    leaves = [x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
+    trainable = jax.tree.unflatten(treedef, leaves)
+    params = lora_jax.combine(trainable, frozen)
+    # Layers a scanned stack leaves out keep zero factors.
+    return _zero_unselected(params)
+
+
+def _zero_unselected(params: Any) -> Any:
+    from lora_jax.record import iter_records
+    from lora_jax.targets import with_leaves
+
+    fixes = {}
+    for item in iter_records(params):
+        if item.record.layers is None:
+            continue
+        mask = np.zeros(item.weight.shape[0], bool)
+        mask[list(item.record.layers)] = True
+        fixes[item.path] = {n: item.module[n] * mask.reshape(-1, *[1] * (item.module[n].ndim - 1))
+                            for n in item.record.arrays}
+    return with_leaves(params, fixes) if fixes else params
+
+
+def _logits(model: Any, params: Any, config: Any, arch: Arch) -> np.ndarray:
+    return np.asarray(lora_jax.wrap(model.apply, config)({"params": params}, **arch.inputs))
+
+
+def _close(a: np.ndarray, b: np.ndarray, arch: Arch) -> float:
+    if "attention_mask" in arch.inputs and a.ndim == 3:
+        keep = arch.inputs["attention_mask"] == 1
+        return max_diff(a[keep], b[keep])
+    return max_diff(a, b)
+
+
+def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: int = 0,
+            hf_kwargs: dict[str, Any] | None = None, io: bool = True) -> Result:
+    """Run `fields` (peft LoraConfig kwargs) through both libraries on the tiny `name` model."""
+    arch = ARCHS[name]
+    res = Result()
+    make_hf = (lambda: arch.hf(**hf_kwargs)) if hf_kwargs else arch.hf
+    hf = make_hf()
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    model = arch.module.build(config_hf, scan_layers=scan, **arch.task)
+    base = arch.module.params_from_hf(state_dict(hf), config_hf, scan_layers=scan, **arch.task)
+    stacks = arch.module.LAYER_STACKS
+    # peft
+    with quiet():
+        try:
+            pm = peft.get_peft_model(hf, peft.LoraConfig(**copy.deepcopy(fields)))
+        except Exception as e:  # noqa: BLE001 - any refusal counts as invalid
+            pm, res.peft_error = None, f"{type(e).__name__}: {e}"
+    # lora_jax
+    with quiet():
+        try:
+            config = lora_jax.LoraConfig(**our_fields(fields))
+            layouts = lora_jax.layouts(model, **arch.inputs) if scan else None
+            params = lora_jax.inject(base, config, jax.random.key(seed), layouts=layouts)
+        except (ValueError, TypeError) as e:
+            params, res.ours_error = None, f"{type(e).__name__}: {e}"
+    if (pm is None) != (params is None):
+        res.fail(f"validity: peft {res.peft_error or 'accepts'}; lora_jax "
+                 f"{res.ours_error or 'accepts'}")
+        return res
+    if pm is None:
+        return res
+    res.peft_targets, res.our_targets = peft_targets(pm), our_targets(params, stacks)
+    res.quirk = _full_name_quirk(fields, res.peft_targets.keys() - res.our_targets.keys())
+    if res.quirk and not res.our_targets.keys() - res.peft_targets.keys():
+        pass  # class 13: peft's code lets full names skip layers_to_transform; lora_jax doesn't
+    elif res.peft_targets.keys() != res.our_targets.keys():
+        res.fail(f"targets: only peft {sorted(res.peft_targets.keys() - res.our_targets.keys())}"
+                 f", only lora_jax {sorted(res.our_targets.keys() - res.peft_targets.keys())}")
+        return res
+    for path, (r, s) in res.peft_targets.items():
+        if path not in res.our_targets:
+            continue
+        r2, s2 = res.our_targets[path]
+        if r != r2 or abs(s - s2) > 1e-6 * abs(s):
+            res.fail(f"ranks: {path} peft (r={r}, scale={s}) lora_jax (r={r2}, scale={s2})")
+    if res.disagreements:
+        return res
+    # trainable parameter counts (peft counts saved modules' frozen originals in the total)
+    ours_trainable, _ = lora_jax.count_parameters(params, config)
+    theirs_trainable, _ = pm.get_nb_trainable_parameters()
+    if ours_trainable != theirs_trainable and not res.quirk:
+        res.fail(f"count: peft {theirs_trainable} trainable, lora_jax {ours_trainable}")
+    if not io:
+        return res
+    model_type = name
+    # import: peft's adapter, perturbed, saved, loaded by load_peft
+    with quiet():
+        _perturb_torch(pm, seed)
+        pm.eval()
+        pm.save_pretrained(os.path.join(tmp, "peft"))
+        try:
+            loaded, loaded_config = lora_jax.load_peft(os.path.join(tmp, "peft"), base,
+                                                       model_type=model_type, layouts=layouts)
+        except ValueError as e:
+            res.fail(f"import: load_peft raised {e}")
+            loaded = None
+        theirs = torch_out(pm, arch.inputs)
+    if loaded is not None:
+        d = _close(_logits(model, loaded, loaded_config, arch), theirs, arch)
+        res.checks["import_logits"] = d
+        if d > TOL:
+            res.fail(f"import logits: max diff {d:.2e}")
+    # export: our adapter, perturbed, saved by save_peft, loaded by PeftModel.from_pretrained
+    ours = _perturb_jax(params, config, seed + 1)
+    path = os.path.join(tmp, "ours")
+    with quiet():
+        try:
+            lora_jax.save_peft(path, ours, config, model_type=model_type)
+            pm2 = peft.PeftModel.from_pretrained(make_hf(), path).eval()
+        except Exception as e:  # noqa: BLE001
+            res.fail(f"export: {type(e).__name__}: {e}")
+            return res
+        theirs = torch_out(pm2, arch.inputs)
+        exported = peft_targets(pm2)
+    if exported != res.our_targets:
+        res.fail(f"export targets: peft loads {sorted(exported)} for {sorted(res.our_targets)}")
+    d = _close(_logits(model, ours, config, arch), theirs, arch)
+    res.checks["export_logits"] = d
+    if d > TOL:
+        res.fail(f"export logits: max diff {d:.2e}")
+    # merge
+    with quiet():
+        merged_ref = arch.module.params_from_hf(state_dict(pm2.merge_and_unload()), config_hf,
+                                                scan_layers=scan, **arch.task)
+    merged = lora_jax.merge(ours, config)
+    d = max(jax.tree.leaves(jax.tree.map(max_diff, merged, merged_ref)))
+    res.checks["merge"] = d
+    if d > MERGE_TOL:
+        res.fail(f"merge: max diff {d:.2e}")
+    return res

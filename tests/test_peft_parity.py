@@ -1,0 +1,193 @@
+"""One named regression test per class of disagreement with peft found by the differential check
+(issue 15). Each runs the minimal config through peft and lora_jax (tests/parity_harness.py:
+validity, adapted modules with r and scaling, trainable count, logits, merge, save_peft ->
+PeftModel.from_pretrained and peft save_pretrained -> load_peft) and checks the class's point."""
+
+import os
+import warnings
+
+import jax
+import numpy as np
+import peft
+import pytest
+from parity_harness import ARCHS, compare, quiet
+from peft_checks import state_dict, torch_out
+
+import lora_jax
+from lora_jax.targets import layer_index
+
+
+def _agree(name, fields, scan, tmp, **kwargs):
+    result = compare(name, fields, scan, str(tmp), **kwargs)
+    assert not result.disagreements, (name, scan, fields, result.disagreements)
+    return result
+
+
+def test_class_01_layer_index_is_the_first_number_in_the_path(tmp_path):
+    # peft reads T5's block index (block.1), not the last number (layer.0).
+    assert layer_index("encoder.block_1.layer_0.SelfAttention.q", None) == 1
+    assert layer_index("decoder.block_0.layer_1.EncDecAttention.q", None) == 0
+    result = _agree("t5", {"r": 4, "target_modules": ["q"], "layers_to_transform": [1]}, False,
+                    tmp_path)
+    assert set(result.our_targets) == {"encoder.block.1.layer.0.SelfAttention.q",
+                                       "decoder.block.1.layer.0.SelfAttention.q",
+                                       "decoder.block.1.layer.1.EncDecAttention.q"}
+
+
+def test_class_02_a_name_ending_in_a_digit_is_a_module_name_not_a_layer(tmp_path):
+    fields = {"r": 4, "target_modules": ["wi_0", "decoder.block.1.layer.2.DenseReluDense.wi_1"],
+              "rank_pattern": {"encoder.block.0.layer.1.DenseReluDense.wi_0": 2}}
+    result = _agree("t5", fields, False, tmp_path)
+    assert result.our_targets["encoder.block.0.layer.1.DenseReluDense.wi_0"][0] == 2
+    assert result.our_targets["encoder.block.1.layer.1.DenseReluDense.wi_0"][0] == 4
+    assert "decoder.block.1.layer.2.DenseReluDense.wi_1" in result.our_targets
+    # wi_0 is no layer 0: a layer filter reads the block index.
+    result = _agree("t5", {"r": 4, "target_modules": ["wi_0"], "layers_to_transform": [1]},
+                    False, tmp_path / "filter")
+    assert len(result.our_targets) == 2
+
+
+@pytest.mark.parametrize("name, saved", [("gpt2", "ln_f"), ("bert", "pooler")])
+def test_class_03_modules_to_save_without_a_kernel(tmp_path, name, saved):
+    target = {"gpt2": "c_attn", "bert": "query"}[name]
+    _agree(name, {"r": 4, "target_modules": [target], "modules_to_save": [saved]}, False,
+           tmp_path)
+
+
+def test_class_04_a_module_in_modules_to_save_is_not_adapted(tmp_path):
+    for i, target in enumerate(("all-linear", ["query", "classifier"])):
+        result = _agree("bert", {"r": 2, "target_modules": target,
+                                 "modules_to_save": ["classifier"]}, False, tmp_path / str(i))
+        assert "classifier" not in result.our_targets and result.our_targets
+
+
+def test_class_05_empty_layers_to_transform_is_no_filter(tmp_path):
+    result = _agree("gpt2", {"r": 4, "target_modules": ["c_attn"], "layers_to_transform": []},
+                    False, tmp_path)
+    assert len(result.our_targets) == 2
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("llama", {"r": 4, "target_modules": ["q_proj", "lm_head"]}),
+    ("bert", {"r": 4, "target_modules": ["query"], "bias": "all",
+              "modules_to_save": ["classifier", "pooler"]}),
+])
+def test_class_06_load_peft_reads_base_layer_weights_and_saved_module_biases(tmp_path, name,
+                                                                              fields):
+    result = _agree(name, fields, False, tmp_path)
+    assert result.checks["import_logits"] <= 1e-4
+
+
+def test_class_07_t5_shared_follows_the_docs_and_warns(tmp_path):
+    """With transformers 5, peft's adapter on T5's `shared` is never called (lookups go through
+    encoder/decoder.embed_tokens): peft's logits stay the base model's. lora_jax applies it to
+    the lookups (what adapting `shared` means), warns on save and load, and reads peft's file."""
+    fields = {"r": 4, "target_modules": ["shared"]}
+    result = compare("t5", fields, False, str(tmp_path))
+    assert result.peft_targets == result.our_targets == {"shared": (4, 2.0)}
+    assert {d.split(":")[0] for d in result.disagreements} <= {"import logits", "export logits"}
+    arch = ARCHS["t5"]
+    hf = arch.hf()
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    model = arch.module.build(config_hf)
+    base = arch.module.params_from_hf(state_dict(hf), config_hf)
+    with quiet():
+        pm = peft.get_peft_model(arch.hf(), peft.LoraConfig(**fields))
+        for n, p in pm.named_parameters():
+            if "lora_embedding_" in n:
+                p.data.normal_()
+        pm.save_pretrained(str(tmp_path / "peft"))
+    assert np.abs(torch_out(pm, arch.inputs) - torch_out(hf, arch.inputs)).max() < 1e-5
+    with pytest.warns(UserWarning, match="peft with transformers 5 never applies an adapter"):
+        params, config = lora_jax.load_peft(tmp_path / "peft", base, model_type="t5")
+    ours = lora_jax.wrap(model.apply, config)({"params": params}, **arch.inputs)
+    assert np.abs(np.asarray(ours) - torch_out(hf, arch.inputs)).max() > 1e-2
+    with pytest.warns(UserWarning, match="never applies an adapter"):
+        lora_jax.save_peft(tmp_path / "ours", params, config, model_type="t5")
+
+
+def test_class_09_scanned_stacks_per_layer_exclusions_patterns_and_targets(tmp_path):
+    cases = [
+        ("gpt2", {"r": 4, "target_modules": ["c_attn", "c_proj"],
+                  "exclude_modules": ["transformer.h.0.attn.c_attn"]}),
+        ("llama", {"r": 4, "target_modules": r"model\.layers\.1\.self_attn\.(q|v)_proj"}),
+        ("llama", {"r": 4, "target_modules": ["q_proj"], "layers_to_transform": [1],
+                   "layers_pattern": "h"}),  # a wrong pattern: both refuse
+        ("llama", {"r": 4, "target_modules": ["q_proj"], "layers_to_transform": [1],
+                   "bias": "lora_only"}),  # no biases: nothing to refuse
+        ("gpt2", {"r": 4, "target_modules": ["c_attn"], "layers_to_transform": [1],
+                  "bias": "all"}),
+        ("t5", {"r": 4, "target_modules": ["relative_attention_bias", "q"],
+                "layers_to_transform": [0]}),
+        ("llama", {"r": 4, "target_modules": ["q_proj", "v_proj"],
+                   "rank_pattern": {"model.layers.0.self_attn.v_proj": 2},
+                   "layers_to_transform": [0]}),  # the pattern covers every adapted layer
+    ]
+    for i, (name, fields) in enumerate(cases):
+        result = _agree(name, fields, True, tmp_path / str(i))
+        assert (result.peft_error is None) == (i != 2), (fields, result.peft_error)
+    # A stack has one rank and scale: layers that would differ are a clear error.
+    with pytest.raises(ValueError, match="get different \\(rank, scale\\)"):
+        result = compare("llama", {"r": 4, "target_modules": ["q_proj"],
+                                   "alpha_pattern": {"model.layers.0.self_attn.q_proj": 16}},
+                         True, str(tmp_path / "alpha"))
+        raise ValueError(result.ours_error)
+
+
+def test_class_10_rank_above_the_smaller_dimension_warns(tmp_path):
+    # BERT's classifier has 3 outputs; peft accepts r=4, so does lora_jax, with a warning.
+    _agree("bert", {"r": 4, "target_modules": ["classifier", "query"]}, False, tmp_path)
+    arch = ARCHS["bert"]
+    hf = arch.hf()
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    base = arch.module.params_from_hf(state_dict(hf), config_hf, **arch.task)
+    with pytest.warns(UserWarning, match="r=4 for 'classifier' is larger than min"):
+        lora_jax.inject(base, lora_jax.LoraConfig(r=4, target_modules=["classifier"]),
+                        jax.random.key(0))
+
+
+def test_class_11_a_missing_layer_index_warns(tmp_path):
+    result = _agree("gpt2", {"r": 4, "target_modules": ["c_attn"],
+                             "layers_to_transform": [1, 5]}, False, tmp_path)
+    assert list(result.our_targets) == ["transformer.h.1.attn.c_attn"]
+    arch = ARCHS["gpt2"]
+    hf = arch.hf()
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    base = arch.module.params_from_hf(state_dict(hf), config_hf)
+    with pytest.warns(UserWarning, match=r"names layers \[5\]"):
+        lora_jax.inject(base, lora_jax.LoraConfig(r=4, target_modules=["c_attn"],
+                                                  layers_to_transform=[1, 5]), jax.random.key(0))
+
+
+@pytest.mark.parametrize("name, target", [
+    ("gpt2", r".*\.attn.*"),  # the GPT2Attention container
+    ("gpt2", r".*ln_f"),  # a LayerNorm
+    ("bert", ["output"]),  # BertOutput / BertSelfOutput containers
+    ("llama", ["mlp"]),
+])
+def test_class_12_a_target_on_a_module_without_a_weight_raises_as_in_peft(tmp_path, name,
+                                                                          target):
+    result = _agree(name, {"r": 4, "target_modules": target}, False, tmp_path)
+    assert result.peft_error and result.ours_error
+
+
+def test_class_13_full_names_skip_the_layer_filter_only_in_peft(tmp_path):
+    """peft's code lets a module named in full skip layers_to_transform; its docs (and lora_jax)
+    apply the filter. load_peft still loads peft's file (warning), save_peft writes a file that
+    peft loads with exactly lora_jax's modules."""
+    fields = {"r": 4, "target_modules": ["transformer.h.0.attn.c_attn", "c_fc"],
+              "layers_to_transform": [1]}
+    result = compare("gpt2", fields, False, str(tmp_path))
+    assert result.quirk and not result.disagreements, result.disagreements
+    assert set(result.peft_targets) - set(result.our_targets) == {"transformer.h.0.attn.c_attn"}
+    arch = ARCHS["gpt2"]
+    hf = arch.hf()
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    base = arch.module.params_from_hf(state_dict(hf), config_hf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params, config = lora_jax.load_peft(os.path.join(tmp_path, "peft"), base,
+                                            model_type="gpt2")
+    assert any("skip layers_to_transform" in str(w.message) or "in full" in str(w.message)
+               for w in caught)
+    assert "lora_A" in params["transformer"]["h_0"]["attn"]["c_attn"]
