@@ -638,3 +638,34 @@ def test_peft_adapter_loads_onto_the_nnx_model(arch, scan, targets, tmp_path):
     config = lnnx.load_peft(tmp_path, model, model_type=arch)
     assert config.r == 4
     assert max_diff(model(HF_IDS), peft_logits(pm, {"input_ids": HF_IDS})) <= TOL
+
+
+def test_an_einsum_projection_is_written_to_peft_as_its_flattened_linear(tmp_path):
+    """[D, N, H] (q) and [N, H, D] (o) kernels become PyTorch Linears [N*H, D] / [D, N*H]."""
+    from safetensors.numpy import load_file
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.q_proj = nnx.Einsum("btd,dnh->btnh", (D, 2, 4), rngs=rngs)
+            self.o_proj = nnx.Einsum("btnh,nhd->btd", (2, 4, D), rngs=rngs)
+
+        def __call__(self, x):
+            return self.o_proj(self.q_proj(x))
+
+    model = Attn(nnx.Rngs(0))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                        init_lora_weights=False)
+    lnnx.inject(model, config, 0)
+    lnnx.save_peft(tmp_path, model, config, path_map=lambda p: f"self_attn.{p}")
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    for name, layer, (n_in, n_out) in [("q_proj", model.q_proj, (D, 8)),
+                                       ("o_proj", model.o_proj, (8, D))]:
+        a = tensors[f"base_model.model.self_attn.{name}.lora_A.weight"]
+        b = tensors[f"base_model.model.self_attn.{name}.lora_B.weight"]
+        assert a.shape == (2, n_in) and b.shape == (n_out, 2)
+        # torch's delta W [out, in] = B A is the flattened kernel delta, transposed
+        delta = lora_jax.factors.kernel_delta(layer.lora_A[...], layer.lora_B[...],
+                                              layer.lora.get_value().layout,
+                                              layer.kernel.shape)
+        np.testing.assert_allclose(b @ a, np.asarray(delta).reshape(n_in, n_out).T, rtol=1e-5,
+                                   atol=1e-6)
