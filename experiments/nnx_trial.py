@@ -105,7 +105,8 @@ def main() -> None:
     results["losses"] = [round(float(step(model, optimizer)), 5) for _ in range(3)]
     results["train_seconds_3_steps_with_compile"] = round(time.perf_counter() - start, 2)
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    changed = {"/".join(str(k.key) for k in p) for p, a in jax.tree_util.tree_leaves_with_path(after)
+    changed = {"/".join(str(k.key) for k in p)
+               for p, a in jax.tree_util.tree_leaves_with_path(after)
                if not np.array_equal(a, _at(before, p))}
     results["changed_leaves_are_all_factors"] = bool(changed) and all(
         "_lora_" in c or "/lora_" in c for c in changed)

@@ -410,7 +410,7 @@ def _check_rules(model: nnx.Module, config: LoraConfig, tree: Mapping[str, Any],
         module = modules.get(site.path)
         if module is None:
             raise ValueError(f"{path!r}: no NNX module owns this weight")
-        if site.layout.rule != "materialise" and site.layout.rule is None:
+        if site.layout.rule is None:
             raise ValueError(
                 f"{path!r} is a {type(module).__name__}, which has no layer rule, so LoRA "
                 "cannot be added to its output: register a Rule for its class "

@@ -615,9 +615,14 @@ def test_nnx_model_trained_here_loads_in_peft(arch, scan, targets, tmp_path):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     lnnx.inject(model, config, nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
-    loss = lambda m: (m(HF_IDS) ** 2).mean()
-    for _ in range(3):
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss = lambda m: (m(HF_IDS) ** 2).mean()
         optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
+
+    for _ in range(3):
+        step(model, optimizer)
     lnnx.save_peft(tmp_path, model, config, model_type=arch)
     pm = peft.PeftModel.from_pretrained(_hf(arch), tmp_path).eval()
     ours = model(HF_IDS)
