@@ -24,6 +24,7 @@ from lora_jax.merge import merge
 from lora_jax.optimizer import optimizer
 from lora_jax.partition import combine, split
 from lora_jax.peft_io import load_peft, save_peft
+from lora_jax.quantization import dequantize, quantize
 from lora_jax.record import LoraRecord
 from lora_jax.rules import Rule, register_rule
 from lora_jax.sharding import lora_specs, shard_inject
@@ -36,6 +37,7 @@ __all__ = [
     "Rule",
     "combine",
     "count_parameters",
+    "dequantize",
     "distributed",
     "inject",
     "layouts",
@@ -45,6 +47,7 @@ __all__ = [
     "merge",
     "optimizer",
     "print_trainable_parameters",
+    "quantize",
     "register_rule",
     "save_peft",
     "shard_inject",

@@ -406,10 +406,13 @@ def _check_variant(path: str, site: Site, config: LoraConfig, weight: Any) -> No
         if site.layout.kind == "embed" or site.layout.rule == MATERIALISE:
             raise ValueError(f"init_lora_weights={init!r} is not supported for {path!r} "
                              f"({site.layout.kind}); peft applies it to Dense-like and Conv layers")
-        if not jnp.issubdtype(unbox(weight).dtype, jnp.floating):
+        plain = unbox(weight)
+        quantized = hasattr(plain, "dequantize")  # lora_jax.quantize's NF4 / int8 weights
+        if quantized or not jnp.issubdtype(plain.dtype, jnp.floating):
             raise ValueError(
                 f"init_lora_weights={init!r} needs a float base weight, but {path!r} is "
-                f"{unbox(weight).dtype} (quantized?): use init_lora_weights=True"
+                f"{'quantized' if quantized else plain.dtype}: use init_lora_weights=True (or "
+                "initialise on the float base, then quantize the residual)"
             )
 
 

@@ -23,6 +23,7 @@ import lora_jax.linen_rules  # noqa: F401  (registers the rules for flax's and o
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout, column_norm, dropout, kernel_delta
 from lora_jax.partition import combine, split
+from lora_jax.quantization import is_quantized
 from lora_jax.record import (
     Adapted,
     LoraRecord,
@@ -168,6 +169,16 @@ def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, 
     return with_leaves(params, updates) if updates else dict(params)
 
 
+def _check_not_quantized(trainable: Mapping[str, Any]) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(trainable, is_leaf=is_quantized)
+    for path, leaf in leaves:
+        if is_quantized(leaf):
+            raise ValueError(
+                f"{join_path(path)!r} is quantized but would train (modules_to_save or bias): "
+                "keep it in float (lora_jax.quantize(..., modules_to_save=...) skips it)"
+            )
+
+
 def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
     """`apply_fn` (e.g. `model.apply`) with the LoRA deltas added inside the adapted layers.
 
@@ -193,6 +204,7 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
         for item in adapted:
             check_config(item, config)
         trainable, frozen = split(variables["params"], config)
+        _check_not_quantized(trainable)
         params = combine(trainable, jax.tree.map(jax.lax.stop_gradient, frozen))
         params = materialise(params, adapted)
         with nn.intercept_methods(interceptor):

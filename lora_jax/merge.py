@@ -10,6 +10,7 @@ import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.factors import column_norm, kernel_delta, per_column
+from lora_jax.quantization import dequantize
 from lora_jax.record import check_config, records
 from lora_jax.targets import unbox, with_leaves, without_leaves
 
@@ -21,7 +22,8 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
     Each weight's layout, rank and scale come from its record; a `config` given is checked to
     describe the same ranks and scales. The delta is added in float32 and the sum cast once to
     the weight's dtype (merging in bfloat16 drifts); a boxed (logically partitioned) weight keeps
-    its box. `safe=True` raises if a merged weight holds NaN or inf (checked on the host, so
+    its box. Quantized weights (`lora_jax.quantize`) come back dequantized: a float base for
+    export. `safe=True` raises if a merged weight holds NaN or inf (checked on the host, so
     not under `jit`). An adapted embedding that the model also uses as a tied output head
     (`Embed.attend`) changes the head too once merged, though not in the wrapped forward (peft
     behaves the same; `wrap` warns when it sees this).
@@ -53,4 +55,4 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
         boxed = weight.replace_boxed(merged) if hasattr(weight, "replace_boxed") else merged
         updates.setdefault(item.path, {})[record.weight] = boxed
     drop = {(item.path, name) for item in found for name in item.record.leaves}
-    return with_leaves(without_leaves(params, drop), updates)
+    return dequantize(with_leaves(without_leaves(params, drop), updates))

@@ -1,0 +1,256 @@
+"""Quantized frozen weights for QLoRA: NF4 as bitsandbytes defines it, and int8.
+
+A quantized weight is a pytree of integer arrays and scales that stands in for the float kernel
+in the params tree. It is dequantized where the layer uses it (`jnp.asarray(w)`, which flax's
+layers call), inside the jitted forward, so the step's arguments hold the packed codes only; in a
+scanned + remat stack one layer's float kernel exists at a time. LoRA's factors stay float.
+
+- NF4 (QLoRA, arXiv 2305.14314; bitsandbytes `quantize_4bit(quant_type="nf4")`): blocks of 64
+  consecutive values of each trailing matrix in row-major order (as bitsandbytes flattens), each
+  scaled by its absmax and rounded to the nearest of the
+  16 normal-float levels, stored as a `uint4` array of the weight's shape (XLA packs two per byte;
+  bitsandbytes' bytes hold the same codes, the first in the high nibble). Double quantisation: the
+  absmax values of each matrix minus their mean, in blocks of 256, as 8-bit codes of bitsandbytes'
+  dynamic map, with one float scale per block. About 4.13 bits per weight.
+- int8: one absmax scale per column of each trailing matrix (per output feature and stacked
+  layer), codes round(127 w / absmax).
+
+>>> import jax, jax.numpy as jnp
+>>> w = jax.random.normal(jax.random.key(0), (128, 64))
+>>> q = nf4(w)
+>>> q.shape, q.codes.dtype
+((128, 64), dtype(uint4))
+>>> bool(jnp.abs(jnp.asarray(q) - w).max() < 0.15 * jnp.abs(w).max())  # NF4's worst case
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from lora_jax.targets import iter_modules, matches, with_leaves
+
+# The 16 NF4 levels (bitsandbytes functional.py; QLoRA's normal-float code book).
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+BLOCK = 64
+DQ_BLOCK = 256
+# The name dequantized weights carry (jax.ad_checkpoint.checkpoint_name), for remat policies
+# such as `jax.checkpoint_policies.save_anything_except_these_names(DEQUANTIZED)`.
+DEQUANTIZED = "lora_jax_dequantized"
+
+
+def dynamic_code() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (Dettmers, 8-bit approximations, 2015): for each
+    decade 10^-6 ... 10^0, the midpoints of 2^i even steps over [0.1, 1], both signs, plus 0 and
+    1; sorted."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = np.linspace(0.1, 1.0, 2**i + 1)
+        means = 10.0 ** (i - 6) * (edges[:-1] + edges[1:]) / 2
+        values += [*means, *(-means)]
+    return np.sort(np.asarray(values, np.float32))
+
+
+_DYNAMIC = dynamic_code()
+
+
+def _nearest(values: jax.Array, levels: np.ndarray) -> jax.Array:
+    """The index of the nearest level (sorted levels; the upper one on an exact tie)."""
+    midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2)
+    return jnp.searchsorted(midpoints, values, side="left").astype(jnp.uint8)
+
+
+@jax.tree_util.register_pytree_node_class
+class NF4Tensor:
+    """An NF4-quantized weight (see the module docstring); `jnp.asarray` dequantizes it."""
+
+    def __init__(self, codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array,
+                 offset: jax.Array, dtype: Any) -> None:
+        self.codes, self.absmax, self.absmax_scale, self.offset = codes, absmax, absmax_scale, \
+            offset
+        self.dtype = jnp.dtype(dtype)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
+        return (self.codes, self.absmax, self.absmax_scale, self.offset), self.dtype.name
+
+    @classmethod
+    def tree_unflatten(cls, dtype: str, children: tuple[Any, ...]) -> NF4Tensor:
+        return cls(*children, dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The float weight (in `dtype`, default the original one)."""
+        *batch, rows, cols = self.codes.shape
+        values = jnp.asarray(NF4_LEVELS)[self.codes.astype(jnp.int32)]
+        n_blocks = rows * cols // BLOCK
+        scales = jnp.asarray(_DYNAMIC)[self.absmax.reshape(*batch, n_blocks)]
+        scales = jnp.pad(scales, [(0, 0)] * len(batch) + [(0, -n_blocks % DQ_BLOCK)]).reshape(
+            *batch, -1, DQ_BLOCK)
+        absmax = (scales * self.absmax_scale[..., None]).reshape(*batch, -1)[..., :n_blocks]
+        absmax = absmax + self.offset[..., None]
+        weight = values.reshape(*batch, n_blocks, BLOCK) * absmax[..., None]
+        return checkpoint_name(weight.reshape(self.shape).astype(dtype or self.dtype), DEQUANTIZED)
+
+    def __jax_array__(self) -> jax.Array:
+        return self.dequantize()
+
+    def astype(self, dtype: Any) -> jax.Array:
+        return self.dequantize(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return f"NF4Tensor(shape={self.shape}, dtype={self.dtype.name})"
+
+
+@jax.tree_util.register_pytree_node_class
+class Int8Tensor:
+    """An int8 weight with one absmax scale per column of each trailing matrix."""
+
+    def __init__(self, codes: jax.Array, scale: jax.Array, dtype: Any) -> None:
+        self.codes, self.scale, self.dtype = codes, scale, jnp.dtype(dtype)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
+        return (self.codes, self.scale), self.dtype.name
+
+    @classmethod
+    def tree_unflatten(cls, dtype: str, children: tuple[Any, ...]) -> Int8Tensor:
+        return cls(*children, dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The float weight (in `dtype`, default the original one)."""
+        weight = (self.codes.astype(jnp.float32) * self.scale).astype(dtype or self.dtype)
+        return checkpoint_name(weight, DEQUANTIZED)
+
+    def __jax_array__(self) -> jax.Array:
+        return self.dequantize()
+
+    def astype(self, dtype: Any) -> jax.Array:
+        return self.dequantize(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Int8Tensor(shape={self.shape}, dtype={self.dtype.name})"
+
+
+QUANTIZED = (NF4Tensor, Int8Tensor)
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QUANTIZED)
+
+
+def nf4(w: jax.Array) -> NF4Tensor:
+    """NF4 with double quantisation; each trailing matrix `w[..., :, :]` (one per stacked layer)
+    is flattened into blocks of 64 (which must divide its size) and has its own
+    double-quantisation constants."""
+    if w.ndim < 2 or (w.shape[-1] * w.shape[-2]) % BLOCK:
+        raise ValueError(f"NF4 needs a weight of at least 2 axes whose trailing matrix size is a "
+                         f"multiple of {BLOCK}, got shape {tuple(w.shape)}")
+    *batch, rows, cols = w.shape
+    blocks = w.astype(jnp.float32).reshape(*batch, rows * cols // BLOCK, BLOCK)
+    absmax = jnp.abs(blocks).max(-1)
+    normal = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None]
+    # The first leaf has the weight's shape: flax checks an existing param's shape by it.
+    codes = _nearest(normal, NF4_LEVELS).reshape(*batch, rows, cols).astype(jnp.uint4)
+    # Double quantisation of the absmax values (per matrix): minus their mean, 8-bit dynamic
+    # codes in blocks of 256, each block scaled by its own absmax.
+    offset = absmax.mean(-1)
+    centred = absmax - offset[..., None]
+    n = centred.shape[-1]
+    padded = jnp.pad(centred, [(0, 0)] * len(batch) + [(0, -n % DQ_BLOCK)]).reshape(
+        *batch, -1, DQ_BLOCK)
+    scale = jnp.abs(padded).max(-1)
+    absmax_codes = _nearest(padded / jnp.where(scale == 0, 1.0, scale)[..., None], _DYNAMIC)
+    absmax_codes = absmax_codes.reshape(*batch, -1)[..., :n]
+    return NF4Tensor(codes, absmax_codes, scale, offset, w.dtype)
+
+
+def int8(w: jax.Array) -> Int8Tensor:
+    """int8 codes with one absmax scale per column of each trailing matrix `w[..., :, :]` (per
+    output feature, and per layer of a stacked kernel)."""
+    w32 = w.astype(jnp.float32)
+    absmax = jnp.abs(w32).max(axis=-2, keepdims=True)
+    scale = jnp.where(absmax == 0, 1.0, absmax) / 127.0
+    return Int8Tensor(jnp.round(w32 / scale).astype(jnp.int8), scale, w.dtype)
+
+
+KINDS = {"nf4": nf4, "int8": int8}
+_SKIPPED = ("lm_head", "classifier", "score")
+
+
+def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
+             exclude: Sequence[str] = (), modules_to_save: Sequence[str] | None = None
+             ) -> dict[str, Any]:
+    """The params tree with every Dense-like `kernel` (2 axes or more) quantized (`kind`: "nf4"
+    or "int8"), except output / classification heads (`lm_head`, `classifier`, `score`), the
+    modules in `exclude` and in `modules_to_save` (they train), matched as `target_modules`
+    lists are. Embeddings, norms and biases stay float. Quantizing leaf by leaf keeps the peak
+    host memory at one float kernel beyond the result.
+
+        params = lora_jax.quantize(params, "nf4")     # then inject / wrap as usual
+    """
+    if kind not in KINDS:
+        raise ValueError(f"quantize: kind must be one of {sorted(KINDS)}, got {kind!r}")
+    skipped = (*_SKIPPED, *exclude, *(modules_to_save or ()))
+    updates: dict[str, dict[str, Any]] = {}
+    refused = []
+    for path, module in iter_modules(params, leaves=None):
+        kernel = module.get("kernel")
+        if is_quantized(kernel):
+            raise ValueError(f"quantize: {path!r} is already quantized ({kernel!r}); quantize "
+                             "the float params once")
+        if kernel is None or getattr(kernel, "ndim", 0) < 2 or matches(skipped, path):
+            continue
+        if not jnp.issubdtype(kernel.dtype, jnp.floating):
+            continue
+        if kind == "nf4" and (kernel.shape[-1] * kernel.shape[-2]) % BLOCK:
+            refused.append(f"{path} {tuple(kernel.shape)}")
+            continue
+        updates[path] = {"kernel": KINDS[kind](kernel)}
+    if refused:
+        raise ValueError(
+            f"quantize: NF4 blocks of {BLOCK} must divide each kernel's trailing matrix; these "
+            "do not: "
+            f"{refused[:10]}. Leave them in float with exclude=[...], or use kind='int8'"
+        )
+    if not updates:
+        raise ValueError("quantize: no Dense-like kernel to quantize in the params tree")
+    return with_leaves(params, updates)
+
+
+def dequantize(params: Mapping[str, Any]) -> Any:
+    """The params tree with every quantized weight replaced by its float value."""
+    return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, params,
+                        is_leaf=is_quantized)

@@ -1,0 +1,184 @@
+"""QLoRA: NF4 (checked against bitsandbytes) and int8 frozen weights under LoRA: the wrapped
+forward on a quantized base equals it on the dequantized base, only the factors train, the
+compiled step holds packed codes instead of float kernels, and bad input is refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_jax
+from lora_jax import quantization as q
+from lora_jax.models import gpt2, llama
+
+
+def test_the_dynamic_map_is_bitsandbytes_one():
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    # float32 rounding of the decade scaling: within one ulp of torch's float32 arithmetic.
+    np.testing.assert_allclose(q.dynamic_code(),
+                               bnb_functional.create_dynamic_map(signed=True).numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 128), (48, 512), (300, 256)])
+def test_nf4_codes_and_absmax_equal_bitsandbytes(shape):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    import torch
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                 compress_statistics=True)
+    ours = q.nf4(jnp.asarray(w.numpy()))
+    codes = np.asarray(ours.codes).astype(np.uint8).reshape(-1, 2)
+    np.testing.assert_array_equal((codes[:, 0] << 4) | codes[:, 1], packed.numpy().ravel())
+    np.testing.assert_allclose(float(ours.offset), float(state.offset), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours.absmax_scale).ravel(),
+                               state.state2.absmax.numpy(), rtol=1e-6)
+    # The 8-bit absmax codes: lora_jax rounds to the nearest code; bitsandbytes' bisection
+    # search lands one code off in rare cases (2 of 384 blocks for (48, 512)).
+    same = np.asarray(ours.absmax).ravel() == state.absmax.numpy()
+    assert same.mean() >= 0.99, same.mean()
+    theirs = bnb_functional.dequantize_4bit(packed, state).numpy()
+    ours_w = np.asarray(ours.dequantize())
+    blocks = np.nonzero(same)[0]
+    rows = ours_w.reshape(-1, 64)[blocks]
+    np.testing.assert_allclose(rows, theirs.reshape(-1, 64)[blocks], rtol=1e-6, atol=1e-6)
+
+
+def test_nf4_error_is_within_the_code_book_bound():
+    w = jax.random.normal(jax.random.key(0), (64, 256)) * 0.02
+    blocks = w.reshape(-1, 64)
+    error = jnp.abs(q.nf4(w).dequantize().reshape(-1, 64) - blocks)
+    absmax = jnp.abs(blocks).max(-1, keepdims=True)
+    # Half the widest gap between NF4 levels, plus the absmax's own 8-bit rounding (<= 1%).
+    half_gap = float(np.diff(q.NF4_LEVELS).max()) / 2
+    assert bool((error <= absmax * (half_gap + 0.01)).all())
+
+
+def test_int8_is_per_output_feature():
+    w = jax.random.normal(jax.random.key(0), (3, 16, 8))
+    quantized = q.int8(w)
+    assert quantized.scale.shape == (3, 1, 8)
+    error = jnp.abs(quantized.dequantize() - w)
+    assert bool((error <= jnp.abs(w).max(axis=-2, keepdims=True) / 254 + 1e-7).all())
+
+
+ARCHS = {
+    "gpt2": (gpt2, dict(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4),
+             ["c_attn", "c_fc"]),
+    "llama": (llama, dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=32), ["q_proj", "v_proj", "down_proj"]),
+}
+IDS = (jnp.arange(16).reshape(2, 8) * 7) % 128
+
+
+def _adapted(name, scan, kind, **config_fields):
+    arch, hf, targets = ARCHS[name]
+    model = arch.build(arch.config_from_hf(hf), scan_layers=scan)
+    base = model.init(jax.random.key(0), IDS)["params"]
+    config = lora_jax.LoraConfig(r=4, target_modules=targets, init_lora_weights=False,
+                                 **config_fields)
+    params = lora_jax.inject(q.quantize(base, kind), config, jax.random.key(1),
+                             layouts=lora_jax.layouts(model, IDS) if scan else None)
+    return model, config, params
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("name,scan", [("gpt2", False), ("gpt2", True), ("llama", True)])
+def test_wrapped_on_a_quantized_base_equals_the_dequantized_base(name, scan, kind):
+    model, config, params = _adapted(name, scan, kind)
+    apply = lora_jax.wrap(model.apply, config)
+    quantized = apply({"params": params}, IDS)
+    dequantized = apply({"params": q.dequantize(params)}, IDS)
+    # float32: relative 1e-5 of the logits' scale
+    np.testing.assert_allclose(quantized, dequantized, rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(dequantized).max()))
+    merged = lora_jax.merge(params, config)  # a float base for export
+    assert not any(q.is_quantized(x) for x in jax.tree.leaves(merged, is_leaf=q.is_quantized))
+    np.testing.assert_allclose(model.apply({"params": merged}, IDS), quantized, rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(dequantized).max()))
+
+
+def test_only_the_factors_train_on_a_quantized_base():
+    model, config, params = _adapted("gpt2", True, "nf4")
+    apply = lora_jax.wrap(model.apply, config)
+    trainable, frozen = lora_jax.split(params, config)
+    assert not any(q.is_quantized(x) for x in jax.tree.leaves(trainable, is_leaf=q.is_quantized))
+    tx = optax.adam(1e-2)
+    state = tx.init(trainable)
+
+    @jax.jit
+    def step(trainable, state):
+        grads = jax.grad(lambda t: (apply({"params": lora_jax.combine(t, frozen)}, IDS) ** 2)
+                         .mean())(trainable)
+        updates, state = tx.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state
+
+    new = trainable
+    for _ in range(3):
+        new, state = step(new, state)
+    changed = jax.tree.map(lambda a, b: bool((a != b).any()), new, trainable)
+    assert all(jax.tree.leaves(changed))
+    codes = frozen["transformer"]["h"]["attn"]["c_attn"]["kernel"].codes
+    assert codes.dtype == jnp.uint4
+
+
+def test_the_compiled_step_holds_codes_not_float_kernels():
+    """Scanned + remat GPT-2: XLA's memory analysis of a training step (arguments + temporaries)
+    with an NF4 base against the same step with a float32 base."""
+    config_hf = dict(vocab_size=256, n_positions=64, n_embd=256, n_layer=4, n_head=4)
+    model = gpt2.build(gpt2.config_from_hf(config_hf), scan_layers=True,
+                       remat_policy="nothing_saveable")
+    ids = jnp.zeros((2, 32), jnp.int32)
+    base = model.init(jax.random.key(0), ids)["params"]
+    config = lora_jax.LoraConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"])
+    layouts = lora_jax.layouts(model, ids)
+    apply = lora_jax.wrap(model.apply, config)
+    tx = optax.adam(1e-3)
+
+    def memory(params):
+        trainable, frozen = lora_jax.split(
+            lora_jax.inject(params, config, jax.random.key(1), layouts=layouts), config)
+
+        def step(trainable, frozen, state):
+            grads = jax.grad(lambda t: (apply({"params": lora_jax.combine(t, frozen)}, ids) ** 2)
+                             .mean())(trainable)
+            updates, state = tx.update(grads, state, trainable)
+            return optax.apply_updates(trainable, updates), state
+
+        stats = jax.jit(step).lower(trainable, frozen, tx.init(trainable)).compile() \
+            .memory_analysis()
+        return stats.argument_size_in_bytes, stats.temp_size_in_bytes
+
+    float_args, float_temp = memory(base)
+    nf4_args, nf4_temp = memory(q.quantize(base, "nf4", exclude=["wte", "wpe"]))
+    kernels = sum(x.size * 4 for p, x in jax.tree_util.tree_leaves_with_path(base)
+                  if p[-1].key == "kernel")
+    # The float kernels are most of the float step's arguments; NF4 stores 4.1 bits of each.
+    assert float_args - nf4_args > 0.8 * kernels * (1 - 4.2 / 32)
+    assert nf4_args + nf4_temp < 0.7 * (float_args + float_temp)
+
+
+def test_bad_input_is_refused():
+    model, config, params = _adapted("gpt2", False, "nf4")
+    with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn' is already quantized"):
+        q.quantize(params, "nf4")
+    with pytest.raises(ValueError, match=r"NF4 blocks of 64 must divide each kernel's trailing "
+                                         r"matrix; these do not: \['odd \(3, 5\)'\]"):
+        q.quantize({"odd": {"kernel": jnp.ones((3, 5))}, "ok": {"kernel": jnp.ones((8, 8))}})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        q.quantize(params, "nf2")
+    base = {"q": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))}}
+    with pytest.raises(ValueError, match="needs a float base weight, but 'q' is quantized"):
+        lora_jax.inject(q.quantize(base), lora_jax.LoraConfig(r=2, target_modules=["q"],
+                                                              init_lora_weights="pissa"),
+                        jax.random.key(1))
+    trains_it = lora_jax.LoraConfig(r=2, target_modules=["c_fc"],
+                                    modules_to_save=["c_attn"])
+    adapted = lora_jax.inject(q.quantize(model.init(jax.random.key(0), IDS)["params"]),
+                              trains_it, jax.random.key(1))
+    with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn.kernel' is quantized but "
+                                         "would train"):
+        lora_jax.wrap(model.apply, trains_it)({"params": adapted}, IDS)
