@@ -42,7 +42,10 @@ class LoraConfig:
     - `init_lora_weights`: True (A kaiming-uniform, B = 0: starts equal to the base), "gaussian"
       (A ~ N(0, (1/r)^2), B = 0), False (both random: a non-identity start, for tests), or,
       changing the base weights (inject returns the residual base): "pissa" (top-r SVD),
-      "pissa_niter_K" (randomised SVD, K power iterations) or "olora" (QR).
+      "pissa_niter_K" (randomised SVD, K power iterations), "olora" (QR) or "loftq" (the base
+      comes back quantized, see `loftq_config`).
+    - `loftq_config`: for "loftq", `{"loftq_bits": 4 (NF4) or 8 (int8), "loftq_iter": n}`
+      (peft's LoftQConfig fields; default 4 bits, 1 iteration).
     - `use_dora`: DoRA (peft's field): a trained magnitude per output feature rescales
       W + scale * A B to that length.
 
@@ -66,6 +69,7 @@ class LoraConfig:
     modules_to_save: Sequence[str] | None = None
     target_parameters: Sequence[str] | None = None
     use_dora: bool = False
+    loftq_config: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Lists become tuples so the config is hashable and can be a static jit argument.
@@ -78,6 +82,7 @@ class LoraConfig:
             object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        object.__setattr__(self, "loftq_config", dict(self.loftq_config))
         self._validate()
 
     def _validate(self) -> None:
@@ -108,11 +113,19 @@ class LoraConfig:
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
             )
         init = self.init_lora_weights
-        if init not in (True, False, "gaussian", "pissa", "olora") and not (
+        if init not in (True, False, "gaussian", "pissa", "olora", "loftq") and not (
                 isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init)):
             raise ValueError(
                 "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K' (K >= 1) or 'olora', got {init!r}"
+                f"'pissa_niter_K' (K >= 1), 'olora' or 'loftq', got {init!r}"
+            )
+        loftq = dict(self.loftq_config)
+        unknown = set(loftq) - {"loftq_bits", "loftq_iter"}
+        if unknown or loftq.get("loftq_bits", 4) not in (4, 8) or not (
+                isinstance(loftq.get("loftq_iter", 1), int) and loftq.get("loftq_iter", 1) >= 1):
+            raise ValueError(
+                "LoraConfig.loftq_config takes loftq_bits (4 or 8) and loftq_iter (>= 1), got "
+                f"{loftq!r}"
             )
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")

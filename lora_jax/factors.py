@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -300,6 +301,27 @@ def qr_init(w: jax.Array, layout: Layout, r: int, scale: float
     a = jnp.swapaxes(rr[..., :r, :], -1, -2)
     b = jnp.swapaxes(q[..., :, :r], -1, -2)
     return _factors_and_residual(w, wc, a, b, layout, scale)
+
+
+def loftq_init(w: jax.Array, layout: Layout, r: int, quantizer: Callable[[jax.Array], Any],
+               n_iter: int) -> tuple[jax.Array, jax.Array, Any]:
+    """LoftQ (peft's `init_lora_weights="loftq"`, arXiv 2310.08659): alternate quantizing
+    W - A B and taking the rank-r SVD of W - dequantized, so that Q + A B approximates W better
+    than Q alone. Returns A, B and the quantized base (`quantizer`'s result, e.g. NF4). As in
+    peft the factors are not divided by the scale: exact for lora_alpha = r."""
+    stack, fan_in, fan_out = layout.split(w.shape)
+    wc = layout.to_canonical(w).astype(jnp.float32)
+    a = jnp.zeros((*wc.shape[:-1], r), jnp.float32)
+    b = jnp.zeros((*wc.shape[:-2], r, wc.shape[-1]), jnp.float32)
+    for _ in range(n_iter):
+        low = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+        target = layout.to_stored((wc - low).reshape(*stack, *fan_in, *fan_out)).astype(w.dtype)
+        quantized = quantizer(target)
+        residual = wc - layout.to_canonical(jnp.asarray(quantized)).astype(jnp.float32)
+        u, s, vh = jnp.linalg.svd(residual, full_matrices=False)
+        root = jnp.sqrt(s[..., :r])
+        a, b = u[..., :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
+    return (a.reshape(*stack, *fan_in, r), b.reshape(*stack, r, *fan_out), quantized)
 
 
 def _factors_and_residual(w: jax.Array, wc: jax.Array, a: jax.Array, b: jax.Array,

@@ -12,8 +12,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax import quantization
 from lora_jax.config import LoraConfig
-from lora_jax.factors import Layout, column_norm, init_factors, max_rank, qr_init, svd_init
+from lora_jax.factors import (
+    Layout,
+    column_norm,
+    init_factors,
+    loftq_init,
+    max_rank,
+    qr_init,
+    svd_init,
+)
 from lora_jax.record import (
     MATERIALISE,
     LoraRecord,
@@ -403,6 +412,10 @@ def _check_variant(path: str, site: Site, config: LoraConfig, weight: Any) -> No
             )
     init = config.init_lora_weights
     if isinstance(init, str) and init != "gaussian":
+        if init == "loftq" and site.layout.stacked and config.layers_to_transform is not None:
+            raise ValueError(f"init_lora_weights='loftq' with layers_to_transform on the scanned "
+                             f"stack {path!r}: the stack's weight is one quantized leaf; use "
+                             "unscanned layers or no layer selection")
         if site.layout.kind == "embed" or site.layout.rule == MATERIALISE:
             raise ValueError(f"init_lora_weights={init!r} is not supported for {path!r} "
                              f"({site.layout.kind}); peft applies it to Dense-like and Conv layers")
@@ -429,6 +442,11 @@ def _adapter_leaves(path: str, site: Site, weight: Any, config: LoraConfig, r: i
         a, b, residual = svd_init(plain, site.layout, r, scale, niter, key)
     elif init == "olora":
         a, b, residual = qr_init(plain, site.layout, r, scale)
+    elif init == "loftq":
+        quantizer = quantization.nf4 if config.loftq_config.get("loftq_bits", 4) == 4 \
+            else quantization.int8
+        a, b, residual = loftq_init(plain, site.layout, r, quantizer,
+                                    config.loftq_config.get("loftq_iter", 1))
     else:
         a, b = init_factors(key, site.shape, site.layout, r, init, dtype)
         residual = None
@@ -510,7 +528,12 @@ def inject(
         new_leaves.setdefault(site.path, {}).update(leaves)
     residuals = [p for p, leaves in new_leaves.items() for k in leaves if not is_factor(k)
                  and not isinstance(leaves[k], LoraRecord)]
-    if residuals:
+    if residuals and config.init_lora_weights == "loftq":
+        warnings.warn(
+            f"init_lora_weights='loftq' replaced {len(residuals)} base weights by their quantized "
+            "part Q (Q + A B approximates W); the adapter applies to this quantized base",
+            stacklevel=2)
+    elif residuals:
         warnings.warn(
             f"init_lora_weights={config.init_lora_weights!r} replaced {len(residuals)} base "
             "weights by their residual W - scale * A B (the adapted model starts equal to the "

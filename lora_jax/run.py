@@ -378,7 +378,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
                                      modules_to_save=head or None, use_dora=dora,
                                      init_lora_weights=init)
         params = lora_jax.inject(params, config, key)
-        if isinstance(init, str) and init != "gaussian":
+        if init in ("pissa", "olora") or str(init).startswith("pissa_niter"):
             # The starting factors, copied: training donates the trainable buffers.
             from lora_jax.record import iter_records
             from lora_jax.targets import with_leaves

@@ -182,3 +182,23 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn.kernel' is quantized but "
                                          "would train"):
         lora_jax.wrap(model.apply, trains_it)({"params": adapted}, IDS)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_loftq_quantizes_the_base_and_its_factors_recover_part_of_the_error(bits):
+    w = jax.random.normal(jax.random.key(0), (64, 128)) * 0.05
+    u, _, vh = jnp.linalg.svd(w, full_matrices=False)
+    w = w + 0.5 * u[:, :4] @ vh[:4] * 0.2  # a strong low-rank part, as in trained weights
+    base = {"proj": {"kernel": w}}
+    config = lora_jax.LoraConfig(r=4, lora_alpha=4, target_modules=["proj"],
+                                 init_lora_weights="loftq",
+                                 loftq_config={"loftq_bits": bits, "loftq_iter": 5})
+    with pytest.warns(UserWarning, match="'loftq' replaced 1 base weights by their quantized"):
+        params = lora_jax.inject(base, config, jax.random.key(1))["proj"]
+    assert q.is_quantized(params["kernel"])
+    plain = (q.nf4 if bits == 4 else q.int8)(w).dequantize()
+    loftq = params["kernel"].dequantize() + params["lora_A"] @ params["lora_B"]
+    # Q + A B is closer to W than plain quantization (alpha = r: scale 1, as LoftQ assumes).
+    assert float(jnp.linalg.norm(w - loftq)) < 0.9 * float(jnp.linalg.norm(w - plain))
+    with pytest.raises(ValueError, match="loftq_config takes loftq_bits"):
+        lora_jax.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 3})
