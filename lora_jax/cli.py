@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "adapter is converted to apply to the original base)")
     ft.add_argument("--loraplus-ratio", type=_number(float, 0, low_open=True), metavar="RATIO",
                     help="LoRA+: B factors (and 1-D trainables) learn RATIO x faster (e.g. 16)")
+    ft.add_argument("--quantize", choices=("nf4", "int8"),
+                    help="QLoRA: hold the frozen kernels as NF4 (4-bit) or int8")
     ft.add_argument("--targets", help="comma-separated target_modules (default: the model's "
                     "attention query/value projections)")
     length = ft.add_mutually_exclusive_group()

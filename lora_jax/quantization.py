@@ -216,7 +216,8 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
     """The params tree with every Dense-like `kernel` (2 axes or more) quantized (`kind`: "nf4"
     or "int8"), except output / classification heads (`lm_head`, `classifier`, `score`), the
     modules in `exclude` and in `modules_to_save` (they train), matched as `target_modules`
-    lists are. Embeddings, norms and biases stay float. Quantizing leaf by leaf keeps the peak
+    lists are. Embeddings, norms and biases stay float; kernels already quantized (by LoftQ)
+    are kept. Quantizing leaf by leaf keeps the peak
     host memory at one float kernel beyond the result.
 
         params = lora_jax.quantize(params, "nf4")     # then inject / wrap as usual
@@ -225,12 +226,12 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
         raise ValueError(f"quantize: kind must be one of {sorted(KINDS)}, got {kind!r}")
     skipped = (*_SKIPPED, *exclude, *(modules_to_save or ()))
     updates: dict[str, dict[str, Any]] = {}
-    refused = []
+    refused, already = [], []
     for path, module in iter_modules(params, leaves=None):
         kernel = module.get("kernel")
-        if is_quantized(kernel):
-            raise ValueError(f"quantize: {path!r} is already quantized ({kernel!r}); quantize "
-                             "the float params once")
+        if is_quantized(kernel):  # e.g. by LoftQ: kept as it is
+            already.append(path)
+            continue
         if kernel is None or getattr(kernel, "ndim", 0) < 2 or matches(skipped, path):
             continue
         if not jnp.issubdtype(kernel.dtype, jnp.floating):
@@ -245,6 +246,9 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
             "do not: "
             f"{refused[:10]}. Leave them in float with exclude=[...], or use kind='int8'"
         )
+    if not updates and already:
+        raise ValueError(f"quantize: {already[0]!r} is already quantized, and so is every other "
+                         "kernel: quantize the float params once")
     if not updates:
         raise ValueError("quantize: no Dense-like kernel to quantize in the params tree")
     return with_leaves(params, updates)

@@ -353,7 +353,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
                  dropout: float = 0.05, targets: Sequence[str] | None = None,
                  prompt_tokens: int = 20, lr: float = 1e-3, steps: int = 100,
                  seed: int = 0, dora: bool = False, init: bool | str = True,
-                 loraplus_ratio: float | None = None) -> Setup:
+                 loraplus_ratio: float | None = None, quantize: str | None = None) -> Setup:
     """Params, trainable selection, forward and optimizer of `method` on `loaded`."""
     import jax
     import optax
@@ -367,11 +367,16 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     apply = loaded.module.apply
     key = jax.random.key(seed)
     initial = None
-    if method != "lora" and (dora or init is not True or loraplus_ratio):
-        raise ValueError("--dora, --init and --loraplus-ratio apply to --method lora")
+    if method != "lora" and (dora or init is not True or loraplus_ratio or quantize):
+        raise ValueError("--dora, --init, --loraplus-ratio and --quantize apply to --method lora")
+    if quantize and init not in (True, False, "gaussian"):
+        raise ValueError(f"--quantize with --init {init}: PiSSA/OLoRA/LoftQ start from the float "
+                         "base (LoftQ quantizes the adapted weights itself); drop one of them")
     if dora and init in ("pissa", "olora") or dora and str(init).startswith("pissa_niter"):
         raise ValueError(f"--dora with --init {init}: a DoRA adapter trained from the residual "
                          "base cannot be converted to the original base; use one of them")
+    if quantize:  # QLoRA: the frozen kernels as NF4 / int8 (heads and trained modules stay float)
+        params = lora_jax.quantize(params, quantize, modules_to_save=head)
     if method == "lora":
         config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                      target_modules=tuple(targets or family.targets),
@@ -499,7 +504,8 @@ def finetune(args: argparse.Namespace) -> int:
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
                          dropout=args.dropout, targets=_split_targets(args.targets),
                          prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed,
-                         dora=args.dora, init=args.init, loraplus_ratio=args.loraplus_ratio)
+                         dora=args.dora, init=args.init, loraplus_ratio=args.loraplus_ratio,
+                         quantize=args.quantize)
     write_json(out / "run_config.json", _run_config(args, out))
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
     print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "

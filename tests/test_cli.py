@@ -261,6 +261,7 @@ def _tiny_llama_and_text(tmp_path):
 
 @pytest.mark.parametrize("flags, rank, magnitudes", [
     (("--dora", "--loraplus-ratio", "16"), 8, True),
+    (("--quantize", "nf4"), 8, False),
     (("--init", "pissa"), 16, False),  # converted to a plain LoRA of the original base: 2r
 ])
 def test_lm_finetune_with_lora_variants(capsys, tmp_path, flags, rank, magnitudes):
@@ -287,10 +288,12 @@ def test_lm_finetune_with_lora_variants(capsys, tmp_path, flags, rank, magnitude
 
 @pytest.mark.parametrize("argv, message", [
     (["--init", "svd"], "argument --init: --init must be True, False, 'gaussian', 'pissa'"),
-    (["--method", "head", "--dora"], "--dora, --init and --loraplus-ratio apply to --method "
-                                     "lora"),
+    (["--method", "head", "--dora"], "--dora, --init, --loraplus-ratio and --quantize apply "
+                                     "to --method lora"),
     (["--dora", "--init", "olora"], "--dora with --init olora"),
     (["--loraplus-ratio", "0"], "argument --loraplus-ratio: must be > 0, got 0"),
+    (["--quantize", "nf2"], "argument --quantize: invalid choice: 'nf2'"),
+    (["--quantize", "nf4", "--init", "pissa"], "--quantize with --init pissa"),
 ])
 def test_lora_variant_flags_bad_input(capsys, tmp_path, argv, message):
     folder, text = _tiny_llama_and_text(tmp_path)

@@ -163,7 +163,8 @@ def test_the_compiled_step_holds_codes_not_float_kernels():
 
 def test_bad_input_is_refused():
     model, config, params = _adapted("gpt2", False, "nf4")
-    with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn' is already quantized"):
+    with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn' is already quantized, "
+                                         "and so is every other kernel"):
         q.quantize(params, "nf4")
     with pytest.raises(ValueError, match=r"NF4 blocks of 64 must divide each kernel's trailing "
                                          r"matrix; these do not: \['odd \(3, 5\)'\]"):
