@@ -26,6 +26,7 @@ True
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -71,29 +72,64 @@ def _nearest(values: jax.Array, levels: np.ndarray) -> jax.Array:
     return jnp.searchsorted(midpoints, values, side="left").astype(jnp.uint8)
 
 
-@jax.tree_util.register_pytree_node_class
-class NF4Tensor:
-    """An NF4-quantized weight (see the module docstring); `jnp.asarray` dequantizes it."""
+class _Quantized(abc.ABC):
+    """Shared behaviour of quantized weights: a pytree of `FIELDS` arrays with the original
+    float dtype as static data, read as a float array through `dequantize`."""
 
-    def __init__(self, codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array,
-                 offset: jax.Array, dtype: Any) -> None:
-        self.codes, self.absmax, self.absmax_scale, self.offset = codes, absmax, absmax_scale, \
-            offset
+    FIELDS: tuple[str, ...] = ()
+    dtype: Any
+
+    def __init__(self, *children: Any, dtype: Any) -> None:
+        for name, child in zip(self.FIELDS, children, strict=True):
+            setattr(self, name, child)
         self.dtype = jnp.dtype(dtype)
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
-        return (self.codes, self.absmax, self.absmax_scale, self.offset), self.dtype.name
+        return tuple(getattr(self, name) for name in self.FIELDS), self.dtype.name
 
     @classmethod
-    def tree_unflatten(cls, dtype: str, children: tuple[Any, ...]) -> NF4Tensor:
-        return cls(*children, dtype)
+    def tree_unflatten(cls, dtype: str, children: tuple[Any, ...]) -> Any:
+        return cls(*children, dtype=dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
+        # The first leaf (the codes) has the weight's shape: flax checks an existing param by it.
+        return tuple(getattr(self, self.FIELDS[0]).shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The float weight (in `dtype`, default the original one)."""
+        weight = self._float().astype(dtype or self.dtype)
+        return checkpoint_name(weight, DEQUANTIZED)
+
+    @abc.abstractmethod
+    def _float(self) -> jax.Array:
+        """The weight in float32: each format's dequantization."""
+
+    def __jax_array__(self) -> jax.Array:
+        return self.dequantize()
+
+    def astype(self, dtype: Any) -> jax.Array:
+        return self.dequantize(dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype.name})"
+
+
+@jax.tree_util.register_pytree_node_class
+class NF4Tensor(_Quantized):
+    """An NF4-quantized weight (see the module docstring); `jnp.asarray` dequantizes it."""
+
+    FIELDS = ("codes", "absmax", "absmax_scale", "offset")
+
+    def _float(self) -> jax.Array:
         *batch, rows, cols = self.codes.shape
         values = jnp.asarray(NF4_LEVELS)[self.codes.astype(jnp.int32)]
         n_blocks = rows * cols // BLOCK
@@ -102,66 +138,17 @@ class NF4Tensor:
             *batch, -1, DQ_BLOCK)
         absmax = (scales * self.absmax_scale[..., None]).reshape(*batch, -1)[..., :n_blocks]
         absmax = absmax + self.offset[..., None]
-        weight = values.reshape(*batch, n_blocks, BLOCK) * absmax[..., None]
-        return checkpoint_name(weight.reshape(self.shape).astype(dtype or self.dtype), DEQUANTIZED)
-
-    def __jax_array__(self) -> jax.Array:
-        return self.dequantize()
-
-    def astype(self, dtype: Any) -> jax.Array:
-        return self.dequantize(dtype)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def __repr__(self) -> str:
-        return f"NF4Tensor(shape={self.shape}, dtype={self.dtype.name})"
+        return (values.reshape(*batch, n_blocks, BLOCK) * absmax[..., None]).reshape(self.shape)
 
 
 @jax.tree_util.register_pytree_node_class
-class Int8Tensor:
+class Int8Tensor(_Quantized):
     """An int8 weight with one absmax scale per column of each trailing matrix."""
 
-    def __init__(self, codes: jax.Array, scale: jax.Array, dtype: Any) -> None:
-        self.codes, self.scale, self.dtype = codes, scale, jnp.dtype(dtype)
+    FIELDS = ("codes", "scale")
 
-    def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
-        return (self.codes, self.scale), self.dtype.name
-
-    @classmethod
-    def tree_unflatten(cls, dtype: str, children: tuple[Any, ...]) -> Int8Tensor:
-        return cls(*children, dtype)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
-
-    def dequantize(self, dtype: Any = None) -> jax.Array:
-        """The float weight (in `dtype`, default the original one)."""
-        weight = (self.codes.astype(jnp.float32) * self.scale).astype(dtype or self.dtype)
-        return checkpoint_name(weight, DEQUANTIZED)
-
-    def __jax_array__(self) -> jax.Array:
-        return self.dequantize()
-
-    def astype(self, dtype: Any) -> jax.Array:
-        return self.dequantize(dtype)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def __repr__(self) -> str:
-        return f"Int8Tensor(shape={self.shape}, dtype={self.dtype.name})"
+    def _float(self) -> jax.Array:
+        return self.codes.astype(jnp.float32) * self.scale
 
 
 QUANTIZED = (NF4Tensor, Int8Tensor)
@@ -194,7 +181,7 @@ def nf4(w: jax.Array) -> NF4Tensor:
     scale = jnp.abs(padded).max(-1)
     absmax_codes = _nearest(padded / jnp.where(scale == 0, 1.0, scale)[..., None], _DYNAMIC)
     absmax_codes = absmax_codes.reshape(*batch, -1)[..., :n]
-    return NF4Tensor(codes, absmax_codes, scale, offset, w.dtype)
+    return NF4Tensor(codes, absmax_codes, scale, offset, dtype=w.dtype)
 
 
 def int8(w: jax.Array) -> Int8Tensor:
@@ -203,7 +190,7 @@ def int8(w: jax.Array) -> Int8Tensor:
     w32 = w.astype(jnp.float32)
     absmax = jnp.abs(w32).max(axis=-2, keepdims=True)
     scale = jnp.where(absmax == 0, 1.0, absmax) / 127.0
-    return Int8Tensor(jnp.round(w32 / scale).astype(jnp.int8), scale, w.dtype)
+    return Int8Tensor(jnp.round(w32 / scale).astype(jnp.int8), scale, dtype=w.dtype)
 
 
 KINDS = {"nf4": nf4, "int8": int8}
