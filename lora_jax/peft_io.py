@@ -233,6 +233,28 @@ def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str) -> N
             "applies it to the lookups, as a LoRA on this module is meant to", stacklevel=3)
 
 
+# Architectures whose output head is the embedding table when the params have no `lm_head`.
+_TIED_WHEN_NO_HEAD = ("gpt2", "bloom", "llama", "t5")
+
+
+def _warn_tied_saved(model_type: str | None, index: Mapping[str, _Slot],
+                     modules_to_save: Sequence[str] | None, what: str) -> None:
+    """Warn when modules_to_save holds an embedding table of a model without a separate
+    `lm_head` (a tied head): lora_jax trains the one table, so the head follows it; peft 0.21
+    trains a copy for the lookups and keeps the head on the original table."""
+    if not modules_to_save or model_type not in _TIED_WHEN_NO_HEAD or any(
+            p == "lm_head" or p.endswith(".lm_head") for p in index):
+        return
+    tables = sorted(p for p, s in index.items() if "embedding" in s.node
+                    and _saved_root(p, modules_to_save) is not None)
+    if tables:
+        warnings.warn(
+            f"{what}: modules_to_save holds the embedding table(s) {tables} of a model with no "
+            "separate lm_head; if the head is tied to the table, lora_jax's head uses the trained "
+            "table (one table, as peft's ensure_weight_tying documents), while peft 0.21 keeps "
+            "its head on the original table, so the logits differ in the head", stacklevel=3)
+
+
 def _resolve_stacks(model_type: str | None, stacks: Sequence[str] | None) -> tuple[str, ...] | None:
     if stacks is not None:
         return tuple(stacks)
@@ -474,6 +496,7 @@ def save_peft(
     if not adapted:
         raise ValueError("save_peft: the params hold no LoRA factors (was inject applied?)")
     _warn_unused(model_type, list(adapted), "save_peft")
+    _warn_tied_saved(model_type, index, saved_modules, "save_peft")
     tree, layouts = _shape_tree(index)
     torch_config = _agreeing(config, tree, layouts, adapted, for_peft=True)
     if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
@@ -696,6 +719,7 @@ def load_peft(
             raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
                              "the base params (or merge first)")
     _warn_unused(model_type, list(factors), where)
+    _warn_tied_saved(model_type, index, config.modules_to_save, where)
     new_params, adapted = _build(params, index, updates, config, dtype, where, layouts)
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
     flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",

@@ -106,6 +106,32 @@ def test_class_07_t5_shared_follows_the_docs_and_warns(tmp_path):
         lora_jax.save_peft(tmp_path / "ours", params, config, model_type="t5")
 
 
+def test_class_08_modules_to_save_on_a_tied_embedding_warns(tmp_path):
+    """peft 0.21 trains a copy of a tied table for the lookups and keeps its head on the
+    original (even with ensure_weight_tying=True); lora_jax trains the one table, so its head
+    follows (ensure_weight_tying's documented meaning). Left as a documented disagreement in
+    the head's logits: targets, counts and the files agree, and both sides warn."""
+    fields = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte"]}
+    result = compare("gpt2", fields, False, str(tmp_path))
+    assert result.peft_targets == result.our_targets
+    assert {d.split(":")[0] for d in result.disagreements} <= {"import logits", "export logits"}
+    arch = ARCHS["gpt2"]
+    hf = arch.hf()
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    base = arch.module.params_from_hf(state_dict(hf), config_hf)
+    with pytest.warns(UserWarning, match="keeps its head on the original table"):
+        params, config = lora_jax.load_peft(tmp_path / "peft", base, model_type="gpt2")
+    assert np.abs(params["transformer"]["wte"]["embedding"]
+                  - base["transformer"]["wte"]["embedding"]).max() > 0.1
+    with pytest.warns(UserWarning, match="keeps its head on the original table"):
+        lora_jax.save_peft(tmp_path / "ours", params, config, model_type="gpt2")
+    # Untied (Llama with its own lm_head): no warning, and everything agrees.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _agree("llama", {"r": 4, "target_modules": ["q_proj"],
+                         "modules_to_save": ["embed_tokens"]}, False, tmp_path / "llama")
+
+
 def test_class_09_scanned_stacks_per_layer_exclusions_patterns_and_targets(tmp_path):
     cases = [
         ("gpt2", {"r": 4, "target_modules": ["c_attn", "c_proj"],
