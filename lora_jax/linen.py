@@ -115,7 +115,9 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
         a = module.get_variable("params", a_name)
         b = module.get_variable("params", b_name)
         x = rule.inputs(args, kwargs)
-        dtype = out.dtype
+        # float16's range (65504) is small enough for x @ A to overflow where the base output
+        # and the merged weight are finite: compute its delta in float32, add it once.
+        dtype = jnp.float32 if out.dtype == jnp.float16 else out.dtype
         key = None
         if rule.dropout:
             training = record.dropout > 0 and module.has_rng("dropout")

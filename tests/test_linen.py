@@ -236,3 +236,19 @@ def test_an_adapted_tied_embedding_warns():
                              jax.random.key(1))
     with pytest.warns(UserWarning, match="'wte' is adapted and also used as a tied output head"):
         lora_jax.wrap(model.apply, config)({"params": params}, ids)
+
+
+def test_a_float16_layer_gets_a_finite_delta_where_merge_is_finite():
+    model = nn.Dense(8, dtype=jnp.float16, param_dtype=jnp.float16)
+    x = jnp.full((2, 64), 200.0, jnp.float16)
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=".*", init_lora_weights=False)
+    params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+                             jax.random.key(1))
+    params = {**params, "lora_A": jnp.full((64, 4), 8.0), "lora_B": jnp.full((4, 8), 1e-3),
+              "kernel": jnp.zeros((64, 8), jnp.float16)}
+    # x @ A = 102,400 per rank entry: beyond float16; the delta itself is 102.4 * 4 * 1e-3 * 16.
+    wrapped = lora_jax.wrap(model.apply, config)({"params": params}, x)
+    merged = model.apply({"params": lora_jax.merge(params, config)}, x)
+    assert wrapped.dtype == jnp.float16 and bool(jnp.isfinite(wrapped).all())
+    np.testing.assert_allclose(np.asarray(wrapped, np.float32), np.asarray(merged, np.float32),
+                               rtol=2e-3)
