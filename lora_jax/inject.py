@@ -43,13 +43,15 @@ from lora_jax.targets import (
     pattern_value,
     peft_path,
     saved_match,
+    saved_name_match,
     stack_root,
     unbox,
     with_leaves,
 )
 
-# "all-linear" skips output and classification heads, as peft does.
-_HEADS = ("lm_head", "classifier", "score")
+# "all-linear" skips the output head, as peft does (a classifier only with task_type SEQ_CLS,
+# which puts it in modules_to_save: excluded from LoRA like every module to save).
+_HEADS = ("lm_head",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,7 @@ def _is_target(config: LoraConfig, view: View, site: Site) -> bool:
     elif spec is None:
         found = False
     elif spec == "all-linear":
-        if matches_any(_HEADS + tuple(config.modules_to_save or ()), names):
+        if matches_any(_HEADS, names):
             return False
         found = site.weight != "embedding" and (site.layout.error is not None or
                                                 site.layout.kind in ("dense", "einsum"))
@@ -305,7 +307,7 @@ def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, L
             + ("" if config.layers_pattern is None else
                f" (layer indices read after layers_pattern={config.layers_pattern!r})"))
     if config.modules_to_save and not any(
-            saved_match(config.modules_to_save, p) for p in _module_paths(params)):
+            saved_name_match(config.modules_to_save, p) for p in _module_paths(params)):
         raise ValueError(
             f"modules_to_save={list(config.modules_to_save)} matched no module; modules with "
             f"weights: {list(sites)[:40]}"
@@ -348,11 +350,19 @@ def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
     if spec is None or spec == "all-linear":
         return
     known = {site.path for site in sites.values()}
+    stacks = {}
+    for path, found in views.items():
+        if found[0].layer is not None:
+            site = sites[path]
+            stacks[stack_root(params, site.path, site.shape[0])] = site.shape[0]
     for path in _module_paths(params):
         module = _module(params, path)
         if path in known or any(is_factor(k) for k in module):
             continue
         names = [path, peft_path(path + ".x")[:-2]]  # a container may be a list element
+        for stack, n_layers in stacks.items():
+            if path == stack or path.startswith(stack + "."):
+                names += [layer_path(path, stack, i) for i in range(n_layers)]
         if any(saved_match(config.modules_to_save, n) for n in names):
             continue
         if matches_any(spec, names) and not (config.exclude_modules is not None and

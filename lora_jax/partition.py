@@ -12,7 +12,7 @@ from typing import Any
 
 from lora_jax.config import LoraConfig
 from lora_jax.record import LoraRecord, is_factor
-from lora_jax.targets import matches
+from lora_jax.targets import saved_name_match
 
 Tree = Mapping[str, Any]
 
@@ -24,7 +24,8 @@ def has_factors(module: Tree) -> bool:
 
 def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
     """A tree of bools: True for the factors, for biases per `config.bias`, and for every leaf
-    of a module in `config.modules_to_save`; records are always frozen."""
+    of a module in `config.modules_to_save` (peft's rule: the module's name ends with an entry);
+    records are always frozen."""
 
     def visit(node: Tree, path: str, saved: bool) -> dict[str, Any]:
         adapted = has_factors(node)
@@ -32,8 +33,7 @@ def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
         for key, value in node.items():
             child = f"{path}.{key}" if path else key
             if isinstance(value, Mapping):
-                keep = saved or bool(config.modules_to_save and
-                                     matches(config.modules_to_save, child))
+                keep = saved or saved_name_match(config.modules_to_save, child)
                 out[key] = visit(value, child, keep)
             else:
                 out[key] = not isinstance(value, LoraRecord) and (

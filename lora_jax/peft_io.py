@@ -48,7 +48,13 @@ from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import find_targets
 from lora_jax.record import LoraRecord, factor_names, is_factor, magnitude_name
-from lora_jax.targets import PATH_ALIASES, hf_module_parts, iter_modules, matches, with_leaves
+from lora_jax.targets import (
+    PATH_ALIASES,
+    hf_module_parts,
+    iter_modules,
+    saved_name_match,
+    with_leaves,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -313,9 +319,14 @@ def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
             config, tree, layouts, peft_quirks=True) != set(adapted):
         fields.update(target_modules=sorted(adapted), exclude_modules=None,
                       layers_to_transform=None, layers_pattern=None)
-    for name, getter, value_of in (("rank_pattern", config.rank, 0), ("alpha_pattern",
-                                                                       config.alpha, 1)):
-        if any(getter(p) != v[value_of] for p, v in adapted.items()):
+    # The file lists the patterns with sorted keys (json sort_keys, as peft writes it), and
+    # peft takes the first key that matches: check them in that order too.
+    read_back = LoraConfig.from_dict({**config.to_dict(),
+                                      "rank_pattern": dict(sorted(config.rank_pattern.items())),
+                                      "alpha_pattern": dict(sorted(config.alpha_pattern.items()))})
+    for name, value_of in (("rank_pattern", 0), ("alpha_pattern", 1)):
+        getters = [getattr(c, "rank" if value_of == 0 else "alpha") for c in (config, read_back)]
+        if any(getter(p) != v[value_of] for p, v in adapted.items() for getter in getters):
             default = config.r if name == "rank_pattern" else config.lora_alpha
             fields[name] = {re.escape(p): v[value_of] for p, v in sorted(adapted.items())
                             if v[value_of] != default}
@@ -393,12 +404,13 @@ def _saved_modules(modules_to_save: Sequence[str] | None, paths: Mapping[str, st
 
 
 def _saved_root(path: str, modules_to_save: Sequence[str] | None) -> str | None:
-    """The outermost module on `path` that `modules_to_save` names, if any."""
+    """The outermost module on `path` that `modules_to_save` names (peft: its name ends with an
+    entry), if any."""
     if not modules_to_save:
         return None
     parts = path.split(".")
     for n in range(1, len(parts) + 1):
-        if matches(list(modules_to_save), ".".join(parts[:n])):
+        if saved_name_match(list(modules_to_save), ".".join(parts[:n])):
             return ".".join(parts[:n])
     return None
 

@@ -53,6 +53,15 @@ def matches_any(spec: str | Sequence[str], paths: Iterable[str]) -> bool:
     return any(matches(spec, path) for path in paths)
 
 
+def saved_name_match(modules_to_save: Sequence[str] | None, path: str) -> bool:
+    """peft's rule for which modules `modules_to_save` wraps: the module's name ends with one of
+    the given strings (a plain suffix, as peft's `_set_trainable` tests: "norm" names
+    `input_layernorm` too)."""
+    if not modules_to_save or not path:
+        return False
+    return any(form.endswith(m) for form in path_forms(path) for m in modules_to_save)
+
+
 def saved_match(modules_to_save: Sequence[str] | None, path: str) -> bool:
     """peft's rule keeping a module out of LoRA: it is, or lies inside, a module named (a regex
     on whole components) by `modules_to_save`."""

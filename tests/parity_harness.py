@@ -77,25 +77,47 @@ class Arch:
     linear: tuple[str, ...]
     other: tuple[str, ...]  # embeddings, heads, norms: targets or modules_to_save
     layers_pattern: str
-    compare_rows: np.ndarray | None = None  # positions whose logits are compared
+    paths: tuple[str, ...] = ()  # dotted suffixes and full per-layer module paths
+    regexes: tuple[str, ...] = ()
 
 
 ARCHS = {
     "gpt2": Arch(gpt2, gpt2_hf, {"input_ids": IDS}, {},
-                 ("c_attn", "c_proj", "c_fc"), ("wte", "wpe", "ln_f", "ln_1", "attn"), "h"),
+                 ("c_attn", "c_proj", "c_fc"), ("wte", "wpe", "ln_f", "ln_1", "attn"), "h",
+                 ("attn.c_attn", "mlp.c_proj", "transformer.h.0.attn.c_attn",
+                  "transformer.h.1.mlp.c_fc", "h.1.attn.c_proj"),
+                 (r".*\.c_attn", r".*h\.1\..*c_.*", r"transformer\.h\.\d+\.mlp\.c_fc",
+                  r".*(attn|mlp)\.c_proj", r".*\.attn.*")),
     "bert": Arch(bert, bert_hf, {"input_ids": IDS, "attention_mask": MASK},
                  {"task": "classify"}, ("query", "key", "value", "dense", "classifier"),
-                 ("word_embeddings", "pooler", "LayerNorm", "classifier", "output"), "layer"),
+                 ("word_embeddings", "pooler", "LayerNorm", "classifier", "output"), "layer",
+                 ("attention.self.query", "output.dense", "bert.encoder.layer.0.attention.self.key",
+                  "bert.encoder.layer.1.intermediate.dense", "pooler.dense"),
+                 (r".*\.(query|value)", r".*layer\.1\..*dense", r".*attention\.output\.dense",
+                  r"bert\.encoder\.layer\.0\..*")),
     "llama": Arch(llama, llama_hf, {"input_ids": IDS},
                   {}, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                        "down_proj", "lm_head"), ("embed_tokens", "lm_head", "norm", "mlp"),
-                  "layers"),
+                  "layers",
+                  ("self_attn.q_proj", "mlp.down_proj", "model.layers.0.self_attn.v_proj",
+                   "model.layers.1.mlp.gate_proj", "layers.1.self_attn.o_proj"),
+                  (r".*\.(q|v)_proj", r"model\.layers\.1\.self_attn\.(q|v)_proj",
+                   r".*mlp\..*", r".*layers\.0\..*_proj", r"model\.layers\.\d+\..*")),
     "bloom": Arch(bloom, bloom_hf, {"input_ids": IDS, "attention_mask": np.ones_like(MASK)},
                   {}, ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-                  ("word_embeddings", "ln_f", "word_embeddings_layernorm"), "h"),
+                  ("word_embeddings", "ln_f", "word_embeddings_layernorm"), "h",
+                  ("self_attention.query_key_value", "mlp.dense_4h_to_h",
+                   "transformer.h.0.self_attention.dense", "transformer.h.1.mlp.dense_h_to_4h"),
+                  (r".*query_key_value", r".*h\.0\..*dense.*", r".*mlp\.dense_.*")),
     "t5": Arch(t5, t5_hf, {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}, {},
-               ("q", "k", "v", "o", "wi_0", "wi_1", "wo", "lm_head"),
-               ("shared", "relative_attention_bias", "final_layer_norm", "layer_norm"), "block"),
+               ("q", "k", "v", "o", "wi_0", "wi_1", "wo"),  # lm_head: tied to `shared`
+               ("shared", "relative_attention_bias", "final_layer_norm", "layer_norm"), "block",
+               ("SelfAttention.q", "EncDecAttention.v", "DenseReluDense.wi_0",
+                "encoder.block.0.layer.0.SelfAttention.k",
+                "decoder.block.1.layer.2.DenseReluDense.wo",
+                "encoder.block.1.layer.1.DenseReluDense.wi_1"),
+               (r".*SelfAttention\.(q|v)", r"encoder\..*\.(q|k)", r".*block\.1\..*wi_\d",
+                r"decoder\.block\.0\..*", r".*\.wo")),
 }
 
 
@@ -196,10 +218,11 @@ def _logits(model: Any, params: Any, config: Any, arch: Arch) -> np.ndarray:
 
 
 def _close(a: np.ndarray, b: np.ndarray, arch: Arch) -> float:
+    """Max abs diff (unpadded positions), relative to the logits' size once they exceed 1."""
     if "attention_mask" in arch.inputs and a.ndim == 3:
         keep = arch.inputs["attention_mask"] == 1
-        return max_diff(a[keep], b[keep])
-    return max_diff(a, b)
+        a, b = a[keep], b[keep]
+    return max_diff(a, b) / max(1.0, float(np.abs(b).max()))
 
 
 def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: int = 0,
@@ -227,6 +250,9 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
             params = lora_jax.inject(base, config, jax.random.key(seed), layouts=layouts)
         except (ValueError, TypeError) as e:
             params, res.ours_error = None, f"{type(e).__name__}: {e}"
+    if pm is not None and params is None:
+        res.peft_targets = peft_targets(pm)
+        res.quirk = _full_name_quirk(fields, set(res.peft_targets))
     if (pm is None) != (params is None):
         res.fail(f"validity: peft {res.peft_error or 'accepts'}; lora_jax "
                  f"{res.ours_error or 'accepts'}")
@@ -266,8 +292,12 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
             loaded, loaded_config = lora_jax.load_peft(os.path.join(tmp, "peft"), base,
                                                        model_type=model_type, layouts=layouts)
         except ValueError as e:
-            res.fail(f"import: load_peft raised {e}")
             loaded = None
+            try:  # a file peft itself cannot load back is peft's bug, not an import failure
+                peft.PeftModel.from_pretrained(make_hf(), os.path.join(tmp, "peft"))
+                res.fail(f"import: load_peft raised {e}")
+            except Exception:  # noqa: BLE001
+                res.checks["import_unreadable_by_peft"] = 1.0
         theirs = torch_out(pm, arch.inputs)
     if loaded is not None:
         d = _close(_logits(model, loaded, loaded_config, arch), theirs, arch)

@@ -1,0 +1,128 @@
+"""Differential test against peft: hypothesis draws peft LoraConfigs over its field space
+(target lists of names, dotted suffixes and full per-layer paths, regexes, "all-linear",
+exclude_modules, layers_to_transform with and without layers_pattern, rank/alpha patterns,
+rslora, the three bias modes, modules_to_save) on tiny GPT-2, BERT, Llama, BLOOM and T5,
+scanned and unscanned, and runs each through peft and lora_jax (tests/parity_harness.py):
+validity, adapted modules with r and scaling, trainable count, logits (1e-4), merge, export
+(save_peft -> PeftModel.from_pretrained) and import (peft save_pretrained -> load_peft).
+
+CI runs a small fixed set (derandomized); LORA_JAX_DIFFERENTIAL_EXAMPLES=200 runs 200 configs per
+architecture (LORA_JAX_DIFFERENTIAL_ARCHS=gpt2,llama to pick architectures).
+
+Documented disagreements are accepted, and only these (see README / issue 15):
+- per-layer rank or alpha differences inside a scanned stack: lora_jax raises a clear error
+  (one pair of factors per stack), peft accepts; unscanned, lora_jax agrees;
+- T5 `shared`: peft with transformers 5 never calls its adapter; lora_jax applies it (logits);
+- bias="lora_only" with only some layers of a scanned stack adapted, on a stack with biases:
+  lora_jax raises (the stacked bias is one trainable leaf), peft trains those layers' biases;
+- peft's code lets full module names skip layers_to_transform; lora_jax applies the filter
+  (the harness loads peft's file and checks that peft loads lora_jax's with its own modules).
+"""
+
+import os
+import tempfile
+import time
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from parity_harness import ARCHS, compare
+
+EXAMPLES = int(os.environ.get("LORA_JAX_DIFFERENTIAL_EXAMPLES", "0") or 0)
+CI_EXAMPLES = 2  # per architecture
+SELECTED = [a for a in os.environ.get("LORA_JAX_DIFFERENTIAL_ARCHS", "").split(",") if a]
+STATS: dict[str, list[float]] = {}
+
+
+@st.composite
+def peft_fields(draw, name):
+    arch = ARCHS[name]
+    names = st.sampled_from(arch.linear + arch.other[:2] + arch.paths)
+    kind = draw(st.sampled_from(["list", "list", "list", "regex", "all-linear"]))
+    fields = {"r": draw(st.sampled_from([1, 2, 4, 8])),
+              "lora_alpha": draw(st.sampled_from([4, 8, 16]))}
+    if kind == "list":
+        fields["target_modules"] = draw(st.lists(names, min_size=1, max_size=3, unique=True))
+    elif kind == "regex":
+        fields["target_modules"] = draw(st.sampled_from(arch.regexes))
+    else:
+        fields["target_modules"] = "all-linear"
+    if draw(st.booleans()):
+        fields["exclude_modules"] = draw(st.one_of(
+            st.lists(st.sampled_from(arch.linear + arch.paths), min_size=1, max_size=2,
+                     unique=True), st.sampled_from(arch.regexes)))
+    if kind == "list" and draw(st.booleans()):
+        fields["layers_to_transform"] = draw(st.sampled_from([[], [0], [1], [0, 1], [1, 5]]))
+        if draw(st.booleans()):
+            fields["layers_pattern"] = draw(st.sampled_from([arch.layers_pattern, "nope"]))
+    pattern_keys = st.sampled_from(arch.linear[:3] + arch.paths)
+    if draw(st.booleans()):
+        fields["rank_pattern"] = draw(st.dictionaries(pattern_keys, st.sampled_from([1, 2, 4]),
+                                                      max_size=2))
+    if draw(st.booleans()):
+        fields["alpha_pattern"] = draw(st.dictionaries(pattern_keys, st.sampled_from([2, 32]),
+                                                       max_size=2))
+    fields["use_rslora"] = draw(st.booleans())
+    fields["bias"] = draw(st.sampled_from(["none", "all", "lora_only"]))
+    if draw(st.booleans()):
+        saved = [m for m in arch.other if m not in ("wte", "shared", "word_embeddings",
+                                                    "embed_tokens")]
+        fields["modules_to_save"] = draw(st.lists(st.sampled_from(saved), min_size=1,
+                                                  max_size=2, unique=True))
+    return fields
+
+
+def _documented(fields, scan, result, name):
+    """The accepted disagreements (module docstring); anything else fails."""
+    left = []
+    for d in result.disagreements:
+        if d.startswith("validity") and scan and result.ours_error and \
+                "different (rank, scale)" in result.ours_error:
+            continue
+        if name == "t5" and "shared" in result.our_targets and "logits" in d:
+            continue
+        if d.startswith("validity") and scan and result.ours_error and \
+                "bias='lora_only' with only some layers" in result.ours_error:
+            continue  # a stacked bias is one leaf: lora_jax refuses to train it for some layers
+        if d.startswith("validity") and result.quirk:
+            continue  # peft adapts full names outside layers_to_transform; lora_jax: none left
+        left.append(d)
+    return left
+
+
+FAILURES: dict[str, list[tuple]] = {}
+
+
+def _run(name, scan, fields):
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = compare(name, fields, scan, tmp)
+    STATS.setdefault(name, []).append(time.perf_counter() - start)
+    left = _documented(fields, scan, result, name)
+    if left and EXAMPLES:  # a long run: collect every disagreement, report them at the end
+        FAILURES.setdefault(name, []).append((scan, fields, left))
+        return
+    assert not left, (name, scan, fields, left, result.peft_error, result.ours_error)
+
+
+ARCH_NAMES = SELECTED or list(ARCHS)
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_differential_against_peft(name):
+    examples = EXAMPLES or CI_EXAMPLES
+
+    @settings(max_examples=examples, deadline=None, derandomize=not EXAMPLES, database=None,
+              suppress_health_check=list(HealthCheck), print_blob=True,
+              phases=[Phase.explicit, Phase.generate])  # no shrinking: examples are costly
+    @given(fields=peft_fields(name), scan=st.booleans())
+    def check(fields, scan):
+        _run(name, scan, fields)
+
+    check()
+    times = STATS.get(name, [])
+    failed = FAILURES.get(name, [])
+    print(f"{name}: {len(times)} configs in {sum(times):.0f} s, {len(failed)} disagreements")
+    for scan, fields, left in failed:
+        print(f"  scan={scan} {fields}: {[d[:300] for d in left]}")
+    assert not failed
