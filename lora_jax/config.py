@@ -24,16 +24,24 @@ class LoraConfig:
 
     - `target_modules`: a str is a regex `re.fullmatch`ed against the path; a list matches a
       module whose path equals an item or ends with "." + item; "all-linear" means every
-      Dense-like kernel except the output head (`lm_head`, or any module in `modules_to_save`).
+      Dense-like kernel except the output head (`lm_head`). A module in (or inside a module in)
+      `modules_to_save` is never adapted, and naming a module that has no weight LoRA applies to
+      (a LayerNorm, a block) is an error, as in peft. A layer of a scanned stack is also matched
+      under peft's per-layer name (`transformer.h.3.attn.c_attn`).
     - `exclude_modules`: same rules; wins over `target_modules`.
-    - `layers_to_transform` / `layers_pattern`: keep only these layer indices. The index is the
-      number after `layers_pattern` (or after any component) in the path, as in peft. In a scanned
-      stack (no index in the path) it is the position on the stack's leading axis: the other
-      layers get A = B = 0, a fixed point of gradient training, and are not counted as trainable.
-    - `rank_pattern` / `alpha_pattern`: {regex: value}, matched against the end of the path.
+    - `layers_to_transform` / `layers_pattern`: keep only these layer indices (None or [] keep
+      all). The index is read as peft reads it: the first number after `layers_pattern` (a regex),
+      or without one the first index in the path (`encoder.block.1.layer.0...` is layer 1); a
+      module without an index is dropped. Unlike peft's code (but as its docs say), a module named
+      in full in target_modules is filtered too. Indices no targeted module has are warned about.
+      In a scanned stack the layers left out get A = B = 0, a fixed point of gradient training,
+      and are not counted as trainable; all adapted layers of a stack must share one rank and
+      scale (a clear error otherwise).
+    - `rank_pattern` / `alpha_pattern`: {regex: value}, matched against the end of the path; the
+      first matching key wins.
     - `bias`: "none" | "all" (every bias trains) | "lora_only" (biases of adapted modules).
-    - `modules_to_save`: modules trained in full (e.g. a classifier head), matched like a list
-      of `target_modules`.
+    - `modules_to_save`: modules trained in full (e.g. a classifier head): as in peft, every
+      module whose path ends with an entry (a plain suffix: "norm" names `input_layernorm`).
     - `target_parameters`: params adapted by name (peft's field), matched like a list of
       `target_modules` against `module.param` paths, e.g. `["experts.w_in"]`: for weights of
       layers without a rule (see `lora_jax.rules`); the forward adds A B to the weight
