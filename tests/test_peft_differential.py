@@ -15,6 +15,8 @@ Documented disagreements are accepted, and only these (see README / issue 15):
 - T5 `shared`: peft with transformers 5 never calls its adapter; lora_jax applies it (logits);
 - bias="lora_only" with only some layers of a scanned stack adapted, on a stack with biases:
   lora_jax raises (the stacked bias is one trainable leaf), peft trains those layers' biases;
+- (not generated) a regex that also hits a module without parameters (an activation, a
+  dropout): peft raises on it, lora_jax never sees it (the params tree has no such module);
 - peft's code lets full module names skip layers_to_transform; lora_jax applies the filter
   (the harness loads peft's file and checks that peft loads lora_jax's with its own modules).
 """
@@ -93,6 +95,7 @@ def _documented(fields, scan, result, name):
 
 
 FAILURES: dict[str, list[tuple]] = {}
+OUTCOMES: dict[str, dict[str, int]] = {}
 
 
 def _run(name, scan, fields):
@@ -101,6 +104,10 @@ def _run(name, scan, fields):
         result = compare(name, fields, scan, tmp)
     STATS.setdefault(name, []).append(time.perf_counter() - start)
     left = _documented(fields, scan, result, name)
+    outcome = ("disagree" if left else "documented" if result.disagreements or result.quirk else
+               "both refuse" if result.peft_error and result.ours_error else "agree")
+    OUTCOMES.setdefault(name, {}).setdefault(outcome, 0)
+    OUTCOMES[name][outcome] += 1
     if left and EXAMPLES:  # a long run: collect every disagreement, report them at the end
         FAILURES.setdefault(name, []).append((scan, fields, left))
         return
@@ -124,7 +131,8 @@ def test_differential_against_peft(name):
     check()
     times = STATS.get(name, [])
     failed = FAILURES.get(name, [])
-    print(f"{name}: {len(times)} configs in {sum(times):.0f} s, {len(failed)} disagreements")
+    print(f"{name}: {len(times)} configs in {sum(times):.0f} s, {len(failed)} disagreements; "
+          f"{OUTCOMES.get(name)}")
     for scan, fields, left in failed:
         print(f"  scan={scan} {fields}: {[d[:300] for d in left]}")
     assert not failed
