@@ -55,7 +55,7 @@ def test_dict_round_trip():
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
         ({"lora_dropout": -0.1}, "lora_dropout must be in"),
         ({"bias": "some"}, "bias must be 'none', 'all' or 'lora_only'"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights must be True, False or 'gaussian'"),
+        ({"init_lora_weights": "svd"}, "init_lora_weights must be True, False, 'gaussian', 'pissa'"),
         ({"layers_pattern": "h"}, "layers_pattern needs layers_to_transform"),
         ({"target_modules": ".*c_attn", "layers_to_transform": [0]},
          r"layers_to_transform cannot be used with a str \(regex or 'all-linear'\)"),
