@@ -44,17 +44,17 @@ class _Parser(argparse.ArgumentParser):
 
 # --- the command line ----------------------------------------------------------------------------
 
-def _init(text: str) -> bool | str:
-    """--init: "default" (peft's True) or an init_lora_weights string LoraConfig accepts."""
+def _init(text: str) -> str:
+    """--init: "default" (peft's True) or an init_lora_weights string LoraConfig accepts; kept
+    as text so that a saved run_config.json parses again on --resume."""
     from lora_jax import LoraConfig
 
-    value = True if text == "default" else text
     try:
-        LoraConfig(init_lora_weights=value)
+        LoraConfig(init_lora_weights=True if text == "default" else text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).replace("LoraConfig.init_lora_weights", "--init")
                                          ) from None
-    return value
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lora_dropout, in [0, 1) (0.05)")
     ft.add_argument("--dora", action="store_true",
                     help="DoRA: train a magnitude per output feature too (peft's use_dora)")
-    ft.add_argument("--init", type=_init, default=True, metavar="INIT",
+    ft.add_argument("--init", type=_init, default="default", metavar="INIT",
                     help="factor initialisation: default, gaussian, pissa, pissa_niter_K or olora "
                          "(pissa / olora start from the top singular directions; the saved "
                          "adapter is converted to apply to the original base)")

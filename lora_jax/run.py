@@ -504,7 +504,8 @@ def finetune(args: argparse.Namespace) -> int:
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
                          dropout=args.dropout, targets=_split_targets(args.targets),
                          prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed,
-                         dora=args.dora, init=args.init, loraplus_ratio=args.loraplus_ratio,
+                         dora=args.dora, init=True if args.init == "default" else args.init,
+                         loraplus_ratio=args.loraplus_ratio,
                          quantize=args.quantize)
     write_json(out / "run_config.json", _run_config(args, out))
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
