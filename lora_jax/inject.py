@@ -365,8 +365,14 @@ def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
                 names += [layer_path(path, stack, i) for i in range(n_layers)]
         if any(saved_match(config.modules_to_save, n) for n in names):
             continue
-        if matches_any(spec, names) and not (config.exclude_modules is not None and
-                                             matches_any(config.exclude_modules, names)):
+        found = matches_any(spec, names)
+        wanted = _wanted_layers(config)
+        if found and wanted is not None and not isinstance(spec, str) and not any(
+                form in spec for n in names for form in path_forms(n)):
+            # peft filters by layer before it looks at the module's type
+            found = any(layer_index(n, config.layers_pattern) in wanted for n in names)
+        if found and not (config.exclude_modules is not None and
+                          matches_any(config.exclude_modules, names)):
             kind = "a container of modules" if any(isinstance(v, Mapping) for v in
                                                    module.values()) else "a layer"
             raise ValueError(

@@ -197,6 +197,13 @@ def test_class_12_a_target_on_a_module_without_a_weight_raises_as_in_peft(tmp_pa
     assert result.peft_error and result.ours_error
 
 
+def test_class_12_a_layer_filter_applies_before_the_module_check(tmp_path):
+    # peft drops ln_f (no layer index) before it looks at its type: accepted on both sides.
+    result = _agree("bloom", {"r": 4, "target_modules": ["dense", "ln_f"],
+                              "layers_to_transform": [1]}, True, tmp_path)
+    assert result.peft_error is None and result.our_targets
+
+
 def test_class_13_full_names_skip_the_layer_filter_only_in_peft(tmp_path):
     """peft's code lets a module named in full skip layers_to_transform; its docs (and lora_jax)
     apply the filter. load_peft still loads peft's file (warning), save_peft writes a file that
