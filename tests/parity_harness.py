@@ -131,6 +131,7 @@ class Result:
     our_targets: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
     checks: dict[str, float] = dataclasses.field(default_factory=dict)
     quirk: bool = False
+    nested_saved: bool = False  # peft wrapped a module to save inside another one
 
     def fail(self, what: str) -> None:
         self.disagreements.append(what)
@@ -145,6 +146,15 @@ def _full_name_quirk(fields: dict[str, Any], only_peft: set[str]) -> bool:
     targets, wanted = fields.get("target_modules"), fields.get("layers_to_transform")
     return bool(only_peft) and isinstance(targets, list) and bool(wanted) and all(
         p in targets for p in only_peft)
+
+
+def _nested_saved(model: Any) -> bool:
+    """Whether peft put a modules_to_save wrapper inside another (entries that nest, e.g. BERT's
+    "output" and "LayerNorm"): peft's files for that are not well defined."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    names = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    return any(a != b and b.startswith(a + ".") for a in names for b in names)
 
 
 def peft_targets(model: Any) -> dict[str, tuple[int, float]]:
@@ -260,6 +270,7 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
         return res
     if pm is None:
         return res
+    res.nested_saved = _nested_saved(pm)
     res.peft_targets, res.our_targets = peft_targets(pm), our_targets(params, stacks)
     res.quirk = _full_name_quirk(fields, res.peft_targets.keys() - res.our_targets.keys())
     if res.quirk and not res.our_targets.keys() - res.peft_targets.keys():
