@@ -20,10 +20,12 @@ def test_counts_by_hand():
 def test_scanned_and_unrolled_counts_agree_with_layer_selection():
     config = LoraConfig(r=2, target_modules=["q"], layers_to_transform=[0, 2])
     plain_model, scanned_model = TinyLM(), TinyLM(scan=True)
-    plain = lora_jax.inject(plain_model.init(jax.random.key(0), IDS)["params"], config,
-                            jax.random.key(1))
-    scanned = lora_jax.inject(scanned_model.init(jax.random.key(0), IDS)["params"], config,
-                              jax.random.key(1), layouts=lora_jax.layouts(scanned_model, IDS))
+    # Under a parent module, as in real models: peft reads no layer index from a top-level list.
+    plain = lora_jax.inject({"model": plain_model.init(jax.random.key(0), IDS)["params"]},
+                            config, jax.random.key(1))
+    layouts = {f"model.{k}": v for k, v in lora_jax.layouts(scanned_model, IDS).items()}
+    scanned = lora_jax.inject({"model": scanned_model.init(jax.random.key(0), IDS)["params"]},
+                              config, jax.random.key(1), layouts=layouts)
     per_layer = 8 * 2 + 2 * 8
     assert lora_jax.count_parameters(plain, config)[0] == 2 * per_layer
     assert lora_jax.count_parameters(scanned, config) == lora_jax.count_parameters(plain, config)
