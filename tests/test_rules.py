@@ -315,11 +315,16 @@ def test_logically_partitioned_params_keep_their_boxes():
                                model.apply({"params": merged}, x), rtol=1e-5, atol=1e-6)
 
 
-def test_all_linear_leaves_classifier_heads_out():
-    params = {name: {"kernel": jnp.ones((4, 4))} for name in ("q", "classifier", "score",
-                                                              "lm_head")}
+def test_all_linear_leaves_the_output_head_and_saved_modules_out():
+    """peft's rule (checked differentially in test_peft_differential): "all-linear" skips the
+    output head; a classifier is left out when it is in modules_to_save, as peft's
+    sequence-classification task puts it."""
+    params = {name: {"kernel": jnp.ones((4, 4))} for name in ("q", "classifier", "lm_head")}
     adapted = lora_jax.inject(params, LoraConfig(r=2, target_modules="all-linear"),
                               jax.random.key(0))
+    assert [name for name in adapted if "lora_A" in adapted[name]] == ["q", "classifier"]
+    config = LoraConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])
+    adapted = lora_jax.inject(params, config, jax.random.key(0))
     assert [name for name in adapted if "lora_A" in adapted[name]] == ["q"]
 
 
