@@ -2,6 +2,8 @@
 forward on a quantized base equals it on the dequantized base, only the factors train, the
 compiled step holds packed codes instead of float kernels, and bad input is refused."""
 
+
+import bitsandbytes.functional as bnb_functional
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,6 @@ from lora_jax.models import gpt2, llama
 
 
 def test_the_dynamic_map_is_bitsandbytes_one():
-    bnb_functional = pytest.importorskip("bitsandbytes.functional")
     # float32 rounding of the decade scaling: within one ulp of torch's float32 arithmetic.
     np.testing.assert_allclose(q.dynamic_code(),
                                bnb_functional.create_dynamic_map(signed=True).numpy(), atol=1e-7)
@@ -22,7 +23,6 @@ def test_the_dynamic_map_is_bitsandbytes_one():
 
 @pytest.mark.parametrize("shape", [(2, 128), (48, 512), (300, 256)])
 def test_nf4_codes_and_absmax_equal_bitsandbytes(shape):
-    bnb_functional = pytest.importorskip("bitsandbytes.functional")
     import torch
 
     torch.manual_seed(0)
