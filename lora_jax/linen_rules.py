@@ -15,25 +15,18 @@ from lora_jax.factors import (
     Layout,
     dense_delta,
     einsum_delta,
-    einsum_roles,
     embed_delta,
     project,
 )
-from lora_jax.rules import NotAdaptable, Rule, qualname, register_rule
-
-
-def _axes(value: int | tuple[int, ...]) -> tuple[int, ...]:
-    return value if isinstance(value, tuple) else (value,)
-
-
-def _einsum_layout(equation: str) -> Layout:
-    roles, why = einsum_roles(equation)
-    if why:
-        raise NotAdaptable(
-            f"{why}. Exclude this module, or register a Rule for it (lora_jax.register_rule)"
-        )
-    return Layout("einsum", order=roles)
-
+from lora_jax.rules import (
+    NotAdaptable,
+    Rule,
+    axes,
+    conv_layout,
+    einsum_layout,
+    qualname,
+    register_rule,
+)
 
 # --- flax's own layers ----------------------------------------------------------------------------
 
@@ -41,17 +34,7 @@ def _dense_general_layout(module: nn.DenseGeneral, weight: Any, args: Any, kwarg
     if module.batch_dims:
         raise NotAdaptable("nn.DenseGeneral with batch_dims (a kernel per batch index) has no "
                            "low-rank form here; exclude it")
-    return Layout("dense", n_in=weight.ndim - len(_axes(module.features)))
-
-
-def _conv_layout(module: nn.Conv, weight: Any, args: Any, kwargs: Any) -> Layout:
-    if module.feature_group_count != 1 or module.mask is not None:
-        raise NotAdaptable(
-            f"a grouped (feature_group_count={module.feature_group_count}) or masked nn.Conv "
-            "has no low-rank delta of the same structure; exclude it or target its weight "
-            "with target_parameters (materialised W + A B)"
-        )
-    return Layout("conv", n_in=weight.ndim - 1)
+    return Layout("dense", n_in=weight.ndim - len(axes(module.features)))
 
 
 def _conv_delta(module: nn.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any) -> Any:
@@ -82,10 +65,10 @@ register_rule(Rule(
     names=(qualname(nn.DenseGeneral),),
     layout=_dense_general_layout,
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, _axes(module.axis), precision=module.precision),
-    base=lambda module, x, w, args, kwargs: project(x, w, _axes(module.axis),
+        x, a, b, axes(module.axis), precision=module.precision),
+    base=lambda module, x, w, args, kwargs: project(x, w, axes(module.axis),
                                                     precision=module.precision)))
-register_rule(Rule(names=(qualname(nn.Conv),), layout=_conv_layout, delta=_conv_delta,
+register_rule(Rule(names=(qualname(nn.Conv),), layout=conv_layout, delta=_conv_delta,
                    base=_conv_base))
 register_rule(Rule(
     names=(qualname(nn.Embed),), weight="embedding", dropout=False,
@@ -93,7 +76,7 @@ register_rule(Rule(
     delta=lambda module, ids, a, b, args, kwargs: embed_delta(ids, a, b)))
 register_rule(Rule(
     names=(qualname(nn.Einsum),),
-    layout=lambda module, weight, args, kwargs: _einsum_layout(
+    layout=lambda module, weight, args, kwargs: einsum_layout(
         _flax_einsum_str(module, args, kwargs)),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         _flax_einsum_str(module, args, kwargs), x, a, b, precision=module.precision)))
@@ -123,7 +106,7 @@ register_rule(Rule(
     names=("gemma.gm.nn._layers.Einsum", "gemma.layers.Einsum"),
     weight=lambda module: getattr(module, "weight_name", "w"),
     inputs=lambda args, kwargs: kwargs["x"] if "x" in kwargs else args[1],
-    layout=lambda module, weight, args, kwargs: _einsum_layout(_gemma_equation(args, kwargs)),
+    layout=lambda module, weight, args, kwargs: einsum_layout(_gemma_equation(args, kwargs)),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         _gemma_equation(args, kwargs), x, a, b)))
 
@@ -131,7 +114,7 @@ register_rule(Rule(
 register_rule(Rule(
     names=("MaxText.layers.linears.DenseGeneral", "maxtext.layers.linears.DenseGeneral"),
     layout=lambda module, weight, args, kwargs: Layout(
-        "dense", n_in=len(_axes(getattr(module, "axis", -1)))),
+        "dense", n_in=len(axes(getattr(module, "axis", -1)))),
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, _axes(getattr(module, "axis", -1))),
-    base=lambda module, x, w, args, kwargs: project(x, w, _axes(getattr(module, "axis", -1)))))
+        x, a, b, axes(getattr(module, "axis", -1))),
+    base=lambda module, x, w, args, kwargs: project(x, w, axes(getattr(module, "axis", -1)))))

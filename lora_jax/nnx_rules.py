@@ -18,8 +18,16 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.factors import Layout, dense_delta, einsum_delta, einsum_roles, embed_delta
-from lora_jax.rules import NotAdaptable, Rule, qualname, register_rule
+from lora_jax.factors import Layout, dense_delta, einsum_delta, embed_delta
+from lora_jax.rules import (
+    NotAdaptable,
+    Rule,
+    axes,
+    conv_layout,
+    einsum_layout,
+    qualname,
+    register_rule,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,22 +39,13 @@ class NnxRule(Rule):
     weight_ndim: Callable[[Any], int] | None = None
 
 
-def _axes(value: Any) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
 def _einsum_layout(equation: str | None) -> Layout:
     if equation is None:
         raise NotAdaptable(
             "its einsum_str is given only at call time; pass "
             "layouts=lora_jax.nnx.layouts(model, *example_inputs) to inject"
         )
-    roles, why = einsum_roles(equation)
-    if why:
-        raise NotAdaptable(
-            f"{why}. Exclude this module, or register a Rule for it (lora_jax.register_rule)"
-        )
-    return Layout("einsum", order=roles)
+    return einsum_layout(equation)
 
 
 # --- nnx.Linear --------------------------------------------------------------------------------
@@ -76,20 +75,10 @@ register_rule(NnxRule(
     + len(module.out_features),
     layout=_linear_general_layout,
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, _axes(module.axis), precision=module.precision)))
+        x, a, b, axes(module.axis), precision=module.precision)))
 
 
 # --- nnx.Conv ------------------------------------------------------------------------------------
-
-def _conv_layout(module: nnx.Conv, weight: Any, args: Any, kwargs: Any) -> Layout:
-    if module.feature_group_count != 1 or module.mask is not None:
-        raise NotAdaptable(
-            f"a grouped (feature_group_count={module.feature_group_count}) or masked nnx.Conv "
-            "has no low-rank delta of the same structure; exclude it or target its weight "
-            "with target_parameters (materialised W + A B)"
-        )
-    return Layout("conv", n_in=weight.ndim - 1)
-
 
 _CONV_FIELDS = ("kernel_size", "strides", "padding", "input_dilation", "kernel_dilation",
                 "feature_group_count", "precision", "promote_dtype", "conv_general_dilated",
@@ -110,7 +99,7 @@ def _conv_delta(module: nnx.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any
 register_rule(NnxRule(
     names=(qualname(nnx.Conv),),
     weight_ndim=lambda module: len(module.kernel_size) + 2,
-    layout=_conv_layout,
+    layout=conv_layout,
     delta=_conv_delta))
 
 

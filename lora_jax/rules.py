@@ -39,7 +39,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from lora_jax.factors import Layout
+from lora_jax.factors import Layout, einsum_roles
 
 
 class NotAdaptable(ValueError):
@@ -114,3 +114,33 @@ def rule_for(module: Any) -> Rule | None:
 def rule_named(name: str | None) -> Rule | None:
     """The registered rule called `name` (its first class name)."""
     return None if name is None else _RULES.get(name)
+
+
+# --- pieces the frontends' rules share (flax.linen and nnx layers have the same fields) ---------
+
+def axes(value: Any) -> tuple[int, ...]:
+    """An `axis` / `features` field as a tuple."""
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def einsum_layout(equation: str) -> Layout:
+    """The layout of an einsum kernel; `NotAdaptable` when its axes do not split into input and
+    output axes."""
+    roles, why = einsum_roles(equation)
+    if why:
+        raise NotAdaptable(
+            f"{why}. Exclude this module, or register a Rule for it (lora_jax.register_rule)"
+        )
+    return Layout("einsum", order=roles)
+
+
+def conv_layout(module: Any, weight: Any, args: Any, kwargs: Any) -> Layout:
+    """A convolution's layout (window and input channels in, features out); grouped or masked
+    convolutions have no low-rank delta of the same structure."""
+    if module.feature_group_count != 1 or module.mask is not None:
+        raise NotAdaptable(
+            f"a grouped (feature_group_count={module.feature_group_count}) or masked "
+            f"{type(module).__name__} has no low-rank delta of the same structure; exclude it or "
+            "target its weight with target_parameters (materialised W + A B)"
+        )
+    return Layout("conv", n_in=weight.ndim - 1)

@@ -275,7 +275,8 @@ def test_an_untargeted_unadaptable_layer_never_raises_a_targeted_one_does_at_inj
     lora_jax.inject(params, LoraConfig(r=2, target_modules=["plain"]), jax.random.key(1),
                     layouts=found)
     with pytest.raises(ValueError, match=r"cannot adapt 'grouped': a grouped "
-                                         r"\(feature_group_count=2\) or masked nn.Conv .* "
+                                         r"\(feature_group_count=2\) or masked Conv has no "
+                                         r"low-rank delta .* "
                                          "exclude it or target its weight with "
                                          "target_parameters"):
         lora_jax.inject(params, LoraConfig(r=2, target_modules=["grouped"]), jax.random.key(1),
