@@ -87,21 +87,28 @@ def jax_training(model: nn.Module, params: dict, ids: jax.Array, args: argparse.
     results = {}
     tx = optax.adamw(1e-4)
 
+    def whole_tree_step(apply_fn: Callable[..., Any], step_tx: Any, start: Any
+                        ) -> tuple[Callable[[], Any], int | None]:
+        """A step that differentiates and updates the whole params tree with `step_tx`."""
+
+        @jax.jit
+        def step(p, state, ids):
+            loss, grads = jax.value_and_grad(lambda p: lm_loss(apply_fn({"params": p}, ids),
+                                                               ids))(p)
+            updates, state = step_tx.update(grads, state, p)
+            return optax.apply_updates(p, updates), state, loss
+
+        live = {"p": start, "s": step_tx.init(start)}
+        fn, nbytes = compile_with_bytes(step, live["p"], live["s"], ids)
+
+        def run():
+            live["p"], live["s"], loss = fn(live["p"], live["s"], ids)
+            return loss
+
+        return run, nbytes
+
     # Full fine-tune.
-    @jax.jit
-    def full_step(p, state, ids):
-        loss, grads = jax.value_and_grad(lambda p: lm_loss(model.apply({"params": p}, ids),
-                                                           ids))(p)
-        updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
-    full = {"p": params, "s": tx.init(params)}
-    full_fn, full_bytes = compile_with_bytes(full_step, full["p"], full["s"], ids)
-
-    def run_full():
-        full["p"], full["s"], loss = full_fn(full["p"], full["s"], ids)
-        return loss
-
+    run_full, full_bytes = whole_tree_step(model.apply, tx, params)
     runners = {"full fine-tune": run_full}
     results["full fine-tune"] = {"bytes": full_bytes}
 
@@ -138,21 +145,8 @@ def jax_training(model: nn.Module, params: dict, ids: jax.Array, args: argparse.
     results["DoRA"] = {"bytes": dora_bytes}
 
     # The same LoRA through the whole-tree optimizer (the idiom lora_jax does not recommend).
-    whole_tx = lora_jax.optimizer(tx, lora_params, config)
-
-    @jax.jit
-    def whole_step(p, state, ids):
-        loss, grads = jax.value_and_grad(lambda p: lm_loss(apply({"params": p}, ids), ids))(p)
-        updates, state = whole_tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
-    whole = {"p": lora_params, "s": whole_tx.init(lora_params)}
-    whole_fn, whole_bytes = compile_with_bytes(whole_step, whole["p"], whole["s"], ids)
-
-    def run_whole():
-        whole["p"], whole["s"], loss = whole_fn(whole["p"], whole["s"], ids)
-        return loss
-
+    run_whole, whole_bytes = whole_tree_step(apply, lora_jax.optimizer(tx, lora_params, config),
+                                             lora_params)
     runners["LoRA, whole-tree optimizer"] = run_whole
     results["LoRA, whole-tree optimizer"] = {"bytes": whole_bytes}
 
