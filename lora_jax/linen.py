@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax.linen_rules  # noqa: F401  (registers the rules for flax's and others' layers)
+from lora_jax.adapters import STRATEGIES, Strategy, check_ids, mixed_delta
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout, column_norm, dropout, kernel_delta
 from lora_jax.partition import combine, split
@@ -31,11 +32,14 @@ from lora_jax.record import (
     factor_names,
     iter_records,
     magnitude_name,
+    scale_name,
     target_path,
 )
 from lora_jax.rules import NotAdaptable, Rule, rule_for
 from lora_jax.targets import iter_modules, join_path, unbox, with_leaves
 
+# Measured in experiments/benchmark.py (mixed-batch rows).
+DEFAULT_STRATEGY: Strategy = "gather"
 _TIED_HEAD_WARNING = (
     "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
     "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
@@ -79,7 +83,9 @@ def _check_no_orphans(module: nn.Module, path: str) -> None:
             )
 
 
-def _interceptor(config: LoraConfig) -> Callable[..., Any]:
+def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any]:
+    """The interceptor of one wrapped call; `ids`: per-example adapter slots of a set."""
+
     def intercept(next_fun: Callable[..., Any], args: tuple[Any, ...],
                   kwargs: dict[str, Any], context: Any) -> Any:
         out = next_fun(*args, **kwargs)
@@ -114,6 +120,8 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
         a_name, b_name = record.names
         a = module.get_variable("params", a_name)
         b = module.get_variable("params", b_name)
+        scale = record.scale if record.scale is not None else \
+            module.get_variable("params", scale_name(record.weight))
         x = rule.inputs(args, kwargs)
         # float16's range (65504) is small enough for x @ A to overflow where the base output
         # and the merged weight are finite: compute its delta in float32, add it once.
@@ -123,9 +131,17 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
             training = record.dropout > 0 and module.has_rng("dropout")
             key = module.make_rng("dropout") if training else None
             x = dropout(jnp.asarray(x, dtype), record.dropout, key)
+        if record.adapters:
+            if ids is None:
+                raise ValueError(
+                    f"{path!r} holds an adapter set: call with adapter_ids=[one slot per "
+                    "example] or pass lora_jax.adapters.select(params, slot)")
+            delta = mixed_delta(rule, module, x, a.astype(dtype), b.astype(dtype), scale, ids,
+                                strategy, args, kwargs)
+            return out + delta.astype(out.dtype)
         # The scale goes on B ([r, out]): the cheapest place, and the same product.
-        delta = rule.delta(module, x, a.astype(dtype), (b * record.scale).astype(dtype), args,
-                           kwargs)
+        b = b * scale
+        delta = rule.delta(module, x, a.astype(dtype), b.astype(dtype), args, kwargs)
         if record.variant == "dora":
             return out + _dora_extra(module, rule, record, out, x, key is not None, a, b,
                                      delta, args, kwargs)
@@ -137,12 +153,12 @@ def _interceptor(config: LoraConfig) -> Callable[..., Any]:
 def _dora_extra(module: nn.Module, rule: Rule, record: LoraRecord, out: jax.Array,
                 x: jax.Array, dropped: bool, a: jax.Array, b: jax.Array, delta: jax.Array,
                 args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> jax.Array:
-    """DoRA on top of the base output: (m/n - 1) * (x W) + (m/n) * scale * (x A) B, with the
+    """DoRA on top of the base output: (m/n - 1) * (x W) + (m/n) * (x A) (scale B), with the
     norm n = ||W + scale A B|| per output feature detached and formed without W + A B."""
     weight = unbox(module.get_variable("params", record.weight))
     magnitude = module.get_variable("params", magnitude_name(record.weight))
     inner = dataclasses.replace(record.layout, stacked=0)
-    norm = jax.lax.stop_gradient(column_norm(weight, a, b, record.scale, inner))
+    norm = jax.lax.stop_gradient(column_norm(weight, a, b, 1.0, inner))
     ratio = (magnitude / norm).astype(out.dtype)
     if dropped:  # peft recomputes the base on the dropped input
         base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
@@ -164,8 +180,8 @@ def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, 
         warnings.warn(_MATERIALISE_WARNING.format(path=f"{item.path}.{item.record.weight}",
                                                   shape=tuple(weight.shape),
                                                   size=weight.size), stacklevel=3)
-        a, b = item.factors
-        delta = kernel_delta(a, b, item.record.layout, tuple(weight.shape)) * item.record.scale
+        a, b = item.scaled_factors
+        delta = kernel_delta(a, b, item.record.layout, tuple(weight.shape))
         value = (weight.astype(jnp.float32) + delta).astype(weight.dtype)
         updates.setdefault(item.path, {})[item.record.weight] = value
     return with_leaves(params, updates) if updates else dict(params)
@@ -181,7 +197,8 @@ def _check_not_quantized(trainable: Mapping[str, Any]) -> None:
             )
 
 
-def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
+def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *,
+         strategy: Strategy = DEFAULT_STRATEGY) -> Callable[..., Any]:
     """`apply_fn` (e.g. `model.apply`) with the LoRA deltas added inside the adapted layers.
 
     Same signature as `apply_fn(variables, *args, **kwargs)`. The rank, scale and dropout rate
@@ -190,6 +207,9 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     that does not raises). Frozen leaves go through `stop_gradient`, so `jax.grad` of the
     whole params tree computes no weight gradients. LoRA dropout runs exactly when the call is
     given a "dropout" rng (`rngs={"dropout": key}`), i.e. while training; evaluate without one.
+    Params holding an adapter set (`lora_jax.adapters`) take `adapter_ids=` (one slot per
+    example, -1 for none): a mixed batch, computed by `strategy` ("gather", "onehot" or
+    "ragged"; see `lora_jax.adapters.mixed_delta`).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import LoraConfig, inject
@@ -199,9 +219,13 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     >>> wrap(model.apply, config)({"params": params}, x).shape
     (1, 4)
     """
-    interceptor = _interceptor(config)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown mixed-batch strategy {strategy!r}; use one of {STRATEGIES}")
 
-    def apply(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def apply(variables: Mapping[str, Any], *args: Any, adapter_ids: Any = None,
+              **kwargs: Any) -> Any:
+        ids = None if adapter_ids is None else check_ids(adapter_ids)
+        interceptor = _interceptor(ids, strategy)
         adapted = list(iter_records(variables["params"]))
         for item in adapted:
             check_config(item, config)

@@ -60,14 +60,16 @@ register_rule(Rule(
     layout=lambda module, weight, args, kwargs: Layout("dense"),
     delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b,
                                                             precision=module.precision),
-    base=lambda module, x, w, args, kwargs: project(x, w, precision=module.precision)))
+    base=lambda module, x, w, args, kwargs: project(x, w, precision=module.precision),
+    matmul=True))
 register_rule(Rule(
     names=(qualname(nn.DenseGeneral),),
     layout=_dense_general_layout,
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
         x, a, b, axes(module.axis), precision=module.precision),
     base=lambda module, x, w, args, kwargs: project(x, w, axes(module.axis),
-                                                    precision=module.precision)))
+                                                    precision=module.precision),
+    matmul=lambda module: axes(module.axis) in ((-1,),) and not module.batch_dims))
 register_rule(Rule(names=(qualname(nn.Conv),), layout=conv_layout, delta=_conv_delta,
                    base=_conv_base))
 register_rule(Rule(
@@ -91,7 +93,8 @@ register_rule(Rule(
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
         x, a, b, precision=getattr(module, "precision", None)),
     base=lambda module, x, w, args, kwargs: project(x, w.T, precision=getattr(
-        module, "precision", None))))
+        module, "precision", None)),
+    matmul=True))
 
 
 def _gemma_equation(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

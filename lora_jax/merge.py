@@ -42,11 +42,14 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
         check_config(item, config)
         record, weight = item.record, item.weight
         plain = unbox(weight)
-        a, b = item.factors
-        delta = kernel_delta(a, b, record.layout, tuple(plain.shape)) * record.scale
+        if record.adapters:
+            raise ValueError(f"{item.target!r} holds an adapter set: merge one adapter, "
+                             "lora_jax.adapters.select(params, index), not the set")
+        a, b = item.scaled_factors
+        delta = kernel_delta(a, b, record.layout, tuple(plain.shape))
         merged = plain.astype(jnp.float32) + delta
         if record.variant == "dora":  # W' = (m / n) (W + scale A B), per output feature
-            norm = column_norm(plain, a, b, record.scale, record.layout)
+            norm = column_norm(plain, a, b, 1.0, record.layout)
             merged = merged * per_column(item.magnitude / norm, record.layout, plain.ndim)
         merged = merged.astype(plain.dtype)
         if safe and not np.isfinite(np.asarray(merged, np.float32)).all():

@@ -36,6 +36,12 @@ def factor_names(weight: str) -> tuple[str, str, str]:
     return f"{weight}_lora_A", f"{weight}_lora_B", f"{weight}_lora"
 
 
+def scale_name(weight: str) -> str:
+    """The leaf name of an array scale for `weight` (`lora_scale` for a kernel): present when the
+    record's `scale` is None, e.g. one scale per stacked layer or per adapter of a set."""
+    return factor_names(weight)[2] + "_scale"
+
+
 def magnitude_name(weight: str) -> str:
     """The leaf name of DoRA's magnitude vector for `weight` (peft's `lora_magnitude_vector`)."""
     return "lora_magnitude_vector" if weight in ("kernel", "embedding") else \
@@ -55,16 +61,22 @@ class LoraRecord:
 
     `layers` lists the stacked layers that are adapted when only some of a scanned stack's are
     (`layers_to_transform`); the others hold zero factors. `variant` is "lora" or "dora" (a
-    magnitude vector beside the factors rescales each output feature).
+    magnitude vector beside the factors rescales each output feature). `scale=None`: the scale
+    is data, an array leaf beside the factors (`scale_name`) shaped like the stacked axes (and
+    the adapter axis), so it can differ per layer or adapter and change without recompiling.
+    `adapters=K > 0`: an adapter set (`lora_jax.adapters`): the factors, magnitude and scale
+    hold K adapters on an axis right after the stacked axes (`rank` is their common, padded
+    rank).
     """
 
     weight: str
     layout: Layout
     rank: int
-    scale: float
+    scale: float | None
     dropout: float = 0.0
     layers: tuple[int, ...] | None = None
     variant: str = "lora"
+    adapters: int = 0
 
     @property
     def names(self) -> tuple[str, str]:
@@ -79,8 +91,10 @@ class LoraRecord:
 
     @property
     def leaves(self) -> tuple[str, ...]:
-        """Every leaf this record owns beside the weight: its arrays and itself."""
-        return (*self.arrays, factor_names(self.weight)[2])
+        """Every leaf this record owns beside the weight: its arrays, the array scale (if
+        any) and itself."""
+        scale = (scale_name(self.weight),) if self.scale is None else ()
+        return (*self.arrays, *scale, factor_names(self.weight)[2])
 
     @property
     def materialised(self) -> bool:
@@ -116,6 +130,25 @@ class Adapted:
     @property
     def magnitude(self) -> Any:
         return self.module[magnitude_name(self.record.weight)]
+
+    @property
+    def scale(self) -> Any:
+        """The record's float scale, or the array scale leaf (`[*stacked]`) beside it."""
+        record = self.record
+        return self.module[scale_name(record.weight)] if record.scale is None else record.scale
+
+    @property
+    def scaled_factors(self) -> tuple[Any, Any]:
+        """(A, scale * B), an array scale broadcast along B's stacked axes."""
+        a, b = self.factors
+        return a, b * broadcast_scale(self.scale, b.ndim)
+
+
+def broadcast_scale(scale: Any, ndim: int) -> Any:
+    """A float, or an array scale over leading axes, shaped to multiply an `ndim` array."""
+    if isinstance(scale, int | float):
+        return scale
+    return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
 
 
 def target_path(path: str, weight: str, module: Mapping[str, Any]) -> str:
@@ -172,6 +205,8 @@ def check_config(adapted: Adapted, config: Any) -> None:
     if config is None:
         return
     path, record = adapted.target, adapted.record
+    if record.scale is None:  # the scale is data (per layer / adapter): the record decides
+        return
     want_rank, want_scale = _config_values(config, path)
     if want_rank != record.rank or abs(want_scale - record.scale) > 1e-9 * abs(record.scale):
         # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns

@@ -67,6 +67,8 @@ class Rule:
     - `dropout`: whether LoRA dropout applies to the input (not for an embedding's ids).
     - `base(module, x, weight, args, kwargs) -> array`: the layer's product without its bias, for
       another input (DoRA with dropout recomputes it on the dropped input, as peft does).
+    - `matmul`: whether `delta` is `dense_delta(x, a, b)` over x's last axis (a bool, or a
+      function of the module): mixed adapter batches may then use grouped or one-hot matmuls.
     """
 
     names: tuple[str, ...]
@@ -76,10 +78,14 @@ class Rule:
     inputs: Callable[[tuple[Any, ...], dict[str, Any]], Any] = _first_input
     dropout: bool = True
     base: Callable[..., Any] | None = None
+    matmul: bool | Callable[[Any], bool] = False
 
     @property
     def name(self) -> str:
         return self.names[0]
+
+    def is_matmul(self, module: Any) -> bool:
+        return self.matmul if isinstance(self.matmul, bool) else self.matmul(module)
 
     def weight_name(self, module: Any) -> str:
         return self.weight if isinstance(self.weight, str) else self.weight(module)
