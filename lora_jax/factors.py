@@ -253,6 +253,19 @@ def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Arr
     return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale**2 * quad, 0.0))
 
 
+def dora_output(base: jax.Array, delta: jax.Array, magnitude: jax.Array,
+                norm: jax.Array) -> jax.Array:
+    """What DoRA adds to a layer's output: (m/n - 1) * base + (m/n) * delta, for the layer's
+    product without bias `base`, the low-rank `delta` (scale included), the magnitude `m` and
+    the (detached) norm `n` of `column_norm`, both `[*out]` (the output's trailing axes).
+
+    >>> dora_output(jnp.ones(2), jnp.zeros(2), jnp.array([2.0, 1.0]), jnp.ones(2))
+    Array([1., 0.], dtype=float32)
+    """
+    ratio = (magnitude / norm).astype(base.dtype)
+    return (ratio - 1) * base + ratio * delta
+
+
 def per_column(values: jax.Array, layout: Layout, ndim: int) -> jax.Array:
     """`[*stack, *out]` values (e.g. DoRA's m / n) shaped to broadcast against the weight."""
     roles = layout.roles(ndim)

@@ -36,13 +36,20 @@ from flax import nnx
 import lora_jax.nnx_rules  # noqa: F401  (registers the rules for nnx's layers)
 from lora_jax import counting, peft_io
 from lora_jax.config import LoraConfig
-from lora_jax.factors import Layout, dropout, kernel_delta
+from lora_jax.factors import Layout, column_norm, dora_output, dropout, kernel_delta
 from lora_jax.inject import find_targets
 from lora_jax.inject import inject as core_inject
 from lora_jax.merge import merge as core_merge
 from lora_jax.nnx_rules import NnxRule
 from lora_jax.partition import trainable_mask
-from lora_jax.record import LoraRecord, check_config, factor_names, iter_records, target_path
+from lora_jax.record import (
+    LoraRecord,
+    check_config,
+    factor_names,
+    iter_records,
+    magnitude_name,
+    target_path,
+)
 from lora_jax.rules import NotAdaptable, Rule, rule_for
 from lora_jax.sharding import lora_specs
 from lora_jax.targets import iter_modules, with_leaves, without_leaves
@@ -275,21 +282,39 @@ def _check_reading(module: nnx.Module, rule: Rule, record: LoraRecord, weight: A
 
 def _lora_delta(module: nnx.Module, record: LoraRecord, out: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
+    """What the adapter adds to the layer's output `out`."""
     rule = rule_for(module)
     weight = getattr(module, record.weight)[...]
     _check_reading(module, rule, record, weight, args, kwargs)
     a_name, b_name = record.names
     a, b = getattr(module, a_name)[...], getattr(module, b_name)[...]
     x = rule.inputs(args, kwargs)
-    dtype = out.dtype
+    # float16's range is small enough for x @ A to overflow where the base output and the
+    # merged weight are finite: its delta is computed in float32 (as the linen frontend does).
+    dtype = jnp.float32 if out.dtype == jnp.float16 else out.dtype
+    key = None
     if rule.dropout:
         stream = getattr(module, _RNGS, None)
         training = record.dropout > 0 and stream is not None and \
             not getattr(module, "deterministic", False)
-        x = dropout(jnp.asarray(x, dtype), record.dropout, stream() if training else None)
+        key = stream() if training else None
+        x = dropout(jnp.asarray(x, dtype), record.dropout, key)
     # The scale goes on B ([r, out]): the cheapest place, and the same product.
     delta = rule.delta(module, x, a.astype(dtype), (b * record.scale).astype(dtype), args, kwargs)
-    return delta.astype(out.dtype)
+    if record.variant != "dora":
+        return delta.astype(out.dtype)
+    # DoRA: the magnitude over the norm of W + scale A B (per output feature, detached, formed
+    # without W + A B) rescales the layer's product; peft recomputes the base on the dropped
+    # input.
+    magnitude = getattr(module, magnitude_name(record.weight))[...]
+    inner = dataclasses.replace(record.layout, stacked=0)  # a stack's layer is sliced here
+    norm = jax.lax.stop_gradient(column_norm(weight, a, b, record.scale, inner))
+    if key is not None:
+        base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
+    else:
+        bias = getattr(module, "bias", None)
+        base = out if bias is None else out - bias[...]
+    return dora_output(base, delta, magnitude, norm).astype(out.dtype)
 
 
 @contextlib.contextmanager
@@ -402,9 +427,6 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array | i
 def _check_rules(model: nnx.Module, config: LoraConfig, tree: Mapping[str, Any],
                  found: Mapping[str, Layout]) -> None:
     """Refuse, before any work, targets of modules the NNX frontend cannot call with LoRA."""
-    if getattr(config, "use_dora", False):
-        raise ValueError("use_dora is not supported by the NNX frontend yet (the magnitude "
-                         "needs its own forward); use the linen frontend or plain LoRA")
     modules = _modules(model)
     for path, (site, _) in find_targets(tree, config, found).items():
         module = modules.get(site.path)
@@ -443,9 +465,6 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
         module = modules.get(rename.get(item.path, item.path))
         if module is None:
             raise ValueError(f"{item.target!r}: the model has no module at {item.path!r}")
-        if record.variant != "lora":
-            raise ValueError(f"{item.target!r}: variant {record.variant!r} is not supported by "
-                             "the NNX frontend yet")
         rule = rule_for(module)
         if not record.materialised and (rule is None or rule.weight_name(module) !=
                                         record.weight):
@@ -454,7 +473,7 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
                 f"{type(module).__name__} has no layer rule for that weight: register a Rule "
                 "for its class (lora_jax.register_rule), or adapt it through target_parameters"
             )
-        for name in (*getattr(record, "arrays", record.names), factor_names(record.weight)[2]):
+        for name in record.leaves:
             if name in vars(module):
                 raise ValueError(f"{item.target!r} already has an attribute {name!r}; inject "
                                  "once per module (merge first, or exclude it)")
@@ -465,7 +484,7 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
         weight = getattr(module, record.weight)
         added = list(getattr(module, "_lora_added", ()))
         specs = _factor_specs(item, weight)
-        for name in getattr(record, "arrays", record.names):
+        for name in record.arrays:
             setattr(module, name, _factor(item.module[name], weight, specs.get(name)))
             added.append(name)
         record_name = factor_names(record.weight)[2]
@@ -518,7 +537,7 @@ def _factor_specs(item: Any, weight: nnx.Variable) -> dict[str, Any]:
     if names is None:
         return {}
     record = item.record
-    arrays = getattr(record, "arrays", record.names)
+    arrays = record.arrays
     node = {record.weight: item.weight, factor_names(record.weight)[2]: record,
             **{name: item.module[name] for name in arrays}}
     specs = lora_specs(node, {record.weight: jax.sharding.PartitionSpec(*names)})

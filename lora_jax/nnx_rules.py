@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.factors import Layout, dense_delta, einsum_delta, embed_delta
+from lora_jax.factors import Layout, dense_delta, einsum_delta, embed_delta, project
 from lora_jax.rules import (
     NotAdaptable,
     Rule,
@@ -55,7 +55,8 @@ register_rule(NnxRule(
     weight_ndim=lambda module: 2,
     layout=lambda module, weight, args, kwargs: Layout("dense"),
     delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b,
-                                                            precision=module.precision)))
+                                                            precision=module.precision),
+    base=lambda module, x, w, args, kwargs: project(x, w, precision=module.precision)))
 
 
 # --- nnx.LinearGeneral: kernel [*batch, *in_features, *out_features]; like linen's DenseGeneral it
@@ -75,7 +76,9 @@ register_rule(NnxRule(
     + len(module.out_features),
     layout=_linear_general_layout,
     delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, axes(module.axis), precision=module.precision)))
+        x, a, b, axes(module.axis), precision=module.precision),
+    base=lambda module, x, w, args, kwargs: project(x, w, axes(module.axis),
+                                                    precision=module.precision)))
 
 
 # --- nnx.Conv ------------------------------------------------------------------------------------
@@ -85,22 +88,27 @@ _CONV_FIELDS = ("kernel_size", "strides", "padding", "input_dilation", "kernel_d
                 "preferred_element_type")
 
 
-def _conv_delta(module: nnx.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any) -> Any:
-    # A is a convolution with the base's window, strides, padding and dilations (nnx.Conv's own
-    # call on A as its kernel, no bias); B is a 1x1 convolution.
+def _conv(module: nnx.Conv, x: Any, kernel: Any) -> Any:
+    """nnx.Conv's own call with another kernel (same window, strides, padding, dilations), no
+    bias."""
     shim = types.SimpleNamespace(**{name: getattr(module, name) for name in _CONV_FIELDS},
-                                 in_features=a.shape[-2], out_features=a.shape[-1],
-                                 kernel=a, bias=None, use_bias=False, mask=None,
+                                 in_features=kernel.shape[-2], out_features=kernel.shape[-1],
+                                 kernel=kernel, bias=None, use_bias=False, mask=None,
                                  dtype=x.dtype)
-    low = nnx.Conv.__call__(shim, x)
-    return jnp.tensordot(low, b, axes=1, precision=module.precision)
+    return nnx.Conv.__call__(shim, x)
+
+
+def _conv_delta(module: nnx.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any) -> Any:
+    # A is a convolution with the base's window, strides, padding and dilations; B is 1x1.
+    return jnp.tensordot(_conv(module, x, a), b, axes=1, precision=module.precision)
 
 
 register_rule(NnxRule(
     names=(qualname(nnx.Conv),),
     weight_ndim=lambda module: len(module.kernel_size) + 2,
     layout=conv_layout,
-    delta=_conv_delta))
+    delta=_conv_delta,
+    base=lambda module, x, w, args, kwargs: _conv(module, x, w)))
 
 
 # --- nnx.Embed (the lookup; `attend`, a tied head, is left alone as in peft) ---------------------

@@ -77,39 +77,54 @@ class Frontend:
 
 
 FRONTENDS = ("linen", "nnx")
+# LoRA, DoRA (a magnitude per output feature; peft has no DoRA for einsum kernels) and the
+# initialisations that replace the base weight by a residual (PiSSA, OLoRA; not for embeddings).
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"},
+            "olora": {"init_lora_weights": "olora"}}
+UNSUPPORTED = {("dora", "einsum"), ("pissa", "embed"), ("olora", "embed")}
+CASES = [(kind, variant) for kind in KINDS for variant in ("lora", "dora")
+         if (variant, kind) not in UNSUPPORTED]
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_default_init_is_the_base_exactly(frontend, kind):
-    run = Frontend(frontend, kind, LoraConfig(r=2, lora_alpha=4, target_modules=["layer"]))
+@pytest.mark.parametrize("kind,variant", CASES)
+def test_default_init_is_the_base_exactly(frontend, kind, variant):
+    run = Frontend(frontend, kind, LoraConfig(r=2, lora_alpha=4, target_modules=["layer"],
+                                              **VARIANTS[variant]))
     np.testing.assert_array_equal(run.out, run.base_out)
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_adapted_equals_merged(frontend, kind):
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False)
+@pytest.mark.parametrize("kind,variant", CASES)
+def test_adapted_equals_merged(frontend, kind, variant):
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False,
+                        **VARIANTS[variant])
     run = Frontend(frontend, kind, config)
     assert not np.allclose(run.out, run.base_out, atol=1e-3)
     _close(run.out, run.merged_out)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_nnx_gets_the_factors_and_outputs_of_linen(kind):
-    """One core: the same weights, config and key give the same factors and records."""
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False)
-    linen, nnx_ = Frontend("linen", kind, config), Frontend("nnx", kind, config)
+@pytest.mark.parametrize("kind,variant", [(kind, variant) for kind in KINDS
+                                          for variant in VARIANTS
+                                          if (variant, kind) not in UNSUPPORTED])
+def test_nnx_gets_the_factors_and_outputs_of_linen(kind, variant):
+    """One core: the same weights, config and key give the same factors, magnitudes, residual
+    base weights and records, and the same outputs."""
+    fields = {"init_lora_weights": False, **VARIANTS[variant]}
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], **fields)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PiSSA / OLoRA: "replaced 1 base weights"
+        linen, nnx_ = Frontend("linen", kind, config), Frontend("nnx", kind, config)
     linen_layer, nnx_layer = linen.params["layer"], nnx_.params["layer"]
-    for name in linen_layer:
-        if name.startswith("lora"):
-            assert name in nnx_layer
-            if isinstance(linen_layer[name], lora_jax.LoraRecord):
-                mine, theirs = nnx_layer[name], linen_layer[name]
-                assert (mine.rank, mine.scale, mine.layout.order, mine.layout.n_in) == \
-                    (theirs.rank, theirs.scale, theirs.layout.order, theirs.layout.n_in)
-            else:
-                np.testing.assert_array_equal(nnx_layer[name], linen_layer[name])
+    assert nnx_layer.keys() == linen_layer.keys()
+    for name, theirs in linen_layer.items():
+        mine = nnx_layer[name]
+        if isinstance(theirs, lora_jax.LoraRecord):
+            assert (mine.rank, mine.scale, mine.variant, mine.layout.order, mine.layout.n_in) \
+                == (theirs.rank, theirs.scale, theirs.variant, theirs.layout.order,
+                    theirs.layout.n_in)
+        else:
+            np.testing.assert_array_equal(mine, theirs)
     _close(nnx_.out, linen.out)
 
 
@@ -208,9 +223,10 @@ def _loss(model):
     return (model(IDS) ** 2).mean()
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("scan", [False, True])
-def test_the_nnx_optimizer_trains_only_the_factors_under_jit(scan):
-    model, config, base = _lm(scan, init_lora_weights=False)
+def test_the_nnx_optimizer_trains_only_the_factors_under_jit(scan, variant):
+    model, config, base = _lm(scan, init_lora_weights=False, **VARIANTS[variant])
     before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
 
@@ -354,6 +370,25 @@ def test_dropout_follows_train_and_eval():
     assert not np.allclose(jitted(model), jitted(model))  # the stream advances under nnx.jit
     model.eval()
     np.testing.assert_array_equal(model(IDS), evaluated)
+
+
+def test_dora_with_dropout_recomputes_the_base_on_the_dropped_input():
+    """peft's DoRA under dropout: x W + (m/n - 1) (x' W) + (m/n) s (x' A) B, x' the dropped
+    input, n = ||W + s A B|| per output feature."""
+    model = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=".*", use_dora=True, lora_dropout=0.5,
+                        init_lora_weights=False)
+    lnnx.inject(model, config, nnx.Rngs(params=2, dropout=3))
+    key = nnx.clone(model.lora_rngs)()  # the key the next call draws
+    w, bias = model.kernel[...], model.bias[...]
+    a, b, m = model.lora_A[...], model.lora_B[...], model.lora_magnitude_vector[...]
+    dropped = lora_jax.factors.dropout(x, 0.5, key)
+    ratio = m / jnp.linalg.norm(w + 2.0 * a @ b, axis=0)
+    expected = x @ w + bias + (ratio - 1) * (dropped @ w) + ratio * 2.0 * ((dropped @ a) @ b)
+    _close(model(x), expected)
+    model.eval()
+    _close(model(x), lnnx.merge(model, config)(x))
 
 
 def test_dropout_in_a_scanned_stack():
@@ -602,17 +637,19 @@ def _nnx_model(arch, hf_model, scan):
 
 PEFT_CASES = [("gpt2", False, ["c_attn", "c_fc"]), ("llama", True, ["q_proj", "v_proj",
                                                                      "down_proj"])]
+DORA = [False, True]
 
 
+@pytest.mark.parametrize("dora", DORA)
 @pytest.mark.parametrize("arch,scan,targets", PEFT_CASES)
-def test_nnx_model_trained_here_loads_in_peft(arch, scan, targets, tmp_path):
+def test_nnx_model_trained_here_loads_in_peft(arch, scan, targets, dora, tmp_path):
     import peft
     from peft_checks import TOL, max_diff, peft_logits, torch_out
 
     model = _nnx_model(arch, _hf(arch), scan)
     hf_logits = torch_out(_hf(arch), {"input_ids": HF_IDS})
     assert max_diff(model(HF_IDS), hf_logits) <= TOL  # the NNX model is HF's
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
     lnnx.inject(model, config, nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
 
@@ -633,15 +670,16 @@ def test_nnx_model_trained_here_loads_in_peft(arch, scan, targets, tmp_path):
         <= TOL
 
 
+@pytest.mark.parametrize("dora", DORA)
 @pytest.mark.parametrize("arch,scan,targets", PEFT_CASES)
-def test_peft_adapter_loads_onto_the_nnx_model(arch, scan, targets, tmp_path):
+def test_peft_adapter_loads_onto_the_nnx_model(arch, scan, targets, dora, tmp_path):
     from peft_checks import TOL, max_diff, peft_adapter, peft_logits
 
     pm = peft_adapter(_hf(arch), str(tmp_path), r=4, lora_alpha=8, target_modules=targets,
-                      **({"fan_in_fan_out": True} if arch == "gpt2" else {}))
+                      use_dora=dora, **({"fan_in_fan_out": True} if arch == "gpt2" else {}))
     model = _nnx_model(arch, _hf(arch), scan)
     config = lnnx.load_peft(tmp_path, model, model_type=arch)
-    assert config.r == 4
+    assert config.r == 4 and config.use_dora == dora
     assert max_diff(model(HF_IDS), peft_logits(pm, {"input_ids": HF_IDS})) <= TOL
 
 
