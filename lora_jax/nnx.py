@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -43,6 +42,7 @@ from lora_jax.merge import merge as core_merge
 from lora_jax.nnx_rules import NnxRule
 from lora_jax.partition import trainable_mask
 from lora_jax.record import (
+    MATERIALISE,
     LoraRecord,
     check_config,
     factor_names,
@@ -640,33 +640,73 @@ def _linen_form(tree: Mapping[str, Any], lin: str = "", nnx_path: str = "",
     return out, paths
 
 
+def _as_linear_layout(layout: Layout, weight_name: str, ndim: int) -> Layout | None:
+    """The layout of a weight's PyTorch Linear form when peft's files see it flattened (an
+    einsum kernel [D, N, H] as [D, N*H], a `[out, in]` weight as [in, out], stacked axes
+    kept), or None when it is already a Linear kernel (or an embedding, conv, or has kept
+    axes: no Linear form)."""
+    if layout.rule == MATERIALISE or layout.kind not in ("dense", "einsum"):
+        return None
+    roles = layout.roles(ndim)
+    if "b" in roles or weight_name == "kernel" and roles[layout.stacked:] == "io":
+        return None
+    return Layout("dense", stacked=layout.stacked, rule=layout.rule, weight="kernel")
+
+
 def _as_linear(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """`tree` with each adapted weight of several input / output axes and no kept or stacked
-    ones (an einsum `BTD,DNH->BTNH` kernel [D, N, H]) replaced by the Linear of its row-major
-    flattening ([D, N*H], named `kernel`, factors `lora_A` [D, r] / `lora_B` [r, N*H]): how
-    PyTorch checkpoints store such projections (HF Llama's q_proj is [N*H, D]), and what peft's
-    files can name."""
+    """`tree` with each adapted weight of several input / output axes (an einsum `BTD,DNH->BTNH`
+    kernel [D, N, H]) replaced by the Linear of its row-major flattening ([D, N*H], named
+    `kernel`, factors `lora_A` [D, r] / `lora_B` [r, N*H], DoRA's magnitude [N*H]; stacked
+    layers keep their leading axes): how PyTorch checkpoints store such projections (HF
+    Llama's q_proj is [N*H, D]), and what peft's files can name."""
     updates: dict[str, dict[str, Any]] = {}
     drop: set[tuple[str, str]] = set()
     for item in iter_records(tree):
         record, weight = item.record, item.weight
-        roles = record.layout.roles(weight.ndim)
-        if record.materialised or record.weight in ("kernel", "embedding") and weight.ndim == 2 \
-                or record.layout.kind not in ("dense", "einsum") or set(roles) != {"i", "o"}:
+        layout = _as_linear_layout(record.layout, record.weight, weight.ndim)
+        if layout is None:
             continue
-        order = [i for i, r in enumerate(roles) if r == "i"] + \
-            [i for i, r in enumerate(roles) if r == "o"]
-        n_in = math.prod(weight.shape[i] for i, r in enumerate(roles) if r == "i")
-        a, b = item.factors
-        kernel = jnp.transpose(weight, order).reshape(n_in, -1)
-        layout = Layout("dense", rule=record.layout.rule, weight="kernel")
+        stack, _, _ = record.layout.split(weight.shape)
+        kernel = record.layout.to_canonical(weight)
         flat = dataclasses.replace(record, weight="kernel", layout=layout)
-        a_name, b_name, record_name = factor_names("kernel")
-        drop |= {(item.path, n) for n in (record.weight, *record.names,
-                                          factor_names(record.weight)[2])}
-        updates[item.path] = {"kernel": kernel, a_name: a.reshape(n_in, -1),
-                              b_name: b.reshape(b.shape[0], -1), record_name: flat}
+        leaves = {"kernel": kernel, flat.names[0]: item.factors[0].reshape(*kernel.shape[:-1], -1),
+                  flat.names[1]: item.factors[1].reshape(*stack, record.rank, -1),
+                  factor_names("kernel")[2]: flat}
+        if record.variant == "dora":
+            leaves[magnitude_name("kernel")] = item.magnitude.reshape(*stack, -1)
+        drop |= {(item.path, n) for n in (record.weight, *record.leaves)}
+        updates[item.path] = leaves
     return with_leaves(without_leaves(tree, drop), updates) if updates else dict(tree)
+
+
+def _from_linear(tree: Mapping[str, Any], base: Mapping[str, Any],
+                 flattened: Mapping[str, tuple[str, Layout]]) -> dict[str, Any]:
+    """The inverse of `_as_linear` on a tree loaded from peft: at each module path of
+    `flattened` ({path: (weight name, layout)}), the base's own weight back and the factors
+    (and magnitude) reshaped to the layout's axes, with the layout in the record."""
+    modules = dict(iter_modules(tree, leaves=None))
+    originals = dict(iter_modules(base, leaves=None))
+    updates: dict[str, dict[str, Any]] = {}
+    drop: set[tuple[str, str]] = set()
+    for path, (name, layout) in flattened.items():
+        node = modules[path]
+        weight = originals[path][name]
+        record = next((v for v in node.values() if isinstance(v, LoraRecord)), None)
+        drop.add((path, "kernel"))
+        updates[path] = {name: weight}
+        if record is None:
+            continue
+        stack, fan_in, fan_out = layout.split(weight.shape)
+        mine = dataclasses.replace(record, weight=name, layout=layout)
+        a, b = (node[n] for n in record.names)
+        updates[path].update({mine.names[0]: a.reshape(*stack, *fan_in, record.rank),
+                              mine.names[1]: b.reshape(*stack, record.rank, *fan_out),
+                              factor_names(name)[2]: mine})
+        if record.variant == "dora":
+            updates[path][magnitude_name(name)] = node[magnitude_name("kernel")].reshape(
+                *stack, *fan_out)
+        drop |= {(path, n) for n in record.leaves}
+    return with_leaves(without_leaves(tree, drop), updates)
 
 
 def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
@@ -678,11 +718,36 @@ def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
     peft_io.save_peft(path, _as_linear(_linen_form(params(model))[0]), config, *args, **kwargs)
 
 
-def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None,
-              **kwargs: Any) -> LoraConfig:
+def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None, *,
+              layouts: Mapping[str, Layout] | None = None, **kwargs: Any) -> LoraConfig:
     """Put a peft adapter onto `model` in place (`lora_jax.load_peft` + `adapt`); returns its
-    `LoraConfig`. Keyword arguments go to `lora_jax.load_peft` (`model_type`, `path_map`)."""
-    tree, rename = _linen_form(params(model))
-    tree, config = peft_io.load_peft(path, tree, **kwargs)
-    _adapt(model, tree, rngs, rename)
+    `LoraConfig`. A weight of several input / output axes (an einsum's [D, N, H]) or stored
+    `[out, in]` reads peft's 2-D factors as the Linear of its row-major flattening (what
+    `save_peft` writes) and gets factors of its own axes (A [D, r], B [r, N, H]). `layouts`
+    (`lora_jax.nnx.layouts(model, x)`) for rules that must see a call; other keyword arguments
+    go to `lora_jax.load_peft` (`model_type`, `stacks`, `path_map`)."""
+    tree = params(model)
+    found = {**_static_layouts(model, tree), **dict(layouts or {})}
+    linen, rename = _linen_form(tree)
+    to_linen = {v: k for k, v in rename.items()}
+    nodes = dict(iter_modules(linen, leaves=None))
+    flattened: dict[str, tuple[str, Layout]] = {}
+    flat_weights: dict[str, dict[str, Any]] = {}
+    for target, layout in found.items():
+        name = layout.weight or "kernel"
+        module_path = target[:-len(name) - 1] if target.endswith(f".{name}") else target
+        at = to_linen.get(module_path, module_path)
+        node = nodes.get(at)
+        if layout.error or node is None or name not in node or \
+                _as_linear_layout(layout, name, node[name].ndim) is None:
+            continue
+        if name != "kernel" and "kernel" in node:
+            raise ValueError(f"{module_path!r} holds both 'kernel' and the adapted {name!r}; "
+                             "peft's files name one weight per module")
+        flattened[at] = (name, layout)
+        flat_weights[at] = {"kernel": layout.to_canonical(node[name])}
+    flat = with_leaves(without_leaves(linen, {(p, n) for p, (n, _) in flattened.items()}),
+                       flat_weights)
+    loaded, config = peft_io.load_peft(path, flat, **kwargs)
+    _adapt(model, _from_linear(loaded, linen, flattened), rngs, rename)
     return config

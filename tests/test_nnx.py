@@ -683,32 +683,72 @@ def test_peft_adapter_loads_onto_the_nnx_model(arch, scan, targets, dora, tmp_pa
     assert max_diff(model(HF_IDS), peft_logits(pm, {"input_ids": HF_IDS})) <= TOL
 
 
-def test_an_einsum_projection_is_written_to_peft_as_its_flattened_linear(tmp_path):
-    """[D, N, H] (q) and [N, H, D] (o) kernels become PyTorch Linears [N*H, D] / [D, N*H]."""
-    from safetensors.numpy import load_file
+class Heads(nnx.Module):
+    """Projections whose kernels have several input or output axes: an einsum [D, N, H], a
+    LinearGeneral [D, N, H] and one [N, H, D] (PyTorch stores them as Linears [N*H, D] /
+    [D, N*H])."""
 
-    class Attn(nnx.Module):
-        def __init__(self, rngs):
-            self.q_proj = nnx.Einsum("btd,dnh->btnh", (D, 2, 4), rngs=rngs)
-            self.o_proj = nnx.Einsum("btnh,nhd->btd", (2, 4, D), rngs=rngs)
+    def __init__(self, rngs):
+        self.q = nnx.Einsum("btd,dnh->btnh", (D, 2, 4), rngs=rngs)
+        self.k = nnx.LinearGeneral(D, (2, 4), use_bias=False, rngs=rngs)
+        self.o = nnx.LinearGeneral((2, 4), D, axis=(-2, -1), use_bias=False, rngs=rngs)
 
-        def __call__(self, x):
-            return self.o_proj(self.q_proj(x))
+    def __call__(self, x):
+        return self.o(self.q(x) + self.k(x))
 
-    model = Attn(nnx.Rngs(0))
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+
+def _torch_heads(model):
+    """The PyTorch twin of `Heads`: Linears holding the row-major flattened kernels."""
+    import torch
+
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(D, 8, bias=False), torch.nn.Linear(D, 8, bias=False)
+            self.o = torch.nn.Linear(8, D, bias=False)
+
+        def forward(self, x):
+            return self.o(self.q(x) + self.k(x))
+
+    twin = Twin()
+    with torch.no_grad():
+        for name, n_in in (("q", D), ("k", D), ("o", 8)):
+            kernel = np.asarray(getattr(model, name).kernel[...]).reshape(n_in, -1)
+            getattr(twin, name).weight.copy_(torch.tensor(kernel.T))
+    return twin.eval()
+
+
+@pytest.mark.parametrize("dora", DORA)
+def test_multi_axis_kernels_read_and_write_peft_factors_as_their_flattened_linear(dora,
+                                                                                tmp_path):
+    import peft
+    import torch
+    from peft_checks import peft_adapter
+
+    # peft has no DoRA for einsum kernels: DoRA targets the LinearGenerals.
+    targets = ["k", "o"] if dora else ["q", "k", "o"]
+    x = np.random.RandomState(0).randn(2, 3, D).astype(np.float32)
+    torch_of = lambda m: m(torch.tensor(x)).detach().numpy()
+    # peft -> NNX: the 2-D factors land in the kernels' own axes
+    model = Heads(nnx.Rngs(0))
+    pm = peft_adapter(_torch_heads(model), str(tmp_path / "theirs"), r=2, lora_alpha=4,
+                      target_modules=targets, use_dora=dora)
+    config = lnnx.load_peft(tmp_path / "theirs", model, path_map=lambda p: p)
+    assert config.use_dora == dora
+    assert model.k.lora_A.shape == (D, 2) and model.k.lora_B.shape == (2, 2, 4)
+    assert model.o.lora_A.shape == (2, 4, 2) and model.o.lora_B.shape == (2, D)
+    if dora:
+        assert model.k.lora_magnitude_vector.shape == (2, 4)
+    else:
+        assert model.q.lora_B.shape == (2, 2, 4)
+    _close(model(x), torch_of(pm))
+    assert not np.allclose(model(x), torch_of(_torch_heads(model)), atol=1e-3)
+    # NNX -> peft: the files hold torch's Linear factors, peft's forward and merge agree
+    model = Heads(nnx.Rngs(1))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=dora,
                         init_lora_weights=False)
-    lnnx.inject(model, config, 0)
-    lnnx.save_peft(tmp_path, model, config, path_map=lambda p: f"self_attn.{p}")
-    tensors = load_file(tmp_path / "adapter_model.safetensors")
-    for name, layer, (n_in, n_out) in [("q_proj", model.q_proj, (D, 8)),
-                                       ("o_proj", model.o_proj, (8, D))]:
-        a = tensors[f"base_model.model.self_attn.{name}.lora_A.weight"]
-        b = tensors[f"base_model.model.self_attn.{name}.lora_B.weight"]
-        assert a.shape == (2, n_in) and b.shape == (n_out, 2)
-        # torch's delta W [out, in] = B A is the flattened kernel delta, transposed
-        delta = lora_jax.factors.kernel_delta(layer.lora_A[...], layer.lora_B[...],
-                                              layer.lora.get_value().layout,
-                                              layer.kernel.shape)
-        np.testing.assert_allclose(b @ a, np.asarray(delta).reshape(n_in, n_out).T, rtol=1e-5,
-                                   atol=1e-6)
+    lnnx.inject(model, config, 2)
+    lnnx.save_peft(tmp_path / "ours", model, config, path_map=lambda p: p)
+    pm = peft.PeftModel.from_pretrained(_torch_heads(model), tmp_path / "ours").eval()
+    _close(model(x), torch_of(pm))
+    _close(lnnx.merge(model, config)(x), torch_of(pm.merge_and_unload()))
