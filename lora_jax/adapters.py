@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -42,6 +44,7 @@ import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.factors import project
+from lora_jax.peft_io import load_peft, save_peft
 from lora_jax.record import (
     Adapted,
     LoraRecord,
@@ -391,3 +394,42 @@ def mixed_delta(rule: Rule, module: Any, x: jax.Array, a: jax.Array, b: jax.Arra
     delta = jax.lax.ragged_dot(low, zeros(scaled.reshape(k, r, -1)), sizes, precision=precision)
     delta = delta.reshape(n, tokens, -1)[jnp.argsort(order)]
     return delta.reshape(*x.shape[:-1], *out)
+
+
+# --- files: peft's multi-adapter folder layout ---------------------------------------------------
+
+def _folder_of(root: Path, name: str) -> Path:
+    # peft's save_pretrained: the adapter "default" at the root, every other in root/<name>.
+    return root if name == "default" else root / name
+
+
+def save_set(path: str | os.PathLike, aset: AdapterSet, **save_kwargs: Any) -> None:
+    """Write every adapter of the set as peft's `save_pretrained` lays out several adapters:
+    "default" in `path`, each other adapter in `path/<name>` (each a plain peft adapter, with
+    its own rank and scale). `save_kwargs` go to `lora_jax.save_peft` (e.g. model_type)."""
+    root = Path(path)
+    for name in aset.names:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"adapter name {name!r} cannot be a folder name")
+    for name in aset.names:
+        params, config = adapter(aset, name)
+        save_peft(_folder_of(root, name), params, config, **save_kwargs)
+
+
+def load_set(path: str | os.PathLike, params: Mapping[str, Any],
+             names: Sequence[str] | None = None, **load_kwargs: Any) -> AdapterSet:
+    """An `AdapterSet` over base `params` from a folder in peft's multi-adapter layout
+    (`save_set`, or peft's `save_pretrained` with several adapters). `names`: which adapters
+    (default: all found, "default" first). `load_kwargs` go to `lora_jax.load_peft`."""
+    root = Path(path)
+    found = (["default"] if (root / "adapter_config.json").is_file() else []) + sorted(
+        p.name for p in root.iterdir() if (p / "adapter_config.json").is_file()) \
+        if root.is_dir() else []
+    if not found:
+        raise ValueError(f"{os.fspath(root)!r} holds no peft adapter (no adapter_config.json "
+                         "in it or its subfolders)")
+    for name in names or ():
+        if name not in found:
+            raise ValueError(f"no adapter {name!r} in {os.fspath(root)!r}; found {found}")
+    return adapter_set({name: load_peft(_folder_of(root, name), params, **load_kwargs)
+                        for name in (names or found)})

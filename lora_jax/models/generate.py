@@ -144,9 +144,11 @@ def _next_token(logits: jax.Array, key: jax.Array | None, temperature: float,
 
 @partial(jax.jit, static_argnames=("apply_fn", "model", "max_new_tokens", "temperature", "top_k",
                                    "top_p", "eos_token_id", "pad_token_id"))
-def _generate(apply_fn, params, model, input_ids, attention_mask, key, *, max_new_tokens,
-              temperature, top_k, top_p, eos_token_id, pad_token_id):
+def _generate(apply_fn, params, model, input_ids, attention_mask, key, adapter_ids, *,
+              max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id):
     batch, length = input_ids.shape
+    # A set's per-sequence adapters (lora_jax.adapters): the same ids at every step.
+    extra = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
     cache = model.init_cache(batch, length + max_new_tokens)
     mask = jnp.concatenate(
         [attention_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
@@ -155,7 +157,7 @@ def _generate(apply_fn, params, model, input_ids, attention_mask, key, *, max_ne
     variables = {"params": params}
 
     logits, cache = apply_fn(variables, input_ids, attention_mask=mask,
-                             position_ids=positions[:, :length], cache=cache)
+                             position_ids=positions[:, :length], cache=cache, **extra)
     token = _next_token(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p)
     out = jnp.full((batch, max_new_tokens), pad_token_id, input_ids.dtype)
 
@@ -167,7 +169,7 @@ def _generate(apply_fn, params, model, input_ids, attention_mask, key, *, max_ne
             done = done | (token == eos_token_id)
         pos = jax.lax.dynamic_slice_in_dim(positions, length + i, 1, axis=1)
         logits, cache = apply_fn(variables, token[:, None], attention_mask=mask,
-                                 position_ids=pos, cache=cache)
+                                 position_ids=pos, cache=cache, **extra)
         nxt = _next_token(logits[:, -1], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
         return i + 1, nxt, done, cache, out
 
@@ -194,6 +196,7 @@ def generate(
     key: jax.Array | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Continue `input_ids` [B, T] by `max_new_tokens`; returns [B, T + max_new_tokens].
 
@@ -203,6 +206,8 @@ def generate(
     a batch of prompts and pass `attention_mask`. After `eos_token_id` a sequence is filled with
     `pad_token_id` (default: the EOS id, else 0); decoding stops once every sequence is done.
     Prefill and the decode loop run in one jitted function, compiled once per shape and setting.
+    With an adapter set (`lora_jax.adapters`) in `params`, `adapter_ids` [B] gives each
+    sequence its adapter (-1: the base alone).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -223,7 +228,7 @@ def generate(
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     return _generate(
         apply_fn, params, model, input_ids, jnp.asarray(attention_mask),
-        jax.random.key(0) if key is None else key,
+        jax.random.key(0) if key is None else key, adapter_ids,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
         top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
