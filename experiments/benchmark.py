@@ -11,6 +11,9 @@ Training (GPT-2, next-token loss, AdamW):
   loss with respect to the embedding output), which LoRA cannot beat;
 - PyTorch eager + peft (same config, same batch) when torch, transformers and peft are installed.
 Inference (forward logits): the adapter unmerged (`wrap`), merged (`lora_jax.merge`), the base.
+Adapter sets (scanned GPT-2): a mixed batch over 8 adapters (example n uses adapter n mod 8) per
+strategy against one adapter for the whole batch, and the compiled forward memory with 8 adapters
+against 1 (the bound 1 + 7 x adapter / base means the base is never copied per adapter).
 
     python experiments/benchmark.py --size cpu                 # a small GPT-2, float32
     python experiments/benchmark.py --size small --dtype bfloat16 --batch 16 --seq 1024  # GPU
@@ -194,6 +197,47 @@ def jax_inference(model: nn.Module, params: dict, config: lora_jax.LoraConfig, t
     return {"seconds": out, "max_abs_diff_merged_vs_unmerged": diff}
 
 
+def adapter_sets(config: gpt2.Config, ids: jax.Array, args: argparse.Namespace,
+                 k: int = 8) -> dict[str, Any]:
+    """A mixed batch (example n uses adapter n mod K) on a scanned GPT-2 for each strategy,
+    against one adapter for the whole batch (same batch, same rank); and the compiled memory
+    of the forward with K adapters against one (the base must not be copied per adapter)."""
+    from lora_jax import adapters
+
+    model = gpt2.build(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype),
+                       scan_layers=True)
+    base = model.init(jax.random.key(0), ids[:1, :8])["params"]
+    shapes = lora_jax.layouts(model, ids[:1, :8])
+    lora = lora_jax.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=list(TARGETS),
+                               init_lora_weights=False)
+    members = {f"a{i}": (lora_jax.inject(base, lora, jax.random.key(i), layouts=shapes), lora)
+               for i in range(k)}
+    full, one = adapters.adapter_set(members), adapters.adapter_set({"a0": members["a0"]})
+    batch_ids = jnp.arange(ids.shape[0], dtype=jnp.int32) % k
+    single = jax.jit(lambda p, x: lora_jax.wrap(model.apply, lora)({"params": p}, x))
+    fns = {"single adapter": lambda: single(members["a0"][0], ids)}
+    results: dict[str, Any] = {}
+    for strategy in adapters.STRATEGIES:
+        apply = lora_jax.wrap(model.apply, lora, strategy=strategy)
+        mixed = jax.jit(lambda p, x, i, apply=apply: apply({"params": p}, x, adapter_ids=i))
+        _, bytes_k = compile_with_bytes(mixed, full.params, ids, batch_ids)
+        _, bytes_1 = compile_with_bytes(mixed, one.params, ids, jnp.zeros_like(batch_ids))
+        fns[f"{strategy}, {k} adapters"] = lambda mixed=mixed: mixed(full.params, ids, batch_ids)
+        results[strategy] = {"bytes_k": bytes_k, "bytes_1": bytes_1}
+    seconds = timed(fns, args.iters)
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+    adapter_bytes = nbytes(lora_jax.split(members["a0"][0], lora)[0])
+    for strategy in adapters.STRATEGIES:
+        r = results[strategy]
+        r["forward_s"] = seconds[f"{strategy}, {k} adapters"]
+        r["forward / single adapter"] = r["forward_s"] / seconds["single adapter"]
+        if r["bytes_k"] is not None:
+            r["memory K / memory 1"] = r["bytes_k"] / r["bytes_1"]
+    return {"k": k, "single_adapter_s": seconds["single adapter"], "strategies": results,
+            "base_bytes": nbytes(base), "adapter_bytes": adapter_bytes,
+            "bound: 1 + (K-1) x adapter / base": 1 + (k - 1) * adapter_bytes / nbytes(base)}
+
+
 def torch_training(hf_config: dict, ids: np.ndarray, args: argparse.Namespace
                    ) -> dict[str, Any] | None:
     """PyTorch eager step times (full fine-tune and peft LoRA), or None without torch/peft."""
@@ -263,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     training, lora_config, trainable, frozen = jax_training(model, params, ids, args)
     inference = jax_inference(model, params, lora_config, trainable, frozen, ids, args)
+    sets = adapter_sets(config, ids, args)
     torch_results = None if args.no_torch else torch_training(hf_config, np.asarray(ids), args)
 
     inf = inference["seconds"]
@@ -279,6 +324,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "merged / base (inference)": inf["merged"] / inf["base"],
         "unmerged / base (inference)": inf["unmerged"] / inf["base"],
     }
+    for strategy, r in sets["strategies"].items():
+        ratios[f"mixed batch, {sets['k']} adapters, {strategy} / one adapter"] = \
+            r["forward / single adapter"]
+        if "memory K / memory 1" in r:
+            ratios[f"forward memory, {sets['k']} adapters / one ({strategy}; bound "
+                   f"{sets['bound: 1 + (K-1) x adapter / base']:.3f})"] = r["memory K / memory 1"]
     if torch_results:
         ratios["jax LoRA tokens/s / torch+peft LoRA tokens/s"] = (
             training["LoRA"]["tokens_per_s"] / torch_results["LoRA"]["tokens_per_s"])
@@ -311,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "r": args.r,
         "device": device.device_kind, "platform": device.platform,
         "host": platform.node(), "jax": jax.__version__,
-        "training": training, "inference": inference, "torch": torch_results, "ratios": ratios,
+        "training": training, "inference": inference, "adapter_sets": sets,
+        "torch": torch_results, "ratios": ratios,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
