@@ -11,7 +11,7 @@
 (2, 8)
 """
 
-from lora_jax import distributed, sharding
+from lora_jax import adapters, distributed, sharding
 from lora_jax.checkpoint import AdapterCheckpointer
 from lora_jax.config import LoraConfig
 from lora_jax.convert import to_plain_lora
@@ -35,6 +35,7 @@ __all__ = [
     "LoraConfig",
     "LoraRecord",
     "Rule",
+    "adapters",
     "combine",
     "count_parameters",
     "dequantize",
