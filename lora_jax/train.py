@@ -92,6 +92,12 @@ def make_step(forward: Forward, task: str, tx: optax.GradientTransformation
     Gradients are taken with respect to `trainable` only (frozen weights get none); `trainable`
     and `opt_state` are donated.
     """
+    return jax.jit(train_step(forward, task, tx), donate_argnums=(0, 2))
+
+
+def train_step(forward: Forward, task: str, tx: optax.GradientTransformation
+               ) -> Callable[..., tuple[Params, Any, jax.Array]]:
+    """`make_step`'s step before `jax.jit` (e.g. to `vmap` it over adapters: `lora_jax.sweep`)."""
 
     def step(trainable: Params, frozen: Params, opt_state: Any, batch: Batch, key: jax.Array
              ) -> tuple[Params, Any, jax.Array]:
@@ -102,7 +108,7 @@ def make_step(forward: Forward, task: str, tx: optax.GradientTransformation
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    return step
 
 
 @functools.lru_cache(maxsize=16)

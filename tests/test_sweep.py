@@ -1,0 +1,183 @@
+"""Sweeps (lora_jax.sweep): K adapters trained in one vmapped step on one frozen base.
+
+Oracles: each point trained alone with the single-adapter path (`lora_jax.train.make_step`,
+its own config, key and optimizer), and peft on PyTorch loading each saved adapter. Float32 on
+CPU: losses and trained factors within 1e-5 of the lone runs, logits within 1e-4 of peft's.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+import transformers
+
+import lora_jax
+from lora_jax import sweep as sweeps
+from lora_jax import train
+from lora_jax.models.loading import from_pretrained
+
+# Different seeds, learning rates, alphas, ranks (padded to 8) and weight decays.
+POINTS = [
+    {"seed": 0, "lr": 1e-2, "lora_alpha": 8, "r": 2, "weight_decay": 0.01},
+    {"seed": 1, "lr": 3e-2, "lora_alpha": 16, "r": 4, "weight_decay": 0.0},
+    {"seed": 2, "lr": 5e-3, "lora_alpha": 32, "r": 8, "weight_decay": 0.1},
+    {"seed": 3, "lr": 2e-2, "lora_alpha": 4, "r": 4, "weight_decay": 0.01},
+]
+STEPS, BATCH, SEQ = 3, 2, 12
+# Adam divides by sqrt(nu): a last-bit gradient difference of a near-zero gradient moves a
+# factor by up to ~1e-3 x lr, so the trained factors are compared at 1e-4, the losses at 1e-5.
+TOL, FACTOR_TOL, PEFT_TOL = 1e-5, 1e-4, 1e-4
+
+
+def adamw(lr, weight_decay):
+    return optax.adamw(lr, weight_decay=weight_decay)
+
+
+def batches(per_point: bool):
+    """Step i's batch: one for all points, or one per point ([K, ...])."""
+    rng = np.random.RandomState(0)
+    shape = (len(POINTS), BATCH, SEQ) if per_point else (BATCH, SEQ)
+    out = []
+    for _ in range(STEPS):
+        mask = np.ones(shape, np.int32)
+        mask[..., -3:] = rng.randint(0, 2, mask[..., -3:].shape)  # some padding
+        out.append({"input_ids": rng.randint(0, 500, shape).astype(np.int32),
+                    "attention_mask": mask})
+    return out
+
+
+def forward_of(apply):
+    def forward(params, batch, key):
+        rngs = None if key is None else {"dropout": key}
+        return apply({"params": params}, batch["input_ids"], batch["attention_mask"], rngs=rngs)
+
+    return forward
+
+
+def alone(model, base, config, point, layouts, data, per_point, k):
+    """Point k trained alone with the single-adapter path: (losses, trained params)."""
+    config = sweeps.point_config(config, point)
+    params = lora_jax.inject(base, config, jax.random.key(point["seed"]), layouts=layouts)
+    trainable, frozen = lora_jax.split(params, config)
+    tx = adamw(point["lr"], point["weight_decay"])
+    step = train.make_step(forward_of(lora_jax.wrap(model.apply, config)), "lm", tx)
+    state, losses = tx.init(trainable), []
+    for i, batch in enumerate(data):
+        batch = jax.tree.map(lambda x: x[k], batch) if per_point else batch
+        key = jax.random.fold_in(jax.random.key(point["seed"]), i)
+        trainable, state, loss = step(trainable, frozen, state, batch, key)
+        losses.append(float(loss))
+    return np.asarray(losses), lora_jax.combine(trainable, frozen)
+
+
+def factor_leaves(params):
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(params)
+            if "lora_A" in jax.tree_util.keystr(p) or "lora_B" in jax.tree_util.keystr(p)}
+
+
+@pytest.mark.parametrize("arch, scan, targets, per_point", [
+    ("gpt2", False, ("c_attn", "c_fc"), False),
+    ("llama", True, ("q_proj", "v_proj", "down_proj"), True),
+])
+def test_sweep_equals_each_point_alone_and_loads_in_peft(request, tmp_path, arch, scan, targets,
+                                                         per_point):
+    folder = request.getfixturevalue(f"tiny_{arch}")
+    model, base = from_pretrained(folder, scan_layers=scan)
+    example = (jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+    layouts = lora_jax.layouts(model, *example)
+    config = lora_jax.LoraConfig(target_modules=targets, lora_dropout=0.1)
+    data = batches(per_point)
+
+    sw = sweeps.sweep(base, config, POINTS, layouts=layouts)
+    a = next(v for p, v in factor_leaves(sw.trainable).items() if "lora_A" in p)
+    assert a.shape[0] == 4 and a.shape[-1] == 8  # K points, ranks padded to the largest
+    forward = forward_of(lora_jax.wrap(model.apply, sw.config))
+    step = sweeps.make_step(forward, "lm", adamw, batch_axis=0 if per_point else None)
+    state, trainable, losses = sweeps.init_state(sw, adamw), sw.trainable, []
+    for i, batch in enumerate(data):
+        trainable, state, loss = step(trainable, sw.scales, sw.frozen, state, batch,
+                                      sweeps.dropout_keys(sw, i))
+        losses.append(np.asarray(loss))
+    losses = np.stack(losses, axis=1)  # [K, steps]
+    trained = sweeps.unstack(sw, trainable)
+
+    for k, point in enumerate(POINTS):
+        want, want_params = alone(model, base, config, point, layouts, data, per_point, k)
+        assert np.abs(losses[k] - want).max() <= TOL, (k, losses[k], want)
+        params, point_config = trained[k]
+        assert point_config.r == point["r"] and point_config.lora_alpha == point["lora_alpha"]
+        ours, theirs = factor_leaves(params), factor_leaves(want_params)
+        assert ours.keys() == theirs.keys()
+        for name, value in theirs.items():  # true ranks, same trained values
+            assert ours[name].shape == value.shape, name
+            assert np.abs(ours[name] - value).max() <= FACTOR_TOL, (k, name)
+    assert len({round(float(x), 4) for x in losses[:, -1]}) == len(POINTS)  # points differ
+
+    # Each point saves as its own peft adapter, which peft loads: logits as our wrapped model's.
+    hf_class = transformers.AutoModelForCausalLM
+    ids = data[0]["input_ids"][0] if per_point else data[0]["input_ids"]
+    for k, (params, point_config) in enumerate(trained):
+        path = tmp_path / f"point{k}"
+        lora_jax.save_peft(path, params, point_config, model_type=arch, task_type="CAUSAL_LM")
+        pm = peft.PeftModel.from_pretrained(hf_class.from_pretrained(folder), path).eval()
+        with torch.no_grad():
+            theirs = pm(input_ids=torch.tensor(ids)).logits.numpy()
+        ours = lora_jax.wrap(model.apply, point_config)({"params": params}, ids,
+                                                         np.ones_like(ids))
+        assert np.abs(np.asarray(ours) - theirs).max() <= PEFT_TOL, k
+
+
+def test_compiled_step_holds_the_base_once(tiny_llama):
+    model, base = from_pretrained(tiny_llama, scan_layers=True)
+    layouts = lora_jax.layouts(model, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+    config = lora_jax.LoraConfig(target_modules=("q_proj", "v_proj"))
+    sw = sweeps.sweep(base, config, POINTS, layouts=layouts)
+    forward = forward_of(lora_jax.wrap(model.apply, sw.config))
+    step = sweeps.make_step(forward, "lm", adamw)
+    state, batch = sweeps.init_state(sw, adamw), batches(False)[0]
+    compiled = step.lower(sw.trainable, sw.scales, sw.frozen, state, batch,
+                          sweeps.dropout_keys(sw, 0)).compile()
+    size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
+    base_bytes = size(sw.frozen)
+    points_bytes = size((sw.trainable, sw.scales, state)) + size(batch) + 1024
+    arguments = compiled.memory_analysis().argument_size_in_bytes
+    assert base_bytes <= arguments <= base_bytes + points_bytes, (arguments, base_bytes)
+    assert arguments < 1.5 * base_bytes  # K x base would be 4x
+
+
+def dense_base():
+    return nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 6)))["params"]
+
+
+@pytest.mark.parametrize("points, message", [
+    ([], "the sweep is empty"),
+    ([{"seed": 0}, {"learning_rate": 1e-3}], "unknown sweep key 'learning_rate'"),
+    ([{"target_modules": ["x"]}], "only ['seed', 'lr', 'r', 'lora_alpha', 'weight_decay'] may "
+                                  "vary; run one sweep per target_modules"),
+    ([{"lora_dropout": 0.1}], "run one sweep per lora_dropout"),
+    ([{"lr": 1e-3}, {"seed": 1}], "sweep points [1] have no 'lr' while others do"),
+])
+def test_bad_sweeps(points, message):
+    config = lora_jax.LoraConfig(r=2, target_modules=".*")
+    with pytest.raises(ValueError) as err:
+        sweeps.sweep(dense_base(), config, points)
+    assert message in str(err.value)
+
+
+def test_stack_refuses_points_over_other_targets_or_bases():
+    base = {"a": dense_base(), "b": dense_base()}
+    one = lora_jax.LoraConfig(r=2, target_modules=["a"])
+    two = lora_jax.LoraConfig(r=2, target_modules=["a", "b"])
+    adapters = [(lora_jax.inject(base, c, jax.random.key(0)), c) for c in (one, two)]
+    with pytest.raises(ValueError, match=r"point 1 adapts other weights than point 0 "
+                                         r"\(\['b.kernel'\]\).*same target_modules"):
+        sweeps.stack(adapters)
+    other = {"a": dense_base(), "b": jax.tree.map(lambda x: x + 1, dense_base())}
+    adapters = [(lora_jax.inject(b, one, jax.random.key(0)), one) for b in (base, other)]
+    with pytest.raises(ValueError, match="point 1 changes the frozen 'b.bias'.*one base"):
+        sweeps.stack(adapters)
