@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a model with LoRA (or full / prompt / head)")
     ft.add_argument("--model", default="minilm",
                     help="minilm | smollm2 | an HF model folder | a .gguf file (default minilm)")
-    ft.add_argument("--task", choices=("classify", "lm"),
-                    help="default: classify for encoders, lm for causal LMs")
+    ft.add_argument("--task", choices=("classify", "lm", "seq2seq"),
+                    help="default: classify for encoders, lm for causal LMs, seq2seq for "
+                    "encoder-decoders (T5)")
     ft.add_argument("--data", default="bbc",
-                    help='bbc | a text file | a .jsonl file of {"text", "label"} (default bbc)')
+                    help='bbc | a text file | a .jsonl file of {"text", "label"} (seq2seq: of '
+                    '{"input", "target"}) (default bbc)')
     ft.add_argument("--method", choices=METHODS, default="lora")
     ft.add_argument("--r", type=_number(int, 1), default=8, help="LoRA rank (default 8)")
     ft.add_argument("--alpha", type=_number(float, 0, low_open=True), default=16.0,
@@ -85,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LoRA+: B factors (and 1-D trainables) learn RATIO x faster (e.g. 16)")
     ft.add_argument("--quantize", choices=("nf4", "int8"),
                     help="QLoRA: hold the frozen kernels as NF4 (4-bit) or int8")
-    ft.add_argument("--targets", help="comma-separated target_modules (default: the model's "
-                    "attention query/value projections)")
+    targets = ft.add_mutually_exclusive_group()
+    targets.add_argument("--targets", help="comma-separated target_modules (default: the "
+                         "model's attention query/value projections)")
+    targets.add_argument("--target-regex", metavar="REGEX",
+                         help="target_modules as one regex on whole module paths (peft's "
+                         r"fullmatch), e.g. 'encoder\..*SelfAttention\.(q|v)' for T5's "
+                         "encoder self-attention only")
     length = ft.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_number(int, 1), help="training steps")
     length.add_argument("--epochs", type=_number(float, 0, low_open=True),

@@ -6,6 +6,7 @@
 - a `.txt` file: unlabelled text for language modelling; documents are separated by blank lines.
 - a `.jsonl` file: one `{"text": ..., "label": ...}` object per line (labels may be strings or
   ints; classes are their sorted distinct values). `label` may be absent for language modelling.
+- for `seq2seq` (T5), a `.jsonl` file of `{"input": ..., "target": ...}` lines.
 
 >>> data = load_dataset("bbc")
 >>> data.classes
@@ -30,11 +31,13 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
 @dataclasses.dataclass(frozen=True)
 class TextDataset:
-    """Texts, integer labels (or None for unlabelled text) and the class names labels index."""
+    """Texts, integer labels (or None for unlabelled text) and the class names labels index;
+    for seq2seq, the target text of each input text."""
 
     texts: tuple[str, ...]
     labels: np.ndarray | None = None
     classes: tuple[str, ...] = ()
+    targets: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -43,7 +46,8 @@ class TextDataset:
         """The examples at `index`, in that order."""
         index = np.asarray(index, dtype=np.int64)
         return TextDataset(tuple(self.texts[i] for i in index),
-                           None if self.labels is None else self.labels[index], self.classes)
+                           None if self.labels is None else self.labels[index], self.classes,
+                           None if self.targets is None else tuple(self.targets[i] for i in index))
 
 
 def bbc_dir() -> Path:
@@ -83,10 +87,9 @@ def read_text(path: str | Path) -> TextDataset:
     return TextDataset(docs)
 
 
-def read_jsonl(path: str | Path) -> TextDataset:
-    """`{"text", "label"}` lines; every line must have a label, or none may. Labels are strings
-    or integers; the file must be UTF-8. Errors name the file and line."""
-    texts, raw_labels = [], []
+def _jsonl_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a UTF-8 jsonl file; errors name the file
+    and line."""
     for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
         try:
             line = raw.decode("utf-8")
@@ -96,9 +99,16 @@ def read_jsonl(path: str | Path) -> TextDataset:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> TextDataset:
+    """`{"text", "label"}` lines; every line must have a label, or none may. Labels are strings
+    or integers; the file must be UTF-8. Errors name the file and line."""
+    texts, raw_labels = [], []
+    for number, row in _jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
         label = row.get("label")
@@ -124,12 +134,43 @@ def read_jsonl(path: str | Path) -> TextDataset:
                        tuple(str(c) for c in classes))
 
 
+def read_pairs(path: str | Path) -> TextDataset:
+    """`{"input", "target"}` lines (seq2seq): the inputs as texts, the targets beside them.
+    Errors name the file and line.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "tags.jsonl"
+    >>> _ = path.write_text('{"input": "red running shoes", "target": "shoes, running"}')
+    >>> read_pairs(path).targets
+    ('shoes, running',)
+    """
+    inputs, targets = [], []
+    for number, row in _jsonl_rows(path):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
+                                                for k in ("input", "target")):
+            raise ValueError(f'{path}:{number}: expected an object with string "input" and '
+                             '"target" fields (--task seq2seq)')
+        inputs.append(row["input"])
+        targets.append(row["target"])
+    if not inputs:
+        raise ValueError(f"{path} holds no examples")
+    return TextDataset(tuple(inputs), targets=tuple(targets))
+
+
 def load_dataset(spec: str, task: str = "classify") -> TextDataset:
-    """`"bbc"`, a `.jsonl` file or a text file; for `task="classify"` it must have >= 2 classes."""
+    """`"bbc"`, a `.jsonl` file or a text file; for `task="classify"` it must have >= 2 classes,
+    for `task="seq2seq"` it is a jsonl file of `{"input", "target"}` lines."""
+    path = Path(spec)
+    if task == "seq2seq":
+        if path.suffix != ".jsonl":
+            raise ValueError(f'--data {spec!r}: --task seq2seq reads a .jsonl file of {{"input", '
+                             '"target"} lines')
+        if not path.is_file():
+            raise ValueError(f"--data {spec!r}: no such file")
+        return read_pairs(path)
     if spec == "bbc":
         data = load_bbc()
     else:
-        path = Path(spec)
         if not path.is_file():
             raise ValueError(f"--data {spec!r}: no such file (use 'bbc', a .txt or a .jsonl file)")
         data = read_jsonl(path) if path.suffix == ".jsonl" else read_text(path)
@@ -210,6 +251,28 @@ def lm_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int,
         raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of "
                          f"--seq-len {seq_len}")
     return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def seq2seq_arrays(tokenizer: Any, inputs: Sequence[str], targets: Sequence[str], seq_len: int,
+                   eos_id: int | None, decoder_start_id: int) -> dict[str, np.ndarray]:
+    """Encoder-decoder training arrays, int32 [N, seq_len]: `input_ids` / `attention_mask` as
+    `encode` gives them; `labels` the target's tokens (truncated to leave room for `eos_id`)
+    then `eos_id`, right-padded, with `label_mask` 1 on them; `decoder_input_ids` the labels
+    shifted right behind `decoder_start_id`, as T5 trains (teacher forcing)."""
+    ids, mask = encode(tokenizer, inputs, seq_len)
+    pad = pad_id(tokenizer)
+    tail = [] if eos_id is None else [eos_id]
+    labels = np.full((len(targets), seq_len), pad, np.int32)
+    label_mask = np.zeros((len(targets), seq_len), np.int32)
+    encodings = _copy(tokenizer).encode_batch(list(targets), add_special_tokens=False)
+    for row, enc in enumerate(encodings):
+        tokens = (enc.ids[: seq_len - len(tail)] + tail)[:seq_len]
+        labels[row, : len(tokens)] = tokens
+        label_mask[row, : len(tokens)] = 1
+    decoder_input_ids = np.concatenate(
+        [np.full((len(targets), 1), decoder_start_id, np.int32), labels[:, :-1]], axis=1)
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_input_ids,
+            "labels": labels, "label_mask": label_mask}
 
 
 def _copy(tokenizer: Any) -> Any:

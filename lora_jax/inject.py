@@ -42,6 +42,7 @@ from lora_jax.targets import (
     path_forms,
     pattern_value,
     peft_path,
+    projection_hint,
     saved_match,
     saved_name_match,
     stack_root,
@@ -202,8 +203,11 @@ def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
     close |= {n for w in wanted for n in names if set(n.split("_")) & set(w.split("_"))}
     close = sorted(close)
     field = "target_modules" if config.target_modules is not None else "target_parameters"
+    hint = projection_hint(wanted, names) if field == "target_modules" else None
     return ValueError(
-        f"{field}={spec!r} matched no module. Modules with weights: {paths[:40]}"
+        f"{field}={spec!r} matched no module"
+        + (f". {hint}" if hint else "")
+        + f". Module names here: {names}. Modules with weights: {paths[:40]}"
         + (" ..." if len(paths) > 40 else "")
         + (f". Closest names: {close}" if close else "")
     )

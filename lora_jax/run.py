@@ -200,20 +200,28 @@ def check_seq_len(loaded: Loaded, task: str, seq_len: int, prompt_tokens: int = 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """What the CLI needs to know of an architecture beyond the model itself."""
+    """What the CLI needs to know of an architecture beyond the model itself (read from its
+    module in `lora_jax.models`: `DEFAULT_TARGETS`, `WORD_EMBEDDINGS`, `CLASSIFIER`,
+    `DEFAULT_TASK`)."""
 
     targets: tuple[str, ...]  # default LoRA target_modules
     embed: str  # the word-embedding nn.Embed's path (for prompt-tuning)
     head: str | None  # the classification head's module name (trained in full)
-    task: str  # default task
+    task: str  # default task: classify, lm or seq2seq
+
+    @classmethod
+    def of(cls, model_type: str) -> Family:
+        """The family of an HF `model_type`; an unsupported one is a ValueError."""
+        from lora_jax.models import ARCHITECTURES, architecture
+
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"a {model_type!r} model: lora-jax supports {sorted(ARCHITECTURES)}")
+        arch = architecture(model_type)
+        return cls(tuple(arch.DEFAULT_TARGETS), arch.WORD_EMBEDDINGS, arch.CLASSIFIER,
+                   arch.DEFAULT_TASK)
 
 
-FAMILIES = {
-    "bert": Family(("query", "value"), "bert.embeddings.word_embeddings", "classifier",
-                   "classify"),
-    "llama": Family(("q_proj", "v_proj"), "model.embed_tokens", None, "lm"),
-    "gpt2": Family(("c_attn",), "transformer.wte", None, "lm"),
-}
+_KINDS = {"classify": "encoder", "lm": "causal LM", "seq2seq": "encoder-decoder"}
 
 
 @dataclasses.dataclass
@@ -228,7 +236,7 @@ class Loaded:
 
     @property
     def family(self) -> Family:
-        return FAMILIES[self.model_type]
+        return Family.of(self.model_type)
 
 
 def resolve_model(spec: str) -> Path:
@@ -256,16 +264,36 @@ def resolve_model(spec: str) -> Path:
                      ".gguf file")
 
 
-def default_task(path: Path) -> str:
-    """`classify` for encoders, `lm` for causal LMs (GGUF files are causal LMs)."""
-    if path.suffix == ".gguf":
-        return "lm"
+def model_task(spec: str, task: str | None) -> str:
+    """The task `task` asks of the model `spec`, checked against its architecture before any
+    weights are read: None is the architecture's default task, `base` the model as it is
+    (`classify` for an encoder, else its default)."""
+    path = resolve_model(spec)
+    model_type = "llama" if path.suffix == ".gguf" else _model_type(path)
+    family = Family.of(model_type)
+    if task is None:
+        return family.task
+    if task == "base":
+        return family.task if family.head is None else "classify"
+    if task == "classify" and family.head is None:
+        raise ValueError(f"--task classify needs an encoder with a classification head; "
+                         f"{spec!r} is a {model_type} {_KINDS[family.task]} (use --task "
+                         f"{family.task})")
+    if (task == "seq2seq") != (family.task == "seq2seq"):
+        raise ValueError(f"--task {task} does not apply to {spec!r}, a {model_type} "
+                         f"{_KINDS[family.task]}: use --task {family.task}")
+    return task
+
+
+def _model_type(path: Path) -> str:
+    """The model_type in the HF folder's config.json, if lora-jax supports it."""
     hf_config = read_json(path / "config.json")
     model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
-    if model_type not in FAMILIES:
-        raise ValueError(f"--model {str(path)!r} is a {model_type!r} model; lora-jax supports "
-                         f"{sorted(FAMILIES)}")
-    return FAMILIES[model_type].task
+    try:
+        Family.of(model_type)
+    except ValueError as err:
+        raise ValueError(f"--model {str(path)!r} is {err}") from None
+    return model_type
 
 
 def load_model(spec: str, task: str | None, num_labels: int | None = None, seed: int = 0
@@ -274,6 +302,7 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
     `classify`, an encoder without a head of `num_labels` outputs gets a new one (seeded);
     `base` loads the folder's model as it is."""
     path = resolve_model(spec)
+    resolved = model_task(spec, task)
     from lora_jax.models import loading
 
     if path.suffix == ".gguf":
@@ -282,23 +311,12 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
         module, params, tokenizer, _ = load_gguf(path)
         model_type = "llama"
     else:
-        task = task or default_task(path)
-        model_type = read_json(path / "config.json")["model_type"]
-        if model_type not in FAMILIES:
-            raise ValueError(f"--model {spec!r} is a {model_type!r} model; lora-jax supports "
-                             f"{sorted(FAMILIES)}")
+        model_type = _model_type(path)
         module, params = loading.from_pretrained(path)
-        if task == "classify":
+        if resolved == "classify" and task != "base":
             module, params = with_classifier(module, params, model_type, num_labels, seed)
         tokenizer = loading.load_tokenizer(path)
-    family = FAMILIES[model_type]
-    task = task or family.task
-    if task == "base":
-        task = family.task if family.head is None else "classify"
-    elif task == "classify" and family.head is None:
-        raise ValueError(f"--task classify needs an encoder with a classification head; "
-                         f"{spec!r} is a {model_type} causal LM (use --task lm)")
-    return Loaded(module, params, tokenizer, model_type, str(path)), task
+    return Loaded(module, params, tokenizer, model_type, str(path)), resolved
 
 
 def with_classifier(module: Any, params: dict[str, Any], model_type: str,
@@ -312,12 +330,13 @@ def with_classifier(module: Any, params: dict[str, Any], model_type: str,
 
     from lora_jax.models import architecture
 
-    if FAMILIES[model_type].head is None:
-        raise ValueError(f"--task classify needs an encoder; this is a {model_type} causal LM "
-                         "(use --task lm)")
+    family = Family.of(model_type)
+    if family.head is None:
+        raise ValueError(f"--task classify needs an encoder; this is a {model_type} "
+                         f"{_KINDS[family.task]} (use --task {family.task})")
     if num_labels is None:
         raise ValueError("--task classify needs labelled data")
-    head = FAMILIES[model_type].head
+    head = family.head
     if head in params and params[head]["kernel"].shape[-1] == num_labels:
         return module, params
     config = dc.replace(module.config, num_labels=num_labels)
@@ -350,11 +369,12 @@ class Setup:
 
 
 def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.05, targets: Sequence[str] | None = None,
+                 dropout: float = 0.05, targets: str | Sequence[str] | None = None,
                  prompt_tokens: int = 20, lr: float = 1e-3, steps: int = 100,
                  seed: int = 0, dora: bool = False, init: bool | str = True,
                  loraplus_ratio: float | None = None, quantize: str | None = None) -> Setup:
-    """Params, trainable selection, forward and optimizer of `method` on `loaded`."""
+    """Params, trainable selection, forward and optimizer of `method` on `loaded`. `targets`:
+    LoRA's target_modules (a list of names, or one regex string; None: the family's)."""
     import jax
     import optax
 
@@ -379,7 +399,8 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         params = lora_jax.quantize(params, quantize, modules_to_save=head)
     if method == "lora":
         config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                     target_modules=tuple(targets or family.targets),
+                                     target_modules=targets if isinstance(targets, str)
+                                     else tuple(targets or family.targets),
                                      modules_to_save=head or None, use_dora=dora,
                                      init_lora_weights=init)
         params = lora_jax.inject(params, config, key)
@@ -399,6 +420,9 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
             raise ValueError("--method head trains a classification head: use --task classify")
         config = lora_jax.LoraConfig(modules_to_save=head)
     elif method == "prompt":
+        if task == "seq2seq":
+            raise ValueError("--method prompt supports --task classify and lm, not seq2seq: use "
+                             "--method lora")
         table = prompt_tuning.embed_table(params, family.embed)
         params = {**params, "prompt": {"embedding": prompt_tuning.init_prompt(
             key, table, prompt_tokens)}}
@@ -410,6 +434,8 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     def forward(p: Mapping[str, Any], batch: Mapping[str, Any], dropout_key: Any) -> Any:
         rngs = None if dropout_key is None else {"dropout": dropout_key}
         args = (batch["input_ids"], batch["attention_mask"])
+        if task == "seq2seq":  # teacher forcing: the decoder reads the shifted targets
+            args += (batch["decoder_input_ids"],)
         if method != "prompt":
             return apply({"params": p}, *args, rngs=rngs)
         model_params = {k: v for k, v in p.items() if k != "prompt"}
@@ -432,17 +458,23 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
 
 
 DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 5e-5, "prompt": 3e-2}
+PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 # --- finetune ------------------------------------------------------------------------------------
 
 def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
                  seq_len: int, allow_empty: bool = False) -> dict[str, Any]:
-    """Model inputs of one split: padded examples (classify) or token blocks (lm)."""
+    """Model inputs of one split: padded examples (classify), token blocks (lm) or input /
+    target pairs (seq2seq; `labels` are then the target texts)."""
     import numpy as np
 
     from lora_jax import data
 
+    if task == "seq2seq":
+        start = getattr(loaded.module.config, "decoder_start_token_id", 0)
+        return data.seq2seq_arrays(loaded.tokenizer, texts, labels, seq_len,
+                                   _eos_id(loaded.tokenizer), start)
     if task == "classify":
         ids, mask = data.encode(loaded.tokenizer, texts, seq_len)
         return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels, np.int32)}
@@ -485,7 +517,7 @@ def finetune(args: argparse.Namespace) -> int:
     from lora_jax import data, train
     from lora_jax.checkpoint import AdapterCheckpointer
 
-    task = args.task or default_task(resolve_model(args.model))
+    task = model_task(args.model, args.task)
     dataset = data.load_dataset(args.data, task)
     loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed)
     check_seq_len(loaded, task, args.seq_len,
@@ -496,13 +528,16 @@ def finetune(args: argparse.Namespace) -> int:
     if len(parts[0]) == 0:
         raise ValueError(f"--data {args.data}: the training split is empty ({len(dataset)} "
                          "examples in all): give more data")
-    train_a, val_a, test_a = (encode_split(loaded, task, p.texts, p.labels, args.seq_len,
-                                           allow_empty=i > 0) for i, p in enumerate(parts))
+    train_a, val_a, test_a = (encode_split(loaded, task, p.texts,
+                                           p.targets if task == "seq2seq" else p.labels,
+                                           args.seq_len, allow_empty=i > 0)
+                              for i, p in enumerate(parts))
     n_train = len(train_a["input_ids"])
     steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // args.batch_size)))
     lr = args.lr or DEFAULT_LR[args.method]
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
-                         dropout=args.dropout, targets=_split_targets(args.targets),
+                         dropout=args.dropout,
+                         targets=args.target_regex or _split_targets(args.targets),
                          prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed,
                          dora=args.dora, init=True if args.init == "default" else args.init,
                          loraplus_ratio=args.loraplus_ratio,
@@ -539,7 +574,7 @@ def finetune(args: argparse.Namespace) -> int:
         write_json(out / "losses.json", so_far, indent=None)
 
     before = None
-    if task == "lm" and not start_step:
+    if task != "classify" and not start_step:
         before = train.evaluate(setup.forward, task, setup.params, test_a, args.batch_size)
     try:
         result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
@@ -661,7 +696,7 @@ def save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded: 
         from lora_jax.peft_io import save_peft
 
         save_peft(folder, params, setup.config, base_model_name_or_path=loaded.source,
-                  task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+                  task_type=PEFT_TASK_TYPES[task],
                   model_type=loaded.model_type, initial_params=setup.initial_params)
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -700,19 +735,21 @@ def plot_losses(losses: Sequence[float], path: Path, title: str) -> None:
 # --- generate and merge ---------------------------------------------------------------------------
 
 def generate(args: argparse.Namespace) -> int:
-    """`lora-jax generate`: continue a prompt with a causal LM, optionally with an adapter."""
+    """`lora-jax generate`: continue a prompt with a causal LM, or (an encoder-decoder such as
+    T5) decode from the prompt as the encoder's input; optionally with an adapter."""
     import jax
     import jax.numpy as jnp
 
     import lora_jax
     from lora_jax.models.generate import generate as run_generate
+    from lora_jax.models.generate import generate_seq2seq
 
     if args.adapter:
         check_adapter(Path(args.adapter))
-    loaded, task = load_model(args.model, "lm")
-    if loaded.family.head is not None:
-        raise ValueError(f"--model {args.model}: generate needs a causal LM, this is a "
-                         f"{loaded.model_type} encoder")
+    loaded, task = load_model(args.model, "base")
+    if task == "classify":
+        raise ValueError(f"--model {args.model}: generate needs a causal LM or an "
+                         f"encoder-decoder, this is a {loaded.model_type} encoder")
     params, apply = loaded.params, loaded.module.apply
     if args.adapter:
         from lora_jax.peft_io import load_peft
@@ -721,15 +758,25 @@ def generate(args: argparse.Namespace) -> int:
         apply = lora_jax.wrap(apply, config)
     from lora_jax.data import _copy as plain_tokenizer  # no padding: only the prompt's tokens
 
-    ids = plain_tokenizer(loaded.tokenizer).encode(args.prompt, add_special_tokens=False).ids
-    if not ids:
+    # A causal LM continues the prompt's own tokens; an encoder reads them as training did.
+    ids = plain_tokenizer(loaded.tokenizer).encode(
+        args.prompt, add_special_tokens=task == "seq2seq").ids
+    if not args.prompt.strip() or not ids:
         raise ValueError("--prompt is empty")
+    eos = _eos_id(loaded.tokenizer)
+    if task == "seq2seq":
+        out = generate_seq2seq(
+            apply, params, jnp.asarray([ids], jnp.int32), args.max_new_tokens,
+            decoder_start_token_id=getattr(loaded.module.config, "decoder_start_token_id", 0),
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            key=jax.random.key(args.seed), eos_token_id=eos)
+        print(loaded.tokenizer.decode([int(t) for t in out[0] if int(t) != eos]))
+        return 0
     limit = max_positions(loaded.module)
     if limit is not None and len(ids) + args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} after a {len(ids)}-token "
                          f"prompt exceeds the model's {limit} positions: use at most "
                          f"{max(limit - len(ids), 0)}")
-    eos = _eos_id(loaded.tokenizer)
     out = run_generate(apply, params, loaded.module, jnp.asarray([ids], jnp.int32),
                        args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, key=jax.random.key(args.seed), eos_token_id=eos)
@@ -745,7 +792,7 @@ def merge(args: argparse.Namespace) -> int:
     """`lora-jax merge`: base + adapter -> merged weights as HF-format safetensors, in a new
     folder `--out` (written as a temporary folder, then renamed: never over an input)."""
     import lora_jax
-    from lora_jax.models.loading import read_safetensors
+    from lora_jax.models.loading import read_safetensors, save_hf
     from lora_jax.peft_io import load_peft
 
     out = Path(args.out)
@@ -770,45 +817,10 @@ def merge(args: argparse.Namespace) -> int:
         loaded, _ = load_model(base, task, num_labels)
         params, config = load_peft(adapter, loaded.params, model_type=loaded.model_type)
         merged = lora_jax.merge(params, config, safe=True)
-        save_hf(tmp, merged, loaded)
+        source = Path(loaded.source)
+        save_hf(tmp, loaded.module, merged, tokenizer=loaded.tokenizer,
+                hf_config=read_json(source / "config.json") if source.is_dir() else None)
         if not _empty_or_absent(out):  # someone wrote there meanwhile: keep theirs
             raise ValueError(f"--out {out} was filled while merging: nothing replaced")
     print(f"wrote merged {loaded.model_type} weights to {out}/model.safetensors")
     return 0
-
-
-def save_hf(folder: Path, params: Mapping[str, Any], loaded: Loaded) -> None:
-    """Write `params` as an HF model folder: model.safetensors (PyTorch names and layouts),
-    config.json (the base's, with the class of `loaded.module`) and the tokenizer."""
-    import jax
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from lora_jax.models import architecture
-    from lora_jax.models.stacking import hf_name
-
-    arch = architecture(loaded.model_type)
-    transpose = not getattr(arch, "FAN_IN_FAN_OUT", False)  # GPT-2's Conv1D keeps [in, out]
-    tensors = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        flax_path = ".".join(str(k.key) for k in path)
-        value = np.asarray(leaf)
-        if flax_path.endswith(".kernel") and value.ndim == 2 and transpose:
-            value = value.T
-        tensors[hf_name(flax_path, arch.LAYER_STACKS)] = np.ascontiguousarray(value)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    source = Path(loaded.source)
-    if source.is_dir():
-        hf_config = json.loads((source / "config.json").read_text())
-    else:  # a GGUF file: the config the loader built (HF field names)
-        hf_config = {**dataclasses.asdict(loaded.module.config), "model_type": loaded.model_type}
-    class_name = type(loaded.module).__name__
-    if class_name in arch.HF_CLASSES:
-        hf_config["architectures"] = [class_name]
-    num_labels = getattr(loaded.module.config, "num_labels", None)
-    if class_name == "BertForSequenceClassification" and num_labels:
-        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-    loaded.tokenizer.save(str(folder / "tokenizer.json"))

@@ -79,6 +79,50 @@ def matches(spec: str | Sequence[str], path: str) -> bool:
     return any(form == name or form.endswith("." + name) for form in forms for name in spec)
 
 
+# The attention projections' module names in common architectures, by role: a target that names
+# a role in one architecture's spelling is matched to this model's names for it (peft's docs give
+# Llama's q_proj / v_proj; BLOOM and GPT-2 fuse q, k and v in one module).
+PROJECTION_NAMES = {
+    "query": ("q", "q_proj", "query", "wq", "q_lin", "query_proj"),
+    "key": ("k", "k_proj", "key", "wk", "k_lin", "key_proj"),
+    "value": ("v", "v_proj", "value", "wv", "v_lin", "value_proj"),
+    "qkv": ("c_attn", "query_key_value", "qkv", "qkv_proj", "wqkv", "in_proj", "w_pack"),
+}
+
+
+def projection_hint(wanted: Sequence[str], names: Iterable[str]) -> str | None:
+    """What to target instead, when `wanted` names attention projections in another
+    architecture's spelling than the model's module `names` use; None if it does not.
+
+    >>> projection_hint(["q_proj", "v_proj"], ["dense", "query_key_value"])
+    "q_proj, v_proj are query / value projections: this model fuses q, k and v in one module; \
+use target_modules=['query_key_value']"
+    >>> projection_hint(["query_key_value"], ["c_attn", "c_proj"])
+    "query_key_value is a fused q/k/v projection: this model's name is c_attn; use \
+target_modules=['c_attn']"
+    """
+    role_of = {n: role for role, spellings in PROJECTION_NAMES.items() for n in spellings}
+    present = {role: sorted(n for n in names if role_of.get(n.lower()) == role)
+               for role in PROJECTION_NAMES}
+    asked = [w for w in wanted if w.lower() in role_of]
+    roles = list(dict.fromkeys(role_of[w.lower()] for w in asked))
+    if not roles:
+        return None
+    fused = bool(present["qkv"]) and any(r != "qkv" and not present[r] for r in roles)
+    suggest: list[str] = list(present["qkv"]) if fused else []
+    for role in roles:
+        parts = ("query", "key", "value") if role == "qkv" and not present["qkv"] else (role,)
+        suggest += [n for part in parts for n in present[part] if n not in suggest]
+    if not suggest:
+        return None
+    how = ("this model fuses q, k and v in one module" if fused
+           else f"this model's name{'s are' if len(suggest) > 1 else ' is'} "
+           f"{', '.join(suggest)}")
+    what = " / ".join("fused q/k/v" if r == "qkv" else r for r in roles)
+    return (f"{', '.join(asked)} {'are' if len(asked) > 1 else 'is a'} {what} "
+            f"projection{'s' if len(asked) > 1 else ''}: {how}; use target_modules={suggest}")
+
+
 def layer_index(path: str, layers_pattern: str | Sequence[str] | None) -> int | None:
     """The layer index in `path`, read as peft reads it from the module name: the first number
     after `layers_pattern` (a regex, or any of a list), or without a pattern the first number

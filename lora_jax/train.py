@@ -65,8 +65,9 @@ def _all_finite(tree: Any) -> bool:
 
 
 def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Per-example (`classify`, logits [B, C]) or per-next-token (`lm`, logits [B, T, V])
-    cross-entropies and their weights (the attention mask for `lm`)."""
+    """Per-example (`classify`, logits [B, C]), per-next-token (`lm`, logits [B, T, V]) or
+    per-target-token (`seq2seq`: decoder logits [B, T, V] against `labels`) cross-entropies and
+    their weights (the attention mask for `lm`, `label_mask` for `seq2seq`)."""
     logits = logits.astype(jnp.float32)
     if task == "classify":
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
@@ -75,12 +76,15 @@ def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1], batch["input_ids"][:, 1:])
         return losses, batch["attention_mask"][:, 1:].astype(jnp.float32)
-    raise ValueError(f"unknown task {task!r}: use 'classify' or 'lm'")
+    if task == "seq2seq":
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return losses, batch["label_mask"].astype(jnp.float32)
+    raise ValueError(f"unknown task {task!r}: use 'classify', 'lm' or 'seq2seq'")
 
 
 def task_loss(task: str, logits: jax.Array, batch: Batch) -> jax.Array:
-    """Mean cross-entropy: over examples (`classify`) or over next tokens where the attention
-    mask is 1 (`lm`)."""
+    """Mean cross-entropy: over examples (`classify`), over next tokens where the attention
+    mask is 1 (`lm`) or over target tokens (`seq2seq`)."""
     losses, weights = _losses(task, logits, batch)
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
@@ -132,7 +136,7 @@ def _eval_sums(forward: Forward, task: str) -> Callable[..., tuple[jax.Array, ..
 
 def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
              batch_size: int) -> dict[str, float]:
-    """Loss and accuracy (`classify`) or loss and perplexity (`lm`) over all of `arrays`.
+    """Loss and accuracy (`classify`) or loss and perplexity (`lm`, `seq2seq`) over all of `arrays`.
     An empty split gives None for every measure (and 0 examples / tokens), never a number."""
     n = len(arrays["input_ids"])
     if n == 0:

@@ -48,3 +48,36 @@ def tiny_llama(tmp_path_factory):
                                       num_key_value_heads=2, max_position_embeddings=64,
                                       tie_word_embeddings=True)
     return _hf_folder(tmp_path_factory, "tiny_llama", transformers.LlamaForCausalLM(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4,
+                                     n_positions=64, bos_token_id=101, eos_token_id=102)
+    return _hf_folder(tmp_path_factory, "tiny_gpt2", transformers.GPT2LMHeadModel(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=30522, hidden_size=32, n_layer=2, n_head=4)
+    return _hf_folder(tmp_path_factory, "tiny_bloom", transformers.BloomForCausalLM(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    return _hf_folder(tmp_path_factory, "tiny_t5",
+                      transformers.T5ForConditionalGeneration(config))

@@ -3,6 +3,7 @@
     from lora_jax.models import from_pretrained, load_tokenizer
     module, params = from_pretrained("path/to/hf_folder")   # config.json + safetensors
     module, params = from_torch(hf_model)                     # a transformers PyTorch model
+    save_hf("out/", module, params)                           # and back to an HF folder
 
 The architecture modules (`lora_jax.models.bert`, `.t5`, ...) are imported on first access.
 """
@@ -10,10 +11,11 @@ The architecture modules (`lora_jax.models.bert`, `.t5`, ...) are imported on fi
 import importlib
 from types import ModuleType
 
-from lora_jax.models.loading import from_pretrained, from_torch, load_tokenizer
+from lora_jax.models.loading import from_pretrained, from_torch, load_tokenizer, save_hf
 from lora_jax.models.registry import ARCHITECTURES, architecture
 
-__all__ = ["ARCHITECTURES", "architecture", "from_pretrained", "from_torch", "load_tokenizer"]
+__all__ = ["ARCHITECTURES", "architecture", "from_pretrained", "from_torch", "load_tokenizer",
+           "save_hf"]
 
 
 def __getattr__(name: str) -> ModuleType:

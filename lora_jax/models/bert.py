@@ -36,6 +36,11 @@ from lora_jax.models.stacking import (
 )
 
 HF_CLASSES = ("BertModel", "BertForSequenceClassification")
+# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
+DEFAULT_TARGETS = ("query", "value")
+WORD_EMBEDDINGS = "bert.embeddings.word_embeddings"
+CLASSIFIER = "classifier"
+DEFAULT_TASK = "classify"
 TASKS = {"BertModel": "base", "BertForSequenceClassification": "classify"}
 LAYER_STACKS = ("encoder.layer", "bert.encoder.layer")
 

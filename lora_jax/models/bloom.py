@@ -37,6 +37,11 @@ from lora_jax.models.stacking import (
 )
 
 HF_CLASSES = ("BloomForCausalLM",)
+# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
+DEFAULT_TARGETS = ("query_key_value",)
+WORD_EMBEDDINGS = "transformer.word_embeddings"
+CLASSIFIER = None
+DEFAULT_TASK = "lm"
 LAYER_STACKS = ("transformer.h",)
 
 

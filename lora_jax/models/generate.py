@@ -1,4 +1,5 @@
-"""KV-cache decoding and `generate` for the causal LMs (GPT-2, Llama, BLOOM).
+"""KV-cache decoding and `generate` for the causal LMs (GPT-2, Llama, BLOOM); `generate_seq2seq`
+for the encoder-decoder (T5).
 
 The cache is an explicit argument: a causal LM's `__call__(input_ids, attention_mask=None,
 position_ids=None, cache=None)` returns logits, or `(logits, new_cache)` when given a `KVCache`
@@ -182,6 +183,20 @@ def _generate(apply_fn, params, model, input_ids, attention_mask, key, adapter_i
     return jnp.concatenate([input_ids, out], axis=1)
 
 
+def _check_sampling(max_new_tokens: int, temperature: float, key: jax.Array | None,
+                    top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(0)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
 def generate(
     apply_fn: Callable[..., Any],
     params: Any,
@@ -209,16 +224,7 @@ def generate(
     With an adapter set (`lora_jax.adapters`) in `params`, `adapter_ids` [B] gives each
     sequence its adapter (-1: the base alone).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0 or temperature == float("inf"):  # NaN fails the comparison
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if temperature > 0 and key is None:
-        raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(0)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    _check_sampling(max_new_tokens, temperature, key, top_k, top_p)
     if not hasattr(model, "init_cache"):
         raise ValueError(f"{type(model).__name__} has no KV cache (init_cache): not a causal LM")
     input_ids = jnp.asarray(input_ids)
@@ -232,3 +238,74 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
         top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
+
+
+# --- encoder-decoder (T5) -------------------------------------------------------------------------
+
+@partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "temperature", "top_k", "top_p",
+                                   "eos_token_id", "pad_token_id", "decoder_start_token_id"))
+def _generate_seq2seq(apply_fn, params, input_ids, attention_mask, key, *, max_new_tokens,
+                      temperature, top_k, top_p, eos_token_id, pad_token_id,
+                      decoder_start_token_id):
+    variables = {"params": params}
+    encoded = apply_fn(variables, input_ids, attention_mask, method="encode")
+    batch = input_ids.shape[0]
+    # The decoder reads a fixed buffer (one compiled shape); causal attention keeps the unfilled
+    # slots after position i out of position i's logits.
+    tokens = jnp.full((batch, max_new_tokens + 1), pad_token_id, input_ids.dtype)
+    tokens = tokens.at[:, 0].set(decoder_start_token_id)
+
+    def body(state):
+        i, done, tokens = state
+        logits = apply_fn(variables, tokens[:, :-1], encoded, attention_mask, method="decode")
+        logits = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
+        token = _next_token(logits, jax.random.fold_in(key, i), temperature, top_k, top_p)
+        token = jnp.where(done, pad_token_id, token).astype(tokens.dtype)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i + 1))
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        return i + 1, done, tokens
+
+    def cond(state):
+        i, done, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    *_, tokens = jax.lax.while_loop(cond, body, (0, jnp.zeros((batch,), bool), tokens))
+    return tokens[:, 1:]
+
+
+def generate_seq2seq(
+    apply_fn: Callable[..., Any],
+    params: Any,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    attention_mask: jax.Array | None = None,
+    decoder_start_token_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    key: jax.Array | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> jax.Array:
+    """The decoder's output [B, max_new_tokens] for encoder inputs `input_ids` [B, S] of an
+    encoder-decoder with `encode(input_ids, attention_mask)` and `decode(decoder_input_ids,
+    encoder_hidden, attention_mask)` methods (T5): the encoder runs once, then the decoder
+    starts from `decoder_start_token_id`. Sampling and `eos_token_id` / `pad_token_id` as in
+    `generate`. Each step recomputes the decoder over a fixed buffer (no KV cache): meant for
+    short outputs (tags, titles).
+
+        tags = generate_seq2seq(lora_jax.wrap(model.apply, config), params, ids, 16)
+    """
+    _check_sampling(max_new_tokens, temperature, key, top_k, top_p)
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    return _generate_seq2seq(
+        apply_fn, params, input_ids, jnp.asarray(attention_mask),
+        jax.random.key(0) if key is None else key, max_new_tokens=max_new_tokens,
+        temperature=float(temperature), top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id)

@@ -40,6 +40,11 @@ from lora_jax.models.stacking import (
 )
 
 HF_CLASSES = ("GPT2LMHeadModel",)
+# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
+DEFAULT_TARGETS = ("c_attn",)
+WORD_EMBEDDINGS = "transformer.wte"
+CLASSIFIER = None
+DEFAULT_TASK = "lm"
 LAYER_STACKS = ("transformer.h",)
 FAN_IN_FAN_OUT = True  # HF's Conv1D stores its weights [in, out]
 # `lora_jax.sharding.match_specs` rules for the scanned model (leading None: the layer axis) on

@@ -40,6 +40,11 @@ from lora_jax.models.stacking import (
 )
 
 HF_CLASSES = ("LlamaForCausalLM",)
+# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+WORD_EMBEDDINGS = "model.embed_tokens"
+CLASSIFIER = None
+DEFAULT_TASK = "lm"
 LAYER_STACKS = ("model.layers",)
 # `lora_jax.sharding.match_specs` rules for the scanned model (leading None: the layer axis) on
 # a mesh with "fsdp" and "tensor" axes: Megatron-style tensor parallelism (column-parallel in,

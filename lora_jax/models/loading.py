@@ -1,6 +1,8 @@
-"""Load HF models into lora_jax's reference models: from PyTorch modules or from model folders.
+"""Load HF models into lora_jax's reference models: from PyTorch modules or from model folders;
+and write them back.
 
 `from_torch(hf_model)` converts a live transformers model (PyTorch is imported only there);
+`save_hf(path, module, params)` writes an HF model folder (the inverse of `from_pretrained`);
 `from_pretrained(path)` reads an HF model folder (`config.json` plus `model.safetensors` or a
 sharded `model.safetensors.index.json`) with the `safetensors` package, no PyTorch. Both dispatch
 through `lora_jax.models.registry` on the config's `model_type` and the HF class name
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.registry import architecture
+from lora_jax.models.registry import ARCHITECTURES, architecture
 
 Params = dict[str, Any]
 
@@ -144,6 +146,58 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32,
                       param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def save_hf(path: str | os.PathLike, module: nn.Module, params: Params, *,
+            hf_config: Mapping[str, Any] | None = None, tokenizer: Any = None) -> None:
+    """Write `(module, params)` as an HF model folder, the inverse of `from_pretrained`:
+    `model.safetensors` under PyTorch's names and layouts (Linear weights `[out, in]`, GPT-2's
+    Conv1D `[in, out]`), `config.json` and, if given, the `tokenizers.Tokenizer` as
+    tokenizer.json. transformers' `from_pretrained` reads the folder as the class of `module`.
+
+    `hf_config` is the config.json to write (e.g. the base model's; default: the module's
+    config fields); `architectures` is set to the module's class, and a classifier gets labels.
+    `module` must be unscanned (`scan_layers=False`).
+
+        module, params = from_pretrained(folder)
+        save_hf(out, module, lora_jax.merge(params), hf_config=json.load(open(config_file)))
+    """
+    import dataclasses
+
+    from safetensors.numpy import save_file
+
+    from lora_jax.models.stacking import hf_name
+
+    class_name = type(module).__name__
+    model_type = next((t for t in ARCHITECTURES if class_name in architecture(t).HF_CLASSES),
+                      None)
+    if model_type is None:
+        raise ValueError(f"save_hf writes the HF classes lora_jax mirrors, not {class_name}")
+    if getattr(module, "scan_layers", False):
+        raise ValueError("save_hf needs unscanned params: load the model with scan_layers=False")
+    arch = architecture(model_type)
+    transpose = not getattr(arch, "FAN_IN_FAN_OUT", False)  # GPT-2's Conv1D keeps [in, out]
+    tensors = {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flax_path = ".".join(str(k.key) for k in keys)
+        value = np.asarray(leaf)
+        if flax_path.endswith(".kernel") and value.ndim == 2 and transpose:
+            value = value.T
+        tensors[hf_name(flax_path, arch.LAYER_STACKS)] = np.ascontiguousarray(value)
+    config = dict(hf_config) if hf_config is not None else {
+        **dataclasses.asdict(module.config), "model_type": model_type}
+    config["architectures"] = [class_name]
+    num_labels = getattr(module.config, "num_labels", None)
+    if class_name.endswith("ForSequenceClassification") and num_labels:
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(path, "tokenizer.json"))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

@@ -17,6 +17,10 @@ loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model cod
 - optional `FAN_IN_FAN_OUT` (default False): True when the PyTorch checkpoints store the
   projection weights [in, out] (GPT-2's Conv1D), so they are not transposed to torch's
   [out, in]; peft interop writes it as `fan_in_fan_out`.
+- `DEFAULT_TARGETS`, `WORD_EMBEDDINGS`, `CLASSIFIER`, `DEFAULT_TASK`: what `lora-jax finetune`
+  needs: peft's default `target_modules` for the architecture, the path of the word-embedding
+  table (prompt-tuning), the classification head's module name, trained in full (None: not a
+  classifier), and the default task (`classify`, `lm` or `seq2seq`).
 """
 
 import importlib

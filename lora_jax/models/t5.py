@@ -46,6 +46,11 @@ from lora_jax.models.stacking import (
 from lora_jax.targets import register_path_alias
 
 HF_CLASSES = ("T5ForConditionalGeneration",)
+# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
+DEFAULT_TARGETS = ("q", "v")
+WORD_EMBEDDINGS = "shared"
+CLASSIFIER = None
+DEFAULT_TASK = "seq2seq"
 LAYER_STACKS = ("encoder.block", "encoder.block.layer", "decoder.block", "decoder.block.layer")
 _STACKS = ("encoder", "decoder")
 _BIAS_PATH = ("block_0", "layer_0", "SelfAttention", "relative_attention_bias")
@@ -76,6 +81,7 @@ class Config:
     feed_forward_proj: str = "relu"
     tie_word_embeddings: bool = True
     scale_decoder_outputs: bool | None = None
+    decoder_start_token_id: int = 0  # the decoder's first input (T5: the pad token)
 
     @property
     def is_gated(self) -> bool:
