@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the interrupted run in DIR with its saved settings (only "
                     "--steps / --epochs / --save-every / --no-progress may differ)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.add_argument("--frontend", choices=("linen", "nnx"), default="linen",
+                    help="train the flax.linen model (default) or its Flax NNX twin (GPT-2, "
+                    "Llama; --method lora); the adapter files are the same")
 
     gen = sub.add_parser("generate", help="generate text with a causal LM (and an adapter)")
     gen.add_argument("--model", default="smollm2")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -51,6 +52,7 @@ from lora_jax.record import (
     target_path,
 )
 from lora_jax.rules import NotAdaptable, Rule, rule_for
+from lora_jax.saved import originals
 from lora_jax.sharding import lora_specs
 from lora_jax.targets import iter_modules, with_leaves, without_leaves
 
@@ -58,6 +60,7 @@ __all__ = [
     "LoraRecordVar",
     "adapt",
     "count_parameters",
+    "functional",
     "inject",
     "layouts",
     "load_peft",
@@ -479,6 +482,12 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
                                  "once per module (merge first, or exclude it)")
         owners[id(item)] = module
     _replace_changed(modules, tree, rename)
+    if originals(tree):
+        warnings.warn(
+            f"modules_to_save holds the embedding table(s) {sorted(originals(tree))}: the NNX "
+            "frontend trains each table in place, so a tied head (Embed.attend) follows it; "
+            "peft and lora_jax's linen frontend keep a tied head on the original table",
+            stacklevel=3)
     for item in records:
         record, module = item.record, owners[id(item)]
         weight = getattr(module, record.weight)
@@ -606,6 +615,51 @@ def trainable(model: nnx.Module, config: LoraConfig) -> Callable[[tuple[Any, ...
 
     visit(trainable_mask(tree, config), ())
     return lambda path, value: tuple(str(k) for k in path) in chosen
+
+
+def functional(model: nnx.Module) -> Callable[..., Any]:
+    """`apply(tree, *args, dropout_key=None, **kwargs)`: `model(*args, **kwargs)` with the
+    parameters of `tree` (a `params(model)` dict, e.g. `lora_jax.combine(trainable, frozen)`
+    inside `jax.grad`), as a pure function: `model` itself is never changed. With a
+    `dropout_key` the call runs in train mode and LoRA dropout draws from that key (as linen's
+    `rngs={"dropout": key}`); without one it runs in eval mode.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> model = inject(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), LoraConfig(r=2, target_modules=".*"),
+    ...                nnx.Rngs(1))
+    >>> apply, tree = functional(model), params(model)
+    >>> bool(jnp.array_equal(apply(tree, jnp.ones((1, 3))), model(jnp.ones((1, 3)))))
+    True
+    """
+    graphdef, template, rest = nnx.split(model, nnx.Any(nnx.Param, LoraRecordVar), ...)
+
+    def reseed(path: tuple[Any, ...], leaf: Any, key: jax.Array) -> Any:
+        """The LoRA dropout streams (one per adapted module; per layer of a stack) restarted
+        from `key` folded with the stream's path."""
+        names = [str(getattr(k, "key", k)) for k in path]
+        if _RNGS not in names[:-1] or names[-1] not in ("key", "count"):
+            return leaf
+        if names[-1] == "count":
+            return jnp.zeros_like(leaf)
+        for name in names[:-1]:
+            key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        return jax.random.split(key, leaf.shape) if leaf.shape else key
+
+    def apply(tree: Mapping[str, Any], *args: Any, dropout_key: jax.Array | None = None,
+              **kwargs: Any) -> Any:
+        state = jax.tree.map(lambda leaf: leaf, template)  # a new State to fill
+        nnx.replace_by_pure_dict(state, tree)
+        others = rest if dropout_key is None else jax.tree_util.tree_map_with_path(
+            lambda path, leaf: reseed(path, leaf, dropout_key), rest)
+        copy = nnx.merge(graphdef, state, others)
+        if dropout_key is None:
+            copy.eval()
+        else:
+            copy.train()
+        return copy(*args, **kwargs)
+
+    return apply
 
 
 def count_parameters(model: nnx.Module, config: LoraConfig) -> tuple[int, int]:

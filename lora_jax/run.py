@@ -542,6 +542,10 @@ def finetune(args: argparse.Namespace) -> int:
                          dora=args.dora, init=True if args.init == "default" else args.init,
                          loraplus_ratio=args.loraplus_ratio,
                          quantize=args.quantize)
+    if getattr(args, "frontend", "linen") == "nnx":  # the same setup, the NNX model's forward
+        from lora_jax.nnx_run import on_nnx
+
+        setup = on_nnx(setup, loaded, task, args.method, args.quantize)
     write_json(out / "run_config.json", _run_config(args, out))
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
     print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
