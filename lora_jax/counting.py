@@ -29,7 +29,8 @@ def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int
     """(trainable, total) parameter counts; total includes the factors, as peft counts.
 
     One difference from peft: for `modules_to_save` peft keeps a frozen original beside the
-    trained copy and counts both; lora_jax trains the module in place and counts it once.
+    trained copy and counts both; lora_jax trains the module in place and counts it once (but
+    an embedding table's frozen original, kept for a tied head, counts as in peft).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import inject

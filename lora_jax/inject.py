@@ -32,6 +32,7 @@ from lora_jax.record import (
     target_path,
 )
 from lora_jax.rules import rule_named
+from lora_jax.saved import keep_originals
 from lora_jax.targets import (
     PATH_ALIASES,
     iter_modules,
@@ -559,4 +560,4 @@ def inject(
             "weights by their residual W - scale * A B (the adapted model starts equal to the "
             "base). Keep the original params: save_peft(..., initial_params=...) converts the "
             "adapter to a plain LoRA of the untouched base", stacklevel=2)
-    return with_leaves(params, new_leaves)
+    return keep_originals(with_leaves(params, new_leaves), config)

@@ -36,6 +36,7 @@ from lora_jax.record import (
     target_path,
 )
 from lora_jax.rules import NotAdaptable, Rule, rule_for
+from lora_jax.saved import is_original, original_name
 from lora_jax.targets import iter_modules, join_path, unbox, with_leaves
 
 # Measured in experiments/benchmark.py (mixed-batch rows).
@@ -83,11 +84,28 @@ def _check_no_orphans(module: nn.Module, path: str) -> None:
             )
 
 
+def _original_head(module: nn.Module, args: tuple[Any, ...],
+                   kwargs: Mapping[str, Any]) -> Any:
+    """A tied head (`attend`) of a table in modules_to_save: computed from the frozen original,
+    as peft's head reads the original table (`lora_jax.saved`); None without an original."""
+    rule = rule_for(module)
+    weight = None if rule is None else rule.weight_name(module)
+    if weight is None or not module.has_variable("params", original_name(weight)):
+        return None
+    params = {k: v for k, v in module.variables["params"].items() if not is_original(k)}
+    params[weight] = module.get_variable("params", original_name(weight))
+    return module.clone(parent=None).apply({"params": params}, *args, method="attend", **kwargs)
+
+
 def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any]:
     """The interceptor of one wrapped call; `ids`: per-example adapter slots of a set."""
 
     def intercept(next_fun: Callable[..., Any], args: tuple[Any, ...],
                   kwargs: dict[str, Any], context: Any) -> Any:
+        if context.method_name == "attend" and context.module.scope is not None:
+            head = _original_head(context.module, args, kwargs)
+            if head is not None:
+                return head
         out = next_fun(*args, **kwargs)
         module = context.module
         if module.scope is None or context.method_name not in ("__call__", "attend"):

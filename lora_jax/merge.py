@@ -12,6 +12,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.factors import column_norm, kernel_delta, per_column
 from lora_jax.quantization import dequantize
 from lora_jax.record import check_config, records
+from lora_jax.saved import drop_originals
 from lora_jax.targets import unbox, with_leaves, without_leaves
 
 
@@ -26,7 +27,9 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
     export. `safe=True` raises if a merged weight holds NaN or inf (checked on the host, so
     not under `jit`). An adapted embedding that the model also uses as a tied output head
     (`Embed.attend`) changes the head too once merged, though not in the wrapped forward (peft
-    behaves the same; `wrap` warns when it sees this).
+    behaves the same; `wrap` warns when it sees this). Likewise a table in `modules_to_save`:
+    merged params hold the trained table only, so a head tied to it follows it, while the
+    wrapped forward's head reads the original (`lora_jax.saved`).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import inject
@@ -58,4 +61,4 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
         boxed = weight.replace_boxed(merged) if hasattr(weight, "replace_boxed") else merged
         updates.setdefault(item.path, {})[record.weight] = boxed
     drop = {(item.path, name) for item in found for name in item.record.leaves}
-    return dequantize(with_leaves(without_leaves(params, drop), updates))
+    return dequantize(drop_originals(with_leaves(without_leaves(params, drop), updates)))

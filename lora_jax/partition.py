@@ -12,6 +12,7 @@ from typing import Any
 
 from lora_jax.config import LoraConfig
 from lora_jax.record import LoraRecord, is_factor
+from lora_jax.saved import is_original
 from lora_jax.targets import saved_name_match
 
 Tree = Mapping[str, Any]
@@ -24,8 +25,8 @@ def has_factors(module: Tree) -> bool:
 
 def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
     """A tree of bools: True for the factors, for biases per `config.bias`, and for every leaf
-    of a module in `config.modules_to_save` (peft's rule: the module's name ends with an entry);
-    records are always frozen."""
+    of a module in `config.modules_to_save` (peft's rule: the module's name ends with an entry)
+    but a saved table's frozen original (`lora_jax.saved`); records are always frozen."""
 
     def visit(node: Tree, path: str, saved: bool) -> dict[str, Any]:
         adapted = has_factors(node)
@@ -37,7 +38,7 @@ def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
                 out[key] = visit(value, child, keep)
             else:
                 out[key] = not isinstance(value, LoraRecord) and (
-                    saved
+                    (saved and not is_original(key))
                     or is_factor(key)
                     or (key == "bias" and (config.bias == "all"
                                            or (config.bias == "lora_only" and adapted)))

@@ -48,6 +48,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import find_targets
 from lora_jax.record import LoraRecord, factor_names, is_factor, magnitude_name
+from lora_jax.saved import is_original, keep_originals
 from lora_jax.targets import (
     PATH_ALIASES,
     hf_module_parts,
@@ -229,36 +230,25 @@ def _architecture(model_type: str | None) -> Architecture | None:
     return _ARCHITECTURES[model_type]()
 
 
-def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str) -> None:
-    """Warn when an adapted module is one that peft's model never calls (see Architecture)."""
+def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str,
+                 index: Mapping[str, _Slot] | None = None,
+                 modules_to_save: Sequence[str] | None = None) -> None:
+    """Warn when an adapted module, or a module in modules_to_save, is one that peft's model
+    never calls (see Architecture)."""
     arch = _architecture(model_type)
-    for path in sorted(set(adapted) & set(arch.peft_unused if arch else ())):
+    unused = set(arch.peft_unused if arch else ())
+    for path in sorted(set(adapted) & unused):
         warnings.warn(
             f"{what}: {path!r} is adapted, but peft with transformers 5 never applies an adapter "
             f"on it ({arch.peft_unused[path]}): peft's logits stay the base model's. lora_jax "
             "applies it to the lookups, as a LoRA on this module is meant to", stacklevel=3)
-
-
-# Architectures whose output head is the embedding table when the params have no `lm_head`.
-_TIED_WHEN_NO_HEAD = ("gpt2", "bloom", "llama", "t5")
-
-
-def _warn_tied_saved(model_type: str | None, index: Mapping[str, _Slot],
-                     modules_to_save: Sequence[str] | None, what: str) -> None:
-    """Warn when modules_to_save holds an embedding table of a model without a separate
-    `lm_head` (a tied head): lora_jax trains the one table, so the head follows it; peft 0.21
-    trains a copy for the lookups and keeps the head on the original table."""
-    if not modules_to_save or model_type not in _TIED_WHEN_NO_HEAD or any(
-            p == "lm_head" or p.endswith(".lm_head") for p in index):
-        return
-    tables = sorted(p for p, s in index.items() if "embedding" in s.node
-                    and _saved_root(p, modules_to_save) is not None)
-    if tables:
+    saved = {p for p in index or {} if _saved_root(p, modules_to_save) is not None}
+    for path in sorted(saved & unused):
         warnings.warn(
-            f"{what}: modules_to_save holds the embedding table(s) {tables} of a model with no "
-            "separate lm_head; if the head is tied to the table, lora_jax's head uses the trained "
-            "table (one table, as peft's ensure_weight_tying documents), while peft 0.21 keeps "
-            "its head on the original table, so the logits differ in the head", stacklevel=3)
+            f"{what}: {path!r} is in modules_to_save, but peft with transformers 5 never calls its "
+            f"trained copy ({arch.peft_unused[path]}): peft's logits stay the base model's. "
+            "lora_jax's lookups use the trained table (its tied head keeps the original, as in "
+            "peft)", stacklevel=3)
 
 
 def _resolve_stacks(model_type: str | None, stacks: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -485,7 +475,7 @@ def save_peft(
                                    else alpha)
         root = _saved_root(torch_path, saved_modules)
         for name, value in _leaves(node).items():
-            if is_factor(name):
+            if is_factor(name) or is_original(name):
                 continue
             value = value if slot.layer is None else value[slot.layer]
             if root is not None:
@@ -507,8 +497,7 @@ def save_peft(
                          f"{unmapped}")
     if not adapted:
         raise ValueError("save_peft: the params hold no LoRA factors (was inject applied?)")
-    _warn_unused(model_type, list(adapted), "save_peft")
-    _warn_tied_saved(model_type, index, saved_modules, "save_peft")
+    _warn_unused(model_type, list(adapted), "save_peft", index, saved_modules)
     tree, layouts = _shape_tree(index)
     torch_config = _agreeing(config, tree, layouts, adapted, for_peft=True)
     if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
@@ -730,8 +719,7 @@ def load_peft(
         if any(is_factor(n) for n in slot.node):
             raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
                              "the base params (or merge first)")
-    _warn_unused(model_type, list(factors), where)
-    _warn_tied_saved(model_type, index, config.modules_to_save, where)
+    _warn_unused(model_type, list(factors), where, index, config.modules_to_save)
     new_params, adapted = _build(params, index, updates, config, dtype, where, layouts)
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
     flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",
@@ -742,7 +730,7 @@ def load_peft(
     saved = _saved_modules(config.modules_to_save, {s.flax_path: p for p, s in index.items()})
     if tuple(saved or ()) != tuple(config.modules_to_save or ()):
         result = LoraConfig.from_dict({**result.to_dict(), "modules_to_save": saved})
-    return new_params, result
+    return keep_originals(new_params, result, base=params), result
 
 
 def _weight_name(node: Mapping[str, Any]) -> str:

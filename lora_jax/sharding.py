@@ -34,6 +34,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import inject
 from lora_jax.record import LoraRecord, factor_names, iter_records, magnitude_name
+from lora_jax.saved import drop_originals, keep_originals, table_of
 from lora_jax.targets import with_leaves, without_leaves
 
 Rules = Sequence[tuple[str, Any]]
@@ -148,6 +149,8 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
                 out[key] = value
             elif (*keys, key) in factor_specs:
                 out[key] = factor_specs[(*keys, key)]
+            elif table_of(key) is not None:  # a saved table's original: sharded as the table
+                out[key] = base_spec((*keys, table_of(key)), value, strict=False)
             else:
                 out[key] = base_spec((*keys, key), value, strict=False)
         return out
@@ -222,9 +225,9 @@ def shard_inject(
                   out_shardings=factors(shardings))(key)
     records = {item.path: {factor_names(item.record.weight)[2]: item.record}
                for item in iter_records(abstract)}
-    placed = jax.tree.map(jax.device_put, plain, without_leaves(shardings, {
-        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves}))
-    return with_leaves(with_leaves(placed, new), records)
+    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
+        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
+    return keep_originals(with_leaves(with_leaves(placed, new), records), config)
 
 
 def opt_state_specs(opt_state: Any, trainable_specs: Any) -> Any:

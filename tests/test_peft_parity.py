@@ -106,30 +106,70 @@ def test_class_07_t5_shared_follows_the_docs_and_warns(tmp_path):
         lora_jax.save_peft(tmp_path / "ours", params, config, model_type="t5")
 
 
-def test_class_08_modules_to_save_on_a_tied_embedding_warns(tmp_path):
-    """peft 0.21 trains a copy of a tied table for the lookups and keeps its head on the
-    original (even with ensure_weight_tying=True); lora_jax trains the one table, so its head
-    follows (ensure_weight_tying's documented meaning). Left as a documented disagreement in
-    the head's logits: targets, counts and the files agree, and both sides warn."""
-    fields = {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte"]}
-    result = compare("gpt2", fields, False, str(tmp_path))
+@pytest.mark.parametrize("name, fields, hf_kwargs, scan", [
+    ("gpt2", {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte"]}, None, False),
+    ("gpt2", {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["wte"]}, None, True),
+    ("bloom", {"r": 4, "target_modules": ["dense"], "modules_to_save": ["word_embeddings"]},
+     None, False),
+    ("llama", {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]},
+     {"tied": True}, True),
+])
+def test_class_08_modules_to_save_on_a_tied_embedding_keeps_the_head_on_the_original(
+        tmp_path, name, fields, hf_kwargs, scan):
+    """peft trains a copy of a saved table for the lookups and keeps a tied head on the
+    original; lora_jax keeps the original beside the trained table (`embedding_original`,
+    frozen) and its tied head reads it: logits, files and merge agree with peft."""
+    result = _agree(name, fields, scan, tmp_path, hf_kwargs=hf_kwargs)
+    assert result.checks["import_logits"] <= 1e-4 and result.checks["export_logits"] <= 1e-4
+    arch = ARCHS[name]
+    hf = arch.hf(**(hf_kwargs or {}))
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    model = arch.module.build(config_hf)
+    base = arch.module.params_from_hf(state_dict(hf), config_hf)
+    config = lora_jax.LoraConfig(**fields)
+    params = lora_jax.inject(base, config, jax.random.key(0))
+    table = fields["modules_to_save"][0]
+    module = next(m for p, m in _modules(params) if p.endswith(table))
+    trainable, frozen = lora_jax.split(params, config)
+    assert next(m for p, m in _modules(frozen) if p.endswith(table))["embedding"] is None
+    assert next(m for p, m in _modules(trainable) if p.endswith(table))[
+        "embedding_original"] is None  # the original is frozen
+    # A trained table: the wrapped head reads the original, merged params hold one table.
+    changed = jax.tree.map(lambda x: x, params)
+    target = next(m for p, m in _modules(changed) if p.endswith(table))
+    target["embedding"] = module["embedding"] + jax.random.normal(
+        jax.random.key(1), module["embedding"].shape)
+    apply = lora_jax.wrap(model.apply, config)
+    ids = arch.inputs["input_ids"]
+    ours = np.asarray(apply({"params": changed}, input_ids=ids))
+    merged = np.asarray(model.apply({"params": lora_jax.merge(changed, config)}, input_ids=ids))
+    assert np.abs(ours - merged).max() > 1e-2  # merged: one table, the head follows it
+    assert "embedding_original" not in next(
+        m for p, m in _modules(lora_jax.merge(changed, config)) if p.endswith(table))
+
+
+def _modules(params):
+    from lora_jax.targets import iter_modules
+
+    return list(iter_modules(params))
+
+
+def test_class_08_t5_shared_in_modules_to_save_follows_the_docs_and_warns(tmp_path):
+    """T5's `shared`: peft with transformers 5 never calls the trained copy (lookups go
+    through encoder/decoder.embed_tokens), like class 7; lora_jax's lookups use it, and
+    save/load warn."""
+    fields = {"r": 4, "target_modules": ["q"], "modules_to_save": ["shared"]}
+    result = compare("t5", fields, False, str(tmp_path))
     assert result.peft_targets == result.our_targets
     assert {d.split(":")[0] for d in result.disagreements} <= {"import logits", "export logits"}
-    arch = ARCHS["gpt2"]
+    arch = ARCHS["t5"]
     hf = arch.hf()
     config_hf = arch.module.config_from_hf(hf.config.to_dict())
     base = arch.module.params_from_hf(state_dict(hf), config_hf)
-    with pytest.warns(UserWarning, match="keeps its head on the original table"):
-        params, config = lora_jax.load_peft(tmp_path / "peft", base, model_type="gpt2")
-    assert np.abs(params["transformer"]["wte"]["embedding"]
-                  - base["transformer"]["wte"]["embedding"]).max() > 0.1
-    with pytest.warns(UserWarning, match="keeps its head on the original table"):
-        lora_jax.save_peft(tmp_path / "ours", params, config, model_type="gpt2")
-    # Untied (Llama with its own lm_head): no warning, and everything agrees.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        _agree("llama", {"r": 4, "target_modules": ["q_proj"],
-                         "modules_to_save": ["embed_tokens"]}, False, tmp_path / "llama")
+    with pytest.warns(UserWarning, match="never calls its trained copy"):
+        params, config = lora_jax.load_peft(tmp_path / "peft", base, model_type="t5")
+    with pytest.warns(UserWarning, match="never calls its trained copy"):
+        lora_jax.save_peft(tmp_path / "ours", params, config, model_type="t5")
 
 
 def test_class_09_scanned_stacks_per_layer_exclusions_patterns_and_targets(tmp_path):
@@ -248,3 +288,21 @@ def test_t5_float32_rounding_judged_by_float64(tmp_path):
     _logits_diff(check, "import", (exact + 1e-3 * np.abs(exact).max()).astype(np.float32),
                  pm, arch)
     assert check.disagreements and check.checks["import_logits_float64"] > TOL
+
+
+def test_class_08_nnx_warns_that_its_tied_head_follows_the_table():
+    from flax import nnx
+
+    import lora_jax.nnx as lnnx
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(11, 4, rngs=rngs)
+            self.proj = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.embed.attend(self.proj(self.embed(ids)))
+
+    config = lora_jax.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["embed"])
+    with pytest.warns(UserWarning, match="NNX frontend trains each table in place"):
+        lnnx.inject(Tied(nnx.Rngs(0)), config, nnx.Rngs(1))

@@ -120,6 +120,23 @@ def test_specs_and_actual_shardings_dense_densegeneral_embed_scan():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_saved_tables_original_is_sharded_as_the_table():
+    # modules_to_save on an embedding keeps the frozen original beside the trained table
+    # (lora_jax.saved): it gets the table's spec, and shard_inject places it.
+    _, ids, params, layouts = tiny()
+    mesh = mesh222()
+    specs = match_specs(params, TINY_RULES)
+    config = lora_jax.LoraConfig(r=4, target_modules=["qkv"], modules_to_save=["embed"])
+    abstract = jax.eval_shape(partial(lora_jax.inject, config=config, layouts=layouts),
+                              params, key=jax.random.key(1))
+    assert lora_specs(abstract, specs)["embed"]["embedding_original"] == P("tensor", "fsdp")
+    injected = shard_inject(params, config, jax.random.key(1), mesh, specs=specs,
+                            layouts=layouts)
+    assert injected["embed"]["embedding_original"].sharding.spec == P("tensor", "fsdp")
+    np.testing.assert_array_equal(injected["embed"]["embedding_original"],
+                                  params["embed"]["embedding"])
+
+
 class Logical(nn.Module):
     """Flax logical-axis metadata, including a scanned stack's layer axis."""
 
