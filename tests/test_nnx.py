@@ -524,10 +524,12 @@ class Mlp(nnx.Module):
         return self.down(jax.nn.gelu(self.up(x)))
 
 
-def test_factors_follow_the_kernels_sharding_and_a_sharded_step_equals_one_device():
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_factors_follow_the_kernels_sharding_and_a_sharded_step_equals_one_device(variant):
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    config = LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False)
+    config = LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False,
+                        **VARIANTS[variant])
     with jax.set_mesh(mesh):
         sharded = lnnx.inject(Mlp(nnx.Rngs(0), True), config, 1)
     single = lnnx.inject(Mlp(nnx.Rngs(0), False), config, 1)
@@ -537,6 +539,8 @@ def test_factors_follow_the_kernels_sharding_and_a_sharded_step_equals_one_devic
         assert layer.lora_A[...].sharding.spec == a_spec
         assert layer.lora_B[...].sharding.spec == b_spec
         assert layer.lora_A.get_metadata()["out_sharding"] == tuple(a_spec)
+        if variant == "dora":  # the magnitude follows the output axis, as B does
+            assert layer.lora_magnitude_vector[...].sharding.spec == P(b_spec[1])
     assert single.up.lora_A.get_metadata().get("out_sharding") is None
     x = jax.random.normal(jax.random.key(0), (8, D))
 
