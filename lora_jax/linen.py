@@ -23,6 +23,7 @@ import lora_jax.linen_rules  # noqa: F401  (registers the rules for flax's and o
 from lora_jax.adapters import STRATEGIES, Strategy, check_ids, mixed_delta
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout, column_norm, dropout, kernel_delta
+from lora_jax.linen_quantized import quantized_calls
 from lora_jax.partition import combine, split
 from lora_jax.quantization import is_quantized
 from lora_jax.record import (
@@ -251,7 +252,8 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *,
         _check_not_quantized(trainable)
         params = combine(trainable, jax.tree.map(jax.lax.stop_gradient, frozen))
         params = materialise(params, adapted)
-        with nn.intercept_methods(interceptor):
+        # Inside the LoRA interceptor: layers on a quantized base (linen_quantized).
+        with nn.intercept_methods(interceptor), nn.intercept_methods(quantized_calls):
             return apply_fn({**variables, "params": params}, *args, **kwargs)
 
     return apply

@@ -27,8 +27,9 @@ True
 from __future__ import annotations
 
 import abc
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -239,6 +240,57 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
     if not updates:
         raise ValueError("quantize: no Dense-like kernel to quantize in the params tree")
     return with_leaves(params, updates)
+
+
+def quantized_product(product: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+                      weight: NF4Tensor | Int8Tensor) -> jax.Array:
+    """`product(x, weight.dequantize())` for a `product` linear in `x` (a layer's matmul or
+    convolution), whose backward dequantizes the weight again instead of keeping the float
+    weight from the forward as a residual: a training step holds the codes, and one float
+    weight at a time. Each dequantization reads one element of the value it serves (`x`, or
+    the incoming gradient), so XLA neither computes it before that value exists nor merges the
+    backward's with the forward's (CSE); no gradient flows to the frozen weight.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = nf4(jax.random.normal(jax.random.key(0), (64, 8)))
+    >>> x = jnp.ones((2, 64))
+    >>> grad = jax.grad(lambda x: quantized_product(jnp.matmul, x, w).sum())(x)
+    >>> bool(jnp.allclose(grad, jnp.ones((2, 8)) @ w.dequantize().T, rtol=1e-6))
+    True
+    """
+    return _product(product, jax.ShapeDtypeStruct(x.shape, x.dtype), x, weight)
+
+
+def _after(weight: NF4Tensor | Int8Tensor, value: jax.Array) -> NF4Tensor | Int8Tensor:
+    """`weight` whose codes depend on `value`, exactly: clipped to the top of their range, which
+    is one higher when value's first element is NaN (codes never exceed that range)."""
+    codes, *rest = jax.tree.leaves(weight)
+    if value.size:
+        nan = jnp.isnan(value.reshape(-1)[0]).astype(jnp.int32)
+        codes = jnp.minimum(codes.astype(jnp.int32), jnp.iinfo(codes.dtype).max + nan) \
+            .astype(codes.dtype)
+    return jax.tree.unflatten(jax.tree.structure(weight), [codes, *rest])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _product(product: Callable[[jax.Array, jax.Array], jax.Array], x_shape: Any, x: jax.Array,
+             weight: NF4Tensor | Int8Tensor) -> jax.Array:
+    return product(x, _after(weight, x).dequantize())
+
+
+def _product_fwd(product: Callable[[jax.Array, jax.Array], jax.Array], x_shape: Any,
+                 x: jax.Array, weight: NF4Tensor | Int8Tensor) -> tuple[jax.Array, Any]:
+    return _product(product, x_shape, x, weight), weight
+
+
+def _product_bwd(product: Callable[[jax.Array, jax.Array], jax.Array], x_shape: Any,
+                 weight: NF4Tensor | Int8Tensor, grad: jax.Array) -> tuple[jax.Array, None]:
+    w = _after(weight, grad).dequantize()
+    (dx,) = jax.linear_transpose(lambda x: product(x, w), x_shape)(grad)
+    return dx, None
+
+
+_product.defvjp(_product_fwd, _product_bwd)
 
 
 def dequantize(params: Mapping[str, Any]) -> Any:
