@@ -756,3 +756,45 @@ def test_multi_axis_kernels_read_and_write_peft_factors_as_their_flattened_linea
     pm = peft.PeftModel.from_pretrained(_torch_heads(model), tmp_path / "ours").eval()
     _close(model(x), torch_of(pm))
     _close(lnnx.merge(model, config)(x), torch_of(pm.merge_and_unload()))
+
+
+def test_stacked_multi_axis_kernels_in_peft_files_per_layer(tmp_path):
+    """An nnx.vmap stack of [D, N, H] / [N, H, D] kernels: one peft Linear per layer, whose
+    B A is that layer's kernel delta flattened; loading the files back gives the same model."""
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=L)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs):
+                return Heads(rngs)
+
+            self.layers = create(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def body(x, heads):
+                return x + heads(x)
+
+            return body(x, self.layers)
+
+    from safetensors.numpy import load_file
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "o"], init_lora_weights=False)
+    model = lnnx.inject(Stack(nnx.Rngs(0)), config, 1)
+    assert model.layers.q.lora_B.shape == (L, 2, 2, 4)
+    lnnx.save_peft(tmp_path, model, config, stacks=["layers"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    for i in range(L):
+        for name, n_in in (("q", D), ("o", 8)):
+            layer = getattr(model.layers, name)
+            a = tensors[f"base_model.model.layers.{i}.{name}.lora_A.weight"]
+            b = tensors[f"base_model.model.layers.{i}.{name}.lora_B.weight"]
+            delta = np.tensordot(np.asarray(layer.lora_A[i]), np.asarray(layer.lora_B[i]), 1)
+            np.testing.assert_allclose(b @ a, delta.reshape(n_in, -1).T, rtol=1e-5, atol=1e-6)
+    x = jax.random.normal(jax.random.key(0), (2, 3, D))
+    fresh = Stack(nnx.Rngs(0))
+    lnnx.load_peft(tmp_path, fresh, stacks=["layers"])
+    assert fresh.layers.o.lora_A.shape == (L, 2, 4, 2)
+    _close(fresh(x), model(x))
+    assert not np.allclose(Stack(nnx.Rngs(0))(x), model(x), atol=1e-3)
