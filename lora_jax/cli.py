@@ -3,6 +3,7 @@
     lora-jax finetune                       # MiniLM + BBC News topics, LoRA r=8 on query/value
     lora-jax finetune --model smollm2 --task lm --data notes.txt --steps 200
     lora-jax finetune --resume runs/20250101-120000      # after Ctrl-C
+    lora-jax finetune --sweep lr=1e-4,3e-4,1e-3 --sweep r=8,16 --out runs/sweep   # 6 adapters
     lora-jax generate --model smollm2 --adapter runs/X/adapter --prompt "The match"
     lora-jax merge --adapter runs/X/adapter --out merged/
 
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the interrupted run in DIR with its saved settings (only "
                     "--steps / --epochs / --save-every / --no-progress may differ)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
+                    help="train one LoRA adapter per point of these values (lr, r, alpha, seed; "
+                    "repeat the flag for a cartesian product) together in one compiled step on "
+                    "one frozen base: a run folder per point under --out and summary.md")
     ft.add_argument("--frontend", choices=("linen", "nnx"), default="linen",
                     help="train the flax.linen model (default) or its Flax NNX twin (GPT-2, "
                     "Llama; --method lora); the adapter files are the same")
@@ -257,7 +262,12 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
 # --- the commands: the run itself is lora_jax.run -------------------------------------------------
 
 def finetune(args: argparse.Namespace) -> int:
-    """`lora-jax finetune`: `run.finetune` with the flags (a resumed run's saved ones)."""
+    """`lora-jax finetune`: `run.finetune` with the flags (a resumed run's saved ones); with
+    --sweep, `run_sweep.finetune`."""
+    if getattr(args, "sweep", None):
+        from lora_jax import run_sweep
+
+        return run_sweep.finetune(args)
     if args.resume:
         args = _resumed_args(args)
     return run.finetune(args)

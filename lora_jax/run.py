@@ -376,7 +376,6 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     """Params, trainable selection, forward and optimizer of `method` on `loaded`. `targets`:
     LoRA's target_modules (a list of names, or one regex string; None: the family's)."""
     import jax
-    import optax
 
     import lora_jax
     from lora_jax import prompt_tuning
@@ -442,19 +441,31 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         out = apply({"params": model_params}, p["prompt"]["embedding"], *args, rngs=rngs)
         return out if task == "classify" else prompt_tuning.strip(out, prompt_tokens)
 
-    decay = 0.01 if method != "prompt" else 0.0
-
-    def adamw(peak: float) -> optax.GradientTransformation:
-        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(1, steps // 10),
-                                                      max(steps, 2))
-        return optax.adamw(schedule, weight_decay=decay)
-
-    inner = adamw(lr) if not loraplus_ratio else lora_jax.loraplus(
-        adamw, lr, loraplus_lr_ratio=loraplus_ratio)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), inner)
+    tx = training_tx(lr, steps, decay=0.01 if method != "prompt" else 0.0,
+                     loraplus_ratio=loraplus_ratio)
     # `tx` updates the trainable half that `train.fit` differentiates (split once, combine for
     # the forward): no whole-tree `lora_jax.optimizer` wrapper is needed.
     return Setup(params, config, forward, tx, method == "lora", initial)
+
+
+def training_tx(lr: Any, steps: int, *, decay: float = 0.01,
+                loraplus_ratio: float | None = None) -> Any:
+    """The finetune optimizer: global-norm clipping to 1, then AdamW (weight decay `decay`) on a
+    linear warmup (10% of `steps`) and cosine decay peaking at `lr` (LoRA+: B factors at
+    `loraplus_ratio` x). `lr` may be an array (a sweep's per-point value, without LoRA+)."""
+    import optax
+
+    import lora_jax
+
+    # Peak times a unit schedule: the peak may be traced (optax's schedule branches on it).
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 10), max(steps, 2))
+
+    def adamw(peak: Any) -> optax.GradientTransformation:
+        return optax.adamw(lambda count: peak * unit(count), weight_decay=decay)
+
+    inner = adamw(lr) if not loraplus_ratio else lora_jax.loraplus(
+        adamw, lr, loraplus_lr_ratio=loraplus_ratio)
+    return optax.chain(optax.clip_by_global_norm(1.0), inner)
 
 
 DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 5e-5, "prompt": 3e-2}
@@ -491,6 +502,30 @@ def _eos_id(tokenizer: Any) -> int | None:
     return None
 
 
+def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any], ...], int]:
+    """(model, task, encoded train / validation / test splits, steps) of the finetune flags."""
+    from lora_jax import data
+
+    task = model_task(args.model, args.task)
+    dataset = data.load_dataset(args.data, task)
+    loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed)
+    check_seq_len(loaded, task, args.seq_len,
+                  args.prompt_tokens if args.method == "prompt" else 0)
+    parts = data.split(dataset, seed=args.seed)
+    if args.limit:
+        parts = tuple(data.sample(p, args.limit, args.seed) for p in parts)
+    if len(parts[0]) == 0:
+        raise ValueError(f"--data {args.data}: the training split is empty ({len(dataset)} "
+                         "examples in all): give more data")
+    splits = tuple(encode_split(loaded, task, p.texts,
+                                p.targets if task == "seq2seq" else p.labels,
+                                args.seq_len, allow_empty=i > 0)
+                   for i, p in enumerate(parts))
+    n_train = len(splits[0]["input_ids"])
+    steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // args.batch_size)))
+    return loaded, task, splits, steps
+
+
 def finetune(args: argparse.Namespace) -> int:
     """`lora-jax finetune`: train, evaluate, and write the adapter, checkpoint and metrics.
 
@@ -514,26 +549,11 @@ def finetune(args: argparse.Namespace) -> int:
     import jax
 
     import lora_jax
-    from lora_jax import data, train
+    from lora_jax import train
     from lora_jax.checkpoint import AdapterCheckpointer
 
-    task = model_task(args.model, args.task)
-    dataset = data.load_dataset(args.data, task)
-    loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed)
-    check_seq_len(loaded, task, args.seq_len,
-                  args.prompt_tokens if args.method == "prompt" else 0)
-    parts = data.split(dataset, seed=args.seed)
-    if args.limit:
-        parts = tuple(data.sample(p, args.limit, args.seed) for p in parts)
-    if len(parts[0]) == 0:
-        raise ValueError(f"--data {args.data}: the training split is empty ({len(dataset)} "
-                         "examples in all): give more data")
-    train_a, val_a, test_a = (encode_split(loaded, task, p.texts,
-                                           p.targets if task == "seq2seq" else p.labels,
-                                           args.seq_len, allow_empty=i > 0)
-                              for i, p in enumerate(parts))
+    loaded, task, (train_a, val_a, test_a), steps = prepare(args)
     n_train = len(train_a["input_ids"])
-    steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // args.batch_size)))
     lr = args.lr or DEFAULT_LR[args.method]
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
                          dropout=args.dropout,

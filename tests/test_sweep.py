@@ -181,3 +181,51 @@ def test_stack_refuses_points_over_other_targets_or_bases():
     adapters = [(lora_jax.inject(b, one, jax.random.key(0)), one) for b in (base, other)]
     with pytest.raises(ValueError, match="point 1 changes the frozen 'b.bias'.*one base"):
         sweeps.stack(adapters)
+
+
+def test_cli_sweep_writes_a_run_per_point_equal_to_normal_runs(tiny_llama, tmp_path):
+    from cli_run import lora_jax_cli, strict_json
+
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"the match {i} ended with a late goal for the home team"
+                                for i in range(40)))
+    common = ["finetune", "--model", tiny_llama, "--data", text, "--steps", "4",
+              "--batch-size", "4", "--seq-len", "16", "--no-progress"]
+    code, out, err = lora_jax_cli(*common, "--out", tmp_path / "sweep", "--sweep",
+                                  "lr=1e-2,3e-2", "--sweep", "r=2,4")
+    assert code == 0, err
+    names = ["lr=0.01_r=2", "lr=0.01_r=4", "lr=0.03_r=2", "lr=0.03_r=4"]
+    summary = strict_json(tmp_path / "sweep" / "summary.json")
+    assert [row["point"] for row in summary["points"]] == names
+    table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| point | status | final_loss | validation_perplexity")
+    assert all(table[2 + i].startswith(f"| {n} | finished |") for i, n in enumerate(names))
+    for name, row in zip(names, summary["points"], strict=True):
+        folder = tmp_path / "sweep" / name
+        metrics = strict_json(folder / "metrics.json")
+        assert metrics["status"] == "finished" and len(metrics["losses"]) == 4
+        assert row["final_loss"] == metrics["losses"][-1] and row["steps_per_second"] > 0
+        assert row["test_perplexity"] == metrics["test"]["perplexity"] > 1
+        adapter = strict_json(folder / "adapter" / "adapter_config.json")
+        assert adapter["r"] == row["r"] and adapter["lora_alpha"] == 16
+    # A point equals the normal run with its flags.
+    code, _, err = lora_jax_cli(*common, "--out", tmp_path / "alone", "--lr", "3e-2", "--r", "4")
+    assert code == 0, err
+    alone = strict_json(tmp_path / "alone" / "metrics.json")["losses"]
+    swept = strict_json(tmp_path / "sweep" / "lr=0.03_r=4" / "metrics.json")["losses"]
+    assert np.abs(np.asarray(alone) - swept).max() <= TOL, (alone, swept)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "lr=1e-3", "--sweep", "rank=4"], "unknown key 'rank'; a sweep varies "
+                                                  "['alpha', 'lr', 'r', 'seed']"),
+    (["--sweep", "lr"], "--sweep 'lr': write KEY=V1,V2,..."),
+    (["--sweep", "r=4,x"], "'x' is not a int"),
+    (["--sweep", "lr=1e-3", "--sweep", "lr=1e-2"], "--sweep lr is given twice"),
+    (["--sweep", "r=8", "--dora"], "--dora is not supported with it"),
+])
+def test_cli_sweep_bad_input(tmp_path, capsys, argv, message):
+    from lora_jax import cli
+
+    code = cli.main(["finetune", "--out", str(tmp_path / "x"), "--no-progress", *argv])
+    assert code == 2 and message in capsys.readouterr().err
