@@ -3,6 +3,8 @@ adapter (the plain adapter trees, unpadded, are the oracle), for GPT-2 and Llama
 unscanned, for every strategy; selecting and swapping never recompile; a set saved in peft's
 multi-adapter layout loads in peft (logits 1e-4) and back; bad input raises. float32."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,10 +45,21 @@ def _configs(arch: str) -> list[lora_jax.LoraConfig]:
                 [(2, 4, False), (4, 16, False), (3, 5, True)], TARGETS[arch], strict=True)]
 
 
-@pytest.fixture(scope="module", params=[(a, s) for a in ARCHS for s in (False, True)],
-                ids=lambda p: f"{p[0]}-{'scan' if p[1] else 'loop'}")
+ALL = [(a, s) for a in ARCHS for s in (False, True)]
+TWO = [("gpt2", False), ("llama", True)]  # each test's minimum: both models, both stack kinds
+
+
+def _id(param: tuple[str, bool]) -> str:
+    return f"{param[0]}-{'scan' if param[1] else 'loop'}"
+
+
+@pytest.fixture(params=ALL, ids=_id)
 def case(request):
-    arch, scan = request.param
+    return _case(*request.param)
+
+
+@functools.cache  # one build per model and stack kind, whatever order the tests run in
+def _case(arch: str, scan: bool) -> dict:
     module, hf = ARCHS[arch]
     model, base = base_params(module, hf(), scan_layers=scan)
     shapes = lora_jax.layouts(model, jnp.asarray(IDS))
@@ -72,6 +85,7 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("strategy", adapters.STRATEGIES)
+@pytest.mark.parametrize("case", ALL, ids=_id, indirect=True)
 def test_mixed_batch_equals_each_example_alone(case, strategy):
     apply = lora_jax.wrap(case["model"].apply, case["members"]["a"][1], strategy=strategy)
     aset = case["aset"]
@@ -82,6 +96,7 @@ def test_mixed_batch_equals_each_example_alone(case, strategy):
     assert _rel(case["expected"][0], case["expected"][1]) > 1e-2
 
 
+@pytest.mark.parametrize("case", TWO, ids=_id, indirect=True)
 def test_select_equals_the_plain_adapter_and_disable_the_base(case):
     aset, apply, x = case["aset"], case["apply"], jnp.asarray(IDS)
     for name in "abc":
@@ -93,6 +108,7 @@ def test_select_equals_the_plain_adapter_and_disable_the_base(case):
     np.testing.assert_array_equal(off, case["model"].apply({"params": case["base"]}, x))
 
 
+@pytest.mark.parametrize("case", TWO, ids=_id, indirect=True)
 def test_swaps_never_recompile(case):
     aset, x = case["aset"], jnp.asarray(IDS)
 
@@ -117,6 +133,7 @@ def test_swaps_never_recompile(case):
     assert _rel(new, plain) <= MIXED_TOL
 
 
+@pytest.mark.parametrize("case", TWO, ids=_id, indirect=True)
 def test_adapter_round_trips_and_add_remove(case):
     aset = case["aset"]
     for name, (params, _) in case["members"].items():
@@ -133,26 +150,22 @@ def test_adapter_round_trips_and_add_remove(case):
     assert _rel(got, case["expected"]) <= MIXED_TOL
 
 
+@pytest.mark.parametrize("case", [("gpt2", False)], ids=_id, indirect=True)
 def test_generate_with_one_adapter_per_prompt(case):
-    if case["arch"] != "gpt2":
-        pytest.skip("one causal LM suffices for the decode loop")
+    # Each prompt alone through its selected adapter (select == the plain adapter: above).
     aset, model = case["aset"], case["model"]
     prompts = jnp.asarray(IDS[:, :4])
     mixed = generate.generate(case["apply"], aset.params, model, prompts, 5,
                               adapter_ids=aset.ids(SLOTS))
     for n, name in enumerate(SLOTS):
-        if name is None:
-            alone = generate.generate(model.apply, case["base"], model, prompts[n:n + 1], 5)
-        else:
-            params, config = case["members"][name]
-            alone = generate.generate(lora_jax.wrap(model.apply, config), params, model,
-                                      prompts[n:n + 1], 5)
+        alone = generate.generate(case["apply"], adapters.select(aset.params, aset.index(name)),
+                                  model, prompts[n:n + 1], 5)
         np.testing.assert_array_equal(mixed[n], alone[0])
+    assert len({tuple(np.asarray(row[4:])) for row in mixed}) > 1  # the adapters differ
 
 
+@pytest.mark.parametrize("case", [("llama", True)], ids=_id, indirect=True)
 def test_set_saved_in_peft_layout_loads_in_peft(case, tmp_path):
-    if case["arch"] != "llama":
-        pytest.skip("one peft round trip suffices: save_peft is tested per architecture")
     module, hf = ARCHS[case["arch"]]
     named = adapters.adapter_set({"default" if n == "a" else n: v
                                   for n, v in case["members"].items()})
@@ -177,6 +190,7 @@ def test_set_saved_in_peft_layout_loads_in_peft(case, tmp_path):
     assert _rel(got, case["expected"]) <= MIXED_TOL
 
 
+@pytest.mark.parametrize("case", [("llama", True)], ids=_id, indirect=True)
 def test_bad_input_raises(case):
     aset, apply, x = case["aset"], case["apply"], jnp.asarray(IDS)
     with pytest.raises(ValueError, match="no adapter named 'z'"):
@@ -199,9 +213,8 @@ def test_bad_input_raises(case):
         adapters.adapter_set({"d": (lora_jax.inject(case["base"], dora, jax.random.key(0),
                                                     layouts=shapes), dora),
                               **case["members"]})
-    if "lm_head" in case["base"]:  # an adapter that trained a base leaf
-        changed = {**case["members"]["b"][0],
-                   "lm_head": jax.tree.map(lambda v: v + 1, case["base"]["lm_head"])}
-        with pytest.raises(ValueError, match="not a LoRA factor"):
-            adapters.adapter_set({"a": case["members"]["a"],
-                                  "b": (changed, case["members"]["b"][1])})
+    # An adapter that trained a base leaf (Llama's untied head here).
+    changed = {**case["members"]["b"][0],
+               "lm_head": jax.tree.map(lambda v: v + 1, case["base"]["lm_head"])}
+    with pytest.raises(ValueError, match="not a LoRA factor"):
+        adapters.adapter_set({"a": case["members"]["a"], "b": (changed, case["members"]["b"][1])})
