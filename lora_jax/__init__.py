@@ -28,6 +28,7 @@ from lora_jax.quantization import dequantize, quantize
 from lora_jax.record import LoraRecord
 from lora_jax.rules import Rule, register_rule
 from lora_jax.sharding import lora_specs, shard_inject
+from lora_jax.weighted import weighted_adapter
 
 __all__ = [
     "AdapterCheckpointer",
@@ -55,6 +56,7 @@ __all__ = [
     "sharding",
     "split",
     "to_plain_lora",
+    "weighted_adapter",
     "wrap",
 ]
 __version__ = "0.1.0"
