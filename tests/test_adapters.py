@@ -1,7 +1,8 @@
 """Adapter sets (lora_jax.adapters): a mixed batch equals running each example with its own
 adapter (the plain adapter trees, unpadded, are the oracle), for GPT-2 and Llama, scanned and
 unscanned, for every strategy; selecting and swapping never recompile; a set saved in peft's
-multi-adapter layout loads in peft (logits 1e-4) and back; bad input raises. float32."""
+multi-adapter layout loads in peft (logits 1e-4), agrees with peft's own mixed batch
+(`adapter_names`), and loads back; bad input raises. float32."""
 
 import functools
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import torch
 import transformers
 from peft_checks import base_params, max_diff, tiny_hf, torch_out
 
@@ -182,6 +184,13 @@ def test_set_saved_in_peft_layout_loads_in_peft(case, tmp_path):
         params, config = adapters.adapter(named, name)
         ours = lora_jax.wrap(case["model"].apply, config)({"params": params}, jnp.asarray(IDS))
         assert max_diff(ours, torch_out(peft_model, x)) <= PEFT_TOL
+    # peft's own mixed batch (a loop over sub-batches; "__base__" = no adapter) as the oracle.
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.tensor(IDS),
+                            adapter_names=["default", "b", "__base__", "c"]).logits.numpy()
+    ours = case["apply"]({"params": named.params}, jnp.asarray(IDS),
+                         adapter_ids=named.ids(["default", "b", None, "c"]))
+    assert max_diff(ours, theirs) <= PEFT_TOL
     shapes = lora_jax.layouts(case["model"], jnp.asarray(IDS)) if scan else None
     loaded = adapters.load_set(tmp_path, case["base"], model_type=model_type, layouts=shapes)
     assert loaded.names == ("default", "b", "c")
