@@ -14,6 +14,9 @@ Inference (forward logits): the adapter unmerged (`wrap`), merged (`lora_jax.mer
 Adapter sets (scanned GPT-2): a mixed batch over 8 adapters (example n uses adapter n mod 8) per
 strategy against one adapter for the whole batch, and the compiled forward memory with 8 adapters
 against 1 (the bound 1 + 7 x adapter / base means the base is never copied per adapter).
+Sweeps: 8 LoRA points (seeds, learning rates, alphas) trained in one vmapped step
+(`lora_jax.sweep`) against 8 sequential runs of the same steps, compilation included and
+excluded.
 
     python experiments/benchmark.py --size cpu                 # a small GPT-2, float32
     python experiments/benchmark.py --size small --dtype bfloat16 --batch 16 --seq 1024  # GPU
@@ -238,6 +241,66 @@ def adapter_sets(config: gpt2.Config, ids: jax.Array, args: argparse.Namespace,
             "bound: 1 + (K-1) x adapter / base": 1 + (k - 1) * adapter_bytes / nbytes(base)}
 
 
+def sweep_vs_sequential(model: nn.Module, params: dict, ids: jax.Array,
+                        args: argparse.Namespace, k: int = 8, steps: int = 10) -> dict[str, Any]:
+    """Wall time of a K-point sweep (`lora_jax.sweep`: seeds, learning rates and alphas; one
+    vmapped step on one base) against K sequential runs of the same `steps` with the
+    single-adapter step (each compiles its own), compilation included and excluded."""
+    from lora_jax import sweep, train
+
+    config = lora_jax.LoraConfig(r=args.r, target_modules=list(TARGETS))
+    points = [{"seed": i, "lr": 1e-4 * (1 + i), "lora_alpha": 2 * args.r * (1 + i % 2)}
+              for i in range(k)]
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+    tx = lambda lr: optax.adamw(lr)
+
+    def timed_steps(step: Callable[[int], Any]) -> tuple[float, float]:
+        """(all steps, the steps after the first) in seconds."""
+        start = time.perf_counter()
+        jax.block_until_ready(step(0))
+        first = time.perf_counter()
+        for i in range(1, steps):
+            out = step(i)
+        jax.block_until_ready(out)
+        end = time.perf_counter()
+        return end - start, end - first
+
+    def forward_of(lora: lora_jax.LoraConfig) -> Callable[..., Any]:
+        apply = lora_jax.wrap(model.apply, lora)
+        return lambda p, b, key: apply({"params": p}, b["input_ids"])
+
+    total, steady = 0.0, 0.0
+    for point in points:  # the sequential runs
+        lora = sweep.point_config(config, point)
+        trainable, frozen = lora_jax.split(
+            lora_jax.inject(params, lora, jax.random.key(point["seed"])), lora)
+        step_fn = train.make_step(forward_of(lora), "lm", tx(point["lr"]))
+        live = [trainable, tx(point["lr"]).init(trainable)]
+
+        def one(i: int, step_fn=step_fn, live=live, frozen=frozen) -> Any:
+            live[0], live[1], loss = step_fn(live[0], frozen, live[1], batch,
+                                             jax.random.key(i))
+            return loss
+
+        run_total, run_steady = timed_steps(one)
+        total, steady = total + run_total, steady + run_steady
+
+    sw = sweep.sweep(params, config, points)
+    step_fn = sweep.make_step(forward_of(sw.config), "lm", tx)
+    live = [sw.trainable, sweep.init_state(sw, tx)]
+
+    def all_points(i: int) -> Any:
+        live[0], live[1], losses = step_fn(live[0], sw.scales, sw.frozen, live[1], batch,
+                                           sweep.dropout_keys(sw, i))
+        return losses
+
+    sweep_total, sweep_steady = timed_steps(all_points)
+    return {"k": k, "steps": steps, "sequential_s": total, "sequential_steady_s": steady,
+            "sweep_s": sweep_total, "sweep_steady_s": sweep_steady,
+            "sweep / sequential (compile included)": sweep_total / total,
+            "sweep / sequential (compile excluded)": sweep_steady / steady}
+
+
 def torch_training(hf_config: dict, ids: np.ndarray, args: argparse.Namespace
                    ) -> dict[str, Any] | None:
     """PyTorch eager step times (full fine-tune and peft LoRA), or None without torch/peft."""
@@ -308,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training, lora_config, trainable, frozen = jax_training(model, params, ids, args)
     inference = jax_inference(model, params, lora_config, trainable, frozen, ids, args)
     sets = adapter_sets(config, ids, args)
+    sweeps = sweep_vs_sequential(model, params, ids, args)
     torch_results = None if args.no_torch else torch_training(hf_config, np.asarray(ids), args)
 
     inf = inference["seconds"]
@@ -330,6 +394,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "memory K / memory 1" in r:
             ratios[f"forward memory, {sets['k']} adapters / one ({strategy}; bound "
                    f"{sets['bound: 1 + (K-1) x adapter / base']:.3f})"] = r["memory K / memory 1"]
+    for when in ("included", "excluded"):
+        ratios[f"{sweeps['k']}-point sweep / {sweeps['k']} sequential runs, {sweeps['steps']} "
+               f"steps (compile {when})"] = sweeps[f"sweep / sequential (compile {when})"]
     if torch_results:
         ratios["jax LoRA tokens/s / torch+peft LoRA tokens/s"] = (
             training["LoRA"]["tokens_per_s"] / torch_results["LoRA"]["tokens_per_s"])
@@ -362,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "r": args.r,
         "device": device.device_kind, "platform": device.platform,
         "host": platform.node(), "jax": jax.__version__,
-        "training": training, "inference": inference, "adapter_sets": sets,
+        "training": training, "inference": inference, "adapter_sets": sets, "sweep": sweeps,
         "torch": torch_results, "ratios": ratios,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
