@@ -127,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text with a causal LM (and an adapter)")
     gen.add_argument("--model", default="smollm2")
-    gen.add_argument("--adapter", help="a peft adapter folder (e.g. runs/X/adapter)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--adapter", action="append",
+                     help="a peft adapter folder (e.g. runs/X/adapter); repeat it to give each "
+                     "--prompt its own adapter (none: the base alone), run as one batch")
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="the text to continue; repeat it for several prompts")
     gen.add_argument("--max-new-tokens", type=_number(int, 1), default=40)
     gen.add_argument("--temperature", type=_number(float, 0), default=0.0,
                      help="0 = greedy (default)")

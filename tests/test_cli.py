@@ -309,3 +309,40 @@ def test_lm_finetune_then_generate_with_the_adapter(capsys, tiny_llama, tmp_path
     got = merged_module.apply({"params": merged_params}, ids)
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert float(jnp.abs(module.apply({"params": base}, ids) - want).max()) > 1e-3  # it changed
+
+
+def test_generate_one_adapter_per_prompt_equals_each_alone(capsys, tiny_llama, tmp_path):
+    import jax
+
+    import lora_jax
+    from lora_jax.models import from_pretrained
+
+    _, base = from_pretrained(tiny_llama)
+    folders = []
+    for seed, targets in enumerate((["q_proj", "v_proj"], ["up_proj", "down_proj"])):
+        config = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                     init_lora_weights=False)
+        params = lora_jax.inject(base, config, jax.random.key(seed))
+        params = jax.tree_util.tree_map_with_path(  # large enough to change greedy tokens
+            lambda path, x: x * 30 if path[-1].key == "lora_B" else x, params)
+        folders.append(str(tmp_path / f"adapter{seed}"))
+        lora_jax.save_peft(folders[-1], params, config, model_type="llama")
+    prompts = ["the match", "a goal", "new law"]
+    adapters = [folders[0], "none", folders[1]]
+    common = ["generate", "--model", str(tiny_llama), "--max-new-tokens", "5"]
+    argv = [*common, *[a for p in prompts for a in ("--prompt", p)],
+            *[a for f in adapters for a in ("--adapter", f)]]
+    code, stdout, err = run_main(capsys, *argv)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    alone = []
+    for prompt, folder in zip(prompts, adapters, strict=True):
+        extra = [] if folder == "none" else ["--adapter", folder]
+        code, out, err = run_main(capsys, *common, "--prompt", prompt, *extra)
+        assert code == 0, err
+        alone.append(out.strip())
+    assert lines == alone
+    assert len({line.split(" ", 2)[-1] for line in lines}) == 3  # three different continuations
+    code, _, err = run_main(capsys, *common, "--prompt", "x", "--adapter", folders[0],
+                            "--adapter", folders[1])
+    assert code == 2 and "2 --adapter flags for 1 --prompt flags" in err, err
