@@ -476,6 +476,12 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
                 f"{type(module).__name__} has no layer rule for that weight: register a Rule "
                 "for its class (lora_jax.register_rule), or adapt it through target_parameters"
             )
+        if record.scale is None:
+            raise ValueError(
+                f"{item.target!r}: the layers of this stack have different scales (rank_pattern "
+                "/ alpha_pattern naming its layers), kept as an array beside the factors, which "
+                "the NNX frontend does not read yet: give the stack's layers one alpha / rank, or "
+                "use unscanned layers (nnx.List)")
         for name in record.leaves:
             if name in vars(module):
                 raise ValueError(f"{item.target!r} already has an attribute {name!r}; inject "
@@ -621,8 +627,9 @@ def functional(model: nnx.Module) -> Callable[..., Any]:
     """`apply(tree, *args, dropout_key=None, **kwargs)`: `model(*args, **kwargs)` with the
     parameters of `tree` (a `params(model)` dict, e.g. `lora_jax.combine(trainable, frozen)`
     inside `jax.grad`), as a pure function: `model` itself is never changed. With a
-    `dropout_key` the call runs in train mode and LoRA dropout draws from that key (as linen's
-    `rngs={"dropout": key}`); without one it runs in eval mode.
+    `dropout_key` the call runs in train mode and every rng stream of the model (LoRA dropout's
+    and the model's own, e.g. `nnx.Dropout`'s) starts from that key, as linen's
+    `rngs={"dropout": key}` drives all dropout; without one it runs in eval mode.
 
     >>> from flax import nnx
     >>> import jax.numpy as jnp
@@ -632,27 +639,28 @@ def functional(model: nnx.Module) -> Callable[..., Any]:
     >>> bool(jnp.array_equal(apply(tree, jnp.ones((1, 3))), model(jnp.ones((1, 3)))))
     True
     """
-    graphdef, template, rest = nnx.split(model, nnx.Any(nnx.Param, LoraRecordVar), ...)
+    graphdef, template, streams, rest = nnx.split(
+        model, nnx.Any(nnx.Param, LoraRecordVar), nnx.RngState, ...)
 
     def reseed(path: tuple[Any, ...], leaf: Any, key: jax.Array) -> Any:
-        """The LoRA dropout streams (one per adapted module; per layer of a stack) restarted
-        from `key` folded with the stream's path."""
-        names = [str(getattr(k, "key", k)) for k in path]
-        if _RNGS not in names[:-1] or names[-1] not in ("key", "count"):
-            return leaf
+        """A stream's key restarted from `key` folded with the stream's path; its count 0."""
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
         if names[-1] == "count":
             return jnp.zeros_like(leaf)
         for name in names[:-1]:
             key = jax.random.fold_in(key, zlib.crc32(name.encode()))
-        return jax.random.split(key, leaf.shape) if leaf.shape else key
+        return jax.random.split(key, leaf.shape) if leaf.shape else key  # stacked layers
 
     def apply(tree: Mapping[str, Any], *args: Any, dropout_key: jax.Array | None = None,
               **kwargs: Any) -> Any:
-        state = jax.tree.map(lambda leaf: leaf, template)  # a new State to fill
+        # New States (new Variables, of this trace): the model's are never touched.
+        state, rngs, others = (jax.tree.map(lambda leaf: leaf, s)
+                               for s in (template, streams, rest))
         nnx.replace_by_pure_dict(state, tree)
-        others = rest if dropout_key is None else jax.tree_util.tree_map_with_path(
-            lambda path, leaf: reseed(path, leaf, dropout_key), rest)
-        copy = nnx.merge(graphdef, state, others)
+        if dropout_key is not None:
+            rngs = jax.tree_util.tree_map_with_path(
+                lambda path, leaf: reseed(path, leaf, dropout_key), rngs)
+        copy = nnx.merge(graphdef, state, rngs, others)
         if dropout_key is None:
             copy.eval()
         else:

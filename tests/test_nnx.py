@@ -372,6 +372,37 @@ def test_dropout_follows_train_and_eval():
     np.testing.assert_array_equal(model(IDS), evaluated)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_functional_apply_is_the_model_as_a_pure_function_of_the_params(scan):
+    model, config, _ = _lm(scan, init_lora_weights=False, lora_dropout=0.5)
+    apply, tree = lnnx.functional(model), lnnx.params(model)
+    trainable, frozen = lora_jax.split(tree, config)
+    model.eval()
+    np.testing.assert_array_equal(apply(tree, IDS), model(IDS))  # no key: eval mode
+
+    @jax.jit
+    def loss_and_grads(trainable, key):
+        loss = lambda t: (apply(lora_jax.combine(t, frozen), IDS, dropout_key=key) ** 2).mean()
+        return jax.value_and_grad(loss)(trainable)
+
+    # without a key: the gradients of nnx.grad on the model (eval mode)
+    eval_grads = jax.grad(lambda t: (apply(lora_jax.combine(t, frozen), IDS) ** 2).mean())(
+        trainable)
+    nnx_grads = nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    h = "h" if scan else "h.1"
+    for name in ("lora_A", "lora_B"):
+        theirs = nnx_grads["transformer"]
+        mine = eval_grads["transformer"]
+        for part in h.split("."):
+            theirs, mine = theirs[int(part) if part.isdigit() else part], mine[part]
+        _close(mine["q"][name], theirs["q"][name][...])
+    # with a key: dropout masks (LoRA's and the model's own) drawn from it, per call
+    (first, grads), (other, _), (again, grads_again) = (
+        loss_and_grads(trainable, jax.random.key(k)) for k in (0, 1, 0))
+    assert first == again and first != other
+    jax.tree.map(np.testing.assert_array_equal, grads, grads_again)
+
+
 def test_dora_with_dropout_recomputes_the_base_on_the_dropped_input():
     """peft's DoRA under dropout: x W + (m/n - 1) (x' W) + (m/n) s (x' A) B, x' the dropped
     input, n = ||W + s A B|| per output feature."""
