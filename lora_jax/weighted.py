@@ -18,10 +18,17 @@ folded in, so the new adapter's scale is 1 (`r = lora_alpha = new rank`, as in p
   the SVD of a small `R x R` core, R the sum of ranks) and never forms an `in x out` matrix; the
   other `*_svd` types prune elements of the deltas, so they form each module's `in x out` delta.
 
-Scanned stacks combine per layer, as peft does per module. What peft does wrong, lora_jax does
-not copy: peft 0.21 keeps `use_rslora` on the combined adapter and so scales it by
-`sqrt(new rank)` (peft issue #3761, fixed upstream in #3449): here the scale is 1 whatever the
-inputs used. DoRA adapters are refused (peft keeps the base weight's norm as the magnitude).
+Modules that only some adapters adapt are combined from those (as peft); cat packs, per layer,
+the adapters' own columns first and pads with zeros to the sum of the adapters' largest ranks, as
+peft does. Scanned stacks combine per layer, as peft does per module. Differences from peft 0.21,
+on purpose: its combined adapter keeps `use_rslora` and so is scaled by `sqrt(new rank)` (peft
+issue #3761, fixed upstream in #3449); here the scale is 1 whatever the inputs used. DoRA
+adapters are refused (peft keeps the base weight's norm as the combined magnitude, #3761).
+peft's `svd_full_matrices` / `svd_driver` only change how the SVD is computed (full matrices of
+an embedding's delta are `V x V`), not its leading triplets, so they are not taken. Singular
+vectors have arbitrary signs, which `svd_clamp`'s quantile depends on: clamped factors can differ
+from peft's (the unclamped ones agree); where a delta has fewer than `svd_rank` singular values
+the extra columns are zero (peft's are arbitrary null-space vectors).
 """
 
 from __future__ import annotations
@@ -88,6 +95,10 @@ def weighted_adapter(
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"weighted_adapter: majority_sign_method {majority_sign_method!r} must "
                          "be 'total' or 'frequency'")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"weighted_adapter: svd_rank={svd_rank!r} must be a positive int")
+    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
+        raise ValueError(f"weighted_adapter: svd_clamp={svd_clamp!r} is a quantile in [0, 1]")
     if len(adapters) == 1:
         combination_type = "linear"
     method = "linear" if combination_type in ("svd", "cat") else \
@@ -181,9 +192,10 @@ def _check_record(where: tuple[str, str], items: Sequence[Adapted | None]) -> No
         if record.materialised:
             raise ValueError(f"weighted_adapter: {target!r} of adapter {n} adapts a parameter by "
                              "name (target_parameters), which peft's add_weighted_adapter refuses")
-        if getattr(record, "adapters", 0) or record.scale is None:
+        if record.adapters or record.scale is None:
             raise ValueError(f"weighted_adapter: {target!r} of adapter {n} holds an adapter set "
-                             "or array scales; select one plain adapter of it first")
+                             "(or an adapter selected from one, with array scales); take each "
+                             "member as it went in with lora_jax.adapters.adapter(aset, name)")
         if record.layout != present[0][1].record.layout:
             raise ValueError(f"weighted_adapter: {target!r} is laid out as {record.layout} in "
                              f"adapter {n} but {present[0][1].record.layout} in adapter "

@@ -145,10 +145,8 @@ def _check(setup: Setup, names, weights, kind, tmp_path, *, scan=False, factors=
         reloaded = peft.PeftModel.from_pretrained(setup.hf(), tmp_path / "ours").eval()
         numbers["saved"] = max_diff(peft_logits(reloaded, {"input_ids": IDS}), expected)
         # SVD types: B A agree to float32 accuracy (ours and peft's both within 2e-6 of a
-        # float64 SVD), which this tiny random model amplifies ~50x in the logits (|logits|
-        # up to 4): compared relative to the logits there.
-        scale = np.abs(expected).max() if "svd" in kind else 1.0
-        assert max(numbers["logits"], numbers["saved"]) <= TOL * scale, numbers
+        # float64 SVD), which this tiny random model amplifies ~10x in the logits.
+        assert max(numbers["logits"], numbers["saved"]) <= TOL, numbers
     return numbers
 
 
