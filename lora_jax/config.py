@@ -35,10 +35,10 @@ class LoraConfig:
       module without an index is dropped. Unlike peft's code (but as its docs say), a module named
       in full in target_modules is filtered too. Indices no targeted module has are warned about.
       In a scanned stack the layers left out get A = B = 0, a fixed point of gradient training,
-      and are not counted as trainable; all adapted layers of a stack must share one rank and
-      scale (a clear error otherwise).
+      and are not counted as trainable.
     - `rank_pattern` / `alpha_pattern`: {regex: value}, matched against the end of the path; the
-      first matching key wins.
+      first matching key wins. Keys naming single layers of a scanned stack work too: its
+      factors are padded to the largest rank with zeros, and its scales become an array.
     - `bias`: "none" | "all" (every bias trains) | "lora_only" (biases of adapted modules).
     - `modules_to_save`: modules trained in full (e.g. a classifier head): as in peft, every
       module whose path ends with an entry (a plain suffix: "norm" names `input_layernorm`).

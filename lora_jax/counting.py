@@ -14,14 +14,18 @@ from lora_jax.record import iter_records
 
 
 def _unused_factor_count(params: Mapping[str, Any]) -> int:
-    """Factor entries of scanned layers left out by `layers_to_transform` (kept at zero)."""
+    """Factor entries that stay zero: scanned layers left out by `layers_to_transform`, and
+    the padding beyond each layer's own rank in a stack with per-layer ranks."""
     unused = 0
     for item in iter_records(params):
-        if item.record.layers is None:
+        record = item.record
+        if record.layers is None and record.ranks is None:
             continue
         n_layers = item.factors[0].shape[0]
-        per_layer = sum(math.prod(f.shape[1:]) for f in item.factors)
-        unused += per_layer * (n_layers - len(item.record.layers))
+        per_rank = sum(math.prod(f.shape[1:]) for f in item.factors) // record.rank
+        ranks = record.ranks or (record.rank,) * n_layers
+        kept = [ranks[i] for i in range(n_layers) if record.layers is None or i in record.layers]
+        unused += per_rank * (record.rank * n_layers - sum(kept))
     return unused
 
 

@@ -26,9 +26,11 @@ from lora_jax.factors import (
 from lora_jax.record import (
     MATERIALISE,
     LoraRecord,
+    broadcast_scale,
     factor_names,
     is_factor,
     magnitude_name,
+    scale_name,
     target_path,
 )
 from lora_jax.rules import rule_named
@@ -226,23 +228,17 @@ def find_targets(
 
     A scanned stack's layers are matched one by one under peft's per-layer names
     (`transformer.h.3.attn.c_attn`), so exclude_modules, rank/alpha patterns, per-layer targets
-    and layers_to_transform select layers of the stack; the others get zero factors. The
-    selected layers must share one rank and scale (a stack has one pair of factors)."""
+    and layers_to_transform select layers of the stack; the others get zero factors. Layers of
+    one stack may get different ranks and scales (`per_layer`)."""
     targets = {path: (site, selected) for path, (site, selected, _) in
                _find(params, config, layouts, peft_quirks=peft_quirks).items()}
     return targets
 
 
-def target_values(params: Mapping[str, Any], config: LoraConfig,
-                  layouts: Mapping[str, Layout] | None = None
-                  ) -> dict[str, tuple[Site, tuple[int, ...] | bool, tuple[int, float]]]:
-    """find_targets with each target's (rank, scale)."""
-    return _find(params, config, layouts)
-
-
 def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, Layout] | None,
           *, peft_quirks: bool = False
-          ) -> dict[str, tuple[Site, tuple[int, ...] | bool, tuple[int, float]]]:
+          ) -> dict[str, tuple[Site, tuple[int, ...] | bool, dict[int | None, tuple[int, float]]]]:
+    """find_targets with each target's {stacked layer (None unscanned): (rank, scale)}."""
     if config.target_modules is None and not config.target_parameters:
         raise ValueError(
             "LoraConfig.target_modules is None: name the modules to adapt, e.g. ['q_proj', "
@@ -282,13 +278,6 @@ def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, L
             r = _pattern(config.rank_pattern, view, config.r)
             alpha = _pattern(config.alpha_pattern, view, config.lora_alpha)
             values[view.layer] = (r, alpha / (math.sqrt(r) if config.use_rslora else r))
-        if len(set(values.values())) > 1:
-            raise ValueError(
-                f"the layers of the scanned stack {path!r} get different (rank, scale) "
-                f"{dict(sorted(values.items()))} from rank_pattern / alpha_pattern; a scanned "
-                "stack has one pair of factors with one rank and scale: give its layers one "
-                "rank and alpha, or use unscanned layers"
-            )
         layers = [v.layer for v in kept]
         if None in layers or len(layers) == len(views[path]) and \
                 _wanted_layers(config) is None and len(found) == len(views[path]):
@@ -304,7 +293,7 @@ def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, L
                 "would train the biases of every layer (a stacked bias is one leaf); use "
                 "bias='none' or 'all', or unscanned layers"
             )
-        targets[path] = (site, selected, next(iter(values.values())))
+        targets[path] = (site, selected, values)
     if not targets:
         raise ValueError(
             f"layers_to_transform={config.layers_to_transform!r} keeps none of the targeted "
@@ -404,6 +393,32 @@ def _check_layer_selection(config: LoraConfig, sites: Mapping[str, Site],
             + "; adapting the layers that exist, as peft does", stacklevel=3)
 
 
+@dataclasses.dataclass(frozen=True)
+class Values:
+    """The rank and scale of one adapted weight; per stacked layer when its layers differ:
+    `rank` is then the largest (the factors' rank axis), `ranks` each layer's (0 for layers
+    left out), and `scales` each layer's scale with `scale` None (the scale is data)."""
+
+    rank: int
+    scale: float | None
+    ranks: tuple[int, ...] | None = None
+    scales: tuple[float, ...] | None = None
+
+
+def per_layer(values: Mapping[int | None, tuple[int, float]], n_layers: int) -> Values:
+    """`Values` from {stacked layer (None unscanned): (rank, scale)} of the adapted layers.
+
+    >>> per_layer({0: (4, 2.0), 1: (2, 2.0)}, 3)
+    Values(rank=4, scale=2.0, ranks=(4, 2, 0), scales=None)
+    """
+    ranks = {r for r, _ in values.values()}
+    scales = {s for _, s in values.values()}
+    full = [values.get(i, (0, 0.0)) for i in range(n_layers)]
+    return Values(max(ranks), scales.pop() if len(scales) == 1 else None,
+                  tuple(r for r, _ in full) if len(ranks) > 1 else None,
+                  tuple(s for _, s in full) if len(scales) > 1 else None)
+
+
 def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
     return jnp.zeros(n_layers, bool).at[jnp.asarray(selected)].set(True)
 
@@ -450,14 +465,20 @@ def _check_variant(path: str, site: Site, config: LoraConfig, weight: Any) -> No
             )
 
 
-def _adapter_leaves(path: str, site: Site, weight: Any, config: LoraConfig, r: int,
-                    scale: float, key: jax.Array, dtype: jnp.dtype,
+def _adapter_leaves(path: str, site: Site, weight: Any, config: LoraConfig, values: Values,
+                    key: jax.Array, dtype: jnp.dtype,
                     selected: tuple[int, ...] | bool) -> dict[str, Any]:
-    """The new leaves of one adapted weight: A, B (peft's init), DoRA's magnitude, and for
-    PiSSA / OLoRA the residual base weight."""
+    """The new leaves of one adapted weight: A, B (peft's init), DoRA's magnitude, for
+    PiSSA / OLoRA the residual base weight, and per-layer scales as data."""
     a_name, b_name, _ = factor_names(site.weight)
     init, plain = config.init_lora_weights, unbox(weight)
+    r, scale = values.rank, values.scale
     leaves: dict[str, Any] = {}
+    if (values.ranks or values.scales) and init not in (True, False, "gaussian"):
+        raise ValueError(
+            f"init_lora_weights={init!r} on the scanned stack {path!r}, whose layers get "
+            "different ranks or scales (rank_pattern / alpha_pattern): the stack's weight is one "
+            "leaf; give its layers one rank and alpha, or use unscanned layers")
     if isinstance(init, str) and init.startswith("pissa"):
         niter = int(init.rsplit("_", 1)[1]) if init != "pissa" else None
         a, b, residual = svd_init(plain, site.layout, r, scale, niter, key)
@@ -477,16 +498,41 @@ def _adapter_leaves(path: str, site: Site, weight: Any, config: LoraConfig, r: i
         select = lambda new, old: jnp.where(mask.reshape(-1, *[1] * (new.ndim - 1)), new, old)
         a, b = select(a, 0), select(b, 0)
         residual = None if residual is None else select(residual, plain)
+    if values.ranks:
+        a, b = _pad_ranks(a, b, values.ranks, site, init)
     if residual is not None:
         leaves[site.weight] = weight.replace_boxed(residual) if hasattr(weight, "replace_boxed") \
             else residual
     a, b = a.astype(dtype), b.astype(dtype)
     leaves.update({a_name: a, b_name: b})
+    if scale is None:
+        leaves[scale_name(site.weight)] = jnp.asarray(values.scales, jnp.float32)
     if config.use_dora:
         base = plain if residual is None else residual
-        leaves[magnitude_name(site.weight)] = column_norm(base, a, b, scale,
+        scaled = b * broadcast_scale(jnp.asarray(values.scales), b.ndim) if scale is None \
+            else b * scale
+        leaves[magnitude_name(site.weight)] = column_norm(base, a, scaled, 1.0,
                                                           site.layout).astype(dtype)
     return leaves
+
+
+def _pad_ranks(a: jax.Array, b: jax.Array, ranks: tuple[int, ...], site: Site,
+               init: bool | str) -> tuple[jax.Array, jax.Array]:
+    """Factors of rank max(ranks) cut to each stacked layer's rank: zero columns of A and rows
+    of B beyond it (exact: they never change the output and get zero gradients), the kept
+    ones drawn as peft draws a factor of that layer's rank."""
+    rank = a.shape[-1]
+    n_out = len(site.layout.split(site.shape)[2])
+    per = jnp.asarray(ranks)
+    keep = jnp.arange(rank)[None, :] < per[:, None]  # [L, rank]
+    a = a * keep.reshape(len(ranks), *[1] * (a.ndim - 2), rank)
+    b = b * keep.reshape(len(ranks), *[1] * (b.ndim - n_out - 2), rank, *[1] * n_out)
+    ratio = rank / jnp.maximum(per, 1)  # N(0, 1/r) and U(+-1/sqrt(r)) depend on r
+    if site.layout.kind != "embed" and init == "gaussian":
+        a = a * ratio.reshape(-1, *[1] * (a.ndim - 1))
+    if site.layout.kind != "embed" and init is False:
+        b = b * jnp.sqrt(ratio).reshape(-1, *[1] * (b.ndim - 1))
+    return a, b
 
 
 def inject(
@@ -518,8 +564,11 @@ def inject(
     targets = _find(params, config, layouts)
     modules = dict(iter_modules(params, leaves=None))
     new_leaves: dict[str, dict[str, Any]] = {}
-    for index, (path, (site, selected, (r, scale))) in enumerate(sorted(targets.items())):
+    residuals = []
+    for index, (path, (site, selected, by_layer)) in enumerate(sorted(targets.items())):
         module = modules[site.path]
+        values = per_layer(by_layer, site.shape[0] if site.layout.stacked else 0)
+        r = values.rank
         a_name, b_name, record_name = factor_names(site.weight)
         if a_name in module or record_name in module:
             raise ValueError(
@@ -540,15 +589,16 @@ def inject(
                                  f"{config.init_lora_weights!r} needs r <= that")
             warnings.warn(message + "; the update's rank is at most that (peft accepts it "
                           "too)", stacklevel=2)
-        leaves = _adapter_leaves(path, site, module[site.weight], config, r, scale,
+        leaves = _adapter_leaves(path, site, module[site.weight], config, values,
                                  jax.random.fold_in(key, index), dtype, selected)
+        if site.weight in leaves:
+            residuals.append(path)
         layers = tuple(sorted(set(selected))) if isinstance(selected, tuple) else None
         variant = "dora" if config.use_dora else "lora"
-        leaves[record_name] = LoraRecord(site.weight, site.layout, r, scale, config.lora_dropout,
-                                         layers, variant)
+        leaves[record_name] = LoraRecord(site.weight, site.layout, r, values.scale,
+                                         config.lora_dropout, layers, variant,
+                                         ranks=values.ranks)
         new_leaves.setdefault(site.path, {}).update(leaves)
-    residuals = [p for p, leaves in new_leaves.items() for k in leaves if not is_factor(k)
-                 and not isinstance(leaves[k], LoraRecord)]
     if residuals and config.init_lora_weights == "loftq":
         warnings.warn(
             f"init_lora_weights='loftq' replaced {len(residuals)} base weights by their quantized "

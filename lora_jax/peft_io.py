@@ -46,8 +46,8 @@ import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
-from lora_jax.inject import find_targets
-from lora_jax.record import LoraRecord, factor_names, is_factor, magnitude_name
+from lora_jax.inject import find_targets, per_layer
+from lora_jax.record import LoraRecord, factor_names, is_factor, magnitude_name, scale_name
 from lora_jax.saved import is_original, keep_originals
 from lora_jax.targets import (
     PATH_ALIASES,
@@ -155,6 +155,16 @@ class _Slot:
     def leaf(self, name: str) -> Any:
         value = self.node[name]
         return value if self.layer is None else value[self.layer]
+
+
+def _slot_values(record: LoraRecord, slot: _Slot) -> tuple[int, float]:
+    """(rank, scale) of one module: a scanned stack's layer may have its own (the record's
+    `ranks`, the array scale beside the factors)."""
+    rank = record.rank if record.ranks is None or slot.layer is None else \
+        record.ranks[slot.layer]
+    if record.scale is not None:
+        return rank, record.scale
+    return rank, float(np.asarray(slot.leaf(scale_name(record.weight))))
 
 
 def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
@@ -299,7 +309,7 @@ def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
 
 
 def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
-              adapted: Mapping[str, tuple[int, float]], *, for_peft: bool = False
+              adapted: Mapping[str, tuple[int, float] | None], *, for_peft: bool = False
               ) -> LoraConfig:
     """`config`, or a copy with explicit paths, such that matching it against the paths of `tree`
     selects exactly the `adapted` modules ({path: (rank, alpha)}) with their ranks and alphas
@@ -314,11 +324,13 @@ def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
     read_back = LoraConfig.from_dict({**config.to_dict(),
                                       "rank_pattern": dict(sorted(config.rank_pattern.items())),
                                       "alpha_pattern": dict(sorted(config.alpha_pattern.items()))})
+    # A stack with per-layer values (None) keeps the patterns that gave them.
+    given = {p: v for p, v in adapted.items() if v is not None}
     for name, value_of in (("rank_pattern", 0), ("alpha_pattern", 1)):
         getters = [getattr(c, "rank" if value_of == 0 else "alpha") for c in (config, read_back)]
-        if any(getter(p) != v[value_of] for p, v in adapted.items() for getter in getters):
+        if any(getter(p) != v[value_of] for p, v in given.items() for getter in getters):
             default = config.r if name == "rank_pattern" else config.lora_alpha
-            fields[name] = {re.escape(p): v[value_of] for p, v in sorted(adapted.items())
+            fields[name] = {re.escape(p): v[value_of] for p, v in sorted(given.items())
                             if v[value_of] != default}
     return LoraConfig.from_dict(fields)
 
@@ -459,7 +471,10 @@ def save_peft(
                     "PyTorch Linear/Embedding layout; peft interop supports nn.Dense and nn.Embed "
                     "(pass model_type/stacks if this is a scanned stack)"
                 )
+            r, scale = _slot_values(record, slot)
+            # A layer of a stack with per-layer ranks: its own rank, without the padding.
             a, b = (np.asarray(slot.leaf(n)) for n in record.names)
+            a, b = a[:, :r], b[:r]
             suffix = (".lora_embedding_A", ".lora_embedding_B") if record.weight == "embedding" \
                 else (".lora_A.weight", ".lora_B.weight")
             tensors[key + suffix[0]] = a.T
@@ -468,8 +483,7 @@ def save_peft(
                 tensors[key + ".lora_magnitude_vector"] = np.asarray(
                     slot.leaf(magnitude_name(record.weight)))
             # alpha from the record's scale: the value the factors were trained with.
-            r = a.shape[-1]
-            alpha = record.scale * (r ** 0.5 if config.use_rslora else r)
+            alpha = scale * (r ** 0.5 if config.use_rslora else r)
             given = config.alpha(torch_path)
             adapted[torch_path] = (r, given if abs(given - alpha) <= 1e-9 * abs(alpha)
                                    else alpha)
@@ -742,41 +756,52 @@ def _rank(leaves: Mapping[str, Any]) -> int:
     return leaves["lora_embedding_A" if "lora_embedding_A" in leaves else "lora_A"].shape[-1]
 
 
+def _padded(value: np.ndarray, name: str, rank: int) -> np.ndarray:
+    """A layer's factor padded with zeros to the stack's rank (A [in, r] on its last axis,
+    B [r, out] on its first); other leaves as they are."""
+    if not is_factor(name) or name.endswith("magnitude_vector") or not rank:
+        return value
+    axis = value.ndim - 1 if name.endswith("_A") else 0
+    widths = [(0, 0)] * value.ndim
+    widths[axis] = (0, rank - value.shape[axis])
+    return np.pad(value, widths)
+
+
 def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
            updates: Mapping[tuple[str, int | None], dict[str, Any]], config: LoraConfig,
            dtype: jnp.dtype, where: str, layouts: Mapping[str, Layout] | None
-           ) -> tuple[dict[str, Any], dict[str, tuple[int, float]]]:
+           ) -> tuple[dict[str, Any], dict[str, tuple[int, float] | None]]:
     """The new tree (per-layer updates stacked for scanned modules) and {flax path: (r, alpha)}."""
     by_module: dict[str, dict[int | None, dict[str, Any]]] = {}
     for (flax_path, layer), leaves in updates.items():
         by_module.setdefault(flax_path, {})[layer] = leaves
     nodes = {s.flax_path: s.node for s in index.values()}
     new_leaves: dict[str, dict[str, Any]] = {}
-    adapted: dict[str, tuple[int, float]] = {}
+    adapted: dict[str, tuple[int, float] | None] = {}
     for flax_path, layers in by_module.items():
         node = nodes[flax_path]
         # (rank, alpha) of each adapted layer, by peft's rules on its PyTorch path.
         values = {i: (_rank(v), config.alpha(v["_torch_path"]))
                   for i, v in layers.items() if "_torch_path" in v}
-        if len(set(values.values())) > 1:
-            raise ValueError(
-                f"{where}: the layers of the scanned {flax_path!r} get different (rank, alpha) "
-                f"{sorted(set(values.values()))} from rank_pattern/alpha_pattern; a scanned "
-                "stack has one: load onto unscanned params"
-            )
+        weight = _weight_name(node)
+        rank = max((r for r, _ in values.values()), default=0)
         if values:
             adapted[flax_path] = next(iter(values.values()))
-            r, alpha = adapted[flax_path]
-            weight = _weight_name(node)
             scanned = None not in layers
+            # A scanned stack's layers may differ: ranks padded, scales as data.
+            found = per_layer({i: (r, alpha / (r ** 0.5 if config.use_rslora else r))
+                               for i, (r, alpha) in values.items()},
+                              len(node[weight]) if scanned else 0)
+            if found.ranks or found.scales:
+                adapted[flax_path] = None  # no one (rank, alpha): the file's patterns give them
             layout = (layouts or {}).get(flax_path) or Layout(
                 "embed" if weight == "embedding" else "dense", stacked=int(scanned))
             adapted_layers = tuple(sorted(i for i in values)) if scanned else None
             if adapted_layers is not None and len(adapted_layers) == len(node[weight]):
                 adapted_layers = None
-            record = LoraRecord(weight, layout, r, alpha / (r ** 0.5 if config.use_rslora else r),
-                                config.lora_dropout, adapted_layers,
-                                "dora" if config.use_dora else "lora")
+            record = LoraRecord(weight, layout, rank, found.scale, config.lora_dropout,
+                                adapted_layers, "dora" if config.use_dora else "lora",
+                                ranks=found.ranks)
         names = {k for v in layers.values() for k in v if k != "_torch_path"}
         out = {}
         for name in names:
@@ -790,13 +815,16 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
                     node[_weight_name(node)]):
                 raise ValueError(f"{where}: a DoRA adapter for only some layers of the scanned "
                                  f"{flax_path!r}; load it onto unscanned params")
-            shape = next(v[name].shape for v in layers.values() if name in v)
+            shape = _padded(next(v[name] for v in layers.values() if name in v), name,
+                            rank).shape
             n = node[name].shape[0] if name in node else len(node[_weight_name(node)])
             out[name] = jnp.asarray(np.stack([
-                layers[i][name] if name in layers.get(i, {})
+                _padded(layers[i][name], name, rank) if name in layers.get(i, {})
                 else (np.zeros(shape) if is_factor(name) else np.asarray(node[name][i]))
                 for i in range(n)]), target)
         if values:
             out[factor_names(record.weight)[2]] = record
+            if record.scale is None:
+                out[scale_name(record.weight)] = jnp.asarray(found.scales, jnp.float32)
         new_leaves[flax_path] = out
     return with_leaves(params, new_leaves), adapted

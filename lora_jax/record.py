@@ -66,7 +66,9 @@ class LoraRecord:
     the adapter axis), so it can differ per layer or adapter and change without recompiling.
     `adapters=K > 0`: an adapter set (`lora_jax.adapters`): the factors, magnitude and scale
     hold K adapters on an axis right after the stacked axes (`rank` is their common, padded
-    rank).
+    rank). `ranks`: each stacked layer's own rank when the layers of a scanned stack differ
+    (peft's rank_pattern naming layers; 0 for layers left out): the factors are padded to
+    `rank` with zero columns of A / rows of B, which gradient training keeps at zero.
     """
 
     weight: str
@@ -77,6 +79,7 @@ class LoraRecord:
     layers: tuple[int, ...] | None = None
     variant: str = "lora"
     adapters: int = 0
+    ranks: tuple[int, ...] | None = None
 
     @property
     def names(self) -> tuple[str, str]:
@@ -205,8 +208,8 @@ def check_config(adapted: Adapted, config: Any) -> None:
     if config is None:
         return
     path, record = adapted.target, adapted.record
-    if record.scale is None:  # the scale is data (per layer / adapter): the record decides
-        return
+    if record.scale is None or record.ranks is not None:
+        return  # per layer / adapter values (the scale is data): the record decides
     want_rank, want_scale = _config_values(config, path)
     if want_rank != record.rank or abs(want_scale - record.scale) > 1e-9 * abs(record.scale):
         # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns

@@ -175,7 +175,7 @@ def our_targets(params: Any, stacks: Any) -> dict[str, tuple[int, float]]:
         if slot.layer is not None and record.layers is not None and \
                 slot.layer not in record.layers:
             continue
-        out[torch_path] = (record.rank, float(record.scale))
+        out[torch_path] = peft_io._slot_values(record, slot)
     return out
 
 
@@ -210,17 +210,31 @@ def _perturb_jax(params: Any, config: lora_jax.LoraConfig, seed: int) -> Any:
 
 
 def _zero_unselected(params: Any) -> Any:
+    """Zero where training keeps zeros: the layers a stack leaves out, and the columns of A /
+    rows of B beyond a layer's own rank in a stack with per-layer ranks."""
     from lora_jax.record import iter_records
     from lora_jax.targets import with_leaves
 
     fixes = {}
     for item in iter_records(params):
-        if item.record.layers is None:
+        record = item.record
+        if record.layers is None and record.ranks is None:
             continue
-        mask = np.zeros(item.weight.shape[0], bool)
-        mask[list(item.record.layers)] = True
-        fixes[item.path] = {n: item.module[n] * mask.reshape(-1, *[1] * (item.module[n].ndim - 1))
-                            for n in item.record.arrays}
+        n = item.weight.shape[0]
+        ranks = np.array(record.ranks or [record.rank] * n)
+        if record.layers is not None:
+            ranks[[i for i in range(n) if i not in record.layers]] = 0
+        keep = np.arange(record.rank)[None, :] < ranks[:, None]  # [L, r]
+        a, b = item.factors
+        n_out = b.ndim - 2
+        fixes[item.path] = {
+            record.names[0]: a * keep.reshape(n, *[1] * (a.ndim - 2), record.rank),
+            record.names[1]: b * keep.reshape(n, record.rank, *[1] * n_out)}
+        if record.variant == "dora":
+            name = record.arrays[2]
+            mask = ranks > 0
+            fixes[item.path][name] = item.module[name] * mask.reshape(
+                -1, *[1] * (item.module[name].ndim - 1))
     return with_leaves(params, fixes) if fixes else params
 
 

@@ -192,12 +192,70 @@ def test_class_09_scanned_stacks_per_layer_exclusions_patterns_and_targets(tmp_p
     for i, (name, fields) in enumerate(cases):
         result = _agree(name, fields, True, tmp_path / str(i))
         assert (result.peft_error is None) == (i != 2), (fields, result.peft_error)
-    # A stack has one rank and scale: layers that would differ are a clear error.
-    with pytest.raises(ValueError, match="get different \\(rank, scale\\)"):
-        result = compare("llama", {"r": 4, "target_modules": ["q_proj"],
-                                   "alpha_pattern": {"model.layers.0.self_attn.q_proj": 16}},
-                         True, str(tmp_path / "alpha"))
-        raise ValueError(result.ours_error)
+
+
+@pytest.mark.parametrize("name, fields, expected", [
+    ("llama", {"r": 4, "target_modules": ["q_proj"],
+               "alpha_pattern": {"model.layers.0.self_attn.q_proj": 16}},
+     {"model.layers.0.self_attn.q_proj": (4, 4.0), "model.layers.1.self_attn.q_proj": (4, 2.0)}),
+    ("gpt2", {"r": 8, "lora_alpha": 16, "target_modules": ["c_attn"], "use_rslora": True,
+              "rank_pattern": {"h.0.attn.c_attn": 2}, "alpha_pattern": {"h.1.attn.c_attn": 4}},
+     {"transformer.h.0.attn.c_attn": (2, 16 / 2 ** 0.5),
+      "transformer.h.1.attn.c_attn": (8, 4 / 8 ** 0.5)}),
+    ("t5", {"r": 4, "target_modules": ["wi_0"],
+            "rank_pattern": {"encoder.block.1.layer.1.DenseReluDense.wi_0": 1}},
+     {"encoder.block.0.layer.1.DenseReluDense.wi_0": (4, 2.0),
+      "encoder.block.1.layer.1.DenseReluDense.wi_0": (1, 8.0),
+      "decoder.block.0.layer.2.DenseReluDense.wi_0": (4, 2.0),
+      "decoder.block.1.layer.2.DenseReluDense.wi_0": (4, 2.0)}),
+])
+def test_class_09_scanned_stacks_take_per_layer_ranks_and_scales(tmp_path, name, fields,
+                                                                 expected):
+    """rank/alpha patterns naming single layers of a scanned stack: ranks padded to the
+    stack's largest with zero columns of A / rows of B, scales as an array beside the factors;
+    peft's r and scaling per layer, logits, merge and files both ways agree, and save_peft
+    writes each layer unpadded."""
+    result = _agree(name, fields, True, tmp_path)
+    assert {k: (r, round(s, 6)) for k, (r, s) in result.our_targets.items()} == \
+        {k: (r, round(s, 6)) for k, (r, s) in expected.items()}
+
+
+def test_class_09_rank_padding_is_exact_under_training():
+    """The padded columns of A / rows of B get zero gradients and stay zero through AdamW
+    with weight decay, and count as peft counts (each layer at its own rank)."""
+    import optax
+
+    arch = ARCHS["gpt2"]
+    hf = arch.hf()
+    config_hf = arch.module.config_from_hf(hf.config.to_dict())
+    model = arch.module.build(config_hf, scan_layers=True)
+    base = arch.module.params_from_hf(state_dict(hf), config_hf, scan_layers=True)
+    config = lora_jax.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False,
+                                 rank_pattern={"h.1.attn.c_attn": 1})
+    params = lora_jax.inject(base, config, jax.random.key(0),
+                             layouts=lora_jax.layouts(model, **arch.inputs))
+    node = params["transformer"]["h"]["attn"]["c_attn"]
+    assert node["lora"].ranks == (4, 1) and node["lora_A"].shape == (2, 32, 4)
+    trainable, frozen = lora_jax.split(params, config)
+    apply = lora_jax.wrap(model.apply, config)
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    state = tx.init(trainable)
+    for _ in range(3):
+        grads = jax.grad(lambda t: (apply({"params": lora_jax.combine(t, frozen)},
+                                          **arch.inputs) ** 2).mean())(trainable)
+        g = grads["transformer"]["h"]["attn"]["c_attn"]
+        assert float(np.abs(g["lora_A"][1, :, 1:]).max()) == 0.0
+        assert float(np.abs(g["lora_B"][1, 1:]).max()) == 0.0
+        assert float(np.abs(g["lora_A"][1, :, :1]).max()) > 0  # the real rank trains
+        updates, state = tx.update(grads, state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+    node = trainable["transformer"]["h"]["attn"]["c_attn"]
+    assert float(np.abs(node["lora_A"][1, :, 1:]).max()) == 0.0
+    assert float(np.abs(node["lora_B"][1, 1:]).max()) == 0.0
+    with quiet():
+        pm = peft.get_peft_model(arch.hf(), peft.LoraConfig(
+            r=4, target_modules=["c_attn"], rank_pattern={"h.1.attn.c_attn": 1}))
+    assert lora_jax.count_parameters(params, config)[0] == pm.get_nb_trainable_parameters()[0]
 
 
 def test_class_10_rank_above_the_smaller_dimension_warns(tmp_path):
