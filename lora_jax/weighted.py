@@ -33,6 +33,7 @@ the extra columns are zero (peft's are arbitrary null-space vectors).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -43,8 +44,8 @@ import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout, factor_shapes
-from lora_jax.record import Adapted, LoraRecord, factor_names, records
-from lora_jax.targets import with_leaves, without_leaves
+from lora_jax.record import Adapted, factor_names, records
+from lora_jax.targets import unbox, with_leaves, without_leaves
 
 _FACTORED = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -130,7 +131,7 @@ def weighted_adapter(
     for number, where in enumerate(modules):
         items = [by_module.get(where) for by_module in found]
         first = _first(items)
-        layout, shape = first.record.layout, tuple(first.weight.shape)
+        layout, shape = first.record.layout, tuple(unbox(first.weight).shape)
         a, b = _combine_module(
             tuple(None if item is None else item.factors for item in items),
             jnp.asarray([0.0 if item is None else item.record.scale for item in items]),
@@ -143,8 +144,8 @@ def weighted_adapter(
         dtype = first.factors[0].dtype
         updates.setdefault(first.path, {}).update({
             a_name: a.astype(dtype), b_name: b.astype(dtype),
-            record_name: LoraRecord(first.record.weight, layout, new_rank, 1.0,
-                                    first.record.dropout, _layers(items), "lora")})
+            record_name: dataclasses.replace(first.record, rank=new_rank, scale=1.0,
+                                             layers=_layers(items))})
     base = without_leaves(adapters[0], {(item.path, name) for item in found[0].values()
                                         for name in item.record.leaves})
     config = LoraConfig(r=new_rank, lora_alpha=new_rank,
