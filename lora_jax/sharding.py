@@ -33,7 +33,13 @@ from jax.sharding import PartitionSpec as P
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import inject
-from lora_jax.record import LoraRecord, factor_names, iter_records, magnitude_name
+from lora_jax.record import (
+    LoraRecord,
+    factor_names,
+    iter_records,
+    magnitude_name,
+    scale_name,
+)
 from lora_jax.saved import drop_originals, keep_originals, table_of
 from lora_jax.targets import with_leaves, without_leaves
 
@@ -134,11 +140,16 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
         roles = item.record.layout.roles(weight.ndim)
         pick = lambda letters, spec=spec, roles=roles: [
             ax for ax, r in zip(spec, roles, strict=True) if r in letters]
+        # A set's adapter axis (after the stacked layers' axes) is replicated, as the rank is.
+        layers, adapters = pick("s"), [None] if item.record.adapters else []
+        stack = [*layers, *adapters, *pick("b")]
         a_name, b_name = item.record.names
-        factor_specs[(*keys, a_name)] = P(*pick("sb"), *pick("i"), None)
-        factor_specs[(*keys, b_name)] = P(*pick("sb"), None, *pick("o"))
+        factor_specs[(*keys, a_name)] = P(*stack, *pick("i"), None)
+        factor_specs[(*keys, b_name)] = P(*stack, None, *pick("o"))
         if item.record.variant == "dora":
-            factor_specs[(*keys, magnitude_name(item.record.weight))] = P(*pick("sb"), *pick("o"))
+            factor_specs[(*keys, magnitude_name(item.record.weight))] = P(*stack, *pick("o"))
+        if item.record.scale is None:  # the array scale: one per stacked layer (and adapter)
+            factor_specs[(*keys, scale_name(item.record.weight))] = P(*layers, *adapters)
 
     def visit(node: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}

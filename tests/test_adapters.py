@@ -227,3 +227,28 @@ def test_bad_input_raises(case):
                "lm_head": jax.tree.map(lambda v: v + 1, case["base"]["lm_head"])}
     with pytest.raises(ValueError, match="not a LoRA factor"):
         adapters.adapter_set({"a": case["members"]["a"], "b": (changed, case["members"]["b"][1])})
+
+
+@pytest.mark.parametrize("case", [("gpt2", True)], ids=_id, indirect=True)
+def test_sharded_mixed_batch_equals_single_device(case):
+    # 8 simulated CPU devices: the kernels Megatron/fsdp-sharded by gpt2's rules, the factors by
+    # lora_specs (adapter axis replicated), the batch over "data".
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lora_jax.sharding import lora_specs, match_specs, named_shardings
+
+    aset, apply = case["aset"], case["apply"]
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    kernels = [rule for rule in gpt2.SHARDING_RULES if "kernel" in rule[0]]  # vocab 99: odd
+    specs = lora_specs(aset.params, match_specs(case["base"], kernels))
+    assert specs["transformer"]["h"]["attn"]["c_attn"]["lora_A"] == P(None, None, "fsdp", None)
+    assert specs["transformer"]["h"]["attn"]["c_attn"]["lora_scale"] == P(None, None)
+    params = jax.device_put(aset.params, named_shardings(specs, mesh, aset.params))
+    ids = jnp.asarray(np.tile(IDS, (2, 1)))
+    slots = aset.ids(SLOTS * 2)
+    batch = NamedSharding(mesh, P("data"))
+    sharded = jax.jit(lambda p, x, i: apply({"params": p}, x, adapter_ids=i))(
+        params, jax.device_put(ids, batch), jax.device_put(slots, batch))
+    single = apply({"params": aset.params}, ids, adapter_ids=slots)
+    assert _rel(sharded, single) <= MIXED_TOL
