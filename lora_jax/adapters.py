@@ -54,7 +54,7 @@ from lora_jax.record import (
     scale_name,
 )
 from lora_jax.rules import Rule
-from lora_jax.targets import join_path, with_leaves, without_leaves
+from lora_jax.targets import join_path, unbox, with_leaves, without_leaves
 
 Strategy = Literal["gather", "onehot", "ragged"]
 STRATEGIES: tuple[str, ...] = ("gather", "onehot", "ragged")
@@ -105,7 +105,7 @@ def _padded(x: Any, axis: int, size: int) -> jax.Array:
 
 def _full_scale(item: Adapted) -> jax.Array:
     """The item's scale as an array over its stacked axes."""
-    stacked = item.weight.shape[:item.record.layout.stacked]
+    stacked = np.shape(unbox(item.weight))[:item.record.layout.stacked]
     return jnp.broadcast_to(jnp.asarray(item.scale, jnp.float32), stacked)
 
 
@@ -170,7 +170,7 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) ->
                 a = jnp.zeros(a0.shape[:-1] + (rank,), a0.dtype)
                 b_axis = _stack_ndim(first.record, b0.ndim, "b")
                 b = jnp.zeros(b0.shape[:b_axis] + (rank,) + b0.shape[b_axis + 1:], b0.dtype)
-                scale = jnp.zeros(first.weight.shape[:stacked], jnp.float32)
+                scale = jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
             else:
                 a, b = item.factors
                 a = _padded(a, a.ndim - 1, rank)
