@@ -10,6 +10,7 @@
 
     python experiments/nnx_benchmark.py                    # the "cpu" GPT-2 of benchmark.py
     python experiments/nnx_benchmark.py --scan             # nn.scan / nnx.scan stacks
+    python experiments/nnx_benchmark.py --dora             # DoRA in both frontends
 
 Times are medians over --iters calls after warm-up, the variants interleaved round by round.
 """
@@ -43,12 +44,14 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--scan", action="store_true")
+    parser.add_argument("--dora", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     config = gpt2.Config(**SIZES[args.size])
     ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, config.vocab_size)
-    lora = lora_jax.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["c_attn"])
+    lora = lora_jax.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["c_attn"],
+                               use_dora=args.dora)
     tx = optax.adamw(1e-4)
 
     # linen
