@@ -24,7 +24,9 @@ from parity_harness import IDS, gpt2_hf, llama_hf
 from peft_checks import TOL, base_params, max_diff, peft_adapter, peft_logits
 
 import lora_jax
+from lora_jax.factors import Layout
 from lora_jax.models import gpt2, llama
+from lora_jax.record import LoraRecord
 from lora_jax.weighted import weighted_adapter
 
 ARCHS = {"gpt2": (gpt2, gpt2_hf), "llama": (llama, llama_hf)}
@@ -266,3 +268,28 @@ def test_bad_input(setups):
     h0["lora_magnitude_vector"] = np.ones(96, np.float32)
     with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn' of adapter 1 is a dora"):
         weighted_adapter([a, dora], [1.0, 1.0], "cat")
+
+
+@pytest.mark.parametrize("kind", ["svd", "ties_svd"])
+def test_svd_forms_no_in_by_out_array(kind):
+    """`svd` works from the factors: no array of the weight's `in x out` size is made (the
+    check can fail: `ties_svd` prunes elements of the delta, which it must form)."""
+    fan_in, fan_out = 24, 20
+    record = LoraRecord("kernel", Layout("dense"), 3, 2.0)
+    kernel = np.zeros((fan_in, fan_out), np.float32)
+
+    def combine(*factors):
+        trees = [{"kernel": kernel, "lora_A": a, "lora_B": b, "lora": record}
+                 for a, b in zip(factors[::2], factors[1::2], strict=True)]
+        return weighted_adapter(trees, [0.5, -0.5], kind, density=0.5)[0]
+
+    def sizes(jaxpr):
+        found = {v.aval.size for eqn in jaxpr.eqns for v in eqn.outvars}
+        for eqn in jaxpr.eqns:
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                found |= sizes(sub)
+        return found
+
+    shapes = [(fan_in, 3), (3, fan_out)] * 2
+    made = sizes(jax.make_jaxpr(combine)(*[np.ones(s, np.float32) for s in shapes]).jaxpr)
+    assert (fan_in * fan_out in made) == (kind == "ties_svd"), sorted(made)
