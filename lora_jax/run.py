@@ -125,12 +125,12 @@ def _checkpoint_steps(folder: Path) -> list[int]:
 
 
 def _unstarted_run(folder: Path) -> bool:
-    """A run folder that holds no checkpoint yet (stopped before the first one): reusable."""
+    """A run folder that holds no checkpoint yet (stopped before the first one, or killed
+    while writing run_config.json: only our temporary files): reusable."""
     names = {p.name for p in folder.iterdir()}
     ours = {"run_config.json", "losses.json", "checkpoint"}
     leftovers = {n for n in names - ours if not (n.startswith(".") and n.endswith(".tmp"))}
-    return "run_config.json" in names and not leftovers and not _checkpoint_steps(
-        folder / "checkpoint")
+    return not leftovers and not _checkpoint_steps(folder / "checkpoint")
 
 
 # --- adapters: checked before they are used -------------------------------------------------------
@@ -340,11 +340,12 @@ def with_classifier(module: Any, params: dict[str, Any], model_type: str,
     if head in params and params[head]["kernel"].shape[-1] == num_labels:
         return module, params
     config = dc.replace(module.config, num_labels=num_labels)
-    model = architecture(model_type).build(config, dtype=module.dtype,
-                                           param_dtype=module.param_dtype, task="classify")
+    arch = architecture(model_type)
+    model = arch.build(config, dtype=module.dtype, param_dtype=module.param_dtype,
+                       task="classify")
     encoder = {k: v for k, v in params.items() if k != head}
-    if "bert" not in encoder:  # a base model: its params become the `bert` subtree
-        encoder = {"bert": encoder}
+    if arch.BASE_MODEL_PREFIX not in encoder:  # a base model: its params become that subtree
+        encoder = {arch.BASE_MODEL_PREFIX: encoder}
     # HF's initialisation of a new head: N(0, initializer_range^2) weights, zero bias.
     hidden = config.hidden_size
     std = getattr(config, "initializer_range", 0.02)

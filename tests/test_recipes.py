@@ -125,30 +125,41 @@ def test_recipe_t5_meta_tags_with_lora_on_the_encoder_attention_only(tiny_t5, tm
     assert generated.strip()
 
 
+def _main(capsys, *argv):
+    """`lora-jax ARGV` in this process (these errors come before any model is loaded)."""
+    from lora_jax import cli
+
+    capsys.readouterr()  # not the fixtures' output
+    code = cli.main([str(a) for a in argv])
+    return code, error_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("bad, message", [
     ('{"text": "a page"}', ':1: expected an object with string "input" and "target" fields'),
     ('{"input": "a page", "target": 3}', ':1: expected an object with string "input"'),
 ])
-def test_seq2seq_data_errors_name_the_line(tiny_t5, tmp_path, bad, message):
+def test_seq2seq_data_errors_name_the_line(capsys, tiny_t5, tmp_path, bad, message):
     data = tmp_path / "pages.jsonl"
     data.write_text(bad + "\n")
-    code, _, err = lora_jax_cli("finetune", "--model", tiny_t5, "--data", data, "--out",
-                                tmp_path / "run")
-    assert code == 2 and f"{data}{message}" in error_line(err)
+    code, err = _main(capsys, "finetune", "--model", tiny_t5, "--data", data, "--out",
+                      tmp_path / "run")
+    assert code == 2 and f"{data}{message}" in err
 
 
 @pytest.mark.parametrize("model, argv, message", [
     ("tiny_t5", ["--task", "lm"], "--task lm does not apply to"),
     ("tiny_t5", ["--method", "prompt"], "--method prompt supports --task classify and lm"),
     ("tiny_gpt2", ["--task", "seq2seq"], "a gpt2 causal LM: use --task lm"),
+    ("tiny_bloom", ["--task", "classify"], "is a bloom causal LM (use --task lm)"),
     ("tiny_t5", ["--data", "bbc"], "--task seq2seq reads a .jsonl file"),
 ])
-def test_seq2seq_task_mismatches_are_one_line_errors(request, tmp_path, model, argv, message):
+def test_seq2seq_task_mismatches_are_one_line_errors(capsys, request, tmp_path, model, argv,
+                                                     message):
     folder = request.getfixturevalue(model)
     data = ["--data", RECIPES / "pages.jsonl"] if "--data" not in argv else []
-    code, _, err = lora_jax_cli("finetune", "--model", folder, *data, *argv, "--out",
-                                tmp_path / "run", "--steps", "1")
-    assert code == 2 and message in error_line(err), err
+    code, err = _main(capsys, "finetune", "--model", folder, *data, *argv, "--out",
+                      tmp_path / "run", "--steps", "1", "--no-progress")
+    assert code == 2 and message in err, err
 
 
 def test_seq2seq_loss_equals_transformers_t5_loss(tiny_t5):

@@ -40,6 +40,7 @@ HF_CLASSES = ("BertModel", "BertForSequenceClassification")
 DEFAULT_TARGETS = ("query", "value")
 WORD_EMBEDDINGS = "bert.embeddings.word_embeddings"
 CLASSIFIER = "classifier"
+BASE_MODEL_PREFIX = "bert"  # the classifier model holds the base model's params under this key
 DEFAULT_TASK = "classify"
 TASKS = {"BertModel": "base", "BertForSequenceClassification": "classify"}
 LAYER_STACKS = ("encoder.layer", "bert.encoder.layer")

@@ -20,7 +20,8 @@ loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model cod
 - `DEFAULT_TARGETS`, `WORD_EMBEDDINGS`, `CLASSIFIER`, `DEFAULT_TASK`: what `lora-jax finetune`
   needs: peft's default `target_modules` for the architecture, the path of the word-embedding
   table (prompt-tuning), the classification head's module name, trained in full (None: not a
-  classifier), and the default task (`classify`, `lm` or `seq2seq`).
+  classifier), and the default task (`classify`, `lm` or `seq2seq`); with a classifier,
+  `BASE_MODEL_PREFIX` (HF's `base_model_prefix`), the key of the base model's params in it.
 """
 
 import importlib
