@@ -11,7 +11,9 @@ scanned + remat stack one layer's float kernel exists at a time. LoRA's factors 
   16 normal-float levels, stored as a `uint4` array of the weight's shape (XLA packs two per byte;
   bitsandbytes' bytes hold the same codes, the first in the high nibble). Double quantisation: the
   absmax values of each matrix minus their mean, in blocks of 256, as 8-bit codes of bitsandbytes'
-  dynamic map, with one float scale per block. About 4.13 bits per weight.
+  dynamic map, with one float scale per block. About 4.13 bits per weight. The block codes are
+  stored `[*stack, rows, cols / 64]` (flat `[*stack, blocks]` when 64 does not divide cols), so
+  they shard like the kernel (`specs`).
 - int8: one absmax scale per column of each trailing matrix (per output feature and stacked
   layer), codes round(127 w / absmax).
 
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from lora_jax.targets import iter_modules, matches, with_leaves
 
@@ -74,8 +77,9 @@ def _nearest(values: jax.Array, levels: np.ndarray) -> jax.Array:
 
 
 class _Quantized(abc.ABC):
-    """Shared behaviour of quantized weights: a pytree of `FIELDS` arrays with the original
-    float dtype as static data, read as a float array through `dequantize`."""
+    """Shared behaviour of quantized weights: a pytree of `FIELDS` arrays (keyed by field name,
+    so paths read `...kernel.codes`) with the original float dtype as static data, read as a
+    float array through `dequantize`."""
 
     FIELDS: tuple[str, ...] = ()
     dtype: Any
@@ -87,6 +91,10 @@ class _Quantized(abc.ABC):
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
         return tuple(getattr(self, name) for name in self.FIELDS), self.dtype.name
+
+    def tree_flatten_with_keys(self) -> tuple[tuple[Any, ...], Any]:
+        return tuple((jax.tree_util.DictKey(name), getattr(self, name))
+                     for name in self.FIELDS), self.dtype.name
 
     @classmethod
     def tree_unflatten(cls, dtype: str, children: tuple[Any, ...]) -> Any:
@@ -117,6 +125,18 @@ class _Quantized(abc.ABC):
     def __jax_array__(self) -> jax.Array:
         return self.dequantize()
 
+    def specs(self, spec: P) -> Any:
+        """`PartitionSpec`s of the fields, as a tree like `self`, for a kernel partitioned by
+        `spec` (`lora_jax.sharding` calls this): the codes take the kernel's spec and the scales
+        the spec of the axes they follow, so a block never straddles a shard (a sharded axis
+        whose blocks do not divide over its devices is refused by `named_shardings`)."""
+        full = (*spec, *(None,) * (self.ndim - len(spec)))
+        return type(self)(*self._specs(full[:-2], *full[-2:]), dtype=self.dtype)
+
+    @abc.abstractmethod
+    def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P, ...]:
+        """The fields' specs for a kernel spec `(*stack, rows, cols)`."""
+
     def astype(self, dtype: Any) -> jax.Array:
         return self.dequantize(dtype)
 
@@ -124,7 +144,7 @@ class _Quantized(abc.ABC):
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype.name})"
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class NF4Tensor(_Quantized):
     """An NF4-quantized weight (see the module docstring); `jnp.asarray` dequantizes it."""
 
@@ -141,8 +161,23 @@ class NF4Tensor(_Quantized):
         absmax = absmax + self.offset[..., None]
         return (values.reshape(*batch, n_blocks, BLOCK) * absmax[..., None]).reshape(self.shape)
 
+    def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P, ...]:
+        if self.absmax.ndim == self.ndim:  # [*stack, rows, cols / 64]
+            absmax = P(*stack, rows, cols)
+        elif cols is None:  # flat blocks in row-major order: contiguous per row shard
+            absmax = P(*stack, rows)
+        else:
+            raise ValueError(
+                f"an NF4 kernel of shape {self.shape} has {self.shape[-1]} columns, not a "
+                f"multiple of {BLOCK}: its blocks span rows, so its output axis cannot be "
+                f"sharded (spec {P(*stack, rows, cols)}); leave that axis unsharded"
+            )
+        # The double quantisation's constants (one per 256 blocks, one offset per matrix) are
+        # tiny: each shard keeps all of its matrix's.
+        return P(*stack, rows, cols), absmax, P(*stack, None), P(*stack)
 
-@jax.tree_util.register_pytree_node_class
+
+@jax.tree_util.register_pytree_with_keys_class
 class Int8Tensor(_Quantized):
     """An int8 weight with one absmax scale per column of each trailing matrix."""
 
@@ -150,6 +185,9 @@ class Int8Tensor(_Quantized):
 
     def _float(self) -> jax.Array:
         return self.codes.astype(jnp.float32) * self.scale
+
+    def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P, ...]:
+        return P(*stack, rows, cols), P(*stack, None, cols)
 
 
 QUANTIZED = (NF4Tensor, Int8Tensor)
@@ -182,6 +220,8 @@ def nf4(w: jax.Array) -> NF4Tensor:
     scale = jnp.abs(padded).max(-1)
     absmax_codes = _nearest(padded / jnp.where(scale == 0, 1.0, scale)[..., None], _DYNAMIC)
     absmax_codes = absmax_codes.reshape(*batch, -1)[..., :n]
+    if cols % BLOCK == 0:  # the kernel's axes, so that the block codes shard like it
+        absmax_codes = absmax_codes.reshape(*batch, rows, cols // BLOCK)
     return NF4Tensor(codes, absmax_codes, scale, offset, dtype=w.dtype)
 
 

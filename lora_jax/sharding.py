@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout
 from lora_jax.inject import inject
+from lora_jax.quantization import is_quantized
 from lora_jax.record import (
     LoraRecord,
     factor_names,
@@ -60,7 +61,8 @@ def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
     Leaves may be `PartitionSpec`s (kept), arrays or `jax.ShapeDtypeStruct`s with a
     `NamedSharding` (its spec), Flax `nn.Partitioned` / `nn.LogicallyPartitioned` boxes (their
     names, mapped to mesh axes with `rules`, e.g. `[("embed", "fsdp"), ("mlp", "tensor")]`), or
-    anything else (replicated: `P()`). None holes stay None.
+    anything else (replicated: `P()`). A quantized kernel (`lora_jax.quantize`) is one leaf
+    whose spec is its codes'. None holes stay None.
     """
 
     def spec(x: Any) -> P:
@@ -69,10 +71,13 @@ def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
         if _is_box(x):
             names = P(*x.names)
             return nn.logical_to_mesh_axes(names, rules) if rules is not None else names
+        if is_quantized(x):
+            return spec(x.codes)
         sharding = getattr(x, "sharding", None)
         return sharding.spec if isinstance(sharding, NamedSharding) else P()
 
-    return jax.tree.map(spec, tree, is_leaf=lambda x: _is_spec(x) or _is_box(x))
+    return jax.tree.map(spec, tree, is_leaf=lambda x: _is_spec(x) or _is_box(x) or
+                        is_quantized(x))
 
 
 def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
@@ -80,7 +85,7 @@ def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
 
     The first rule whose regex `re.fullmatch`es the leaf's path (e.g.
     `transformer.h.attn.c_attn.kernel`) gives its spec; unmatched leaves get `default`
-    (replicated, `P()`, when None).
+    (replicated, `P()`, when None). A quantized kernel is one leaf (see `lora_specs`).
     """
     default = P() if default is None else default
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
@@ -89,7 +94,7 @@ def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
         name = ".".join(str(getattr(k, "key", k)) for k in path)
         return next((s for regex, s in compiled if regex.fullmatch(name)), default)
 
-    return jax.tree_util.tree_map_with_path(spec, nn.unbox(params))
+    return jax.tree_util.tree_map_with_path(spec, nn.unbox(params), is_leaf=is_quantized)
 
 
 def _check_rank(spec: P, ndim: int, path: str, strict: bool) -> P:
@@ -108,7 +113,8 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
 
     `base` gives the base weights' partitioning in any form `base_specs` reads, for a tree
     shaped like the base params (with or without factors); the factors' specs are derived from
-    their weight's spec and the factor shapes.
+    their weight's spec and the factor shapes. A quantized kernel's spec becomes its codes' and
+    scales' specs (`NF4Tensor.specs`: blocks and scales follow the kernel's axes).
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> from lora_jax import inject
@@ -160,6 +166,8 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
                 out[key] = value
             elif (*keys, key) in factor_specs:
                 out[key] = factor_specs[(*keys, key)]
+            elif is_quantized(value):
+                out[key] = value.specs(base_spec((*keys, key), value, strict=False))
             elif table_of(key) is not None:  # a saved table's original: sharded as the table
                 out[key] = base_spec((*keys, table_of(key)), value, strict=False)
             else:

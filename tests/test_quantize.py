@@ -230,3 +230,67 @@ def test_loftq_quantizes_the_base_and_its_factors_recover_part_of_the_error(bits
     assert float(jnp.linalg.norm(w - loftq)) < 0.9 * float(jnp.linalg.norm(w - plain))
     with pytest.raises(ValueError, match="loftq_config takes loftq_bits"):
         lora_jax.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 3})
+
+
+def test_a_sharded_qlora_step_equals_one_device():
+    """8 simulated CPU devices (data x fsdp x tensor = 2 x 2 x 2) and GPT-2's SHARDING_RULES:
+    the NF4 codes and block scales take their kernel's sharding, and two training steps give
+    the losses and factors of one device."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from lora_jax.distributed import shard_batch
+    from lora_jax.sharding import lora_specs, match_specs, named_shardings, shard_inject
+
+    model = gpt2.build(gpt2.Config(vocab_size=128, n_positions=32, n_embd=128, n_layer=2,
+                                   n_head=4), scan_layers=True)
+    ids = np.random.default_rng(0).integers(0, 128, (8, 9), dtype=np.int32)
+    base = q.quantize(jax.jit(lambda k: model.init(k, ids[:, :-1])["params"])(
+        jax.random.key(0)), "nf4")
+    config = lora_jax.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    layouts = lora_jax.layouts(model, ids[:, :-1])
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    sharded = shard_inject(base, config, jax.random.key(1), mesh,
+                           specs=match_specs(base, gpt2.SHARDING_RULES), layouts=layouts)
+    single = lora_jax.inject(base, config, jax.random.key(1), layouts=layouts)
+    kernel = sharded["transformer"]["h"]["attn"]["c_attn"]["kernel"]  # [2, 128, 384]
+    assert kernel.codes.sharding.spec == P(None, "fsdp", "tensor")
+    assert kernel.absmax.sharding.spec == P(None, "fsdp", "tensor")
+    assert kernel.codes.addressable_shards[0].data.shape == (2, 64, 192)
+    assert kernel.absmax.addressable_shards[0].data.shape == (2, 64, 3)  # whole blocks
+    apply = lora_jax.wrap(model.apply, config)
+    tx = optax.adam(1e-2)
+
+    def step(trainable, frozen, state, batch):
+        def loss(t):
+            logits = apply({"params": lora_jax.combine(t, frozen)}, batch[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+        value, grads = jax.value_and_grad(loss)(trainable)
+        updates, state = tx.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state, value
+
+    def run(params, batch):
+        trainable, frozen = lora_jax.split(params, config)
+        state, losses = jax.jit(tx.init)(trainable), []
+        for _ in range(2):
+            trainable, state, value = jax.jit(step)(trainable, frozen, state, batch)
+            losses.append(float(value))
+        return losses, trainable
+
+    want, want_t = run(single, ids)
+    got, got_t = run(sharded, shard_batch(ids, mesh))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_t), jax.tree.leaves(want_t), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    # A block may not straddle a shard: 128 columns are 2 blocks per row, not 4 shards' worth;
+    # 96 columns (not a multiple of 64) keep flat block codes, whose columns cannot shard.
+    mesh8 = jax.make_mesh((8,), ("tensor",), axis_types=(AxisType.Auto,))
+    for cols, devices, error in [(128, 8, r"kernel\.absmax' has shape \(64, 2\): axis 1 of "
+                                 r"size 2 does not divide over mesh axes \('tensor',\)"),
+                                 (96, 2, "96 columns, not a multiple of 64: its blocks span "
+                                  "rows, so its output axis cannot be sharded")]:
+        tree = {"proj": {"kernel": q.nf4(jnp.ones((64, cols)))}}
+        with pytest.raises(ValueError, match=error):
+            specs = lora_specs(tree, {"proj": {"kernel": P(None, "tensor")}})
+            named_shardings(specs, mesh8 if devices == 8 else mesh, tree)
