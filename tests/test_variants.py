@@ -72,22 +72,8 @@ def test_dora_jax_to_peft_logits_and_merge(tmp_path, name):
     assert logits_diff < TOL and merge_diff < MERGE_TOL
 
 
-KINDS = ("dense", "dense_general", "conv", "embed")
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("init", [True, False])
-def test_dora_wrapped_equals_merged_and_starts_at_the_base(kind, init):
-    model, x = single_layer(kind, 6, 5)
-    base = model.init(jax.random.key(0), x)["params"]
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], use_dora=True,
-                        init_lora_weights=init)
-    params = lora_jax.inject(base, config, jax.random.key(1), layouts=lora_jax.layouts(model, x))
-    wrapped = lora_jax.wrap(model.apply, config)({"params": params}, x)
-    if init is True:  # m = ||W||, B = 0: the base exactly
-        np.testing.assert_array_equal(wrapped, model.apply({"params": base}, x))
-    merged = model.apply({"params": lora_jax.merge(params, config)}, x)
-    np.testing.assert_allclose(wrapped, merged, rtol=1e-5, atol=1e-5 * np.abs(merged).max())
+# DoRA's wrapped == merged and default init == base, per layer kind and frontend: the contract
+# suite in tests/test_nnx.py (frontend x kind x variant).
 
 
 def _products(jaxpr):
