@@ -126,8 +126,8 @@ def finetune(args: argparse.Namespace) -> int:
     clock = time.perf_counter()
     for i in range(steps):
         index = {s: next(order) for s, order in orders.items()}
-        rows = [index[s] for s in sw.seeds] if per_point else [index[seeds[0]]]
-        batch = {k: np.stack([v[r] for r in rows]) if per_point else v[rows[0]]
+        picks = [index[s] for s in sw.seeds]
+        batch = {k: np.stack([v[p] for p in picks]) if per_point else v[picks[0]]
                  for k, v in train_a.items()}
         trainable, state, loss = step_fn(trainable, sw.scales, sw.frozen, state, batch,
                                          sweep.dropout_keys(sw, i))

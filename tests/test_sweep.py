@@ -99,6 +99,9 @@ def test_sweep_equals_each_point_alone_and_loads_in_peft(request, tmp_path, arch
     forward = forward_of(lora_jax.wrap(model.apply, sw.config))
     step = sweeps.make_step(forward, "lm", adamw, batch_axis=0 if per_point else None)
     state, trainable, losses = sweeps.init_state(sw, adamw), sw.trainable, []
+    step = step.lower(trainable, sw.scales, sw.frozen, state, data[0],
+                      sweeps.dropout_keys(sw, 0)).compile()
+    assert_base_once(step, sw, state, data[0])
     for i, batch in enumerate(data):
         trainable, state, loss = step(trainable, sw.scales, sw.frozen, state, batch,
                                       sweeps.dropout_keys(sw, i))
@@ -132,16 +135,8 @@ def test_sweep_equals_each_point_alone_and_loads_in_peft(request, tmp_path, arch
         assert np.abs(np.asarray(ours) - theirs).max() <= PEFT_TOL, k
 
 
-def test_compiled_step_holds_the_base_once(tiny_llama):
-    model, base = from_pretrained(tiny_llama, scan_layers=True)
-    layouts = lora_jax.layouts(model, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-    config = lora_jax.LoraConfig(target_modules=("q_proj", "v_proj"))
-    sw = sweeps.sweep(base, config, POINTS, layouts=layouts)
-    forward = forward_of(lora_jax.wrap(model.apply, sw.config))
-    step = sweeps.make_step(forward, "lm", adamw)
-    state, batch = sweeps.init_state(sw, adamw), batches(False)[0]
-    compiled = step.lower(sw.trainable, sw.scales, sw.frozen, state, batch,
-                          sweeps.dropout_keys(sw, 0)).compile()
+def assert_base_once(compiled, sw, state, batch):
+    """The compiled step's arguments are the base once plus the K points, not K x the base."""
     size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
     base_bytes = size(sw.frozen)
     points_bytes = size((sw.trainable, sw.scales, state)) + size(batch) + 1024
@@ -229,3 +224,44 @@ def test_cli_sweep_bad_input(tmp_path, capsys, argv, message):
 
     code = cli.main(["finetune", "--out", str(tmp_path / "x"), "--no-progress", *argv])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_dora_and_trained_biases_sweep_equal_each_point_alone():
+    # Trained leaves beside the factors (DoRA magnitudes, biases) are stacked per point too.
+    model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(5)])
+    x = jax.random.normal(jax.random.key(0), (6, 12))
+    batch = {"x": x, "labels": jnp.arange(6) % 5}
+    base = model.init(jax.random.key(0), x)["params"]
+    config = lora_jax.LoraConfig(target_modules=".*", use_dora=True, bias="all",
+                                 init_lora_weights="gaussian")
+    points = [{"seed": 0, "lr": 1e-2, "r": 1, "lora_alpha": 2, "weight_decay": 0.1},
+              {"seed": 1, "lr": 3e-2, "r": 3, "lora_alpha": 1, "weight_decay": 0.0},
+              {"seed": 2, "lr": 2e-2, "r": 2, "lora_alpha": 8, "weight_decay": 0.01}]
+    sw = sweeps.sweep(base, config, points)
+    assert sw.trainable["layers_0"]["bias"].shape == (3, 16)
+    assert sw.trainable["layers_0"]["lora_magnitude_vector"].shape == (3, 16)
+    apply = lora_jax.wrap(model.apply, sw.config)
+    step = sweeps.make_step(lambda p, b, k: apply({"params": p}, b["x"]), "classify", adamw)
+    state, trainable, losses = sweeps.init_state(sw, adamw), sw.trainable, []
+    for i in range(STEPS):
+        trainable, state, loss = step(trainable, sw.scales, sw.frozen, state, batch,
+                                      sweeps.dropout_keys(sw, i))
+        losses.append(np.asarray(loss))
+    for k, (point, (params, _)) in enumerate(zip(points, sweeps.unstack(sw, trainable),
+                                                 strict=True)):
+        point_config = sweeps.point_config(config, point)
+        alone_params = lora_jax.inject(base, point_config, jax.random.key(point["seed"]))
+        trained, frozen = lora_jax.split(alone_params, point_config)
+        trained = jax.tree.map(jnp.copy, trained)  # the step donates it: not the base's biases
+        tx = adamw(point["lr"], point["weight_decay"])
+        point_apply = lora_jax.wrap(model.apply, point_config)
+        alone_step = train.make_step(lambda p, b, k, f=point_apply: f({"params": p}, b["x"]),
+                                     "classify", tx)
+        state_k, want = tx.init(trained), []
+        for _ in range(STEPS):
+            trained, state_k, loss = alone_step(trained, frozen, state_k, batch, None)
+            want.append(float(loss))
+        assert np.abs(np.asarray(losses)[:, k] - want).max() <= TOL, k
+        got = jax.tree.leaves(params)
+        for a, b in zip(got, jax.tree.leaves(lora_jax.combine(trained, frozen)), strict=True):
+            assert a.shape == b.shape and np.abs(np.asarray(a) - b).max() <= FACTOR_TOL
