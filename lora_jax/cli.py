@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train the flax.linen model (default) or its Flax NNX twin (GPT-2, "
                     "Llama; --method lora); the adapter files are the same")
 
-    gen = sub.add_parser("generate", help="generate text with a causal LM (and an adapter)")
+    gen = sub.add_parser("generate", help="continue a prompt with a causal LM, or decode from it "
+                         "with an encoder-decoder (T5); optionally with an adapter")
     gen.add_argument("--model", default="smollm2")
     gen.add_argument("--adapter", action="append",
                      help="a peft adapter folder (e.g. runs/X/adapter); repeat it to give each "
