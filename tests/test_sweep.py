@@ -185,11 +185,12 @@ def test_cli_sweep_writes_a_run_per_point_equal_to_normal_runs(tiny_llama, tmp_p
     text.write_text("\n\n".join(f"the match {i} ended with a late goal for the home team"
                                 for i in range(40)))
     common = ["finetune", "--model", tiny_llama, "--data", text, "--steps", "4",
-              "--batch-size", "4", "--seq-len", "16", "--no-progress"]
+              "--batch-size", "4", "--seq-len", "16", "--no-progress", "--seed", "1"]
+    # Different seeds: each point draws its own batches (and init, dropout).
     code, out, err = lora_jax_cli(*common, "--out", tmp_path / "sweep", "--sweep",
-                                  "lr=1e-2,3e-2", "--sweep", "r=2,4")
+                                  "lr=1e-2,3e-2", "--sweep", "seed=1,2", "--r", "4")
     assert code == 0, err
-    names = ["lr=0.01_r=2", "lr=0.01_r=4", "lr=0.03_r=2", "lr=0.03_r=4"]
+    names = ["lr=0.01_seed=1", "lr=0.01_seed=2", "lr=0.03_seed=1", "lr=0.03_seed=2"]
     summary = strict_json(tmp_path / "sweep" / "summary.json")
     assert [row["point"] for row in summary["points"]] == names
     table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
@@ -202,13 +203,16 @@ def test_cli_sweep_writes_a_run_per_point_equal_to_normal_runs(tiny_llama, tmp_p
         assert row["final_loss"] == metrics["losses"][-1] and row["steps_per_second"] > 0
         assert row["test_perplexity"] == metrics["test"]["perplexity"] > 1
         adapter = strict_json(folder / "adapter" / "adapter_config.json")
-        assert adapter["r"] == row["r"] and adapter["lora_alpha"] == 16
+        assert adapter["r"] == 4 and adapter["lora_alpha"] == 16
+        assert strict_json(folder / "run_config.json")["seed"] == row["seed"]
     # A point equals the normal run with its flags.
     code, _, err = lora_jax_cli(*common, "--out", tmp_path / "alone", "--lr", "3e-2", "--r", "4")
     assert code == 0, err
     alone = strict_json(tmp_path / "alone" / "metrics.json")["losses"]
-    swept = strict_json(tmp_path / "sweep" / "lr=0.03_r=4" / "metrics.json")["losses"]
+    swept = strict_json(tmp_path / "sweep" / "lr=0.03_seed=1" / "metrics.json")["losses"]
     assert np.abs(np.asarray(alone) - swept).max() <= TOL, (alone, swept)
+    other = strict_json(tmp_path / "sweep" / "lr=0.03_seed=2" / "metrics.json")["losses"]
+    assert np.abs(np.asarray(other) - swept).max() > 1e-3  # another seed: other batches
 
 
 @pytest.mark.parametrize("argv, message", [
