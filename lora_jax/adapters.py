@@ -182,7 +182,7 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) ->
         dtype = jnp.result_type(*a_list, *b_list)
         a_name, b_name = first.record.names
         record = dataclasses.replace(first.record, rank=rank, scale=None, layers=None,
-                                     adapters=len(names))
+                                     ranks=None, adapters=len(names))
         updates.setdefault(first.path, {}).update({
             a_name: jnp.stack(a_list, stacked).astype(dtype),
             b_name: jnp.stack(b_list, stacked).astype(dtype),
