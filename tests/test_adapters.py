@@ -4,6 +4,7 @@ unscanned, for every strategy; selecting and swapping never recompile; a set sav
 multi-adapter layout loads in peft (logits 1e-4), agrees with peft's own mixed batch
 (`adapter_names`), and loads back; bad input raises. float32."""
 
+import dataclasses
 import functools
 
 import jax
@@ -41,10 +42,15 @@ TARGETS = {
 
 
 def _configs(arch: str) -> list[lora_jax.LoraConfig]:
-    return [lora_jax.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                init_lora_weights=False, use_rslora=rslora)
-            for (r, alpha, rslora), targets in zip(
-                [(2, 4, False), (4, 16, False), (3, 5, True)], TARGETS[arch], strict=True)]
+    configs = [lora_jax.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                   init_lora_weights=False, use_rslora=rslora)
+               for (r, alpha, rslora), targets in zip(
+                   [(2, 4, False), (4, 16, False), (3, 5, True)], TARGETS[arch], strict=True)]
+    if arch == "llama":  # one layer of one stack with its own rank and alpha
+        configs[2] = dataclasses.replace(configs[2],
+                                         rank_pattern={"layers.1.self_attn.o_proj": 5},
+                                         alpha_pattern={"layers.1.self_attn.o_proj": 7})
+    return configs
 
 
 ALL = [(a, s) for a in ARCHS for s in (False, True)]
