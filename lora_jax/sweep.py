@@ -263,7 +263,8 @@ def make_step(forward: Forward, task: str, tx: Callable[..., optax.GradientTrans
 def dropout_keys(sw: Sweep, step: int) -> jax.Array:
     """The points' dropout keys of `step`: `fold_in(key(seed), step)`, as `lora_jax.train.fit`
     draws them for a run with that seed."""
-    return jnp.stack([jax.random.fold_in(jax.random.key(s), step) for s in sw.seeds])
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(
+        jnp.asarray(sw.seeds, jnp.uint32))
 
 
 def unstack(sw: Sweep, trainable: Params) -> list[tuple[Params, LoraConfig]]:
