@@ -93,6 +93,7 @@ def finetune(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from tqdm.auto import tqdm
 
     from lora_jax import data, sweep, train
 
@@ -124,7 +125,7 @@ def finetune(args: argparse.Namespace) -> int:
     orders = {s: data.batch_indices(n_train, args.batch_size, s) for s in seeds}
     losses, tokens, first = [], 0, 0.0
     clock = time.perf_counter()
-    for i in range(steps):
+    for i in tqdm(range(steps), disable=args.no_progress, unit="step", dynamic_ncols=True):
         index = {s: next(order) for s, order in orders.items()}
         picks = [index[s] for s in sw.seeds]
         batch = {k: np.stack([v[p] for p in picks]) if per_point else v[picks[0]]
