@@ -13,7 +13,8 @@ Checks: inject (tunix's own `Einsum` q/k/v/o through lora_jax's shipped rule, it
 MLP through flax's), default init == base exactly, adapted == merged, 3 Adam steps with
 nnx.Optimizer(wrt=nnx.LoRAParam) change only the factors, merge gives back plain tunix modules,
 peft export (einsum kernels written as the HF Linear of their flattening) loaded by
-PeftModel.from_pretrained onto the HF model: logits compared.
+PeftModel.from_pretrained onto the HF model: logits compared; that file loaded back onto a fresh
+tunix model by lnnx.load_peft (peft's 2-D factors read into the einsum kernels' axes).
 """
 
 from __future__ import annotations
@@ -133,6 +134,14 @@ def main() -> None:
         peft_logits = pm(torch.tensor(ids)).logits.numpy()
     results["peft_vs_tunix_adapted_logits_max_abs_diff"] = diff(adapted_logits, peft_logits)
     results["adapter_changes_logits_by"] = diff(adapted_logits, base)
+    # and back: peft's 2-D factors onto a fresh tunix model's einsum kernels [D, N, H] / [N, H, D]
+    fresh = llama3_params.create_model_from_safe_tensors(os.path.join(work, "base"), config)
+    lnnx.load_peft(adapter, fresh, path_map=path_map)
+    results["peft_file_loaded_back_vs_tunix_adapted_logits_max_abs_diff"] = diff(
+        logits(fresh), adapted_logits)
+    results["loaded_back_q_proj_factor_shapes"] = [
+        tuple(fresh.layers[0].attn.q_proj.w_lora_A.shape),
+        tuple(fresh.layers[0].attn.q_proj.w_lora_B.shape)]
     for key, value in results.items():
         print(f"{key}: {value}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
