@@ -732,7 +732,7 @@ def _as_linear(tree: Mapping[str, Any]) -> dict[str, Any]:
         kernel = record.layout.to_canonical(weight)
         flat = dataclasses.replace(record, weight="kernel", layout=layout)
         leaves = {"kernel": kernel, flat.names[0]: item.factors[0].reshape(*kernel.shape[:-1], -1),
-                  flat.names[1]: item.factors[1].reshape(*stack, record.rank, -1),
+                  flat.names[1]: item.factors[1].reshape(*stack, item.factors[0].shape[-1], -1),
                   factor_names("kernel")[2]: flat}
         if record.variant == "dora":
             leaves[magnitude_name("kernel")] = item.magnitude.reshape(*stack, -1)
@@ -761,8 +761,9 @@ def _from_linear(tree: Mapping[str, Any], base: Mapping[str, Any],
         stack, fan_in, fan_out = layout.split(weight.shape)
         mine = dataclasses.replace(record, weight=name, layout=layout)
         a, b = (node[n] for n in record.names)
-        updates[path].update({mine.names[0]: a.reshape(*stack, *fan_in, record.rank),
-                              mine.names[1]: b.reshape(*stack, record.rank, *fan_out),
+        rank = a.shape[-1]
+        updates[path].update({mine.names[0]: a.reshape(*stack, *fan_in, rank),
+                              mine.names[1]: b.reshape(*stack, rank, *fan_out),
                               factor_names(name)[2]: mine})
         if record.variant == "dora":
             updates[path][magnitude_name(name)] = node[magnitude_name("kernel")].reshape(
