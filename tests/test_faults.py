@@ -2,6 +2,7 @@
 tiny models and checks the exit status, the message, and that no file was lost or replaced."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -286,6 +287,19 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_or_resumed(tiny_
     assert len(strict_json(saved / "metrics.json")["losses"]) == 2
 
 
+def test_a_run_killed_while_writing_its_run_config_can_be_rerun(tmp_path):
+    """Killed inside write_json(run_config.json): only our temporary file is left, and the
+    folder counts as an unstarted run (before: "--out exists and is not empty")."""
+    from lora_jax.run import _unstarted_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".run_config.json.x1y2.tmp").write_text('{"mod')
+    assert _unstarted_run(out)
+    (out / "notes.txt").write_text("mine")  # anything else is the user's: never reused
+    assert not _unstarted_run(out)
+
+
 def test_merge_of_an_adapter_saved_without_task_type(bert_run, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(bert_run / "adapter", adapter)
@@ -298,39 +312,157 @@ def test_merge_of_an_adapter_saved_without_task_type(bert_run, tmp_path):
     assert config["architectures"] == ["BertForSequenceClassification"]
 
 
-def test_killed_at_seeded_random_times_the_run_always_resumes_or_reruns(tiny_bert, topics,
-                                                                         tmp_path):
-    """SIGKILL (no cleanup) at seeded random times from process start (imports, model loading,
-    training, checkpoint saves): the folder left behind resumes (it has run_config.json) or
-    reruns (it has not), and the finished run's losses equal the uninterrupted run's."""
+# --- killed at random points ---------------------------------------------------------------------
+
+KILL_ARGS = ("--steps", "24", "--save-every", "2")
+
+
+def _kill_cases():
+    """20 seeded kill points, 15 in `finetune` and 5 in `merge`, each a kind of moment:
+    - start (3): a fraction of the time until the run announces training ("lora on ..."):
+      imports, model loading, data;
+    - compiling (2): after the announcement, a fraction of the time until checkpoint step 2;
+    - saving (4): once checkpoint step k exists, as soon as the next save's temporary folder
+      appears, plus up to 50 ms (inside an orbax save);
+    - saved (4): up to 300 ms after checkpoint step k appears (training on, or the commit);
+    - finishing (2): after the last checkpoint (step 24), a fraction of the time the run then
+      takes (evaluation, the adapter, metrics.json, loss.png);
+    - merge (5): a fraction of merge's wall time (loading, merging, writing, the rename).
+    Times are those of one uninterrupted run. CI runs one case of each of start, saving, saved,
+    finishing, merge; LORA_JAX_KILL_CASES=20 runs all."""
+    rng = np.random.default_rng(0)
+    kinds = (["start"] * 3 + ["compiling"] * 2 + ["saving"] * 4 + ["saved"] * 4
+             + ["finishing"] * 2 + ["merge"] * 5)
+    cases = []
+    for kind in kinds:
+        if kind in ("saving", "saved"):
+            step = int(rng.integers(1, 12)) * 2  # a checkpoint step of the 24 (every 2)
+            cases.append((kind, step, float(rng.uniform(0, 0.05 if kind == "saving" else 0.3))))
+        else:
+            cases.append((kind, None, float(rng.uniform(0, 1))))
+    wanted = int(os.environ.get("LORA_JAX_KILL_CASES", "5"))
+    chosen = range(20) if wanted >= 20 else [0, 5, 9, 13, 15][:wanted]
+    return [pytest.param(*cases[i], id=f"case{i}-{cases[i][0]}") for i in chosen]
+
+
+def _start(argv):
+    return subprocess.Popen([sys.executable, "-m", "lora_jax", *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+
+
+def _announced(proc):
+    """Read the run's output until it announces training; False if it ended first."""
+    return any(line.startswith("lora on") for line in proc.stdout)
+
+
+def _wait_for(proc, ready, timeout=300):
+    """Poll every 5 ms until `ready()` or the process ends; whether `ready()` came first."""
     import time
 
-    args = ("--steps", "60", "--save-every", "3")
-    reference = tmp_path / "reference"
-    code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, reference, *args))
+    deadline = time.perf_counter() + timeout
+    while proc.poll() is None and time.perf_counter() < deadline:
+        if ready():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _saving(folder):
+    """Whether a checkpoint save is under way: orbax's temporary folder of a step exists."""
+    return folder.exists() and any(not p.name.isdigit() for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bert, topics, tmp_path_factory):
+    """One uninterrupted finetune and merge: their outputs and how long their phases took."""
+    import time
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    checkpoints = root / "run" / "checkpoint"
+    start = time.perf_counter()
+    proc = _start(finetune_args(tiny_bert, topics, root / "run", *KILL_ARGS))
+    assert _announced(proc)
+    announced = time.perf_counter()
+    assert _wait_for(proc, lambda: (checkpoints / "2").is_dir())
+    first = time.perf_counter()
+    assert _wait_for(proc, lambda: (checkpoints / "24").is_dir())
+    last = time.perf_counter()
+    assert proc.wait(timeout=300) == 0
+    proc.stdout.close()
+    ended = time.perf_counter()
+    code, _, err = lora_jax_cli("merge", "--adapter", root / "run" / "adapter", "--out",
+                                root / "merged")
     assert code == 0, err
-    want = strict_json(reference / "metrics.json")["losses"]
-    rng = np.random.default_rng(0)
-    outcomes = []
-    for i, delay in enumerate(rng.uniform(1.0, 9.0, size=3)):
-        out = tmp_path / f"killed{i}"
-        argv = [sys.executable, "-m", "lora_jax",
-                *map(str, finetune_args(tiny_bert, topics, out, *args))]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=ENV)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        if (out / "metrics.json").exists():
-            outcomes.append("finished")  # before the kill
-        elif (out / "run_config.json").exists():
-            outcomes.append("resumed")
-            code, _, err = lora_jax_cli("finetune", "--resume", out)
-            assert code == 0, (delay, err)
-        else:
-            outcomes.append("rerun")
-            code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, out, *args))
-            assert code == 0, (delay, err)
-        assert strict_json(out / "metrics.json")["losses"] == want, delay
-    print(outcomes)
-    assert "resumed" in outcomes  # the kills did land mid-run
+    seconds = {"start": announced - start, "compiling": first - announced,
+               "finishing": ended - last, "merge": time.perf_counter() - ended}
+    print(f"uninterrupted: {seconds}")
+    return {"root": root, "losses": strict_json(root / "run" / "metrics.json")["losses"],
+            "merged": snapshot(root / "merged"), "seconds": seconds}
+
+
+def _state(out):
+    """Where a killed finetune stopped, read from what it left in `out`."""
+    if (out / "metrics.json").exists():
+        return "finished"
+    if not (out / "run_config.json").exists():
+        return "starting (no run_config.json)"
+    names = [p.name for p in (out / "checkpoint").iterdir()] if (out / "checkpoint").exists() \
+        else []
+    steps = sorted(int(n) for n in names if n.isdigit())
+    saving = any(not n.isdigit() for n in names)  # orbax's temporary folder of a step
+    if (out / "adapter").exists() or any(p.name.startswith(".adapter") for p in out.iterdir()):
+        return "writing the adapter / metrics"
+    if not steps:
+        return "training, before the first checkpoint" + (" (saving it)" if saving else "")
+    return f"training after step {steps[-1]}" + (" (saving the next)" if saving else "")
+
+
+@pytest.mark.parametrize("kind, step, amount", _kill_cases())
+def test_killed_at_a_seeded_random_time_the_folder_resumes_or_reruns(
+        kind, step, amount, uninterrupted, tiny_bert, topics, tmp_path):
+    """SIGKILL (no cleanup) at a seeded point of a finetune or merge (see `_kill_cases`). A
+    finetune folder left behind resumes (it has run_config.json) or reruns (it has not), and the
+    finished run's losses equal the uninterrupted run's; a merge leaves no `--out` or a complete
+    one, the adapter and base untouched, and a rerun writes the uninterrupted merge's files."""
+    import time
+
+    if kind == "merge":
+        adapter = uninterrupted["root"] / "run" / "adapter"
+        inputs = {folder: snapshot(folder) for folder in (adapter, tiny_bert)}
+        out = tmp_path / "merged"
+        argv = ["merge", "--adapter", adapter, "--out", out]
+    else:
+        out = tmp_path / "run"
+        argv = finetune_args(tiny_bert, topics, out, *KILL_ARGS)
+    proc = _start(argv)
+    checkpoints = out / "checkpoint"
+    if kind == "compiling":
+        assert _announced(proc)
+    elif kind == "finishing":
+        _wait_for(proc, lambda: (checkpoints / "24").is_dir())
+    elif kind in ("saving", "saved"):
+        _wait_for(proc, lambda: (checkpoints / str(step)).is_dir())
+        if kind == "saving":
+            _wait_for(proc, lambda: _saving(checkpoints))
+    time.sleep(amount if step else amount * uninterrupted["seconds"][kind])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+
+    if kind == "merge":
+        assert {folder: snapshot(folder) for folder in inputs} == inputs
+        state = "finished" if out.exists() else "merging"  # renamed into place whole, or not
+        if state == "merging":
+            code, _, err = lora_jax_cli(*argv)
+            assert code == 0, err
+        assert snapshot(out) == uninterrupted["merged"]
+    else:
+        state = _state(out)
+        if state != "finished":
+            resume = (out / "run_config.json").exists()
+            code, _, err = lora_jax_cli(*(("finetune", "--resume", out) if resume else argv))
+            assert code == 0, (state, err)
+        assert strict_json(out / "metrics.json")["losses"] == uninterrupted["losses"], state
+    point = (f"{amount:.2f} x {uninterrupted['seconds'][kind]:.1f} s" if step is None
+             else f"step {step} + {1000 * amount:.0f} ms")
+    print(f"{kind} {point}: {state}")
