@@ -364,3 +364,27 @@ def test_class_08_nnx_warns_that_its_tied_head_follows_the_table():
     config = lora_jax.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["embed"])
     with pytest.warns(UserWarning, match="NNX frontend trains each table in place"):
         lnnx.inject(Tied(nnx.Rngs(0)), config, nnx.Rngs(1))
+
+
+def test_two_pattern_keys_on_one_module_load_as_peft_reloads_its_file(tmp_path):
+    """Found by the 200-config BERT run: peft takes the first matching alpha_pattern key in
+    dict order but writes the patterns with sorted keys, so with {"key": 2, "<full path>": 32}
+    its in-memory model scales layer 0's key by 0.5 and its own reload of the file by 8.
+    load_peft reads the file as peft's reload does."""
+    fields = {"r": 4, "lora_alpha": 8, "target_modules": ["key"],
+              "alpha_pattern": {"key": 2, "bert.encoder.layer.0.attention.self.key": 32}}
+    result = _agree("bert", fields, False, tmp_path)
+    assert result.checks["import_logits"] > 1e-2  # peft's in-memory model: another scale
+    assert result.checks["import_logits_peft_reload"] <= 1e-4
+
+
+def test_t5_shared_named_in_full_with_a_layer_filter(tmp_path):
+    """Found by the 200-config T5 run: classes 7 and 13 together. peft adapts `shared` (named in
+    full, it skips layers_to_transform) but never calls it; load_peft loads it (warning) and
+    applies it to the lookups, so only the import logits differ."""
+    fields = {"r": 8, "lora_alpha": 16, "layers_to_transform": [1, 5],
+              "target_modules": ["encoder.block.0.layer.0.SelfAttention.k", "shared",
+                                 "encoder.block.1.layer.1.DenseReluDense.wi_1"]}
+    result = compare("t5", fields, False, str(tmp_path))
+    assert result.quirk and "shared" in result.peft_targets
+    assert [d.split(":")[0] for d in result.disagreements] == ["import logits"]
