@@ -303,7 +303,9 @@ def quantized_product(product: Callable[[jax.Array, jax.Array], jax.Array], x: j
 
 def _after(weight: NF4Tensor | Int8Tensor, value: jax.Array) -> NF4Tensor | Int8Tensor:
     """`weight` whose codes depend on `value`, exactly: clipped to the top of their range, which
-    is one higher when value's first element is NaN (codes never exceed that range)."""
+    is one higher when value's first element is NaN (codes never exceed that range). (An
+    `optimization_barrier` does not do it: XLA's CPU pipeline drops barriers before its last
+    CSE. On a mesh, the element read is one scalar transfer per call.)"""
     codes, *rest = jax.tree.leaves(weight)
     if value.size:
         nan = jnp.isnan(value.reshape(-1)[0]).astype(jnp.int32)
