@@ -259,7 +259,8 @@ def _logits_diff(res: Result, what: str, ours: np.ndarray, peft_model: Any, arch
     all-linear + rsLoRA (r=8, alpha=16): peft float32 vs peft float64 4.5e-4, lora_jax float32
     vs peft float64 1.7e-5 (test_peft_parity.py::test_t5_float32_rounding_judged_by_float64)."""
     with quiet():
-        d = _close(ours, torch_out(peft_model, arch.inputs), arch)
+        theirs = torch_out(peft_model, arch.inputs)
+    d = _close(ours, theirs, arch)
     res.checks[f"{what}_logits"] = d
     if d <= TOL:
         return
@@ -267,7 +268,12 @@ def _logits_diff(res: Result, what: str, ours: np.ndarray, peft_model: Any, arch
         exact = torch_out(copy.deepcopy(peft_model).double(), arch.inputs)
     d64 = _close(ours, exact, arch)
     res.checks[f"{what}_logits_float64"] = d64
-    if d64 <= TOL:
+    # How far float32 itself is from the exact logits here (peft's own float32 error): with q
+    # and k adapted at scale 8, T5's scores reach thousands and both float32 computations are
+    # ~1e-3 off (peft 9.7e-4, lora_jax 2.0e-3 on r=2, alpha=16, ["q", "k", ...wo]).
+    conditioning = _close(theirs, exact, arch)
+    res.checks[f"{what}_logits_float32_error"] = conditioning
+    if d64 <= max(TOL, 4 * conditioning):
         return
     if reload is not None:
         # peft picks the first matching rank/alpha_pattern key in dict order but saves the
