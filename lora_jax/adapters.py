@@ -91,10 +91,9 @@ def _key(item: Adapted) -> Key:
     return item.path, item.record.weight
 
 
-def _stack_ndim(record: LoraRecord, ndim: int, which: str) -> int:
-    """The number of stacked + kept axes of factor `which` ("a" or "b") with `ndim` axes."""
-    kept = (record.layout.order or "").count("b")
-    return record.layout.stacked + kept if which == "b" else ndim - 1 - record.layout.n_in
+def _b_rank_axis(record: LoraRecord) -> int:
+    """The rank axis of one adapter's B `[*stacked, *kept, r, *out]`."""
+    return record.layout.stacked + (record.layout.order or "").count("b")
 
 
 def _padded(x: Any, axis: int, size: int) -> jax.Array:
@@ -168,13 +167,13 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) ->
             if item is None:
                 a0, b0 = first.factors
                 a = jnp.zeros(a0.shape[:-1] + (rank,), a0.dtype)
-                b_axis = _stack_ndim(first.record, b0.ndim, "b")
+                b_axis = _b_rank_axis(first.record)
                 b = jnp.zeros(b0.shape[:b_axis] + (rank,) + b0.shape[b_axis + 1:], b0.dtype)
                 scale = jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
             else:
                 a, b = item.factors
                 a = _padded(a, a.ndim - 1, rank)
-                b = _padded(b, _stack_ndim(item.record, b.ndim, "b"), rank)
+                b = _padded(b, _b_rank_axis(item.record), rank)
                 scale = _full_scale(item)
             a_list.append(a)
             b_list.append(b)
@@ -248,7 +247,7 @@ def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], LoraConfig]:
         a, b = (jnp.take(f, k, axis=axis) for f in item.factors)
         leaves = {mine.names[0]: a[..., :mine.rank],
                   mine.names[1]: jax.lax.slice_in_dim(
-                      b, 0, mine.rank, axis=_stack_ndim(mine, b.ndim, "b")),
+                      b, 0, mine.rank, axis=_b_rank_axis(mine)),
                   mine.leaves[-1]: mine}
         if mine.scale is None:
             leaves[scale_name(mine.weight)] = jnp.take(item.scale, k, axis=axis)
@@ -287,16 +286,17 @@ def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
                                            for key in new):
         return adapter_set(members)
     _check_base(aset.params, params, name)
-    rebuilt = adapter_set({name: (params, config)})  # one slot, padded below
+    # One slot of the new adapter (scales as arrays), padded to the set's ranks below.
+    rebuilt = {_key(i): i for i in records(adapter_set({name: (params, config)}).params)}
     updates: dict[str, dict[str, Any]] = {}
     for key, item in current.items():
         record, axis = item.record, item.record.layout.stacked
         a, b = item.factors
         if key in new:
-            one = {_key(i): i for i in records(rebuilt.params)}[key]
+            one = rebuilt[key]
             a_new, b_new = (jnp.take(f, 0, axis=axis) for f in one.factors)
             a_new = _padded(a_new, a_new.ndim - 1, record.rank)
-            b_new = _padded(b_new, _stack_ndim(record, b_new.ndim, "b"), record.rank)
+            b_new = _padded(b_new, _b_rank_axis(record), record.rank)
             s_new = jnp.take(one.scale, 0, axis=axis)
         else:
             a_new = jnp.zeros_like(jnp.take(a, 0, axis=axis))
@@ -422,9 +422,10 @@ def load_set(path: str | os.PathLike, params: Mapping[str, Any],
     (`save_set`, or peft's `save_pretrained` with several adapters). `names`: which adapters
     (default: all found, "default" first). `load_kwargs` go to `lora_jax.load_peft`."""
     root = Path(path)
-    found = (["default"] if (root / "adapter_config.json").is_file() else []) + sorted(
-        p.name for p in root.iterdir() if (p / "adapter_config.json").is_file()) \
-        if root.is_dir() else []
+    found = []
+    if root.is_dir():
+        found = (["default"] if (root / "adapter_config.json").is_file() else []) + sorted(
+            p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
     if not found:
         raise ValueError(f"{os.fspath(root)!r} holds no peft adapter (no adapter_config.json "
                          "in it or its subfolders)")
