@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import project
+from lora_jax.factors import b_rank_axis, pad_rank, project
 from lora_jax.peft_io import load_peft, save_peft
 from lora_jax.record import (
     Adapted,
@@ -89,17 +89,6 @@ class AdapterSet:
 
 def _key(item: Adapted) -> Key:
     return item.path, item.record.weight
-
-
-def _b_rank_axis(record: LoraRecord) -> int:
-    """The rank axis of one adapter's B `[*stacked, *kept, r, *out]`."""
-    return record.layout.stacked + (record.layout.order or "").count("b")
-
-
-def _padded(x: Any, axis: int, size: int) -> jax.Array:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(jnp.asarray(x), widths)
 
 
 def _full_scale(item: Adapted) -> jax.Array:
@@ -167,13 +156,11 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) ->
             if item is None:
                 a0, b0 = first.factors
                 a = jnp.zeros(a0.shape[:-1] + (rank,), a0.dtype)
-                b_axis = _b_rank_axis(first.record)
+                b_axis = b_rank_axis(first.record.layout)
                 b = jnp.zeros(b0.shape[:b_axis] + (rank,) + b0.shape[b_axis + 1:], b0.dtype)
                 scale = jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
             else:
-                a, b = item.factors
-                a = _padded(a, a.ndim - 1, rank)
-                b = _padded(b, _b_rank_axis(item.record), rank)
+                a, b = pad_rank(*item.factors, item.record.layout, rank)
                 scale = _full_scale(item)
             a_list.append(a)
             b_list.append(b)
@@ -247,7 +234,7 @@ def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], LoraConfig]:
         a, b = (jnp.take(f, k, axis=axis) for f in item.factors)
         leaves = {mine.names[0]: a[..., :mine.rank],
                   mine.names[1]: jax.lax.slice_in_dim(
-                      b, 0, mine.rank, axis=_b_rank_axis(mine)),
+                      b, 0, mine.rank, axis=b_rank_axis(mine.layout)),
                   mine.leaves[-1]: mine}
         if mine.scale is None:
             leaves[scale_name(mine.weight)] = jnp.take(item.scale, k, axis=axis)
@@ -295,8 +282,7 @@ def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
         if key in new:
             one = rebuilt[key]
             a_new, b_new = (jnp.take(f, 0, axis=axis) for f in one.factors)
-            a_new = _padded(a_new, a_new.ndim - 1, record.rank)
-            b_new = _padded(b_new, _b_rank_axis(record), record.rank)
+            a_new, b_new = pad_rank(a_new, b_new, record.layout, record.rank)
             s_new = jnp.take(one.scale, 0, axis=axis)
         else:
             a_new = jnp.zeros_like(jnp.take(a, 0, axis=axis))

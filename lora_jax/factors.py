@@ -101,6 +101,26 @@ def factor_shapes(
     return (*stack, *fan_in, r), (*stack, r, *fan_out)
 
 
+def b_rank_axis(layout: Layout) -> int:
+    """The rank axis of B `[*stack, r, *out]`: after the stacked and kept axes."""
+    return layout.stacked + (layout.order or "").count("b")
+
+
+def pad_rank(a: jax.Array, b: jax.Array, layout: Layout, r: int) -> tuple[jax.Array, jax.Array]:
+    """A and B zero-padded to rank `r`: the same product, and zero columns of A / rows of B get
+    zero gradients, so they stay zero under Adam(W).
+
+    >>> a, b = pad_rank(jnp.ones((3, 2)), jnp.ones((2, 4)), Layout("dense"), 5)
+    >>> a.shape, b.shape, float((a @ b).sum())
+    ((3, 5), (5, 4), 24.0)
+    """
+    def pad(x: jax.Array, axis: int) -> jax.Array:
+        return jnp.pad(x, [(0, r - x.shape[axis]) if i == axis else (0, 0)
+                           for i in range(x.ndim)])
+
+    return pad(a, a.ndim - 1), pad(b, b_rank_axis(layout))
+
+
 def max_rank(kernel_shape: tuple[int, ...], layout: Layout) -> int:
     """The largest useful rank: min(fan_in, fan_out)."""
     _, fan_in, fan_out = layout.split(kernel_shape)

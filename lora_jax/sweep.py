@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from lora_jax.config import LoraConfig
+from lora_jax.factors import b_rank_axis, pad_rank
 from lora_jax.inject import inject
 from lora_jax.partition import combine, split
 from lora_jax.record import Adapted, LoraRecord, records, scale_name
@@ -134,28 +135,16 @@ def _key(item: Adapted) -> Key:
     return item.path, item.record.weight
 
 
-def _rank_axes(item: Adapted) -> tuple[int, int]:
-    """The rank axis of A (its last) and of B (after the stacked and kept axes)."""
-    a, _ = item.factors
-    return a.ndim - 1, len(item.record.layout.split(item.weight.shape)[0])
-
-
-def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 def _padded(tree: Mapping[str, Any], ranks: Mapping[Key, int]) -> Params:
     """`tree` with every adapter's ranks padded to `ranks` and its scale an array leaf."""
     updates: dict[str, dict[str, Any]] = {}
     for item in records(tree):
         record, rank = item.record, ranks[_key(item)]
-        (a_axis, b_axis), (a, b) = _rank_axes(item), item.factors
+        a, b = pad_rank(*item.factors, record.layout, rank)
         stacked = item.weight.shape[:record.layout.stacked]
         updates.setdefault(item.path, {}).update({
-            record.names[0]: _pad(a, a_axis, rank),
-            record.names[1]: _pad(b, b_axis, rank),
+            record.names[0]: a,
+            record.names[1]: b,
             scale_name(record.weight): jnp.broadcast_to(
                 jnp.asarray(item.scale, jnp.float32), stacked),
             record.leaves[-1]: dataclasses.replace(record, rank=rank, scale=None),
@@ -277,9 +266,10 @@ def unstack(sw: Sweep, trainable: Params) -> list[tuple[Params, LoraConfig]]:
         drop: set[tuple[str, str]] = set()
         for item in records(params):
             own = sw.records[k][_key(item)]
-            (a_axis, b_axis), (a, b) = _rank_axes(item), item.factors
-            leaves = {own.names[0]: jax.lax.slice_in_dim(a, 0, own.rank, axis=a_axis),
-                      own.names[1]: jax.lax.slice_in_dim(b, 0, own.rank, axis=b_axis),
+            a, b = item.factors
+            leaves = {own.names[0]: a[..., :own.rank],
+                      own.names[1]: jax.lax.slice_in_dim(b, 0, own.rank,
+                                                         axis=b_rank_axis(own.layout)),
                       own.leaves[-1]: own}
             if own.scale is not None:
                 drop.add((item.path, scale_name(own.weight)))

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.factors import Layout, factor_shapes
+from lora_jax.factors import Layout, factor_shapes, pad_rank
 from lora_jax.record import Adapted, factor_names, records
 from lora_jax.targets import unbox, with_leaves, without_leaves
 
@@ -264,10 +264,7 @@ def _combine_module(factors: tuple[tuple[jax.Array, jax.Array] | None, ...], sca
         if pair is None:
             padded.append((jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32)))
         else:
-            a, b = (f.astype(jnp.float32) for f in pair)
-            padded.append((jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])]),
-                           jnp.pad(b, [(0, width - b.shape[n_stack]) if ax == n_stack else (0, 0)
-                                       for ax in range(b.ndim)])))
+            padded.append(pad_rank(*(f.astype(jnp.float32) for f in pair), layout, width))
     a, b = (jnp.stack(side) for side in zip(*padded, strict=True))
     coefficients = weights * scales
     if combination_type in _FACTORED:
