@@ -54,7 +54,7 @@ from lora_jax.record import (
     scale_name,
 )
 from lora_jax.rules import Rule
-from lora_jax.targets import join_path, unbox, with_leaves, without_leaves
+from lora_jax.targets import join_path, same_value, unbox, with_leaves, without_leaves
 
 Strategy = Literal["gather", "onehot", "ragged"]
 STRATEGIES: tuple[str, ...] = ("gather", "onehot", "ragged")
@@ -106,9 +106,7 @@ def _check_base(first: Mapping[str, Any], other: Mapping[str, Any], name: str) -
         raise ValueError(f"adapter {name!r} is over another model: its params differ in "
                          f"{sorted(mine.keys() ^ theirs.keys())[:5]}")
     for path, value in theirs.items():
-        ref = mine[path]
-        if value is not ref and (np.shape(value) != np.shape(ref)
-                                 or not np.array_equal(np.asarray(value), np.asarray(ref))):
+        if not same_value(value, mine[path]):
             raise ValueError(
                 f"adapter {name!r} changes {path!r}, which is not a LoRA factor (trained "
                 "modules_to_save or bias?): an adapter set shares one frozen base, so its "

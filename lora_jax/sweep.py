@@ -47,7 +47,7 @@ from lora_jax.factors import b_rank_axis, pad_rank
 from lora_jax.inject import inject
 from lora_jax.partition import combine, split
 from lora_jax.record import Adapted, LoraRecord, records, scale_name
-from lora_jax.targets import join_path, with_leaves, without_leaves
+from lora_jax.targets import join_path, same_value, with_leaves, without_leaves
 from lora_jax.train import Forward, train_step
 
 Params = dict[str, Any]
@@ -207,8 +207,7 @@ def stack(adapters: Sequence[tuple[Mapping[str, Any], LoraConfig]], *,
         _differences(frozens[0], frozens[-1], k, "frozen leaves or records")
         for (path, ref), value in zip(jax.tree_util.tree_leaves_with_path(frozens[0]),
                                       jax.tree.leaves(frozens[-1]), strict=True):
-            if value is not ref and (np.shape(value) != np.shape(ref) or
-                                     not np.array_equal(np.asarray(value), np.asarray(ref))):
+            if not same_value(value, ref):
                 raise ValueError(f"sweep point {k} changes the frozen {join_path(path)!r}: the "
                                  "points of a sweep share one base (no PiSSA / OLoRA / LoftQ "
                                  "init, which changes it)")

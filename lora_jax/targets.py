@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 from flax.core import meta
 
 T = TypeVar("T")
@@ -181,6 +182,12 @@ def pattern_value(patterns: Mapping[str, T], path: str, default: T) -> T:
 
 
 WEIGHT_LEAVES = ("kernel", "embedding")
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two leaves hold the same values (the same object, or equal shapes and values;
+    compared on the host, so not under `jit`)."""
+    return a is b or (np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b)))
 
 
 def unbox(tree: Any) -> Any:

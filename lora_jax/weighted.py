@@ -45,7 +45,7 @@ import numpy as np
 from lora_jax.config import LoraConfig
 from lora_jax.factors import Layout, factor_shapes, pad_rank
 from lora_jax.record import Adapted, factor_names, records
-from lora_jax.targets import unbox, with_leaves, without_leaves
+from lora_jax.targets import same_value, unbox, with_leaves, without_leaves
 
 _FACTORED = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -171,9 +171,7 @@ def _check_same_base(adapters: Sequence[Mapping[str, Any]],
                              f"trees at {jax.tree_util.keystr(path)}; combine adapters of one "
                              "base model")
         for path, value in leaves.items():
-            ours = reference[path]
-            if value is not ours and (np.shape(value) != np.shape(ours) or
-                                      not bool(jnp.array_equal(value, ours))):
+            if not same_value(value, reference[path]):
                 raise ValueError(
                     f"weighted_adapter: {jax.tree_util.keystr(path)} of adapter {number} differs "
                     "from adapter 0's; the adapters must share one base (an adapter that trained "
