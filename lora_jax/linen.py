@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import lora_jax.linen_rules  # noqa: F401  (registers the rules for flax's and others' layers)
 from lora_jax.adapters import STRATEGIES, Strategy, check_ids, mixed_delta
 from lora_jax.config import LoraConfig
-from lora_jax.factors import Layout, column_norm, dropout, kernel_delta
+from lora_jax.factors import Layout, column_norm, dora_output, dropout, kernel_delta
 from lora_jax.linen_quantized import quantized_calls
 from lora_jax.partition import combine, split
 from lora_jax.quantization import is_quantized
@@ -178,14 +178,13 @@ def _dora_extra(module: nn.Module, rule: Rule, record: LoraRecord, out: jax.Arra
     magnitude = module.get_variable("params", magnitude_name(record.weight))
     inner = dataclasses.replace(record.layout, stacked=0)
     norm = jax.lax.stop_gradient(column_norm(weight, a, b, 1.0, inner))
-    ratio = (magnitude / norm).astype(out.dtype)
     if dropped:  # peft recomputes the base on the dropped input
         base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
     else:
         bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") \
             else None
         base = out if bias is None else out - unbox(bias)
-    return ((ratio - 1) * base + ratio * delta).astype(out.dtype)
+    return dora_output(base, delta, magnitude, norm).astype(out.dtype)
 
 
 def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, Any]:
