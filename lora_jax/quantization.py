@@ -71,34 +71,47 @@ _DYNAMIC = dynamic_code()
 
 
 def _nearest(values: jax.Array, levels: np.ndarray) -> jax.Array:
-    """The index of the nearest level (sorted levels; the upper one on an exact tie)."""
+    """The index of the nearest level (sorted levels; the lower one on an exact tie): how many
+    midpoints lie below each value. (Counted by one fused comparison; `jnp.searchsorted`
+    gives the same indices but keeps six times the input in temporaries.)"""
     midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2)
-    return jnp.searchsorted(midpoints, values, side="left").astype(jnp.uint8)
+    return jnp.sum(values[..., None] > midpoints, axis=-1, dtype=jnp.uint8)
 
 
 class _Quantized(abc.ABC):
     """Shared behaviour of quantized weights: a pytree of `FIELDS` arrays (keyed by field name,
-    so paths read `...kernel.codes`) with the original float dtype as static data, read as a
-    float array through `dequantize`."""
+    so paths read `...kernel.codes`) with the original float dtype and the `STATIC` attributes
+    as static data, read as a float array through `dequantize`."""
 
     FIELDS: tuple[str, ...] = ()
+    STATIC: tuple[str, ...] = ()
     dtype: Any
 
-    def __init__(self, *children: Any, dtype: Any) -> None:
+    def __init__(self, *children: Any, dtype: Any, **static: Any) -> None:
         for name, child in zip(self.FIELDS, children, strict=True):
             setattr(self, name, child)
         self.dtype = jnp.dtype(dtype)
+        for name in self.STATIC:
+            setattr(self, name, static[name])
+
+    def _aux(self) -> tuple[Any, ...]:
+        return (self.dtype.name, *(getattr(self, name) for name in self.STATIC))
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], Any]:
-        return tuple(getattr(self, name) for name in self.FIELDS), self.dtype.name
+        return tuple(getattr(self, name) for name in self.FIELDS), self._aux()
 
     def tree_flatten_with_keys(self) -> tuple[tuple[Any, ...], Any]:
         return tuple((jax.tree_util.DictKey(name), getattr(self, name))
-                     for name in self.FIELDS), self.dtype.name
+                     for name in self.FIELDS), self._aux()
 
     @classmethod
-    def tree_unflatten(cls, dtype: str, children: tuple[Any, ...]) -> Any:
-        return cls(*children, dtype=dtype)
+    def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
+        dtype, *static = aux
+        return cls(*children, dtype=dtype, **dict(zip(cls.STATIC, static, strict=True)))
+
+    def with_fields(self, *children: Any) -> Any:
+        """The same kind of weight (dtype and static attributes) with other fields."""
+        return self.tree_unflatten(self._aux(), children)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -131,7 +144,7 @@ class _Quantized(abc.ABC):
         the spec of the axes they follow, so a block never straddles a shard (a sharded axis
         whose blocks do not divide over its devices is refused by `named_shardings`)."""
         full = (*spec, *(None,) * (self.ndim - len(spec)))
-        return type(self)(*self._specs(full[:-2], *full[-2:]), dtype=self.dtype)
+        return self.with_fields(*self._specs(full[:-2], *full[-2:]))
 
     @abc.abstractmethod
     def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P, ...]:
@@ -190,38 +203,52 @@ class Int8Tensor(_Quantized):
         return P(*stack, rows, cols), P(*stack, None, cols)
 
 
-QUANTIZED = (NF4Tensor, Int8Tensor)
-
-
 def is_quantized(x: Any) -> bool:
-    return isinstance(x, QUANTIZED)
+    """Whether `x` is a quantized weight (NF4, int8, or a GGUF file's blocks)."""
+    return isinstance(x, _Quantized)
+
+
+def has_quantized(params: Any) -> bool:
+    """Whether any weight in the tree is quantized."""
+    return any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized)))
 
 
 def nf4(w: jax.Array) -> NF4Tensor:
     """NF4 with double quantisation; each trailing matrix `w[..., :, :]` (one per stacked layer)
     is flattened into blocks of 64 (which must divide its size) and has its own
-    double-quantisation constants."""
+    double-quantisation constants, the same as if it were quantized alone (so quantizing layers
+    then stacking them equals quantizing the stack, bit for bit)."""
     if w.ndim < 2 or (w.shape[-1] * w.shape[-2]) % BLOCK:
         raise ValueError(f"NF4 needs a weight of at least 2 axes whose trailing matrix size is a "
                          f"multiple of {BLOCK}, got shape {tuple(w.shape)}")
+    if w.ndim == 2:
+        return _nf4_matrix(w)
+    # One compiled matrix program for each: a batched or differently fused mean would sum in
+    # another order (1-ulp differences in the offsets that flip a few absmax codes).
     *batch, rows, cols = w.shape
-    blocks = w.astype(jnp.float32).reshape(*batch, rows * cols // BLOCK, BLOCK)
+    matrices = [_nf4_matrix(m) for m in w.reshape(-1, rows, cols)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*batch, *xs[0].shape), *matrices)
+
+
+@jax.jit
+def _nf4_matrix(w: jax.Array) -> NF4Tensor:
+    rows, cols = w.shape
+    blocks = w.astype(jnp.float32).reshape(rows * cols // BLOCK, BLOCK)
     absmax = jnp.abs(blocks).max(-1)
     normal = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None]
     # The first leaf has the weight's shape: flax checks an existing param's shape by it.
-    codes = _nearest(normal, NF4_LEVELS).reshape(*batch, rows, cols).astype(jnp.uint4)
-    # Double quantisation of the absmax values (per matrix): minus their mean, 8-bit dynamic
-    # codes in blocks of 256, each block scaled by its own absmax.
-    offset = absmax.mean(-1)
-    centred = absmax - offset[..., None]
-    n = centred.shape[-1]
-    padded = jnp.pad(centred, [(0, 0)] * len(batch) + [(0, -n % DQ_BLOCK)]).reshape(
-        *batch, -1, DQ_BLOCK)
+    codes = _nearest(normal, NF4_LEVELS).reshape(rows, cols).astype(jnp.uint4)
+    # Double quantisation of the absmax values: minus their mean, 8-bit dynamic codes in blocks
+    # of 256, each block scaled by its own absmax.
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.shape[0]
+    padded = jnp.pad(centred, (0, -n % DQ_BLOCK)).reshape(-1, DQ_BLOCK)
     scale = jnp.abs(padded).max(-1)
     absmax_codes = _nearest(padded / jnp.where(scale == 0, 1.0, scale)[..., None], _DYNAMIC)
-    absmax_codes = absmax_codes.reshape(*batch, -1)[..., :n]
+    absmax_codes = absmax_codes.reshape(-1)[:n]
     if cols % BLOCK == 0:  # the kernel's axes, so that the block codes shard like it
-        absmax_codes = absmax_codes.reshape(*batch, rows, cols // BLOCK)
+        absmax_codes = absmax_codes.reshape(rows, cols // BLOCK)
     return NF4Tensor(codes, absmax_codes, scale, offset, dtype=w.dtype)
 
 
@@ -238,42 +265,75 @@ KINDS = {"nf4": nf4, "int8": int8}
 _SKIPPED = ("lm_head", "classifier", "score")
 
 
+def _skipped(kind: str, exclude: Sequence[str], modules_to_save: Sequence[str] | None
+             ) -> tuple[str, ...]:
+    """The module names left in float (heads, `exclude`, `modules_to_save`); checks `kind`."""
+    if kind not in KINDS:
+        raise ValueError(f"quantize: kind must be one of {sorted(KINDS)}, got {kind!r}")
+    return (*_SKIPPED, *exclude, *(modules_to_save or ()))
+
+
+def _chosen(skipped: Sequence[str], module: str, kernel: Any) -> bool:
+    """Whether the kernel of `module` is one `quantize` quantizes: float, 2 axes or more, not
+    already quantized, not in a skipped module."""
+    return kernel is not None and not is_quantized(kernel) and getattr(kernel, "ndim", 0) >= 2 \
+        and jnp.issubdtype(kernel.dtype, jnp.floating) and not matches(skipped, module)
+
+
+def _misfits(kind: str, kernel: Any) -> bool:
+    return kind == "nf4" and (kernel.shape[-1] * kernel.shape[-2]) % BLOCK != 0
+
+
+def _misfit_error(refused: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"quantize: NF4 blocks of {BLOCK} must divide each kernel's trailing matrix; these do "
+        f"not: {list(refused)[:10]}. Leave them in float with exclude=[...], or use kind='int8'")
+
+
+def leaf_quantizer(kind: str = "nf4", *, exclude: Sequence[str] = (),
+                   modules_to_save: Sequence[str] | None = None) -> Callable[[str, Any], Any]:
+    """`quantize`'s choice for one leaf, for loaders that quantize as they read
+    (`from_pretrained(..., quantize="nf4")`): `(path, value)` -> the value quantized if `path`
+    (dotted, e.g. `model.layers_0.mlp.up_proj.kernel`) is a kernel `quantize` would quantize,
+    else the value as it is. A kernel NF4's blocks do not fit raises a ValueError."""
+    skipped = _skipped(kind, exclude, modules_to_save)
+
+    def convert(path: str, value: Any) -> Any:
+        module, _, name = path.rpartition(".")
+        if name != "kernel" or not _chosen(skipped, module, value):
+            return value
+        if _misfits(kind, value):
+            raise _misfit_error([f"{module} {tuple(value.shape)}"])
+        return KINDS[kind](value)
+
+    return convert
+
+
 def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
              exclude: Sequence[str] = (), modules_to_save: Sequence[str] | None = None
              ) -> dict[str, Any]:
     """The params tree with every Dense-like `kernel` (2 axes or more) quantized (`kind`: "nf4"
     or "int8"), except output / classification heads (`lm_head`, `classifier`, `score`), the
     modules in `exclude` and in `modules_to_save` (they train), matched as `target_modules`
-    lists are. Embeddings, norms and biases stay float; kernels already quantized (by LoftQ)
-    are kept. Quantizing leaf by leaf keeps the peak
-    host memory at one float kernel beyond the result.
+    lists are. Embeddings, norms and biases stay float; kernels already quantized (by LoftQ, or
+    a GGUF file's blocks) are kept. Quantizing leaf by leaf keeps the peak host memory at one
+    float kernel beyond the result; loaders quantize as they read (`leaf_quantizer`).
 
         params = lora_jax.quantize(params, "nf4")     # then inject / wrap as usual
     """
-    if kind not in KINDS:
-        raise ValueError(f"quantize: kind must be one of {sorted(KINDS)}, got {kind!r}")
-    skipped = (*_SKIPPED, *exclude, *(modules_to_save or ()))
+    skipped = _skipped(kind, exclude, modules_to_save)
     updates: dict[str, dict[str, Any]] = {}
     refused, already = [], []
     for path, module in iter_modules(params, leaves=None):
         kernel = module.get("kernel")
-        if is_quantized(kernel):  # e.g. by LoftQ: kept as it is
+        if is_quantized(kernel):
             already.append(path)
-            continue
-        if kernel is None or getattr(kernel, "ndim", 0) < 2 or matches(skipped, path):
-            continue
-        if not jnp.issubdtype(kernel.dtype, jnp.floating):
-            continue
-        if kind == "nf4" and (kernel.shape[-1] * kernel.shape[-2]) % BLOCK:
+        elif _chosen(skipped, path, kernel) and _misfits(kind, kernel):
             refused.append(f"{path} {tuple(kernel.shape)}")
-            continue
-        updates[path] = {"kernel": KINDS[kind](kernel)}
+        elif _chosen(skipped, path, kernel):
+            updates[path] = {"kernel": KINDS[kind](kernel)}
     if refused:
-        raise ValueError(
-            f"quantize: NF4 blocks of {BLOCK} must divide each kernel's trailing matrix; these "
-            "do not: "
-            f"{refused[:10]}. Leave them in float with exclude=[...], or use kind='int8'"
-        )
+        raise _misfit_error(refused)
     if not updates and already:
         raise ValueError(f"quantize: {already[0]!r} is already quantized, and so is every other "
                          "kernel: quantize the float params once")
