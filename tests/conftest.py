@@ -81,3 +81,11 @@ def tiny_t5(tmp_path_factory):
                                    num_heads=4, decoder_start_token_id=0, pad_token_id=0)
     return _hf_folder(tmp_path_factory, "tiny_t5",
                       transformers.T5ForConditionalGeneration(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random Llama as a GGUF file, projections in Q4_0 / Q4_1 / Q8_0 blocks."""
+    from tiny_gguf import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")

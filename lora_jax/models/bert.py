@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from lora_jax.models.attention import attention
 from lora_jax.models.layers import Layer, activation
 from lora_jax.models.stacking import (
+    Converter,
     config_from_dict,
     layer_stack,
     load_hf_weights,
@@ -236,12 +237,13 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
 
 
 def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
-                   scan_layers: bool = False, task: str = "base") -> dict[str, Any]:
+                   scan_layers: bool = False, task: str = "base",
+                   convert: Converter | None = None) -> dict[str, Any]:
     """Flax params from an HF BertModel (`task="base"`) or BertForSequenceClassification
     (`task="classify"`) state dict of numpy arrays; torch Linear weights are transposed."""
     model = build(config, task=task)
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS,
+    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, convert=convert,
                              ignore=r"(bert\.)?embeddings\.(position_ids|token_type_ids)")
     stack = LAYER_STACKS[0] if task == "base" else LAYER_STACKS[1]
     return stack_layers(params, stack) if scan_layers else params

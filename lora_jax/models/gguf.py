@@ -1,9 +1,11 @@
 """Load a llama-architecture GGUF file (llama.cpp's format) as a lora_jax Llama.
 
-The `gguf` package reads and dequantizes the tensors (F32/F16/Q8_0/Q4_1/...: all become float32),
-the tensors are renamed to HF's and llama.cpp's q/k row permutation (made for its interleaved
-rotary) is undone, so that `lora_jax.models.llama.params_from_hf` loads them; the config and a
-`tokenizers.Tokenizer` (byte-level BPE) come from the file's metadata.
+The `gguf` package reads and dequantizes the tensors (F32/F16/Q8_0/Q4_1/...: all become float32)
+one at a time, or the projection weights stay in their Q4_0 / Q4_1 / Q8_0 blocks
+(`quantize="gguf"`, `lora_jax.ggml`); the tensors are renamed to HF's and llama.cpp's q/k row
+permutation (made for its interleaved rotary) is undone, so that
+`lora_jax.models.llama.params_from_hf` loads them; the config and a `tokenizers.Tokenizer`
+(byte-level BPE) come from the file's metadata.
 
     module, params, tokenizer, metadata = load_gguf(smollm2_path())
     ids = tokenizer.encode("<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n").ids
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +33,9 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tokenizers import decoders, pre_tokenizers, processors
 
+from lora_jax import ggml, quantization
 from lora_jax.models import llama
+from lora_jax.models.loading import leaf_converter
 
 # GGUF tensor name -> HF Llama name ("{i}" is the layer index).
 _TENSOR_NAMES = {
@@ -51,6 +56,8 @@ _TENSOR_NAMES = {
 # STARCODER, REFACT, COMMAND_R, SMOLLM, CODESHELL, EXAONE, MINERVA), as SmolLM2's tokenizer.json.
 _DIGIT_SPLIT_PRE = {"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva"}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+_ROWS_AT_ONCE = 4096
 
 
 class GGUFModel(NamedTuple):
@@ -138,23 +145,70 @@ def _hf_name(name: str) -> str:
     return _TENSOR_NAMES[key].format(i=m.group(1) if m else "")
 
 
-def state_dict_from_gguf(reader: GGUFReader, config: llama.Config) -> dict[str, np.ndarray]:
-    """All tensors dequantized to float32 under their HF names, q/k rows un-permuted."""
-    _, kv_heads, _ = config.heads
-    out = {}
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
+class _GGUFTensors(Mapping[str, Any]):
+    """A GGUF file's tensors by HF name, each read (and dequantized, or kept in its blocks) when
+    asked, q/k rows un-permuted; the reader memory-maps the file."""
+
+    def __init__(self, reader: GGUFReader, config: llama.Config, keep_blocks: bool,
+                 dtype: Any) -> None:
+        self._tensors = {_hf_name(t.name): t for t in reader.tensors}
+        self._heads = {"q_proj": config.num_attention_heads, "k_proj": config.heads[1]}
+        self._keep_blocks, self._dtype = keep_blocks, dtype
+        if keep_blocks:
+            unsupported = sorted(f"{t.name} ({t.tensor_type.name})" for name, t in
+                                 self._tensors.items() if self._kept(name, t) is None)
+            if unsupported:
+                raise ValueError(
+                    f"quantize='gguf' keeps {sorted(ggml.FORMATS)} blocks; these weights are in "
+                    f"other formats: {unsupported[:5]}. Load with quantize='nf4' (re-quantized "
+                    "from float) or quantize=None")
+
+    def _kept(self, name: str, tensor: Any) -> bool | None:
+        """Whether a tensor stays in its blocks (projection weights in a block format; the
+        embedding table and output head are read as float, as `lora_jax.quantize` leaves them);
+        None for a projection weight in a block format that cannot be kept."""
+        if not self._keep_blocks or not name.startswith("model.layers.") or \
+                len(tensor.shape) != 2 or tensor.tensor_type.name in _FLOAT_TYPES:
+            return False
+        return True if tensor.tensor_type.name in ggml.FORMATS else None
+
+    def __getitem__(self, name: str) -> Any:
+        tensor = self._tensors[name]
+        kind = tensor.tensor_type.name
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists the fastest axis first
         try:
-            weight = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
+            weight = ggml.from_gguf(tensor.data, kind, shape, self._dtype) \
+                if self._kept(name, tensor) else _dequantized(tensor, shape)
         except (ValueError, NotImplementedError) as e:
-            raise ValueError(f"cannot dequantize GGUF tensor {tensor.name!r} "
-                             f"({tensor.tensor_type.name}): {e}") from e
-        if name.endswith("q_proj.weight"):
-            weight = unpermute_rotary(weight, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            weight = unpermute_rotary(weight, kv_heads)
-        out[name] = weight
-    return out
+            raise ValueError(f"cannot read GGUF tensor {tensor.name!r} ({kind}): {e}") from e
+        heads = self._heads.get(name.split(".")[-2]) if name.endswith("proj.weight") else None
+        return weight if heads is None else jax.tree.map(
+            lambda field: unpermute_rotary(field, heads), weight)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _dequantized(tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor in float32, dequantized a few thousand rows at a time (the `gguf` package's
+    dequantization makes several float temporaries of its input's size)."""
+    data = tensor.data.reshape(-1, tensor.data.shape[-1])  # rows of blocks (or of values)
+    out = np.empty((len(data), math.prod(shape) // len(data)), np.float32)
+    for start in range(0, len(data), _ROWS_AT_ONCE):
+        part = data[start:start + _ROWS_AT_ONCE]
+        out[start:start + len(part)] = dequantize(part, tensor.tensor_type)
+    return out.reshape(shape)
+
+
+def state_dict_from_gguf(reader: GGUFReader, config: llama.Config, *, keep_blocks: bool = False,
+                         dtype: Any = jnp.float32) -> Mapping[str, Any]:
+    """The file's tensors under their HF names, q/k rows un-permuted, each read when asked:
+    float32 arrays, or with `keep_blocks` the projection weights in their Q4_0 / Q4_1 / Q8_0
+    blocks (`lora_jax.ggml.GGMLTensor`, dequantizing to `dtype`)."""
+    return _GGUFTensors(reader, config, keep_blocks, dtype)
 
 
 def tokenizer_from_gguf(reader: GGUFReader) -> tokenizers.Tokenizer:
@@ -194,20 +248,32 @@ def tokenizer_from_gguf(reader: GGUFReader) -> tokenizers.Tokenizer:
 
 def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32,
               param_dtype: Any = jnp.float32, scan_layers: bool = False,
-              remat_policy: str | None = None) -> GGUFModel:
+              remat_policy: str | None = None, quantize: str | None = None) -> GGUFModel:
     """`(module, params, tokenizer, metadata)` of a llama-architecture GGUF file.
 
-    Weights are dequantized to float32 and cast to `param_dtype`. Raises ValueError for another
-    architecture or tokenizer, a truncated/corrupt file, or tensors that do not fit the config.
+    Weights are dequantized to float32 and cast to `param_dtype`, one tensor at a time.
+    `quantize`: None (float), "nf4" / "int8" (as `lora_jax.quantize`, tensor by tensor as
+    they are read) or "gguf": the projection weights stay in the file's own Q4_0 / Q4_1 / Q8_0
+    blocks (`lora_jax.ggml`), dequantizing to `param_dtype` inside the layer, so LoRA trains on
+    exactly the model llama.cpp runs (embeddings and head are read as float). Raises ValueError
+    for another architecture or tokenizer, a truncated/corrupt file, tensors that do not fit
+    the config, or (with "gguf") projection weights in block formats it cannot keep.
+
+        module, params, tokenizer, _ = load_gguf(smollm2_path(), param_dtype=jnp.bfloat16,
+                                                 quantize="gguf")
     """
+    if quantize not in (None, "gguf", *quantization.KINDS):
+        raise ValueError(f"load_gguf: quantize must be None, 'gguf' or one of "
+                         f"{sorted(quantization.KINDS)}, got {quantize!r}")
     reader = _read(path)
     metadata = _metadata(reader)
     names = {t.name for t in reader.tensors}
     tokens = _array(reader, "tokenizer.ggml.tokens") or []
     config = config_from_gguf(metadata, len(tokens), tied="output.weight" not in names)
-    params = llama.params_from_hf(state_dict_from_gguf(reader, config), config,
-                                  scan_layers=scan_layers)
+    state_dict = state_dict_from_gguf(reader, config, keep_blocks=quantize == "gguf",
+                                      dtype=param_dtype)
+    convert = leaf_converter(param_dtype, None if quantize == "gguf" else quantize)
+    params = llama.params_from_hf(state_dict, config, scan_layers=scan_layers, convert=convert)
     module = llama.build(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                          remat_policy=remat_policy)
-    params = jax.tree.map(lambda a: a.astype(param_dtype), params)
     return GGUFModel(module, params, tokenizer_from_gguf(reader), metadata)

@@ -32,6 +32,7 @@ from lora_jax.models.generate import (
 )
 from lora_jax.models.layers import Layer, activation, check_task
 from lora_jax.models.stacking import (
+    Converter,
     config_from_dict,
     layer_stack,
     load_hf_weights,
@@ -178,11 +179,12 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
 
 
 def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
-                   scan_layers: bool = False) -> dict[str, Any]:
+                   scan_layers: bool = False, convert: Converter | None = None
+                   ) -> dict[str, Any]:
     """Flax params from an HF GPT2LMHeadModel state dict of numpy arrays (Conv1D is [in, out])."""
     model = build(config)
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS,
+    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, convert=convert,
                              transpose_kernels=False,
                              ignore=r"lm_head\.weight|.*\.attn\.(masked_)?bias")
     return stack_layers(params, LAYER_STACKS[0]) if scan_layers else params

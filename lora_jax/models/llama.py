@@ -32,6 +32,7 @@ from lora_jax.models.generate import (
 )
 from lora_jax.models.layers import Layer, check_task
 from lora_jax.models.stacking import (
+    Converter,
     config_from_dict,
     layer_stack,
     load_hf_weights,
@@ -221,12 +222,14 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
 
 
 def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
-                   scan_layers: bool = False) -> dict[str, Any]:
+                   scan_layers: bool = False, convert: Converter | None = None
+                   ) -> dict[str, Any]:
     """Flax params from an HF LlamaForCausalLM state dict of numpy arrays (torch Linear
     weights are transposed to [in, out]); a tied `lm_head.weight` may be present or not."""
     model = build(config)
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     ignore = r"lm_head\.weight|.*rotary_emb\.inv_freq" if config.tie_word_embeddings \
         else r".*rotary_emb\.inv_freq"
-    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, ignore=ignore)
+    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, ignore=ignore,
+                             convert=convert)
     return stack_layers(params, LAYER_STACKS[0]) if scan_layers else params

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -27,13 +27,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.registry import ARCHITECTURES, architecture
+from lora_jax.models.stacking import Converter
+from lora_jax.quantization import is_quantized, leaf_quantizer
 
 Params = dict[str, Any]
 
 
+def leaf_converter(param_dtype: Any, quantize: str | None = None) -> Converter:
+    """What a loader does to each leaf as it reads it: float leaves cast to `param_dtype`, then
+    quantized as `lora_jax.quantize(params, quantize)` would (None: not); leaves read already
+    quantized (a GGUF file's blocks) are kept."""
+    quantizer = None if quantize is None else leaf_quantizer(quantize)
+
+    def convert(path: str, value: Any) -> Any:
+        value = value if is_quantized(value) else value.astype(param_dtype)
+        return value if quantizer is None else quantizer(path, value)
+
+    return convert
+
+
 def _build(model_type: str, class_name: str | None, hf_config: Mapping[str, Any],
            state_dict: Mapping[str, np.ndarray], *, dtype: Any, param_dtype: Any,
-           scan_layers: bool, remat_policy: str | None) -> tuple[nn.Module, Params]:
+           scan_layers: bool, remat_policy: str | None, quantize: str | None = None
+           ) -> tuple[nn.Module, Params]:
     """The module and params for an HF class (None: the architecture's first class)."""
     arch = architecture(model_type)
     class_name = class_name or arch.HF_CLASSES[0]
@@ -43,8 +59,8 @@ def _build(model_type: str, class_name: str | None, hf_config: Mapping[str, Any]
     task = getattr(arch, "TASKS", {}).get(class_name)
     task_kw = {} if task is None else {"task": task}
     config = arch.config_from_hf(hf_config)
-    params = arch.params_from_hf(state_dict, config, scan_layers=scan_layers, **task_kw)
-    params = jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
+    params = arch.params_from_hf(state_dict, config, scan_layers=scan_layers,
+                                 convert=leaf_converter(param_dtype, quantize), **task_kw)
     module = arch.build(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                         remat_policy=remat_policy, **task_kw)
     return module, params
@@ -105,35 +121,69 @@ def read_safetensors(path: str, names: list[str] | None = None) -> dict[str, np.
         raise ValueError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
 
 
-def _read_weights(path: str) -> dict[str, np.ndarray]:
+class _LazyTensors(Mapping[str, np.ndarray]):
+    """The tensors of a folder's safetensors files by name, each read from its file when asked
+    (so a loader holds one float tensor at a time beyond what it keeps)."""
+
+    def __init__(self, files: Mapping[str, str]) -> None:
+        self._files = dict(files)  # tensor name -> file path
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return read_safetensors(self._files[name], [name])[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _tensor_names(path: str) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except FileNotFoundError:
+        raise ValueError(f"safetensors file {path} does not exist") from None
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+
+
+def _read_weights(path: str) -> _LazyTensors:
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
-        return read_safetensors(single)
+        return _LazyTensors({name: single for name in _tensor_names(single)})
     if not os.path.exists(index):
         raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
                          f"(save the model with safe_serialization=True)")
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} has no 'weight_map'")
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map.items():
-        by_file.setdefault(file, []).append(name)
-    out: dict[str, np.ndarray] = {}
-    for file, names in sorted(by_file.items()):
-        out.update(read_safetensors(os.path.join(path, file), names))
-    return out
+    for file in sorted(set(weight_map.values())):
+        present = set(_tensor_names(os.path.join(path, file)))
+        absent = sorted(n for n, f in weight_map.items() if f == file and n not in present)
+        if absent:
+            raise ValueError(f"{os.path.join(path, file)} lacks the tensors {absent} that the "
+                             "index maps to it")
+    return _LazyTensors({name: os.path.join(path, file) for name, file in weight_map.items()})
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32,
                     param_dtype: Any = jnp.float32, scan_layers: bool = False,
-                    remat_policy: str | None = None) -> tuple[nn.Module, Params]:
+                    remat_policy: str | None = None, quantize: str | None = None
+                    ) -> tuple[nn.Module, Params]:
     """`(module, params)` from an HF model folder (what `save_pretrained(safe_serialization=True)`
     writes): `config.json` and `model.safetensors` or a sharded `model.safetensors.index.json`.
 
     The class (and so the task) comes from config.json's `architectures`; `dtype` is the compute
     dtype, `param_dtype` the params'; `scan_layers`/`remat_policy` as in each architecture's
-    `build`. Errors name the file or the missing / unexpected / misshaped tensors.
+    `build`. `quantize="nf4"` / `"int8"` gives `lora_jax.quantize(params, quantize)`'s tree,
+    quantized tensor by tensor as it is read: the host never holds a float copy of the model.
+    Errors name the file or the missing / unexpected / misshaped tensors.
+
+        module, params = from_pretrained(folder, param_dtype=jnp.bfloat16, quantize="nf4")
     """
     path = os.fspath(path)
     config = _read_json(os.path.join(path, "config.json"))
@@ -143,7 +193,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     try:
         architecture(config["model_type"])  # an unknown one fails before reading any weights
         return _build(config["model_type"], classes[0], config, _read_weights(path), dtype=dtype,
-                      param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy)
+                      param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy,
+                      quantize=quantize)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 

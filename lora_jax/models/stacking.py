@@ -23,9 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.quantization import is_quantized
 from lora_jax.targets import hf_module_parts
 
 Params = dict[str, Any]
+# (dotted Flax path, value) -> the leaf to keep, e.g. quantized (`load_hf_weights`).
+Converter = Callable[[str, Any], Any]
 
 
 # --- running a stack of blocks ------------------------------------------------------------------
@@ -181,21 +184,29 @@ def load_hf_weights(
     stacks: Sequence[str],
     transpose_kernels: bool = True,
     ignore: str | None = None,
+    convert: Converter | None = None,
 ) -> Params:
     """Build the unscanned params tree shaped like `expected` from an HF state dict.
 
     `expected` is the abstract params tree (e.g. `jax.eval_shape(model.init, ...)["params"]`).
     Every leaf is read from `hf_name(path, stacks)`; 2-D `kernel`s are transposed from torch's
     [out, in] unless `transpose_kernels=False` (GPT-2's Conv1D). HF names
-    matching the regex `ignore` (buffers, a tied head) may be present or absent. Raises one
-    ValueError listing every missing, unexpected and misshaped tensor; returns only when all
-    tensors loaded, so nothing is ever half-loaded.
+    matching the regex `ignore` (buffers, a tied head) may be present or absent. `state_dict`
+    may read lazily (a Mapping that loads a tensor when asked) and its values may be quantized
+    weights (`lora_jax.ggml`); `convert(path, value)`, e.g. a `lora_jax.quantization.
+    leaf_quantizer`, turns each leaf into what the tree holds as soon as it is read (first
+    tried on the abstract leaves, so that its errors come before any weight is read), so the
+    peak memory is the result plus one float tensor. Raises one ValueError listing every
+    missing, unexpected and misshaped tensor; returns only when all tensors loaded, so nothing
+    is ever half-loaded.
     """
     flat = {
         ".".join(str(k.key) for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
     }
-    values: dict[str, np.ndarray] = {}
+    if convert is not None:
+        jax.eval_shape(lambda leaves: [convert(p, v) for p, v in leaves.items()], flat)
+    values: dict[str, Any] = {}
     used: set[str] = set()
     missing, misshaped = [], []
     for path, spec in flat.items():
@@ -204,13 +215,20 @@ def load_hf_weights(
             missing.append(name)
             continue
         used.add(name)
-        value = np.asarray(state_dict[name])
+        value = state_dict[name]
+        quantized = is_quantized(value)
+        value = value if quantized else np.asarray(value)
         if path.endswith("kernel") and value.ndim == 2 and transpose_kernels:
             value = value.T
         if tuple(value.shape) != tuple(spec.shape):
             misshaped.append(f"{name}: got {tuple(value.shape)}, "
                              f"expected {tuple(spec.shape)} (as {path})")
-        values[path] = value.astype(spec.dtype)
+        elif not misshaped and not missing:  # else only the errors are wanted
+            value = value if quantized else jnp.asarray(value.astype(spec.dtype, copy=False))
+            # Waiting for each conversion frees its float input before the next is read
+            # (dispatch is asynchronous: else many float tensors could be in flight).
+            values[path] = value if convert is None else jax.block_until_ready(
+                convert(path, value))
     ignored = re.compile(ignore) if ignore else None
     extra = sorted(k for k in state_dict
                    if k not in used and not (ignored and ignored.fullmatch(k)))
@@ -220,7 +238,7 @@ def load_hf_weights(
     if any(problems):
         raise ValueError("cannot load the HF weights; " + "; ".join(p for p in problems if p))
     return jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(expected), [jnp.asarray(values[p]) for p in flat]
+        jax.tree_util.tree_structure(expected), [values[p] for p in flat]
     )
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from lora_jax.models.attention import attention
 from lora_jax.models.layers import Layer, activation, check_task
 from lora_jax.models.stacking import (
+    Converter,
     config_from_dict,
     layer_stack,
     load_hf_weights,
@@ -396,7 +397,8 @@ def unstack_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
-                   scan_layers: bool = False) -> dict[str, Any]:
+                   scan_layers: bool = False, convert: Converter | None = None
+                   ) -> dict[str, Any]:
     """Flax params from an HF T5ForConditionalGeneration state dict of numpy arrays (torch
     Linear weights transposed); the embeddings tied to `shared` (and a tied `lm_head`) may be
     present or absent."""
@@ -406,5 +408,6 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
     ignore = r"(encoder|decoder)\.embed_tokens\.weight"
     if config.tie_word_embeddings:
         ignore += r"|lm_head\.weight"
-    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, ignore=ignore)
+    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, ignore=ignore,
+                             convert=convert)
     return stack_params(params) if scan_layers else params

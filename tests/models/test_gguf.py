@@ -3,6 +3,7 @@ transformers' own GGUF load of the same file (float32, CPU)."""
 
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import transformers
 
 from lora_jax.models import gguf
 from lora_jax.models.generate import generate
+from lora_jax.quantization import is_quantized
 
 QUESTION = "What is the capital of France?"
 ANSWER = "The capital of France is Paris."  # greedy, measured with this loader and with HF's
@@ -77,6 +79,17 @@ def test_logits_equal_transformers(ours, hf, prompt):
     assert diff <= LOGIT_TOL, diff
     assert np.abs(ref).max() > 10
     assert out[0, -1].argmax() == ref[0, -1].argmax()
+
+
+def test_the_file_own_blocks_give_the_same_model(ours, prompt):
+    """`quantize="gguf"`: the 210 Q4_1 projection weights stay in their blocks (5 bits a
+    weight) and dequantize, inside the layers, to exactly the float load's kernels."""
+    blocks = gguf.load_gguf(gguf.smollm2_path(), scan_layers=True, quantize="gguf")
+    kernels = [x for x in jax.tree.leaves(blocks.params, is_leaf=is_quantized) if is_quantized(x)]
+    assert len(kernels) == 7 and {k.kind for k in kernels} == {"Q4_1"}  # 7 stacks of 30
+    ids = jnp.array([ours.tokenizer.encode(prompt).ids])
+    np.testing.assert_array_equal(blocks.module.apply({"params": blocks.params}, ids),
+                                  ours.module.apply({"params": ours.params}, ids))
 
 
 def test_greedy_chat_answer(ours, hf, prompt):

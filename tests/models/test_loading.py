@@ -190,3 +190,28 @@ def test_load_tokenizer(tmp_path):
     (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot read tokenizer .*bad/tokenizer.json"):
         load_tokenizer(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("name, kind, scan", [("LlamaForCausalLM", "nf4", True),
+                                              ("BertForSequenceClassification", "int8", False)])
+def test_quantizing_on_load_equals_quantizing_after(name, kind, scan, tmp_path):
+    """`from_pretrained(..., quantize=)` reads tensor by tensor into the tree that
+    `lora_jax.quantize` makes of the float load (bit for bit; the classifier stays float)."""
+    import lora_jax
+
+    hf_model = tiny(name)
+    if name.startswith("Llama"):  # NF4's blocks of 64 must divide each kernel
+        hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2))
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    _, floats = from_pretrained(tmp_path, scan_layers=scan, param_dtype=jnp.bfloat16)
+    _, on_load = from_pretrained(tmp_path, scan_layers=scan, param_dtype=jnp.bfloat16,
+                                 quantize=kind)
+    after = lora_jax.quantize(floats, kind)
+    assert jax.tree.structure(on_load) == jax.tree.structure(after)
+    for x, y in zip(jax.tree.leaves(on_load), jax.tree.leaves(after), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        from_pretrained(tmp_path, quantize="nf2")
