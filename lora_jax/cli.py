@@ -86,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "adapter is converted to apply to the original base)")
     ft.add_argument("--loraplus-ratio", type=_number(float, 0, low_open=True), metavar="RATIO",
                     help="LoRA+: B factors (and 1-D trainables) learn RATIO x faster (e.g. 16)")
-    ft.add_argument("--quantize", choices=("nf4", "int8"),
-                    help="QLoRA: hold the frozen kernels as NF4 (4-bit) or int8")
+    _quantize_option(ft, "QLoRA: hold the frozen kernels")
     targets = ft.add_mutually_exclusive_group()
     targets.add_argument("--targets", help="comma-separated target_modules (default: the "
                          "model's attention query/value projections)")
@@ -139,15 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=_number(int, 1))
     gen.add_argument("--top-p", type=_number(float, 0, 1, low_open=True))
     gen.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
+    _quantize_option(gen, "generate on the base a QLoRA adapter trained on, its kernels")
 
     mg = sub.add_parser("merge", help="fold an adapter into its base; write HF safetensors")
     mg.add_argument("--adapter", required=True, help="a peft adapter folder")
     mg.add_argument("--model", help="the base model (default: the adapter's base_model path)")
     mg.add_argument("--out", required=True)
+    _quantize_option(mg, "merge into the dequantized base a QLoRA adapter trained on, its "
+                     "kernels")
     return parser
 
 
 MAX_SEED = 2**31 - 1
+
+
+def _quantize_option(parser: argparse.ArgumentParser, purpose: str) -> None:
+    parser.add_argument("--quantize", choices=("nf4", "int8", "gguf"),
+                        help=f"{purpose} as NF4 (4-bit), int8, or (a .gguf model) the file's own "
+                        "Q4_0 / Q4_1 / Q8_0 blocks; quantized tensor by tensor as they are read")
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, *,

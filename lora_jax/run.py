@@ -296,11 +296,12 @@ def _model_type(path: Path) -> str:
     return model_type
 
 
-def load_model(spec: str, task: str | None, num_labels: int | None = None, seed: int = 0
-               ) -> tuple[Loaded, str]:
+def load_model(spec: str, task: str | None, num_labels: int | None = None, seed: int = 0,
+               quantize: str | None = None) -> tuple[Loaded, str]:
     """(the loaded model, the task): `task=None` picks the family's default task. For
     `classify`, an encoder without a head of `num_labels` outputs gets a new one (seeded);
-    `base` loads the folder's model as it is."""
+    `base` loads the folder's model as it is. `quantize` ("nf4", "int8", or "gguf" for a GGUF
+    file's own blocks) quantizes the frozen kernels tensor by tensor as they are read."""
     path = resolve_model(spec)
     resolved = model_task(spec, task)
     from lora_jax.models import loading
@@ -308,11 +309,14 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
     if path.suffix == ".gguf":
         from lora_jax.models.gguf import load_gguf
 
-        module, params, tokenizer, _ = load_gguf(path)
+        module, params, tokenizer, _ = load_gguf(path, quantize=quantize)
         model_type = "llama"
+    elif quantize == "gguf":
+        raise ValueError(f"--quantize gguf keeps a GGUF file's own blocks; --model {spec} is "
+                         "not a .gguf file (use nf4 or int8)")
     else:
         model_type = _model_type(path)
-        module, params = loading.from_pretrained(path)
+        module, params = loading.from_pretrained(path, quantize=quantize)
         if resolved == "classify" and task != "base":
             module, params = with_classifier(module, params, model_type, num_labels, seed)
         tokenizer = loading.load_tokenizer(path)
@@ -395,7 +399,9 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     if dora and init in ("pissa", "olora") or dora and str(init).startswith("pissa_niter"):
         raise ValueError(f"--dora with --init {init}: a DoRA adapter trained from the residual "
                          "base cannot be converted to the original base; use one of them")
-    if quantize:  # QLoRA: the frozen kernels as NF4 / int8 (heads and trained modules stay float)
+    if quantize and not lora_jax.quantization.has_quantized(params):
+        # QLoRA on a base loaded in float: the frozen kernels as NF4 / int8 (heads and trained
+        # modules stay float). `load_model(..., quantize=)` gives the same tree while reading.
         params = lora_jax.quantize(params, quantize, modules_to_save=head)
     if method == "lora":
         config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
@@ -509,7 +515,8 @@ def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any]
 
     task = model_task(args.model, args.task)
     dataset = data.load_dataset(args.data, task)
-    loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed)
+    loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed,
+                              quantize=args.quantize)
     check_seq_len(loaded, task, args.seq_len,
                   args.prompt_tokens if args.method == "prompt" else 0)
     parts = data.split(dataset, seed=args.seed)
@@ -779,7 +786,7 @@ def generate(args: argparse.Namespace) -> int:
     for folder in folders:
         if folder != "none":
             check_adapter(Path(folder))
-    loaded, task = load_model(args.model, "base")
+    loaded, task = load_model(args.model, "base", quantize=args.quantize)
     if task == "classify":
         raise ValueError(f"--model {args.model}: generate needs a causal LM or an "
                          f"encoder-decoder, this is a {loaded.model_type} encoder")
@@ -863,7 +870,7 @@ def merge(args: argparse.Namespace) -> int:
     else:
         task = "base"  # the base model as it is (a causal LM, or an encoder without a head)
     with new_folder(out) as tmp:  # a temporary sibling: a read-only place fails here, early
-        loaded, _ = load_model(base, task, num_labels)
+        loaded, _ = load_model(base, task, num_labels, quantize=args.quantize)
         params, config = load_peft(adapter, loaded.params, model_type=loaded.model_type)
         merged = lora_jax.merge(params, config, safe=True)
         source = Path(loaded.source)

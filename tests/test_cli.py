@@ -311,6 +311,45 @@ def test_lm_finetune_then_generate_with_the_adapter(capsys, tiny_llama, tmp_path
     assert float(jnp.abs(module.apply({"params": base}, ids) - want).max()) > 1e-3  # it changed
 
 
+def test_qlora_on_a_gguf_file_own_blocks(capsys, tiny_gguf, tmp_path):
+    """`--quantize gguf`: finetune, generate and merge on a GGUF file's Q4_0 / Q4_1 / Q8_0
+    projection weights as they are in the file; the merged folder's forward equals the blocks'
+    dequantized base plus the adapter."""
+    import jax.numpy as jnp
+
+    import lora_jax
+    from lora_jax.models import from_pretrained
+    from lora_jax.models.gguf import load_gguf
+    from lora_jax.peft_io import load_peft
+
+    out, text = tmp_path / "run", _notes(tmp_path)
+    code, _, err = run_main(capsys, "finetune", "--model", str(tiny_gguf), "--data", str(text),
+                            "--out", str(out), "--steps", "6", "--batch-size", "4", "--seq-len",
+                            "16", "--lr", "3e-2", "--no-progress", "--quantize", "gguf")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["perplexity"] < metrics["test_before"]["perplexity"]
+    code, stdout, err = run_main(capsys, "generate", "--model", str(tiny_gguf), "--adapter",
+                                 str(out / "adapter"), "--prompt", "the match",
+                                 "--max-new-tokens", "4", "--quantize", "gguf")
+    assert code == 0 and stdout.startswith("the match"), err
+    merged = tmp_path / "merged"
+    code, _, err = run_main(capsys, "merge", "--adapter", str(out / "adapter"), "--model",
+                            str(tiny_gguf), "--out", str(merged), "--quantize", "gguf")
+    assert code == 0, err
+    module, blocks, _, _ = load_gguf(tiny_gguf, quantize="gguf")
+    assert lora_jax.quantization.has_quantized(blocks)
+    adapted, config = load_peft(out / "adapter", blocks, model_type="llama")
+    merged_module, merged_params = from_pretrained(merged)
+    ids = jnp.arange(1, 9, dtype=jnp.int32)[None] * 7
+    want = lora_jax.wrap(module.apply, config)({"params": adapted}, ids)
+    np.testing.assert_allclose(merged_module.apply({"params": merged_params}, ids), want,
+                               atol=1e-4)
+    code, _, err = run_main(capsys, "generate", "--model", str(tmp_path / "merged"), "--prompt",
+                            "the match", "--quantize", "gguf")
+    assert code == 2 and "--quantize gguf keeps a GGUF file's own blocks" in err, err
+
+
 def test_generate_one_adapter_per_prompt_equals_each_alone(capsys, tiny_llama, tmp_path):
     import jax
 
