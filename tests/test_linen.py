@@ -6,6 +6,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layer_zoo import KINDS, TinyLM, single_layer, unscanned_params
@@ -33,7 +34,7 @@ def _assert_close(actual, expected, rtol=RTOL):
 
 
 # out >= 3 >= r keeps every drawn rank within min(fan_in, fan_out).
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(3, 9),
        r=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_wrapped_output_equals_the_merged_kernel(kind, dim, out, r, seed):
@@ -45,7 +46,7 @@ def test_wrapped_output_equals_the_merged_kernel(kind, dim, out, r, seed):
     assert not np.allclose(wrapped, base)  # the adapter does change the output
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(3, 9),
        r=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_default_init_gives_exactly_the_base_output(kind, dim, out, r, seed):

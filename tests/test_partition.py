@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +54,7 @@ def test_parts_have_the_whole_structure_with_none_holes():
     assert set(trainable) == set(frozen) == {"h_0", "classifier"}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(bias=st.sampled_from(["none", "all", "lora_only"]),
        save=st.sampled_from([None, ["classifier"], ["out"]]))
 def test_combine_inverts_split(bias, save):
