@@ -98,11 +98,9 @@ def test_quantizing_on_load_equals_quantizing_after(tiny_gguf, kind):
     _, floats, _, _ = gguf.load_gguf(tiny_gguf, scan_layers=True, param_dtype=jnp.bfloat16)
     _, on_load, _, _ = gguf.load_gguf(tiny_gguf, scan_layers=True, param_dtype=jnp.bfloat16,
                                       quantize=kind)
-    after = lora_jax.quantize(floats, kind)
-    assert jax.tree.structure(on_load) == jax.tree.structure(after)
-    for x, y in zip(jax.tree.leaves(on_load), jax.tree.leaves(after), strict=True):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y)
+    same = jax.tree.map(lambda x, y: x.dtype == y.dtype and bool((x == y).all()), on_load,
+                        lora_jax.quantize(floats, kind))  # and the same tree structure
+    assert all(jax.tree.leaves(same))
 
 
 def test_the_file_blocks_shard_like_their_kernels(tiny_gguf):

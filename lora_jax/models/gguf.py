@@ -1,6 +1,6 @@
 """Load a llama-architecture GGUF file (llama.cpp's format) as a lora_jax Llama.
 
-The `gguf` package reads and dequantizes the tensors (F32/F16/Q8_0/Q4_1/...: all become float32)
+The `gguf` package reads and dequantizes the tensors (F32/F16/Q8_0/Q4_1/...) to `param_dtype`
 one at a time, or the projection weights stay in their Q4_0 / Q4_1 / Q8_0 blocks
 (`quantize="gguf"`, `lora_jax.ggml`); the tensors are renamed to HF's and llama.cpp's q/k row
 permutation (made for its interleaved rotary) is undone, so that
@@ -178,7 +178,7 @@ class _GGUFTensors(Mapping[str, Any]):
         shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists the fastest axis first
         try:
             weight = ggml.from_gguf(tensor.data, kind, shape, self._dtype) \
-                if self._kept(name, tensor) else _dequantized(tensor, shape)
+                if self._kept(name, tensor) else _dequantized(tensor, shape, self._dtype)
         except (ValueError, NotImplementedError) as e:
             raise ValueError(f"cannot read GGUF tensor {tensor.name!r} ({kind}): {e}") from e
         heads = self._heads.get(name.split(".")[-2]) if name.endswith("proj.weight") else None
@@ -192,11 +192,11 @@ class _GGUFTensors(Mapping[str, Any]):
         return len(self._tensors)
 
 
-def _dequantized(tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor in float32, dequantized a few thousand rows at a time (the `gguf` package's
-    dequantization makes several float temporaries of its input's size)."""
+def _dequantized(tensor: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A tensor in `dtype`, dequantized a few thousand rows at a time (the `gguf` package's
+    dequantization makes several float32 temporaries of its input's size)."""
     data = tensor.data.reshape(-1, tensor.data.shape[-1])  # rows of blocks (or of values)
-    out = np.empty((len(data), math.prod(shape) // len(data)), np.float32)
+    out = np.empty((len(data), math.prod(shape) // len(data)), dtype)
     for start in range(0, len(data), _ROWS_AT_ONCE):
         part = data[start:start + _ROWS_AT_ONCE]
         out[start:start + len(part)] = dequantize(part, tensor.tensor_type)
@@ -206,7 +206,7 @@ def _dequantized(tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
 def state_dict_from_gguf(reader: GGUFReader, config: llama.Config, *, keep_blocks: bool = False,
                          dtype: Any = jnp.float32) -> Mapping[str, Any]:
     """The file's tensors under their HF names, q/k rows un-permuted, each read when asked:
-    float32 arrays, or with `keep_blocks` the projection weights in their Q4_0 / Q4_1 / Q8_0
+    arrays of `dtype`, or with `keep_blocks` the projection weights in their Q4_0 / Q4_1 / Q8_0
     blocks (`lora_jax.ggml.GGMLTensor`, dequantizing to `dtype`)."""
     return _GGUFTensors(reader, config, keep_blocks, dtype)
 
@@ -251,7 +251,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32,
               remat_policy: str | None = None, quantize: str | None = None) -> GGUFModel:
     """`(module, params, tokenizer, metadata)` of a llama-architecture GGUF file.
 
-    Weights are dequantized to float32 and cast to `param_dtype`, one tensor at a time.
+    Weights are dequantized to `param_dtype`, one tensor at a time.
     `quantize`: None (float), "nf4" / "int8" (as `lora_jax.quantize`, tensor by tensor as
     they are read) or "gguf": the projection weights stay in the file's own Q4_0 / Q4_1 / Q8_0
     blocks (`lora_jax.ggml`), dequantizing to `param_dtype` inside the layer, so LoRA trains on

@@ -40,7 +40,7 @@ def leaf_converter(param_dtype: Any, quantize: str | None = None) -> Converter:
     quantizer = None if quantize is None else leaf_quantizer(quantize)
 
     def convert(path: str, value: Any) -> Any:
-        value = value if is_quantized(value) else value.astype(param_dtype)
+        value = value if is_quantized(value) else jnp.asarray(value, param_dtype)
         return value if quantizer is None else quantizer(path, value)
 
     return convert

@@ -193,12 +193,12 @@ def load_hf_weights(
     [out, in] unless `transpose_kernels=False` (GPT-2's Conv1D). HF names
     matching the regex `ignore` (buffers, a tied head) may be present or absent. `state_dict`
     may read lazily (a Mapping that loads a tensor when asked) and its values may be quantized
-    weights (`lora_jax.ggml`); `convert(path, value)`, e.g. a `lora_jax.quantization.
-    leaf_quantizer`, turns each leaf into what the tree holds as soon as it is read (first
-    tried on the abstract leaves, so that its errors come before any weight is read), so the
-    peak memory is the result plus one float tensor. Raises one ValueError listing every
-    missing, unexpected and misshaped tensor; returns only when all tensors loaded, so nothing
-    is ever half-loaded.
+    weights (`lora_jax.ggml`); `convert(path, value)` (e.g. `loading.leaf_converter`: a
+    cast, then quantization) turns each value as read (numpy, in the file's dtype) into the
+    leaf the tree holds (first tried on the abstract leaves, so that its errors come before
+    any weight is read); the peak memory is then the result plus one tensor's conversion.
+    Raises one ValueError listing every missing, unexpected and misshaped tensor; returns only
+    when all tensors loaded, so nothing is ever half-loaded.
     """
     flat = {
         ".".join(str(k.key) for k in path): leaf
@@ -224,11 +224,12 @@ def load_hf_weights(
             misshaped.append(f"{name}: got {tuple(value.shape)}, "
                              f"expected {tuple(spec.shape)} (as {path})")
         elif not misshaped and not missing:  # else only the errors are wanted
-            value = value if quantized else jnp.asarray(value.astype(spec.dtype, copy=False))
-            # Waiting for each conversion frees its float input before the next is read
-            # (dispatch is asynchronous: else many float tensors could be in flight).
-            values[path] = value if convert is None else jax.block_until_ready(
-                convert(path, value))
+            if convert is not None:  # it casts too: no float32 detour for a bfloat16 load
+                # Waiting for each conversion frees its float input before the next is read
+                # (dispatch is asynchronous: else many float tensors could be in flight).
+                values[path] = jax.block_until_ready(convert(path, value))
+            else:
+                values[path] = value if quantized else jnp.asarray(value.astype(spec.dtype))
     ignored = re.compile(ignore) if ignore else None
     extra = sorted(k for k in state_dict
                    if k not in used and not (ignored and ignored.fullmatch(k)))

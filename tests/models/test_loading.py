@@ -209,9 +209,6 @@ def test_quantizing_on_load_equals_quantizing_after(name, kind, scan, tmp_path):
     _, on_load = from_pretrained(tmp_path, scan_layers=scan, param_dtype=jnp.bfloat16,
                                  quantize=kind)
     after = lora_jax.quantize(floats, kind)
-    assert jax.tree.structure(on_load) == jax.tree.structure(after)
-    for x, y in zip(jax.tree.leaves(on_load), jax.tree.leaves(after), strict=True):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y)
+    assert_same_tree(on_load, after)
     with pytest.raises(ValueError, match="kind must be one of"):
         from_pretrained(tmp_path, quantize="nf2")
