@@ -155,7 +155,8 @@ MAX_SEED = 2**31 - 1
 def _quantize_option(parser: argparse.ArgumentParser, purpose: str) -> None:
     parser.add_argument("--quantize", choices=("nf4", "int8", "gguf"),
                         help=f"{purpose} as NF4 (4-bit), int8, or (a .gguf model) the file's own "
-                        "Q4_0 / Q4_1 / Q8_0 blocks; quantized tensor by tensor as they are read")
+                        "Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks; quantized tensor by "
+                        "tensor as they are read")
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, *,

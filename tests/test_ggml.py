@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
-from tiny_gguf import PROJECTIONS, write_tiny_gguf
+from tiny_gguf import K_PROJECTIONS, PROJECTIONS, random_blocks, write_tiny_gguf
 
 import lora_jax
 from lora_jax import ggml
@@ -20,24 +20,37 @@ KINDS = sorted(ggml.FORMATS)
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_blocks_dequantize_as_the_gguf_package(kind):
-    w = np.random.default_rng(0).normal(size=(3, 24, 96)).astype(np.float32)
-    raw = quants.quantize(w, GGMLQuantizationType[kind])
+    shape = (3, 24, 512)
+    raw = random_blocks(kind, shape)
     theirs = quants.dequantize(raw, GGMLQuantizationType[kind])
-    ours = ggml.from_gguf(raw, kind, w.shape)
+    assert theirs.shape == shape and np.isfinite(theirs).all()
+    ours = ggml.from_gguf(raw, kind, shape)
     np.testing.assert_array_equal(jnp.asarray(ours), theirs)  # the same float32 arithmetic
-    assert ours.codes.shape == w.shape and ours.scale.shape == (3, 24, 3)
-    assert (ours.minimum is not None) == (kind == "Q4_1")
+    assert ours.codes.shape == shape
+    fmt = ggml.FORMATS[kind]
+    assert ours.scale.shape == (3, 24, 512 // fmt.block)
+    assert (ours.minimum is not None) == fmt.has_minimum
     # As a flax kernel: the matrix transposed, blocks now along the rows.
-    matrix = ggml.from_gguf(raw[0], kind, w.shape[1:])
+    matrix = ggml.from_gguf(raw[0], kind, shape[1:])
     np.testing.assert_array_equal(jnp.asarray(matrix.T), theirs[0].T)
-    assert matrix.T.scale.shape == (3, 24) and matrix.T.T.axis == -1
+    assert matrix.T.scale.shape == (512 // fmt.block, 24) and matrix.T.T.axis == -1
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_the_gguf_package_quantizations_read_back(kind):
+    w = np.random.default_rng(0).normal(size=(24, 96)).astype(np.float32)
+    raw = quants.quantize(w, GGMLQuantizationType[kind])
+    ours = jnp.asarray(ggml.from_gguf(raw, kind, w.shape))
+    np.testing.assert_array_equal(ours, quants.dequantize(raw, GGMLQuantizationType[kind]))
     bound = {"Q8_0": 0.02, "Q4_0": 0.3, "Q4_1": 0.2}[kind] * np.abs(w).max()
-    assert np.abs(theirs - w).max() < bound  # and it is a quantization of w at all
+    assert np.abs(ours - w).max() < bound  # a quantization of w at all
 
 
 def test_bad_blocks_are_refused():
-    with pytest.raises(ValueError, match="Q5_K cannot be kept quantized"):
-        ggml.from_gguf(np.zeros((2, 176), np.uint8), "Q5_K", (2, 256))
+    with pytest.raises(ValueError, match="Q3_K cannot be kept quantized"):
+        ggml.from_gguf(np.zeros((2, 110), np.uint8), "Q3_K", (2, 256))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ggml.from_gguf(np.zeros((2, 144), np.uint8), "Q4_K", (2, 128))
     with pytest.raises(ValueError, match="multiple of 32"):
         ggml.from_gguf(np.zeros((2, 34), np.uint8), "Q8_0", (2, 40))
     with pytest.raises(ValueError, match="2-axis"):
@@ -47,17 +60,26 @@ def test_bad_blocks_are_refused():
 IDS = jnp.array([[3, 17, 42, 5, 88, 61, 9, 30]])
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_a_file_loads_in_its_own_blocks(tiny_gguf, scan):
-    module, floats, _, _ = gguf.load_gguf(tiny_gguf, scan_layers=scan)
-    module_q, blocks, _, _ = gguf.load_gguf(tiny_gguf, scan_layers=scan, quantize="gguf")
+@pytest.fixture(scope="module")
+def tiny_k_gguf(tmp_path_factory):
+    """The tiny Llama at width 256 with its projections in Q4_K / Q5_K / Q6_K."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny_k.gguf", K_PROJECTIONS,
+                           hidden=256, ffn=512)
+
+
+@pytest.mark.parametrize("formats, scan", [("classic", False), ("classic", True), ("k", True)])
+def test_a_file_loads_in_its_own_blocks(request, formats, scan):
+    path, kinds = (request.getfixturevalue("tiny_gguf"), PROJECTIONS) if formats == "classic" \
+        else (request.getfixturevalue("tiny_k_gguf"), K_PROJECTIONS)
+    module, floats, _, _ = gguf.load_gguf(path, scan_layers=scan)
+    module_q, blocks, _, _ = gguf.load_gguf(path, scan_layers=scan, quantize="gguf")
     layers = blocks["model"]["layers" if scan else "layers_0"]
     for name, projection in [("self_attn", "q_proj"), ("self_attn", "k_proj"),
                              ("self_attn", "v_proj"), ("mlp", "down_proj")]:
         kernel = layers[name][projection]["kernel"]
         gguf_name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
                      "down_proj": "ffn_down"}[projection]
-        assert isinstance(kernel, ggml.GGMLTensor) and kernel.kind == PROJECTIONS[gguf_name]
+        assert isinstance(kernel, ggml.GGMLTensor) and kernel.kind == kinds[gguf_name]
         assert kernel.axis == -2  # blocks along the kernel's input axis
     assert not lora_jax.quantization.is_quantized(blocks["model"]["embed_tokens"]["embedding"])
     # The q/k rows un-permuted in the blocks exactly as in the float tensors.

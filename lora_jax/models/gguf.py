@@ -1,8 +1,8 @@
 """Load a llama-architecture GGUF file (llama.cpp's format) as a lora_jax Llama.
 
 The `gguf` package reads and dequantizes the tensors (F32/F16/Q8_0/Q4_1/...) to `param_dtype`
-one at a time, or the projection weights stay in their Q4_0 / Q4_1 / Q8_0 blocks
-(`quantize="gguf"`, `lora_jax.ggml`); the tensors are renamed to HF's and llama.cpp's q/k row
+one at a time, or the projection weights stay in their Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K
+blocks (`quantize="gguf"`, `lora_jax.ggml`); the tensors are renamed to HF's and llama.cpp's q/k row
 permutation (made for its interleaved rotary) is undone, so that
 `lora_jax.models.llama.params_from_hf` loads them; the config and a `tokenizers.Tokenizer`
 (byte-level BPE) come from the file's metadata.
@@ -206,8 +206,9 @@ def _dequantized(tensor: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 def state_dict_from_gguf(reader: GGUFReader, config: llama.Config, *, keep_blocks: bool = False,
                          dtype: Any = jnp.float32) -> Mapping[str, Any]:
     """The file's tensors under their HF names, q/k rows un-permuted, each read when asked:
-    arrays of `dtype`, or with `keep_blocks` the projection weights in their Q4_0 / Q4_1 / Q8_0
-    blocks (`lora_jax.ggml.GGMLTensor`, dequantizing to `dtype`)."""
+    arrays of `dtype`, or with `keep_blocks` the projection weights in their GGML blocks
+    (`lora_jax.ggml.GGMLTensor`: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K), dequantizing to
+    `dtype`."""
     return _GGUFTensors(reader, config, keep_blocks, dtype)
 
 
@@ -253,11 +254,12 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32,
 
     Weights are dequantized to `param_dtype`, one tensor at a time.
     `quantize`: None (float), "nf4" / "int8" (as `lora_jax.quantize`, tensor by tensor as
-    they are read) or "gguf": the projection weights stay in the file's own Q4_0 / Q4_1 / Q8_0
-    blocks (`lora_jax.ggml`), dequantizing to `param_dtype` inside the layer, so LoRA trains on
-    exactly the model llama.cpp runs (embeddings and head are read as float). Raises ValueError
-    for another architecture or tokenizer, a truncated/corrupt file, tensors that do not fit
-    the config, or (with "gguf") projection weights in block formats it cannot keep.
+    they are read) or "gguf": the projection weights stay in the file's own blocks (Q4_0 /
+    Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K: `lora_jax.ggml`), dequantizing to `param_dtype` inside
+    the layer, so LoRA trains on exactly the model llama.cpp runs (embeddings and head are read
+    as float). Raises ValueError for another architecture or tokenizer, a truncated/corrupt
+    file, tensors that do not fit the config, or (with "gguf") projection weights in block
+    formats it cannot keep.
 
         module, params, tokenizer, _ = load_gguf(smollm2_path(), param_dtype=jnp.bfloat16,
                                                  quantize="gguf")
