@@ -4,9 +4,10 @@ frozen weight again instead of keeping the float weight from the forward (no rem
 
 `lora_jax.wrap` installs `quantized_calls` (a method interceptor) inside its LoRA interceptor:
 a layer whose rule has a `base` product (Dense, DenseGeneral, Conv, transformers' FlaxConv1D,
-MaxText's DenseGeneral) and whose weight is an `NF4Tensor` / `Int8Tensor` computes
-`base(x, W) + bias` itself, in the dtype flax's `promote_dtype` would pick. Other layers read
-the quantized weight through `jnp.asarray` as before (dequantized where they use it).
+MaxText's DenseGeneral) and whose weight is quantized (`NF4Tensor`, `Int8Tensor`,
+`GGMLTensor`) computes `base(x, W) + bias` itself, in the dtype flax's `promote_dtype` would
+pick. Other layers read the quantized weight through `jnp.asarray` as before (dequantized where
+they use it).
 """
 
 from __future__ import annotations

@@ -328,10 +328,11 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
         kernel = module.get("kernel")
         if is_quantized(kernel):
             already.append(path)
-        elif _chosen(skipped, path, kernel) and _misfits(kind, kernel):
-            refused.append(f"{path} {tuple(kernel.shape)}")
         elif _chosen(skipped, path, kernel):
-            updates[path] = {"kernel": KINDS[kind](kernel)}
+            if _misfits(kind, kernel):
+                refused.append(f"{path} {tuple(kernel.shape)}")
+            else:
+                updates[path] = {"kernel": KINDS[kind](kernel)}
     if refused:
         raise _misfit_error(refused)
     if not updates and already:
@@ -343,7 +344,7 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
 
 
 def quantized_product(product: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
-                      weight: NF4Tensor | Int8Tensor) -> jax.Array:
+                      weight: _Quantized) -> jax.Array:
     """`product(x, weight.dequantize())` for a `product` linear in `x` (a layer's matmul or
     convolution), whose backward dequantizes the weight again instead of keeping the float
     weight from the forward as a residual: a training step holds the codes, and one float
@@ -361,7 +362,7 @@ def quantized_product(product: Callable[[jax.Array, jax.Array], jax.Array], x: j
     return _product(product, jax.ShapeDtypeStruct(x.shape, x.dtype), x, weight)
 
 
-def _after(weight: NF4Tensor | Int8Tensor, value: jax.Array) -> NF4Tensor | Int8Tensor:
+def _after(weight: _Quantized, value: jax.Array) -> _Quantized:
     """`weight` whose codes depend on `value`, exactly: clipped to the top of their range, which
     is one higher when value's first element is NaN (codes never exceed that range). (An
     `optimization_barrier` does not do it: XLA's CPU pipeline drops barriers before its last
@@ -376,17 +377,17 @@ def _after(weight: NF4Tensor | Int8Tensor, value: jax.Array) -> NF4Tensor | Int8
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _product(product: Callable[[jax.Array, jax.Array], jax.Array], x_shape: Any, x: jax.Array,
-             weight: NF4Tensor | Int8Tensor) -> jax.Array:
+             weight: _Quantized) -> jax.Array:
     return product(x, _after(weight, x).dequantize())
 
 
 def _product_fwd(product: Callable[[jax.Array, jax.Array], jax.Array], x_shape: Any,
-                 x: jax.Array, weight: NF4Tensor | Int8Tensor) -> tuple[jax.Array, Any]:
+                 x: jax.Array, weight: _Quantized) -> tuple[jax.Array, Any]:
     return _product(product, x_shape, x, weight), weight
 
 
 def _product_bwd(product: Callable[[jax.Array, jax.Array], jax.Array], x_shape: Any,
-                 weight: NF4Tensor | Int8Tensor, grad: jax.Array) -> tuple[jax.Array, None]:
+                 weight: _Quantized, grad: jax.Array) -> tuple[jax.Array, None]:
     w = _after(weight, grad).dequantize()
     (dx,) = jax.linear_transpose(lambda x: product(x, w), x_shape)(grad)
     return dx, None

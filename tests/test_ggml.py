@@ -30,6 +30,11 @@ def test_blocks_dequantize_as_the_gguf_package(kind):
     fmt = ggml.FORMATS[kind]
     assert ours.scale.shape == (3, 24, 512 // fmt.block)
     assert (ours.minimum is not None) == fmt.has_minimum
+    # Bits a weight as stored (README): uint4 codes are half a byte.
+    bits = sum(8 * (x.size / 2 if x.dtype == jnp.uint4 else x.nbytes)
+               for x in jax.tree.leaves(ours)) / ours.size
+    assert bits == {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "Q4_K": 4.625, "Q5_K": 8.625,
+                    "Q6_K": 8.5625}[kind]
     # As a flax kernel: the matrix transposed, blocks now along the rows.
     matrix = ggml.from_gguf(raw[0], kind, shape[1:])
     np.testing.assert_array_equal(jnp.asarray(matrix.T), theirs[0].T)
