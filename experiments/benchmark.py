@@ -15,7 +15,7 @@ Adapter sets (scanned GPT-2): a mixed batch over 8 adapters (example n uses adap
 strategy against one adapter for the whole batch, and the compiled forward memory with 8 adapters
 against 1 (the bound 1 + 7 x adapter / base means the base is never copied per adapter).
 Sweeps: 8 LoRA points (seeds, learning rates, alphas) trained in one vmapped step
-(`lora_jax.sweep`) against 8 sequential runs of the same steps, compilation included and
+(`lora_jax.multi.sweep`) against 8 sequential runs of the same steps, compilation included and
 excluded.
 
     python experiments/benchmark.py --size cpu                 # a small GPT-2, float32
@@ -205,7 +205,7 @@ def adapter_sets(config: gpt2.Config, ids: jax.Array, args: argparse.Namespace,
     """A mixed batch (example n uses adapter n mod K) on a scanned GPT-2 for each strategy,
     against one adapter for the whole batch (same batch, same rank); and the compiled memory
     of the forward with K adapters against one (the base must not be copied per adapter)."""
-    from lora_jax import adapters
+    from lora_jax.multi import adapters
 
     model = gpt2.build(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype),
                        scan_layers=True)
@@ -243,10 +243,11 @@ def adapter_sets(config: gpt2.Config, ids: jax.Array, args: argparse.Namespace,
 
 def sweep_vs_sequential(model: nn.Module, params: dict, ids: jax.Array,
                         args: argparse.Namespace, k: int = 8, steps: int = 10) -> dict[str, Any]:
-    """Wall time of a K-point sweep (`lora_jax.sweep`: seeds, learning rates and alphas; one
+    """Wall time of a K-point sweep (`lora_jax.multi.sweep`: seeds, learning rates and alphas; one
     vmapped step on one base) against K sequential runs of the same `steps` with the
     single-adapter step (each compiles its own), compilation included and excluded."""
-    from lora_jax import sweep, train
+    from lora_jax.multi import sweep
+    from lora_jax.train import loop as train
 
     config = lora_jax.LoraConfig(r=args.r, target_modules=list(TARGETS))
     points = [{"seed": i, "lr": 1e-4 * (1 + i), "lora_alpha": 2 * args.r * (1 + i % 2)}

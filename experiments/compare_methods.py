@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from lora_jax import data, run, train
+from lora_jax.cli import run
+from lora_jax.train import data
+from lora_jax.train import loop as train
 
 PARTS = {
     "minilm": dict(model="minilm", task="classify", title="all-MiniLM-L6-v2",

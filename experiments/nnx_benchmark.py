@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchmark import SIZES, lm_loss, timed  # noqa: E402
 
 import lora_jax  # noqa: E402
-import lora_jax.nnx as lnnx  # noqa: E402
+import lora_jax.nnx.frontend as lnnx  # noqa: E402
 from lora_jax.models import gpt2, nnx_gpt2  # noqa: E402
 from lora_jax.models.nnx_stack import load  # noqa: E402
 

@@ -52,7 +52,7 @@ def main() -> None:
     from tunix.models.llama3 import params as llama3_params
 
     import lora_jax
-    import lora_jax.nnx as lnnx
+    import lora_jax.nnx.frontend as lnnx
 
     results: dict[str, object] = {"package": "google-tunix 0.1.7", "model": "Llama3"}
     hf_config = transformers.LlamaConfig(
@@ -83,7 +83,7 @@ def main() -> None:
     lora = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     lnnx.inject(model, lora, nnx.Rngs(0))
     tree = lnnx.params(model)
-    adapted = sorted(item.target for item in lora_jax.record.iter_records(tree))
+    adapted = sorted(item.target for item in lora_jax.core.record.iter_records(tree))
     results["adapted"] = adapted
     results["adapted_classes"] = sorted({type(m).__name__ for _, m in nnx.iter_graph(model)
                                          if type(m).__name__.endswith("WithLoRA")})

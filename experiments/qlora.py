@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from lora_jax import data, run, train
-from lora_jax.quantization import NF4Tensor, is_quantized
+from lora_jax.cli import run
+from lora_jax.quant.quantize import NF4Tensor, is_quantized
+from lora_jax.train import data
+from lora_jax.train import loop as train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_methods import compiled_step  # noqa: E402
@@ -55,7 +57,7 @@ def base_bytes(params: Any, kernels_only: bool = False) -> int:
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        if lora_jax.record.is_factor(keys[-1]) or (kernels_only and "kernel" not in keys):
+        if lora_jax.core.record.is_factor(keys[-1]) or (kernels_only and "kernel" not in keys):
             continue
         total += leaf.size // 2 if leaf.dtype == jnp.uint4 else leaf.nbytes
     return total

@@ -29,10 +29,10 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax
-from lora_jax import distributed
-from lora_jax.checkpoint import AdapterCheckpointer
+from lora_jax.core import distributed
+from lora_jax.core.checkpoint import AdapterCheckpointer
+from lora_jax.core.sharding import match_specs, named_shardings, opt_state_specs, shard_inject
 from lora_jax.models import gpt2, llama
-from lora_jax.sharding import match_specs, named_shardings, opt_state_specs, shard_inject
 
 # Megatron-style tensor parallelism with fsdp on the other weight axis (the models' rules).
 RULES = {"gpt2": gpt2.SHARDING_RULES, "llama": llama.SHARDING_RULES}

@@ -11,24 +11,25 @@
 (2, 8)
 """
 
-from lora_jax import adapters, distributed, sharding
-from lora_jax.checkpoint import AdapterCheckpointer
-from lora_jax.config import LoraConfig
-from lora_jax.convert import to_plain_lora
-from lora_jax.counting import count_parameters, print_trainable_parameters
-from lora_jax.factors import Layout
-from lora_jax.inject import inject
-from lora_jax.linen import layouts, wrap
-from lora_jax.loraplus import loraplus
-from lora_jax.merge import merge
-from lora_jax.optimizer import optimizer
-from lora_jax.partition import combine, split
-from lora_jax.peft_io import load_peft, save_peft
-from lora_jax.quantization import dequantize, quantize
-from lora_jax.record import LoraRecord
-from lora_jax.rules import Rule, register_rule
-from lora_jax.sharding import lora_specs, shard_inject
-from lora_jax.weighted import weighted_adapter
+from lora_jax.core import distributed, sharding
+from lora_jax.core.checkpoint import AdapterCheckpointer
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.convert import to_plain_lora
+from lora_jax.core.counting import count_parameters, print_trainable_parameters
+from lora_jax.core.factors import Layout
+from lora_jax.core.inject import inject
+from lora_jax.core.loraplus import loraplus
+from lora_jax.core.merge import merge
+from lora_jax.core.optimizer import optimizer
+from lora_jax.core.partition import combine, split
+from lora_jax.core.record import LoraRecord
+from lora_jax.core.rules import Rule, register_rule
+from lora_jax.core.sharding import lora_specs, shard_inject
+from lora_jax.linen.frontend import layouts, wrap
+from lora_jax.multi import adapters
+from lora_jax.multi.weighted import weighted_adapter
+from lora_jax.peft.files import load_peft, save_peft
+from lora_jax.quant.quantize import dequantize, quantize
 
 __all__ = [
     "AdapterCheckpointer",

@@ -2,6 +2,6 @@
 
 import sys
 
-from lora_jax.cli import main
+from lora_jax.cli.main import main
 
 sys.exit(main())

@@ -27,8 +27,8 @@ import transformers
 from peft_checks import max_diff, state_dict, tiny_hf, torch_out
 
 import lora_jax
-from lora_jax import peft_io
 from lora_jax.models import bert, bloom, gpt2, llama, t5
+from lora_jax.peft import files as peft_io
 
 TOL = 1e-4  # logits, float32
 MERGE_TOL = 1e-5
@@ -212,8 +212,8 @@ def _perturb_jax(params: Any, config: lora_jax.LoraConfig, seed: int) -> Any:
 def _zero_unselected(params: Any) -> Any:
     """Zero where training keeps zeros: the layers a stack leaves out, and the columns of A /
     rows of B beyond a layer's own rank in a stack with per-layer ranks."""
-    from lora_jax.record import iter_records
-    from lora_jax.targets import with_leaves
+    from lora_jax.core.record import iter_records
+    from lora_jax.core.targets import with_leaves
 
     fixes = {}
     for item in iter_records(params):

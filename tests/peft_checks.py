@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import lora_jax
-from lora_jax.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_peft, save_peft
+from lora_jax.peft.files import CONFIG_NAME, WEIGHTS_NAME, load_peft, save_peft
 
 TOL = 1e-4  # float32 logits, max abs diff against peft on PyTorch
 

@@ -17,8 +17,8 @@ import transformers
 from peft_checks import base_params, max_diff, tiny_hf, torch_out
 
 import lora_jax
-from lora_jax import adapters
 from lora_jax.models import generate, gpt2, llama
+from lora_jax.multi import adapters
 
 MIXED_TOL = 1e-5  # relative to the logits' scale: the same float32 products, another grouping
 PEFT_TOL = 1e-4
@@ -242,7 +242,7 @@ def test_sharded_mixed_batch_equals_single_device(case):
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from lora_jax.sharding import lora_specs, match_specs, named_shardings
+    from lora_jax.core.sharding import lora_specs, match_specs, named_shardings
 
     aset, apply = case["aset"], case["apply"]
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)

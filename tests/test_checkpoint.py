@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax
-from lora_jax.checkpoint import AdapterCheckpointer
+from lora_jax.core.checkpoint import AdapterCheckpointer
 
 CONFIG = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], bias="lora_only")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ KILLED_SAVER = textwrap.dedent("""
     import jax, jax.numpy as jnp
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from test_checkpoint import CONFIG, setup
-    from lora_jax.checkpoint import AdapterCheckpointer
+    from lora_jax.core.checkpoint import AdapterCheckpointer
     trainable, frozen, opt_state, step, x = setup()
     ckpt = AdapterCheckpointer({directory!r})
     ckpt.save(1, trainable, opt_state, CONFIG)
@@ -209,7 +209,7 @@ def _two_steps(directory):
 
 @pytest.mark.parametrize("damage", ["flip_data_byte", "delete_data", "garbage_meta"])
 def test_a_damaged_step_is_an_error_and_restore_intact_falls_back(tmp_path, damage):
-    from lora_jax.checkpoint import CorruptCheckpoint
+    from lora_jax.core.checkpoint import CorruptCheckpoint
 
     trainable, opt_state = _two_steps(tmp_path)
     step2 = tmp_path / "2"
@@ -239,7 +239,7 @@ def test_a_damaged_step_is_an_error_and_restore_intact_falls_back(tmp_path, dama
 
 
 def test_no_intact_step_is_an_error_and_extra_must_be_finite(tmp_path):
-    from lora_jax.checkpoint import CorruptCheckpoint
+    from lora_jax.core.checkpoint import CorruptCheckpoint
 
     trainable, _, opt_state, _, _ = setup()
     with AdapterCheckpointer(tmp_path) as ckpt:

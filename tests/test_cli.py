@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from lora_jax import cli
+from lora_jax.cli import main as cli
 
 
 def run_main(capsys, *argv):
@@ -111,8 +111,8 @@ def test_fit_resumed_from_a_checkpoint_repeats_the_uninterrupted_losses(tmp_path
     import jax.numpy as jnp
 
     import lora_jax
-    from lora_jax import train
-    from lora_jax.checkpoint import AdapterCheckpointer
+    from lora_jax.core.checkpoint import AdapterCheckpointer
+    from lora_jax.train import loop as train
 
     forward, tx, params, config, arrays = _tiny_setup()
     trainable, frozen = lora_jax.split(params, config)
@@ -170,7 +170,7 @@ def test_finetune_end_to_end_writes_everything_and_learns(capsys, tiny_bert, top
     assert sorted(adapter_config["target_modules"]) == ["query", "value"]
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    from lora_jax.checkpoint import AdapterCheckpointer
+    from lora_jax.core.checkpoint import AdapterCheckpointer
 
     with AdapterCheckpointer(out / "checkpoint") as ckpt:
         assert ckpt.latest_step() == 40
@@ -299,7 +299,7 @@ def test_lm_finetune_then_generate_with_the_adapter(capsys, tiny_llama, tmp_path
 
     import lora_jax
     from lora_jax.models import from_pretrained
-    from lora_jax.peft_io import load_peft
+    from lora_jax.peft.files import load_peft
 
     module, base = from_pretrained(folder)
     adapted, config = load_peft(out / "adapter", base, model_type="llama")
@@ -320,7 +320,7 @@ def test_qlora_on_a_gguf_file_own_blocks(capsys, tiny_gguf, tmp_path):
     import lora_jax
     from lora_jax.models import from_pretrained
     from lora_jax.models.gguf import load_gguf
-    from lora_jax.peft_io import load_peft
+    from lora_jax.peft.files import load_peft
 
     out, text = tmp_path / "run", _notes(tmp_path)
     code, _, err = run_main(capsys, "finetune", "--model", str(tiny_gguf), "--data", str(text),
@@ -338,7 +338,7 @@ def test_qlora_on_a_gguf_file_own_blocks(capsys, tiny_gguf, tmp_path):
                             str(tiny_gguf), "--out", str(merged), "--quantize", "gguf")
     assert code == 0, err
     module, blocks, _, _ = load_gguf(tiny_gguf, quantize="gguf")
-    assert lora_jax.quantization.has_quantized(blocks)
+    assert lora_jax.quant.quantize.has_quantized(blocks)
     adapted, config = load_peft(out / "adapter", blocks, model_type="llama")
     merged_module, merged_params = from_pretrained(merged)
     ids = jnp.arange(1, 9, dtype=jnp.int32)[None] * 7

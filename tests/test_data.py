@@ -1,4 +1,4 @@
-"""lora_jax.data: BBC News, seeded stratified splits, jsonl/text files, encoding, batches."""
+"""lora_jax.train.data: BBC News, seeded stratified splits, jsonl/text files, encoding, batches."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from lora_jax import data
+from lora_jax.train import data
 
 
 @pytest.fixture(scope="module")

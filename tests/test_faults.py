@@ -290,7 +290,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_or_resumed(tiny_
 def test_a_run_killed_while_writing_its_run_config_can_be_rerun(tmp_path):
     """Killed inside write_json(run_config.json): only our temporary file is left, and the
     folder counts as an unstarted run (before: "--out exists and is not empty")."""
-    from lora_jax.run import _unstarted_run
+    from lora_jax.cli.run import _unstarted_run
 
     out = tmp_path / "run"
     out.mkdir()

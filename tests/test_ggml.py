@@ -1,4 +1,4 @@
-"""GGML block formats kept as the frozen base (lora_jax.ggml), checked against the `gguf`
+"""GGML block formats kept as the frozen base (lora_jax.quant.ggml), checked against the `gguf`
 package (llama.cpp's own Python reader: its quantize / dequantize are the oracle), and a tiny
 random Llama written as a GGUF file with those blocks: loading it with `quantize="gguf"` gives
 the same model as loading it in float, LoRA trains on it exactly as on the float base, and
@@ -12,8 +12,8 @@ from gguf import GGMLQuantizationType, quants
 from tiny_gguf import K_PROJECTIONS, PROJECTIONS, random_blocks, write_tiny_gguf
 
 import lora_jax
-from lora_jax import ggml
 from lora_jax.models import gguf, llama
+from lora_jax.quant import ggml
 
 KINDS = sorted(ggml.FORMATS)
 
@@ -86,7 +86,7 @@ def test_a_file_loads_in_its_own_blocks(request, formats, scan):
                      "down_proj": "ffn_down"}[projection]
         assert isinstance(kernel, ggml.GGMLTensor) and kernel.kind == kinds[gguf_name]
         assert kernel.axis == -2  # blocks along the kernel's input axis
-    assert not lora_jax.quantization.is_quantized(blocks["model"]["embed_tokens"]["embedding"])
+    assert not lora_jax.quant.quantize.is_quantized(blocks["model"]["embed_tokens"]["embedding"])
     # The q/k rows un-permuted in the blocks exactly as in the float tensors.
     for x, y in zip(jax.tree.leaves(lora_jax.dequantize(blocks)), jax.tree.leaves(floats),
                     strict=True):
@@ -102,7 +102,7 @@ def test_lora_on_the_file_blocks_trains_as_on_the_float_base(tiny_gguf):
     params = lora_jax.inject(blocks, config, jax.random.key(0))
     apply = lora_jax.wrap(module.apply, config)
     trainable, frozen = lora_jax.split(params, config)
-    assert not lora_jax.quantization.has_quantized(trainable)
+    assert not lora_jax.quant.quantize.has_quantized(trainable)
 
     def loss(trainable, frozen):
         logits = apply({"params": lora_jax.combine(trainable, frozen)}, IDS)
@@ -116,7 +116,7 @@ def test_lora_on_the_file_blocks_trains_as_on_the_float_base(tiny_gguf):
         np.testing.assert_allclose(g, g_f, rtol=1e-5, atol=1e-5 * float(jnp.abs(g_f).max()))
     # Merging gives a float base: the dequantized blocks plus the adapter's delta.
     merged = lora_jax.merge(params, config)
-    assert not lora_jax.quantization.has_quantized(merged)
+    assert not lora_jax.quant.quantize.has_quantized(merged)
     np.testing.assert_allclose(module.apply({"params": merged}, IDS),
                                apply({"params": params}, IDS), rtol=1e-5, atol=1e-4)
 
@@ -138,7 +138,7 @@ def test_the_file_blocks_shard_like_their_kernels(tiny_gguf):
     from jax.sharding import AxisType
     from jax.sharding import PartitionSpec as P
 
-    from lora_jax.sharding import match_specs, shard_inject
+    from lora_jax.core.sharding import match_specs, shard_inject
 
     module, blocks, _, _ = gguf.load_gguf(tiny_gguf, scan_layers=True, quantize="gguf")
     config = lora_jax.LoraConfig(r=4, target_modules=["q_proj", "down_proj"])

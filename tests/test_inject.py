@@ -203,5 +203,5 @@ def test_all_linear_targets_dense_like_layers_but_not_the_head():
     model, params = _tiny()
     out = lora_jax.inject(params, LoraConfig(r=2, target_modules="all-linear"),
                           jax.random.key(0))
-    adapted = {p for p, m in lora_jax.targets.iter_modules(out) if "lora_A" in m}
+    adapted = {p for p, m in lora_jax.core.targets.iter_modules(out) if "lora_A" in m}
     assert adapted == {f"h_{i}.{n}" for i in range(3) for n in ("q", "v", "o", "mlp")}

@@ -14,9 +14,9 @@ from flax import nnx
 from layer_zoo import KINDS, single_layer
 
 import lora_jax
-import lora_jax.nnx as lnnx
+import lora_jax.nnx.frontend as lnnx
 from lora_jax import Layout, LoraConfig, Rule
-from lora_jax.factors import dense_delta
+from lora_jax.core.factors import dense_delta
 
 RTOL = 1e-5
 
@@ -287,7 +287,7 @@ def test_layers_to_transform_on_a_list_and_a_scanned_stack(scan):
         a = model.h.q.lora_A[...]
         assert a[1].any() and not a[0].any() and not a[2].any()
     else:
-        adapted = sorted(item.target for item in lora_jax.record.iter_records(tree))
+        adapted = sorted(item.target for item in lora_jax.core.record.iter_records(tree))
         assert adapted == ["transformer.h.1.q", "transformer.h.1.v"]
     # peft's count: unselected stacked layers are not trainable
     assert lnnx.count_parameters(model, config)[0] == 2 * (D * 2 + 2 * D)
@@ -302,7 +302,7 @@ def test_layers_to_transform_on_a_list_and_a_scanned_stack(scan):
 
 def test_peft_style_names_and_layer_indices_of_an_nnx_list():
     model, _, _ = _lm(False, target_modules=["h.2.q", "0.v"])
-    adapted = sorted(item.target for item in lora_jax.record.iter_records(lnnx.params(model)))
+    adapted = sorted(item.target for item in lora_jax.core.record.iter_records(lnnx.params(model)))
     assert adapted == ["transformer.h.0.v", "transformer.h.2.q"]
     assert type(model.h[2].q).__name__ == "LinearWithLoRA"
     assert type(model.h[1].q) is nnx.Linear
@@ -414,7 +414,7 @@ def test_dora_with_dropout_recomputes_the_base_on_the_dropped_input():
     key = nnx.clone(model.lora_rngs)()  # the key the next call draws
     w, bias = model.kernel[...], model.bias[...]
     a, b, m = model.lora_A[...], model.lora_B[...], model.lora_magnitude_vector[...]
-    dropped = lora_jax.factors.dropout(x, 0.5, key)
+    dropped = lora_jax.core.factors.dropout(x, 0.5, key)
     ratio = m / jnp.linalg.norm(w + 2.0 * a @ b, axis=0)
     expected = x @ w + bias + (ratio - 1) * (dropped @ w) + ratio * 2.0 * ((dropped @ a) @ b)
     _close(model(x), expected)
@@ -521,7 +521,7 @@ def test_a_stacked_user_rule_the_fallback_and_a_call_time_einsum():
 
 
 def test_adapter_only_orbax_checkpoint(tmp_path):
-    from lora_jax.checkpoint import AdapterCheckpointer
+    from lora_jax.core.checkpoint import AdapterCheckpointer
 
     model, config, _ = _lm(False, init_lora_weights=False)
     tx = optax.adam(1e-2)

@@ -14,7 +14,7 @@ from parity_harness import ARCHS, compare, quiet
 from peft_checks import state_dict, torch_out
 
 import lora_jax
-from lora_jax.targets import layer_index
+from lora_jax.core.targets import layer_index
 
 
 def _agree(name, fields, scan, tmp, **kwargs):
@@ -149,7 +149,7 @@ def test_class_08_modules_to_save_on_a_tied_embedding_keeps_the_head_on_the_orig
 
 
 def _modules(params):
-    from lora_jax.targets import iter_modules
+    from lora_jax.core.targets import iter_modules
 
     return list(iter_modules(params))
 
@@ -351,7 +351,7 @@ def test_t5_float32_rounding_judged_by_float64(tmp_path):
 def test_class_08_nnx_warns_that_its_tied_head_follows_the_table():
     from flax import nnx
 
-    import lora_jax.nnx as lnnx
+    import lora_jax.nnx.frontend as lnnx
 
     class Tied(nnx.Module):
         def __init__(self, rngs):

@@ -1,4 +1,4 @@
-"""lora_jax.prompt_tuning: soft prompts prepended through the word-embedding nn.Embed."""
+"""lora_jax.train.prompt_tuning: soft prompts prepended through the word-embedding nn.Embed."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from lora_jax import prompt_tuning
+from lora_jax.train import prompt_tuning
 
 VOCAB, DIM, N_PROMPT = 50, 16, 4
 

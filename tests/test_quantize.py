@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import lora_jax
-from lora_jax import quantization as q
 from lora_jax.models import gpt2, llama
+from lora_jax.quant import quantize as q
 
 
 def test_the_dynamic_map_is_bitsandbytes_one():
@@ -239,8 +239,8 @@ def test_a_sharded_qlora_step_equals_one_device():
     from jax.sharding import AxisType
     from jax.sharding import PartitionSpec as P
 
-    from lora_jax.distributed import shard_batch
-    from lora_jax.sharding import lora_specs, match_specs, named_shardings, shard_inject
+    from lora_jax.core.distributed import shard_batch
+    from lora_jax.core.sharding import lora_specs, match_specs, named_shardings, shard_inject
 
     model = gpt2.build(gpt2.Config(vocab_size=128, n_positions=32, n_embd=128, n_layer=2,
                                    n_head=4), scan_layers=True)

@@ -48,8 +48,8 @@ def _transformers_continuation(folder, prompt, new_tokens, seq2seq=False):
     import torch
     import transformers
 
-    from lora_jax.data import _copy
     from lora_jax.models import load_tokenizer
+    from lora_jax.train.data import _copy
 
     tok = load_tokenizer(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -127,7 +127,7 @@ def test_recipe_t5_meta_tags_with_lora_on_the_encoder_attention_only(tiny_t5, tm
 
 def _main(capsys, *argv):
     """`lora-jax ARGV` in this process (these errors come before any model is loaded)."""
-    from lora_jax import cli
+    from lora_jax.cli import main as cli
 
     capsys.readouterr()  # not the fixtures' output
     code = cli.main([str(a) for a in argv])
@@ -169,8 +169,9 @@ def test_seq2seq_loss_equals_transformers_t5_loss(tiny_t5):
     import torch
     import transformers
 
-    from lora_jax import data, train
     from lora_jax.models import from_pretrained, load_tokenizer
+    from lora_jax.train import data
+    from lora_jax.train import loop as train
 
     tok = load_tokenizer(tiny_t5)
     rows = [json.loads(line) for line in (RECIPES / "pages.jsonl").read_text().splitlines()[:4]]

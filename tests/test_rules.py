@@ -11,7 +11,7 @@ from third_party_layers import DenseGeneral, FlaxConv1D, GemmaAttention, GemmaFe
 
 import lora_jax
 from lora_jax import Layout, LoraConfig, Rule
-from lora_jax.factors import dense_delta
+from lora_jax.core.factors import dense_delta
 
 DIM = 8
 
@@ -134,7 +134,7 @@ def test_three_steps_train_only_the_factors_under_jit_scan_and_remat(kind):
     for _ in range(3):
         trainable, state = step(trainable, state)
     after = lora_jax.combine(trainable, frozen)
-    names = {k for item in lora_jax.record.iter_records(after) for k in item.record.names}
+    names = {k for item in lora_jax.core.record.iter_records(after) for k in item.record.names}
     for path, old in jax.tree_util.tree_flatten_with_path(params)[0]:
         new = after
         for key in path:
@@ -163,7 +163,7 @@ def test_only_the_fallback_forms_the_adapted_weight(kind):
     apply = lora_jax.wrap(model.apply, config)
     loss = lambda p: (apply({"params": p}, X) ** 2).sum()
     pairs = {tuple(sorted([tuple(item.factors[0].shape), tuple(item.factors[1].shape)]))
-             for item in lora_jax.record.iter_records(params)}
+             for item in lora_jax.core.record.iter_records(params)}
     # A @ B appears as a dot_general of a factor-shaped operand pair (batched over kept axes).
     formed = lambda jaxpr: any(tuple(shapes) in pairs for shapes in _products(jaxpr))
     with pytest.warns(UserWarning) if kind == "fallback" else _no_warning():
@@ -339,7 +339,7 @@ def test_target_parameters_with_dropout_is_an_error():
 
 
 def test_einsum_roles_read_the_equation():
-    from lora_jax.factors import einsum_roles
+    from lora_jax.core.factors import einsum_roles
 
     assert "has an ellipsis" in einsum_roles("btd,...d->bt")[1]
     assert einsum_roles("BTD,SNDH->SBTNH")[0] == "boio"

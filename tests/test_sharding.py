@@ -16,19 +16,19 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax
-from lora_jax.distributed import shard_batch
+from lora_jax.core.distributed import shard_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from train_sharded import make_train_step  # noqa: E402  (the step the example trains with)
 
-from lora_jax.models import gpt2, llama
-from lora_jax.sharding import (
+from lora_jax.core.sharding import (
     lora_specs,
     match_specs,
     named_shardings,
     opt_state_specs,
     shard_inject,
 )
+from lora_jax.models import gpt2, llama
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -122,7 +122,7 @@ def test_specs_and_actual_shardings_dense_densegeneral_embed_scan():
 
 def test_a_saved_tables_original_is_sharded_as_the_table():
     # modules_to_save on an embedding keeps the frozen original beside the trained table
-    # (lora_jax.saved): it gets the table's spec, and shard_inject places it.
+    # (lora_jax.core.saved): it gets the table's spec, and shard_inject places it.
     _, ids, params, layouts = tiny()
     mesh = mesh222()
     specs = match_specs(params, TINY_RULES)

@@ -1,6 +1,6 @@
-"""Sweeps (lora_jax.sweep): K adapters trained in one vmapped step on one frozen base.
+"""Sweeps (lora_jax.multi.sweep): K adapters trained in one vmapped step on one frozen base.
 
-Oracles: each point trained alone with the single-adapter path (`lora_jax.train.make_step`,
+Oracles: each point trained alone with the single-adapter path (`lora_jax.train.loop.make_step`,
 its own config, key and optimizer), and peft on PyTorch loading each saved adapter. Float32 on
 CPU: losses and trained factors within 1e-5 of the lone runs, logits within 1e-4 of peft's.
 """
@@ -16,9 +16,9 @@ import torch
 import transformers
 
 import lora_jax
-from lora_jax import sweep as sweeps
-from lora_jax import train
 from lora_jax.models.loading import from_pretrained
+from lora_jax.multi import sweep as sweeps
+from lora_jax.train import loop as train
 
 # Different seeds, learning rates, alphas, ranks (padded to 8) and weight decays.
 POINTS = [
@@ -224,7 +224,7 @@ def test_cli_sweep_writes_a_run_per_point_equal_to_normal_runs(tiny_llama, tmp_p
     (["--sweep", "r=8", "--dora"], "--dora is not supported with it"),
 ])
 def test_cli_sweep_bad_input(tmp_path, capsys, argv, message):
-    from lora_jax import cli
+    from lora_jax.cli import main as cli
 
     code = cli.main(["finetune", "--out", str(tmp_path / "x"), "--no-progress", *argv])
     assert code == 2 and message in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_jax.targets import layer_index, matches, path_forms, pattern_value
+from lora_jax.core.targets import layer_index, matches, path_forms, pattern_value
 
 GPT2 = "transformer.h_0.attn.c_attn"
 

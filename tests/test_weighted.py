@@ -24,10 +24,10 @@ from parity_harness import IDS, gpt2_hf, llama_hf
 from peft_checks import TOL, base_params, max_diff, peft_adapter, peft_logits
 
 import lora_jax
-from lora_jax.factors import Layout
+from lora_jax.core.factors import Layout
+from lora_jax.core.record import LoraRecord
 from lora_jax.models import gpt2, llama
-from lora_jax.record import LoraRecord
-from lora_jax.weighted import weighted_adapter
+from lora_jax.multi.weighted import weighted_adapter
 
 ARCHS = {"gpt2": (gpt2, gpt2_hf), "llama": (llama, llama_hf)}
 # name: LoraConfig fields of each test adapter (random factors drawn by peft_adapter).

@@ -6,7 +6,7 @@ model that load in a second."""
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-from lora_jax import ggml
+from lora_jax.quant import ggml
 
 LAYERS, HEADS, KV_HEADS = 2, 4, 2
 # Block type of each projection (norms F32, the embedding Q8_0 as in SmolLM2's file).

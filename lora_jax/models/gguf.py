@@ -2,8 +2,8 @@
 
 The `gguf` package reads and dequantizes the tensors (F32/F16/Q8_0/Q4_1/...) to `param_dtype`
 one at a time, or the projection weights stay in their Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K
-blocks (`quantize="gguf"`, `lora_jax.ggml`); the tensors are renamed to HF's and llama.cpp's q/k row
-permutation (made for its interleaved rotary) is undone, so that
+blocks (`quantize="gguf"`, `lora_jax.quant.ggml`); the tensors are renamed to HF's and
+llama.cpp's q/k row permutation (made for its interleaved rotary) is undone, so that
 `lora_jax.models.llama.params_from_hf` loads them; the config and a `tokenizers.Tokenizer`
 (byte-level BPE) come from the file's metadata.
 
@@ -33,9 +33,10 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tokenizers import decoders, pre_tokenizers, processors
 
-from lora_jax import ggml, quantization
 from lora_jax.models import llama
 from lora_jax.models.loading import leaf_converter
+from lora_jax.quant import ggml
+from lora_jax.quant import quantize as quantization
 
 # GGUF tensor name -> HF Llama name ("{i}" is the layer index).
 _TENSOR_NAMES = {
@@ -207,7 +208,7 @@ def state_dict_from_gguf(reader: GGUFReader, config: llama.Config, *, keep_block
                          dtype: Any = jnp.float32) -> Mapping[str, Any]:
     """The file's tensors under their HF names, q/k rows un-permuted, each read when asked:
     arrays of `dtype`, or with `keep_blocks` the projection weights in their GGML blocks
-    (`lora_jax.ggml.GGMLTensor`: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K), dequantizing to
+    (`lora_jax.quant.ggml.GGMLTensor`: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K), dequantizing to
     `dtype`."""
     return _GGUFTensors(reader, config, keep_blocks, dtype)
 
@@ -255,7 +256,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     Weights are dequantized to `param_dtype`, one tensor at a time.
     `quantize`: None (float), "nf4" / "int8" (as `lora_jax.quantize`, tensor by tensor as
     they are read) or "gguf": the projection weights stay in the file's own blocks (Q4_0 /
-    Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K: `lora_jax.ggml`), dequantizing to `param_dtype` inside
+    Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K: `lora_jax.quant.ggml`), dequantizing to `param_dtype` inside
     the layer, so LoRA trains on exactly the model llama.cpp runs (embeddings and head are read
     as float). Raises ValueError for another architecture or tokenizer, a truncated/corrupt
     file, tensors that do not fit the config, or (with "gguf") projection weights in block

@@ -28,7 +28,7 @@ import numpy as np
 
 from lora_jax.models.registry import ARCHITECTURES, architecture
 from lora_jax.models.stacking import Converter
-from lora_jax.quantization import is_quantized, leaf_quantizer
+from lora_jax.quant.quantize import is_quantized, leaf_quantizer
 
 Params = dict[str, Any]
 

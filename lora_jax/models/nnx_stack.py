@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.targets import _LIST_ELEMENT
+from lora_jax.core.targets import _LIST_ELEMENT
 
 
 def make_stack(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,

@@ -27,7 +27,7 @@ loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model cod
 import importlib
 from types import ModuleType
 
-from lora_jax import peft_io
+from lora_jax.peft import files as peft_io
 
 ARCHITECTURES = {
     "gpt2": "lora_jax.models.gpt2",

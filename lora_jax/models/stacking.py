@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.quantization import is_quantized
-from lora_jax.targets import hf_module_parts
+from lora_jax.core.targets import hf_module_parts
+from lora_jax.quant.quantize import is_quantized
 
 Params = dict[str, Any]
 # (dotted Flax path, value) -> the leaf to keep, e.g. quantized (`load_hf_weights`).
@@ -193,7 +193,7 @@ def load_hf_weights(
     [out, in] unless `transpose_kernels=False` (GPT-2's Conv1D). HF names
     matching the regex `ignore` (buffers, a tied head) may be present or absent. `state_dict`
     may read lazily (a Mapping that loads a tensor when asked) and its values may be quantized
-    weights (`lora_jax.ggml`); `convert(path, value)` (e.g. `loading.leaf_converter`: a
+    weights (`lora_jax.quant.ggml`); `convert(path, value)` (e.g. `loading.leaf_converter`: a
     cast, then quantization) turns each value as read (numpy, in the file's dtype) into the
     leaf the tree holds (first tried on the abstract leaves, so that its errors come before
     any weight is read); the peak memory is then the result plus one tensor's conversion.

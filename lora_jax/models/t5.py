@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.core.targets import register_path_alias
 from lora_jax.models.attention import attention
 from lora_jax.models.layers import Layer, activation, check_task
 from lora_jax.models.stacking import (
@@ -44,7 +45,6 @@ from lora_jax.models.stacking import (
     stack_layers,
     unstack_layers,
 )
-from lora_jax.targets import register_path_alias
 
 HF_CLASSES = ("T5ForConditionalGeneration",)
 # What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).

@@ -12,7 +12,7 @@ import transformers
 
 from lora_jax.models import gguf
 from lora_jax.models.generate import generate
-from lora_jax.quantization import is_quantized
+from lora_jax.quant.quantize import is_quantized
 
 QUESTION = "What is the capital of France?"
 ANSWER = "The capital of France is Paris."  # greedy, measured with this loader and with HF's

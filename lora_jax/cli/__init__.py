@@ -1,0 +1,1 @@
+"""The `lora-jax` command line: argument parsing (`main`) and the runs behind it."""

@@ -1,0 +1,77 @@
+"""`lora-jax finetune --frontend nnx`: the run's LoRA on the Flax NNX reference models.
+
+The run's setup (`lora_jax.cli.run.setup_method`: the config, the factors from the framework-free
+`lora_jax.inject`, the optimizer) is the same for both frontends; `on_nnx` puts its params on
+the NNX twin of the model (`lora_jax.models.nnx_gpt2` / `nnx_llama`, the same HF paths) with
+`lora_jax.nnx.adapt` and makes the forward the NNX model's (`lora_jax.nnx.functional`). The
+params stay the linen-form dict (list elements `h_0`), so training, checkpoints, `--resume`
+and the saved peft adapter are the linen run's: `lora-jax generate` / `merge` read that adapter
+as any other (with the linen models, which have the KV cache).
+
+Same seed, same factors: with `--dropout 0` both frontends compute the same losses (up to
+float32 rounding). LoRA dropout draws its masks differently (linen folds the module path into
+the step's key, NNX a stream per adapted module), so with dropout the runs differ by the
+masks.
+
+    setup = on_nnx(run.setup_method(loaded, "lm", "lora"), loaded, "lm", "lora")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from lora_jax.models import nnx_gpt2, nnx_llama
+from lora_jax.models.nnx_stack import from_linen_params, load
+
+# model_type -> (the NNX causal LM class, its layer stacks)
+NNX_MODELS = {"gpt2": (nnx_gpt2.GPT2LMHeadModel, nnx_gpt2.LAYER_STACKS),
+              "llama": (nnx_llama.LlamaForCausalLM, nnx_llama.LAYER_STACKS)}
+
+
+def check(model_type: str, task: str, method: str, quantize: str | None) -> None:
+    """Raise for what the NNX frontend does not run (a one-line ValueError naming the flag)."""
+    if model_type not in NNX_MODELS or task != "lm":
+        raise ValueError(f"--frontend nnx runs causal LMs ({', '.join(sorted(NNX_MODELS))}, "
+                         f"--task lm); this is a {model_type} model with --task {task}: use "
+                         "--frontend linen")
+    if method != "lora":
+        raise ValueError(f"--frontend nnx runs --method lora, not {method}: use --frontend linen")
+    if quantize:
+        raise ValueError("--frontend nnx with --quantize: the NNX models hold float kernels; "
+                         "use --frontend linen for QLoRA")
+
+
+def on_nnx(setup: Any, loaded: Any, task: str, method: str, quantize: str | None = None
+           ) -> Any:
+    """`setup` (a `lora_jax.cli.run.Setup` of the linen model in `loaded`) with the forward of
+    the NNX twin of the model carrying the same base weights, factors and records."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import lora_jax.nnx.frontend as lnnx
+    from lora_jax.core.record import iter_records
+    from lora_jax.core.targets import without_leaves
+
+    check(loaded.model_type, task, method, quantize)
+    cls, stacks = NNX_MODELS[loaded.model_type]
+    module = loaded.module
+    model = nnx.eval_shape(lambda: cls(
+        module.config, dtype=module.dtype, param_dtype=module.param_dtype,
+        scan_layers=module.scan_layers, remat=module.remat_policy is not None,
+        rngs=nnx.Rngs(0)))
+    params = setup.params
+    lora = {(item.path, name) for item in iter_records(params) for name in item.record.leaves}
+    load(model, without_leaves(params, lora), stacks)  # the base weights (PiSSA: the residual)
+    # The factors and records; a dropout stream for each adapted module, reseeded from the
+    # step's key on every call by `functional`.
+    lnnx.adapt(model, from_linen_params(params, stacks), nnx.Rngs(dropout=0))
+    apply = lnnx.functional(model)
+
+    def forward(p: Mapping[str, Any], batch: Mapping[str, Any], dropout_key: Any) -> Any:
+        return apply(from_linen_params(p, stacks), jnp.asarray(batch["input_ids"]),
+                     batch["attention_mask"], dropout_key=dropout_key)
+
+    return dataclasses.replace(setup, forward=forward)
+

@@ -1,0 +1,202 @@
+"""`lora-jax finetune --sweep KEY=V1,V2 ...`: one LoRA run per point of the sweeps' cartesian
+product, all trained together in one compiled step on one frozen base (`lora_jax.multi.sweep`).
+
+    lora-jax finetune --model smollm2 --task lm --data notes.txt --steps 200 \\
+        --sweep lr=1e-4,3e-4,1e-3 --sweep r=8,16 --out runs/sweep
+
+writes one run folder per point under --out (`lr=0.0001_r=8/`: adapter/, losses.json,
+metrics.json, run_config.json, loss.png, as a normal run) and summary.json / summary.md (point,
+final loss, evaluation metric, steps/s). Keys: `lr`, `r`, `alpha` (lora_alpha) and `seed` (the
+adapter's init, batch order and dropout; the data split and a new classifier head come from
+--seed). Every other flag is shared by all points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lora_jax.cli import run
+
+# --sweep key: (the finetune flag it replaces, its type)
+KEYS: dict[str, tuple[str, type]] = {"lr": ("lr", float), "r": ("r", int),
+                                     "alpha": ("alpha", float), "seed": ("seed", int)}
+
+
+def parse(texts: Sequence[str]) -> list[dict[str, Any]]:
+    """The points of `--sweep KEY=V1,V2,...` flags: their cartesian product, in order.
+
+    >>> parse(["lr=1e-4,3e-4", "r=8,16"])[1]
+    {'lr': 0.0001, 'r': 16}
+    """
+    axes: dict[str, list[Any]] = {}
+    for text in texts:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--sweep {text!r}: write KEY=V1,V2,... (keys: {sorted(KEYS)})")
+        if key not in KEYS:
+            raise ValueError(f"--sweep {text!r}: unknown key {key!r}; a sweep varies "
+                             f"{sorted(KEYS)} (other flags are shared by all points)")
+        if key in axes:
+            raise ValueError(f"--sweep {key} is given twice: list all its values in one flag")
+        kind = KEYS[key][1]
+        parsed = []
+        for value in (v.strip() for v in values.split(",")):
+            try:
+                number = kind(value)
+            except ValueError:
+                raise ValueError(f"--sweep {text!r}: {value!r} is not a {kind.__name__}") from None
+            if not number > 0 and not (key == "seed" and number == 0):
+                raise ValueError(f"--sweep {text!r}: {key} must be positive, got {value}")
+            parsed.append(number)
+        if len(set(parsed)) < len(parsed):
+            raise ValueError(f"--sweep {text!r} repeats a value")
+        axes[key] = parsed
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def name(point: Mapping[str, Any]) -> str:
+    """The run folder of a point, e.g. `lr=0.0001_r=8`."""
+    return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in point.items())
+
+
+def _check(args: argparse.Namespace) -> None:
+    refused = [("--resume", args.resume), ("--method " + args.method, args.method != "lora"),
+               ("--dora", args.dora), ("--quantize", args.quantize),
+               ("--loraplus-ratio", args.loraplus_ratio),
+               ("--frontend nnx", getattr(args, "frontend", "linen") != "linen"),
+               (f"--init {args.init}", args.init not in ("default", "gaussian"))]
+    for flag, given in refused:
+        if given:
+            raise ValueError(f"--sweep trains plain LoRA adapters on one shared frozen base: "
+                             f"{flag} is not supported with it (run those one at a time)")
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """`lora-jax finetune --sweep ...`: train every point, write its run folder and the summary.
+    Returns 0, or `run.EXIT_DIVERGED` when some point's loss stopped being finite (its folder
+    says so; the others are written as usual)."""
+    _check(args)
+    points = parse(args.sweep)
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder: pick another one")
+    run.check_writable(out)
+    start = time.perf_counter()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from lora_jax.multi import sweep
+    from lora_jax.train import data
+    from lora_jax.train import loop as train
+
+    loaded, task, (train_a, val_a, test_a), steps = run.prepare(args)
+    n_train = len(train_a["input_ids"])
+    point_args = [argparse.Namespace(**{**vars(args), "sweep": None, "out": str(out / name(p)),
+                                        "lr": args.lr or run.DEFAULT_LR["lora"],
+                                        **{KEYS[k][0]: v for k, v in p.items()}})
+                  for p in points]
+    setups = [run.setup_method(loaded, task, "lora", r=a.r, alpha=a.alpha, dropout=a.dropout,
+                               targets=a.target_regex or run._split_targets(a.targets),
+                               lr=a.lr, steps=steps, seed=a.seed,
+                               init=True if a.init == "default" else a.init)
+              for a in point_args]
+    sw = sweep.stack([(s.params, s.config) for s in setups],
+                     hyperparams={"lr": np.asarray([a.lr for a in point_args], np.float32)},
+                     seeds=[a.seed for a in point_args])
+    print(f"sweep of {sw.size} LoRA points on {args.model} ({loaded.model_type}, {task}): "
+          f"{n_train} train {'blocks' if task == 'lm' else 'examples'}, {steps} steps of "
+          f"{args.batch_size} x {args.seq_len}; one compiled step for all points")
+
+    def tx(lr: Any) -> Any:
+        return run.training_tx(lr, steps)
+
+    seeds = sorted(set(sw.seeds))
+    per_point = len(seeds) > 1
+    step_fn = sweep.make_step(setups[0].forward, task, tx, batch_axis=0 if per_point else None)
+    trainable, state = sw.trainable, sweep.init_state(sw, tx)
+    orders = {s: data.batch_indices(n_train, args.batch_size, s) for s in seeds}
+    losses, tokens, first = [], 0, 0.0
+    clock = time.perf_counter()
+    for i in tqdm(range(steps), disable=args.no_progress, unit="step", dynamic_ncols=True):
+        index = {s: next(order) for s, order in orders.items()}
+        picks = [index[s] for s in sw.seeds]
+        batch = {k: np.stack([v[p] for p in picks]) if per_point else v[picks[0]]
+                 for k, v in train_a.items()}
+        trainable, state, loss = step_fn(trainable, sw.scales, sw.frozen, state, batch,
+                                         sweep.dropout_keys(sw, i))
+        losses.append(loss)
+        if i == 0:
+            jax.block_until_ready(loss)
+            first = time.perf_counter() - clock
+        else:
+            tokens += int(batch["attention_mask"].sum()) // (sw.size if per_point else 1)
+    losses = np.asarray(jnp.stack(losses, axis=1))  # [K, steps]
+    seconds = time.perf_counter() - clock
+    steady = max(seconds - first, 1e-9)
+    steps_per_second = (steps - 1) / steady if steps > 1 else None
+
+    key = "accuracy" if task == "classify" else "perplexity"
+    rows, status = [], 0
+    for k, ((params, _), setup, a, point) in enumerate(zip(sweep.unstack(sw, trainable), setups,
+                                                            point_args, points, strict=True)):
+        folder = Path(a.out)
+        folder.mkdir()
+        finite = np.isfinite(losses[k])
+        point_losses = [float(x) for x in losses[k]]
+        metrics: dict[str, Any] = {
+            "model": loaded.source, "model_type": loaded.model_type, "task": task,
+            "method": "lora", "data": args.data, "steps": steps, "lr": a.lr,
+            "sweep_point": point, "sweep_size": sw.size, "losses": point_losses,
+            "train_seconds_this_process": seconds, "first_step_seconds": first,
+            "step_seconds": None if steps_per_second is None else 1 / steps_per_second,
+            "tokens_per_second": tokens / steady, "device": str(jax.devices()[0].platform)}
+        run.write_json(folder / "run_config.json", run._run_config(a, folder))
+        run.write_json(folder / "losses.json", point_losses, indent=None)
+        if not finite.all():
+            status = run.EXIT_DIVERGED
+            bad = int(np.argmin(finite)) + 1
+            metrics |= {"status": "diverged", "diverged_at_step": bad}
+            val = test = {key: None}
+            print(f"{name(point)}: diverged at step {bad} (lower its lr); no adapter written")
+        else:
+            val = train.evaluate(setup.forward, task, params, val_a, 64)
+            test = train.evaluate(setup.forward, task, params, test_a, 64)
+            with run.new_folder(folder / "adapter") as tmp:
+                run.save_adapter(tmp, params, setup, loaded, task, "lora", args.prompt_tokens)
+            run.plot_losses(point_losses, folder / "loss.png", f"{name(point)}: {args.data}")
+            metrics |= {"status": "finished", "validation": val, "test": test}
+        run.write_json(folder / "metrics.json", metrics)
+        rows.append({"point": name(point), **point, "status": metrics["status"],
+                     "final_loss": point_losses[-1], f"validation_{key}": val[key],
+                     f"test_{key}": test[key], "steps_per_second": steps_per_second})
+    _summary(out, rows, key, sw.size, steps, seconds, first)
+    print(f"wrote {out}/: {sw.size} run folders, summary.json, summary.md "
+          f"({time.perf_counter() - start:.0f} s)")
+    return status
+
+
+def _summary(out: Path, rows: list[dict[str, Any]], key: str, size: int, steps: int,
+             seconds: float, first: float) -> None:
+    """summary.json (every point's row and the sweep's timing) and summary.md (a table)."""
+    run.write_json(out / "summary.json", {"points": rows, "sweep_size": size, "steps": steps,
+                                          "train_seconds": seconds,
+                                          "first_step_seconds": first})
+    shown = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    columns = ["point", "status", "final_loss", f"validation_{key}", f"test_{key}",
+               "steps_per_second"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(shown(row[c]) for c in columns) + " |" for row in rows]
+    note = (f"\n{size} points trained together in one compiled step: {steps} steps in "
+            f"{seconds:.1f} s ({first:.1f} s of it the first step, with compilation); "
+            "steps/s counts sweep steps after the first (each advances every point).\n")
+    run.write_bytes(out / "summary.md", ("\n".join(lines) + "\n" + note).encode())

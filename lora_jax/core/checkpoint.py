@@ -1,0 +1,307 @@
+"""Adapter-only training checkpoints with orbax: factors + optimizer state + step + LoraConfig.
+
+The frozen base is never written: a checkpoint holds the `trainable` half of
+`lora_jax.split(params, config)` (the factors, and any biases / `modules_to_save` the config
+trains), the optimizer state of `lora_jax.optimizer`, the step and the `LoraConfig` as JSON.
+Saves are asynchronous (training goes on while a background thread writes) and atomic: orbax
+writes into a temporary directory and renames it when complete, so a process killed mid-save
+leaves the previous checkpoints loadable. Restores go onto any mesh or device count: give a
+`target` whose leaves carry the shardings wanted (arrays, or `jax.ShapeDtypeStruct`s with
+`.sharding`, e.g. from `jax.eval_shape` plus `lora_jax.sharding.lora_specs`).
+
+    trainable, frozen = lora_jax.split(params, config)
+    opt_state = tx.init(params)
+    with AdapterCheckpointer("/ckpt/run1", save_every=500, max_to_keep=3) as ckpt:
+        start = 0
+        if ckpt.latest_step() is not None:
+            start, trainable, opt_state, _ = ckpt.restore(target=(trainable, opt_state))
+        for step in range(start + 1, n_steps + 1):
+            trainable, opt_state, loss = train_step(trainable, frozen, opt_state, batch(step))
+            ckpt.save(step, trainable, opt_state, config)   # writes when step % 500 == 0
+        ckpt.save(n_steps, trainable, opt_state, config, force=True)
+
+Every process of a multi-host run calls `save` and `restore` alike (orbax coordinates them);
+`directory` must be visible to all of them (a shared file system or a bucket path).
+
+Each checkpoint's metadata holds a SHA-256 digest of its arrays (when they are all addressable
+from this process) and any `extra` JSON given to `save` (e.g. the loss log up to that step), both
+committed atomically with the arrays. `restore` checks the digest, so a flipped byte in the data
+is an error rather than a silently wrong adapter; `restore_intact` falls back to the newest step
+that restores and verifies, and moves the unreadable newer ones aside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lora_jax.core.config import LoraConfig
+
+_FORMAT = "lora_jax.adapter_checkpoint/1"
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step that cannot be read back, or whose arrays fail their digest."""
+
+
+class Restored(NamedTuple):
+    """What `AdapterCheckpointer.restore` returns (unpacks as a 4-tuple)."""
+
+    step: int
+    trainable: Any
+    opt_state: Any
+    config: LoraConfig
+
+
+class AdapterCheckpointer:
+    """Save and restore adapter training state in `directory` (one subdirectory per step).
+
+    - `save_every`: `save(step, ...)` writes only when `step % save_every == 0` (or `force=True`).
+    - `max_to_keep`: keep the newest this many complete checkpoints (None keeps all).
+    - `async_save`: write in a background thread; `wait()` blocks until writes are done, and
+      `close()` (or leaving the `with` block) waits too.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        save_every: int = 1,
+        max_to_keep: int | None = None,
+        async_save: bool = True,
+    ) -> None:
+        if not isinstance(save_every, int) or save_every < 1:
+            raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = save_every
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            ),
+        )
+
+    def save(self, step: int, trainable: Any, opt_state: Any, config: LoraConfig, *,
+             force: bool = False, extra: Any = None) -> bool:
+        """Start writing a checkpoint of `step` if it is due; returns whether one was started.
+
+        `trainable` is the trainable half of `lora_jax.split` (None holes allowed), `opt_state`
+        the optimizer state. Returns at once when saving asynchronously; the arrays may be
+        donated or overwritten afterwards (orbax copies them off the devices first). `extra`
+        (JSON-serialisable, finite numbers only) is stored in the step's metadata; read it back
+        with `extra(step)`.
+        """
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"save: config must be a LoraConfig, got {type(config).__name__}")
+        if (step % self.save_every and not force) or step in self._manager.all_steps():
+            return False
+        meta = {"format": _FORMAT, "step": step, "lora_config": config.to_dict(),
+                "digest": _digest((trainable, opt_state)), "extra": extra}
+        json.dumps(meta, allow_nan=False)  # NaN / inf would be invalid JSON: refuse up front
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardSave(trainable),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,  # due-ness is decided above, orbax would also save the first step
+        )
+
+    def restore(self, step: int | None = None, *, target: tuple[Any, Any]) -> Restored:
+        """(step, trainable, opt_state, config) of `step` (default: the latest complete one).
+
+        `target = (trainable, opt_state)` gives the structure, dtypes and shardings to restore
+        onto: arrays or `jax.ShapeDtypeStruct`s carrying `.sharding`, on any mesh, whatever the
+        mesh the checkpoint was written from (8 devices -> 4 -> 1). E.g. the freshly initialised
+        `split(params, config)[0]` and `tx.init(params)`.
+
+        A step whose files are missing or damaged, or whose arrays do not match the digest
+        written with them, raises `CorruptCheckpoint` naming the step's folder.
+        """
+        step = self._resolve_step(step)
+        trainable, opt_state = (_abstract(tree, name) for tree, name in
+                                zip(target, ("trainable", "opt_state"), strict=True))
+        where = os.path.join(self.directory, str(step))
+        meta = self._meta(step)
+        config = _config_of(meta, step, where)
+        try:
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    trainable=ocp.args.StandardRestore(trainable),
+                    opt_state=ocp.args.StandardRestore(opt_state),
+                ),
+            )
+        except Exception as err:  # orbax / tensorstore raise many kinds on damaged files
+            raise CorruptCheckpoint(f"checkpoint {where} cannot be read: "
+                                    f"{_one_line(err)}") from err
+        restored = (out.trainable, out.opt_state)
+        saved_digest = meta.get("digest")
+        if saved_digest is not None and _signature(restored) == saved_digest["signature"]:
+            if _digest(restored) != saved_digest:
+                raise CorruptCheckpoint(f"checkpoint {where}: the arrays do not match the "
+                                        "digest written with them (damaged files)")
+        return Restored(step, out.trainable, out.opt_state, config)
+
+    def restore_intact(self, *, target: tuple[Any, Any]
+                       ) -> tuple[Restored, list[tuple[int, str]]]:
+        """`restore` of the newest step that reads back and verifies, and the (step, reason) of
+        each newer step skipped. Skipped steps are moved to `<directory>.unreadable/<step>` (kept
+        for inspection; a later save of the same step number can then be written).
+        Raises `CorruptCheckpoint` when no step is intact, FileNotFoundError when there is none.
+        """
+        steps = list(reversed(self._resolve_steps()))
+        if not steps:
+            raise FileNotFoundError(f"no complete adapter checkpoint in {self.directory}")
+        skipped: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored = self.restore(step, target=target)
+            except (CorruptCheckpoint, ValueError) as err:
+                skipped.append((step, str(err)))
+                continue
+            for bad, _ in skipped:
+                self._set_aside(bad)
+            return restored, skipped
+        reasons = "; ".join(reason for _, reason in skipped)
+        raise CorruptCheckpoint(f"no intact checkpoint in {self.directory}: {reasons}")
+
+    def config(self, step: int | None = None) -> LoraConfig:
+        """The LoraConfig saved with `step` (default: the latest), without reading any array."""
+        step = self._resolve_step(step)
+        return _config_of(self._meta(step), step, os.path.join(self.directory, str(step)))
+
+    def extra(self, step: int | None = None) -> Any:
+        """The `extra` JSON saved with `step` (default: the latest); None if none was given."""
+        step = self._resolve_step(step)
+        return self._meta(step).get("extra")
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        """The step's metadata JSON, read directly (a clear error naming a damaged file)."""
+        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"checkpoint {path} is missing") from None
+        except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptCheckpoint(f"checkpoint {path} is not valid JSON: "
+                                    f"{_one_line(err)}") from None
+        if not isinstance(meta, dict):
+            raise CorruptCheckpoint(f"checkpoint {path} is not a JSON object")
+        return meta
+
+    def _set_aside(self, step: int) -> None:
+        aside = self.directory.rstrip(os.sep) + ".unreadable"
+        os.makedirs(aside, exist_ok=True)
+        dest, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(dest):
+            dest, n = os.path.join(aside, f"{step}-{n}"), n + 1
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+        self._manager.reload()
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def wait(self) -> None:
+        """Block until every started save is written and committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the background thread."""
+        self._manager.close()
+
+    def __enter__(self) -> AdapterCheckpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _resolve_steps(self) -> list[int]:
+        self._manager.reload()
+        return self.all_steps()
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self._resolve_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no complete adapter checkpoint in {self.directory}")
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no complete checkpoint of step {step} in {self.directory}; steps: {steps}")
+        return step
+
+
+def _abstract(tree: Any, name: str) -> Any:
+    """ShapeDtypeStructs with shardings for a target tree of arrays or ShapeDtypeStructs."""
+
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            raise ValueError(
+                f"restore: every leaf of target's {name} needs a sharding (an array, or a "
+                f"jax.ShapeDtypeStruct(shape, dtype, sharding=...)); got {x!r}"
+            )
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _config_of(meta: Any, step: int, where: str) -> LoraConfig:
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise CorruptCheckpoint(f"checkpoint {where} is not a lora_jax adapter checkpoint "
+                                f"(metadata {str(meta)[:200]})")
+    try:
+        return LoraConfig.from_dict(meta["lora_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptCheckpoint(f"checkpoint {where}: bad lora_config in its metadata: "
+                                f"{_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text[:300] + " ...") if len(text) > 300 else text or type(err).__name__
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
+def _signature(tree: Any) -> list[list[Any]]:
+    """Path, dtype and shape of every array leaf (what the digest covers)."""
+    return [[path, str(np.dtype(leaf.dtype)), list(leaf.shape)] for path, leaf in _leaves(tree)
+            if hasattr(leaf, "dtype")]
+
+
+def _digest(tree: Any) -> dict[str, Any] | None:
+    """SHA-256 over every array leaf's path, dtype, shape and bytes; None when some leaf is not
+    fully addressable from this process (a multi-host shard: the digest is then skipped)."""
+    h = hashlib.sha256()
+    for path, leaf in _leaves(tree):
+        if not hasattr(leaf, "dtype"):
+            continue
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        value = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{path}|{value.dtype}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return {"sha256": h.hexdigest(), "signature": _signature(tree)}

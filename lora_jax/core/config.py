@@ -1,0 +1,199 @@
+"""`LoraConfig`: which modules get adapters, with what rank and scale (peft's field names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from lora_jax.core.targets import pattern_value
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how; field names, defaults and matching rules follow peft's `LoraConfig`.
+
+    Paths are the "."-joined keys of the Flax params tree down to a module, e.g.
+    `transformer.h_0.attn.c_attn` (a component `h_0` also matches as `h.0`, so peft's names
+    work), or `transformer.h.attn.c_attn` for a scanned stack.
+
+    - `target_modules`: a str is a regex `re.fullmatch`ed against the path; a list matches a
+      module whose path equals an item or ends with "." + item; "all-linear" means every
+      Dense-like kernel except the output head (`lm_head`). A module in (or inside a module in)
+      `modules_to_save` is never adapted, and naming a module that has no weight LoRA applies to
+      (a LayerNorm, a block) is an error, as in peft. A layer of a scanned stack is also matched
+      under peft's per-layer name (`transformer.h.3.attn.c_attn`).
+    - `exclude_modules`: same rules; wins over `target_modules`.
+    - `layers_to_transform` / `layers_pattern`: keep only these layer indices (None or [] keep
+      all). The index is read as peft reads it: the first number after `layers_pattern` (a regex),
+      or without one the first index in the path (`encoder.block.1.layer.0...` is layer 1); a
+      module without an index is dropped. Unlike peft's code (but as its docs say), a module named
+      in full in target_modules is filtered too. Indices no targeted module has are warned about.
+      In a scanned stack the layers left out get A = B = 0, a fixed point of gradient training,
+      and are not counted as trainable.
+    - `rank_pattern` / `alpha_pattern`: {regex: value}, matched against the end of the path; the
+      first matching key wins. Keys naming single layers of a scanned stack work too: its
+      factors are padded to the largest rank with zeros, and its scales become an array.
+    - `bias`: "none" | "all" (every bias trains) | "lora_only" (biases of adapted modules).
+    - `modules_to_save`: modules trained in full (e.g. a classifier head): as in peft, every
+      module whose path ends with an entry (a plain suffix: "norm" names `input_layernorm`).
+    - `target_parameters`: params adapted by name (peft's field), matched like a list of
+      `target_modules` against `module.param` paths, e.g. `["experts.w_in"]`: for weights of
+      layers without a rule (see `lora_jax.core.rules`); the forward adds A B to the weight
+      (`W + scale * A B`, materialised) and warns. Leading axes beyond two are kept (separate
+      factors per index, e.g. per expert) unless `layouts` says otherwise.
+    - `init_lora_weights`: True (A kaiming-uniform, B = 0: starts equal to the base), "gaussian"
+      (A ~ N(0, (1/r)^2), B = 0), False (both random: a non-identity start, for tests), or,
+      changing the base weights (inject returns the residual base): "pissa" (top-r SVD),
+      "pissa_niter_K" (randomised SVD, K power iterations), "olora" (QR) or "loftq" (the base
+      comes back quantized, see `loftq_config`).
+    - `loftq_config`: for "loftq", `{"loftq_bits": 4 (NF4) or 8 (int8), "loftq_iter": n}`
+      (peft's LoftQConfig fields; default 4 bits, 1 iteration).
+    - `use_dora`: DoRA (peft's field): a trained magnitude per output feature rescales
+      W + scale * A B to that length.
+
+    >>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.05)
+    >>> config.scaling("transformer.h_0.attn.c_attn")
+    2.0
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    lora_dropout: float = 0.0
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    init_lora_weights: bool | str = True
+    modules_to_save: Sequence[str] | None = None
+    target_parameters: Sequence[str] | None = None
+    use_dora: bool = False
+    loftq_config: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Lists become tuples so the config is hashable and can be a static jit argument.
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
+                     "target_parameters"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.layers_to_transform, Sequence):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        object.__setattr__(self, "loftq_config", dict(self.loftq_config))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in
+                                         self.rank_pattern.items())]:
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                raise ValueError(f"LoraConfig.{name} must be a positive integer, got {r!r}")
+        for name, alpha in [("lora_alpha", self.lora_alpha),
+                            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or \
+                    not math.isfinite(alpha) or alpha <= 0:
+                raise ValueError(
+                    f"LoraConfig.{name} must be a positive finite number, got {alpha!r}"
+                )
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig.use_rslora must be True or False, got "
+                             f"{self.use_rslora!r}")
+        if isinstance(self.target_parameters, str):
+            raise ValueError("LoraConfig.target_parameters must be a list of param names, got "
+                             f"the str {self.target_parameters!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(
+                f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}"
+            )
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(
+                f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
+            )
+        init = self.init_lora_weights
+        if init not in (True, False, "gaussian", "pissa", "olora", "loftq") and not (
+                isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init)):
+            raise ValueError(
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', "
+                f"'pissa_niter_K' (K >= 1), 'olora' or 'loftq', got {init!r}"
+            )
+        loftq = dict(self.loftq_config)
+        unknown = set(loftq) - {"loftq_bits", "loftq_iter"}
+        if unknown or loftq.get("loftq_bits", 4) not in (4, 8) or not (
+                isinstance(loftq.get("loftq_iter", 1), int) and loftq.get("loftq_iter", 1) >= 1):
+            raise ValueError(
+                "LoraConfig.loftq_config takes loftq_bits (4 or 8) and loftq_iter (>= 1), got "
+                f"{loftq!r}"
+            )
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("LoraConfig.layers_pattern needs layers_to_transform to be set too")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # peft rejects this too, so such an adapter could never be exported.
+            raise ValueError(
+                "LoraConfig.layers_to_transform cannot be used with a str (regex or 'all-linear') "
+                f"target_modules={self.target_modules!r}, as in peft; list the module names instead"
+            )
+
+    def rank(self, path: str) -> int:
+        """The rank for the module at `path` (`rank_pattern` overrides `r`)."""
+        return pattern_value(self.rank_pattern, path, self.r)
+
+    def alpha(self, path: str) -> float:
+        """The alpha for the module at `path` (`alpha_pattern` overrides `lora_alpha`)."""
+        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
+
+    def scaling(self, path: str, rank: int | None = None) -> float:
+        """alpha / r, or alpha / sqrt(r) with `use_rslora`; `rank` defaults to `self.rank(path)`."""
+        rank = self.rank(path) if rank is None else rank
+        return self.alpha(path) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> LoraConfig:
+        """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
+        return cls(**fields)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+def _reject_unknown_fields(cls: type) -> type:
+    """Make a misspelled keyword raise a TypeError that names the closest field."""
+    dataclass_init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"{cls.__name__} has no field {', '.join(hints)}; its fields are {names}"
+            )
+        dataclass_init(self, *args, **kwargs)
+
+    # Keep the dataclass's signature for help() and IDE completion.
+    __init__.__signature__ = inspect.signature(dataclass_init)
+    __init__.__doc__ = dataclass_init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+LoraConfig = _reject_unknown_fields(LoraConfig)

@@ -1,0 +1,57 @@
+"""Parameter counts, and peft's `print_trainable_parameters` line."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.partition import split
+from lora_jax.core.record import iter_records
+
+
+def _unused_factor_count(params: Mapping[str, Any]) -> int:
+    """Factor entries that stay zero: scanned layers left out by `layers_to_transform`, and
+    the padding beyond each layer's own rank in a stack with per-layer ranks."""
+    unused = 0
+    for item in iter_records(params):
+        record = item.record
+        if record.layers is None and record.ranks is None:
+            continue
+        n_layers = item.factors[0].shape[0]
+        per_rank = sum(math.prod(f.shape[1:]) for f in item.factors) // record.rank
+        ranks = record.ranks or (record.rank,) * n_layers
+        kept = [ranks[i] for i in range(n_layers) if record.layers is None or i in record.layers]
+        unused += per_rank * (record.rank * n_layers - sum(kept))
+    return unused
+
+
+def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int, int]:
+    """(trainable, total) parameter counts; total includes the factors, as peft counts.
+
+    One difference from peft: for `modules_to_save` peft keeps a frozen original beside the
+    trained copy and counts both; lora_jax trains the module in place and counts it once (but
+    an embedding table's frozen original, kept for a tied head, counts as in peft).
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import inject
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> count_parameters(inject(params, config, jax.random.key(1)), config)
+    (14, 30)
+    """
+    trainable, _ = split(params, config)
+    unused = _unused_factor_count(params)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable)) - unused
+    n_total = sum(x.size for x in jax.tree.leaves(params)) - unused
+    return n_trainable, n_total
+
+
+def print_trainable_parameters(params: Mapping[str, Any], config: LoraConfig) -> None:
+    """Print peft's line: `trainable params: X || all params: Y || trainable%: Z`."""
+    trainable, total = count_parameters(params, config)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / total:.4f}")

@@ -1,0 +1,613 @@
+"""`inject`: add LoRA factors and a record beside every targeted weight of a params tree."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.factors import (
+    Layout,
+    column_norm,
+    init_factors,
+    loftq_init,
+    max_rank,
+    qr_init,
+    svd_init,
+)
+from lora_jax.core.record import (
+    MATERIALISE,
+    LoraRecord,
+    broadcast_scale,
+    factor_names,
+    is_factor,
+    magnitude_name,
+    scale_name,
+    target_path,
+)
+from lora_jax.core.rules import rule_named
+from lora_jax.core.saved import keep_originals
+from lora_jax.core.targets import (
+    PATH_ALIASES,
+    iter_modules,
+    layer_index,
+    layer_path,
+    matches,
+    matches_any,
+    path_forms,
+    pattern_value,
+    peft_path,
+    projection_hint,
+    saved_match,
+    saved_name_match,
+    stack_root,
+    unbox,
+    with_leaves,
+)
+from lora_jax.quant import quantize as quantization
+
+# "all-linear" skips the output head, as peft does (a classifier only with task_type SEQ_CLS,
+# which puts it in modules_to_save: excluded from LoRA like every module to save).
+_HEADS = ("lm_head",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A weight that may be adapted: its module dict, param name and layout."""
+
+    path: str  # of the module dict
+    weight: str
+    layout: Layout
+    shape: tuple[int, ...]
+
+
+def _default_layout(weight: str, shape: tuple[int, ...]) -> Layout | None:
+    """The layout readable from the tree alone: 2-D kernels are Dense, tables are Embed."""
+    if weight == "embedding":
+        return Layout("embed", stacked=len(shape) - 2)
+    return Layout("dense") if len(shape) == 2 else None
+
+
+def _sites(params: Mapping[str, Any], config: LoraConfig,
+           layouts: Mapping[str, Layout] | None) -> dict[str, Site]:
+    """{target path: site} for every weight `config` could name: kernels and tables, the
+    weights `layouts` describes, and params named by `target_parameters`."""
+    layouts = dict(layouts or {})
+    sites: dict[str, Site] = {}
+    for path, module in iter_modules(params, leaves=None):
+        for name, value in module.items():
+            if isinstance(value, Mapping) or is_factor(name) or getattr(unbox(value), "ndim",
+                                                                        0) < 2:
+                continue
+            shape = tuple(unbox(value).shape)
+            target = target_path(path, name, module)
+            layout = layouts.get(target)
+            if layout is None or layout.weight not in (None, name):
+                layout = None
+                if name in ("kernel", "embedding"):
+                    layout = _default_layout(name, shape) or Layout(
+                        "dense", error=_no_layout_message(target, shape))
+            if layout is not None:
+                sites[target] = Site(path, name, layout, shape)
+            param_path = f"{path}.{name}" if path else name
+            if config.target_parameters and matches(config.target_parameters, param_path):
+                given = layouts.get(param_path) or Layout("dense", order="b" * (len(shape) - 2)
+                                                          + "io")
+                sites[param_path] = Site(path, name, dataclasses.replace(
+                    given, rule=MATERIALISE, weight=name, error=None), shape)
+    return sites
+
+
+def _no_layout_message(path: str, shape: tuple[int, ...]) -> str:
+    return (f"the kernel at {path!r} has shape {shape}: lora_jax cannot tell its stacked "
+            "(scanned), input and output axes from the tree alone. Pass "
+            "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One module as peft sees it: the names it goes by (the Flax path; for a layer of a scanned
+    stack also peft's per-layer path) and the stacked position it stands for (None if not
+    stacked)."""
+
+    names: tuple[str, ...]
+    layer: int | None = None
+
+    @property
+    def peft(self) -> str:
+        return peft_path(self.names[-1])
+
+
+def _views(params: Mapping[str, Any], path: str, site: Site) -> list[View]:
+    """The modules a site stands for: itself, or each layer of its scanned stack."""
+    if site.layout.stacked == 1 and site.layout.rule != MATERIALISE:
+        stack = stack_root(params, site.path, site.shape[0])
+        if stack is not None:
+            return [View((path, layer_path(path, stack, i)), i) for i in range(site.shape[0])]
+    if path in PATH_ALIASES:
+        return [View((path, PATH_ALIASES[path]))]
+    return [View((path,))]
+
+
+def _is_target(config: LoraConfig, view: View, site: Site) -> bool:
+    names = view.names
+    spec = config.target_modules
+    if site.layout.rule != MATERIALISE and any(saved_match(config.modules_to_save, n)
+                                               for n in names):
+        return False  # peft keeps modules_to_save (and what lies inside them) out of LoRA
+    if site.layout.rule == MATERIALISE:
+        found = True
+    elif spec is None:
+        found = False
+    elif spec == "all-linear":
+        if matches_any(_HEADS, names):
+            return False
+        found = site.weight != "embedding" and (site.layout.error is not None or
+                                                site.layout.kind in ("dense", "einsum"))
+        if found and site.layout.error and site.layout.rule is None:
+            raise ValueError(site.layout.error)
+        if site.layout.error and site.layout.rule is not None:
+            found = False  # all-linear skips layers LoRA cannot apply to
+    else:
+        found = matches_any(spec, names)
+    if found and config.exclude_modules is not None:
+        found = not matches_any(config.exclude_modules, names)
+    return found
+
+
+def _wanted_layers(config: LoraConfig) -> set[int] | None:
+    """The layer indices to keep, or None for no filter (peft: None, or an empty list)."""
+    wanted = config.layers_to_transform
+    if wanted is None:
+        return None
+    wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+    return wanted or None
+
+
+def _view_index(config: LoraConfig, view: View) -> int | None:
+    index = layer_index(view.peft, config.layers_pattern)
+    if index is None and view.layer is not None and not config.layers_pattern:
+        index = view.layer  # a stack at the root of the tree: its position on the stack axis
+    return index
+
+
+def _layer_selected(config: LoraConfig, view: View, peft_quirks: bool = False) -> bool:
+    """Whether `layers_to_transform` keeps this module (peft's rule: the module's layer index,
+    read after `layers_pattern`, must be listed; a module without one is dropped). With
+    `peft_quirks`, a module named in full by a list target_modules skips the filter, as peft's
+    code does (its docs say the filter applies)."""
+    wanted = _wanted_layers(config)
+    if wanted is None:
+        return True
+    spec = config.target_modules
+    if peft_quirks and not isinstance(spec, str) and spec is not None and any(
+            form in spec for n in view.names for form in path_forms(n)):
+        return True
+    index = _view_index(config, view)
+    return index is not None and index in wanted
+
+
+def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
+    spec = config.target_modules
+    if spec is None:
+        spec = config.target_parameters
+    names = sorted({form.rsplit(".", 1)[-1] for p in paths for form in path_forms(p)} - {""})
+    wanted = [spec] if isinstance(spec, str) else list(spec)
+    close = {c for w in wanted for c in difflib.get_close_matches(w, names + paths, n=3,
+                                                                  cutoff=0.5)}
+    # Names sharing a "_"-separated word also count: "q_proj" suggests "q".
+    close |= {n for w in wanted for n in names if set(n.split("_")) & set(w.split("_"))}
+    close = sorted(close)
+    field = "target_modules" if config.target_modules is not None else "target_parameters"
+    hint = projection_hint(wanted, names) if field == "target_modules" else None
+    return ValueError(
+        f"{field}={spec!r} matched no module"
+        + (f". {hint}" if hint else "")
+        + f". Module names here: {names}. Modules with weights: {paths[:40]}"
+        + (" ..." if len(paths) > 40 else "")
+        + (f". Closest names: {close}" if close else "")
+    )
+
+
+def find_targets(
+    params: Mapping[str, Any],
+    config: LoraConfig,
+    layouts: Mapping[str, Layout] | None = None,
+    *,
+    peft_quirks: bool = False,
+) -> dict[str, tuple[Site, tuple[int, ...] | bool]]:
+    """{target path: (site, selected layers)} of the weights `config` adapts; raises if none,
+    or if a targeted module cannot be adapted (naming it, the reason and what to do).
+
+    A scanned stack's layers are matched one by one under peft's per-layer names
+    (`transformer.h.3.attn.c_attn`), so exclude_modules, rank/alpha patterns, per-layer targets
+    and layers_to_transform select layers of the stack; the others get zero factors. Layers of
+    one stack may get different ranks and scales (`per_layer`)."""
+    targets = {path: (site, selected) for path, (site, selected, _) in
+               _find(params, config, layouts, peft_quirks=peft_quirks).items()}
+    return targets
+
+
+def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, Layout] | None,
+          *, peft_quirks: bool = False
+          ) -> dict[str, tuple[Site, tuple[int, ...] | bool, dict[int | None, tuple[int, float]]]]:
+    """find_targets with each target's {stacked layer (None unscanned): (rank, scale)}."""
+    if config.target_modules is None and not config.target_parameters:
+        raise ValueError(
+            "LoraConfig.target_modules is None: name the modules to adapt, e.g. ['q_proj', "
+            "'v_proj'], a regex, or 'all-linear' (or name params with target_parameters)"
+        )
+    sites = _sites(params, config, layouts)
+    views = {path: _views(params, path, site) for path, site in sites.items()}
+    matched = {path: [v for v in views[path] if _is_target(config, v, site)]
+               for path, site in sites.items()}
+    matched = {path: found for path, found in matched.items() if found}
+    # A weight targeted both as a module (with a rule) and as a param keeps its rule.
+    ruled = {(sites[p].path, sites[p].weight) for p in matched
+             if sites[p].layout.rule != MATERIALISE}
+    matched = {path: found for path, found in matched.items()
+               if sites[path].layout.rule != MATERIALISE
+               or (sites[path].path, sites[path].weight) not in ruled}
+    if not matched:
+        raise _no_match_error(config, [p for p in sites if sites[p].layout.rule != MATERIALISE])
+    _check_unsupported(params, config, sites, views)
+    for path in matched:
+        site = sites[path]
+        if site.layout.error:
+            raise ValueError(
+                f"cannot adapt {path!r}: {site.layout.error}" if site.layout.rule else
+                site.layout.error
+            )
+    if _wanted_layers(config) is not None:
+        _check_layer_selection(config, sites, matched)
+    targets = {}
+    for path, found in matched.items():
+        site = sites[path]
+        kept = [v for v in found if _layer_selected(config, v, peft_quirks)]
+        if not kept:
+            continue
+        values = {}
+        for view in kept:
+            r = _pattern(config.rank_pattern, view, config.r)
+            alpha = _pattern(config.alpha_pattern, view, config.lora_alpha)
+            values[view.layer] = (r, alpha / (math.sqrt(r) if config.use_rslora else r))
+        layers = [v.layer for v in kept]
+        if None in layers or len(layers) == len(views[path]) and \
+                _wanted_layers(config) is None and len(found) == len(views[path]):
+            selected: tuple[int, ...] | bool = True
+        else:
+            selected = tuple(sorted(layers))
+            if len(selected) == site.shape[0]:
+                selected = True
+        if selected is not True and config.bias == "lora_only" and "bias" in _module(
+                params, site.path):
+            raise ValueError(
+                f"bias='lora_only' with only some layers of the scanned stack {path!r} adapted "
+                "would train the biases of every layer (a stacked bias is one leaf); use "
+                "bias='none' or 'all', or unscanned layers"
+            )
+        targets[path] = (site, selected, values)
+    if not targets:
+        raise ValueError(
+            f"layers_to_transform={config.layers_to_transform!r} keeps none of the targeted "
+            f"modules {sorted(matched)[:20]}"
+            + ("" if config.layers_pattern is None else
+               f" (layer indices read after layers_pattern={config.layers_pattern!r})"))
+    if config.modules_to_save and not any(
+            saved_name_match(config.modules_to_save, p) for p in _module_paths(params)):
+        raise ValueError(
+            f"modules_to_save={list(config.modules_to_save)} matched no module; modules with "
+            f"weights: {list(sites)[:40]}"
+        )
+    return targets
+
+
+def _pattern(patterns: Mapping[str, Any], view: View, default: Any) -> Any:
+    """rank/alpha_pattern for a view: its peft path first, then its other names."""
+    for name in reversed(view.names):
+        found = pattern_value(patterns, name, None)
+        if found is not None:
+            return found
+    return default
+
+
+def _module(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    node = params
+    for part in path.split(".") if path else []:
+        node = node[part]
+    return node
+
+
+def _module_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every module (dict) path of the tree, containers included."""
+    out = []
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            path = f"{prefix}.{key}" if prefix else key
+            out.append(path)
+            out += _module_paths(value, path)
+    return out
+
+
+def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
+                       sites: Mapping[str, Site], views: Mapping[str, list[View]]) -> None:
+    """peft raises when target_modules names a module that is not a layer LoRA applies to
+    (a LayerNorm, a block or another container): so does lora_jax."""
+    spec = config.target_modules
+    if spec is None or spec == "all-linear":
+        return
+    known = {site.path for site in sites.values()}
+    stacks = {}
+    for path, found in views.items():
+        if found[0].layer is not None:
+            site = sites[path]
+            stacks[stack_root(params, site.path, site.shape[0])] = site.shape[0]
+    for path in _module_paths(params):
+        module = _module(params, path)
+        if path in known or any(is_factor(k) for k in module):
+            continue
+        names = [path, peft_path(path + ".x")[:-2]]  # a container may be a list element
+        for stack, n_layers in stacks.items():
+            if path == stack or path.startswith(stack + "."):
+                names += [layer_path(path, stack, i) for i in range(n_layers)]
+        if any(saved_match(config.modules_to_save, n) for n in names):
+            continue
+        found = matches_any(spec, names)
+        wanted = _wanted_layers(config)
+        if found and wanted is not None and not isinstance(spec, str) and not any(
+                form in spec for n in names for form in path_forms(n)):
+            # peft filters by layer before it looks at the module's type
+            found = any(layer_index(n, config.layers_pattern) in wanted for n in names)
+        if found and not (config.exclude_modules is not None and
+                          matches_any(config.exclude_modules, names)):
+            kind = "a container of modules" if any(isinstance(v, Mapping) for v in
+                                                   module.values()) else "a layer"
+            raise ValueError(
+                f"target_modules={spec!r} matches {path!r}, {kind} without a weight LoRA "
+                "applies to (keys: " + ", ".join(sorted(module)[:8]) + "); peft raises on it "
+                "too: narrow the names or the regex, or exclude it with exclude_modules"
+            )
+
+
+def _check_layer_selection(config: LoraConfig, sites: Mapping[str, Site],
+                           matched: Mapping[str, list[View]]) -> None:
+    """Warn when layers_to_transform names layers that no targeted module has (peft adapts the
+    ones that exist)."""
+    wanted = _wanted_layers(config) or set()
+    available = {i for found in matched.values() for v in found
+                 if (i := _view_index(config, v)) is not None}
+    missing = sorted(wanted - available)
+    if missing:
+        warnings.warn(
+            f"layers_to_transform names layers {missing} that the targeted modules do not have; "
+            f"their layer indices are {sorted(available)}"
+            + ("" if config.layers_pattern is None else
+               f" (read after layers_pattern={config.layers_pattern!r})")
+            + "; adapting the layers that exist, as peft does", stacklevel=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Values:
+    """The rank and scale of one adapted weight; per stacked layer when its layers differ:
+    `rank` is then the largest (the factors' rank axis), `ranks` each layer's (0 for layers
+    left out), and `scales` each layer's scale with `scale` None (the scale is data)."""
+
+    rank: int
+    scale: float | None
+    ranks: tuple[int, ...] | None = None
+    scales: tuple[float, ...] | None = None
+
+
+def per_layer(values: Mapping[int | None, tuple[int, float]], n_layers: int) -> Values:
+    """`Values` from {stacked layer (None unscanned): (rank, scale)} of the adapted layers.
+
+    >>> per_layer({0: (4, 2.0), 1: (2, 2.0)}, 3)
+    Values(rank=4, scale=2.0, ranks=(4, 2, 0), scales=None)
+    """
+    ranks = {r for r, _ in values.values()}
+    scales = {s for _, s in values.values()}
+    full = [values.get(i, (0, 0.0)) for i in range(n_layers)]
+    return Values(max(ranks), scales.pop() if len(scales) == 1 else None,
+                  tuple(r for r, _ in full) if len(ranks) > 1 else None,
+                  tuple(s for _, s in full) if len(scales) > 1 else None)
+
+
+def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
+    return jnp.zeros(n_layers, bool).at[jnp.asarray(selected)].set(True)
+
+
+def _check_variant(path: str, site: Site, config: LoraConfig, weight: Any) -> None:
+    """Clear errors for DoRA / PiSSA / OLoRA where they do not apply."""
+    roles = site.layout.roles(len(site.shape))
+    if config.use_dora:
+        if site.layout.rule == MATERIALISE or site.layout.kind == "einsum" or "b" in roles:
+            raise ValueError(
+                f"use_dora is not supported for {path!r} ({site.layout.kind}"
+                f"{', materialised' if site.layout.rule == MATERIALISE else ''}): as in peft, "
+                "DoRA applies to Dense-like, Conv and Embed layers; exclude it or drop use_dora"
+            )
+        if config.layers_to_transform is not None and site.layout.stacked:
+            raise ValueError(
+                f"use_dora with layers_to_transform on the scanned stack {path!r} would train the "
+                "magnitudes of every layer (one stacked leaf); use unscanned layers"
+            )
+        rule = rule_named(site.layout.rule)
+        if config.lora_dropout and site.layout.kind != "embed" and rule is not None \
+                and rule.base is None:
+            raise ValueError(
+                f"use_dora with lora_dropout on {path!r}: its rule {rule.name!r} has no `base` "
+                "to recompute the layer on the dropped input (peft's DoRA does); set "
+                "lora_dropout=0 or give the rule a base"
+            )
+    init = config.init_lora_weights
+    if isinstance(init, str) and init != "gaussian":
+        if init == "loftq" and site.layout.stacked and config.layers_to_transform is not None:
+            raise ValueError(f"init_lora_weights='loftq' with layers_to_transform on the scanned "
+                             f"stack {path!r}: the stack's weight is one quantized leaf; use "
+                             "unscanned layers or no layer selection")
+        if site.layout.kind == "embed" or site.layout.rule == MATERIALISE:
+            raise ValueError(f"init_lora_weights={init!r} is not supported for {path!r} "
+                             f"({site.layout.kind}); peft applies it to Dense-like and Conv layers")
+        plain = unbox(weight)
+        quantized = hasattr(plain, "dequantize")  # lora_jax.quantize's NF4 / int8 weights
+        if quantized or not jnp.issubdtype(plain.dtype, jnp.floating):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs a float base weight, but {path!r} is "
+                f"{'quantized' if quantized else plain.dtype}: use init_lora_weights=True (or "
+                "initialise on the float base, then quantize the residual)"
+            )
+
+
+def _adapter_leaves(path: str, site: Site, weight: Any, config: LoraConfig, values: Values,
+                    key: jax.Array, dtype: jnp.dtype,
+                    selected: tuple[int, ...] | bool) -> dict[str, Any]:
+    """The new leaves of one adapted weight: A, B (peft's init), DoRA's magnitude, for
+    PiSSA / OLoRA the residual base weight, and per-layer scales as data."""
+    a_name, b_name, _ = factor_names(site.weight)
+    init, plain = config.init_lora_weights, unbox(weight)
+    r, scale = values.rank, values.scale
+    leaves: dict[str, Any] = {}
+    if (values.ranks or values.scales) and init not in (True, False, "gaussian"):
+        raise ValueError(
+            f"init_lora_weights={init!r} on the scanned stack {path!r}, whose layers get "
+            "different ranks or scales (rank_pattern / alpha_pattern): the stack's weight is one "
+            "leaf; give its layers one rank and alpha, or use unscanned layers")
+    if isinstance(init, str) and init.startswith("pissa"):
+        niter = int(init.rsplit("_", 1)[1]) if init != "pissa" else None
+        a, b, residual = svd_init(plain, site.layout, r, scale, niter, key)
+    elif init == "olora":
+        a, b, residual = qr_init(plain, site.layout, r, scale)
+    elif init == "loftq":
+        quantizer = quantization.nf4 if config.loftq_config.get("loftq_bits", 4) == 4 \
+            else quantization.int8
+        a, b, residual = loftq_init(plain, site.layout, r, quantizer,
+                                    config.loftq_config.get("loftq_iter", 1))
+    else:
+        a, b = init_factors(key, site.shape, site.layout, r, init, dtype)
+        residual = None
+    if isinstance(selected, tuple):
+        # Unselected layers of a scanned stack: A = B = 0 keeps them at zero during training.
+        mask = _layer_mask(selected, site.shape[0])
+        select = lambda new, old: jnp.where(mask.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+        a, b = select(a, 0), select(b, 0)
+        residual = None if residual is None else select(residual, plain)
+    if values.ranks:
+        a, b = _pad_ranks(a, b, values.ranks, site, init)
+    if residual is not None:
+        leaves[site.weight] = weight.replace_boxed(residual) if hasattr(weight, "replace_boxed") \
+            else residual
+    a, b = a.astype(dtype), b.astype(dtype)
+    leaves.update({a_name: a, b_name: b})
+    if scale is None:
+        leaves[scale_name(site.weight)] = jnp.asarray(values.scales, jnp.float32)
+    if config.use_dora:
+        base = plain if residual is None else residual
+        scaled = b * broadcast_scale(jnp.asarray(values.scales), b.ndim) if scale is None \
+            else b * scale
+        leaves[magnitude_name(site.weight)] = column_norm(base, a, scaled, 1.0,
+                                                          site.layout).astype(dtype)
+    return leaves
+
+
+def _pad_ranks(a: jax.Array, b: jax.Array, ranks: tuple[int, ...], site: Site,
+               init: bool | str) -> tuple[jax.Array, jax.Array]:
+    """Factors of rank max(ranks) cut to each stacked layer's rank: zero columns of A and rows
+    of B beyond it (exact: they never change the output and get zero gradients), the kept
+    ones drawn as peft draws a factor of that layer's rank."""
+    rank = a.shape[-1]
+    n_out = len(site.layout.split(site.shape)[2])
+    per = jnp.asarray(ranks)
+    keep = jnp.arange(rank)[None, :] < per[:, None]  # [L, rank]
+    a = a * keep.reshape(len(ranks), *[1] * (a.ndim - 2), rank)
+    b = b * keep.reshape(len(ranks), *[1] * (b.ndim - n_out - 2), rank, *[1] * n_out)
+    ratio = rank / jnp.maximum(per, 1)  # N(0, 1/r) and U(+-1/sqrt(r)) depend on r
+    if site.layout.kind != "embed" and init == "gaussian":
+        a = a * ratio.reshape(-1, *[1] * (a.ndim - 1))
+    if site.layout.kind != "embed" and init is False:
+        b = b * jnp.sqrt(ratio).reshape(-1, *[1] * (b.ndim - 1))
+    return a, b
+
+
+def inject(
+    params: Mapping[str, Any],
+    config: LoraConfig,
+    key: jax.Array,
+    *,
+    layouts: Mapping[str, Layout] | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> dict[str, Any]:
+    """A copy of `params` with LoRA factors and a `LoraRecord` beside each targeted weight.
+
+    Dense-like modules get `lora_A` / `lora_B` (and the record `lora`), Embed gets
+    `lora_embedding_A` / `_B`, another weight `w` gets `w_lora_A` / `w_lora_B`; factors are
+    stored in `dtype` (float32 by default, whatever the base's dtype). 2-D kernels and embedding
+    tables read as Dense / Embed from the tree alone; any other layer needs `layouts`, best from
+    `lora_jax.layouts(model, *example_inputs)`, which asks each layer's rule how it reads its
+    weight (a GPT-2 FlaxConv1D kernel is `[out, in]`, a Gemma einsum stacks q/k/v). Weights
+    named by `config.target_parameters` are adapted by materialising W + scale * A B. Works
+    under `jax.jit`.
+
+    >>> import flax.linen as nn
+    >>> model = nn.Dense(4)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> params = inject(params, LoraConfig(r=2, target_modules=".*"), jax.random.key(1))
+    >>> sorted(params), params["lora_A"].shape, params["lora_B"].shape
+    (['bias', 'kernel', 'lora', 'lora_A', 'lora_B'], (3, 2), (2, 4))
+    """
+    targets = _find(params, config, layouts)
+    modules = dict(iter_modules(params, leaves=None))
+    new_leaves: dict[str, dict[str, Any]] = {}
+    residuals = []
+    for index, (path, (site, selected, by_layer)) in enumerate(sorted(targets.items())):
+        module = modules[site.path]
+        values = per_layer(by_layer, site.shape[0] if site.layout.stacked else 0)
+        r = values.rank
+        a_name, b_name, record_name = factor_names(site.weight)
+        if a_name in module or record_name in module:
+            raise ValueError(
+                f"{path!r} already has LoRA factors; inject once per module (merge first, or "
+                "exclude it with exclude_modules)"
+            )
+        if site.layout.rule == MATERIALISE and config.lora_dropout:
+            raise ValueError(
+                f"{path!r} is adapted through target_parameters (W + scale * A B), which has no "
+                "input to drop out: set lora_dropout=0 or target its module instead"
+            )
+        _check_variant(path, site, config, module[site.weight])
+        if r > max_rank(site.shape, site.layout):
+            message = (f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
+                       f"{max_rank(site.shape, site.layout)} of its weight {site.shape}")
+            if config.init_lora_weights not in (True, False, "gaussian"):
+                raise ValueError(message + f": init_lora_weights="
+                                 f"{config.init_lora_weights!r} needs r <= that")
+            warnings.warn(message + "; the update's rank is at most that (peft accepts it "
+                          "too)", stacklevel=2)
+        leaves = _adapter_leaves(path, site, module[site.weight], config, values,
+                                 jax.random.fold_in(key, index), dtype, selected)
+        if site.weight in leaves:
+            residuals.append(path)
+        layers = tuple(sorted(set(selected))) if isinstance(selected, tuple) else None
+        variant = "dora" if config.use_dora else "lora"
+        leaves[record_name] = LoraRecord(site.weight, site.layout, r, values.scale,
+                                         config.lora_dropout, layers, variant,
+                                         ranks=values.ranks)
+        new_leaves.setdefault(site.path, {}).update(leaves)
+    if residuals and config.init_lora_weights == "loftq":
+        warnings.warn(
+            f"init_lora_weights='loftq' replaced {len(residuals)} base weights by their quantized "
+            "part Q (Q + A B approximates W); the adapter applies to this quantized base",
+            stacklevel=2)
+    elif residuals:
+        warnings.warn(
+            f"init_lora_weights={config.init_lora_weights!r} replaced {len(residuals)} base "
+            "weights by their residual W - scale * A B (the adapted model starts equal to the "
+            "base). Keep the original params: save_peft(..., initial_params=...) converts the "
+            "adapter to a plain LoRA of the untouched base", stacklevel=2)
+    return keep_originals(with_leaves(params, new_leaves), config)

@@ -1,0 +1,64 @@
+"""`merge`: fold the LoRA deltas into the weights, for inference or export."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.factors import column_norm, kernel_delta, per_column
+from lora_jax.core.record import check_config, records
+from lora_jax.core.saved import drop_originals
+from lora_jax.core.targets import unbox, with_leaves, without_leaves
+from lora_jax.quant.quantize import dequantize
+
+
+def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
+          safe: bool = False) -> dict[str, Any]:
+    """Plain params for the unmodified model: W + scale * A B, factors and records removed.
+
+    Each weight's layout, rank and scale come from its record; a `config` given is checked to
+    describe the same ranks and scales. The delta is added in float32 and the sum cast once to
+    the weight's dtype (merging in bfloat16 drifts); a boxed (logically partitioned) weight keeps
+    its box. Quantized weights (`lora_jax.quantize`) come back dequantized: a float base for
+    export. `safe=True` raises if a merged weight holds NaN or inf (checked on the host, so
+    not under `jit`). An adapted embedding that the model also uses as a tied output head
+    (`Embed.attend`) changes the head too once merged, though not in the wrapped forward (peft
+    behaves the same; `wrap` warns when it sees this). Likewise a table in `modules_to_save`:
+    merged params hold the trained table only, so a head tied to it follows it, while the
+    wrapped forward's head reads the original (`lora_jax.core.saved`).
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import inject
+    >>> model, x = nn.Dense(4), jnp.ones((1, 3))
+    >>> config = LoraConfig(r=2, lora_alpha=4, target_modules=".*", init_lora_weights=False)
+    >>> params = inject(model.init(jax.random.key(0), x)["params"], config, jax.random.key(1))
+    >>> sorted(merge(params, config))
+    ['bias', 'kernel']
+    """
+    found = records(params)
+    updates: dict[str, dict[str, Any]] = {}
+    for item in found:
+        check_config(item, config)
+        record, weight = item.record, item.weight
+        plain = unbox(weight)
+        if record.adapters:
+            raise ValueError(f"{item.target!r} holds an adapter set: merge one adapter, "
+                             "lora_jax.multi.adapters.select(params, index), not the set")
+        a, b = item.scaled_factors
+        delta = kernel_delta(a, b, record.layout, tuple(plain.shape))
+        merged = plain.astype(jnp.float32) + delta
+        if record.variant == "dora":  # W' = (m / n) (W + scale A B), per output feature
+            norm = column_norm(plain, a, b, 1.0, record.layout)
+            merged = merged * per_column(item.magnitude / norm, record.layout, plain.ndim)
+        merged = merged.astype(plain.dtype)
+        if safe and not np.isfinite(np.asarray(merged, np.float32)).all():
+            raise ValueError(f"merging {item.target!r} produced NaN or inf; the adapter is "
+                             "broken")
+        boxed = weight.replace_boxed(merged) if hasattr(weight, "replace_boxed") else merged
+        updates.setdefault(item.path, {})[record.weight] = boxed
+    drop = {(item.path, name) for item in found for name in item.record.leaves}
+    return dequantize(drop_originals(with_leaves(without_leaves(params, drop), updates)))

@@ -1,0 +1,54 @@
+"""`optimizer`: an optax transformation that trains only the trainable leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.partition import combine, split
+from lora_jax.core.record import check_config, records
+
+
+def optimizer(
+    tx: optax.GradientTransformation, params: Mapping[str, Any], config: LoraConfig
+) -> optax.GradientTransformation:
+    """`tx` applied to the trainable leaves only, on whole-tree params and gradients.
+
+    Optimizer state exists only for the trainable leaves (Adam's state is 2x their bytes, not the
+    model's); frozen leaves get zero updates, so `optax.apply_updates` leaves them bit-identical.
+
+    Cost: this whole-tree form makes a model-sized tree of zero updates and rewrites every frozen
+    weight each step (`apply_updates` adds the zeros). The fast way, which the CLI uses, is to
+    `split` once, differentiate and update only the trainable half with `tx` itself, and
+    `combine` for the forward; `experiments/benchmark.py` measures the difference. Use this form
+    only where an API insists on whole-tree updates.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> from lora_jax import inject
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> params = nn.Dense(4, use_bias=False).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> params = inject(params, config, jax.random.key(1))
+    >>> tx = optimizer(optax.adam(1e-3), params, config)
+    >>> jax.tree.map(jnp.shape, tx.init(params)[0].mu)
+    {'kernel': None, 'lora': None, 'lora_A': (3, 2), 'lora_B': (2, 4)}
+    """
+    for item in records(params):
+        check_config(item, config)
+
+    def init_fn(params: Any) -> optax.OptState:
+        trainable, _ = split(params, config)
+        return tx.init(trainable)
+
+    def update_fn(updates: Any, state: optax.OptState, params: Any = None
+                  ) -> tuple[Any, optax.OptState]:
+        trainable_grads, frozen_grads = split(updates, config)
+        trainable_params = None if params is None else split(params, config)[0]
+        trainable_updates, state = tx.update(trainable_grads, state, trainable_params)
+        return combine(trainable_updates, jax.tree.map(jnp.zeros_like, frozen_grads)), state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,265 @@
+"""Sharding for LoRA: factor specs that follow the base's partitioning, and inject onto a mesh.
+
+A kernel `[*stack, *in, *out]` with spec `(*s, *i, *o)` gets `A [*stack, *in, r]` with spec
+`(*s, *i, None)` and `B [*stack, r, *out]` with spec `(*s, None, *o)`: A keeps the contracting
+axes' sharding, B the output axes', the rank axis is replicated and a scanned stack's layer axis
+is kept. So `x @ A` and `(x A) @ B` need the same collectives as `x @ W`, and nobody writes
+factor specs by hand. E.g. kernel `('fsdp', 'tensor')` -> A `('fsdp', None)`, B
+`(None, 'tensor')`.
+
+The base's partitioning can come as a tree of `PartitionSpec`s, as params whose leaves carry
+`NamedSharding`s, or as Flax logical-axis metadata (`nn.with_logical_partitioning` boxes) plus
+axis rules. `match_specs` writes a spec tree from regex rules for models without metadata.
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    specs = match_specs(params, [(r".*(c_attn|c_fc)\\.kernel", P(None, "fsdp", "tensor")),
+                                 (r".*c_proj\\.kernel", P(None, "tensor", "fsdp"))])
+    params = shard_inject(params, config, key, mesh, specs=specs, layouts=lora_layouts)
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.factors import Layout
+from lora_jax.core.inject import inject
+from lora_jax.core.record import (
+    LoraRecord,
+    factor_names,
+    iter_records,
+    magnitude_name,
+    scale_name,
+)
+from lora_jax.core.saved import drop_originals, keep_originals, table_of
+from lora_jax.core.targets import with_leaves, without_leaves
+from lora_jax.quant.quantize import is_quantized
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, P)
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
+    """A tree of `PartitionSpec`s from any of the accepted forms of a base's partitioning.
+
+    Leaves may be `PartitionSpec`s (kept), arrays or `jax.ShapeDtypeStruct`s with a
+    `NamedSharding` (its spec), Flax `nn.Partitioned` / `nn.LogicallyPartitioned` boxes (their
+    names, mapped to mesh axes with `rules`, e.g. `[("embed", "fsdp"), ("mlp", "tensor")]`), or
+    anything else (replicated: `P()`). A quantized kernel (`lora_jax.quantize`) is one leaf
+    whose spec is its codes'. None holes stay None.
+    """
+
+    def spec(x: Any) -> P:
+        if _is_spec(x):
+            return x
+        if _is_box(x):
+            names = P(*x.names)
+            return nn.logical_to_mesh_axes(names, rules) if rules is not None else names
+        if is_quantized(x):
+            return spec(x.codes)
+        sharding = getattr(x, "sharding", None)
+        return sharding.spec if isinstance(sharding, NamedSharding) else P()
+
+    return jax.tree.map(spec, tree, is_leaf=lambda x: _is_spec(x) or _is_box(x) or
+                        is_quantized(x))
+
+
+def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
+    """A spec tree for `params` from `(regex, PartitionSpec)` rules on dotted leaf paths.
+
+    The first rule whose regex `re.fullmatch`es the leaf's path (e.g.
+    `transformer.h.attn.c_attn.kernel`) gives its spec; unmatched leaves get `default`
+    (replicated, `P()`, when None). A quantized kernel is one leaf (see `lora_specs`).
+    """
+    default = P() if default is None else default
+    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+
+    def spec(path: tuple[Any, ...], _: Any) -> P:
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        return next((s for regex, s in compiled if regex.fullmatch(name)), default)
+
+    return jax.tree_util.tree_map_with_path(spec, nn.unbox(params), is_leaf=is_quantized)
+
+
+def _check_rank(spec: P, ndim: int, path: str, strict: bool) -> P:
+    """`spec`, or a clear error when its rank cannot be the leaf's (`strict`: must equal it)."""
+    if len(spec) > ndim or (strict and 0 < len(spec) < ndim):
+        raise ValueError(
+            f"the PartitionSpec {spec} for {path!r} has {len(spec)} entries but the weight has "
+            f"{ndim} axes. Give one entry per axis (a scanned stack's leading layer axis needs "
+            "its own entry, usually None)"
+        )
+    return spec
+
+
+def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = None) -> Any:
+    """`PartitionSpec`s for every leaf of injected `params` (arrays or abstract shapes).
+
+    `base` gives the base weights' partitioning in any form `base_specs` reads, for a tree
+    shaped like the base params (with or without factors); the factors' specs are derived from
+    their weight's spec and the factor shapes. A quantized kernel's spec becomes its codes' and
+    scales' specs (`NF4Tensor.specs`: blocks and scales follow the kernel's axes).
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> from lora_jax import inject
+    >>> model = nn.Dense(6, use_bias=False)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    >>> params = inject(params, LoraConfig(r=2, target_modules=".*"), jax.random.key(1))
+    >>> specs = lora_specs(params, {"kernel": P("fsdp", "tensor")})
+    >>> specs["lora_A"], specs["lora_B"]
+    (P('fsdp', None), P(None, 'tensor'))
+    """
+    flat_base = _flatten(base_specs(base, rules=rules))
+
+    def base_spec(keys: tuple[str, ...], leaf: Any, strict: bool) -> P:
+        path = ".".join(keys)
+        if keys not in flat_base:
+            raise ValueError(
+                f"the base specs have no entry for {path!r}; give a spec (P() for replicated) "
+                "for every leaf of the base params"
+            )
+        return _check_rank(flat_base[keys], leaf.ndim, path, strict)
+
+    plain = nn.unbox(params)
+    factor_specs: dict[tuple[str, ...], P] = {}
+    for item in iter_records(plain):
+        keys = tuple(item.path.split(".")) if item.path else ()
+        weight = item.weight
+        spec = base_spec((*keys, item.record.weight), weight, strict=True) or \
+            (None,) * weight.ndim
+        roles = item.record.layout.roles(weight.ndim)
+        pick = lambda letters, spec=spec, roles=roles: [
+            ax for ax, r in zip(spec, roles, strict=True) if r in letters]
+        # A set's adapter axis (after the stacked layers' axes) is replicated, as the rank is.
+        layers, adapters = pick("s"), [None] if item.record.adapters else []
+        stack = [*layers, *adapters, *pick("b")]
+        a_name, b_name = item.record.names
+        factor_specs[(*keys, a_name)] = P(*stack, *pick("i"), None)
+        factor_specs[(*keys, b_name)] = P(*stack, None, *pick("o"))
+        if item.record.variant == "dora":
+            factor_specs[(*keys, magnitude_name(item.record.weight))] = P(*stack, *pick("o"))
+        if item.record.scale is None:  # the array scale: one per stacked layer (and adapter)
+            factor_specs[(*keys, scale_name(item.record.weight))] = P(*layers, *adapters)
+
+    def visit(node: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                out[key] = visit(value, (*keys, key))
+            elif value is None or isinstance(value, LoraRecord):
+                out[key] = value
+            elif (*keys, key) in factor_specs:
+                out[key] = factor_specs[(*keys, key)]
+            elif is_quantized(value):
+                out[key] = value.specs(base_spec((*keys, key), value, strict=False))
+            elif table_of(key) is not None:  # a saved table's original: sharded as the table
+                out[key] = base_spec((*keys, table_of(key)), value, strict=False)
+            else:
+                out[key] = base_spec((*keys, key), value, strict=False)
+        return out
+
+    return visit(plain, ())
+
+
+def _flatten(tree: Any) -> dict[tuple[str, ...], P]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec)[0]
+    return {tuple(str(getattr(k, "key", k)) for k in path): spec for path, spec in leaves}
+
+
+def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
+    """`NamedSharding`s on `mesh` for a spec tree, checked before anything compiles.
+
+    Raises a ValueError naming the leaf when a spec uses an axis the mesh does not have, or
+    (given `shapes`, a tree of arrays or shapes like `specs`) when a sharded dimension does not
+    divide over its mesh axes.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0]
+    shape_of = (dict.fromkeys((p for p, _ in flat)) if shapes is None else
+                dict(jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0]))
+    for path, spec in flat:
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        for dim, entry in enumerate(spec):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            unknown = [a for a in axes if a not in mesh.shape]
+            if unknown:
+                raise ValueError(
+                    f"the PartitionSpec {spec} for {name!r} uses mesh axis {unknown[0]!r}, which "
+                    f"the mesh does not have; its axes are {tuple(mesh.axis_names)}"
+                )
+            leaf = shape_of.get(path)
+            size = math.prod(mesh.shape[a] for a in axes)
+            if leaf is not None and dim < len(leaf.shape) and leaf.shape[dim] % size:
+                raise ValueError(
+                    f"{name!r} has shape {tuple(leaf.shape)}: axis {dim} of size "
+                    f"{leaf.shape[dim]} does not divide over mesh axes {axes} ({size} devices)"
+                )
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+
+def shard_inject(
+    params: Mapping[str, Any],
+    config: LoraConfig,
+    key: jax.Array,
+    mesh: Mesh,
+    *,
+    specs: Any = None,
+    rules: Rules | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+) -> dict[str, Any]:
+    """`inject` onto a mesh: the factors are created on their devices by a jitted
+    initialiser with sharded outputs, and the base leaves are placed on their specs.
+
+    The base's partitioning is `specs` (a spec tree, see `base_specs`) or, if None, read from
+    `params` itself (`NamedSharding`s on its arrays, or Flax logical-axis boxes with `rules`).
+    Unboxed arrays come back; `jax.tree.map(lambda a: a.sharding, result)` gives the shardings
+    for `jax.jit`. The base is never copied when it is already placed as specified.
+    """
+    plain = nn.unbox(params)
+    abstract = jax.eval_shape(lambda p, k: inject(p, config, k, layouts=layouts), plain, key)
+    all_specs = lora_specs(abstract, params if specs is None else specs, rules=rules)
+    shardings = named_shardings(all_specs, mesh, abstract)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain)
+
+    def factors(tree: Any) -> dict[str, dict[str, Any]]:
+        return {item.path: {name: item.module[name] for name in item.record.arrays}
+                for item in iter_records(tree)}
+
+    new = jax.jit(lambda k: factors(inject(shapes, config, k, layouts=layouts)),
+                  out_shardings=factors(shardings))(key)
+    records = {item.path: {factor_names(item.record.weight)[2]: item.record}
+               for item in iter_records(abstract)}
+    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
+        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
+    return keep_originals(with_leaves(with_leaves(placed, new), records), config)
+
+
+def opt_state_specs(opt_state: Any, trainable_specs: Any) -> Any:
+    """Specs for an optimizer state: every subtree shaped like the trainable tree (Adam's
+    `mu`, `nu`, ...) gets `trainable_specs`; other leaves (step counts) are replicated.
+
+    `opt_state` may be abstract (`jax.eval_shape(tx.init, params)`).
+    """
+    treedef = jax.tree.structure(trainable_specs, is_leaf=_is_spec)
+
+    def is_params_like(x: Any) -> bool:
+        return not isinstance(x, jax.ShapeDtypeStruct | jax.Array) and (
+            jax.tree.structure(x) == treedef)
+
+    return jax.tree.map(lambda x: trainable_specs if is_params_like(x) else P(), opt_state,
+                        is_leaf=is_params_like)

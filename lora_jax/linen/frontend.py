@@ -1,0 +1,298 @@
+"""flax.linen frontend: `wrap` adds the LoRA deltas inside the adapted layers; `layouts` probes a
+model for how its layers read their weights.
+
+The delta `scale * (dropout(x) @ A) @ B` is added after a layer's own call by a method
+interceptor (`flax.linen.intercept_methods`) that finds the layer's rule (`lora_jax.core.rules`) and
+the factors and record beside its weight, so `W + A B` is never formed, and `nn.scan` /
+`nn.remat` stacks slice the factors with their layer. Weights adapted without a rule
+(`target_parameters`) are materialised as `W + scale * A B` before the call, with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import lora_jax.linen.rules  # noqa: F401  (registers the rules for flax's and others' layers)
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.factors import Layout, column_norm, dora_output, dropout, kernel_delta
+from lora_jax.core.partition import combine, split
+from lora_jax.core.record import (
+    Adapted,
+    LoraRecord,
+    check_config,
+    factor_names,
+    iter_records,
+    magnitude_name,
+    scale_name,
+    target_path,
+)
+from lora_jax.core.rules import NotAdaptable, Rule, rule_for
+from lora_jax.core.saved import is_original, original_name
+from lora_jax.core.targets import iter_modules, join_path, unbox, with_leaves
+from lora_jax.linen.quantized import quantized_calls
+from lora_jax.multi.adapters import STRATEGIES, Strategy, check_ids, mixed_delta
+from lora_jax.quant.quantize import is_quantized
+
+# Measured in experiments/benchmark.py (mixed-batch rows).
+DEFAULT_STRATEGY: Strategy = "gather"
+_TIED_HEAD_WARNING = (
+    "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
+    "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
+    "differs from the wrapped one in its head. Adapt the embedding only if you keep it unmerged."
+)
+_MATERIALISE_WARNING = (
+    "{path!r} ({shape}) has no layer rule, so its adapted weight W + scale * A B is formed on "
+    "every call: {size:,d} extra values and an in x out matmul per step. Register a Rule for "
+    "its module class (lora_jax.register_rule) to add the low-rank delta instead"
+)
+
+
+def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any]) -> tuple[str, Any, Layout]:
+    """(weight name, weight as the module sees it, layout for this call) of a ruled module."""
+    name = rule.weight_name(module)
+    weight = unbox(module.get_variable("params", name))
+    try:
+        layout = rule.layout(module, weight, args, dict(kwargs))
+    except NotAdaptable as e:
+        return name, weight, Layout("dense", rule=rule.name, weight=name, error=str(e))
+    return name, weight, dataclasses.replace(layout, rule=rule.name, weight=name)
+
+
+def _same_reading(record: LoraRecord, layout: Layout, inner_ndim: int) -> bool:
+    stored = record.layout
+    return stored.kind == layout.kind and \
+        stored.roles(stored.stacked + inner_ndim)[stored.stacked:] == layout.roles(inner_ndim)
+
+
+def _check_no_orphans(module: nn.Module, path: str) -> None:
+    """A module without a rule must not hold factors that expect one (they would be ignored)."""
+    for name in ("lora", "lora_embedding"):
+        if module.has_variable("params", name) and \
+                not module.get_variable("params", name).materialised:
+            raise ValueError(
+                f"{path!r} is a {type(module).__name__}, which has no layer rule, but holds LoRA "
+                "factors: register a Rule for its class (lora_jax.register_rule), or target its "
+                "weight with LoraConfig(target_parameters=[...]) to add W + scale * A B, or "
+                "exclude it"
+            )
+
+
+def _original_head(module: nn.Module, args: tuple[Any, ...],
+                   kwargs: Mapping[str, Any]) -> Any:
+    """A tied head (`attend`) of a table in modules_to_save: computed from the frozen original,
+    as peft's head reads the original table (`lora_jax.core.saved`); None without an original."""
+    rule = rule_for(module)
+    weight = None if rule is None else rule.weight_name(module)
+    if weight is None or not module.has_variable("params", original_name(weight)):
+        return None
+    params = {k: v for k, v in module.variables["params"].items() if not is_original(k)}
+    params[weight] = module.get_variable("params", original_name(weight))
+    return module.clone(parent=None).apply({"params": params}, *args, method="attend", **kwargs)
+
+
+def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any]:
+    """The interceptor of one wrapped call; `ids`: per-example adapter slots of a set."""
+
+    def intercept(next_fun: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any], context: Any) -> Any:
+        if context.method_name == "attend" and context.module.scope is not None:
+            head = _original_head(context.module, args, kwargs)
+            if head is not None:
+                return head
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if module.scope is None or context.method_name not in ("__call__", "attend"):
+            return out
+        rule = rule_for(module)
+        path = join_path(module.path)
+        if rule is None:
+            _check_no_orphans(module, path)
+            return out
+        record_name = factor_names(rule.weight_name(module))[2]
+        if not module.has_variable("params", record_name):
+            return out
+        if context.method_name == "attend":
+            warnings.warn(_TIED_HEAD_WARNING.format(path=path), stacklevel=2)
+            return out
+        record = module.get_variable("params", record_name)
+        if record.materialised:
+            return out
+        _, weight, layout = _call_layout(rule, module, args, kwargs)
+        if layout.error or not _same_reading(record, layout, weight.ndim):
+            how = layout.error or (
+                f"its rule reads the weight as {layout.roles(weight.ndim)!r} (i: input, "
+                f"o: output, b: kept axes) but its factors were made for "
+                f"{record.layout.roles(record.layout.stacked + weight.ndim)!r}")
+            raise ValueError(
+                f"{path!r} ({type(module).__name__}): {how}. Inject with "
+                "layouts=lora_jax.layouts(model, *example_inputs) so inject reads each layer "
+                "the way its rule does"
+            )
+        a_name, b_name = record.names
+        a = module.get_variable("params", a_name)
+        b = module.get_variable("params", b_name)
+        scale = record.scale if record.scale is not None else \
+            module.get_variable("params", scale_name(record.weight))
+        x = rule.inputs(args, kwargs)
+        # float16's range (65504) is small enough for x @ A to overflow where the base output
+        # and the merged weight are finite: compute its delta in float32, add it once.
+        dtype = jnp.float32 if out.dtype == jnp.float16 else out.dtype
+        key = None
+        if rule.dropout:
+            training = record.dropout > 0 and module.has_rng("dropout")
+            key = module.make_rng("dropout") if training else None
+            x = dropout(jnp.asarray(x, dtype), record.dropout, key)
+        if record.adapters:
+            if ids is None:
+                raise ValueError(
+                    f"{path!r} holds an adapter set: call with adapter_ids=[one slot per "
+                    "example] or pass lora_jax.adapters.select(params, slot)")
+            delta = mixed_delta(rule, module, x, a.astype(dtype), b.astype(dtype), scale, ids,
+                                strategy, args, kwargs)
+            return out + delta.astype(out.dtype)
+        # The scale goes on B ([r, out]): the cheapest place, and the same product.
+        b = b * scale
+        delta = rule.delta(module, x, a.astype(dtype), b.astype(dtype), args, kwargs)
+        if record.variant == "dora":
+            return out + _dora_extra(module, rule, record, out, x, key is not None, a, b,
+                                     delta, args, kwargs)
+        return out + delta.astype(out.dtype)
+
+    return intercept
+
+
+def _dora_extra(module: nn.Module, rule: Rule, record: LoraRecord, out: jax.Array,
+                x: jax.Array, dropped: bool, a: jax.Array, b: jax.Array, delta: jax.Array,
+                args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> jax.Array:
+    """DoRA on top of the base output: (m/n - 1) * (x W) + (m/n) * (x A) (scale B), with the
+    norm n = ||W + scale A B|| per output feature detached and formed without W + A B."""
+    weight = unbox(module.get_variable("params", record.weight))
+    magnitude = module.get_variable("params", magnitude_name(record.weight))
+    inner = dataclasses.replace(record.layout, stacked=0)
+    norm = jax.lax.stop_gradient(column_norm(weight, a, b, 1.0, inner))
+    if dropped:  # peft recomputes the base on the dropped input
+        base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
+    else:
+        bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") \
+            else None
+        base = out if bias is None else out - unbox(bias)
+    return dora_output(base, delta, magnitude, norm).astype(out.dtype)
+
+
+def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, Any]:
+    """`params` with each rule-less adapted weight replaced by W + scale * A B (differentiable in
+    A and B); weights with a rule are left alone."""
+    updates: dict[str, dict[str, Any]] = {}
+    for item in adapted:
+        if not item.record.materialised:
+            continue
+        weight = unbox(item.weight)
+        warnings.warn(_MATERIALISE_WARNING.format(path=f"{item.path}.{item.record.weight}",
+                                                  shape=tuple(weight.shape),
+                                                  size=weight.size), stacklevel=3)
+        a, b = item.scaled_factors
+        delta = kernel_delta(a, b, item.record.layout, tuple(weight.shape))
+        value = (weight.astype(jnp.float32) + delta).astype(weight.dtype)
+        updates.setdefault(item.path, {})[item.record.weight] = value
+    return with_leaves(params, updates) if updates else dict(params)
+
+
+def _check_not_quantized(trainable: Mapping[str, Any]) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(trainable, is_leaf=is_quantized)
+    for path, leaf in leaves:
+        if is_quantized(leaf):
+            raise ValueError(
+                f"{join_path(path)!r} is quantized but would train (modules_to_save or bias): "
+                "keep it in float (lora_jax.quantize(..., modules_to_save=...) skips it)"
+            )
+
+
+def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *,
+         strategy: Strategy = DEFAULT_STRATEGY) -> Callable[..., Any]:
+    """`apply_fn` (e.g. `model.apply`) with the LoRA deltas added inside the adapted layers.
+
+    Same signature as `apply_fn(variables, *args, **kwargs)`. The rank, scale and dropout rate
+    of each adapted weight come from its record (set at `inject`); `config` decides which other
+    leaves train (bias, modules_to_save) and must describe the same ranks and scales (a config
+    that does not raises). Frozen leaves go through `stop_gradient`, so `jax.grad` of the
+    whole params tree computes no weight gradients. LoRA dropout runs exactly when the call is
+    given a "dropout" rng (`rngs={"dropout": key}`), i.e. while training; evaluate without one.
+    Params holding an adapter set (`lora_jax.adapters`) take `adapter_ids=` (one slot per
+    example, -1 for none): a mixed batch, computed by `strategy` ("gather", "onehot" or
+    "ragged"; see `lora_jax.adapters.mixed_delta`).
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import LoraConfig, inject
+    >>> model, x = nn.Dense(4), jnp.ones((1, 3))
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> params = inject(model.init(jax.random.key(0), x)["params"], config, jax.random.key(1))
+    >>> wrap(model.apply, config)({"params": params}, x).shape
+    (1, 4)
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown mixed-batch strategy {strategy!r}; use one of {STRATEGIES}")
+
+    def apply(variables: Mapping[str, Any], *args: Any, adapter_ids: Any = None,
+              **kwargs: Any) -> Any:
+        ids = None if adapter_ids is None else check_ids(adapter_ids)
+        interceptor = _interceptor(ids, strategy)
+        adapted = list(iter_records(variables["params"]))
+        for item in adapted:
+            check_config(item, config)
+        trainable, frozen = split(variables["params"], config)
+        _check_not_quantized(trainable)
+        params = combine(trainable, jax.tree.map(jax.lax.stop_gradient, frozen))
+        params = materialise(params, adapted)
+        # Inside the LoRA interceptor: layers on a quantized base (linen_quantized).
+        with nn.intercept_methods(interceptor), nn.intercept_methods(quantized_calls):
+            return apply_fn({**variables, "params": params}, *args, **kwargs)
+
+    return apply
+
+
+def layouts(module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
+    """{path: Layout} for every layer with a rule in `module` (see `lora_jax.core.rules`).
+
+    Runs `module.init(key, *args, **kwargs)` abstractly (no FLOPs, no memory) and asks each
+    layer's rule how it reads its weight on that call; extra leading axes in the params tree
+    are stacked layers (nn.scan, nn.vmap). A layer LoRA cannot apply to gets a layout with an
+    `error`, raised by `inject` only if the layer is targeted. Small example inputs suffice.
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> layouts(nn.DenseGeneral((2, 3), axis=(-2, -1)), jnp.ones((1, 4, 5)))
+    {'': Layout(kind='dense', stacked=0, n_in=2, order=None, rule='flax.linen.linear.DenseGeneral', weight='kernel', error=None)}
+    """  # noqa: E501
+    seen: dict[tuple[str, str], tuple[Layout, int]] = {}
+
+    def record(next_fun: Callable[..., Any], call_args: tuple[Any, ...],
+               call_kwargs: dict[str, Any], context: Any) -> Any:
+        out = next_fun(*call_args, **call_kwargs)
+        layer = context.module
+        rule = rule_for(layer)
+        if context.method_name == "__call__" and rule is not None and layer.scope is not None \
+                and layer.has_variable("params", rule.weight_name(layer)):
+            name, weight, layout = _call_layout(rule, layer, call_args, call_kwargs)
+            seen[(join_path(layer.path), name)] = (layout, weight.ndim)
+        return out
+
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    with nn.intercept_methods(record):
+        shapes = unbox(jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))["params"])
+    modules = dict(iter_modules(shapes, leaves=None))
+    result = {}
+    for (path, name), (layout, inner_ndim) in seen.items():
+        node = modules.get(path)
+        # A layer called through its own `.apply` (a tied head) is not in this tree: skip it.
+        if node is None or name not in node or node[name].ndim < inner_ndim:
+            continue
+        stacked = node[name].ndim - inner_ndim
+        result[target_path(path, name, node)] = dataclasses.replace(layout, stacked=stacked)
+    return result

@@ -1,0 +1,53 @@
+"""flax.linen layers on a quantized base weight: the layer's product goes through
+`lora_jax.quant.quantize.quantized_product`, so the backward of a training step dequantizes the
+frozen weight again instead of keeping the float weight from the forward (no remat needed).
+
+`lora_jax.wrap` installs `quantized_calls` (a method interceptor) inside its LoRA interceptor:
+a layer whose rule has a `base` product (Dense, DenseGeneral, Conv, transformers' FlaxConv1D,
+MaxText's DenseGeneral) and whose weight is quantized (`NF4Tensor`, `Int8Tensor`,
+`GGMLTensor`) computes `base(x, W) + bias` itself, in the dtype flax's `promote_dtype` would
+pick. Other layers read the quantized weight through `jnp.asarray` as before (dequantized where
+they use it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.core.rules import rule_for
+from lora_jax.core.targets import unbox
+from lora_jax.quant.quantize import is_quantized, quantized_product
+
+
+def _param(module: Any, name: str) -> Any:
+    return unbox(module.get_variable("params", name)) if module.has_variable("params", name) \
+        else None
+
+
+def quantized_calls(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    context: Any) -> Any:
+    """A `flax.linen.intercept_methods` interceptor: a ruled layer with a quantized weight
+    computes its output with `quantized_product`; any other call runs unchanged."""
+    module = context.module
+    rule = rule_for(module) if module.scope is not None and context.method_name == "__call__" \
+        else None
+    weight = None if rule is None or rule.base is None else _param(module,
+                                                                   rule.weight_name(module))
+    # A layer with its own dot_general (e.g. AQT / fp8 injection) keeps its own product.
+    custom = getattr(module, "dot_general", None) not in (None, jax.lax.dot_general) or \
+        getattr(module, "dot_general_cls", None) is not None
+    if not is_quantized(weight) or custom:
+        return next_fun(*args, **kwargs)
+    x = rule.inputs(args, kwargs)
+    bias = _param(module, "bias") if getattr(module, "use_bias", True) else None
+    dtype = getattr(module, "dtype", None) or jnp.result_type(
+        *(v.dtype for v in (x, weight, bias) if v is not None))
+
+    def product(x: jax.Array, w: jax.Array) -> jax.Array:
+        return rule.base(module, x, w.astype(dtype), args, kwargs)
+
+    out = quantized_product(product, jnp.asarray(x, dtype), weight)
+    return out if bias is None else out + jnp.asarray(bias, dtype)

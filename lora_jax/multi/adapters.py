@@ -1,0 +1,420 @@
+"""Adapter sets: many LoRA adapters over one frozen base, as data.
+
+An `AdapterSet` keeps the base once and K adapters beside each adapted weight: the factors gain
+an adapter axis right after the weight's stacked axes (so `nn.scan` slices them with their
+layer and never copies the base), padded with zeros to the set's largest rank (zero columns of
+A and rows of B add nothing), and the scale becomes an array `[*stacked, K]` (0 where an
+adapter does not adapt the weight). Selecting, disabling or swapping in another adapter of the
+same shapes changes array values only, so a jitted function never recompiles.
+
+Two ways to run a set through `lora_jax.wrap(model.apply, config)`:
+- `select(set.params, index)`: one adapter for the whole call (-1: the base alone, e.g. a DPO
+  reference), a pure function of traced values;
+- `apply(variables, x, adapter_ids=ids)`: a mixed batch, one adapter id per example (-1: none),
+  equal to running each example with its own adapter.
+
+>>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+>>> model, x = nn.Dense(4), jnp.ones((3, 5))
+>>> base = model.init(jax.random.key(0), x)["params"]
+>>> def adapter(r, seed):
+...     config = lora_jax.LoraConfig(r=r, target_modules=".*", init_lora_weights=False)
+...     return lora_jax.inject(base, config, jax.random.key(seed)), config
+>>> aset = adapter_set({"a": adapter(2, 1), "b": adapter(4, 2)})
+>>> aset.params["lora_A"].shape  # [K, in, max r]
+(2, 5, 4)
+>>> apply = lora_jax.wrap(model.apply, aset.configs[0])
+>>> mixed = apply({"params": aset.params}, x, adapter_ids=aset.ids(["a", "b", None]))
+>>> alone = apply({"params": select(aset.params, aset.index("b"))}, x)
+>>> bool(jnp.allclose(mixed[1], alone[1], atol=1e-6))
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.factors import b_rank_axis, pad_rank, project
+from lora_jax.core.record import (
+    Adapted,
+    LoraRecord,
+    broadcast_scale,
+    iter_records,
+    records,
+    scale_name,
+)
+from lora_jax.core.rules import Rule
+from lora_jax.core.targets import join_path, same_value, unbox, with_leaves, without_leaves
+from lora_jax.peft.files import load_peft, save_peft
+
+Strategy = Literal["gather", "onehot", "ragged"]
+STRATEGIES: tuple[str, ...] = ("gather", "onehot", "ragged")
+
+Key = tuple[str, str]  # (module path, weight name)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSet:
+    """K named adapters over one base. `params` is the tree to pass to `jax.jit` / `wrap`;
+    `names`, `configs` and `records` (each adapter's own records: true rank and scale) stay
+    on the host, so that saving or extracting an adapter gives back exactly what went in."""
+
+    params: dict[str, Any]
+    names: tuple[str, ...]
+    configs: tuple[LoraConfig, ...]
+    records: tuple[Mapping[Key, LoraRecord], ...]
+
+    def index(self, name: str | None) -> int:
+        """The slot of adapter `name` (None: -1, the base alone)."""
+        if name is None:
+            return -1
+        if name not in self.names:
+            raise ValueError(f"no adapter named {name!r} in this set; it holds "
+                             f"{list(self.names)}")
+        return self.names.index(name)
+
+    def ids(self, names: Sequence[str | None]) -> jax.Array:
+        """Per-example adapter ids (int32) for a mixed batch; None means no adapter."""
+        return jnp.asarray([self.index(n) for n in names], jnp.int32)
+
+
+def _key(item: Adapted) -> Key:
+    return item.path, item.record.weight
+
+
+def _full_scale(item: Adapted) -> jax.Array:
+    """The item's scale as an array over its stacked axes."""
+    stacked = np.shape(unbox(item.weight))[:item.record.layout.stacked]
+    return jnp.broadcast_to(jnp.asarray(item.scale, jnp.float32), stacked)
+
+
+def _check_base(first: Mapping[str, Any], other: Mapping[str, Any], name: str) -> None:
+    """Every non-LoRA leaf of `other` equals `first`'s: a set shares one base."""
+    plain = lambda tree: {join_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+        without_leaves(tree, {(i.path, n) for i in iter_records(tree) for n in i.record.leaves}))}
+    mine, theirs = plain(first), plain(other)
+    if mine.keys() != theirs.keys():
+        raise ValueError(f"adapter {name!r} is over another model: its params differ in "
+                         f"{sorted(mine.keys() ^ theirs.keys())[:5]}")
+    for path, value in theirs.items():
+        if not same_value(value, mine[path]):
+            raise ValueError(
+                f"adapter {name!r} changes {path!r}, which is not a LoRA factor (trained "
+                "modules_to_save or bias?): an adapter set shares one frozen base, so its "
+                "adapters may hold only LoRA factors")
+
+
+def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) -> AdapterSet:
+    """An `AdapterSet` from `{name: (params, config)}`, each params tree one adapter over the
+    same base (from `inject` or `load_peft`). Ranks and targets may differ.
+
+    Raises if an adapter is over another base, trains leaves other than factors, is DoRA (no
+    mixed-batch form, as in peft), or is itself a set.
+    """
+    if not adapters:
+        raise ValueError("adapter_set needs at least one adapter")
+    names = tuple(adapters)
+    trees = [adapters[n][0] for n in names]
+    found: list[dict[Key, Adapted]] = []
+    for name, tree in zip(names, trees, strict=True):
+        items = {_key(i): i for i in records(tree)}
+        for item in items.values():
+            if item.record.adapters or item.record.variant != "lora" or item.record.materialised:
+                what = ("already a set" if item.record.adapters else
+                        "materialised (no layer rule)" if item.record.materialised else
+                        f"{item.record.variant}")
+                raise ValueError(f"adapter {name!r}: {item.target!r} is {what}; adapter sets "
+                                 "hold plain LoRA factors of ruled layers")
+        if found:
+            _check_base(trees[0], tree, name)
+        found.append(items)
+    keys = list(dict.fromkeys(k for items in found for k in items))
+    updates: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        present = [items[key] for items in found if key in items]
+        first = present[0]
+        for item in present[1:]:
+            if item.record.layout != first.record.layout:
+                raise ValueError(f"{first.target!r} is read with different layouts by the "
+                                 "adapters; inject them with the same layouts")
+        rank = max(i.record.rank for i in present)
+        stacked = first.record.layout.stacked
+        a_list, b_list, s_list = [], [], []
+        for items in found:
+            item = items.get(key)
+            if item is None:
+                a0, b0 = first.factors
+                a = jnp.zeros(a0.shape[:-1] + (rank,), a0.dtype)
+                b_axis = b_rank_axis(first.record.layout)
+                b = jnp.zeros(b0.shape[:b_axis] + (rank,) + b0.shape[b_axis + 1:], b0.dtype)
+                scale = jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
+            else:
+                a, b = pad_rank(*item.factors, item.record.layout, rank)
+                scale = _full_scale(item)
+            a_list.append(a)
+            b_list.append(b)
+            s_list.append(scale)
+        dtype = jnp.result_type(*a_list, *b_list)
+        a_name, b_name = first.record.names
+        record = dataclasses.replace(first.record, rank=rank, scale=None, layers=None,
+                                     ranks=None, adapters=len(names))
+        updates.setdefault(first.path, {}).update({
+            a_name: jnp.stack(a_list, stacked).astype(dtype),
+            b_name: jnp.stack(b_list, stacked).astype(dtype),
+            scale_name(first.record.weight): jnp.stack(s_list, stacked),
+            first.record.leaves[-1]: record,
+        })
+    base = _base(trees[0])
+    return AdapterSet(
+        with_leaves(base, updates), names, tuple(adapters[n][1] for n in names),
+        tuple({k: i.record for k, i in items.items()} for items in found))
+
+
+def _base(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` without any LoRA leaves."""
+    drop = {(i.path, n) for i in iter_records(params) for n in i.record.leaves}
+    return without_leaves(params, drop)
+
+
+def select(params: Mapping[str, Any], index: int | jax.Array) -> dict[str, Any]:
+    """The set's params with one adapter for every example: slot `index` (-1: the base alone).
+
+    A pure function of traced values: inside `jax.jit` another index reuses the compiled
+    function. The result has the set's (padded) rank and an array scale.
+    """
+    index = jnp.asarray(index, jnp.int32)
+    updates: dict[str, dict[str, Any]] = {}
+    for item in records(params):
+        record = item.record
+        if not record.adapters:
+            continue
+        axis = record.layout.stacked
+        slot = jnp.clip(index, 0, record.adapters - 1)
+        on = (index >= 0) & (index < record.adapters)
+        a, b = item.factors
+        scale = jnp.take(item.scale, slot, axis=axis) * on
+        updates.setdefault(item.path, {}).update({
+            record.names[0]: jnp.take(a, slot, axis=axis),
+            record.names[1]: jnp.take(b, slot, axis=axis),
+            scale_name(record.weight): scale,
+            record.leaves[-1]: dataclasses.replace(record, adapters=0),
+        })
+    if not updates:
+        raise ValueError("select: these params hold no adapter set (lora_jax.adapters."
+                         "adapter_set builds one)")
+    return with_leaves(params, updates)
+
+
+def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], LoraConfig]:
+    """(params, config) of one adapter of the set, exactly as it went in (own ranks, targets
+    and scales): for `merge`, `save_peft` or training it alone."""
+    k = aset.index(name)
+    own = aset.records[k]
+    updates: dict[str, dict[str, Any]] = {}
+    drop: set[tuple[str, str]] = set()
+    for item in records(aset.params):
+        record = item.record
+        key = _key(item)
+        drop.update((item.path, n) for n in record.leaves)
+        if key not in own:
+            continue
+        mine = own[key]
+        axis = record.layout.stacked
+        a, b = (jnp.take(f, k, axis=axis) for f in item.factors)
+        leaves = {mine.names[0]: a[..., :mine.rank],
+                  mine.names[1]: jax.lax.slice_in_dim(
+                      b, 0, mine.rank, axis=b_rank_axis(mine.layout)),
+                  mine.leaves[-1]: mine}
+        if mine.scale is None:
+            leaves[scale_name(mine.weight)] = jnp.take(item.scale, k, axis=axis)
+        updates.setdefault(item.path, {}).update(leaves)
+    params = without_leaves(aset.params, drop)
+    return with_leaves(params, updates), aset.configs[k]
+
+
+def add(aset: AdapterSet, name: str, params: Mapping[str, Any],
+        config: LoraConfig) -> AdapterSet:
+    """The set with adapter `name` added (K grows: a jitted function recompiles once)."""
+    if name in aset.names:
+        raise ValueError(f"the set already holds an adapter named {name!r}; use replace()")
+    return adapter_set({**_members(aset), name: (params, config)})
+
+
+def remove(aset: AdapterSet, name: str) -> AdapterSet:
+    """The set without adapter `name`."""
+    aset.index(name)
+    if len(aset.names) == 1:
+        raise ValueError(f"{name!r} is the set's only adapter; keep the base params instead")
+    return adapter_set({n: v for n, v in _members(aset).items() if n != name})
+
+
+def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
+            config: LoraConfig) -> AdapterSet:
+    """The set with adapter `name`'s slot holding `params` instead. When the new adapter fits the
+    slot (its targets adapted by the set, ranks no larger) only array values change, so a
+    jitted function does not recompile; otherwise the set is rebuilt."""
+    k = aset.index(name)
+    members = _members(aset)
+    members[name] = (params, config)
+    new = {_key(i): i for i in records(params)}
+    current = {_key(i): i for i in records(aset.params)}
+    if not set(new) <= set(current) or any(new[key].record.rank > current[key].record.rank
+                                           for key in new):
+        return adapter_set(members)
+    _check_base(aset.params, params, name)
+    # One slot of the new adapter (scales as arrays), padded to the set's ranks below.
+    rebuilt = {_key(i): i for i in records(adapter_set({name: (params, config)}).params)}
+    updates: dict[str, dict[str, Any]] = {}
+    for key, item in current.items():
+        record, axis = item.record, item.record.layout.stacked
+        a, b = item.factors
+        if key in new:
+            one = rebuilt[key]
+            a_new, b_new = (jnp.take(f, 0, axis=axis) for f in one.factors)
+            a_new, b_new = pad_rank(a_new, b_new, record.layout, record.rank)
+            s_new = jnp.take(one.scale, 0, axis=axis)
+        else:
+            a_new = jnp.zeros_like(jnp.take(a, 0, axis=axis))
+            b_new = jnp.zeros_like(jnp.take(b, 0, axis=axis))
+            s_new = jnp.zeros_like(jnp.take(item.scale, 0, axis=axis))
+        updates.setdefault(item.path, {}).update({
+            record.names[0]: _put(a, a_new, k, axis), record.names[1]: _put(b, b_new, k, axis),
+            scale_name(record.weight): _put(item.scale, s_new, k, axis)})
+    records_ = list(aset.records)
+    records_[k] = {key: i.record for key, i in new.items()}
+    configs = list(aset.configs)
+    configs[k] = config
+    return AdapterSet(with_leaves(aset.params, updates), aset.names, tuple(configs),
+                      tuple(records_))
+
+
+def _put(full: jax.Array, part: jax.Array, k: int, axis: int) -> jax.Array:
+    """`full` with slot k of its adapter axis set to `part`."""
+    moved = jnp.moveaxis(full, axis, 0).at[k].set(part.astype(full.dtype))
+    return jnp.moveaxis(moved, 0, axis)
+
+
+def _members(aset: AdapterSet) -> dict[str, tuple[dict[str, Any], LoraConfig]]:
+    return {name: adapter(aset, name) for name in aset.names}
+
+
+# --- mixed batches: one adapter per example, inside a layer -------------------------------------
+
+def check_ids(ids: Any, batch: int | None = None) -> jax.Array:
+    """`ids` as int32 [batch]; raises on a float / bool dtype, a wrong shape or (when concrete)
+    an id below -1."""
+    array = jnp.asarray(ids)
+    if not jnp.issubdtype(array.dtype, jnp.integer):
+        raise ValueError(f"adapter_ids must be integers (one adapter slot per example, -1 for "
+                         f"none), got dtype {array.dtype}")
+    if array.ndim != 1 or (batch is not None and array.shape[0] != batch):
+        want = "[batch]" if batch is None else f"[{batch}]"
+        raise ValueError(f"adapter_ids must have shape {want}, one id per example, got "
+                         f"{array.shape}")
+    if not isinstance(array, jax.core.Tracer) and bool(jnp.any(array < -1)):
+        raise ValueError(f"adapter_ids holds {int(array.min())}; ids are slots 0..K-1, or -1 "
+                         "for the base alone")
+    return array.astype(jnp.int32)
+
+
+def _per_example(ids: jax.Array, scale: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(slot clipped into range, each example's scale: 0 for -1 or an unknown slot)."""
+    on = (ids >= 0) & (ids < k)
+    slot = jnp.where(on, ids, 0)
+    return slot, jnp.where(on, scale[slot], 0.0)
+
+
+def mixed_delta(rule: Rule, module: Any, x: jax.Array, a: jax.Array, b: jax.Array,
+                scale: jax.Array, ids: jax.Array, strategy: Strategy,
+                args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> jax.Array:
+    """The LoRA delta of one layer for a batch whose example n uses adapter `ids[n]`.
+
+    `a [K, *in, r]`, `b [K, r, *out]`, `scale [K]` (one layer's slice of a set); `x`'s leading
+    axis is the batch. "gather" takes each example's factors and runs the rule per example
+    (any layer); "onehot" projects onto all K adapters' ranks at once and masks each example's
+    block (vLLM-TPU's einsum form); "ragged" sorts the examples by adapter and runs grouped
+    matmuls (`jax.lax.ragged_dot`, S-LoRA / Punica's form). The last two need a plain matmul
+    layer (`Rule.matmul`); others fall back to "gather".
+    """
+    k = a.shape[0]
+    if x.shape[0] != ids.shape[0]:
+        raise ValueError(f"adapter_ids has {ids.shape[0]} entries but this layer's input has "
+                         f"batch {x.shape[0]}: pass one id per example")
+    slot, weight = _per_example(ids, scale, k)
+    weight = weight.astype(b.dtype)
+    if strategy == "gather" or not rule.is_matmul(module):
+        a_e = jnp.take(a, slot, axis=0)
+        b_e = jnp.take(b, slot, axis=0) * broadcast_scale(weight, b.ndim)
+        one = lambda xi, ai, bi: rule.delta(module, xi[None], ai, bi, args, kwargs)[0]
+        return jax.vmap(one)(x, a_e, b_e)
+    precision = getattr(module, "precision", None)
+    r, out = a.shape[-1], b.shape[2:]
+    if strategy == "onehot":
+        a_all = jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], k * r)
+        mask = jax.nn.one_hot(slot, k, dtype=b.dtype) * weight[:, None]  # [N, K]
+        h = project(x, a_all, precision=precision)
+        h = h * jnp.repeat(mask, r, axis=1).reshape((x.shape[0],) + (1,) * (h.ndim - 2) + (-1,))
+        return jnp.tensordot(h, b.reshape(k * r, *out), axes=1, precision=precision)
+    if strategy != "ragged":
+        raise ValueError(f"unknown mixed-batch strategy {strategy!r}; use one of {STRATEGIES}")
+    n, d_in = x.shape[0], x.shape[-1]
+    tokens = math.prod(x.shape[1:-1])
+    group = jnp.where(weight != 0, slot, k)  # examples without an adapter go last, to zeros
+    order = jnp.argsort(group)
+    sizes = jnp.bincount(group, length=k + 1).astype(jnp.int32) * tokens
+    flat = jnp.take(x.reshape(n, tokens, d_in), order, axis=0).reshape(n * tokens, d_in)
+    scaled = b * broadcast_scale(scale.astype(b.dtype), b.ndim)
+    zeros = lambda t: jnp.concatenate([t, jnp.zeros((1, *t.shape[1:]), t.dtype)])
+    low = jax.lax.ragged_dot(flat, zeros(a), sizes, precision=precision)
+    delta = jax.lax.ragged_dot(low, zeros(scaled.reshape(k, r, -1)), sizes, precision=precision)
+    delta = delta.reshape(n, tokens, -1)[jnp.argsort(order)]
+    return delta.reshape(*x.shape[:-1], *out)
+
+
+# --- files: peft's multi-adapter folder layout ---------------------------------------------------
+
+def _folder_of(root: Path, name: str) -> Path:
+    # peft's save_pretrained: the adapter "default" at the root, every other in root/<name>.
+    return root if name == "default" else root / name
+
+
+def save_set(path: str | os.PathLike, aset: AdapterSet, **save_kwargs: Any) -> None:
+    """Write every adapter of the set as peft's `save_pretrained` lays out several adapters:
+    "default" in `path`, each other adapter in `path/<name>` (each a plain peft adapter, with
+    its own rank and scale). `save_kwargs` go to `lora_jax.save_peft` (e.g. model_type)."""
+    root = Path(path)
+    for name in aset.names:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"adapter name {name!r} cannot be a folder name")
+    for name in aset.names:
+        params, config = adapter(aset, name)
+        save_peft(_folder_of(root, name), params, config, **save_kwargs)
+
+
+def load_set(path: str | os.PathLike, params: Mapping[str, Any],
+             names: Sequence[str] | None = None, **load_kwargs: Any) -> AdapterSet:
+    """An `AdapterSet` over base `params` from a folder in peft's multi-adapter layout
+    (`save_set`, or peft's `save_pretrained` with several adapters). `names`: which adapters
+    (default: all found, "default" first). `load_kwargs` go to `lora_jax.load_peft`."""
+    root = Path(path)
+    found = []
+    if root.is_dir():
+        found = (["default"] if (root / "adapter_config.json").is_file() else []) + sorted(
+            p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
+    if not found:
+        raise ValueError(f"{os.fspath(root)!r} holds no peft adapter (no adapter_config.json "
+                         "in it or its subfolders)")
+    for name in names or ():
+        if name not in found:
+            raise ValueError(f"no adapter {name!r} in {os.fspath(root)!r}; found {found}")
+    return adapter_set({name: load_peft(_folder_of(root, name), params, **load_kwargs)
+                        for name in (names or found)})

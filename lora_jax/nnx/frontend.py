@@ -1,0 +1,817 @@
+"""Flax NNX frontend: the same LoRA on `nnx.Module` models.
+
+`inject(model, config, rngs)` reads the model's parameters as a plain dict (the nnx state's
+`to_pure_dict()`), lets the framework-free core (`lora_jax.inject`) choose the targets and
+initialise the factors exactly as for linen, and puts the result back on the modules:
+
+- the factors become `nnx.LoRAParam` variables of the adapted module, beside its weight
+  (`q.kernel`, `q.lora_A`, `q.lora_B`), so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`,
+  `nnx.DiffState(0, nnx.LoRAParam)` and `nnx.split(model, nnx.LoRAParam, ...)` see them;
+- the `LoraRecord` becomes a `LoraRecordVar` variable (`q.lora`; no arrays), so the module's
+  state as a pure dict is exactly the tree the core reads: `lora_jax.split`, `combine`,
+  `merge`, `count_parameters`, `save_peft` work on `nnx.to_pure_dict(nnx.state(model))`;
+- the module's class is swapped for a subclass whose `__call__` runs the layer's own call and
+  adds `scale * (dropout(x) @ A) @ B` (the layer's `lora_jax.Rule`, `lora_jax.nnx.rules`), so
+  `W + A B` is never formed. `nnx.jit`, `nnx.grad`, `nnx.vmap` / `nnx.scan` stacks (the factors
+  get the stack's leading axis and are sliced with the weights) and `nnx.remat` see a plain
+  module.
+
+LoRA dropout uses an rng stream forked from `rngs` onto each adapted module (as `nnx.Dropout`
+does) and follows `model.train()` / `model.eval()` (the module's `deterministic` attribute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import lora_jax.nnx.rules  # noqa: F401  (registers the rules for nnx's layers)
+from lora_jax.core import counting
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.factors import Layout, column_norm, dora_output, dropout, kernel_delta
+from lora_jax.core.inject import find_targets
+from lora_jax.core.inject import inject as core_inject
+from lora_jax.core.merge import merge as core_merge
+from lora_jax.core.partition import trainable_mask
+from lora_jax.core.record import (
+    MATERIALISE,
+    LoraRecord,
+    check_config,
+    factor_names,
+    iter_records,
+    magnitude_name,
+    target_path,
+)
+from lora_jax.core.rules import NotAdaptable, Rule, rule_for
+from lora_jax.core.saved import originals
+from lora_jax.core.sharding import lora_specs
+from lora_jax.core.targets import iter_modules, with_leaves, without_leaves
+from lora_jax.nnx.rules import NnxRule
+from lora_jax.peft import files as peft_io
+
+__all__ = [
+    "LoraRecordVar",
+    "adapt",
+    "count_parameters",
+    "functional",
+    "inject",
+    "layouts",
+    "load_peft",
+    "merge",
+    "params",
+    "print_trainable_parameters",
+    "save_peft",
+    "trainable",
+    "update",
+]
+
+_RNGS = "lora_rngs"  # the attribute holding an adapted module's LoRA dropout stream
+
+_TIED_HEAD_WARNING = (
+    "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
+    "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
+    "differs from the adapted one in its head. Adapt the embedding only if you keep it unmerged."
+)
+_MATERIALISE_WARNING = (
+    "{path!r} ({shape}) has no layer rule, so its adapted weight W + scale * A B is formed on "
+    "every call: {size:,d} extra values and an in x out matmul per step. Register a Rule for "
+    "its module class (lora_jax.register_rule) to add the low-rank delta instead"
+)
+
+
+class LoraRecordVar(nnx.Variable):
+    """An adapted weight's `LoraRecord` as an NNX variable: no arrays (free under jit), but part
+    of the module's state, so the functional side reads it from `to_pure_dict()`."""
+
+
+def _path(keys: tuple[Any, ...]) -> str:
+    return ".".join(str(k) for k in keys)
+
+
+def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
+    """{dotted path: module} of every module in the graph (a shared module under its first
+    path)."""
+    return {_path(tuple(p)): node for p, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Module)}
+
+
+def params(model: Any) -> dict[str, Any]:
+    """The model's parameters and LoRA records as a pure nested dict (what the core reads):
+    `state.to_pure_dict()` with `nnx.List` indices as str keys ("0"), so that paths read
+    `h.0.attn.q` and `nnx.replace_by_pure_dict` takes the dict back.
+
+    `model` is an `nnx.Module` or an `nnx.State` (e.g. from `nnx.split`). Parameters only: rng
+    streams, batch statistics and caches are left out.
+    """
+    state = model if isinstance(model, nnx.State) else nnx.state(model)
+    pure = nnx.to_pure_dict(nnx.filter_state(state, nnx.Any(nnx.Param, LoraRecordVar)))
+
+    def keys_as_str(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {str(k): keys_as_str(v) for k, v in node.items()}
+        return node
+
+    return keys_as_str(pure)
+
+
+# --- how each module reads its weight ----------------------------------------------------------
+
+def _read(rule: Rule, module: nnx.Module, name: str, shape: tuple[int, ...], dtype: Any,
+          inner_ndim: int | None, args: tuple[Any, ...] = (),
+          kwargs: Mapping[str, Any] | None = None) -> Layout:
+    """The layout of `module`'s weight `name` (stored `shape`) as its rule reads it."""
+    if inner_ndim is None:
+        inner_ndim = len(shape)
+    stacked = len(shape) - inner_ndim
+    base = dict(rule=rule.name, weight=name)
+    if stacked < 0:
+        return Layout("dense", **base, error=(
+            f"its weight {name!r} has shape {shape}, fewer axes than the module's "
+            f"{inner_ndim}"))
+    try:
+        layout = rule.layout(module, jax.ShapeDtypeStruct(shape[stacked:], dtype), args,
+                             dict(kwargs or {}))
+    except NotAdaptable as e:
+        return Layout("dense", stacked=stacked, **base, error=str(e))
+    layout = dataclasses.replace(layout, stacked=stacked, **base)
+    try:
+        layout.roles(len(shape))
+    except ValueError as e:
+        return dataclasses.replace(layout, error=(
+            f"{e} (stored shape {shape}). A stacked (nnx.vmap / nnx.scan) weight of a rule "
+            "without NnxRule.weight_ndim: pass layouts=lora_jax.nnx.layouts(model, "
+            "*example_inputs)"))
+    return layout
+
+
+def _static_layouts(model: nnx.Module, tree: Mapping[str, Any]) -> dict[str, Layout]:
+    """{target path: Layout} of the modules with a rule, read from their attributes alone."""
+    nodes = dict(iter_modules(tree, leaves=None))
+    out = {}
+    for path, module in _modules(model).items():
+        rule = rule_for(module)
+        if rule is None:
+            continue
+        name = rule.weight_name(module)
+        node = nodes.get(path)
+        if node is None or name not in node or not hasattr(node[name], "shape"):
+            continue
+        inner = rule.weight_ndim(module) if isinstance(rule, NnxRule) and rule.weight_ndim \
+            else None
+        out[target_path(path, name, node)] = _read(rule, module, name, tuple(node[name].shape),
+                                                   node[name].dtype, inner)
+    return out
+
+
+def layouts(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
+    """{path: Layout} of every module with a rule, read from one abstract call `model(*args,
+    **kwargs)` (no FLOPs): for rules that need the call (an `nnx.Einsum` whose equation is given
+    at call time) or that cannot tell a stacked weight's layer axes from the module alone (a
+    user's `Rule` without `NnxRule.weight_ndim`). Pass it to `inject(..., layouts=...)`. flax's
+    own layers need no example: `inject` reads them from their attributes.
+    """
+    graphdef, state = nnx.split(model)
+    seen: dict[str, tuple[Rule, str, tuple[int, ...], tuple[Any, ...], dict[str, Any]]] = {}
+    stored = params(state)
+    nodes = dict(iter_modules(stored, leaves=None))
+
+    def run(state: nnx.State) -> Any:
+        copy = nnx.merge(graphdef, state)
+        for path, module in _modules(copy).items():
+            rule = rule_for(module)
+            if rule is not None and isinstance(getattr(module, rule.weight_name(module), None),
+                                               nnx.Variable):
+                module._lora_probe = path  # static: survives nnx transforms
+                module.__class__ = _probe_class(type(module))
+        return copy(*args, **kwargs)
+
+    token = _PROBE.set(seen)
+    try:
+        jax.eval_shape(run, state)
+    finally:
+        _PROBE.reset(token)
+    out = {}
+    modules = _modules(model)
+    for path, (rule, name, inner, call_args, call_kwargs) in seen.items():
+        node = nodes.get(path)
+        if node is None or name not in node:
+            continue
+        shape = tuple(node[name].shape)
+        out[target_path(path, name, node)] = _read(rule, modules[path], name, shape,
+                                                   node[name].dtype, len(inner), call_args,
+                                                   call_kwargs)
+    return out
+
+
+class _ProbeContext:
+    """Where `layouts`' probe classes record the calls they see (a stack for nesting)."""
+
+    def __init__(self) -> None:
+        self.stack: list[dict[str, Any]] = []
+
+    def set(self, seen: dict[str, Any]) -> int:
+        self.stack.append(seen)
+        return len(self.stack)
+
+    def reset(self, token: int) -> None:
+        del self.stack[token - 1:]
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        return self.stack[-1] if self.stack else None
+
+
+_PROBE = _ProbeContext()
+_PROBE_CLASSES: dict[type, type] = {}
+
+
+def _probe_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    base = type(self)._lora_probed
+    seen = _PROBE.current
+    path = getattr(self, "_lora_probe", None)
+    if seen is not None and path is not None and path not in seen:
+        rule = rule_for(self)
+        name = rule.weight_name(self)
+        seen[path] = (rule, name, tuple(getattr(self, name)[...].shape), args, dict(kwargs))
+    return base.__call__(self, *args, **kwargs)
+
+
+def _probe_class(base: type) -> type:
+    if base not in _PROBE_CLASSES:
+        _PROBE_CLASSES[base] = type(base.__name__, (base,), {
+            "__call__": _probe_call, "__module__": __name__, "_lora_probed": base})
+    return _PROBE_CLASSES[base]
+
+
+# --- the adapted forward ------------------------------------------------------------------------
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+
+
+def _records(module: nnx.Module) -> list[LoraRecord]:
+    return [v.get_value() for v in vars(module).values() if isinstance(v, LoraRecordVar)]
+
+
+def _where(module: nnx.Module) -> str:
+    return f"{getattr(module, '_lora_path', '?')!r} ({type(module).__mro__[1].__name__})"
+
+
+def _check_reading(module: nnx.Module, rule: Rule, record: LoraRecord, weight: Any,
+                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The factors were made for the reading the rule gives on this call, or raise."""
+    try:
+        layout = rule.layout(module, weight, args, kwargs)
+        how = None
+        stored = record.layout
+        inner = stored.roles(stored.stacked + weight.ndim)[stored.stacked:]
+        if stored.kind != layout.kind or inner != layout.roles(weight.ndim):
+            how = (f"its rule reads the weight as {layout.roles(weight.ndim)!r} (i: input, "
+                   f"o: output, b: kept axes) but its factors were made for {inner!r}")
+    except (NotAdaptable, ValueError) as e:
+        how = str(e)
+    if how:
+        raise ValueError(
+            f"{_where(module)}: {how}. Inject with layouts=lora_jax.nnx.layouts(model, "
+            "*example_inputs) so inject reads each layer the way it is called"
+        )
+
+
+def _lora_delta(module: nnx.Module, record: LoraRecord, out: Any, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+    """What the adapter adds to the layer's output `out`."""
+    rule = rule_for(module)
+    weight = getattr(module, record.weight)[...]
+    _check_reading(module, rule, record, weight, args, kwargs)
+    a_name, b_name = record.names
+    a, b = getattr(module, a_name)[...], getattr(module, b_name)[...]
+    x = rule.inputs(args, kwargs)
+    # float16's range is small enough for x @ A to overflow where the base output and the
+    # merged weight are finite: its delta is computed in float32 (as the linen frontend does).
+    dtype = jnp.float32 if out.dtype == jnp.float16 else out.dtype
+    key = None
+    if rule.dropout:
+        stream = getattr(module, _RNGS, None)
+        training = record.dropout > 0 and stream is not None and \
+            not getattr(module, "deterministic", False)
+        key = stream() if training else None
+        x = dropout(jnp.asarray(x, dtype), record.dropout, key)
+    # The scale goes on B ([r, out]): the cheapest place, and the same product.
+    delta = rule.delta(module, x, a.astype(dtype), (b * record.scale).astype(dtype), args, kwargs)
+    if record.variant != "dora":
+        return delta.astype(out.dtype)
+    # DoRA: the magnitude over the norm of W + scale A B (per output feature, detached, formed
+    # without W + A B) rescales the layer's product; peft recomputes the base on the dropped
+    # input.
+    magnitude = getattr(module, magnitude_name(record.weight))[...]
+    inner = dataclasses.replace(record.layout, stacked=0)  # a stack's layer is sliced here
+    norm = jax.lax.stop_gradient(column_norm(weight, a, b, record.scale, inner))
+    if key is not None:
+        base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
+    else:
+        bias = getattr(module, "bias", None)
+        base = out if bias is None else out - bias[...]
+    return dora_output(base, delta, magnitude, norm).astype(out.dtype)
+
+
+@contextlib.contextmanager
+def _materialised(module: nnx.Module, records: list[LoraRecord]) -> Iterator[None]:
+    """The weights of `records` replaced by W + scale * A B for the duration of one call."""
+    saved = []
+    try:
+        for record in records:
+            var = getattr(module, record.weight)
+            weight = var[...]
+            a, b = (getattr(module, name)[...] for name in record.names)
+            layout = record.layout
+            # Inside a vmap / scan the stacked axes are sliced off: as many as A lost.
+            inner = layout.order or "i" * layout.n_in
+            stored_a_ndim = layout.stacked + inner.count("b") + inner.count("i") + 1
+            layout = dataclasses.replace(layout, stacked=layout.stacked - (stored_a_ndim - a.ndim))
+            warnings.warn(_MATERIALISE_WARNING.format(
+                path=f"{getattr(module, '_lora_path', '?')}.{record.weight}",
+                shape=tuple(weight.shape), size=weight.size), stacklevel=4)
+            delta = kernel_delta(a, b, layout, tuple(weight.shape)) * record.scale
+            saved.append((var, weight))
+            var.set_value((weight.astype(jnp.float32) + delta).astype(weight.dtype))
+        yield
+    finally:
+        for var, weight in reversed(saved):
+            var.set_value(weight)
+
+
+def _adapted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    base = type(self)._lora_base
+    records = _records(self)
+    whole = [r for r in records if r.materialised]
+    if whole:
+        with _materialised(self, whole):
+            out = base.__call__(self, *args, **kwargs)
+    else:
+        out = base.__call__(self, *args, **kwargs)
+    for record in records:
+        if not record.materialised:
+            out = out + _lora_delta(self, record, out, args, kwargs)
+    return out
+
+
+def _adapted_attend(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if any(not r.materialised for r in _records(self)):
+        warnings.warn(_TIED_HEAD_WARNING.format(path=getattr(self, "_lora_path", "?")),
+                      stacklevel=2)
+    return type(self)._lora_base.attend(self, *args, **kwargs)
+
+
+def _adapted_class(base: type) -> type:
+    """The subclass of `base` whose call adds the LoRA deltas (one per base class)."""
+    if "_lora_base" in vars(base):
+        return base
+    if base not in _ADAPTED_CLASSES:
+        namespace = {"__call__": _adapted_call, "__module__": __name__, "_lora_base": base,
+                     "__doc__": f"{base.__qualname__} with LoRA deltas added to its output."}
+        if hasattr(base, "attend"):
+            namespace["attend"] = _adapted_attend
+        _ADAPTED_CLASSES[base] = type(f"{base.__name__}WithLoRA", (base,), namespace)
+    return _ADAPTED_CLASSES[base]
+
+
+# --- inject / adapt / merge ---------------------------------------------------------------------
+
+def _keys(rngs: nnx.Rngs | jax.Array | int, config: LoraConfig) -> tuple[jax.Array, Any]:
+    """(init key, dropout stream or None)."""
+    if isinstance(rngs, nnx.Rngs):
+        key = rngs.params()
+        stream = rngs.dropout if config.lora_dropout else None  # else the default stream
+        return key, stream
+    key = jax.random.key(rngs) if isinstance(rngs, int) else rngs
+    stream = nnx.RngStream(jax.random.fold_in(key, 1 << 30), tag="dropout") \
+        if config.lora_dropout else None
+    return key, stream
+
+
+def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array | int, *,
+           layouts: Mapping[str, Layout] | None = None,
+           dtype: jnp.dtype = jnp.float32) -> nnx.Module:
+    """Add LoRA factors to the modules of `model` that `config` targets, in place (NNX style);
+    returns `model`.
+
+    Targets, paths, ranks, scales, init and errors are the core's (`lora_jax.inject`) on the
+    model's parameter dict: paths are the nnx state's keys joined by "." (`h.0.attn.q` for an
+    `nnx.List`; `h.attn.q` for an `nnx.vmap` / `nnx.scan` stack, whose layers are the leading
+    axis that `layers_to_transform` selects on). `rngs` (an `nnx.Rngs`, a key or an int seed)
+    gives the init key (its `params` stream) and, with `lora_dropout`, the dropout stream
+    (`dropout`, else `default`). flax's Linear, LinearGeneral, Conv, Embed and Einsum are read
+    from their attributes; `layouts` (`lora_jax.nnx.layouts(model, x)`) is needed only for
+    rules that must see a call.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    >>> model = inject(model, LoraConfig(r=2, target_modules=".*"), nnx.Rngs(1))
+    >>> model.lora_A.shape, model.lora_B.shape, type(model).__name__
+    ((3, 2), (2, 4), 'LinearWithLoRA')
+    >>> model(jnp.ones((1, 3))).shape
+    (1, 4)
+    """
+    tree = params(model)
+    found = {**_static_layouts(model, tree), **dict(layouts or {})}
+    key, stream = _keys(rngs, config)
+    _check_rules(model, config, tree, found)
+    adapted = core_inject(tree, config, key, layouts=found, dtype=dtype)
+    return adapt(model, adapted, stream)
+
+
+def _check_rules(model: nnx.Module, config: LoraConfig, tree: Mapping[str, Any],
+                 found: Mapping[str, Layout]) -> None:
+    """Refuse, before any work, targets of modules the NNX frontend cannot call with LoRA."""
+    modules = _modules(model)
+    for path, (site, _) in find_targets(tree, config, found).items():
+        module = modules.get(site.path)
+        if module is None:
+            raise ValueError(f"{path!r}: no NNX module owns this weight")
+        if site.layout.rule is None:
+            raise ValueError(
+                f"{path!r} is a {type(module).__name__}, which has no layer rule, so LoRA "
+                "cannot be added to its output: register a Rule for its class "
+                "(lora_jax.register_rule), target its weight with LoraConfig("
+                f"target_parameters=['{site.path + '.' if site.path else ''}{site.weight}']) to "
+                "add W + scale * A B, or exclude it"
+            )
+
+
+def adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: nnx.Rngs | Any = None) -> nnx.Module:
+    """Put the adapters of a parameter dict onto `model`, in place; returns `model`.
+
+    `tree` is `model`'s `params` with factors and records beside the adapted weights, e.g. from
+    `lora_jax.inject` or `lora_jax.load_peft` on `params(model)`. Any other leaf that differs
+    from the model's (PiSSA's residual weight, a bias or module trained with the adapter)
+    replaces it. `rngs` gives LoRA dropout its stream.
+    """
+    return _adapt(model, tree, rngs, {})
+
+
+def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
+           rename: Mapping[str, str]) -> nnx.Module:
+    """`adapt`, with `rename` mapping the tree's module paths to the model's."""
+    modules = _modules(model)
+    stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+    records = list(iter_records(tree))
+    owners = {}
+    for item in records:  # check everything before changing anything
+        record = item.record
+        module = modules.get(rename.get(item.path, item.path))
+        if module is None:
+            raise ValueError(f"{item.target!r}: the model has no module at {item.path!r}")
+        rule = rule_for(module)
+        if not record.materialised and (rule is None or rule.weight_name(module) !=
+                                        record.weight):
+            raise ValueError(
+                f"{item.target!r} holds LoRA factors for {record.weight!r}, but its "
+                f"{type(module).__name__} has no layer rule for that weight: register a Rule "
+                "for its class (lora_jax.register_rule), or adapt it through target_parameters"
+            )
+        if record.scale is None:
+            raise ValueError(
+                f"{item.target!r}: the layers of this stack have different scales (rank_pattern "
+                "/ alpha_pattern naming its layers), kept as an array beside the factors, which "
+                "the NNX frontend does not read yet: give the stack's layers one alpha / rank, or "
+                "use unscanned layers (nnx.List)")
+        for name in record.leaves:
+            if name in vars(module):
+                raise ValueError(f"{item.target!r} already has an attribute {name!r}; inject "
+                                 "once per module (merge first, or exclude it)")
+        owners[id(item)] = module
+    _replace_changed(modules, tree, rename)
+    if originals(tree):
+        warnings.warn(
+            f"modules_to_save holds the embedding table(s) {sorted(originals(tree))}: the NNX "
+            "frontend trains each table in place, so a tied head (Embed.attend) follows it; "
+            "peft and lora_jax's linen frontend keep a tied head on the original table",
+            stacklevel=3)
+    for item in records:
+        record, module = item.record, owners[id(item)]
+        weight = getattr(module, record.weight)
+        added = list(getattr(module, "_lora_added", ()))
+        specs = _factor_specs(item, weight)
+        for name in record.arrays:
+            setattr(module, name, _factor(item.module[name], weight, specs.get(name)))
+            added.append(name)
+        record_name = factor_names(record.weight)[2]
+        setattr(module, record_name, LoraRecordVar(record))
+        added.append(record_name)
+        if record.dropout and stream is not None and _RNGS not in vars(module):
+            fork = stream.fork()
+            shape = item.factors[0].shape[:record.layout.stacked]
+            setattr(module, _RNGS, fork.split(shape) if shape else fork)
+            added.append(_RNGS)
+            if not hasattr(module, "deterministic"):
+                module.deterministic = False
+                added.append("deterministic")
+        module._lora_added = tuple(added)
+        module._lora_path = rename.get(item.path, item.path)
+        module.__class__ = _adapted_class(type(module))
+    return model
+
+
+def _replace_changed(modules: Mapping[str, nnx.Module], tree: Mapping[str, Any],
+                     rename: Mapping[str, str], path: str = "") -> None:
+    """Set every existing variable whose value in `tree` is another array."""
+    module = modules.get(rename.get(path, path))
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            _replace_changed(modules, value, rename, f"{path}.{key}" if path else str(key))
+        elif module is not None and value is not None and not isinstance(value, LoraRecord):
+            var = vars(module).get(key)
+            if isinstance(var, nnx.Variable) and var.get_value() is not value:
+                var.set_value(value)
+
+
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def update(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
+    """Set `model`'s variables from a params dict, in place (e.g. the trainable half of
+    `lora_jax.split(params(model), config)` after training or from a checkpoint): `None` holes
+    and records are skipped, so a partial tree updates only its leaves. Returns `model`."""
+    _replace_changed(_modules(model), tree, {})
+    return model
+
+
+def _factor_specs(item: Any, weight: nnx.Variable) -> dict[str, Any]:
+    """{factor name: PartitionSpec} from the weight's sharding metadata (the core's
+    `lora_specs`: A keeps the weight's input and stacked axes' mesh axes, B its output axes);
+    {} when the weight has none."""
+    metadata = weight.get_metadata()
+    names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
+    if names is None:
+        return {}
+    record = item.record
+    arrays = record.arrays
+    node = {record.weight: item.weight, factor_names(record.weight)[2]: record,
+            **{name: item.module[name] for name in arrays}}
+    specs = lora_specs(node, {record.weight: jax.sharding.PartitionSpec(*names)})
+    return {name: specs[name] for name in arrays}
+
+
+def _factor(value: Any, weight: nnx.Variable, spec: Any) -> nnx.LoRAParam:
+    """A factor as an `nnx.LoRAParam`; with a spec, carrying it as its sharding metadata and
+    placed on the weight's mesh when the weight's value is."""
+    if spec is None:
+        return nnx.LoRAParam(value)
+    sharding = getattr(weight.get_value(), "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
+    return nnx.LoRAParam(value, out_sharding=tuple(spec), eager_sharding=False)
+
+
+def _detach(module: nnx.Module) -> None:
+    """Remove what `adapt` added to `module` and restore its class."""
+    for name in getattr(module, "_lora_added", ()):
+        if name in vars(module):
+            delattr(module, name)
+    for name in ("_lora_added", "_lora_path"):
+        if name in vars(module):
+            delattr(module, name)
+    base = vars(type(module)).get("_lora_base")
+    if base is not None:
+        module.__class__ = base
+
+
+def merge(model: nnx.Module, config: LoraConfig | None = None, *,
+          safe: bool = False) -> nnx.Module:
+    """A plain copy of `model`: W + scale * A B folded into each adapted weight (the core's
+    `lora_jax.merge`: float32, cast once), factors, records and LoRA dropout removed, the
+    modules' own classes restored. `model` is left as it is."""
+    plain = nnx.clone(model)
+    tree = params(plain)
+    merged = core_merge(tree, config, safe)
+    nodes = dict(iter_modules(merged, leaves=None))
+    modules = _modules(plain)
+    for item in iter_records(tree):
+        module = modules[item.path]
+        _detach(module)
+        getattr(module, item.record.weight).set_value(nodes[item.path][item.record.weight])
+    return plain
+
+
+# --- the functional side ------------------------------------------------------------------------
+
+def trainable(model: nnx.Module, config: LoraConfig) -> Callable[[tuple[Any, ...], Any], bool]:
+    """An nnx filter for what `config` trains: the factors, plus biases (`bias="all"` /
+    `"lora_only"`) and `modules_to_save`. With plain `bias="none"` and no modules to save it
+    selects what `nnx.LoRAParam` selects. For `nnx.Optimizer(model, tx, wrt=...)`,
+    `nnx.DiffState(0, ...)` and `nnx.split(model, ..., ...)`."""
+    tree = params(model)
+    for item in iter_records(tree):
+        check_config(item, config)
+    chosen: set[tuple[Any, ...]] = set()
+
+    def visit(mask: Mapping[Any, Any], keys: tuple[Any, ...]) -> None:
+        for key, value in mask.items():
+            if isinstance(value, Mapping):
+                visit(value, (*keys, key))
+            elif value:
+                chosen.add((*keys, key))
+
+    visit(trainable_mask(tree, config), ())
+    return lambda path, value: tuple(str(k) for k in path) in chosen
+
+
+def functional(model: nnx.Module) -> Callable[..., Any]:
+    """`apply(tree, *args, dropout_key=None, **kwargs)`: `model(*args, **kwargs)` with the
+    parameters of `tree` (a `params(model)` dict, e.g. `lora_jax.combine(trainable, frozen)`
+    inside `jax.grad`), as a pure function: `model` itself is never changed. With a
+    `dropout_key` the call runs in train mode and every rng stream of the model (LoRA dropout's
+    and the model's own, e.g. `nnx.Dropout`'s) starts from that key, as linen's
+    `rngs={"dropout": key}` drives all dropout; without one it runs in eval mode.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> model = inject(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), LoraConfig(r=2, target_modules=".*"),
+    ...                nnx.Rngs(1))
+    >>> apply, tree = functional(model), params(model)
+    >>> bool(jnp.array_equal(apply(tree, jnp.ones((1, 3))), model(jnp.ones((1, 3)))))
+    True
+    """
+    graphdef, template, streams, rest = nnx.split(
+        model, nnx.Any(nnx.Param, LoraRecordVar), nnx.RngState, ...)
+
+    def reseed(path: tuple[Any, ...], leaf: Any, key: jax.Array) -> Any:
+        """A stream's key restarted from `key` folded with the stream's path; its count 0."""
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if names[-1] == "count":
+            return jnp.zeros_like(leaf)
+        for name in names[:-1]:
+            key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        return jax.random.split(key, leaf.shape) if leaf.shape else key  # stacked layers
+
+    def apply(tree: Mapping[str, Any], *args: Any, dropout_key: jax.Array | None = None,
+              **kwargs: Any) -> Any:
+        # New States (new Variables, of this trace): the model's are never touched.
+        state, rngs, others = (jax.tree.map(lambda leaf: leaf, s)
+                               for s in (template, streams, rest))
+        nnx.replace_by_pure_dict(state, tree)
+        if dropout_key is not None:
+            rngs = jax.tree_util.tree_map_with_path(
+                lambda path, leaf: reseed(path, leaf, dropout_key), rngs)
+        copy = nnx.merge(graphdef, state, rngs, others)
+        if dropout_key is None:
+            copy.eval()
+        else:
+            copy.train()
+        return copy(*args, **kwargs)
+
+    return apply
+
+
+def count_parameters(model: nnx.Module, config: LoraConfig) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as peft counts (`lora_jax.count_parameters`)."""
+    return counting.count_parameters(params(model), config)
+
+
+def print_trainable_parameters(model: nnx.Module, config: LoraConfig) -> None:
+    """peft's line: `trainable params: X || all params: Y || trainable%: Z`."""
+    counting.print_trainable_parameters(params(model), config)
+
+
+def _linen_form(tree: Mapping[str, Any], lin: str = "", nnx_path: str = "",
+                paths: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """`tree` with `nnx.List` elements `h: {"0": ...}` named as the linen models name them
+    (`h_0`), which peft io reads with `model_type`'s stacks; and {linen path: NNX path}."""
+    paths = {} if paths is None else paths
+    out: dict[str, Any] = {}
+    join = lambda a, b: f"{a}.{b}" if a else str(b)
+    for key, value in tree.items():
+        if not isinstance(value, Mapping):
+            out[key] = value
+            continue
+        if value and all(str(k).isdigit() and isinstance(v, Mapping) for k, v in value.items()):
+            items = [(f"{key}_{i}", join(nnx_path, f"{key}.{i}"), v) for i, v in value.items()]
+        else:
+            items = [(key, join(nnx_path, key), value)]
+        for name, child_nnx, child in items:
+            child_lin = join(lin, name)
+            paths[child_lin] = child_nnx
+            out[name] = _linen_form(child, child_lin, child_nnx, paths)[0]
+    return out, paths
+
+
+def _as_linear_layout(layout: Layout, weight_name: str, ndim: int) -> Layout | None:
+    """The layout of a weight's PyTorch Linear form when peft's files see it flattened (an
+    einsum kernel [D, N, H] as [D, N*H], a `[out, in]` weight as [in, out], stacked axes
+    kept), or None when it is already a Linear kernel (or an embedding, conv, or has kept
+    axes: no Linear form)."""
+    if layout.rule == MATERIALISE or layout.kind not in ("dense", "einsum"):
+        return None
+    roles = layout.roles(ndim)
+    if "b" in roles or weight_name == "kernel" and roles[layout.stacked:] == "io":
+        return None
+    return Layout("dense", stacked=layout.stacked, rule=layout.rule, weight="kernel")
+
+
+def _as_linear(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """`tree` with each adapted weight of several input / output axes (an einsum `BTD,DNH->BTNH`
+    kernel [D, N, H]) replaced by the Linear of its row-major flattening ([D, N*H], named
+    `kernel`, factors `lora_A` [D, r] / `lora_B` [r, N*H], DoRA's magnitude [N*H]; stacked
+    layers keep their leading axes): how PyTorch checkpoints store such projections (HF
+    Llama's q_proj is [N*H, D]), and what peft's files can name."""
+    updates: dict[str, dict[str, Any]] = {}
+    drop: set[tuple[str, str]] = set()
+    for item in iter_records(tree):
+        record, weight = item.record, item.weight
+        layout = _as_linear_layout(record.layout, record.weight, weight.ndim)
+        if layout is None:
+            continue
+        stack, _, _ = record.layout.split(weight.shape)
+        kernel = record.layout.to_canonical(weight)
+        flat = dataclasses.replace(record, weight="kernel", layout=layout)
+        leaves = {"kernel": kernel, flat.names[0]: item.factors[0].reshape(*kernel.shape[:-1], -1),
+                  flat.names[1]: item.factors[1].reshape(*stack, item.factors[0].shape[-1], -1),
+                  factor_names("kernel")[2]: flat}
+        if record.variant == "dora":
+            leaves[magnitude_name("kernel")] = item.magnitude.reshape(*stack, -1)
+        drop |= {(item.path, n) for n in (record.weight, *record.leaves)}
+        updates[item.path] = leaves
+    return with_leaves(without_leaves(tree, drop), updates) if updates else dict(tree)
+
+
+def _from_linear(tree: Mapping[str, Any], base: Mapping[str, Any],
+                 flattened: Mapping[str, tuple[str, Layout]]) -> dict[str, Any]:
+    """The inverse of `_as_linear` on a tree loaded from peft: at each module path of
+    `flattened` ({path: (weight name, layout)}), the base's own weight back and the factors
+    (and magnitude) reshaped to the layout's axes, with the layout in the record."""
+    modules = dict(iter_modules(tree, leaves=None))
+    originals = dict(iter_modules(base, leaves=None))
+    updates: dict[str, dict[str, Any]] = {}
+    drop: set[tuple[str, str]] = set()
+    for path, (name, layout) in flattened.items():
+        node = modules[path]
+        weight = originals[path][name]
+        record = next((v for v in node.values() if isinstance(v, LoraRecord)), None)
+        drop.add((path, "kernel"))
+        updates[path] = {name: weight}
+        if record is None:
+            continue
+        stack, fan_in, fan_out = layout.split(weight.shape)
+        mine = dataclasses.replace(record, weight=name, layout=layout)
+        a, b = (node[n] for n in record.names)
+        rank = a.shape[-1]
+        updates[path].update({mine.names[0]: a.reshape(*stack, *fan_in, rank),
+                              mine.names[1]: b.reshape(*stack, rank, *fan_out),
+                              factor_names(name)[2]: mine})
+        if record.variant == "dora":
+            updates[path][magnitude_name(name)] = node[magnitude_name("kernel")].reshape(
+                *stack, *fan_out)
+        drop |= {(path, n) for n in record.leaves}
+    return with_leaves(without_leaves(tree, drop), updates)
+
+
+def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
+              **kwargs: Any) -> None:
+    """peft adapter files for `model` (`lora_jax.save_peft` on `params(model)`, with
+    `nnx.List` elements named as peft io reads them); `model_type="gpt2"` / `"llama"` for the
+    NNX reference models, `path_map` for others. A projection kernel of several axes (an
+    einsum's [D, N, H]) is written as the PyTorch Linear of its row-major flattening."""
+    peft_io.save_peft(path, _as_linear(_linen_form(params(model))[0]), config, *args, **kwargs)
+
+
+def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None, *,
+              layouts: Mapping[str, Layout] | None = None, **kwargs: Any) -> LoraConfig:
+    """Put a peft adapter onto `model` in place (`lora_jax.load_peft` + `adapt`); returns its
+    `LoraConfig`. A weight of several input / output axes (an einsum's [D, N, H]) or stored
+    `[out, in]` reads peft's 2-D factors as the Linear of its row-major flattening (what
+    `save_peft` writes) and gets factors of its own axes (A [D, r], B [r, N, H]). `layouts`
+    (`lora_jax.nnx.layouts(model, x)`) for rules that must see a call; other keyword arguments
+    go to `lora_jax.load_peft` (`model_type`, `stacks`, `path_map`)."""
+    tree = params(model)
+    found = {**_static_layouts(model, tree), **dict(layouts or {})}
+    linen, rename = _linen_form(tree)
+    to_linen = {v: k for k, v in rename.items()}
+    nodes = dict(iter_modules(linen, leaves=None))
+    flattened: dict[str, tuple[str, Layout]] = {}
+    flat_weights: dict[str, dict[str, Any]] = {}
+    for target, layout in found.items():
+        name = layout.weight or "kernel"
+        module_path = target[:-len(name) - 1] if target.endswith(f".{name}") else target
+        at = to_linen.get(module_path, module_path)
+        node = nodes.get(at)
+        if layout.error or node is None or name not in node or \
+                _as_linear_layout(layout, name, node[name].ndim) is None:
+            continue
+        if name != "kernel" and "kernel" in node:
+            raise ValueError(f"{module_path!r} holds both 'kernel' and the adapted {name!r}; "
+                             "peft's files name one weight per module")
+        flattened[at] = (name, layout)
+        flat_weights[at] = {"kernel": layout.to_canonical(node[name])}
+    flat = with_leaves(without_leaves(linen, {(p, n) for p, (n, _) in flattened.items()}),
+                       flat_weights)
+    loaded, config = peft_io.load_peft(path, flat, **kwargs)
+    _adapt(model, _from_linear(loaded, linen, flattened), rngs, rename)
+    return config

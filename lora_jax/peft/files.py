@@ -1,0 +1,830 @@
+"""Read and write peft LoRA adapters (`adapter_model.safetensors` + `adapter_config.json`).
+
+`save_peft` writes what peft 0.21's `save_pretrained` writes for the same model and config, so
+`PeftModel.from_pretrained(hf_model, path)` loads it; `load_peft` puts a peft adapter onto a base
+params tree and returns the `LoraConfig` to `wrap` / `merge` it with.
+
+    save_peft("out/adapter", params, config, model_type="gpt2")
+    params, config = load_peft("out/adapter", base_params, model_type="gpt2")
+    logits = lora_jax.wrap(model.apply, config)({"params": params}, input_ids)
+
+Paths. peft names a module by its PyTorch path, e.g. `transformer.h.0.attn.c_attn`; the
+reference models (`lora_jax.models`) use the same path with list elements named `h_0`, or one
+scanned module `transformer.h` whose leaves carry a leading layer axis. The layer lists
+("stacks") come from `model_type` (its `LAYER_STACKS`) or `stacks=`; without either they are
+inferred from sibling keys `x_0 ... x_{n-1}` (unscanned trees only). Scanned stacks are split
+into per-layer tensors on save and stacked on load. For another naming, pass `path_map`: a dict
+or a function from the Flax module path (scanned stacks already expanded to `h_<i>`) to the
+PyTorch module path.
+
+Layouts. lora_jax's A [in, r] / B [r, out] are peft's `lora_A.weight` [r, in] / `lora_B.weight`
+[out, r] transposed; Embed's A [V, r] / B [r, D] are `lora_embedding_A` [r, V] /
+`lora_embedding_B` [D, r] transposed. Only Dense and Embed layers are supported (a
+DenseGeneral/Conv kernel would need torch's layout). Weights of `modules_to_save` are
+transposed to torch's [out, in] unless `fan_in_fan_out` (GPT-2's Conv1D, [in, out] already).
+
+Config. target_modules, exclude_modules, layers_to_transform/pattern and rank/alpha_pattern are
+written as given when, matched against the PyTorch paths, they select exactly the adapted modules
+with their ranks and alphas; otherwise (e.g. a regex written for a scanned Flax path) they are
+written as explicit module paths. `load_peft` does the same in the other direction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.factors import Layout
+from lora_jax.core.inject import find_targets, per_layer
+from lora_jax.core.record import LoraRecord, factor_names, is_factor, magnitude_name, scale_name
+from lora_jax.core.saved import is_original, keep_originals
+from lora_jax.core.targets import (
+    PATH_ALIASES,
+    hf_module_parts,
+    iter_modules,
+    saved_name_match,
+    with_leaves,
+)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.2"  # the peft release whose file format is written and checked
+
+PathMap = Callable[[str], "str | None"] | Mapping[str, str]
+
+# peft 0.21.2 `LoraConfig().to_dict()` with save_pretrained's `inference_mode: true`. The fields
+# lora_jax has are overwritten from the LoraConfig; the others must stay at these values on load.
+_PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
+    "auto_mapping": None, "base_model_name_or_path": None, "bias": "none", "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
+    "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+    "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False,
+    "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
+    "peft_type": "LORA", "peft_version": PEFT_VERSION, "qalora_group_size": 16, "r": 8,
+    "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
+    "task_type": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+_OUR_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
+               "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+               "layers_pattern", "init_lora_weights", "modules_to_save", "use_dora")
+# Fields that only describe the file or the base model: any value is fine on load.
+_INFORMATIONAL = ("auto_mapping", "base_model_name_or_path", "fan_in_fan_out", "inference_mode",
+                  "peft_type", "peft_version", "revision", "task_type", "megatron_core",
+                  "qalora_group_size", "ensure_weight_tying", "eva_config", "corda_config",
+                  "lora_ga_config", "loftq_config")
+# init_lora_weights values whose adapters were trained against unmodified base weights.
+_PLAIN_INITS = {True: True, False: False, "gaussian": "gaussian", "eva": True,
+                "orthogonal": True}
+# The heads peft's task models add to modules_to_save when saving (peft_model.py).
+_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+               "QUESTION_ANS": ["qa_outputs"]}
+_FACTOR_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
+                    ".lora_embedding_A": "lora_embedding_A",
+                    ".lora_embedding_B": "lora_embedding_B",
+                    ".lora_magnitude_vector": "lora_magnitude_vector"}
+_WEIGHT_LEAVES = ("kernel", "embedding", "scale")
+_LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
+
+
+# --- module paths ---------------------------------------------------------------------------------
+
+def _leaves(node: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in node.items() if not isinstance(v, Mapping | LoraRecord)}
+
+
+def _record(node: Mapping[str, Any], where: str) -> LoraRecord | None:
+    """The record of the module's adapted kernel or embedding; raises for weights peft's files
+    cannot name."""
+    records = [v for v in node.values() if isinstance(v, LoraRecord)]
+    for record in records:
+        if record.weight not in ("kernel", "embedding") or record.materialised:
+            raise ValueError(
+                f"{where}: the adapted weight {record.weight!r} (rule {record.layout.rule}) has "
+                "no peft file format; peft interop covers Dense-like kernels and Embed tables"
+            )
+    return records[0] if records else None
+
+
+def _infer_stacks(params: Mapping[str, Any], plain: str = "") -> tuple[str, ...]:
+    """Stack paths from sibling keys `x_0 ... x_{n-1}` (GPT-2's `ln_1, ln_2` are no list)."""
+    indices: dict[str, list[int]] = {}
+    for key in params:
+        if (m := _LIST_ELEMENT.fullmatch(key)) and isinstance(params[key], Mapping):
+            indices.setdefault(m[1], []).append(int(m[2]))
+    lists = {b for b, found in indices.items() if sorted(found) == list(range(len(found)))}
+    out = tuple(f"{plain}.{b}" if plain else b for b in sorted(lists))
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            m = _LIST_ELEMENT.fullmatch(key)
+            name = m[1] if m and m[1] in lists else key
+            out += _infer_stacks(value, f"{plain}.{name}" if plain else name)
+    return tuple(dict.fromkeys(out))
+
+
+def _walk(path: str, stacks: Sequence[str]) -> tuple[list[str], int | None]:
+    """The PyTorch components of a Flax path (list elements `h_0` -> `h`, `0`) and the index of
+    the Flax component naming a scanned stack (a stack's name without an index), if any."""
+    out, scanned = hf_module_parts(path, stacks)
+    if len(scanned) > 1:
+        raise ValueError(f"{path!r} lies in two scanned stacks; peft interop supports one")
+    return out, scanned[0] if scanned else None
+
+
+class _Slot:
+    """One PyTorch module: where it lives in the Flax tree (and at which layer if scanned)."""
+
+    def __init__(self, flax_path: str, layer: int | None, node: Mapping[str, Any]) -> None:
+        self.flax_path, self.layer, self.node = flax_path, layer, node
+
+    def leaf(self, name: str) -> Any:
+        value = self.node[name]
+        return value if self.layer is None else value[self.layer]
+
+
+def _slot_values(record: LoraRecord, slot: _Slot) -> tuple[int, float]:
+    """(rank, scale) of one module: a scanned stack's layer may have its own (the record's
+    `ranks`, the array scale beside the factors)."""
+    rank = record.rank if record.ranks is None or slot.layer is None else \
+        record.ranks[slot.layer]
+    if record.scale is not None:
+        return rank, record.scale
+    return rank, float(np.asarray(slot.leaf(scale_name(record.weight))))
+
+
+def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
+           path_map: PathMap | None) -> dict[str, _Slot]:
+    """{PyTorch module path: slot} for every module of the Flax tree that holds arrays."""
+    stacks = tuple(stacks) if stacks is not None else _infer_stacks(params)
+    index: dict[str, _Slot] = {}
+    for flax_path, node in iter_modules(params, leaves=None):
+        _, scanned = _walk(flax_path, stacks)
+        if scanned is None:
+            layers: list[int | None] = [None]
+        else:
+            layers = list(range(next(iter(_leaves(node).values())).shape[0]))
+        for layer in layers:
+            # The Flax path in unscanned form (`h` -> `h_<i>`) and its PyTorch path.
+            flax_form = flax_path.split(".")
+            if layer is not None:
+                flax_form[scanned] += f"_{layer}"
+            flax_form_path = ".".join(flax_form)
+            if path_map is None and flax_form_path in PATH_ALIASES:
+                torch_path = PATH_ALIASES[flax_form_path]
+            elif path_map is None:
+                torch_path = ".".join(_walk(flax_form_path, stacks)[0])
+            elif isinstance(path_map, Mapping):
+                torch_path = path_map.get(flax_form_path)
+            else:
+                torch_path = path_map(flax_form_path)
+            if torch_path is None:
+                continue
+            if torch_path in index:
+                raise ValueError(
+                    f"two Flax modules map to the PyTorch path {torch_path!r}: "
+                    f"{index[torch_path].flax_path!r} and {flax_path!r}; fix path_map/stacks"
+                )
+            index[torch_path] = _Slot(flax_path, layer, node)
+    return index
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What peft io needs to know of an architecture (supplied by `lora_jax.models`, or by a
+    user for their own): its layer stacks, whether its PyTorch weights are `[in, out]`
+    (`fan_in_fan_out`, GPT-2's Conv1D) and the transformers class peft records."""
+
+    stacks: tuple[str, ...]
+    fan_in_fan_out: bool = False
+    base_model_class: str | None = None
+    parent_library: str | None = None
+    # {module: why}: modules whose peft adapter the PyTorch model never calls (T5's `shared`
+    # with transformers 5 looks up through `encoder/decoder.embed_tokens`).
+    peft_unused: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+_ARCHITECTURES: dict[str, Callable[[], Architecture]] = {}
+
+
+def register_architecture(model_type: str, facts: Architecture | Callable[[], Architecture]
+                          ) -> None:
+    """Make `model_type=` name an architecture in `save_peft` / `load_peft` (facts may be a
+    function, called on first use)."""
+    _ARCHITECTURES[model_type] = facts if callable(facts) else (lambda: facts)
+
+
+def _architecture(model_type: str | None) -> Architecture | None:
+    if model_type is None:
+        return None
+    if model_type not in _ARCHITECTURES:
+        raise ValueError(
+            f"unknown model_type {model_type!r}: import lora_jax.models (which registers "
+            f"gpt2, bert, llama, bloom and t5), call lora_jax.peft.files.register_architecture, "
+            "or pass stacks= and fan_in_fan_out= instead"
+        )
+    return _ARCHITECTURES[model_type]()
+
+
+def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str,
+                 index: Mapping[str, _Slot] | None = None,
+                 modules_to_save: Sequence[str] | None = None) -> None:
+    """Warn when an adapted module, or a module in modules_to_save, is one that peft's model
+    never calls (see Architecture)."""
+    arch = _architecture(model_type)
+    unused = set(arch.peft_unused if arch else ())
+    for path in sorted(set(adapted) & unused):
+        warnings.warn(
+            f"{what}: {path!r} is adapted, but peft with transformers 5 never applies an adapter "
+            f"on it ({arch.peft_unused[path]}): peft's logits stay the base model's. lora_jax "
+            "applies it to the lookups, as a LoRA on this module is meant to", stacklevel=3)
+    saved = {p for p in index or {} if _saved_root(p, modules_to_save) is not None}
+    for path in sorted(saved & unused):
+        warnings.warn(
+            f"{what}: {path!r} is in modules_to_save, but peft with transformers 5 never calls its "
+            f"trained copy ({arch.peft_unused[path]}): peft's logits stay the base model's. "
+            "lora_jax's lookups use the trained table (its tied head keeps the original, as in "
+            "peft)", stacklevel=3)
+
+
+def _resolve_stacks(model_type: str | None, stacks: Sequence[str] | None) -> tuple[str, ...] | None:
+    if stacks is not None:
+        return tuple(stacks)
+    arch = _architecture(model_type)
+    return None if arch is None else arch.stacks
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def _shape_tree(index: Mapping[str, _Slot]) -> tuple[dict[str, Any], dict[str, Layout]]:
+    """A tree keyed by PyTorch paths holding each module's weight shape (per layer), with
+    layouts, so `find_targets` applies peft's matching rules to the PyTorch names."""
+    tree: dict[str, Any] = {}
+    layouts = {}
+    for path, slot in index.items():
+        names = [n for n in ("kernel", "embedding") if n in slot.node]
+        if not names:
+            continue
+        weight = slot.leaf(names[0])
+        node = tree
+        for part in path.split("."):
+            node = node.setdefault(part, {})
+        node[names[0]] = jax.ShapeDtypeStruct(weight.shape, weight.dtype)
+        kind = "embed" if names[0] == "embedding" else "dense"
+        layouts[path] = Layout(kind) if weight.ndim == 2 else Layout(kind, n_in=weight.ndim - 1)
+    return tree, layouts
+
+
+def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
+              peft_quirks: bool = False) -> set[str] | None:
+    """The modules `config` targets in `tree` (peft's rules), or None if it targets none.
+
+    modules_to_save names absent from the model are dropped first: peft's task models add
+    both "classifier" and "score", and a model has at most one of them.
+    """
+    if config.modules_to_save:
+        present = [m for m in config.modules_to_save
+                   if any(_saved_root(p, [m]) for p, _ in iter_modules(tree, leaves=None))]
+        config = LoraConfig.from_dict({**config.to_dict(), "modules_to_save": present or None})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return set(find_targets(tree, config, layouts, peft_quirks=peft_quirks))
+    except ValueError:
+        return None
+
+
+def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
+              adapted: Mapping[str, tuple[int, float] | None], *, for_peft: bool = False
+              ) -> LoraConfig:
+    """`config`, or a copy with explicit paths, such that matching it against the paths of `tree`
+    selects exactly the `adapted` modules ({path: (rank, alpha)}) with their ranks and alphas
+    (`for_peft`: as peft's code selects, full names skipping layers_to_transform)."""
+    fields = config.to_dict()
+    if _selected(config, tree, layouts) != set(adapted) or for_peft and _selected(
+            config, tree, layouts, peft_quirks=True) != set(adapted):
+        fields.update(target_modules=sorted(adapted), exclude_modules=None,
+                      layers_to_transform=None, layers_pattern=None)
+    # The file lists the patterns with sorted keys (json sort_keys, as peft writes it), and
+    # peft takes the first key that matches: check them in that order too.
+    read_back = LoraConfig.from_dict({**config.to_dict(),
+                                      "rank_pattern": dict(sorted(config.rank_pattern.items())),
+                                      "alpha_pattern": dict(sorted(config.alpha_pattern.items()))})
+    # A stack with per-layer values (None) keeps the patterns that gave them.
+    given = {p: v for p, v in adapted.items() if v is not None}
+    for name, value_of in (("rank_pattern", 0), ("alpha_pattern", 1)):
+        getters = [getattr(c, "rank" if value_of == 0 else "alpha") for c in (config, read_back)]
+        if any(getter(p) != v[value_of] for p, v in given.items() for getter in getters):
+            default = config.r if name == "rank_pattern" else config.lora_alpha
+            fields[name] = {re.escape(p): v[value_of] for p, v in sorted(given.items())
+                            if v[value_of] != default}
+    return LoraConfig.from_dict(fields)
+
+
+def _peft_fields(config: LoraConfig, *, fan_in_fan_out: bool, task_type: str | None,
+                 base_model_name_or_path: str | None, auto_mapping: dict | None
+                 ) -> dict[str, Any]:
+    fields = dict(_PEFT_DEFAULTS)
+    fields.update({k: v for k, v in config.to_dict().items() if k in _OUR_FIELDS})
+    heads = _TASK_HEADS.get(task_type or "", [])
+    if heads:
+        fields["modules_to_save"] = list(fields["modules_to_save"] or []) + heads
+    if isinstance(fields["layers_to_transform"], int):
+        fields["layers_to_transform"] = [fields["layers_to_transform"]]
+    fields.update(fan_in_fan_out=fan_in_fan_out, task_type=task_type,
+                  base_model_name_or_path=base_model_name_or_path, auto_mapping=auto_mapping)
+    return fields
+
+
+def _config_from_peft(fields: Mapping[str, Any], where: str) -> LoraConfig:
+    """Our LoraConfig from an adapter_config.json dict; raises on what lora_jax cannot apply."""
+    if fields.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type is {fields.get('peft_type')!r}; lora_jax loads "
+                         "LoRA adapters only (peft_type 'LORA')")
+    for name, value in fields.items():
+        if name in _OUR_FIELDS or name in _INFORMATIONAL:
+            continue
+        default = _PEFT_DEFAULTS.get(name)
+        if value != default and value not in (None, False, {}, []):
+            raise ValueError(
+                f"{where}: {name}={value!r} is not supported by lora_jax (it changes the "
+                f"adapter's math or format; only {name}={default!r} loads)"
+            )
+    init = fields.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise ValueError(
+            f"{where}: init_lora_weights={init!r} trains against modified base weights, so the "
+            "adapter does not apply to the original model; convert it with peft's "
+            "save_pretrained(path_initial_model_for_weight_conversion=...) first"
+        )
+    ours = {k: fields[k] for k in _OUR_FIELDS if k in fields}
+    ours["init_lora_weights"] = _PLAIN_INITS[init]
+    if ours.get("modules_to_save"):
+        ours["modules_to_save"] = list(dict.fromkeys(ours["modules_to_save"]))
+    try:
+        return LoraConfig.from_dict(ours)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: invalid LoRA config: {e}") from e
+
+
+# --- save -----------------------------------------------------------------------------------------
+
+def _torch_weight(name: str, value: Any, fan_in_fan_out: bool, key: str) -> np.ndarray:
+    value = np.asarray(value)
+    if name == "kernel":
+        if value.ndim != 2:
+            raise ValueError(f"{key}: a kernel of shape {value.shape} has no PyTorch Linear "
+                             "layout; peft interop supports Dense (2-D) kernels only")
+        return value if fan_in_fan_out else value.T
+    return value
+
+
+def _saved_modules(modules_to_save: Sequence[str] | None, paths: Mapping[str, str]
+                   ) -> list[str] | None:
+    """`modules_to_save` for the other naming: `paths` maps each module's name in the other
+    naming to its name in ours. Kept as is if it selects the same modules there, else the
+    explicit names of the selected modules."""
+    if not modules_to_save:
+        return modules_to_save
+    ours = {other for other, path in paths.items() if _saved_root(path, modules_to_save)}
+    theirs = {other for other in paths if _saved_root(other, modules_to_save)}
+    return list(modules_to_save) if ours == theirs else sorted(ours)
+
+
+def _saved_root(path: str, modules_to_save: Sequence[str] | None) -> str | None:
+    """The outermost module on `path` that `modules_to_save` names (peft: its name ends with an
+    entry), if any."""
+    if not modules_to_save:
+        return None
+    parts = path.split(".")
+    for n in range(1, len(parts) + 1):
+        if saved_name_match(list(modules_to_save), ".".join(parts[:n])):
+            return ".".join(parts[:n])
+    return None
+
+
+def save_peft(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: LoraConfig,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    *,
+    model_type: str | None = None,
+    stacks: Sequence[str] | None = None,
+    path_map: PathMap | None = None,
+    fan_in_fan_out: bool | None = None,
+    base_model_class: str | None = None,
+    initial_params: Mapping[str, Any] | None = None,
+) -> None:
+    """Write `params`' adapter as peft's `adapter_model.safetensors` + `adapter_config.json`.
+
+    `model_type` (a `lora_jax.models` architecture, e.g. "gpt2") gives the layer stacks and
+    `fan_in_fan_out`; `task_type` is peft's (e.g. "CAUSAL_LM", "SEQ_CLS"). Factors keep their
+    dtype. Without `task_type`, peft records `auto_mapping` from `base_model_class` (default:
+    the architecture's first `HF_CLASSES` entry). For an adapter that started from PiSSA /
+    OLoRA, `initial_params` (the params right after `inject`) converts it to a plain LoRA of the
+    original base (`lora_jax.core.convert.to_plain_lora`), as peft's
+    `path_initial_model_for_weight_conversion` does; without it the file needs the residual base.
+
+        save_peft("adapter", params, config, model_type="gpt2")
+    """
+    if initial_params is not None:
+        from lora_jax.core.convert import to_plain_lora
+
+        params, config = to_plain_lora(params, initial_params, config)
+    stacks = _resolve_stacks(model_type, stacks)
+    if fan_in_fan_out is None:
+        fan_in_fan_out = bool(model_type) and _architecture(model_type).fan_in_fan_out
+    index = _index(params, stacks, path_map)
+    saved_modules = _saved_modules(config.modules_to_save, {p: s.flax_path for p, s in
+                                                            index.items()})
+    tensors: dict[str, np.ndarray] = {}
+    adapted: dict[str, tuple[int, float]] = {}
+    mapped: set[str] = set()
+    for torch_path, slot in index.items():
+        node, key = slot.node, PREFIX + torch_path
+        mapped.add(slot.flax_path)
+        record = _record(node, slot.flax_path)
+        # A layer of a scanned stack that the record leaves out holds zero factors: not adapted.
+        has = record is not None and (slot.layer is None or record.layers is None
+                                      or slot.layer in record.layers)
+        if has:
+            weight = slot.leaf(record.weight)
+            if weight.ndim != 2:
+                raise ValueError(
+                    f"{slot.flax_path!r}: a weight of shape {tuple(weight.shape)} per layer has no "
+                    "PyTorch Linear/Embedding layout; peft interop supports nn.Dense and nn.Embed "
+                    "(pass model_type/stacks if this is a scanned stack)"
+                )
+            r, scale = _slot_values(record, slot)
+            # A layer of a stack with per-layer ranks: its own rank, without the padding.
+            a, b = (np.asarray(slot.leaf(n)) for n in record.names)
+            a, b = a[:, :r], b[:r]
+            suffix = (".lora_embedding_A", ".lora_embedding_B") if record.weight == "embedding" \
+                else (".lora_A.weight", ".lora_B.weight")
+            tensors[key + suffix[0]] = a.T
+            tensors[key + suffix[1]] = b.T
+            if record.variant == "dora":
+                tensors[key + ".lora_magnitude_vector"] = np.asarray(
+                    slot.leaf(magnitude_name(record.weight)))
+            # alpha from the record's scale: the value the factors were trained with.
+            alpha = scale * (r ** 0.5 if config.use_rslora else r)
+            given = config.alpha(torch_path)
+            adapted[torch_path] = (r, given if abs(given - alpha) <= 1e-9 * abs(alpha)
+                                   else alpha)
+        root = _saved_root(torch_path, saved_modules)
+        for name, value in _leaves(node).items():
+            if is_factor(name) or is_original(name):
+                continue
+            value = value if slot.layer is None else value[slot.layer]
+            if root is not None:
+                if name not in (*_WEIGHT_LEAVES, "bias"):
+                    raise ValueError(f"{key}.{name}: leaf {name!r} of a module in "
+                                     "modules_to_save has no PyTorch name")
+                hf = "bias" if name == "bias" else "weight"
+                tensors[f"{key}.{hf}"] = _torch_weight(name, value, fan_in_fan_out, key)
+                if name == "bias" and config.bias == "all":
+                    rest = torch_path[len(root) + 1:]
+                    parts = (root, "modules_to_save", rest, "bias")
+                    tensors[PREFIX + ".".join(p for p in parts if p)] = np.asarray(value)
+            elif name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and has)):
+                tensors[key + (".base_layer.bias" if has else ".bias")] = np.asarray(value)
+    unmapped = [p for p, node in iter_modules(params, leaves=None) if p not in mapped
+                and any(is_factor(n) for n in node)]
+    if unmapped:
+        raise ValueError(f"save_peft: path_map gives no PyTorch path for the adapted modules "
+                         f"{unmapped}")
+    if not adapted:
+        raise ValueError("save_peft: the params hold no LoRA factors (was inject applied?)")
+    _warn_unused(model_type, list(adapted), "save_peft", index, saved_modules)
+    tree, layouts = _shape_tree(index)
+    torch_config = _agreeing(config, tree, layouts, adapted, for_peft=True)
+    if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
+        torch_config = LoraConfig.from_dict({**torch_config.to_dict(),
+                                             "modules_to_save": saved_modules})
+    auto_mapping = None
+    if task_type is None and model_type is not None:
+        arch = _architecture(model_type)
+        auto_mapping = {"base_model_class": base_model_class or arch.base_model_class,
+                        "parent_library": arch.parent_library}
+    fields = _peft_fields(torch_config, fan_in_fan_out=fan_in_fan_out, task_type=task_type,
+                          base_model_name_or_path=base_model_name_or_path,
+                          auto_mapping=auto_mapping)
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    # safetensors writes an array's buffer as is: transposed views must be made contiguous.
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        f.write(json.dumps(fields, indent=2, sort_keys=True))
+
+
+# --- load -----------------------------------------------------------------------------------------
+
+def _unknown_module(key: str, torch_path: str, index: Mapping[str, _Slot]) -> ValueError:
+    close = difflib.get_close_matches(torch_path, list(index), n=3)
+    return ValueError(
+        f"load_peft: {key!r} names the module {torch_path!r}, which is not in the params tree"
+        + (f"; closest: {close}" if close else "")
+        + ". Pass model_type=, stacks= or path_map= if the model names its modules differently"
+    )
+
+
+def _parse_key(key: str, config: LoraConfig) -> tuple[str, str, str] | None:
+    """(kind, PyTorch module path, leaf) of a file key; None for a key to skip.
+
+    kind: "factor" (leaf lora_A/...), "bias" (an adapted or plain module's bias) or "saved"
+    (a leaf of a module in modules_to_save).
+    """
+    if not key.startswith(PREFIX):
+        raise ValueError(f"load_peft: key {key!r} does not start with {PREFIX!r}; is this a "
+                         "peft LoRA adapter?")
+    name = key[len(PREFIX):]
+    for suffix, leaf in _FACTOR_SUFFIXES.items():
+        if name.endswith(suffix):
+            return "factor", name[: -len(suffix)], leaf
+    module, _, leaf = name.rpartition(".")
+    parts = module.split(".")
+    for marker in ("modules_to_save", "original_module"):
+        if marker in parts:
+            at = parts.index(marker)
+            root = ".".join(parts[:at])
+            if _saved_root(root, config.modules_to_save) != root:
+                raise ValueError(f"load_peft: {key!r}: {root!r} is not in modules_to_save")
+            if marker == "original_module":
+                return None  # the frozen original, which the base tree holds
+            # peft keeps the adapter name after the marker in some keys (bias="all" collects
+            # every bias, `pooler.modules_to_save.default.dense.bias`).
+            skip = 2 if at + 1 < len(parts) and parts[at + 1] == "default" else 1
+            module = ".".join(parts[:at] + parts[at + skip:])
+    if leaf == "weight" and module.endswith(".base_layer"):
+        # peft saves the base weight of a targeted embedding / lm_head (its
+        # save_embedding_layers="auto", in case the vocabulary was resized): the base tree holds
+        # it already.
+        return "base", module[: -len(".base_layer")], "weight"
+    if _saved_root(module, config.modules_to_save) is not None:
+        return "saved", module, leaf
+    if leaf == "bias" and module.endswith(".base_layer"):
+        return "bias", module[: -len(".base_layer")], "bias"
+    if leaf == "bias":
+        return "bias", module, "bias"
+    raise ValueError(f"load_peft: {key!r} is not a LoRA factor, a bias or a modules_to_save "
+                     "weight; lora_jax cannot place it")
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    config_file, weights_file = (os.path.join(path, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
+    for file in (config_file, weights_file):
+        if not os.path.isfile(file):
+            raise ValueError(f"load_peft: no {file!r} (lora_jax reads peft's safetensors "
+                             "adapters: adapter_config.json + adapter_model.safetensors)")
+    with open(config_file) as f:
+        fields = json.load(f)
+    from safetensors.numpy import load_file
+
+    return fields, load_file(weights_file)
+
+
+def load_peft(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    *,
+    model_type: str | None = None,
+    stacks: Sequence[str] | None = None,
+    path_map: PathMap | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> tuple[dict[str, Any], LoraConfig]:
+    """(params with the adapter, its LoraConfig) from a peft adapter directory.
+
+    The factors are cast to `dtype` (float32 by default, so bfloat16 adapters load too);
+    biases and modules_to_save weights to the dtype of the leaf they replace. Every tensor is
+    checked (names, shapes, ranks, the config's targets) before the new tree is built, so a bad
+    adapter raises a ValueError naming the key and `params` is never modified.
+
+        params, config = load_peft("adapter", base_params, model_type="gpt2")
+    """
+    fields, tensors = _read(path)
+    where = f"load_peft({os.fspath(path)!r})"
+    config = _config_from_peft(fields, where)
+    fan_in_fan_out = bool(fields.get("fan_in_fan_out", False))
+    index = _index(params, _resolve_stacks(model_type, stacks), path_map)
+
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    updates: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
+    for key in sorted(tensors):
+        parsed = _parse_key(key, config)
+        if parsed is None:
+            continue
+        kind, torch_path, leaf = parsed
+        if torch_path not in index:
+            raise _unknown_module(key, torch_path, index)
+        slot = index[torch_path]
+        value = tensors[key]
+        if kind == "factor":
+            factors.setdefault(torch_path, {})[leaf] = value
+            continue
+        if kind == "base":
+            names = [n for n in _WEIGHT_LEAVES if n in slot.node]
+            base = np.asarray(slot.leaf(names[0])) if names else None
+            if names == ["kernel"] and not fan_in_fan_out:
+                base = base.T
+            if base is None or base.shape != value.shape or not np.allclose(
+                    base, value, rtol=1e-5, atol=1e-6):
+                raise ValueError(f"{where}: {key!r} is a base weight saved with the adapter "
+                                 f"(peft's save_embedding_layers) that differs from "
+                                 f"{slot.flax_path!r} in the params tree (a resized vocabulary?)")
+            continue
+        if kind == "bias" and config.bias == "none":
+            raise ValueError(f"{where}: {key!r} is a bias but the adapter's bias is 'none'")
+        names = ["bias"] if leaf == "bias" else [n for n in _WEIGHT_LEAVES if n in slot.node]
+        if leaf not in ("weight", "bias") or not names or names[0] not in slot.node:
+            raise ValueError(f"{where}: {key!r} has no matching leaf in {slot.flax_path!r} "
+                             f"(leaves: {sorted(_leaves(slot.node))})")
+        name = names[0]
+        if name == "kernel" and not fan_in_fan_out:
+            value = value.T
+        base = slot.leaf(name)
+        if tuple(value.shape) != tuple(base.shape):
+            raise ValueError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but "
+                             f"{slot.flax_path}.{name} is {tuple(base.shape)} per layer")
+        previous = updates.setdefault((slot.flax_path, slot.layer), {}).get(name)
+        if previous is not None and not np.array_equal(previous, value):
+            raise ValueError(f"{where}: {key!r} disagrees with another copy of the same tensor")
+        updates[(slot.flax_path, slot.layer)][name] = value
+
+    tree, torch_layouts = _shape_tree(index)
+    expected = _selected(config, tree, torch_layouts)
+    quirky = _selected(config, tree, torch_layouts, peft_quirks=True)
+    if quirky is not None and quirky != expected and set(factors) == quirky:
+        # peft's code lets a module named in full skip layers_to_transform (its docs say the
+        # filter applies); the file follows peft's code: load what it holds.
+        warnings.warn(
+            f"{where}: target_modules names modules in full that layers_to_transform leaves out "
+            f"({sorted(quirky - (expected or set()))[:5]}); peft adapts them anyway (against its "
+            "docs) and so does this file: loading them, the returned config names the adapted "
+            "modules explicitly", stacklevel=2)
+        expected = quirky
+    if expected is None:
+        raise ValueError(f"{where}: target_modules={config.target_modules!r} matches no module "
+                         f"of the params tree (PyTorch paths: {sorted(tree)[:5]}...)")
+    for torch_path in sorted(expected | set(factors)):
+        slot, found = index[torch_path], factors.get(torch_path, {})
+        embed = "embedding" in slot.node
+        names = factor_names("embedding" if embed else "kernel")[:2]
+        keys = [PREFIX + torch_path + s for s, n in _FACTOR_SUFFIXES.items() if n in names]
+        if torch_path not in expected:
+            raise ValueError(f"{where}: {keys[0]!r} adapts {torch_path!r}, which the adapter's "
+                             f"target_modules={config.target_modules!r} does not select")
+        for k, n in zip(keys, names, strict=True):
+            if n not in found:
+                raise ValueError(f"{where}: missing key {k!r} (the config targets {torch_path!r})")
+        weight = slot.leaf("embedding" if embed else "kernel")
+        a, b = found[names[0]].T, found[names[1]].T
+        if weight.ndim != 2:
+            raise ValueError(f"{where}: {keys[0]!r}: {slot.flax_path!r} has a weight of shape "
+                             f"{tuple(weight.shape)}; peft interop supports nn.Dense and nn.Embed")
+        # The weight's (in, out) as its layout reads it (a FlaxConv1D kernel is [out, in]).
+        layout = (layouts or {}).get(slot.flax_path) or Layout("dense")
+        _, (fan_in,), (fan_out,) = dataclasses.replace(layout, stacked=0).split(weight.shape)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] \
+                or (a.shape[0], b.shape[1]) != (fan_in, fan_out):
+            raise ValueError(
+                f"{where}: {keys[0]!r} {tuple(found[names[0]].shape)} and {keys[1]!r} "
+                f"{tuple(found[names[1]].shape)} do not fit {slot.flax_path!r} of shape "
+                f"{tuple(weight.shape)} (expected [r, {fan_in}] and [{fan_out}, r]"
+                + ("" if layouts else "; pass layouts=lora_jax.layouts(model, ...) if its kernel "
+                   "is not [in, out]") + ")"
+            )
+        magnitude = found.get("lora_magnitude_vector")
+        if (magnitude is not None) != config.use_dora:
+            raise ValueError(
+                f"{where}: {torch_path!r} " + ("has a DoRA magnitude (lora_magnitude_vector) "
+                                               "but the config's use_dora is false" if
+                                               magnitude is not None else
+                                               "has no lora_magnitude_vector but use_dora is true"))
+        if magnitude is not None and magnitude.shape != (fan_out,):
+            raise ValueError(f"{where}: {torch_path}.lora_magnitude_vector has shape "
+                             f"{magnitude.shape}, expected ({fan_out},)")
+        if a.shape[1] != config.rank(torch_path):
+            raise ValueError(f"{where}: {keys[0]!r} has rank {a.shape[1]}, but the config gives "
+                             f"{torch_path!r} r={config.rank(torch_path)}")
+        updates.setdefault((slot.flax_path, slot.layer), {}).update(
+            {names[0]: a, names[1]: b, "_torch_path": torch_path})
+        if magnitude is not None:
+            updates[(slot.flax_path, slot.layer)]["lora_magnitude_vector"] = magnitude
+    for slot in index.values():
+        if any(is_factor(n) for n in slot.node):
+            raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
+                             "the base params (or merge first)")
+    _warn_unused(model_type, list(factors), where, index, config.modules_to_save)
+    new_params, adapted = _build(params, index, updates, config, dtype, where, layouts)
+    # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
+    flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",
+                                        stacked=int(s.layer is not None),
+                                        n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
+                    for s in index.values() if "kernel" in s.node or "embedding" in s.node}
+    result = _agreeing(config, new_params, flax_layouts, adapted)
+    saved = _saved_modules(config.modules_to_save, {s.flax_path: p for p, s in index.items()})
+    if tuple(saved or ()) != tuple(config.modules_to_save or ()):
+        result = LoraConfig.from_dict({**result.to_dict(), "modules_to_save": saved})
+    return keep_originals(new_params, result, base=params), result
+
+
+def _weight_name(node: Mapping[str, Any]) -> str:
+    return "embedding" if "embedding" in node else "kernel"
+
+
+def _rank(leaves: Mapping[str, Any]) -> int:
+    """The rank of the factors among a module's new leaves (A's last axis, after transposing)."""
+    return leaves["lora_embedding_A" if "lora_embedding_A" in leaves else "lora_A"].shape[-1]
+
+
+def _padded(value: np.ndarray, name: str, rank: int) -> np.ndarray:
+    """A layer's factor padded with zeros to the stack's rank (A [in, r] on its last axis,
+    B [r, out] on its first); other leaves as they are."""
+    if not is_factor(name) or name.endswith("magnitude_vector") or not rank:
+        return value
+    axis = value.ndim - 1 if name.endswith("_A") else 0
+    widths = [(0, 0)] * value.ndim
+    widths[axis] = (0, rank - value.shape[axis])
+    return np.pad(value, widths)
+
+
+def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
+           updates: Mapping[tuple[str, int | None], dict[str, Any]], config: LoraConfig,
+           dtype: jnp.dtype, where: str, layouts: Mapping[str, Layout] | None
+           ) -> tuple[dict[str, Any], dict[str, tuple[int, float] | None]]:
+    """The new tree (per-layer updates stacked for scanned modules) and {flax path: (r, alpha)}."""
+    by_module: dict[str, dict[int | None, dict[str, Any]]] = {}
+    for (flax_path, layer), leaves in updates.items():
+        by_module.setdefault(flax_path, {})[layer] = leaves
+    nodes = {s.flax_path: s.node for s in index.values()}
+    new_leaves: dict[str, dict[str, Any]] = {}
+    adapted: dict[str, tuple[int, float] | None] = {}
+    for flax_path, layers in by_module.items():
+        node = nodes[flax_path]
+        # (rank, alpha) of each adapted layer, by peft's rules on its PyTorch path.
+        values = {i: (_rank(v), config.alpha(v["_torch_path"]))
+                  for i, v in layers.items() if "_torch_path" in v}
+        weight = _weight_name(node)
+        rank = max((r for r, _ in values.values()), default=0)
+        if values:
+            adapted[flax_path] = next(iter(values.values()))
+            scanned = None not in layers
+            # A scanned stack's layers may differ: ranks padded, scales as data.
+            found = per_layer({i: (r, alpha / (r ** 0.5 if config.use_rslora else r))
+                               for i, (r, alpha) in values.items()},
+                              len(node[weight]) if scanned else 0)
+            if found.ranks or found.scales:
+                adapted[flax_path] = None  # no one (rank, alpha): the file's patterns give them
+            layout = (layouts or {}).get(flax_path) or Layout(
+                "embed" if weight == "embedding" else "dense", stacked=int(scanned))
+            adapted_layers = tuple(sorted(i for i in values)) if scanned else None
+            if adapted_layers is not None and len(adapted_layers) == len(node[weight]):
+                adapted_layers = None
+            record = LoraRecord(weight, layout, rank, found.scale, config.lora_dropout,
+                                adapted_layers, "dora" if config.use_dora else "lora",
+                                ranks=found.ranks)
+        names = {k for v in layers.values() for k in v if k != "_torch_path"}
+        out = {}
+        for name in names:
+            target = dtype if is_factor(name) else node[name].dtype
+            if None in layers:
+                out[name] = jnp.asarray(layers[None][name], target)
+                continue
+            # A scanned module: layers absent from the file keep their base leaf, or get zero
+            # factors (layers outside layers_to_transform; a fixed point of training).
+            if is_factor(name) and name.endswith("magnitude_vector") and len(layers) < len(
+                    node[_weight_name(node)]):
+                raise ValueError(f"{where}: a DoRA adapter for only some layers of the scanned "
+                                 f"{flax_path!r}; load it onto unscanned params")
+            shape = _padded(next(v[name] for v in layers.values() if name in v), name,
+                            rank).shape
+            n = node[name].shape[0] if name in node else len(node[_weight_name(node)])
+            out[name] = jnp.asarray(np.stack([
+                _padded(layers[i][name], name, rank) if name in layers.get(i, {})
+                else (np.zeros(shape) if is_factor(name) else np.asarray(node[name][i]))
+                for i in range(n)]), target)
+        if values:
+            out[factor_names(record.weight)[2]] = record
+            if record.scale is None:
+                out[scale_name(record.weight)] = jnp.asarray(found.scales, jnp.float32)
+        new_leaves[flax_path] = out
+    return with_leaves(params, new_leaves), adapted

@@ -1,0 +1,1 @@
+"""Quantized frozen bases for QLoRA: NF4 and int8 (`quantize`), and GGML's block formats."""

@@ -1,0 +1,1 @@
+"""Training for the command line: the jitted loop, datasets and prompt-tuning."""

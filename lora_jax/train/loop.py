@@ -1,0 +1,306 @@
+"""The training loop behind `lora-jax finetune`: a jitted step over the trainable half of the
+params, evaluation, a tqdm progress bar, orbax checkpoints, and Ctrl-C that saves and stops.
+
+The loop is method-agnostic. A method is a `forward(params, batch, dropout_key) -> logits`
+(LoRA: `lora_jax.wrap(model.apply, config)`; prompt-tuning: `lora_jax.train.prompt_tuning.wrap`),
+a `LoraConfig` whose `split` picks the trainable leaves (LoRA factors, `modules_to_save`), and
+an optax transformation (`lora_jax.optimizer` for LoRA). Only the trainable half is
+differentiated, updated and checkpointed; the frozen half is an argument that is never written.
+
+Runs are reproducible step by step: batch `i` and its dropout key are pure functions of
+(seed, i), so a run resumed from the checkpoint of step k repeats the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_jax.core.config import LoraConfig
+from lora_jax.core.partition import combine
+from lora_jax.train.data import batch_indices
+
+Params = dict[str, Any]
+Batch = Mapping[str, Any]
+Forward = Callable[[Params, Batch, "jax.Array | None"], jax.Array]
+
+
+class Interrupted(Exception):
+    """Raised by `fit` after Ctrl-C, once the checkpoint of the last finished step is saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted after step {step}")
+        self.step = step
+
+
+class Diverged(Exception):
+    """Raised by `fit` when a step's loss (or the trained state) is not finite. Nothing after the
+    last finite step is checkpointed: `last_saved` is the newest checkpoint written by this call
+    or before it (`start_step` of a resumed run; None if there is none), `losses` the finite
+    losses from step 1 up to the bad step."""
+
+    def __init__(self, step: int, loss: float | None, last_saved: int | None,
+                 losses: list[float]) -> None:
+        what = (f"the loss of step {step} is {loss}" if loss is not None
+                else f"the trained parameters or optimizer state are not finite after step {step}")
+        super().__init__(f"training diverged: {what}")
+        self.step, self.loss, self.last_saved, self.losses = step, loss, last_saved, losses
+
+
+def _all_finite(tree: Any) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return all(bool(jnp.isfinite(x).all()) for x in leaves)
+
+
+def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Per-example (`classify`, logits [B, C]), per-next-token (`lm`, logits [B, T, V]) or
+    per-target-token (`seq2seq`: decoder logits [B, T, V] against `labels`) cross-entropies and
+    their weights (the attention mask for `lm`, `label_mask` for `seq2seq`)."""
+    logits = logits.astype(jnp.float32)
+    if task == "classify":
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return losses, jnp.ones_like(losses)
+    if task == "lm":
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1], batch["input_ids"][:, 1:])
+        return losses, batch["attention_mask"][:, 1:].astype(jnp.float32)
+    if task == "seq2seq":
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return losses, batch["label_mask"].astype(jnp.float32)
+    raise ValueError(f"unknown task {task!r}: use 'classify', 'lm' or 'seq2seq'")
+
+
+def task_loss(task: str, logits: jax.Array, batch: Batch) -> jax.Array:
+    """Mean cross-entropy: over examples (`classify`), over next tokens where the attention
+    mask is 1 (`lm`) or over target tokens (`seq2seq`)."""
+    losses, weights = _losses(task, logits, batch)
+    return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def make_step(forward: Forward, task: str, tx: optax.GradientTransformation
+              ) -> Callable[..., tuple[Params, Any, jax.Array]]:
+    """jitted `step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss)`.
+
+    Gradients are taken with respect to `trainable` only (frozen weights get none); `trainable`
+    and `opt_state` are donated.
+    """
+    return jax.jit(train_step(forward, task, tx), donate_argnums=(0, 2))
+
+
+def train_step(forward: Forward, task: str, tx: optax.GradientTransformation
+               ) -> Callable[..., tuple[Params, Any, jax.Array]]:
+    """`make_step`'s step before `jax.jit` (e.g. vmapped over adapters by `multi.sweep`)."""
+
+    def step(trainable: Params, frozen: Params, opt_state: Any, batch: Batch, key: jax.Array
+             ) -> tuple[Params, Any, jax.Array]:
+        def loss_of(t: Params) -> jax.Array:
+            return task_loss(task, forward(combine(t, frozen), batch, key), batch)
+
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_sums(forward: Forward, task: str) -> Callable[..., tuple[jax.Array, ...]]:
+    """jitted (loss sum, correct, count) of one batch; cached so that repeated evaluations of the
+    same forward (before training, validation, test) compile once."""
+
+    @jax.jit
+    def sums(params: Params, batch: Batch, valid: jax.Array
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        logits = forward(params, batch, None)
+        losses, weights = _losses(task, logits, batch)
+        weights = weights * valid.reshape(-1, *([1] * (losses.ndim - 1)))
+        correct = jnp.asarray(0.0)
+        if task == "classify":
+            correct = ((logits.argmax(-1) == batch["labels"]) * weights).sum()
+        return (losses * weights).sum(), correct, weights.sum()
+
+    return sums
+
+
+def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
+             batch_size: int) -> dict[str, float]:
+    """Loss and accuracy (`classify`) or loss and perplexity (`lm`, `seq2seq`) over all of `arrays`.
+    An empty split gives None for every measure (and 0 examples / tokens), never a number."""
+    n = len(arrays["input_ids"])
+    if n == 0:
+        if task == "classify":
+            return {"loss": None, "accuracy": None, "examples": 0}
+        return {"loss": None, "perplexity": None, "tokens": 0}
+    sums = _eval_sums(forward, task)
+    totals = np.zeros(3)
+    for start in range(0, n, batch_size):
+        # One compiled shape: the last batch is filled up with copies of its first row.
+        index = np.arange(start, start + batch_size)
+        valid = index < n
+        batch = {k: v[np.where(valid, index, start)] for k, v in arrays.items()}
+        totals += [float(x) for x in sums(params, batch, jnp.asarray(valid))]
+    loss_sum, correct, count = totals
+    if count == 0:  # blocks whose mask leaves no next token to predict
+        return evaluate(forward, task, params, {k: v[:0] for k, v in arrays.items()}, batch_size)
+    if task == "classify":
+        return {"loss": loss_sum / count, "accuracy": correct / count, "examples": int(count)}
+    return {"loss": loss_sum / count, "perplexity": float(np.exp(loss_sum / count)),
+            "tokens": int(count)}
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Final trainable params and optimizer state, and the loss of every step from step 1."""
+
+    trainable: Params
+    opt_state: Any
+    losses: list[float]
+    seconds: float  # wall time of the steps run, compilation included
+    first_step_seconds: float  # the first step of this call: compilation + one step
+    steps_run: int  # steps run by this call (fewer than len(losses) after a resume)
+    tokens: int  # unpadded tokens seen by this call's steps after the first
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Unpadded tokens per second after the first step (no compilation)."""
+        return self.tokens / max(self.seconds - self.first_step_seconds, 1e-9)
+
+    @property
+    def step_seconds(self) -> float:
+        """Mean time of this call's steps after the first (no compilation)."""
+        return (self.seconds - self.first_step_seconds) / max(1, self.steps_run - 1)
+
+
+class _StopFlag:
+    """SIGINT sets a flag that the loop checks between steps (no half-finished step)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, lambda *_: self.event.set())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(
+    forward: Forward,
+    task: str,
+    tx: optax.GradientTransformation,
+    trainable: Params,
+    frozen: Params,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    config: LoraConfig,
+    opt_state: Any = None,
+    start_step: int = 0,
+    losses: list[float] | None = None,
+    checkpointer: Any = None,
+    save_every: int = 0,
+    on_save: Callable[[int, list[float]], None] | None = None,
+    progress: bool = True,
+    step_fn: Callable[..., Any] | None = None,
+) -> FitResult:
+    """Train from `start_step` to `steps` on `arrays` (dict of equal-length numpy arrays).
+
+    A non-finite loss (or trained state) raises `Diverged`; no checkpoint is written after the
+    last finite step, so the checkpointer keeps only good states.
+
+    Batches come from `data.batch_indices(n, batch_size, seed, start_step)` and step i's
+    dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
+    `lora_jax.core.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
+    the end, and on Ctrl-C, after which `Interrupted` is raised; the losses up to the step are
+    saved in the checkpoint's `extra` (`{"losses": [...]}`), committed with its arrays, and
+    `on_save(step, losses)` is called after each save (e.g. to write the loss log beside it).
+    `step_fn` replaces `make_step(forward, task, tx)` (e.g. with its compiled form). `trainable` and
+    `opt_state` are donated to the jitted step: pass copies if you need them afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    step_fn = step_fn or make_step(forward, task, tx)
+    opt_state = tx.init(trainable) if opt_state is None else opt_state
+    losses = list(losses or [])[:start_step]
+    n = len(next(iter(arrays.values())))
+    base_key = jax.random.key(seed)
+    bar = tqdm(total=steps, initial=start_step, disable=not progress, unit="step",
+               dynamic_ncols=True)
+    pending: list[jax.Array] = []  # device losses not yet read (keeps dispatch asynchronous)
+    tokens = 0
+    start_time = time.perf_counter()
+    first_step_seconds, first_tokens = 0.0, 0
+
+    last_saved = start_step if checkpointer is not None and start_step else None
+
+    def record(value: jax.Array) -> None:
+        loss = float(value)
+        if not math.isfinite(loss):
+            bar.close()
+            raise Diverged(len(losses) + 1, loss, last_saved, list(losses))
+        losses.append(loss)
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        while pending:
+            record(pending.pop(0))
+        if not _all_finite((trainable, opt_state)):
+            bar.close()
+            raise Diverged(step, None, last_saved, list(losses))
+        if checkpointer is not None:
+            checkpointer.save(step, trainable, opt_state, config, force=True,
+                              extra={"losses": list(losses)})
+            checkpointer.wait()
+            last_saved = step
+        if on_save is not None:
+            on_save(step, losses)
+
+    with _StopFlag() as stop:
+        order = batch_indices(n, batch_size, seed, start_step)
+        step = start_step
+        while step < steps:
+            index = next(order)
+            batch = {k: v[index] for k, v in arrays.items()}
+            trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch,
+                                                 jax.random.fold_in(base_key, step))
+            step += 1
+            tokens += int(batch["attention_mask"].sum())
+            if step == start_step + 1:  # compilation + one step: not counted in tokens/s
+                jax.block_until_ready(loss)
+                first_step_seconds = time.perf_counter() - start_time
+                first_tokens = tokens
+            pending.append(loss)
+            if len(pending) > 1:  # read the previous step's loss, which is done by now
+                record(pending.pop(0))
+                elapsed = time.perf_counter() - start_time - first_step_seconds
+                bar.set_postfix(loss=f"{losses[-1]:.4f}",
+                                tok_s=f"{(tokens - first_tokens) / elapsed:,.0f}", refresh=False)
+            bar.update(1)
+            if stop.event.is_set():
+                save(step)
+                bar.close()
+                raise Interrupted(step)
+            if save_every and step % save_every == 0 and step < steps:
+                save(step)
+        save(step)
+    bar.close()
+    return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time,
+                     first_step_seconds, step - start_step, tokens - first_tokens)
