@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_jax import __version__
 from lora_jax.cli import run
 from lora_jax.cli.run import EXIT_DIVERGED, EXIT_INTERRUPTED, METHODS, NOT_SAVED, read_json
 
@@ -61,6 +62,7 @@ def _init(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `lora-jax` argument parser (subcommands finetune, generate, merge)."""
     parser = _Parser(prog="lora-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ft = sub.add_parser("finetune", help="fine-tune a model with LoRA (or full / prompt / head)")
