@@ -1,0 +1,279 @@
+"""LoKr (peft's `LoKrConfig`, from LyCORIS): the update of a weight is a Kronecker product,
+`delta W = alpha / r * kron(w1, w2)` on PyTorch's `[out, in]` weight.
+
+What peft 0.21 does, and this file with it:
+
+- The sizes split as `out = a * b`, `in = c * d` by `factorization(dim, decompose_factor)`
+  (the first of each pair the smaller, near the square root for -1). `w1 [a, c]` is the full
+  `lokr_w1`, or `lokr_w1_a [a, r] @ lokr_w1_b [r, c]` with `decompose_both` when
+  `r < max(a, c) / 2`; `w2 [b, d]` is the full `lokr_w2` when `r >= max(b, d) / 2`, else
+  `lokr_w2_a [b, r] @ lokr_w2_b [r, d]`. The leaves keep peft's `[out, in]` order.
+- The scale is `alpha / r`, also when both factors are full (no rank anywhere).
+- `init_weights=True`: `w1` (or `w1_a`) zero, the rest kaiming-uniform, U(+-1/sqrt(fan_in)) with
+  fan_in the factor's second axis; `"lycoris"`: `w2` (or `w2_b`) zero instead; `False`: none.
+- Training: `module_dropout` drops the whole term with probability p (one draw per call, not
+  rescaled); `rank_dropout` zeroes each output feature of the term with probability p (one
+  mask per call), divided by the kept fraction with `rank_dropout_scale`.
+- Files: `<module>.lokr_w1` etc. (no `.weight`), `peft_type` "LOKR"; peft adapts torch Linear
+  (and Conv) layers only: GPT-2's `Conv1D` and embeddings are refused.
+
+The forward never forms the `in x out` matrix: for `x [..., c * d]`,
+`y[..., a, b] = scale * sum_cd w1[a, c] w2[b, d] x[..., c, d]`, two small contractions.
+
+>>> w1, w2 = jnp.arange(6.0).reshape(2, 3), jnp.arange(8.0).reshape(2, 4)
+>>> x = jnp.ones((5, 12))
+>>> bool(jnp.allclose(kron_apply(x, w1, w2), x @ jnp.kron(w1, w2).T))
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.core.config import _reject_unknown_fields
+from lora_jax.core.factors import Layout
+from lora_jax.core.targets import pattern_value
+
+W1, W1_A, W1_B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
+W2, W2_A, W2_B = "lokr_w2", "lokr_w2_a", "lokr_w2_b"
+LEAVES = (W1, W1_A, W1_B, W2, W2_A, W2_B)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoKrConfig:
+    """What to adapt with LoKr and how; peft's `LoKrConfig` field names and defaults.
+
+    `r`, `alpha` (scale `alpha / r`), `decompose_both`, `decompose_factor` and `init_weights`
+    (True, False or "lycoris") shape and start the factors (see the module docstring);
+    `rank_dropout`, `rank_dropout_scale` and `module_dropout` act while training.
+    `use_effective_conv2d` only concerns convolutions, which lora_jax's LoKr does not adapt.
+    The target fields (`target_modules`, `exclude_modules`, `layers_to_transform`,
+    `layers_pattern`, `rank_pattern`, `alpha_pattern`, `modules_to_save`) match as in
+    `lora_jax.LoraConfig`.
+
+    >>> config = LoKrConfig(r=4, alpha=8, target_modules=["q_proj"])
+    >>> config.scaling("model.layers.0.self_attn.q_proj")
+    2.0
+    """
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    init_weights: bool | Literal["lycoris"] = True
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    modules_to_save: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.layers_to_transform, Sequence):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, want: str, value: Any) -> None:
+            raise ValueError(f"LoKrConfig.{name} must be {want}, got {value!r}")
+
+        for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v)
+                                         for k, v in self.rank_pattern.items())]:
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                fail(name, "a positive integer", r)
+        for name, alpha in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v)
+                                                     for k, v in self.alpha_pattern.items())]:
+            if not isinstance(alpha, int | float) or isinstance(alpha, bool) or \
+                    not math.isfinite(alpha) or alpha <= 0:
+                fail(name, "a positive finite number", alpha)
+        for name in ("rank_dropout", "module_dropout"):
+            rate = getattr(self, name)
+            if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate < 1:
+                fail(name, "in [0, 1)", rate)
+        for name in ("use_effective_conv2d", "decompose_both", "rank_dropout_scale"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False", getattr(self, name))
+        if not isinstance(self.decompose_factor, int) or isinstance(self.decompose_factor, bool):
+            fail("decompose_factor", "an integer (-1: near the square root)",
+                 self.decompose_factor)
+        if self.init_weights not in (True, False, "lycoris"):
+            fail("init_weights", "True, False or 'lycoris'", self.init_weights)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("LoKrConfig.layers_pattern needs layers_to_transform to be set too")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # peft silently ignores layers_to_transform for a regex: say so instead.
+            raise ValueError(
+                "LoKrConfig.layers_to_transform cannot be used with a str (regex or 'all-linear') "
+                f"target_modules={self.target_modules!r} (peft ignores it there); list the module "
+                "names instead"
+            )
+
+    def rank(self, path: str) -> int:
+        """The rank for the module at `path` (`rank_pattern` overrides `r`)."""
+        return pattern_value(self.rank_pattern, path, self.r)
+
+    def scaling(self, path: str, rank: int | None = None) -> float:
+        """alpha / r for the module at `path` (`alpha_pattern` overrides `alpha`)."""
+        rank = self.rank(path) if rank is None else rank
+        return pattern_value(self.alpha_pattern, path, self.alpha) / rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> LoKrConfig:
+        """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
+        return cls(**fields)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+LoKrConfig = _reject_unknown_fields(LoKrConfig)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """peft's (LyCORIS's) split of `dimension` into `m * n`: `(factor, dimension // factor)` if
+    `factor > 0` divides it, else the divisor pair `m <= n` with the largest `m` up to
+    `factor` (any, for -1) reached by stepping up from 1 while `m + n` does not grow.
+
+    >>> factorization(256), factorization(128), factorization(127), factorization(128, 4)
+    ((16, 16), (8, 16), (1, 127), (4, 32))
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def leaf_shapes(fan_in: int, fan_out: int, r: int, decompose_factor: int = -1,
+                decompose_both: bool = False) -> dict[str, tuple[int, int]]:
+    """{leaf name: shape} of the factors of an `[in, out]` weight, as peft chooses them.
+
+    >>> leaf_shapes(32, 64, 8)
+    {'lokr_w1': (8, 4), 'lokr_w2': (8, 8)}
+    >>> leaf_shapes(32, 64, 2, decompose_both=True)
+    {'lokr_w1_a': (8, 2), 'lokr_w1_b': (2, 4), 'lokr_w2_a': (8, 2), 'lokr_w2_b': (2, 8)}
+    """
+    a, b = factorization(fan_out, decompose_factor)
+    c, d = factorization(fan_in, decompose_factor)
+    shapes: dict[str, tuple[int, int]] = {}
+    if decompose_both and r < max(a, c) / 2:
+        shapes.update({W1_A: (a, r), W1_B: (r, c)})
+    else:
+        shapes[W1] = (a, c)
+    if r < max(b, d) / 2:
+        shapes.update({W2_A: (b, r), W2_B: (r, d)})
+    else:
+        shapes[W2] = (b, d)
+    return shapes
+
+
+def init_leaves(key: jax.Array, shapes: Mapping[str, tuple[int, ...]],
+                init_weights: bool | str = True, dtype: jnp.dtype = jnp.float32
+                ) -> dict[str, jax.Array]:
+    """The factors started as peft starts them (shapes may lead with stacked axes): one of
+    them zero (`w1` or `w1_a` for True, `w2` or `w2_b` for "lycoris", none for False), the
+    others U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in the last axis (PyTorch's
+    kaiming-uniform with a = sqrt(5) on the `[rows, fan_in]` factor).
+
+    >>> leaves = init_leaves(jax.random.key(0), {"lokr_w1": (2, 3), "lokr_w2": (4, 4)})
+    >>> float(jnp.abs(leaves["lokr_w1"]).max()), bool(jnp.abs(leaves["lokr_w2"]).max() <= 0.5)
+    (0.0, True)
+    """
+    zero = {True: (W1, W1_A), "lycoris": (W2, W2_B), False: ()}[init_weights]
+    keys = jax.random.split(key, len(shapes))
+    out = {}
+    for k, (name, shape) in zip(keys, shapes.items(), strict=True):
+        bound = 1.0 / math.sqrt(shape[-1])
+        out[name] = jnp.zeros(shape, dtype) if name in zero else \
+            jax.random.uniform(k, shape, dtype, -bound, bound)
+    return out
+
+
+def kron_factors(leaves: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(w1 `[*stack, a, c]`, w2 `[*stack, b, d]`), multiplied out where they are low-rank."""
+    w1 = leaves[W1] if W1 in leaves else leaves[W1_A] @ leaves[W1_B]
+    w2 = leaves[W2] if W2 in leaves else leaves[W2_A] @ leaves[W2_B]
+    return w1, w2
+
+
+def kron_apply(x: jax.Array, w1: jax.Array, w2: jax.Array,
+               precision: jax.lax.PrecisionLike = None) -> jax.Array:
+    """`x @ kron(w1, w2).T` for `x [..., c * d]`, `w1 [a, c]`, `w2 [b, d]`: `[..., a * b]`,
+    without forming the Kronecker product (the cheaper of the two contraction orders)."""
+    (a, c), (b, d) = w1.shape, w2.shape
+    lead = x.shape[:-1]
+    x = x.reshape(*lead, c, d)
+    if c * b * (d + a) <= a * d * (c + b):  # over d first, then c
+        t = jnp.einsum("...cd,bd->...cb", x, w2, precision=precision)
+        y = jnp.einsum("ac,...cb->...ab", w1, t, precision=precision)
+    else:  # over c first, then d
+        t = jnp.einsum("ac,...cd->...ad", w1, x, precision=precision)
+        y = jnp.einsum("...ad,bd->...ab", t, w2, precision=precision)
+    return y.reshape(*lead, a * b)
+
+
+def dropout_masks(key: jax.Array, features: int, rank_dropout: float,
+                  rank_dropout_scale: bool, module_dropout: float) -> jax.Array:
+    """The training-time multiplier of the term `[features]`: zero when the module is dropped
+    (`uniform() <= module_dropout`), else peft's rank-dropout mask `uniform(features) >
+    rank_dropout`, divided by its mean with `rank_dropout_scale` (zero, not peft's NaN, when
+    every feature is dropped)."""
+    module_key, rank_key = jax.random.split(key)
+    keep_module = jax.random.uniform(module_key, ()) > module_dropout
+    mask = (jax.random.uniform(rank_key, (features,)) > rank_dropout).astype(jnp.float32)
+    if rank_dropout_scale:
+        mask = mask / jnp.maximum(mask.mean(), 1.0 / features)
+    return jnp.where(keep_module, mask, 0.0)
+
+
+def lokr_term(x: jax.Array, leaves: Mapping[str, jax.Array], scale: Any,
+              mask: jax.Array | None = None, precision: jax.lax.PrecisionLike = None
+              ) -> jax.Array:
+    """What LoKr adds to a layer's output for `x [..., in]`: `scale * x @ kron(w1, w2).T`
+    `[..., out]` (times a `dropout_masks` multiplier while training), in `x`'s dtype."""
+    w1, w2 = kron_factors(leaves)
+    y = kron_apply(x, (w1 * scale).astype(x.dtype), w2.astype(x.dtype), precision)
+    return y if mask is None else y * mask.astype(y.dtype)
+
+
+def merge_delta(leaves: Mapping[str, jax.Array], scale: Any, layout: Layout,
+                shape: tuple[int, ...]) -> jax.Array:
+    """`scale * kron(w1, w2)` as a weight of `shape` and `layout` (transposed to `[in, out]`,
+    in its storage order), in float32; `scale` is a float or an array over the stacked axes."""
+    stack, fan_in, fan_out = layout.split(shape)
+    w1, w2 = (w.astype(jnp.float32) for w in kron_factors(leaves))
+    scale = jnp.asarray(scale, jnp.float32).reshape(jnp.shape(scale) + (1, 1))
+    delta = jnp.einsum("...ac,...bd->...cdab", w1 * scale, w2,
+                       precision=jax.lax.Precision.HIGHEST)
+    return layout.to_stored(delta.reshape(*stack, *fan_in, *fan_out))

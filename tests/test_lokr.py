@@ -1,0 +1,261 @@
+"""LoKr against peft's LoKr (peft 0.21, torch Linear layers): the factor choice, shapes and
+trainable counts, the forward and the merge with the same factors (float32, 1e-5), the
+training-time dropouts, the inits, the adapter files peft writes for a tiny Llama and BERT,
+and that the forward and its gradient form no in x out array."""
+
+import json
+import math
+import os
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from peft.tuners.lokr import layer as peft_lokr
+from safetensors.numpy import load_file
+from test_peft_io_models import bert_hf, llama_hf
+
+from lora_jax.core.factors import Layout
+from lora_jax.variants.lokr import (
+    LoKrConfig,
+    dropout_masks,
+    factorization,
+    init_leaves,
+    leaf_shapes,
+    lokr_term,
+    merge_delta,
+)
+
+TOL = 1e-5  # float32, layer outputs and merged weights against peft
+
+
+def peft_linear(fan_in, fan_out, seed=0, **fields):
+    """A torch Linear wrapped by peft's LoKr (`fields` of LoKrConfig), its factors random."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(fan_in, fan_out))
+    fields.setdefault("init_weights", False)
+    model = peft.get_peft_model(net, peft.LoKrConfig(target_modules=["proj"], **fields))
+    return model, model.base_model.model.proj
+
+
+def factors_of(layer):
+    """The peft layer's LoKr factors as numpy, by leaf name."""
+    return {name: getattr(layer, name)["default"].detach().numpy().copy()
+            for name in layer.adapter_layer_names if "default" in getattr(layer, name)}
+
+
+# Shapes where w2 is full (r >= max(b, d) / 2) and low-rank, with and without decompose_both,
+# and a decompose_factor that divides both sizes and one that does not.
+CASES = [
+    (48, 40, dict(r=8, alpha=4)),
+    (48, 40, dict(r=2, alpha=3)),
+    (48, 40, dict(r=2, alpha=3, decompose_both=True)),
+    (64, 96, dict(r=1, alpha=2, decompose_both=True, decompose_factor=4)),
+    (60, 36, dict(r=3, alpha=5, decompose_factor=7)),
+    (37, 20, dict(r=4, alpha=8)),  # a prime input size: w1 has one column
+]
+
+
+@pytest.mark.parametrize("dims", [(12, 4), (16, 8), (48, 5), (100, -1), (127, -1), (3072, -1),
+                                  (11008, -1), (60, 7), (64, 0), (64, -3)])
+def test_factorization_is_peft_s(dims):
+    assert factorization(*dims) == peft_lokr.factorization(*dims)
+
+
+@pytest.mark.parametrize("fan_in,fan_out,fields", CASES + [
+    (32, 16, dict(r=2, decompose_both=True)), (64, 64, dict(r=3)), (64, 64, dict(r=4)),
+    (32, 64, dict(r=16, decompose_both=True, decompose_factor=2)), (18, 27, dict(r=1))])
+def test_leaf_names_shapes_and_trainable_count_are_peft_s(fan_in, fan_out, fields):
+    model, layer = peft_linear(fan_in, fan_out, **fields)
+    theirs = {k: v.shape for k, v in factors_of(layer).items()}
+    ours = leaf_shapes(fan_in, fan_out, fields["r"], fields.get("decompose_factor", -1),
+                       fields.get("decompose_both", False))
+    assert ours == theirs
+    assert sum(math.prod(s) for s in ours.values()) == model.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("fan_in,fan_out,fields", CASES)
+def test_forward_and_merge_equal_peft_s(fan_in, fan_out, fields):
+    model, layer = peft_linear(fan_in, fan_out, **fields)
+    leaves = {k: jnp.asarray(v) for k, v in factors_of(layer).items()}
+    weight = layer.base_layer.weight.detach().numpy().T.copy()  # [in, out]
+    bias = layer.base_layer.bias.detach().numpy()
+    x = np.random.RandomState(0).randn(3, 5, fan_in).astype(np.float32)
+    scale = fields["alpha"] / fields["r"]
+    assert layer.scaling["default"] == scale
+    with torch.no_grad():
+        theirs = model.eval()(torch.tensor(x)).numpy()
+    ours = x @ weight + bias + lokr_term(jnp.asarray(x), leaves, scale)
+    delta = theirs - (x @ weight + bias)
+    assert np.abs(delta).max() > 1e-2  # the adapter changes the output
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+    merged = weight + merge_delta(leaves, scale, Layout("dense"), weight.shape)
+    peft_merged = model.merge_and_unload().proj.weight.detach().numpy().T
+    np.testing.assert_allclose(merged, peft_merged, atol=TOL, rtol=0)
+
+
+def test_merge_of_a_stacked_and_a_stored_transposed_weight():
+    """Stacked leaves with a scale per layer, and a weight stored [out, in] ("oi")."""
+    shapes = leaf_shapes(12, 10, 2, decompose_both=True)
+    leaves = init_leaves(jax.random.key(0), {k: (3, *s) for k, s in shapes.items()}, False)
+    scales = jnp.array([0.5, 1.0, 2.0])
+    stacked = merge_delta(leaves, scales, Layout("dense", stacked=1), (3, 12, 10))
+    transposed = merge_delta(leaves, scales, Layout("dense", stacked=1, order="oi"), (3, 10, 12))
+    for i in range(3):
+        one = {k: v[i] for k, v in leaves.items()}
+        single = merge_delta(one, scales[i], Layout("dense"), (12, 10))
+        np.testing.assert_allclose(stacked[i], single, atol=1e-6)
+        np.testing.assert_allclose(transposed[i], single.T, atol=1e-6)
+    x = jax.random.normal(jax.random.key(1), (4, 12))
+    np.testing.assert_allclose(lokr_term(x, {k: v[2] for k, v in leaves.items()}, scales[2]),
+                               x @ stacked[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_training_dropouts_equal_peft_s(scaled):
+    """peft draws torch.rand(1) (module kept if > module_dropout) and torch.rand(out) (feature
+    kept if > rank_dropout): fed draws that give our masks, it computes our output."""
+    fields = dict(r=2, alpha=3, rank_dropout=0.5, module_dropout=0.3, rank_dropout_scale=scaled)
+    model, layer = peft_linear(48, 40, **fields)
+    leaves = {k: jnp.asarray(v) for k, v in factors_of(layer).items()}
+    base = layer.base_layer
+    x = np.random.RandomState(0).randn(3, 48).astype(np.float32)
+    model.train()
+    kept = dropped = 0
+    for seed in range(8):
+        mask = np.asarray(dropout_masks(jax.random.key(seed), 40, 0.5, scaled, 0.3))
+        draws = [torch.tensor([float(mask.any())]), torch.tensor((mask > 0).astype(np.float32))]
+        with torch.no_grad(), mock.patch.object(torch, "rand", side_effect=draws):
+            theirs = model(torch.tensor(x)).numpy()
+        ours = x @ base.weight.detach().numpy().T + base.bias.detach().numpy() + \
+            lokr_term(jnp.asarray(x), leaves, 1.5, jnp.asarray(mask))
+        np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+        kept, dropped = kept + mask.any(), dropped + (0 < (mask > 0).sum() < 40)
+    assert kept and kept < 8 and dropped  # both dropouts were exercised
+
+
+def test_dropout_rates():
+    masks = jax.vmap(lambda k: dropout_masks(k, 64, 0.25, False, 0.4))(
+        jax.random.split(jax.random.key(0), 4000))
+    on = np.asarray(masks).any(axis=1)
+    assert abs(on.mean() - 0.6) < 0.03
+    assert abs((np.asarray(masks)[on] == 0).mean() - 0.25) < 0.01
+    scaled = np.asarray(dropout_masks(jax.random.key(3), 64, 0.25, True, 0.0))
+    assert scaled.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(scaled[scaled > 0], 64 / (scaled > 0).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("init", [True, "lycoris", False])
+def test_inits_zero_what_peft_zeroes_and_draw_within_its_bounds(init):
+    fields = dict(r=2, decompose_both=True, init_weights=init)
+    _, layer = peft_linear(48, 40, **fields)
+    theirs = factors_of(layer)
+    ours = init_leaves(jax.random.key(0), leaf_shapes(48, 40, 2, decompose_both=True), init)
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        mine = np.asarray(ours[name])
+        bound = 1 / math.sqrt(value.shape[1])
+        assert (np.abs(value).max() == 0) == (np.abs(mine).max() == 0), name
+        assert np.abs(value).max() <= bound and np.abs(mine).max() <= bound
+        if np.abs(value).max():  # a uniform draw: its spread near the bound's
+            assert np.abs(mine).max() > 0.5 * bound and np.abs(value).max() > 0.5 * bound
+    if init is True:  # the adapter starts as the identity
+        x = jnp.ones((2, 48))
+        assert float(jnp.abs(lokr_term(x, ours, 1.0)).max()) == 0.0
+
+
+def test_forward_and_gradient_form_no_in_by_out_array():
+    fan_in, fan_out = 96, 80
+    leaves = init_leaves(jax.random.key(0), leaf_shapes(fan_in, fan_out, 2, decompose_both=True),
+                         False)
+    x = jax.random.normal(jax.random.key(1), (2, fan_in))
+    loss = lambda p: (lokr_term(x, p, 0.5) ** 2).sum()
+
+    def largest(jaxpr):
+        sizes = [math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]
+        subs = [largest(s) for eqn in jaxpr.eqns for s in jax.extend.core.jaxprs_in_params(
+            eqn.params)]
+        return max(sizes + subs)
+
+    for jaxpr in (jax.make_jaxpr(loss)(leaves), jax.make_jaxpr(jax.grad(loss))(leaves)):
+        assert largest(jaxpr.jaxpr) < fan_in * fan_out // 8
+    # The check can fail: the merge forms the in x out delta.
+    merge = jax.make_jaxpr(lambda p: merge_delta(p, 0.5, Layout("dense"), (fan_in, fan_out)))
+    assert largest(merge(leaves).jaxpr) == fan_in * fan_out
+
+
+def test_config_fields_and_defaults_are_peft_s():
+    theirs = peft.LoKrConfig().to_dict()
+    ours = LoKrConfig().to_dict()
+    assert {k: theirs[k] for k in ours} == ours
+    informational = {"task_type", "peft_type", "auto_mapping", "peft_version",
+                     "base_model_name_or_path", "revision", "inference_mode"}
+    assert set(theirs) - set(ours) == informational
+    assert hash(LoKrConfig(target_modules=["q"])) == hash(LoKrConfig(target_modules=("q",)))
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(r=0), "r must be a positive integer"),
+    (dict(alpha=float("nan")), "alpha must be a positive finite number"),
+    (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be a positive integer"),
+    (dict(rank_dropout=1.0), "rank_dropout must be in"),
+    (dict(module_dropout=-0.1), "module_dropout must be in"),
+    (dict(decompose_both=1), "decompose_both must be True or False"),
+    (dict(decompose_factor=2.0), "decompose_factor must be an integer"),
+    (dict(init_weights="gaussian"), "init_weights must be True, False or 'lycoris'"),
+    (dict(layers_pattern="layers"), "layers_pattern needs layers_to_transform"),
+    (dict(target_modules=".*q", layers_to_transform=[0]), "peft ignores it there"),
+])
+def test_config_refuses_with_what_to_do(fields, match):
+    with pytest.raises(ValueError, match=match):
+        LoKrConfig(**fields)
+
+
+def test_misspelled_field_names_the_closest():
+    with pytest.raises(TypeError, match="did you mean 'decompose_both'"):
+        LoKrConfig(decompose_bothh=True)
+
+
+def _linear_sizes(hf_model):
+    return {name: (m.in_features, m.out_features) for name, m in hf_model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("hf,fields", [
+    (llama_hf, dict(r=2, alpha=4, target_modules=["q_proj", "k_proj", "down_proj"],
+                    decompose_both=True, rank_pattern={"layers.1.mlp.down_proj": 8},
+                    alpha_pattern={"k_proj": 3})),
+    (bert_hf, dict(r=3, alpha=6, target_modules=["query", "value", "output.dense"],
+                   decompose_factor=4, modules_to_save=["classifier"])),
+])
+def test_peft_files_hold_our_names_shapes_and_config(tmp_path, hf, fields):
+    """What peft's save_pretrained writes for a tiny Llama / BERT: one key per factor,
+    `<module>.<leaf>` with our leaf names and shapes, and an adapter_config.json whose
+    LoKr fields read back as our config."""
+    model = hf()
+    sizes = _linear_sizes(model)
+    config = LoKrConfig(**fields)
+    peft.get_peft_model(model, peft.LoKrConfig(**fields)).save_pretrained(tmp_path)
+    tensors = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    with open(os.path.join(tmp_path, "adapter_config.json")) as f:
+        written = json.load(f)
+    assert written["peft_type"] == "LOKR"
+    ours = {k: v for k, v in written.items() if k in LoKrConfig().to_dict()}
+    ours["target_modules"] = sorted(ours["target_modules"])
+    assert LoKrConfig.from_dict(ours) == LoKrConfig(
+        **{**fields, "target_modules": sorted(fields["target_modules"])})
+    expected = {}
+    for name, (fan_in, fan_out) in sizes.items():
+        if any(name.endswith("." + t) for t in config.target_modules):
+            shapes = leaf_shapes(fan_in, fan_out, config.rank(name), config.decompose_factor,
+                                 config.decompose_both)
+            expected.update({f"base_model.model.{name}.{k}": s for k, s in shapes.items()})
+    saved = {k: v.shape for k, v in tensors.items() if ".lokr_" in k}
+    assert len(saved) >= 12 and saved == expected
+    assert {k for k in tensors if ".lokr_" not in k} == (
+        {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+        if "modules_to_save" in fields else set())
