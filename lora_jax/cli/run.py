@@ -198,27 +198,15 @@ def check_seq_len(loaded: Loaded, task: str, seq_len: int, prompt_tokens: int = 
 
 # --- models --------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """What the CLI needs to know of an architecture beyond the model itself (read from its
-    module in `lora_jax.models`: `DEFAULT_TARGETS`, `WORD_EMBEDDINGS`, `CLASSIFIER`,
-    `DEFAULT_TASK`)."""
+def architecture_of(model_type: str | None) -> Any:
+    """The architecture record of an HF `model_type` (`lora_jax.models.registry`: default
+    targets, word embeddings, classifier head, default task); an unsupported one is a
+    ValueError."""
+    from lora_jax.models.registry import ARCHITECTURES
 
-    targets: tuple[str, ...]  # default LoRA target_modules
-    embed: str  # the word-embedding nn.Embed's path (for prompt-tuning)
-    head: str | None  # the classification head's module name (trained in full)
-    task: str  # default task: classify, lm or seq2seq
-
-    @classmethod
-    def of(cls, model_type: str) -> Family:
-        """The family of an HF `model_type`; an unsupported one is a ValueError."""
-        from lora_jax.models import ARCHITECTURES, architecture
-
-        if model_type not in ARCHITECTURES:
-            raise ValueError(f"a {model_type!r} model: lora-jax supports {sorted(ARCHITECTURES)}")
-        arch = architecture(model_type)
-        return cls(tuple(arch.DEFAULT_TARGETS), arch.WORD_EMBEDDINGS, arch.CLASSIFIER,
-                   arch.DEFAULT_TASK)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"a {model_type!r} model: lora-jax supports {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]
 
 
 _KINDS = {"classify": "encoder", "lm": "causal LM", "seq2seq": "encoder-decoder"}
@@ -235,8 +223,8 @@ class Loaded:
     source: str
 
     @property
-    def family(self) -> Family:
-        return Family.of(self.model_type)
+    def family(self) -> Any:
+        return architecture_of(self.model_type)
 
 
 def resolve_model(spec: str) -> Path:
@@ -270,12 +258,12 @@ def model_task(spec: str, task: str | None) -> str:
     (`classify` for an encoder, else its default)."""
     path = resolve_model(spec)
     model_type = "llama" if path.suffix == ".gguf" else _model_type(path)
-    family = Family.of(model_type)
+    family = architecture_of(model_type)
     if task is None:
         return family.task
     if task == "base":
-        return family.task if family.head is None else "classify"
-    if task == "classify" and family.head is None:
+        return family.task if family.classifier is None else "classify"
+    if task == "classify" and family.classifier is None:
         raise ValueError(f"--task classify needs an encoder with a classification head; "
                          f"{spec!r} is a {model_type} {_KINDS[family.task]} (use --task "
                          f"{family.task})")
@@ -290,7 +278,7 @@ def _model_type(path: Path) -> str:
     hf_config = read_json(path / "config.json")
     model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     try:
-        Family.of(model_type)
+        architecture_of(model_type)
     except ValueError as err:
         raise ValueError(f"--model {str(path)!r} is {err}") from None
     return model_type
@@ -332,24 +320,21 @@ def with_classifier(module: Any, params: dict[str, Any], model_type: str,
     import jax
     import jax.numpy as jnp
 
-    from lora_jax.models import architecture
-
-    family = Family.of(model_type)
-    if family.head is None:
+    family = architecture_of(model_type)
+    if family.classifier is None:
         raise ValueError(f"--task classify needs an encoder; this is a {model_type} "
                          f"{_KINDS[family.task]} (use --task {family.task})")
     if num_labels is None:
         raise ValueError("--task classify needs labelled data")
-    head = family.head
+    head = family.classifier
     if head in params and params[head]["kernel"].shape[-1] == num_labels:
         return module, params
     config = dc.replace(module.config, num_labels=num_labels)
-    arch = architecture(model_type)
-    model = arch.build(config, dtype=module.dtype, param_dtype=module.param_dtype,
-                       task="classify")
+    model = family.module.build(config, dtype=module.dtype, param_dtype=module.param_dtype,
+                                task="classify")
     encoder = {k: v for k, v in params.items() if k != head}
-    if arch.BASE_MODEL_PREFIX not in encoder:  # a base model: its params become that subtree
-        encoder = {arch.BASE_MODEL_PREFIX: encoder}
+    if family.base_model_prefix not in encoder:  # a base model: its params become that subtree
+        encoder = {family.base_model_prefix: encoder}
     # HF's initialisation of a new head: N(0, initializer_range^2) weights, zero bias.
     hidden = config.hidden_size
     std = getattr(config, "initializer_range", 0.02)
@@ -386,7 +371,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     from lora_jax.train import prompt_tuning
 
     family = loaded.family
-    head = (family.head,) if task == "classify" else ()
+    head = (family.classifier,) if task == "classify" else ()
     params = loaded.params
     apply = loaded.module.apply
     key = jax.random.key(seed)
@@ -406,7 +391,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     if method == "lora":
         config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                      target_modules=targets if isinstance(targets, str)
-                                     else tuple(targets or family.targets),
+                                     else tuple(targets or family.default_targets),
                                      modules_to_save=head or None, use_dora=dora,
                                      init_lora_weights=init)
         params = lora_jax.inject(params, config, key)
@@ -429,11 +414,11 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         if task == "seq2seq":
             raise ValueError("--method prompt supports --task classify and lm, not seq2seq: use "
                              "--method lora")
-        table = prompt_tuning.embed_table(params, family.embed)
+        table = prompt_tuning.embed_table(params, family.word_embeddings)
         params = {**params, "prompt": {"embedding": prompt_tuning.init_prompt(
             key, table, prompt_tokens)}}
         config = lora_jax.LoraConfig(modules_to_save=("prompt", *head))
-        apply = prompt_tuning.wrap(apply, family.embed, prompt_tokens)
+        apply = prompt_tuning.wrap(apply, family.word_embeddings, prompt_tokens)
     else:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
 

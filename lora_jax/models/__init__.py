@@ -8,18 +8,17 @@
 The architecture modules (`lora_jax.models.bert`, `.t5`, ...) are imported on first access.
 """
 
-import importlib
 from types import ModuleType
 
 from lora_jax.models.loading import from_pretrained, from_torch, load_tokenizer, save_hf
-from lora_jax.models.registry import ARCHITECTURES, architecture
+from lora_jax.models.registry import ARCHITECTURES, Architecture, architecture
 
-__all__ = ["ARCHITECTURES", "architecture", "from_pretrained", "from_torch", "load_tokenizer",
-           "save_hf"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture", "from_pretrained", "from_torch",
+           "load_tokenizer", "save_hf"]
 
 
 def __getattr__(name: str) -> ModuleType:
     """Lazy `lora_jax.models.<architecture>` (e.g. `lora_jax.models.t5`)."""
     if name in ARCHITECTURES:
-        return importlib.import_module(ARCHITECTURES[name])
+        return ARCHITECTURES[name].module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from lora_jax.models.attention import attention
 from lora_jax.models.layers import Layer, activation
+from lora_jax.models.registry import architecture
 from lora_jax.models.stacking import (
     Converter,
     config_from_dict,
@@ -36,15 +37,7 @@ from lora_jax.models.stacking import (
     stack_layers,
 )
 
-HF_CLASSES = ("BertModel", "BertForSequenceClassification")
-# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
-DEFAULT_TARGETS = ("query", "value")
-WORD_EMBEDDINGS = "bert.embeddings.word_embeddings"
-CLASSIFIER = "classifier"
-BASE_MODEL_PREFIX = "bert"  # the classifier model holds the base model's params under this key
-DEFAULT_TASK = "classify"
-TASKS = {"BertModel": "base", "BertForSequenceClassification": "classify"}
-LAYER_STACKS = ("encoder.layer", "bert.encoder.layer")
+LAYER_STACKS = architecture("bert").stacks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from lora_jax.models.generate import (
     layer_caches,
 )
 from lora_jax.models.layers import Layer, check_task
+from lora_jax.models.registry import architecture
 from lora_jax.models.stacking import (
     Converter,
     config_from_dict,
@@ -37,13 +38,7 @@ from lora_jax.models.stacking import (
     stack_layers,
 )
 
-HF_CLASSES = ("BloomForCausalLM",)
-# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
-DEFAULT_TARGETS = ("query_key_value",)
-WORD_EMBEDDINGS = "transformer.word_embeddings"
-CLASSIFIER = None
-DEFAULT_TASK = "lm"
-LAYER_STACKS = ("transformer.h",)
+LAYER_STACKS = architecture("bloom").stacks
 
 
 @dataclasses.dataclass(frozen=True)

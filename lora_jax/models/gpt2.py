@@ -31,6 +31,7 @@ from lora_jax.models.generate import (
     layer_caches,
 )
 from lora_jax.models.layers import Layer, activation, check_task
+from lora_jax.models.registry import architecture
 from lora_jax.models.stacking import (
     Converter,
     config_from_dict,
@@ -40,14 +41,7 @@ from lora_jax.models.stacking import (
     stack_layers,
 )
 
-HF_CLASSES = ("GPT2LMHeadModel",)
-# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
-DEFAULT_TARGETS = ("c_attn",)
-WORD_EMBEDDINGS = "transformer.wte"
-CLASSIFIER = None
-DEFAULT_TASK = "lm"
-LAYER_STACKS = ("transformer.h",)
-FAN_IN_FAN_OUT = True  # HF's Conv1D stores its weights [in, out]
+LAYER_STACKS = architecture("gpt2").stacks
 # `lora_jax.sharding.match_specs` rules for the scanned model (leading None: the layer axis) on
 # a mesh with "fsdp" and "tensor" axes: Megatron-style tensor parallelism (column-parallel in,
 # row-parallel out) with fsdp on the other weight axis.

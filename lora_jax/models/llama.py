@@ -31,6 +31,7 @@ from lora_jax.models.generate import (
     layer_caches,
 )
 from lora_jax.models.layers import Layer, check_task
+from lora_jax.models.registry import architecture
 from lora_jax.models.stacking import (
     Converter,
     config_from_dict,
@@ -40,13 +41,7 @@ from lora_jax.models.stacking import (
     stack_layers,
 )
 
-HF_CLASSES = ("LlamaForCausalLM",)
-# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
-DEFAULT_TARGETS = ("q_proj", "v_proj")
-WORD_EMBEDDINGS = "model.embed_tokens"
-CLASSIFIER = None
-DEFAULT_TASK = "lm"
-LAYER_STACKS = ("model.layers",)
+LAYER_STACKS = architecture("llama").stacks
 # `lora_jax.sharding.match_specs` rules for the scanned model (leading None: the layer axis) on
 # a mesh with "fsdp" and "tensor" axes: Megatron-style tensor parallelism (column-parallel in,
 # row-parallel out) with fsdp on the other weight axis.

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.registry import ARCHITECTURES, architecture
+from lora_jax.models.registry import architecture, of_module
 from lora_jax.models.stacking import Converter
 from lora_jax.quant.quantize import is_quantized, leaf_quantizer
 
@@ -52,16 +52,17 @@ def _build(model_type: str, class_name: str | None, hf_config: Mapping[str, Any]
            ) -> tuple[nn.Module, Params]:
     """The module and params for an HF class (None: the architecture's first class)."""
     arch = architecture(model_type)
-    class_name = class_name or arch.HF_CLASSES[0]
-    if class_name not in arch.HF_CLASSES:
+    class_name = class_name or arch.hf_classes[0]
+    if class_name not in arch.hf_classes:
         raise ValueError(f"HF class {class_name!r} is not supported for model_type "
-                         f"{model_type!r}; lora_jax mirrors {list(arch.HF_CLASSES)}")
-    task = getattr(arch, "TASKS", {}).get(class_name)
+                         f"{model_type!r}; lora_jax mirrors {list(arch.hf_classes)}")
+    task = arch.tasks.get(class_name)
     task_kw = {} if task is None else {"task": task}
-    config = arch.config_from_hf(hf_config)
-    params = arch.params_from_hf(state_dict, config, scan_layers=scan_layers,
+    impl = arch.module
+    config = impl.config_from_hf(hf_config)
+    params = impl.params_from_hf(state_dict, config, scan_layers=scan_layers,
                                  convert=leaf_converter(param_dtype, quantize), **task_kw)
-    module = arch.build(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+    module = impl.build(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                         remat_policy=remat_policy, **task_kw)
     return module, params
 
@@ -219,24 +220,20 @@ def save_hf(path: str | os.PathLike, module: nn.Module, params: Params, *,
 
     from lora_jax.models.stacking import hf_name
 
-    class_name = type(module).__name__
-    model_type = next((t for t in ARCHITECTURES if class_name in architecture(t).HF_CLASSES),
-                      None)
-    if model_type is None:
-        raise ValueError(f"save_hf writes the HF classes lora_jax mirrors, not {class_name}")
     if getattr(module, "scan_layers", False):
         raise ValueError("save_hf needs unscanned params: load the model with scan_layers=False")
-    arch = architecture(model_type)
-    transpose = not getattr(arch, "FAN_IN_FAN_OUT", False)  # GPT-2's Conv1D keeps [in, out]
+    arch = of_module(module)
+    class_name = type(module).__name__
+    transpose = not arch.fan_in_fan_out  # GPT-2's Conv1D keeps [in, out]
     tensors = {}
     for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         flax_path = ".".join(str(k.key) for k in keys)
         value = np.asarray(leaf)
         if flax_path.endswith(".kernel") and value.ndim == 2 and transpose:
             value = value.T
-        tensors[hf_name(flax_path, arch.LAYER_STACKS)] = np.ascontiguousarray(value)
+        tensors[hf_name(flax_path, arch.stacks)] = np.ascontiguousarray(value)
     config = dict(hf_config) if hf_config is not None else {
-        **dataclasses.asdict(module.config), "model_type": model_type}
+        **dataclasses.asdict(module.config), "model_type": arch.model_type}
     config["architectures"] = [class_name]
     num_labels = getattr(module.config, "num_labels", None)
     if class_name.endswith("ForSequenceClassification") and num_labels:

@@ -27,7 +27,7 @@ from lora_jax.models.nnx_stack import causal_mask, load, make_stack, run_stack
 
 Config = gpt2.Config
 config_from_hf = gpt2.config_from_hf
-HF_CLASSES, LAYER_STACKS, FAN_IN_FAN_OUT = gpt2.HF_CLASSES, gpt2.LAYER_STACKS, gpt2.FAN_IN_FAN_OUT
+LAYER_STACKS = gpt2.LAYER_STACKS
 
 
 def _kw(dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> dict[str, Any]:

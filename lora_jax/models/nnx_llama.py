@@ -23,7 +23,7 @@ from lora_jax.models.nnx_stack import causal_mask, load, make_stack, run_stack
 
 Config = llama.Config
 config_from_hf = llama.config_from_hf
-HF_CLASSES, LAYER_STACKS = llama.HF_CLASSES, llama.LAYER_STACKS
+LAYER_STACKS = llama.LAYER_STACKS
 
 
 class LlamaAttention(nnx.Module):

@@ -1,64 +1,135 @@
-"""Architecture registry: HF `model_type` -> the lora_jax module that implements it.
+"""Architectures: one record per HF `model_type` holding every fact lora_jax uses about it.
 
-Each architecture module (e.g. `lora_jax.models.gpt2`) exposes the same small interface, so the
-loaders (`from_torch`, `from_pretrained`) and peft interop need no per-model code of their own:
+An `Architecture` names the module that implements it and says what the loaders, peft interop and
+the `lora-jax` command need: the transformers classes it mirrors, its layer stacks, whether its
+PyTorch weights are `[in, out]`, peft's default targets, the word-embedding table, the default
+task. peft io (`lora_jax.peft.files`) reads the records registered into it here, so it never
+imports the models.
+
+    >>> arch = architecture("gpt2")
+    >>> arch.stacks, arch.default_targets, arch.fan_in_fan_out
+    (('transformer.h',), ('c_attn',), True)
+
+The implementing module (`arch.module`, e.g. `lora_jax.models.gpt2`) has the same small
+interface for every architecture, so the loaders need no per-model code:
 
 - `Config`: a frozen dataclass of the architecture's hyperparameters.
 - `config_from_hf(hf_config: dict) -> Config`: from an HF `config.json` dict.
 - `build(config, *, dtype, param_dtype, scan_layers, remat_policy, task) -> nn.Module`.
-- `params_from_hf(state_dict: dict[str, np.ndarray], config, *, scan_layers) -> params`:
+- `params_from_hf(state_dict: dict[str, np.ndarray], config, *, scan_layers, convert) -> params`:
   HF PyTorch tensor names -> the Flax params tree (errors name missing/extra/misshaped tensors).
-- `HF_CLASSES`: names of the transformers classes it mirrors; optional `TASKS` maps an HF class
-  name to the `task` that `build` / `params_from_hf(..., task=)` take, for architectures with
-  several heads (BERT: base model or sequence classification).
-- `LAYER_STACKS`: dotted paths of the per-layer lists (e.g. `("transformer.h",)`); unscanned
-  layers are named `h_0, h_1, ...` and a scanned stack is one module named `h` whose params carry
-  a leading layer axis. Apart from that, Flax module paths equal the HF PyTorch module paths.
-- optional `FAN_IN_FAN_OUT` (default False): True when the PyTorch checkpoints store the
-  projection weights [in, out] (GPT-2's Conv1D), so they are not transposed to torch's
-  [out, in]; peft interop writes it as `fan_in_fan_out`.
-- `DEFAULT_TARGETS`, `WORD_EMBEDDINGS`, `CLASSIFIER`, `DEFAULT_TASK`: what `lora-jax finetune`
-  needs: peft's default `target_modules` for the architecture, the path of the word-embedding
-  table (prompt-tuning), the classification head's module name, trained in full (None: not a
-  classifier), and the default task (`classify`, `lm` or `seq2seq`); with a classifier,
-  `BASE_MODEL_PREFIX` (HF's `base_model_prefix`), the key of the base model's params in it.
+
+Unscanned layers of a stack are named `h_0, h_1, ...`; a scanned stack is one module named `h`
+whose params carry a leading layer axis. Apart from that, Flax module paths equal the HF PyTorch
+module paths, so peft's target names work unchanged.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
+from typing import Any
 
 from lora_jax.peft import files as peft_io
 
-ARCHITECTURES = {
-    "gpt2": "lora_jax.models.gpt2",
-    "bert": "lora_jax.models.bert",
-    "llama": "lora_jax.models.llama",
-    "bloom": "lora_jax.models.bloom",
-    "t5": "lora_jax.models.t5",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Every fact about one HF architecture.
+
+    - `model_type`: HF's `model_type` (config.json); `implementation`: the module implementing it.
+    - `hf_classes`: the transformers classes it mirrors (the first is the default); `tasks` maps
+      a class to the `task` its `build` takes, for architectures with several heads.
+    - `stacks`: dotted paths of the per-layer lists (e.g. `transformer.h`).
+    - `default_targets`: peft's default `target_modules` for it (what `lora-jax finetune` adapts).
+    - `word_embeddings`: the word-embedding table's path (prompt-tuning).
+    - `task`: the default task (`lm`, `classify` or `seq2seq`); `classifier`: the classification
+      head's module name, trained in full (None: not a classifier); `base_model_prefix`: HF's
+      `base_model_prefix`, the key of the base model's params in the classifier.
+    - `fan_in_fan_out`: the PyTorch weights are `[in, out]` (GPT-2's Conv1D), so they are not
+      transposed to torch's `[out, in]`; peft's `fan_in_fan_out`.
+    - `peft_unused`: {module: why} for modules whose peft adapter the PyTorch model never calls.
+    - `hf_module`: the transformers package name (`transformers.models.<hf_module>`), default
+      `model_type`.
+    """
+
+    model_type: str
+    implementation: str
+    hf_classes: tuple[str, ...]
+    stacks: tuple[str, ...]
+    default_targets: tuple[str, ...]
+    word_embeddings: str
+    task: str = "lm"
+    tasks: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    classifier: str | None = None
+    base_model_prefix: str | None = None
+    fan_in_fan_out: bool = False
+    peft_unused: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    hf_module: str | None = None
+
+    @property
+    def module(self) -> ModuleType:
+        """The implementing module (imported on first use)."""
+        return importlib.import_module(self.implementation)
+
+    @property
+    def base_model_class(self) -> str:
+        """The transformers class peft records (`auto_mapping`)."""
+        return self.hf_classes[0]
+
+    @property
+    def parent_library(self) -> str:
+        """The transformers module defining the classes (peft's `auto_mapping`)."""
+        name = self.hf_module or self.model_type
+        return f"transformers.models.{name}.modeling_{name}"
 
 
-def architecture(model_type: str) -> ModuleType:
-    """The lora_jax module for an HF `model_type`; a clear error for an unknown one."""
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    Architecture("gpt2", "lora_jax.models.gpt2", ("GPT2LMHeadModel",), ("transformer.h",),
+                 ("c_attn",), "transformer.wte", fan_in_fan_out=True),
+    Architecture("bert", "lora_jax.models.bert", ("BertModel", "BertForSequenceClassification"),
+                 ("encoder.layer", "bert.encoder.layer"), ("query", "value"),
+                 "bert.embeddings.word_embeddings", task="classify",
+                 tasks={"BertModel": "base", "BertForSequenceClassification": "classify"},
+                 classifier="classifier", base_model_prefix="bert"),
+    Architecture("llama", "lora_jax.models.llama", ("LlamaForCausalLM",), ("model.layers",),
+                 ("q_proj", "v_proj"), "model.embed_tokens"),
+    Architecture("bloom", "lora_jax.models.bloom", ("BloomForCausalLM",), ("transformer.h",),
+                 ("query_key_value",), "transformer.word_embeddings"),
+    # peft wraps `shared`, but transformers 5's T5 looks tokens up through the encoder's and
+    # decoder's `embed_tokens` (the same table, other module objects): that adapter is unused.
+    Architecture("t5", "lora_jax.models.t5", ("T5ForConditionalGeneration",),
+                 ("encoder.block", "encoder.block.layer", "decoder.block", "decoder.block.layer"),
+                 ("q", "v"), "shared", task="seq2seq",
+                 peft_unused={"shared": "T5 looks up through encoder/decoder.embed_tokens"}),
+)}
+
+
+def architecture(model_type: str | None) -> Architecture:
+    """The record of an HF `model_type`; a ValueError listing the supported ones otherwise.
+
+    >>> architecture("qwen9")
+    Traceback (most recent call last):
+    ValueError: unknown architecture 'qwen9': lora_jax has reference models for ['bert', 'bloom', 'gpt2', 'llama', 't5']
+    """  # noqa: E501
     if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {model_type!r}: lora_jax has reference models for "
-            f"{sorted(ARCHITECTURES)}"
-        )
-    return importlib.import_module(ARCHITECTURES[model_type])
+        raise ValueError(f"unknown architecture {model_type!r}: lora_jax has reference models "
+                         f"for {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]
 
 
-def _peft_facts(model_type: str) -> peft_io.Architecture:
-    arch = architecture(model_type)
-    return peft_io.Architecture(
-        stacks=tuple(arch.LAYER_STACKS),
-        fan_in_fan_out=bool(getattr(arch, "FAN_IN_FAN_OUT", False)),
-        base_model_class=arch.HF_CLASSES[0],
-        parent_library=f"transformers.models.{model_type}.modeling_{model_type}",
-        peft_unused=dict(getattr(arch, "PEFT_UNUSED", {})),
-    )
+def of_module(module: Any) -> Architecture:
+    """The record of a reference model module (its class is one of `hf_classes`)."""
+    name = type(module).__name__
+    for arch in ARCHITECTURES.values():
+        if name in arch.hf_classes:
+            return arch
+    classes = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes)
+    raise ValueError(f"lora_jax mirrors the HF classes {classes}, not {name}")
 
 
 # peft io reads architecture facts from here; the core never imports the models.
-for _name in ARCHITECTURES:
-    peft_io.register_architecture(_name, lambda name=_name: _peft_facts(name))
+for _arch in ARCHITECTURES.values():
+    peft_io.register_architecture(_arch.model_type, _arch)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from lora_jax.core.targets import register_path_alias
 from lora_jax.models.attention import attention
 from lora_jax.models.layers import Layer, activation, check_task
+from lora_jax.models.registry import architecture
 from lora_jax.models.stacking import (
     Converter,
     config_from_dict,
@@ -46,18 +47,9 @@ from lora_jax.models.stacking import (
     unstack_layers,
 )
 
-HF_CLASSES = ("T5ForConditionalGeneration",)
-# What `lora-jax` needs to fine-tune it (see lora_jax.models.registry).
-DEFAULT_TARGETS = ("q", "v")
-WORD_EMBEDDINGS = "shared"
-CLASSIFIER = None
-DEFAULT_TASK = "seq2seq"
-LAYER_STACKS = ("encoder.block", "encoder.block.layer", "decoder.block", "decoder.block.layer")
+LAYER_STACKS = architecture("t5").stacks
 _STACKS = ("encoder", "decoder")
 _BIAS_PATH = ("block_0", "layer_0", "SelfAttention", "relative_attention_bias")
-# peft wraps `shared`, but transformers 5's T5 looks tokens up through the encoder's and decoder's
-# `embed_tokens` (the same table, other module objects), so peft's adapter on it is never called.
-PEFT_UNUSED = {"shared": "T5 looks up through encoder/decoder.embed_tokens"}
 # Scanned, each stack's bias table sits beside the blocks; peft names it in the first block.
 for _stack in _STACKS:
     register_path_alias(f"{_stack}.relative_attention_bias",

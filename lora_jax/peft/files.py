@@ -11,10 +11,10 @@ params tree and returns the `LoraConfig` to `wrap` / `merge` it with.
 Paths. peft names a module by its PyTorch path, e.g. `transformer.h.0.attn.c_attn`; the
 reference models (`lora_jax.models`) use the same path with list elements named `h_0`, or one
 scanned module `transformer.h` whose leaves carry a leading layer axis. The layer lists
-("stacks") come from `model_type` (its `LAYER_STACKS`) or `stacks=`; without either they are
-inferred from sibling keys `x_0 ... x_{n-1}` (unscanned trees only). Scanned stacks are split
-into per-layer tensors on save and stacked on load. For another naming, pass `path_map`: a dict
-or a function from the Flax module path (scanned stacks already expanded to `h_<i>`) to the
+("stacks") come from `model_type` (its registered architecture) or `stacks=`; without either
+they are inferred from sibling keys `x_0 ... x_{n-1}` (unscanned trees only). Scanned stacks are
+split into per-layer tensors on save and stacked on load. For another naming, pass `path_map`: a
+dict or a function from the Flax module path (scanned stacks already expanded to `h_<i>`) to the
 PyTorch module path.
 
 Layouts. lora_jax's A [in, r] / B [r, out] are peft's `lora_A.weight` [r, in] / `lora_B.weight`
@@ -38,7 +38,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -203,29 +203,26 @@ def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
     return index
 
 
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """What peft io needs to know of an architecture (supplied by `lora_jax.models`, or by a
-    user for their own): its layer stacks, whether its PyTorch weights are `[in, out]`
-    (`fan_in_fan_out`, GPT-2's Conv1D) and the transformers class peft records."""
+class Architecture(Protocol):
+    """What peft io reads of an architecture: its layer stacks, whether its PyTorch weights are
+    `[in, out]` (`fan_in_fan_out`, GPT-2's Conv1D), the transformers class peft records, and
+    {module: why} for modules whose peft adapter the PyTorch model never calls (T5's `shared`).
+    `lora_jax.models` registers its `registry.Architecture` records; a user may register any
+    object with these attributes."""
 
     stacks: tuple[str, ...]
-    fan_in_fan_out: bool = False
-    base_model_class: str | None = None
-    parent_library: str | None = None
-    # {module: why}: modules whose peft adapter the PyTorch model never calls (T5's `shared`
-    # with transformers 5 looks up through `encoder/decoder.embed_tokens`).
-    peft_unused: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    fan_in_fan_out: bool
+    base_model_class: str | None
+    parent_library: str | None
+    peft_unused: Mapping[str, str]
 
 
-_ARCHITECTURES: dict[str, Callable[[], Architecture]] = {}
+_ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_architecture(model_type: str, facts: Architecture | Callable[[], Architecture]
-                          ) -> None:
-    """Make `model_type=` name an architecture in `save_peft` / `load_peft` (facts may be a
-    function, called on first use)."""
-    _ARCHITECTURES[model_type] = facts if callable(facts) else (lambda: facts)
+def register_architecture(model_type: str, facts: Architecture) -> None:
+    """Make `model_type=` name an architecture in `save_peft` / `load_peft`."""
+    _ARCHITECTURES[model_type] = facts
 
 
 def _architecture(model_type: str | None) -> Architecture | None:
@@ -234,10 +231,10 @@ def _architecture(model_type: str | None) -> Architecture | None:
     if model_type not in _ARCHITECTURES:
         raise ValueError(
             f"unknown model_type {model_type!r}: import lora_jax.models (which registers "
-            f"gpt2, bert, llama, bloom and t5), call lora_jax.peft.files.register_architecture, "
-            "or pass stacks= and fan_in_fan_out= instead"
+            "its architectures), call lora_jax.peft.files.register_architecture, or pass "
+            "stacks= and fan_in_fan_out= instead"
         )
-    return _ARCHITECTURES[model_type]()
+    return _ARCHITECTURES[model_type]
 
 
 def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str,
@@ -436,7 +433,7 @@ def save_peft(
     `model_type` (a `lora_jax.models` architecture, e.g. "gpt2") gives the layer stacks and
     `fan_in_fan_out`; `task_type` is peft's (e.g. "CAUSAL_LM", "SEQ_CLS"). Factors keep their
     dtype. Without `task_type`, peft records `auto_mapping` from `base_model_class` (default:
-    the architecture's first `HF_CLASSES` entry). For an adapter that started from PiSSA /
+    the architecture's `base_model_class`). For an adapter that started from PiSSA /
     OLoRA, `initial_params` (the params right after `inject`) converts it to a plain LoRA of the
     original base (`lora_jax.core.convert.to_plain_lora`), as peft's
     `path_initial_model_for_weight_conversion` does; without it the file needs the residual base.

@@ -52,7 +52,7 @@ def hf_outputs(hf_model):
 
 
 def test_registry_and_paths(hf_base, hf_classifier):
-    assert registry.architecture("bert") is bert
+    assert registry.architecture("bert").module is bert
     _, params = load(hf_base, "base")
     assert params["encoder"]["layer_2"]["attention"]["self"]["query"]["kernel"].shape == (32, 32)
     assert params["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"].shape == (32, 37)

@@ -34,7 +34,7 @@ def hf_model(request):
 
 
 def test_registry_and_paths(hf_model):
-    assert registry.architecture("bloom") is bloom
+    assert registry.architecture("bloom").module is bloom
     _, params, config = load(bloom, hf_model)
     qkv = params["transformer"]["h_0"]["self_attention"]["query_key_value"]
     assert qkv["kernel"].shape == (config.hidden_size, 3 * config.hidden_size)

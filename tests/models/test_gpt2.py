@@ -34,7 +34,7 @@ IDS = np.random.RandomState(0).randint(0, 99, (2, 10))
 
 
 def test_registry_and_paths(hf_model):
-    assert registry.architecture("gpt2") is gpt2
+    assert registry.architecture("gpt2").module is gpt2
     _, params, _ = load(gpt2, hf_model)
     assert params["transformer"]["h_0"]["attn"]["c_attn"]["kernel"].shape == (32, 96)
     assert "lm_head" not in params  # tied to transformer.wte

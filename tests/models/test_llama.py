@@ -38,7 +38,7 @@ def hf_model(request):
 
 
 def test_registry_and_paths(hf_model):
-    assert registry.architecture("llama") is llama
+    assert registry.architecture("llama").module is llama
     _, params, config = load(llama, hf_model)
     attn = params["model"]["layers_0"]["self_attn"]
     assert attn["q_proj"]["kernel"].shape == (32, 32)

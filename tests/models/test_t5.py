@@ -50,7 +50,7 @@ def hf_logits(hf_model) -> np.ndarray:
 
 
 def test_registry_and_paths(hf_model):
-    assert registry.architecture("t5") is t5
+    assert registry.architecture("t5").module is t5
     _, params = load(hf_model)
     gated = hf_model.config.is_gated_act
     ff = params["decoder"]["block_2"]["layer_2"]["DenseReluDense"]
