@@ -1,0 +1,252 @@
+"""VeRA (peft's `VeraConfig`, arXiv 2310.11454): one pair of frozen random projections shared by
+every adapted layer, and two trained vectors per layer.
+
+What peft 0.21 does (read from `peft/tuners/vera` and checked by running it, tests/test_vera.py):
+
+- Projections: `vera_A [r, max_in]` then `vera_B [max_out, r]`, drawn in that order from one
+  `torch.Generator().manual_seed(projection_prng_key)` as kaiming-uniform with gain sqrt(2)
+  (bound `sqrt(6 / fan_in)`: `max_in` for A, `r` for B; not LoRA's a = sqrt(5)). `max_in` /
+  `max_out` are the largest input / output sizes of the targeted layers (after
+  `layers_to_transform`). A layer uses `A[:, :in]` and `B[:out, :]`. They are buffers: not
+  trained, not in `print_trainable_parameters`' counts.
+- Per layer, trained: `vera_lambda_d [r]` (init `d_initial`, 0.1) and `vera_lambda_b [out]` (init
+  0, so the adapted model starts equal to the base); with `init_weights=False` lambda_b = 1 and
+  lambda_d ~ N(0, 1).
+- Forward `h = W x + lambda_b * (B[:out] (lambda_d * (A[:, :in] dropout(x))))`; merge
+  `W += (lambda_b B[:out]) (lambda_d A[:, :in])`. No alpha, no scale.
+- Files: per layer `base_model.model.<path>.vera_lambda_d [r]` and `.vera_lambda_b [out]` (no
+  `.weight`); with `save_projection=True` (the default) also `base_model.vera_A [r, max_in]` and
+  `base_model.vera_B [max_out, r]`. `adapter_config.json` has `peft_type: "VERA"` and the fields
+  of `VeraConfig` below, plus `fan_in_fan_out` (True for GPT-2's Conv1D).
+- Refused by peft: layers other than Linear / Conv1D (Embedding, Conv2d: TypeError when named
+  with a Linear, "No layers types compatible with VeRA" when only such are named); a second
+  adapter whose layers or rank need larger projections than the first one's.
+
+Here, in JAX layout (a kernel is `[in, out]`): `A = vera_A.T [max_in, r]`, `B = vera_B.T [r,
+max_out]`; a layer keeps its slices `A[:in] [in, r]`, `B[:, :out] [r, out]` (frozen) beside its
+trained lambdas, and its delta is the low-rank product `(x (A lambda_d)) (B lambda_b)`: no
+`in x out` matrix is formed. peft's `torch.Generator` is a Mersenne Twister, whose numbers
+numpy's `MT19937` reproduces exactly, so the projections for a `projection_prng_key` are peft's,
+bit for bit, and adapters saved without them (`save_projection=False`) load exactly too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.core.config import _reject_unknown_fields
+from lora_jax.core.factors import Layout, kernel_delta
+
+
+@dataclasses.dataclass(frozen=True)
+class VeraConfig:
+    """What to adapt with VeRA and how; field names, defaults and matching rules follow peft's
+    `VeraConfig` (target_modules, layers_to_transform, layers_pattern and modules_to_save select
+    modules as in `lora_jax.LoraConfig`).
+
+    - `r`: the projections' rank (peft's default 256: VeRA trains only `r + out` numbers a layer).
+    - `projection_prng_key`: the seed of peft's `torch.Generator` for the shared projections; the
+      same key gives the same projections as peft.
+    - `save_projection`: write the projections into the adapter file (peft's default; without
+      them a reader must regenerate them from the key).
+    - `vera_dropout`: dropout on the input of the projections.
+    - `d_initial`: the initial value of every `vera_lambda_d`.
+    - `bias`: "none" | "all" (every bias trains) | "vera_only" (biases of adapted modules).
+    - `init_weights`: True: lambda_b = 0 (starts equal to the base); False: lambda_b = 1 and
+      lambda_d ~ N(0, 1), a non-identity start for tests.
+
+    >>> config = VeraConfig(r=16, target_modules=["q_proj", "v_proj"])
+    >>> config.d_initial, config.save_projection
+    (0.1, True)
+    """
+
+    r: int = 256
+    target_modules: str | Sequence[str] | None = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    bias: Literal["none", "all", "vera_only"] = "none"
+    modules_to_save: Sequence[str] | None = None
+    init_weights: bool = True
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        # Lists become tuples so the config is hashable and can be a static jit argument.
+        for name in ("target_modules", "modules_to_save", "layers_pattern", "layers_to_transform"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key,
+                                                                       bool):
+            raise ValueError("VeraConfig.projection_prng_key must be an integer (a torch seed), "
+                             f"got {self.projection_prng_key!r}")
+        for name in ("save_projection", "init_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VeraConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
+        if not number(self.vera_dropout) or not 0.0 <= self.vera_dropout < 1.0:
+            raise ValueError(f"VeraConfig.vera_dropout must be in [0, 1), got "
+                             f"{self.vera_dropout!r}")
+        if not number(self.d_initial) or not math.isfinite(self.d_initial):
+            raise ValueError(f"VeraConfig.d_initial must be a finite number, got "
+                             f"{self.d_initial!r}")
+        if self.bias not in ("none", "all", "vera_only"):
+            raise ValueError(f"VeraConfig.bias must be 'none', 'all' or 'vera_only', got "
+                             f"{self.bias!r}")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("VeraConfig.layers_pattern needs layers_to_transform to be set too")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "VeraConfig.layers_to_transform cannot be used with a str (regex or 'all-linear') "
+                f"target_modules={self.target_modules!r}: peft accepts it but then ignores "
+                "layers_to_transform; list the module names instead"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (tuples as lists): peft's `VeraConfig` fields."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> VeraConfig:
+        """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
+        return cls(**fields)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+VeraConfig = _reject_unknown_fields(VeraConfig)
+
+
+# --- the shared projections -------------------------------------------------------------------
+
+def _torch_generator(seed: int) -> np.random.MT19937:
+    """numpy's MT19937 in the state of `torch.Generator().manual_seed(seed)` (torch seeds the
+    twister with the low 32 bits by the reference `init_genrand`)."""
+    key = np.empty(624, np.uint32)
+    s = seed % 2**64 & 0xFFFFFFFF
+    for i in range(624):
+        key[i] = s
+        s = (1812433253 * (s ^ (s >> 30)) + i + 1) & 0xFFFFFFFF
+    generator = np.random.MT19937()
+    generator.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
+    return generator
+
+
+def _kaiming_uniform(generator: np.random.MT19937, shape: tuple[int, int]) -> np.ndarray:
+    """peft's `_kaiming_init(shape, generator)`: torch's `uniform_(-bound, bound)` of a float32
+    tensor, fan_in = shape[1] (torch draws 24 bits a number and maps them in double)."""
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+    low, high = float(np.float32(-bound)), float(np.float32(bound))
+    bits = generator.random_raw(math.prod(shape)) & 0xFFFFFF
+    return (bits * 2.0**-24 * (high - low) + low).astype(np.float32).reshape(shape)
+
+
+def projections(config: VeraConfig, fan_in: int, fan_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shared `A [fan_in, r]` and `B [r, fan_out]` (float32, JAX layout) that peft draws for
+    `config.projection_prng_key` when the largest targeted layer sizes are `fan_in` / `fan_out`.
+
+    >>> a, b = projections(VeraConfig(r=4), 8, 6)
+    >>> a.shape, b.shape, bool(abs(a).max() <= (6 / 8) ** 0.5)
+    ((8, 4), (4, 6), True)
+    """
+    generator = _torch_generator(config.projection_prng_key)
+    vera_a = _kaiming_uniform(generator, (config.r, fan_in))
+    vera_b = _kaiming_uniform(generator, (fan_out, config.r))
+    return vera_a.T, vera_b.T
+
+
+def layer_projections(a: Any, b: Any, shape: tuple[int, ...], layout: Layout,
+                      where: str = "VeRA") -> tuple[jax.Array, jax.Array]:
+    """One weight's slices of the shared `a [max_in, r]`, `b [r, max_out]`: `A [*stack, *in, r]`
+    and `B [*stack, r, *out]` (the first `in` rows of A and `out` columns of B, as peft's
+    `A[:, :in]`, `B[:out, :]`), repeated along the weight's stacked axes."""
+    stack, fan_in, fan_out = layout.split(shape)
+    n_in, n_out = math.prod(fan_in), math.prod(fan_out)
+    if a.shape[0] < n_in or b.shape[1] < n_out:
+        raise ValueError(
+            f"{where}: the shared projections vera_A {tuple(a.shape[::-1])} / vera_B "
+            f"{tuple(b.shape[::-1])} (peft's layout) are too small for a layer with {n_in} inputs "
+            f"and {n_out} outputs: they must cover the largest targeted layer, as peft requires"
+        )
+    r = a.shape[1]
+    a = jnp.broadcast_to(jnp.asarray(a)[:n_in].reshape(*fan_in, r), (*stack, *fan_in, r))
+    b = jnp.broadcast_to(jnp.asarray(b)[:, :n_out].reshape(r, *fan_out), (*stack, r, *fan_out))
+    return a, b
+
+
+def shared_projections(layers: Sequence[tuple[Any, Any]], where: str = "VeRA"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The shared `A [max_in, r]`, `B [r, max_out]` rebuilt from the layers' slices (one `A [in,
+    r]`, `B [r, out]` pair a layer), for a file; raises unless all are cut from one pair.
+
+    >>> a, b = projections(VeraConfig(r=2), 5, 4)
+    >>> full = shared_projections([(a[:3], b), (a, b[:, :1])])
+    >>> bool((full[0] == a).all() and (full[1] == b).all())
+    True
+    """
+    pairs = [(np.asarray(a), np.asarray(b)) for a, b in layers]
+    full_a = max((a for a, _ in pairs), key=len)
+    full_b = max((b for _, b in pairs), key=lambda b: b.shape[1])
+    for a, b in pairs:
+        if not (np.array_equal(a, full_a[:len(a)]) and np.array_equal(b, full_b[:, :b.shape[1]])):
+            raise ValueError(f"{where}: the layers' vera_A / vera_B are not slices of one shared "
+                             "pair of projections (VeRA shares one): were they trained or changed?")
+    return full_a, full_b
+
+
+# --- the trained vectors and the delta ------------------------------------------------------
+
+def init_lambdas(shape: tuple[int, ...], layout: Layout, config: VeraConfig, key: jax.Array,
+                 dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """`lambda_d [*stack, r]` and `lambda_b [*stack, *out]` as peft initialises them:
+    `d_initial` and 0 (the adapted layer starts equal to the base), or with
+    `init_weights=False` N(0, 1) and 1."""
+    stack, _, fan_out = layout.split(shape)
+    d_shape, b_shape = (*stack, config.r), (*stack, *fan_out)
+    if config.init_weights:
+        return jnp.full(d_shape, config.d_initial, dtype), jnp.zeros(b_shape, dtype)
+    return jax.random.normal(key, d_shape, dtype), jnp.ones(b_shape, dtype)
+
+
+def scaled_projections(a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """`(A lambda_d, B lambda_b)`: the low-rank factors of a layer's VeRA delta, `[*stack, *in,
+    r]` and `[*stack, r, *out]`, for `lambda_d [*stack, r]` and `lambda_b [*stack, *out]`.
+
+    The delta of a call is `product(x, *scaled_projections(...))` for the layer's low-rank
+    product `(x @ a) @ b`, and the merged weight adds `kernel_delta` of them.
+
+    >>> a, b = scaled_projections(jnp.ones((3, 2)), jnp.ones((2, 4)), jnp.array([1.0, 2.0]),
+    ...                           jnp.arange(4.0))
+    >>> (a @ b).tolist()[0]
+    [0.0, 3.0, 6.0, 9.0]
+    """
+    stacked = lambda_d.ndim - 1
+    n_in = a.ndim - stacked - 1
+    d = lambda_d.reshape(*lambda_d.shape[:-1], *(1,) * n_in, lambda_d.shape[-1])
+    return a * d, b * jnp.expand_dims(lambda_b, stacked)
+
+
+def merge_delta(a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array,
+                layout: Layout, shape: tuple[int, ...]) -> jax.Array:
+    """`(A lambda_d) (B lambda_b)` laid out as the weight (float32): what merging adds."""
+    return kernel_delta(*scaled_projections(a, b, lambda_d, lambda_b), layout, shape)
