@@ -45,7 +45,12 @@ def initialize(
 
 
 def batch_sharding(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-    """Rows (axis 0) split over the mesh axes in `axes` that the mesh has, the rest replicated."""
+    """Rows (axis 0) split over the mesh axes in `axes` that the mesh has, the rest replicated.
+
+    >>> mesh = jax.make_mesh((1, 1), ("data", "tensor"))
+    >>> batch_sharding(mesh).spec  # "tensor" replicates the rows
+    P('data',)
+    """
     missing = [a for a in axes if a not in mesh.shape]
     if missing and len(missing) == len(axes):
         raise ValueError(
@@ -57,7 +62,13 @@ def batch_sharding(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> NamedShardin
 
 def process_rows(global_rows: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> slice:
     """The rows of a global batch that this process feeds to `shard_batch` (all of them on one
-    process): those its own devices hold under `batch_sharding(mesh, axes)`."""
+    process): those its own devices hold under `batch_sharding(mesh, axes)`.
+
+    >>> mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    >>> rows = 8 * len(jax.devices())
+    >>> process_rows(rows, mesh) == slice(0, rows)  # one process feeds every row
+    True
+    """
     sharding = batch_sharding(mesh, axes)
     _check_divides(global_rows, sharding)
     spans = {(s.start or 0, global_rows if s.stop is None else s.stop) for s, *_ in
@@ -72,11 +83,13 @@ def process_rows(global_rows: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES)
 
 
 def _check_divides(global_rows: int, sharding: NamedSharding) -> None:
-    n_shards = math.prod(sharding.mesh.shape[a] for a in sharding.spec[0])
+    axes = sharding.spec[0]  # P(("data",)) reads back as P("data"): one axis is a str
+    axes = (axes,) if isinstance(axes, str) else axes
+    n_shards = math.prod(sharding.mesh.shape[a] for a in axes)
     if global_rows % n_shards:
         raise ValueError(
             f"a global batch of {global_rows} rows does not divide over the {n_shards} "
-            f"data-parallel devices of mesh axes {sharding.spec[0]}; use a multiple of {n_shards}"
+            f"data-parallel devices of mesh axes {tuple(axes)}; use a multiple of {n_shards}"
         )
 
 
@@ -86,6 +99,12 @@ def shard_batch(local: Any, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> Any
     Each process passes the rows `global_batch[process_rows(n, mesh, axes)]` (on one process,
     the whole batch). Raises a ValueError before anything compiles when the global batch does
     not divide over the data-parallel devices.
+
+    >>> mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    >>> rows = 2 * len(jax.devices())
+    >>> batch = shard_batch({"ids": np.zeros((rows, 5), np.int32)}, mesh)
+    >>> batch["ids"].shape == (rows, 5), batch["ids"].sharding.spec
+    (True, P('data',))
     """
     sharding = batch_sharding(mesh, axes)
 

@@ -204,12 +204,22 @@ class Int8Tensor(_Quantized):
 
 
 def is_quantized(x: Any) -> bool:
-    """Whether `x` is a quantized weight (NF4, int8, or a GGUF file's blocks)."""
+    """Whether `x` is a quantized weight (NF4, int8, or a GGUF file's blocks).
+
+    >>> import jax.numpy as jnp
+    >>> is_quantized(int8(jnp.ones((4, 3)))), is_quantized(jnp.ones((4, 3)))
+    (True, False)
+    """
     return isinstance(x, _Quantized)
 
 
 def has_quantized(params: Any) -> bool:
-    """Whether any weight in the tree is quantized."""
+    """Whether any weight in the tree is quantized.
+
+    >>> import jax.numpy as jnp
+    >>> has_quantized({"q": {"kernel": int8(jnp.ones((4, 3))), "bias": jnp.zeros(3)}})
+    True
+    """
     return any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized)))
 
 
@@ -217,7 +227,13 @@ def nf4(w: jax.Array) -> NF4Tensor:
     """NF4 with double quantisation; each trailing matrix `w[..., :, :]` (one per stacked layer)
     is flattened into blocks of 64 (which must divide its size) and has its own
     double-quantisation constants, the same as if it were quantized alone (so quantizing layers
-    then stacking them equals quantizing the stack, bit for bit)."""
+    then stacking them equals quantizing the stack, bit for bit).
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = jax.random.normal(jax.random.key(0), (2, 64, 8))   # two stacked layers
+    >>> bool((nf4(w).codes[1] == nf4(w[1]).codes).all())
+    True
+    """
     if w.ndim < 2 or (w.shape[-1] * w.shape[-2]) % BLOCK:
         raise ValueError(f"NF4 needs a weight of at least 2 axes whose trailing matrix size is a "
                          f"multiple of {BLOCK}, got shape {tuple(w.shape)}")
@@ -254,7 +270,13 @@ def _nf4_matrix(w: jax.Array) -> NF4Tensor:
 
 def int8(w: jax.Array) -> Int8Tensor:
     """int8 codes with one absmax scale per column of each trailing matrix `w[..., :, :]` (per
-    output feature, and per layer of a stacked kernel)."""
+    output feature, and per layer of a stacked kernel).
+
+    >>> import jax.numpy as jnp
+    >>> q = int8(jnp.array([[1.0, -2.0], [0.5, 4.0]]))
+    >>> q.codes.tolist(), [round(float(v), 3) for v in jnp.asarray(q).ravel()]  # absmax -> 127
+    ([[127, -64], [64, 127]], [1.0, -2.016, 0.504, 4.0])
+    """
     w32 = w.astype(jnp.float32)
     absmax = jnp.abs(w32).max(axis=-2, keepdims=True)
     scale = jnp.where(absmax == 0, 1.0, absmax) / 127.0
@@ -295,7 +317,13 @@ def leaf_quantizer(kind: str = "nf4", *, exclude: Sequence[str] = (),
     """`quantize`'s choice for one leaf, for loaders that quantize as they read
     (`from_pretrained(..., quantize="nf4")`): `(path, value)` -> the value quantized if `path`
     (dotted, e.g. `model.layers_0.mlp.up_proj.kernel`) is a kernel `quantize` would quantize,
-    else the value as it is. A kernel NF4's blocks do not fit raises a ValueError."""
+    else the value as it is. A kernel NF4's blocks do not fit raises a ValueError.
+
+    >>> import jax.numpy as jnp
+    >>> convert = leaf_quantizer("int8")
+    >>> [type(convert(p, jnp.ones((4, 3)))).__name__ for p in ("h.q.kernel", "lm_head.kernel")]
+    ['Int8Tensor', 'ArrayImpl']
+    """
     skipped = _skipped(kind, exclude, modules_to_save)
 
     def convert(path: str, value: Any) -> Any:
@@ -320,6 +348,12 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
     float kernel beyond the result; loaders quantize as they read (`leaf_quantizer`).
 
         params = lora_jax.quantize(params, "nf4")     # then inject / wrap as usual
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"up": {"kernel": jnp.ones((64, 8))}, "lm_head": {"kernel": jnp.ones((8, 64))}}
+    >>> q = quantize(params, "nf4")
+    >>> type(q["up"]["kernel"]).__name__, type(q["lm_head"]["kernel"]).__name__  # heads stay float
+    ('NF4Tensor', 'ArrayImpl')
     """
     skipped = _skipped(kind, exclude, modules_to_save)
     updates: dict[str, dict[str, Any]] = {}
@@ -397,6 +431,14 @@ _product.defvjp(_product_fwd, _product_bwd)
 
 
 def dequantize(params: Mapping[str, Any]) -> Any:
-    """The params tree with every quantized weight replaced by its float value."""
+    """The params tree with every quantized weight replaced by its float value.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"up": {"kernel": jax.random.normal(jax.random.key(0), (64, 8))}}
+    >>> back = dequantize(quantize(params, "int8"))
+    >>> back["up"]["kernel"].dtype, bool(jnp.allclose(back["up"]["kernel"], params["up"]["kernel"],
+    ...                                               atol=0.03))
+    (dtype('float32'), True)
+    """
     return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, params,
                         is_leaf=is_quantized)
