@@ -71,8 +71,9 @@ def process_rows(global_rows: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES)
     """
     sharding = batch_sharding(mesh, axes)
     _check_divides(global_rows, sharding)
-    spans = {(s.start or 0, global_rows if s.stop is None else s.stop) for s, *_ in
-             sharding.addressable_devices_indices_map((global_rows,)).values()}
+    indices = sharding.addressable_devices_indices_map((global_rows,)).values()
+    spans = {(s.start or 0, global_rows if s.stop is None else s.stop)
+             for s, *_ in (index for index in indices if index is not None)}
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     if (hi - lo) * jax.process_count() != global_rows:
         raise ValueError(

@@ -73,6 +73,13 @@ class GGMLTensor(_Quantized):
 
     FIELDS = ("codes", "scale", "minimum", "sub_scale", "sub_minimum")
     STATIC = ("kind", "axis")
+    codes: jax.Array
+    scale: jax.Array
+    minimum: jax.Array | None
+    sub_scale: jax.Array | None
+    sub_minimum: jax.Array | None
+    kind: str
+    axis: int
 
     def _repeat(self, x: jax.Array, times: int) -> jax.Array:
         return jnp.repeat(x.astype(jnp.float32), times, axis=self.axis % x.ndim)
@@ -100,7 +107,7 @@ class GGMLTensor(_Quantized):
         fields = (None if f is None else jnp.swapaxes(f, 0, 1) for f in self.tree_flatten()[0])
         return GGMLTensor(*fields, dtype=self.dtype, kind=self.kind, axis=-3 - self.axis)
 
-    def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P, ...]:
+    def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P | None, ...]:
         # The scales have the kernel's axes, with fewer entries on the blocked one: a shard of
         # rows (or columns) holds whole blocks whenever the per-block axis divides over it.
         spec = P(*stack, rows, cols)
@@ -130,7 +137,11 @@ def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scales, minimums
 
 
-def _parse(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+_MaybeArray = np.ndarray | None
+
+
+def _parse(kind: str, blocks: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, _MaybeArray, _MaybeArray, _MaybeArray]:
     """(codes [..., block], scale, minimum, sub_scale, sub_minimum) of raw blocks [..., bytes];
     absent fields None, per-block fields [...], per-sub-block ones [..., sub-blocks]."""
     if kind == "Q4_0":

@@ -147,8 +147,8 @@ class _Quantized(abc.ABC):
         return self.with_fields(*self._specs(full[:-2], *full[-2:]))
 
     @abc.abstractmethod
-    def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P, ...]:
-        """The fields' specs for a kernel spec `(*stack, rows, cols)`."""
+    def _specs(self, stack: tuple[Any, ...], rows: Any, cols: Any) -> tuple[P | None, ...]:
+        """The fields' specs for a kernel spec `(*stack, rows, cols)` (None: an absent field)."""
 
     def astype(self, dtype: Any) -> jax.Array:
         return self.dequantize(dtype)
@@ -162,6 +162,10 @@ class NF4Tensor(_Quantized):
     """An NF4-quantized weight (see the module docstring); `jnp.asarray` dequantizes it."""
 
     FIELDS = ("codes", "absmax", "absmax_scale", "offset")
+    codes: jax.Array
+    absmax: jax.Array
+    absmax_scale: jax.Array
+    offset: jax.Array
 
     def _float(self) -> jax.Array:
         *batch, rows, cols = self.codes.shape
@@ -195,6 +199,8 @@ class Int8Tensor(_Quantized):
     """An int8 weight with one absmax scale per column of each trailing matrix."""
 
     FIELDS = ("codes", "scale")
+    codes: jax.Array
+    scale: jax.Array
 
     def _float(self) -> jax.Array:
         return self.codes.astype(jnp.float32) * self.scale
@@ -362,7 +368,7 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
         kernel = module.get("kernel")
         if is_quantized(kernel):
             already.append(path)
-        elif _chosen(skipped, path, kernel):
+        elif kernel is not None and _chosen(skipped, path, kernel):
             if _misfits(kind, kernel):
                 refused.append(f"{path} {tuple(kernel.shape)}")
             else:

@@ -128,7 +128,7 @@ def read_jsonl(path: str | Path) -> TextDataset:
     if len({type(lab) for lab in raw_labels}) > 1:
         kinds = sorted({type(x).__name__ for x in raw_labels})
         raise ValueError(f"{path}: labels mix types {kinds}; use all strings or all ints")
-    classes = sorted(set(raw_labels))
+    classes = sorted(set(raw_labels))  # type: ignore[type-var]  # one type, no None: checked
     lookup = {c: i for i, c in enumerate(classes)}
     return TextDataset(tuple(texts), np.asarray([lookup[x] for x in raw_labels], np.int32),
                        tuple(str(c) for c in classes))
@@ -210,7 +210,9 @@ def split_indices(n: int, labels: np.ndarray | None, seed: int = 0,
 def split(data: TextDataset, seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS
           ) -> tuple[TextDataset, TextDataset, TextDataset]:
     """(train, val, test), stratified for labelled data; see `split_indices`."""
-    return tuple(data.subset(i) for i in split_indices(len(data), data.labels, seed, fractions))
+    train, val, test = (data.subset(i)
+                        for i in split_indices(len(data), data.labels, seed, fractions))
+    return train, val, test
 
 
 def sample(data: TextDataset, n: int, seed: int = 0) -> TextDataset:

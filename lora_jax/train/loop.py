@@ -135,7 +135,7 @@ def _eval_sums(forward: Forward, task: str) -> Callable[..., tuple[jax.Array, ..
 
 
 def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
-             batch_size: int) -> dict[str, float]:
+             batch_size: int) -> dict[str, float | None]:
     """Loss and accuracy (`classify`) or loss and perplexity (`lm`, `seq2seq`) over all of `arrays`.
     An empty split gives None for every measure (and 0 examples / tokens), never a number."""
     n = len(arrays["input_ids"])
