@@ -34,6 +34,7 @@ extensions = [
 ]
 exclude_patterns = ["_build", "jupyter_execute", "README.md"]
 default_role = "code"  # `name` in docstrings is code, as in the README
+smartquotes = False  # quotes and backslashes in help texts and regexes stay as written
 
 # Notebooks (MyST markdown with code cells) run at every build; a failing cell fails it.
 nb_execution_mode = "force"

@@ -154,9 +154,10 @@ def _option(action: argparse.Action) -> nodes.Node:
     text = (action.help or "").replace("%(prog)s", "lora-jax")
     if action.choices and action.option_strings and action.metavar:
         text += f" Choices: {', '.join(map(str, action.choices))}."
+    shown = f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
     if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings \
-            and "default" not in text:
-        text += f" Default: {action.default}."
+            and "default" not in text and f"({shown})" not in text:
+        text += f" Default: {shown}."
     if action.required and action.option_strings:
         text += " Required."
     if action.__class__.__name__ == "_AppendAction":
