@@ -40,6 +40,7 @@ def _readme_example() -> str:
 def dist(tmp_path_factory):
     if not (ROOT / "pyproject.toml").exists():
         pytest.skip("not a source checkout")
+    pytest.importorskip("build", reason="the docs extra installs `build`: pip install -e '.[docs]'")
     out = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT], ROOT,
          os.environ)
