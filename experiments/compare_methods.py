@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from lora_jax.cli import run
+from lora_jax.cli.adapter import save_adapter
+from lora_jax.cli.finetune import encode_split
+from lora_jax.cli.method import DEFAULT_LR, Setup, setup_method
+from lora_jax.cli.model import Loaded, load_model
 from lora_jax.train import data
 from lora_jax.train import loop as train
 
@@ -48,7 +51,7 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def compiled_step(setup: run.Setup, task: str, trainable: Any, frozen: Any, batch: Any
+def compiled_step(setup: Setup, task: str, trainable: Any, frozen: Any, batch: Any
                   ) -> tuple[Any, int | None]:
     """The compiled training step and its memory (XLA: arguments + outputs + temporaries)."""
     step = train.make_step(setup.forward, task, setup.tx)
@@ -61,17 +64,17 @@ def compiled_step(setup: run.Setup, task: str, trainable: Any, frozen: Any, batc
                          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-# A variant label's LoRA options (run.setup_method keywords).
+# A variant label's LoRA options (setup_method keywords).
 VARIANTS = {"lora": {}, "dora": {"dora": True}, "pissa": {"init": "pissa"},
             "olora": {"init": "olora"}, "loraplus": {"loraplus_ratio": 16.0}}
 
 
-def run_method(loaded: run.Loaded, task: str, label: str, arrays: dict, args: argparse.Namespace
+def run_method(loaded: Loaded, task: str, label: str, arrays: dict, args: argparse.Namespace
                ) -> dict[str, Any]:
     name, _, rank = label.partition("-")
     method = "lora" if name in VARIANTS else name
-    lr = args.lr.get(name) or args.lr.get(method) or run.DEFAULT_LR[method]
-    setup = run.setup_method(loaded, task, method, r=int(rank or 8), alpha=2 * int(rank or 8),
+    lr = args.lr.get(name) or args.lr.get(method) or DEFAULT_LR[method]
+    setup = setup_method(loaded, task, method, r=int(rank or 8), alpha=2 * int(rank or 8),
                              dropout=0.05, prompt_tokens=args.prompt_tokens, lr=lr,
                              steps=args.steps, seed=args.seed, **VARIANTS.get(name, {}))
     n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
@@ -86,7 +89,7 @@ def run_method(loaded: run.Loaded, task: str, label: str, arrays: dict, args: ar
     params = lora_jax.combine(result.trainable, frozen)
     quality = train.evaluate(setup.forward, task, params, test_a, args.eval_batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        run.save_adapter(Path(tmp) / "a", params, setup, loaded, task, method, args.prompt_tokens)
+        save_adapter(Path(tmp) / "a", params, setup, loaded, task, method, args.prompt_tokens)
         size = folder_bytes(Path(tmp) / "a")
     row = {"method": label, "lr": lr, "trainable": n_trainable, "total": n_total,
            "trainable_percent": 100 * n_trainable / n_total, "adapter_bytes": size,
@@ -157,10 +160,10 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     part = PARTS[args.part]
-    loaded, task = run.load_model(part["model"], part["task"], 5)
+    loaded, task = load_model(part["model"], part["task"], 5)
     dataset = data.load_dataset("bbc", task)
     train_p, _, test_p = data.split(dataset, seed=args.seed)
-    arrays = {name: run.encode_split(loaded, task, p.texts, p.labels, args.seq_len)
+    arrays = {name: encode_split(loaded, task, p.texts, p.labels, args.seq_len)
               for name, p in (("train", train_p), ("test", test_p))}
     for name, limit in (("train", args.limit_train), ("test", args.limit_test)):
         if limit:  # a seeded random subset: the splits are sorted by class
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             arrays[name] = {k: v[keep] for k, v in arrays[name].items()}
     before = None
     if task == "lm":
-        base = run.setup_method(loaded, task, "head" if task == "classify" else "full")
+        base = setup_method(loaded, task, "head" if task == "classify" else "full")
         before = train.evaluate(base.forward, task, base.params, arrays["test"],
                                 args.eval_batch_size)
         print(f"base model: {before}", flush=True)

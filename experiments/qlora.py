@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from lora_jax.cli import run
+from lora_jax.cli.finetune import encode_split
+from lora_jax.cli.method import setup_method
+from lora_jax.cli.model import Loaded, load_model
 from lora_jax.quant.quantize import NF4Tensor, is_quantized
 from lora_jax.train import data
 from lora_jax.train import loop as train
@@ -63,15 +65,15 @@ def base_bytes(params: Any, kernels_only: bool = False) -> int:
     return total
 
 
-def run_row(loaded: run.Loaded, label: str, arrays: dict, args: argparse.Namespace
+def run_row(loaded: Loaded, label: str, arrays: dict, args: argparse.Namespace
             ) -> dict[str, Any]:
     dtype, kind, init, targets = ROWS[label]
     if kind == "gguf":  # loaded again, keeping the Q4_1 blocks
-        loaded = run.load_model("smollm2", "lm", quantize="gguf")[0]
+        loaded = load_model("smollm2", "lm", quantize="gguf")[0]
     cast = jax.tree.map(lambda x: x if is_quantized(x) or not jnp.issubdtype(
         x.dtype, jnp.floating) else x.astype(dtype), loaded.params, is_leaf=is_quantized)
-    row_loaded = run.Loaded(**{**vars(loaded), "params": cast})
-    setup = run.setup_method(row_loaded, "lm", "lora", r=8, alpha=8 if init == "loftq" else 16,
+    row_loaded = Loaded(**{**vars(loaded), "params": cast})
+    setup = setup_method(row_loaded, "lm", "lora", r=8, alpha=8 if init == "loftq" else 16,
                              dropout=0.05, targets=targets, lr=args.lr, steps=args.steps,
                              seed=args.seed, init=init, quantize=kind if init is True else None)
     params = setup.params
@@ -115,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    loaded, _ = run.load_model("smollm2", "lm")
+    loaded, _ = load_model("smollm2", "lm")
     train_p, _, test_p = data.split(data.load_dataset("bbc", "lm"), seed=args.seed)
-    arrays = {name: run.encode_split(loaded, "lm", p.texts, p.labels, args.seq_len)
+    arrays = {name: encode_split(loaded, "lm", p.texts, p.labels, args.seq_len)
               for name, p in (("train", train_p), ("test", test_p))}
     keep = np.sort(np.random.default_rng(args.seed).permutation(
         len(arrays["test"]["input_ids"]))[: args.limit_test])

@@ -290,14 +290,14 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_rerun_or_resumed(tiny_
 def test_a_run_killed_while_writing_its_run_config_can_be_rerun(tmp_path):
     """Killed inside write_json(run_config.json): only our temporary file is left, and the
     folder counts as an unstarted run (before: "--out exists and is not empty")."""
-    from lora_jax.cli.run import _unstarted_run
+    from lora_jax.cli.files import unstarted_run
 
     out = tmp_path / "run"
     out.mkdir()
     (out / ".run_config.json.x1y2.tmp").write_text('{"mod')
-    assert _unstarted_run(out)
+    assert unstarted_run(out)
     (out / "notes.txt").write_text("mine")  # anything else is the user's: never reused
-    assert not _unstarted_run(out)
+    assert not unstarted_run(out)
 
 
 def test_merge_of_an_adapter_saved_without_task_type(bert_run, tmp_path):

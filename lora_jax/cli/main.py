@@ -27,8 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax import __version__
-from lora_jax.cli import run
-from lora_jax.cli.run import EXIT_DIVERGED, EXIT_INTERRUPTED, METHODS, NOT_SAVED, read_json
+from lora_jax.cli import finetune as run_finetune
+from lora_jax.cli import sweep
+from lora_jax.cli.files import read_json
+from lora_jax.cli.finetune import EXIT_DIVERGED, EXIT_INTERRUPTED, NOT_SAVED
+from lora_jax.cli.generate import generate
+from lora_jax.cli.merge import merge
+from lora_jax.cli.method import METHODS
 
 EXIT_USAGE = 2
 __all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
@@ -274,28 +279,16 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**fields)
 
 
-# --- the commands: the run itself is lora_jax.cli.run ---------------------------------------
+# --- finetune: a run, a resumed run or a sweep ----------------------------------------------------
 
 def finetune(args: argparse.Namespace) -> int:
-    """`lora-jax finetune`: `run.finetune` with the flags (a resumed run's saved ones); with
-    --sweep, `run_sweep.finetune`."""
+    """`lora-jax finetune`: `lora_jax.cli.finetune.finetune` with the flags (a resumed run's saved
+    ones); with --sweep, `lora_jax.cli.sweep.finetune`."""
     if getattr(args, "sweep", None):
-        from lora_jax.cli import sweep as run_sweep
-
-        return run_sweep.finetune(args)
+        return sweep.finetune(args)
     if args.resume:
         args = _resumed_args(args)
-    return run.finetune(args)
-
-
-def generate(args: argparse.Namespace) -> int:
-    """`lora-jax generate`: `run.generate` with the flags."""
-    return run.generate(args)
-
-
-def merge(args: argparse.Namespace) -> int:
-    """`lora-jax merge`: `run.merge` with the flags."""
-    return run.merge(args)
+    return run_finetune.finetune(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`lora-jax finetune --frontend nnx`: the run's LoRA on the Flax NNX reference models.
 
-The run's setup (`lora_jax.cli.run.setup_method`: the config, the factors from the framework-free
+The run's setup (`lora_jax.cli.method.setup_method`: the config, the factors from the framework-free
 `lora_jax.inject`, the optimizer) is the same for both frontends; `on_nnx` puts its params on
 the NNX twin of the model (`lora_jax.models.nnx_gpt2` / `nnx_llama`, the same HF paths) with
 `lora_jax.nnx.adapt` and makes the forward the NNX model's (`lora_jax.nnx.functional`). The
@@ -13,7 +13,7 @@ float32 rounding). LoRA dropout draws its masks differently (linen folds the mod
 the step's key, NNX a stream per adapted module), so with dropout the runs differ by the
 masks.
 
-    setup = on_nnx(run.setup_method(loaded, "lm", "lora"), loaded, "lm", "lora")
+    setup = on_nnx(setup_method(loaded, "lm", "lora"), loaded, "lm", "lora")
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def check(model_type: str, task: str, method: str, quantize: str | None) -> None
 
 def on_nnx(setup: Any, loaded: Any, task: str, method: str, quantize: str | None = None
            ) -> Any:
-    """`setup` (a `lora_jax.cli.run.Setup` of the linen model in `loaded`) with the forward of
+    """`setup` (a `lora_jax.cli.method.Setup` of the linen model in `loaded`) with the forward of
     the NNX twin of the model carrying the same base weights, factors and records."""
     import jax.numpy as jnp
     from flax import nnx

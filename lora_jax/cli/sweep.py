@@ -20,7 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_jax.cli import run
+from lora_jax.cli.adapter import save_adapter
+from lora_jax.cli.files import check_writable, new_folder, write_bytes, write_json
+from lora_jax.cli.finetune import EXIT_DIVERGED, plot_losses, prepare, run_config, split_targets
+from lora_jax.cli.method import DEFAULT_LR, setup_method, training_tx
 
 # --sweep key: (the finetune flag it replaces, its type)
 KEYS: dict[str, tuple[str, type]] = {"lr": ("lr", float), "r": ("r", int),
@@ -80,14 +83,14 @@ def _check(args: argparse.Namespace) -> None:
 
 def finetune(args: argparse.Namespace) -> int:
     """`lora-jax finetune --sweep ...`: train every point, write its run folder and the summary.
-    Returns 0, or `run.EXIT_DIVERGED` when some point's loss stopped being finite (its folder
+    Returns 0, or `EXIT_DIVERGED` when some point's loss stopped being finite (its folder
     says so; the others are written as usual)."""
     _check(args)
     points = parse(args.sweep)
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder: pick another one")
-    run.check_writable(out)
+    check_writable(out)
     start = time.perf_counter()
 
     import jax
@@ -99,14 +102,14 @@ def finetune(args: argparse.Namespace) -> int:
     from lora_jax.train import data
     from lora_jax.train import loop as train
 
-    loaded, task, (train_a, val_a, test_a), steps = run.prepare(args)
+    loaded, task, (train_a, val_a, test_a), steps = prepare(args)
     n_train = len(train_a["input_ids"])
     point_args = [argparse.Namespace(**{**vars(args), "sweep": None, "out": str(out / name(p)),
-                                        "lr": args.lr or run.DEFAULT_LR["lora"],
+                                        "lr": args.lr or DEFAULT_LR["lora"],
                                         **{KEYS[k][0]: v for k, v in p.items()}})
                   for p in points]
-    setups = [run.setup_method(loaded, task, "lora", r=a.r, alpha=a.alpha, dropout=a.dropout,
-                               targets=a.target_regex or run._split_targets(a.targets),
+    setups = [setup_method(loaded, task, "lora", r=a.r, alpha=a.alpha, dropout=a.dropout,
+                               targets=a.target_regex or split_targets(a.targets),
                                lr=a.lr, steps=steps, seed=a.seed,
                                init=True if a.init == "default" else a.init)
               for a in point_args]
@@ -118,7 +121,7 @@ def finetune(args: argparse.Namespace) -> int:
           f"{args.batch_size} x {args.seq_len}; one compiled step for all points")
 
     def tx(lr: Any) -> Any:
-        return run.training_tx(lr, steps)
+        return training_tx(lr, steps)
 
     seeds = sorted(set(sw.seeds))
     per_point = len(seeds) > 1
@@ -160,10 +163,10 @@ def finetune(args: argparse.Namespace) -> int:
             "train_seconds_this_process": seconds, "first_step_seconds": first,
             "step_seconds": None if steps_per_second is None else 1 / steps_per_second,
             "tokens_per_second": tokens / steady, "device": str(jax.devices()[0].platform)}
-        run.write_json(folder / "run_config.json", run._run_config(a, folder))
-        run.write_json(folder / "losses.json", point_losses, indent=None)
+        write_json(folder / "run_config.json", run_config(a, folder))
+        write_json(folder / "losses.json", point_losses, indent=None)
         if not finite.all():
-            status = run.EXIT_DIVERGED
+            status = EXIT_DIVERGED
             bad = int(np.argmin(finite)) + 1
             metrics |= {"status": "diverged", "diverged_at_step": bad}
             val = test = {key: None}
@@ -171,11 +174,11 @@ def finetune(args: argparse.Namespace) -> int:
         else:
             val = train.evaluate(setup.forward, task, params, val_a, 64)
             test = train.evaluate(setup.forward, task, params, test_a, 64)
-            with run.new_folder(folder / "adapter") as tmp:
-                run.save_adapter(tmp, params, setup, loaded, task, "lora", args.prompt_tokens)
-            run.plot_losses(point_losses, folder / "loss.png", f"{name(point)}: {args.data}")
+            with new_folder(folder / "adapter") as tmp:
+                save_adapter(tmp, params, setup, loaded, task, "lora", args.prompt_tokens)
+            plot_losses(point_losses, folder / "loss.png", f"{name(point)}: {args.data}")
             metrics |= {"status": "finished", "validation": val, "test": test}
-        run.write_json(folder / "metrics.json", metrics)
+        write_json(folder / "metrics.json", metrics)
         rows.append({"point": name(point), **point, "status": metrics["status"],
                      "final_loss": point_losses[-1], f"validation_{key}": val[key],
                      f"test_{key}": test[key], "steps_per_second": steps_per_second})
@@ -188,7 +191,7 @@ def finetune(args: argparse.Namespace) -> int:
 def _summary(out: Path, rows: list[dict[str, Any]], key: str, size: int, steps: int,
              seconds: float, first: float) -> None:
     """summary.json (every point's row and the sweep's timing) and summary.md (a table)."""
-    run.write_json(out / "summary.json", {"points": rows, "sweep_size": size, "steps": steps,
+    write_json(out / "summary.json", {"points": rows, "sweep_size": size, "steps": steps,
                                           "train_seconds": seconds,
                                           "first_step_seconds": first})
     shown = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -199,4 +202,4 @@ def _summary(out: Path, rows: list[dict[str, Any]], key: str, size: int, steps: 
     note = (f"\n{size} points trained together in one compiled step: {steps} steps in "
             f"{seconds:.1f} s ({first:.1f} s of it the first step, with compilation); "
             "steps/s counts sweep steps after the first (each advances every point).\n")
-    run.write_bytes(out / "summary.md", ("\n".join(lines) + "\n" + note).encode())
+    write_bytes(out / "summary.md", ("\n".join(lines) + "\n" + note).encode())

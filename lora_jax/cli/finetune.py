@@ -1,0 +1,282 @@
+"""`lora-jax finetune`: prepare the data, set up the method, train (with checkpoints, Ctrl-C and
+`--resume`), evaluate, and write the adapter, metrics.json and loss.png.
+
+`finetune(args)` takes the parsed flags (any object with their attributes); `prepare` and
+`encode_split` give the model and its encoded splits to other runs (the sweep, experiments).
+Errors in what the user asked for are ValueErrors with one line naming the flag or file. The
+run never writes over an input: a non-empty `--out` is refused unless it holds a run that stopped
+before its first checkpoint. A diverging run (non-finite loss) returns `EXIT_DIVERGED` and keeps
+its last finite checkpoint; Ctrl-C saves and returns `EXIT_INTERRUPTED`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lora_jax.cli.adapter import save_adapter
+from lora_jax.cli.files import (
+    check_writable,
+    empty_or_absent,
+    new_folder,
+    read_json,
+    unstarted_run,
+    write_json,
+)
+from lora_jax.cli.method import DEFAULT_LR, setup_method
+from lora_jax.cli.model import Loaded, check_seq_len, eos_id, load_model, model_task
+
+EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
+
+
+NOT_SAVED = ("command", "resume", "out", "no_progress", "given")
+
+
+def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
+                 seq_len: int, allow_empty: bool = False) -> dict[str, Any]:
+    """Model inputs of one split: padded examples (classify), token blocks (lm) or input /
+    target pairs (seq2seq; `labels` are then the target texts)."""
+    import numpy as np
+
+    from lora_jax.train import data
+
+    if task == "seq2seq":
+        start = getattr(loaded.module.config, "decoder_start_token_id", 0)
+        return data.seq2seq_arrays(loaded.tokenizer, texts, labels, seq_len,
+                                   eos_id(loaded.tokenizer), start)
+    if task == "classify":
+        ids, mask = data.encode(loaded.tokenizer, texts, seq_len)
+        return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels, np.int32)}
+    blocks = data.lm_blocks(loaded.tokenizer, texts, seq_len, eos_id=eos_id(loaded.tokenizer),
+                            allow_empty=allow_empty)
+    return {"input_ids": blocks, "attention_mask": np.ones_like(blocks)}
+
+
+def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any], ...], int]:
+    """(model, task, encoded train / validation / test splits, steps) of the finetune flags."""
+    from lora_jax.train import data
+
+    task = model_task(args.model, args.task)
+    dataset = data.load_dataset(args.data, task)
+    loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed,
+                              quantize=args.quantize)
+    check_seq_len(loaded, task, args.seq_len,
+                  args.prompt_tokens if args.method == "prompt" else 0)
+    parts = data.split(dataset, seed=args.seed)
+    if args.limit:
+        parts = tuple(data.sample(p, args.limit, args.seed) for p in parts)
+    if len(parts[0]) == 0:
+        raise ValueError(f"--data {args.data}: the training split is empty ({len(dataset)} "
+                         "examples in all): give more data")
+    splits = tuple(encode_split(loaded, task, p.texts,
+                                p.targets if task == "seq2seq" else p.labels,
+                                args.seq_len, allow_empty=i > 0)
+                   for i, p in enumerate(parts))
+    n_train = len(splits[0]["input_ids"])
+    steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // args.batch_size)))
+    return loaded, task, splits, steps
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """`lora-jax finetune`: train, evaluate, and write the adapter, checkpoint and metrics.
+
+    `args` holds the finetune flags as attributes (`model`, `task`, `data`, `method`, `r`,
+    `alpha`, `dropout`, `targets`, `steps`, `epochs`, `batch_size`, `seq_len`, `lr`,
+    `prompt_tokens`, `seed`, `limit`, `save_every`, `out`, `resume`, `no_progress`); a resumed
+    run passes its saved settings with `resume` set (see `lora_jax.cli.main`). Returns the exit
+    status: 0, `EXIT_DIVERGED` or `EXIT_INTERRUPTED`.
+    """
+    out = Path(args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not args.resume and not empty_or_absent(out):
+        if not unstarted_run(out):
+            raise ValueError(f"--out {out} exists and is not empty: pick another folder, or "
+                             f"continue an interrupted run with --resume {out}")
+        print(f"reusing {out}: the run there stopped before its first checkpoint")
+    check_writable(out)
+    start = time.perf_counter()
+
+    import jax
+
+    import lora_jax
+    from lora_jax.core.checkpoint import AdapterCheckpointer
+    from lora_jax.train import loop as train
+
+    loaded, task, (train_a, val_a, test_a), steps = prepare(args)
+    n_train = len(train_a["input_ids"])
+    lr = args.lr or DEFAULT_LR[args.method]
+    setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
+                         dropout=args.dropout,
+                         targets=args.target_regex or split_targets(args.targets),
+                         prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed,
+                         dora=args.dora, init=True if args.init == "default" else args.init,
+                         loraplus_ratio=args.loraplus_ratio,
+                         quantize=args.quantize)
+    if getattr(args, "frontend", "linen") == "nnx":  # the same setup, the NNX model's forward
+        from lora_jax.cli.nnx_run import on_nnx
+
+        setup = on_nnx(setup, loaded, task, args.method, args.quantize)
+    write_json(out / "run_config.json", run_config(args, out))
+    n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
+    print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
+          f"trainable%: {100 * n_trainable / n_total:.4f}")
+    print(f"{args.method} on {args.model} ({loaded.model_type}, {task}), data "
+          f"{args.data}: {n_train} train / {len(val_a['input_ids'])} val / "
+          f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
+          f"{steps} steps of {args.batch_size} x {args.seq_len}")
+
+    trainable, frozen = lora_jax.split(setup.params, setup.config)
+    start_step, losses, opt_state = 0, [], None
+    checkpointer = AdapterCheckpointer(out / "checkpoint", max_to_keep=2)
+    if args.resume and checkpointer.all_steps():
+        target = (trainable, setup.tx.init(trainable))
+        (start_step, trainable, opt_state, _), skipped = checkpointer.restore_intact(
+            target=target)
+        for bad, reason in skipped:
+            print(f"lora-jax: warning: skipped checkpoint step {bad} ({reason}); moved to "
+                  f"{out / 'checkpoint.unreadable'}", file=sys.stderr)
+        losses = _saved_losses(checkpointer, start_step, out)
+        if start_step > steps:
+            checkpointer.close()
+            raise ValueError(f"--resume {out}: the checkpoint is at step {start_step}, past "
+                             f"--steps {steps}: give --steps {start_step} or more")
+        print(f"resuming from step {start_step} of {steps}")
+    elif args.resume:
+        print(f"{out} has no checkpoint yet: starting from step 0 of {steps}")
+
+    def write_losses(step: int, so_far: list[float]) -> None:
+        write_json(out / "losses.json", so_far, indent=None)
+
+    before = None
+    if task != "classify" and not start_step:
+        before = train.evaluate(setup.forward, task, setup.params, test_a, args.batch_size)
+    try:
+        result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
+                           steps=steps, batch_size=args.batch_size, seed=args.seed,
+                           config=setup.config, opt_state=opt_state, start_step=start_step,
+                           losses=losses, checkpointer=checkpointer, save_every=args.save_every,
+                           on_save=write_losses, progress=not args.no_progress)
+    except train.Interrupted as stop:
+        checkpointer.close()
+        print(f"interrupted after step {stop.step}: checkpoint saved in {out / 'checkpoint'}; "
+              f"continue with: lora-jax finetune --resume {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except train.Diverged as bad:
+        checkpointer.close()
+        return _diverged(bad, out, args, lr)
+    checkpointer.close()
+    params = lora_jax.combine(result.trainable, frozen)
+    val = train.evaluate(setup.forward, task, params, val_a, 64)
+    test = train.evaluate(setup.forward, task, params, test_a, 64)
+    _print_eval(task, val, test, before)
+    with new_folder(out / "adapter") as tmp:
+        save_adapter(tmp, params, setup, loaded, task, args.method, args.prompt_tokens)
+    metrics = {
+        "status": "finished",
+        "model": loaded.source, "model_type": loaded.model_type, "task": task,
+        "method": args.method, "data": args.data, "steps": steps, "lr": lr,
+        "trainable_params": n_trainable, "all_params": n_total,
+        "trainable_percent": 100 * n_trainable / n_total,
+        "train_seconds_this_process": result.seconds,
+        "step_seconds": result.step_seconds, "tokens_per_second": result.tokens_per_second,
+        "validation": val, "test": test, "losses": result.losses,
+        "wall_seconds_this_process": time.perf_counter() - start,
+        "device": str(jax.devices()[0].platform),
+    }
+    if before is not None:
+        metrics["test_before"] = before
+    write_json(out / "metrics.json", metrics)
+    plot_losses(result.losses, out / "loss.png", f"{args.method} on {args.model}, {args.data}")
+    print(f"wrote {out}/: adapter/, checkpoint/, metrics.json, loss.png "
+          f"({metrics['wall_seconds_this_process']:.0f} s)")
+    return 0
+
+
+def _diverged(bad: Any, out: Path, args: argparse.Namespace, lr: float) -> int:
+    """Report a diverged run: the losses file matches the checkpoint kept, metrics.json says
+    what happened (valid JSON), and the message says what to do."""
+    kept = bad.last_saved
+    write_json(out / "losses.json", bad.losses[:kept or 0], indent=None)
+    write_json(out / "metrics.json", {
+        "status": "diverged", "diverged_at_step": bad.step,
+        "loss": None if bad.loss is None else str(bad.loss), "lr": lr,
+        "last_finite_checkpoint": kept, "losses": bad.losses})
+    where = (f"the last finite checkpoint (step {kept}) is kept in {out / 'checkpoint'}"
+             if kept else "no checkpoint was saved")
+    print(f"lora-jax: error: {bad}: stopped; {where}. Lower the learning rate (now --lr {lr:g}) "
+          "and start a new run with another --out", file=sys.stderr)
+    return EXIT_DIVERGED
+
+
+def _saved_losses(checkpointer: Any, step: int, out: Path) -> list[float]:
+    """The losses up to `step`: from the checkpoint itself (committed with it), else (older
+    checkpoints) from losses.json when it covers the step."""
+    extra = checkpointer.extra(step)
+    if isinstance(extra, dict) and isinstance(extra.get("losses"), list):
+        losses = extra["losses"]
+    else:
+        losses = read_json(out / "losses.json") if (out / "losses.json").exists() else []
+    if not isinstance(losses, list) or len(losses) < step:
+        raise ValueError(f"--resume {out}: the loss log holds {len(losses)} steps, fewer than "
+                         f"the checkpoint's {step}")
+    return [float(x) for x in losses[:step]]
+
+
+def run_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    fields = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
+    return fields | {"out": str(out)}
+
+
+def split_targets(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ValueError("--targets is empty: give comma-separated module names, e.g. query,value")
+    return names
+
+
+def _print_eval(task: str, val: Mapping[str, Any], test: Mapping[str, Any],
+                before: Mapping[str, Any] | None) -> None:
+    key = "accuracy" if task == "classify" else "perplexity"
+
+    def shown(name: str, result: Mapping[str, Any]) -> str:
+        if result[key] is None:  # an empty split has no result, not a 0 or NaN one
+            return f"{name}: no {'examples' if task == 'classify' else 'tokens'} (empty split)"
+        if task == "classify":
+            return (f"{name} accuracy {result['accuracy']:.4f} (loss {result['loss']:.4f}) on "
+                    f"{result['examples']} examples")
+        return f"{name} perplexity {result['perplexity']:.2f}"
+
+    was = ""
+    if before is not None and before.get("perplexity") is not None:
+        was = f" (before: {before['perplexity']:.2f})"
+    print(f"{shown('validation', val)}; {shown('test', test)}{was}")
+
+
+def plot_losses(losses: Sequence[float], path: Path, title: str) -> None:
+    """Training loss per step (and a moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.8, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

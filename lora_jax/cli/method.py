@@ -1,0 +1,134 @@
+"""Methods: LoRA (with DoRA, PiSSA / OLoRA inits, LoRA+, QLoRA), full fine-tuning, prompt
+tuning and head-only training, set up on a loaded model as params, the trainable selection,
+the forward and the optimizer.
+
+    setup = setup_method(loaded, "classify", "lora", r=8, alpha=16, lr=3e-3, steps=100)
+    trainable, frozen = lora_jax.split(setup.params, setup.config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lora_jax.cli.model import Loaded
+
+METHODS = ("lora", "full", "prompt", "head")
+
+
+DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 5e-5, "prompt": 3e-2}
+
+
+@dataclasses.dataclass
+class Setup:
+    """A method applied to a model: full params, which of them train, the forward, optimizer."""
+
+    params: dict[str, Any]
+    config: Any  # LoraConfig: its split picks the trainable leaves
+    forward: Any
+    tx: Any
+    is_lora: bool
+    initial_params: Any = None  # after inject, when the init changed the base (PiSSA / OLoRA)
+
+
+def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.05, targets: str | Sequence[str] | None = None,
+                 prompt_tokens: int = 20, lr: float = 1e-3, steps: int = 100,
+                 seed: int = 0, dora: bool = False, init: bool | str = True,
+                 loraplus_ratio: float | None = None, quantize: str | None = None) -> Setup:
+    """Params, trainable selection, forward and optimizer of `method` on `loaded`. `targets`:
+    LoRA's target_modules (a list of names, or one regex string; None: the family's)."""
+    import jax
+
+    import lora_jax
+    from lora_jax.train import prompt_tuning
+
+    family = loaded.family
+    head = (family.classifier,) if task == "classify" else ()
+    params = loaded.params
+    apply = loaded.module.apply
+    key = jax.random.key(seed)
+    initial = None
+    if method != "lora" and (dora or init is not True or loraplus_ratio or quantize):
+        raise ValueError("--dora, --init, --loraplus-ratio and --quantize apply to --method lora")
+    if quantize and init not in (True, False, "gaussian"):
+        raise ValueError(f"--quantize with --init {init}: PiSSA/OLoRA/LoftQ start from the float "
+                         "base (LoftQ quantizes the adapted weights itself); drop one of them")
+    if dora and init in ("pissa", "olora") or dora and str(init).startswith("pissa_niter"):
+        raise ValueError(f"--dora with --init {init}: a DoRA adapter trained from the residual "
+                         "base cannot be converted to the original base; use one of them")
+    if quantize and not lora_jax.quant.quantize.has_quantized(params):
+        # QLoRA on a base loaded in float: the frozen kernels as NF4 / int8 (heads and trained
+        # modules stay float). `load_model(..., quantize=)` gives the same tree while reading.
+        params = lora_jax.quantize(params, quantize, modules_to_save=head)
+    if method == "lora":
+        config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                     target_modules=targets if isinstance(targets, str)
+                                     else tuple(targets or family.default_targets),
+                                     modules_to_save=head or None, use_dora=dora,
+                                     init_lora_weights=init)
+        params = lora_jax.inject(params, config, key)
+        if init in ("pissa", "olora") or str(init).startswith("pissa_niter"):
+            # The starting factors, copied: training donates the trainable buffers.
+            from lora_jax.core.record import iter_records
+            from lora_jax.core.targets import with_leaves
+
+            initial = with_leaves(params, {
+                item.path: {n: jax.numpy.array(item.module[n], copy=True)
+                            for n in item.record.names} for item in iter_records(params)})
+        apply = lora_jax.wrap(apply, config)
+    elif method == "full":
+        config = lora_jax.LoraConfig(modules_to_save=tuple(params))
+    elif method == "head":
+        if not head:
+            raise ValueError("--method head trains a classification head: use --task classify")
+        config = lora_jax.LoraConfig(modules_to_save=head)
+    elif method == "prompt":
+        if task == "seq2seq":
+            raise ValueError("--method prompt supports --task classify and lm, not seq2seq: use "
+                             "--method lora")
+        table = prompt_tuning.embed_table(params, family.word_embeddings)
+        params = {**params, "prompt": {"embedding": prompt_tuning.init_prompt(
+            key, table, prompt_tokens)}}
+        config = lora_jax.LoraConfig(modules_to_save=("prompt", *head))
+        apply = prompt_tuning.wrap(apply, family.word_embeddings, prompt_tokens)
+    else:
+        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+
+    def forward(p: Mapping[str, Any], batch: Mapping[str, Any], dropout_key: Any) -> Any:
+        rngs = None if dropout_key is None else {"dropout": dropout_key}
+        args = (batch["input_ids"], batch["attention_mask"])
+        if task == "seq2seq":  # teacher forcing: the decoder reads the shifted targets
+            args += (batch["decoder_input_ids"],)
+        if method != "prompt":
+            return apply({"params": p}, *args, rngs=rngs)
+        model_params = {k: v for k, v in p.items() if k != "prompt"}
+        out = apply({"params": model_params}, p["prompt"]["embedding"], *args, rngs=rngs)
+        return out if task == "classify" else prompt_tuning.strip(out, prompt_tokens)
+
+    tx = training_tx(lr, steps, decay=0.01 if method != "prompt" else 0.0,
+                     loraplus_ratio=loraplus_ratio)
+    # `tx` updates the trainable half that `train.fit` differentiates (split once, combine for
+    # the forward): no whole-tree `lora_jax.optimizer` wrapper is needed.
+    return Setup(params, config, forward, tx, method == "lora", initial)
+
+
+def training_tx(lr: Any, steps: int, *, decay: float = 0.01,
+                loraplus_ratio: float | None = None) -> Any:
+    """The finetune optimizer: global-norm clipping to 1, then AdamW (weight decay `decay`) on a
+    linear warmup (10% of `steps`) and cosine decay peaking at `lr` (LoRA+: B factors at
+    `loraplus_ratio` x). `lr` may be an array (a sweep's per-point value, without LoRA+)."""
+    import optax
+
+    import lora_jax
+
+    # Peak times a unit schedule: the peak may be traced (optax's schedule branches on it).
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 10), max(steps, 2))
+
+    def adamw(peak: Any) -> optax.GradientTransformation:
+        return optax.adamw(lambda count: peak * unit(count), weight_decay=decay)
+
+    inner = adamw(lr) if not loraplus_ratio else lora_jax.loraplus(
+        adamw, lr, loraplus_lr_ratio=loraplus_ratio)
+    return optax.chain(optax.clip_by_global_norm(1.0), inner)
