@@ -184,9 +184,9 @@ def _bad_adapters(adapter, tmp_path):
     cases.append((variant("int8", tensors=ints), f"tensor {name} is int8, not a float"))
     fields = json.loads((adapter / "adapter_config.json").read_text())
     cases.append((variant("alpha", config=json.dumps(dict(fields, lora_alpha=float("nan")))),
-                  "lora_alpha must be a finite number, got nan"))
+                  "lora_alpha must be a positive finite number, got nan"))
     cases.append((variant("rslora", config=json.dumps(dict(fields, use_rslora="no"))),
-                  "use_rslora must be true or false, got 'no'"))
+                  "use_rslora must be True or False, got 'no'"))
     cases.append((variant("json", config="{not json"), "adapter_config.json is not valid JSON"))
     raw = (adapter / "adapter_model.safetensors").read_bytes()
     cases.append((variant("truncated", raw=raw[: len(raw) // 2]),

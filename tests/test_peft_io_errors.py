@@ -131,3 +131,53 @@ def test_save_rejects_what_peft_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match="hold no LoRA factors"):
         save_peft(tmp_path, {"d": dense}, config)
 
+
+
+def _file_hashes(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+FACTOR = PREFIX + "h.0.attn.c_attn.lora_A.weight"
+FILE_CASES = {  # (edit, the file the message names, message)
+    "NaN factor": (dict(tensors=lambda w: w[FACTOR].fill_(float("nan"))),
+                   "adapter_model.safetensors",
+                   f"tensor {FACTOR} holds NaN or infinite values"),
+    "int8 factor": (dict(tensors=lambda w: w.__setitem__(FACTOR, w[FACTOR].to(torch.int8))),
+                    "adapter_model.safetensors", f"tensor {FACTOR} is int8, not a float"),
+    "bool factor": (dict(tensors=lambda w: w.__setitem__(FACTOR, w[FACTOR] > 0)),
+                    "adapter_model.safetensors", f"tensor {FACTOR} is bool, not a float"),
+    "truncated weights": (dict(raw=lambda b: b[: len(b) // 2]), "adapter_model.safetensors",
+                          "(truncated or corrupt?): Error while deserializing header"),
+    "invalid JSON": (dict(config_text='{"r": 4,'), "adapter_config.json",
+                     "is not valid JSON (Expecting property name"),
+    "a JSON list": (dict(config_text="[1, 2]"), "adapter_config.json",
+                    "is not a JSON object but a list"),
+    "not UTF-8": (dict(config_text=b'{"r": "caf\xe9"}'), "adapter_config.json",
+                  "is not UTF-8 text (byte 10)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILE_CASES))
+def test_damaged_files_are_refused_naming_the_file(adapter, tmp_path, case):
+    """Before: NaN / int8 / bool factors loaded (int8 and bool cast to float32), and file errors
+    were raw (`SafetensorError: invalid header length`, `JSONDecodeError`, `'list' object has no
+    attribute 'get'`, `UnicodeDecodeError`) without the file's name."""
+    src, base = adapter
+    edit, name, message = FILE_CASES[case]
+    folder = edited(src, tmp_path / "bad", tensors=edit.get("tensors"))
+    if "raw" in edit:
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(edit["raw"](weights.read_bytes()))
+    if "config_text" in edit:
+        text = edit["config_text"]
+        (folder / "adapter_config.json").write_bytes(text if isinstance(text, bytes)
+                                                     else text.encode())
+    before = _file_hashes(folder)
+    with pytest.raises(ValueError) as err:
+        load_peft(folder, base)
+    assert str(err.value).startswith(str(folder / name)) or \
+        f"cannot read {folder / name}" in str(err.value), str(err.value)
+    assert message in str(err.value), str(err.value)
+    assert _file_hashes(folder) == before

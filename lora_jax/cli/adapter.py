@@ -8,12 +8,10 @@ A LoRA run saves peft's folder (`adapter_config.json` + `adapter_model.safetenso
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lora_jax.cli.files import read_json
 from lora_jax.cli.method import Setup
 from lora_jax.cli.model import Loaded
 
@@ -21,40 +19,26 @@ PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "lm": "CAUSAL_LM", "seq2seq": "SEQ_2_S
 
 
 def check_adapter(folder: Path) -> dict[str, Any]:
-    """adapter_config.json's fields after checking the adapter folder: valid JSON, a positive
-    integer `r`, a finite `lora_alpha`, and adapter_model.safetensors readable, every tensor a
-    float and finite. Each problem is a ValueError naming the file."""
-    import numpy as np
-
-    from lora_jax.models.loading import read_safetensors
+    """adapter_config.json's fields after checking the adapter folder before any model is
+    loaded: its files as `lora_jax.peft.files.read_adapter` reads them (valid JSON, readable
+    safetensors, float and finite factors) and the config's `r`, `lora_alpha` and `use_rslora`
+    as `LoraConfig` checks them. Each problem is a ValueError naming the file."""
+    from lora_jax import LoraConfig
+    from lora_jax.peft.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--adapter {folder}: no such folder")
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise ValueError(f"--adapter {folder}: no adapter_config.json there")
-    fields = read_json(config_file)
-    if not isinstance(fields, dict):
-        raise ValueError(f"{config_file} is not a JSON object")
-    r, alpha = fields.get("r"), fields.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{config_file}: r must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"{config_file}: lora_alpha must be a finite number, got {alpha!r}")
-    if not isinstance(fields.get("use_rslora", False), bool):
-        raise ValueError(f"{config_file}: use_rslora must be true or false, got "
-                         f"{fields['use_rslora']!r}")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"--adapter {folder}: no adapter_model.safetensors there")
-    for name, value in read_safetensors(str(weights)).items():
-        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
-            raise ValueError(f"{weights}: tensor {name} is {value.dtype.name}, not a float: "
-                             "not a LoRA adapter lora-jax can use")
-        if not np.isfinite(value.astype(np.float32)).all():
-            raise ValueError(f"{weights}: tensor {name} holds NaN or infinite values (the "
-                             "adapter of a diverged run?)")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise ValueError(f"--adapter {folder}: no {name} there")
+    fields, _ = read_adapter(folder)
+    checked = {k: fields[k] for k in ("r", "lora_alpha", "use_rslora") if k in fields}
+    try:
+        LoraConfig(**checked)
+    except ValueError as err:
+        raise ValueError(f"{folder / CONFIG_NAME}: {str(err).replace('LoraConfig.', '')}"
+                         ) from None
     return fields
 
 

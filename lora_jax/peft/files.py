@@ -585,17 +585,42 @@ def _parse_key(key: str, config: LoraConfig) -> tuple[str, str, str] | None:
                      "weight; lora_jax cannot place it")
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(adapter_config.json's fields, adapter_model.safetensors' tensors) of a peft adapter
+    folder, checked as files: a missing, non-UTF-8 or invalid JSON config, a config that is not
+    a JSON object, an unreadable safetensors file, a LoRA factor that is not a float and a
+    float tensor holding NaN or inf are ValueErrors naming the file (and the tensor)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
     config_file, weights_file = (os.path.join(path, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
     for file in (config_file, weights_file):
         if not os.path.isfile(file):
             raise ValueError(f"load_peft: no {file!r} (lora_jax reads peft's safetensors "
                              "adapters: adapter_config.json + adapter_model.safetensors)")
-    with open(config_file) as f:
-        fields = json.load(f)
-    from safetensors.numpy import load_file
-
-    return fields, load_file(weights_file)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            fields = json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{config_file} is not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err.msg}, line {err.lineno})"
+                         ) from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config_file} is not a JSON object but a {type(fields).__name__}")
+    try:
+        tensors = load_file(weights_file)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {weights_file} (truncated or corrupt?): {err}") from None
+    for key, value in sorted(tensors.items()):
+        floating = jnp.issubdtype(value.dtype, jnp.floating)
+        if not floating and key.endswith(tuple(_FACTOR_SUFFIXES)):
+            raise ValueError(f"{weights_file}: tensor {key} is {value.dtype.name}, not a float: "
+                             "not a LoRA adapter lora_jax can use")
+        if floating and not np.isfinite(value.astype(np.float32)).all():
+            raise ValueError(f"{weights_file}: tensor {key} holds NaN or infinite values (the "
+                             "adapter of a diverged run?)")
+    return fields, tensors
 
 
 def load_peft(
@@ -617,7 +642,7 @@ def load_peft(
 
         params, config = load_peft("adapter", base_params, model_type="gpt2")
     """
-    fields, tensors = _read(path)
+    fields, tensors = read_adapter(path)
     where = f"load_peft({os.fspath(path)!r})"
     config = _config_from_peft(fields, where)
     fan_in_fan_out = bool(fields.get("fan_in_fan_out", False))
