@@ -250,3 +250,31 @@ def test_no_intact_step_is_an_error_and_extra_must_be_finite(tmp_path):
         (tmp_path / "1" / "meta" / "metadata").write_bytes(b"\xff")
         with pytest.raises(CorruptCheckpoint, match="no intact checkpoint in .*not valid JSON"):
             ckpt.restore_intact(target=(trainable, opt_state))
+
+
+def test_the_digest_is_checked_when_the_target_has_another_dtype(tmp_path):
+    """Restoring onto a bfloat16 target (orbax casts) still checks the SHA-256 of the arrays
+    as saved: before, the check was skipped when the dtypes differed, and a flipped exponent
+    bit restored as a value of ~1e21."""
+    from lora_jax.core.checkpoint import CorruptCheckpoint
+
+    trainable, opt_state = _two_steps(tmp_path)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainable)
+    with AdapterCheckpointer(tmp_path) as ckpt:  # intact: restored as saved, then cast
+        _, got, _, _ = ckpt.restore(2, target=(bf16, opt_state))
+        _, want, _, _ = ckpt.restore(2, target=(trainable, opt_state))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == jnp.bfloat16 and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16)))
+    data = max((p for p in (tmp_path / "2" / "trainable").rglob("*")
+                if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40  # one bit, as a bad disk would
+    data.write_bytes(bytes(raw))
+    before = data.read_bytes()
+    with AdapterCheckpointer(tmp_path) as ckpt:
+        for target in (bf16, trainable):
+            with pytest.raises(CorruptCheckpoint, match=f"checkpoint {tmp_path / '2'}: the "
+                                                        "arrays do not match the digest"):
+                ckpt.restore(2, target=(target, opt_state))
+    assert data.read_bytes() == before

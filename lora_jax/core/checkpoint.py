@@ -131,11 +131,15 @@ class AdapterCheckpointer:
         written with them, raises `CorruptCheckpoint` naming the step's folder.
         """
         step = self._resolve_step(step)
-        trainable, opt_state = (_abstract(tree, name) for tree, name in
-                                zip(target, ("trainable", "opt_state"), strict=True))
+        wanted = tuple(_abstract(tree, name) for tree, name in
+                       zip(target, ("trainable", "opt_state"), strict=True))
         where = os.path.join(self.directory, str(step))
         meta = self._meta(step)
         config = _config_of(meta, step, where)
+        saved_digest = meta.get("digest")
+        # Read the arrays in the dtypes they were saved in, so the digest can be checked, and
+        # cast them to the target's afterwards (orbax would cast first).
+        trainable, opt_state = _as_saved(wanted, saved_digest)
         try:
             out = self._manager.restore(
                 step,
@@ -148,12 +152,13 @@ class AdapterCheckpointer:
             raise CorruptCheckpoint(f"checkpoint {where} cannot be read: "
                                     f"{_one_line(err)}") from err
         restored = (out.trainable, out.opt_state)
-        saved_digest = meta.get("digest")
         if saved_digest is not None and _signature(restored) == saved_digest["signature"]:
             if _digest(restored) != saved_digest:
                 raise CorruptCheckpoint(f"checkpoint {where}: the arrays do not match the "
                                         "digest written with them (damaged files)")
-        return Restored(step, out.trainable, out.opt_state, config)
+        trainable, opt_state = jax.tree.map(
+            lambda x, want: x.astype(want.dtype) if x.dtype != want.dtype else x, restored, wanted)
+        return Restored(step, trainable, opt_state, config)
 
     def restore_intact(self, *, target: tuple[Any, Any]
                        ) -> tuple[Restored, list[tuple[int, str]]]:
@@ -263,6 +268,21 @@ def _abstract(tree: Any, name: str) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(leaf, tree)
+
+
+def _as_saved(target: Any, digest: dict[str, Any] | None) -> Any:
+    """`target` (ShapeDtypeStructs) with each array's dtype as the digest's signature records
+    it, where the path and shape agree (the rest is left for orbax to refuse or cast)."""
+    saved = {path: (dtype, tuple(shape)) for path, dtype, shape in
+             (digest or {}).get("signature", [])}
+
+    def leaf(path: Any, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        dtype, shape = saved.get(jax.tree_util.keystr(path), (None, None))
+        if dtype is None or shape != tuple(x.shape) or np.dtype(dtype) == x.dtype:
+            return x
+        return jax.ShapeDtypeStruct(x.shape, np.dtype(dtype), sharding=x.sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, target)
 
 
 def _config_of(meta: Any, step: int, where: str) -> LoraConfig:
