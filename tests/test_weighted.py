@@ -254,6 +254,9 @@ def test_bad_input(setups):
         (([a, c], [1.0, 1.0], "linear"), "adapter 1 has r=8 at 'transformer.h_0.attn.c_attn'"),
         (([a, b], [1.0, 1.0], "ties"), "pass density"),
         (([a, b], [1.0, 1.0], "dare_linear", 0.5), "pass key"),
+        (([a, b], [1.0, float("nan")]), r"weights\[1\] is nan; every weight must be a finite"),
+        (([a, b], [float("inf"), 1.0], "svd"), r"weights\[0\] is inf; every weight must be"),
+        (([a, b], [1.0, 1.0], "ties", float("nan")), "pass density"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -90,6 +90,10 @@ def weighted_adapter(
     if len(weights) != len(adapters):
         raise ValueError(f"weighted_adapter: {len(adapters)} adapters but {len(weights)} weights; "
                          "pass one weight per adapter")
+    for i, w in enumerate(weights):
+        if not np.isfinite(w):
+            raise ValueError(f"weighted_adapter: weights[{i}] is {w}; every weight must be a "
+                             "finite number")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"weighted_adapter: unknown combination_type {combination_type!r}; "
                          f"one of {list(COMBINATION_TYPES)}")
@@ -104,7 +108,7 @@ def weighted_adapter(
         combination_type = "linear"
     method = "linear" if combination_type in ("svd", "cat") else \
         combination_type.removesuffix("_svd")
-    if method != "linear" and (density is None or density < 0):
+    if method != "linear" and (density is None or not 0 <= density <= 1):
         raise ValueError(f"weighted_adapter: {combination_type!r} prunes: pass density (the "
                          f"fraction of values kept, in [0, 1]); got {density!r}")
     if method.startswith("dare") and density < 1 and key is None:
