@@ -217,9 +217,16 @@ def test_cli_sweep_writes_a_run_per_point_equal_to_normal_runs(tiny_llama, tmp_p
 
 @pytest.mark.parametrize("argv, message", [
     (["--sweep", "lr=1e-3", "--sweep", "rank=4"], "unknown key 'rank'; a sweep varies "
-                                                  "['alpha', 'lr', 'r', 'seed']"),
-    (["--sweep", "lr"], "--sweep 'lr': write KEY=V1,V2,..."),
-    (["--sweep", "r=4,x"], "'x' is not a int"),
+                                                  "['lora_alpha', 'lr', 'r', 'seed']"),
+    (["--sweep", "lr"], "argument --sweep: 'lr': write KEY=V1,V2,..."),
+    (["--sweep", "r=4,x"], "argument --sweep: 'r=4,x': 'x' is not a int"),
+    (["--sweep", "r=4,0"], "argument --sweep: 'r=4,0': must be positive, got 0"),
+    # Checked as --lr inf is, when the command line is parsed (before: a point trained on inf).
+    (["--sweep", "lr=1e-3,inf"], "argument --sweep: 'lr=1e-3,inf': must be a finite number, "
+                                 "got inf"),
+    (["--sweep", "seed=-1"], "'seed=-1': must be in [0, 2147483647], got -1"),
+    (["--sweep", "alpha=8,16"], "'alpha=8,16': the key is lora_alpha (peft's name, as in "
+                                "LoraConfig): write --sweep lora_alpha=8,16"),
     (["--sweep", "lr=1e-3", "--sweep", "lr=1e-2"], "--sweep lr is given twice"),
     (["--sweep", "r=8", "--dora"], "--dora is not supported with it"),
 ])
@@ -227,7 +234,21 @@ def test_cli_sweep_bad_input(tmp_path, capsys, argv, message):
     from lora_jax.cli import main as cli
 
     code = cli.main(["finetune", "--out", str(tmp_path / "x"), "--no-progress", *argv])
-    assert code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()  # refused before anything was loaded or written
+
+
+def test_cli_sweep_keys_are_the_point_keys_of_the_api():
+    from lora_jax.cli import main as cli
+
+    args = cli.build_parser().parse_args(["finetune", "--sweep", "lora_alpha=8,16", "--sweep",
+                                          "seed=0,3"])
+    assert args.sweep == [("lora_alpha", [8.0, 16.0]), ("seed", [0, 3])]
+    from lora_jax.cli.sweep import KEYS, points
+
+    assert set(KEYS) <= set(sweeps.SWEEP_KEYS)  # the names `lora_jax.multi.sweep` takes
+    assert points(args.sweep)[1] == {"lora_alpha": 8.0, "seed": 3}
 
 
 def test_dora_and_trained_biases_sweep_equal_each_point_alone():

@@ -123,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the interrupted run in DIR with its saved settings (only "
                     "--steps / --epochs / --save-every / --no-progress may differ)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    types = {action.dest: action.type for action in ft._actions if action.type is not None}
     ft.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
-                    help="train one LoRA adapter per point of these values (lr, r, alpha, seed; "
-                    "repeat the flag for a cartesian product) together in one compiled step on "
-                    "one frozen base: a run folder per point under --out and summary.md")
+                    type=lambda text: sweep.axis(text, types),
+                    help="train one LoRA adapter per point of these values (lr, r, lora_alpha, "
+                    "seed; repeat the flag for a cartesian product) together in one compiled "
+                    "step on one frozen base: a run folder per point under --out and summary.md")
     ft.add_argument("--frontend", choices=("linen", "nnx"), default="linen",
                     help="train the flax.linen model (default) or its Flax NNX twin (GPT-2, "
                     "Llama; --method lora); the adapter files are the same")

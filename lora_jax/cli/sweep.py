@@ -6,9 +6,11 @@ product, all trained together in one compiled step on one frozen base (`lora_jax
 
 writes one run folder per point under --out (`lr=0.0001_r=8/`: adapter/, losses.json,
 metrics.json, run_config.json, loss.png, as a normal run) and summary.json / summary.md (point,
-final loss, evaluation metric, steps/s). Keys: `lr`, `r`, `alpha` (lora_alpha) and `seed` (the
-adapter's init, batch order and dropout; the data split and a new classifier head come from
---seed). Every other flag is shared by all points.
+final loss, evaluation metric, steps/s). Keys, as `lora_jax.multi.sweep` names them: `lr`, `r`,
+`lora_alpha` and `seed` (the adapter's init, batch order and dropout; the data split and a new
+classifier head come from --seed); each value is checked as its flag's (`--lr`, `--r`,
+`--alpha`, `--seed`) is, when the command line is parsed. Every other flag is shared by all
+points.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +27,54 @@ from lora_jax.cli.files import check_writable, new_folder, write_bytes, write_js
 from lora_jax.cli.finetune import EXIT_DIVERGED, plot_losses, prepare, run_config, split_targets
 from lora_jax.cli.method import DEFAULT_LR, setup_method, training_tx
 
-# --sweep key: (the finetune flag it replaces, its type)
-KEYS: dict[str, tuple[str, type]] = {"lr": ("lr", float), "r": ("r", int),
-                                     "alpha": ("alpha", float), "seed": ("seed", int)}
+# --sweep key (a point key of `lora_jax.multi.sweep`: peft's field names) -> the finetune flag
+# (its dest) whose values it takes, each checked as that flag's value is.
+KEYS = {"lr": "lr", "r": "r", "lora_alpha": "alpha", "seed": "seed"}
+RENAMED = {"alpha": "lora_alpha"}  # keys of earlier versions: refused, naming the key to use
 
 
-def parse(texts: Sequence[str]) -> list[dict[str, Any]]:
-    """The points of `--sweep KEY=V1,V2,...` flags: their cartesian product, in order.
+def axis(text: str, types: Mapping[str, Callable[[str], Any]]) -> tuple[str, list[Any]]:
+    """One `--sweep KEY=V1,V2,...` flag as (key, values), each value read by `types[flag]`, the
+    argparse type of the flag the key stands for (so `lr=inf` is refused as `--lr inf` is).
+    Used as the flag's argparse type: errors are `argparse.ArgumentTypeError`s.
 
-    >>> parse(["lr=1e-4,3e-4", "r=8,16"])[1]
+    >>> axis("lora_alpha=8,16", {"alpha": float})
+    ('lora_alpha', [8.0, 16.0])
+    """
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: write KEY=V1,V2,... (keys: {sorted(KEYS)})")
+    if key in RENAMED:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the key is {RENAMED[key]} (peft's name, as in LoraConfig): write "
+            f"--sweep {RENAMED[key]}={values}")
+    if key not in KEYS:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown key {key!r}; a sweep varies "
+                                         f"{sorted(KEYS)} (other flags are shared by all points)")
+    parsed = []
+    for value in (v.strip() for v in values.split(",")):
+        try:
+            parsed.append(types[KEYS[key]](value))
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    if len(set(parsed)) < len(parsed):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
+    return key, parsed
+
+
+def points(axes: Sequence[tuple[str, Sequence[Any]]]) -> list[dict[str, Any]]:
+    """The points of the `--sweep` flags' (key, values): their cartesian product, in order.
+
+    >>> points([("lr", [1e-4, 3e-4]), ("r", [8, 16])])[1]
     {'lr': 0.0001, 'r': 16}
     """
-    axes: dict[str, list[Any]] = {}
-    for text in texts:
-        key, sep, values = text.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ValueError(f"--sweep {text!r}: write KEY=V1,V2,... (keys: {sorted(KEYS)})")
-        if key not in KEYS:
-            raise ValueError(f"--sweep {text!r}: unknown key {key!r}; a sweep varies "
-                             f"{sorted(KEYS)} (other flags are shared by all points)")
-        if key in axes:
+    keys = [key for key, _ in axes]
+    for key in keys:
+        if keys.count(key) > 1:
             raise ValueError(f"--sweep {key} is given twice: list all its values in one flag")
-        kind = KEYS[key][1]
-        parsed = []
-        for value in (v.strip() for v in values.split(",")):
-            try:
-                number = kind(value)
-            except ValueError:
-                raise ValueError(f"--sweep {text!r}: {value!r} is not a {kind.__name__}") from None
-            if not number > 0 and not (key == "seed" and number == 0):
-                raise ValueError(f"--sweep {text!r}: {key} must be positive, got {value}")
-            parsed.append(number)
-        if len(set(parsed)) < len(parsed):
-            raise ValueError(f"--sweep {text!r} repeats a value")
-        axes[key] = parsed
-    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    return [dict(zip(keys, values, strict=True))
+            for values in itertools.product(*(values for _, values in axes))]
 
 
 def name(point: Mapping[str, Any]) -> str:
@@ -86,7 +100,7 @@ def finetune(args: argparse.Namespace) -> int:
     Returns 0, or `EXIT_DIVERGED` when some point's loss stopped being finite (its folder
     says so; the others are written as usual)."""
     _check(args)
-    points = parse(args.sweep)
+    grid = points(args.sweep)
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder: pick another one")
@@ -106,8 +120,8 @@ def finetune(args: argparse.Namespace) -> int:
     n_train = len(train_a["input_ids"])
     point_args = [argparse.Namespace(**{**vars(args), "sweep": None, "out": str(out / name(p)),
                                         "lr": args.lr or DEFAULT_LR["lora"],
-                                        **{KEYS[k][0]: v for k, v in p.items()}})
-                  for p in points]
+                                        **{KEYS[k]: v for k, v in p.items()}})
+                  for p in grid]
     setups = [setup_method(loaded, task, "lora", r=a.r, alpha=a.alpha, dropout=a.dropout,
                                targets=a.target_regex or split_targets(a.targets),
                                lr=a.lr, steps=steps, seed=a.seed,
@@ -151,7 +165,7 @@ def finetune(args: argparse.Namespace) -> int:
     key = "accuracy" if task == "classify" else "perplexity"
     rows, status = [], 0
     for k, ((params, _), setup, a, point) in enumerate(zip(sweep.unstack(sw, trainable), setups,
-                                                            point_args, points, strict=True)):
+                                                            point_args, grid, strict=True)):
         folder = Path(a.out)
         folder.mkdir()
         finite = np.isfinite(losses[k])
@@ -191,7 +205,7 @@ def finetune(args: argparse.Namespace) -> int:
 def _summary(out: Path, rows: list[dict[str, Any]], key: str, size: int, steps: int,
              seconds: float, first: float) -> None:
     """summary.json (every point's row and the sweep's timing) and summary.md (a table)."""
-    write_json(out / "summary.json", {"points": rows, "sweep_size": size, "steps": steps,
+    write_json(out / "summary.json", {"grid": rows, "sweep_size": size, "steps": steps,
                                           "train_seconds": seconds,
                                           "first_step_seconds": first})
     shown = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -199,7 +213,7 @@ def _summary(out: Path, rows: list[dict[str, Any]], key: str, size: int, steps: 
                "steps_per_second"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(shown(row[c]) for c in columns) + " |" for row in rows]
-    note = (f"\n{size} points trained together in one compiled step: {steps} steps in "
+    note = (f"\n{size} grid trained together in one compiled step: {steps} steps in "
             f"{seconds:.1f} s ({first:.1f} s of it the first step, with compilation); "
             "steps/s counts sweep steps after the first (each advances every point).\n")
     write_bytes(out / "summary.md", ("\n".join(lines) + "\n" + note).encode())
