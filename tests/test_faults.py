@@ -69,6 +69,60 @@ def test_merge_never_writes_over_an_existing_folder(bert_run, tiny_bert, tmp_pat
     assert code == 2 and "exists and is not empty" in error_line(err)
 
 
+def test_a_killed_merge_leaves_a_temporary_folder_that_the_next_merge_removes(bert_run,
+                                                                              tmp_path):
+    """Before: each killed merge left its hidden `.merged.*.tmp` folder (up to the merged
+    model's size) and nothing removed it."""
+    out = tmp_path / "merged"
+    proc = _start(["merge", "--adapter", bert_run / "adapter", "--out", out])
+    assert _wait_for(proc, lambda: any(p.suffix == ".tmp" for p in tmp_path.iterdir()))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".merged.") and not out.exists(), left
+    code, _, err = lora_jax_cli("merge", "--adapter", bert_run / "adapter", "--out", out)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_new_folder_removes_only_the_temporary_folders_of_dead_processes(tmp_path):
+    from lora_jax.cli.files import new_folder
+
+    final = tmp_path / "adapter"
+    dead = tmp_path / ".adapter.0a1b2c3d.tmp"  # a killed process's: no lock held on it
+    dead.mkdir()
+    (dead / "adapter_model.safetensors").write_bytes(b"partial")
+    with new_folder(final) as live:  # holds its lock while being filled
+        (live / "a.txt").write_text("first")
+        with new_folder(final) as second:
+            (second / "a.txt").write_text("second")
+        assert live.is_dir() and not dead.exists()
+    assert (final / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(bert_run, tmp_path, umask):
+    """Files and folders a command writes get the modes the umask gives, as `open` and `mkdir`
+    would (before: 0600 / 0700 whatever the umask, from mkstemp / mkdtemp and safetensors)."""
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "lora_jax", "merge", "--adapter",
+                           str(bert_run / "adapter"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=ENV, umask=umask)
+    assert proc.returncode == 0, proc.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+    assert modes == {"merged": 0o777 & ~umask, "config.json": 0o666 & ~umask,
+                     "model.safetensors": 0o666 & ~umask, "tokenizer.json": 0o666 & ~umask}
+    # The finetune run (written under this process's umask): its JSON files and adapter too.
+    mask = os.umask(0)
+    os.umask(mask)
+    written = [bert_run / n for n in ("run_config.json", "losses.json", "metrics.json",
+                                      "adapter")] + sorted((bert_run / "adapter").iterdir())
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {
+        p.name: (0o777 if p.is_dir() else 0o666) & ~mask for p in written}
+
+
 def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, topics):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -121,8 +175,14 @@ def test_seq_len_must_fit_the_model(tiny_bert, tiny_llama, topics, tmp_path):
     code, _, err = lora_jax_cli("finetune", "--model", tiny_llama, "--data", text, "--out",
                                 tmp_path / "b", "--seq-len", "1")
     assert code == 2 and "--seq-len 1 leaves no next token to predict" in error_line(err)
+    # An encoder's example needs a token beside [CLS] and [SEP] (was: numpy's "cannot reshape
+    # array of size 448 into shape (56,1)").
+    code, _, err = lora_jax_cli(*finetune_args(tiny_bert, topics, tmp_path / "c", "--seq-len",
+                                               "2"))
+    assert code == 2 and ("--seq-len 2 leaves no room for text: the tokenizer adds 2 special "
+                          "tokens to each example; use --seq-len 3 or more") in error_line(err)
     assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir())
-                   for name in ("a", "b"))  # nothing trained, nothing written
+                   for name in ("a", "b", "c"))  # nothing trained, nothing written
 
 
 def test_an_empty_validation_split_is_not_reported_as_a_result(tiny_bert, tmp_path):

@@ -12,14 +12,22 @@ never a part.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
+import secrets
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl  # locks tell a live process's temporary folder from a killed one's
+except ImportError:  # Windows: stale temporary folders are left in place
+    fcntl = None
 
 
 def read_json(path: Path) -> Any:
@@ -53,9 +61,11 @@ def write_json(path: Path, value: Any, indent: int | None = 1) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """`path` holds `data` afterwards, or (killed midway) its old content: never a part."""
+    """`path` holds `data` afterwards, or (killed midway) its old content: never a part. The
+    file's mode follows the umask, as a file written with `open` would."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp, fd = _create(path.parent, path.name, ".tmp", lambda p: os.open(
+        p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -71,22 +81,89 @@ def write_bytes(path: Path, data: bytes) -> None:
 @contextlib.contextmanager
 def new_folder(final: Path) -> Iterator[Path]:
     """A temporary sibling folder to fill; on success it is renamed to `final` (replacing an
-    older `final` of ours only after the new one is complete), on failure it is removed."""
+    older `final` of ours only after the new one is complete), on failure it is removed.
+
+    The folder and what is written in it get the modes the umask gives (safetensors writes its
+    files 0600 whatever the umask). Temporary folders of `final` that a killed process left
+    (their lock is free) are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    _remove_stale(final)
+    tmp, lock = _locked_folder(final.parent, final.name, ".tmp")
     try:
         yield tmp
+        _follow_umask(tmp)
         if final.exists():
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            old, old_lock = _locked_folder(final.parent, final.name, ".old")
+            try:
+                os.replace(final, old / final.name)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                os.close(old_lock)
         else:
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def _create(parent: Path, name: str, suffix: str, make: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """(`parent/.name.<random><suffix>`, what `make` returned creating it), a name no one has."""
+    while True:
+        path = parent / f".{name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            return path, make(path)
+        except FileExistsError:
+            continue
+
+
+def _locked_folder(parent: Path, name: str, suffix: str) -> tuple[Path, int]:
+    """A new hidden folder `.name.<random><suffix>` in `parent` and an open descriptor holding
+    an exclusive lock on it until closed (the kernel drops it when the process dies). Made as
+    `.new`, locked, then renamed, so `_remove_stale` never sees it unlocked."""
+    new, _ = _create(parent, name, ".new", lambda p: os.mkdir(p, 0o777))
+    fd = os.open(new, os.O_RDONLY)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    locked = new.with_name(new.name[: -len(".new")] + suffix)
+    os.replace(new, locked)
+    return locked, fd
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove the temporary folders of `final` whose process is gone (their lock is free): a
+    killed merge or save leaves one, as large as what it was writing. `.old` ones (the
+    previous `final`) only when `final` exists."""
+    if fcntl is None:
+        return
+    suffixes = (".tmp", ".old") if final.exists() else (".tmp",)
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*"):
+        if path.suffix not in suffixes or not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live process is writing it
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give everything under `folder` the mode the umask gives new files and folders (read
+    from `folder` itself, made by `mkdir(0o777)`)."""
+    folder_mode = stat.S_IMODE(folder.stat().st_mode)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(folder_mode if path.is_dir() else folder_mode & 0o666)
 
 
 def check_writable(folder: Path, flag: str = "--out") -> None:

@@ -172,10 +172,17 @@ def max_positions(module: Any) -> int | None:
 
 
 def check_seq_len(loaded: Loaded, task: str, seq_len: int, prompt_tokens: int = 0) -> None:
-    """--seq-len must fit the model's positions and, for a causal LM, leave a token to predict."""
+    """--seq-len must fit the model's positions and leave room for text: a token to predict
+    (causal LM), a token beside the tokenizer's special ones (an encoder's [CLS] ... [SEP])."""
     if task == "lm" and seq_len < 2:
         raise ValueError(f"--seq-len {seq_len} leaves no next token to predict: a causal LM "
                          "needs --seq-len 2 or more")
+    processor = loaded.tokenizer.post_processor
+    special = processor.num_special_tokens_to_add(False) if processor is not None else 0
+    if task != "lm" and seq_len <= special:
+        raise ValueError(f"--seq-len {seq_len} leaves no room for text: the tokenizer adds "
+                         f"{special} special tokens to each example; use --seq-len "
+                         f"{special + 1} or more")
     limit = max_positions(loaded.module)
     total = seq_len + prompt_tokens
     if limit is not None and total > limit:
