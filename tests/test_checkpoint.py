@@ -278,3 +278,29 @@ def test_the_digest_is_checked_when_the_target_has_another_dtype(tmp_path):
                                                         "arrays do not match the digest"):
                 ckpt.restore(2, target=(target, opt_state))
     assert data.read_bytes() == before
+
+
+def test_a_target_of_other_shapes_is_a_mismatch_not_a_damaged_step(tmp_path):
+    """Restoring onto a target whose arrays differ in shape (the run's settings changed) raises
+    CheckpointMismatch from the metadata, before orbax reads anything; restore_intact raises it
+    at once instead of setting every step aside as unreadable."""
+    from lora_jax.core.checkpoint import CheckpointMismatch
+
+    _two_steps(tmp_path)
+    config = lora_jax.LoraConfig(r=2, lora_alpha=8, target_modules=["up", "down"],
+                                 bias="lora_only")
+    model, x = MLP(), jnp.ones((32, 16))
+    params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+                             jax.random.key(2))
+    trainable, _ = lora_jax.split(params, config)
+    target = (trainable, lora_jax.optimizer(optax.adam(1e-2), params, config).init(params))
+    with AdapterCheckpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointMismatch, match=r"checkpoint .*2 does not fit the restore "
+                                                     r"target: \[0\]\['down'\]\['lora_A'\] is "
+                                                     r"\(256, 4\) in the checkpoint, \(256, 2\) "
+                                                     r"in the target"):
+            ckpt.restore(2, target=target)
+        with pytest.raises(CheckpointMismatch):
+            ckpt.restore_intact(target=target)
+        assert ckpt.all_steps() == [1, 2]
+    assert not (tmp_path.parent / (tmp_path.name + ".unreadable")).exists()

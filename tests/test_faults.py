@@ -268,6 +268,30 @@ def test_broken_adapters_are_refused_by_merge_and_generate(bert_run, tiny_llama,
         assert snapshot(folder) == before and not (tmp_path / "m").exists()
 
 
+def test_generate_names_the_adapter_that_does_not_fit(bert_run, tiny_llama, tmp_path):
+    """One adapter per prompt, the second for another model: the error names that --adapter
+    (before: `load_peft: '...bert.encoder...' names the module ..., which is not in the params
+    tree`, without saying which of the folders)."""
+    import jax
+
+    import lora_jax
+    from lora_jax.models import from_pretrained
+
+    _, base = from_pretrained(tiny_llama)
+    config = lora_jax.LoraConfig(r=2, target_modules=["q_proj"])
+    good = tmp_path / "llama_adapter"
+    lora_jax.save_peft(good, lora_jax.inject(base, config, jax.random.key(0)), config,
+                       model_type="llama")
+    wrong = bert_run / "adapter"
+    before = {folder: snapshot(folder) for folder in (good, wrong)}
+    code, out, err = lora_jax_cli("generate", "--model", tiny_llama, "--prompt", "a", "--prompt",
+                                  "b", "--adapter", good, "--adapter", wrong,
+                                  "--max-new-tokens", "2")
+    assert code == 2 and not out
+    assert error_line(err).startswith(f"lora-jax: error: --adapter {wrong}: load_peft: ")
+    assert {folder: snapshot(folder) for folder in (good, wrong)} == before
+
+
 # --- crashes and unclear errors --------------------------------------------------------------
 
 def test_bad_data_and_config_files_name_the_file(tiny_bert, tmp_path):
@@ -298,6 +322,22 @@ def test_resume_with_a_damaged_run_config_names_the_file(bert_run, tmp_path):
     code, _, err = lora_jax_cli("finetune", "--resume", run)
     assert code == 2
     assert f"{run / 'run_config.json'}: argument --lr: must be a finite number" in error_line(err)
+
+
+def test_resume_after_run_config_was_edited_names_the_file(bert_run, tmp_path):
+    """Before: 22 orbax tracebacks and "no intact checkpoint ... cannot be read: Requested
+    shape: (32, 4) is not compatible with the stored shape: (32, 8)", blaming the checkpoints."""
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run)
+    fields = strict_json(run / "run_config.json")
+    (run / "run_config.json").write_text(json.dumps(dict(fields, r=4)))
+    before = snapshot(run)
+    code, _, err = lora_jax_cli("finetune", "--resume", run)
+    assert code == 2
+    assert (f"--resume {run}: {run / 'run_config.json'} gives another LoRA config than the "
+            "checkpoints were saved with: r=4 (the checkpoints: 8); was it edited?") in \
+        error_line(err)
+    assert snapshot(run) == before and not (tmp_path / "run" / "checkpoint.unreadable").exists()
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_older_step(bert_run, tmp_path):

@@ -122,55 +122,47 @@ def finetune(args: argparse.Namespace) -> int:
         from lora_jax.cli.nnx_run import on_nnx
 
         setup = on_nnx(setup, loaded, task, args.method, args.quantize)
-    write_json(out / "run_config.json", run_config(args, out))
-    n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
-    print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
-          f"trainable%: {100 * n_trainable / n_total:.4f}")
-    print(f"{args.method} on {args.model} ({loaded.model_type}, {task}), data "
-          f"{args.data}: {n_train} train / {len(val_a['input_ids'])} val / "
-          f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
-          f"{steps} steps of {args.batch_size} x {args.seq_len}")
-
     trainable, frozen = lora_jax.split(setup.params, setup.config)
-    start_step, losses, opt_state = 0, [], None
-    checkpointer = AdapterCheckpointer(out / "checkpoint", max_to_keep=2)
-    if args.resume and checkpointer.all_steps():
-        target = (trainable, setup.tx.init(trainable))
-        (start_step, trainable, opt_state, _), skipped = checkpointer.restore_intact(
-            target=target)
-        for bad, reason in skipped:
-            print(f"lora-jax: warning: skipped checkpoint step {bad} ({reason}); moved to "
-                  f"{out / 'checkpoint.unreadable'}", file=sys.stderr)
-        losses = _saved_losses(checkpointer, start_step, out)
-        if start_step > steps:
-            checkpointer.close()
-            raise ValueError(f"--resume {out}: the checkpoint is at step {start_step}, past "
-                             f"--steps {steps}: give --steps {start_step} or more")
-        print(f"resuming from step {start_step} of {steps}")
-    elif args.resume:
-        print(f"{out} has no checkpoint yet: starting from step 0 of {steps}")
+    with AdapterCheckpointer(out / "checkpoint", max_to_keep=2) as checkpointer:
+        start_step, losses, opt_state = 0, [], None
+        resumed = args.resume and checkpointer.all_steps()
+        if resumed:
+            (start_step, trainable, opt_state, _), losses = _resume(
+                checkpointer, (trainable, setup.tx.init(trainable)), setup.config, out, steps)
+        write_json(out / "run_config.json", run_config(args, out))
+        n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
+        print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
+              f"trainable%: {100 * n_trainable / n_total:.4f}")
+        print(f"{args.method} on {args.model} ({loaded.model_type}, {task}), data "
+              f"{args.data}: {n_train} train / {len(val_a['input_ids'])} val / "
+              f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
+              f"{steps} steps of {args.batch_size} x {args.seq_len}")
+        if args.resume:
+            print(f"resuming from step {start_step} of {steps}" if resumed else
+                  f"{out} has no checkpoint yet: starting from step 0 of {steps}")
 
-    def write_losses(step: int, so_far: list[float]) -> None:
-        write_json(out / "losses.json", so_far, indent=None)
+        def write_losses(step: int, so_far: list[float]) -> None:
+            write_json(out / "losses.json", so_far, indent=None)
 
-    before = None
-    if task != "classify" and not start_step:
-        before = train.evaluate(setup.forward, task, setup.params, test_a, args.batch_size)
-    try:
-        result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
-                           steps=steps, batch_size=args.batch_size, seed=args.seed,
-                           config=setup.config, opt_state=opt_state, start_step=start_step,
-                           losses=losses, checkpointer=checkpointer, save_every=args.save_every,
-                           on_save=write_losses, progress=not args.no_progress)
-    except train.Interrupted as stop:
-        checkpointer.close()
-        print(f"interrupted after step {stop.step}: checkpoint saved in {out / 'checkpoint'}; "
-              f"continue with: lora-jax finetune --resume {out}", file=sys.stderr)
+        before = None
+        if task != "classify" and not start_step:
+            before = train.evaluate(setup.forward, task, setup.params, test_a, args.batch_size)
+        try:
+            result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
+                               steps=steps, batch_size=args.batch_size, seed=args.seed,
+                               config=setup.config, opt_state=opt_state, start_step=start_step,
+                               losses=losses, checkpointer=checkpointer,
+                               save_every=args.save_every, on_save=write_losses,
+                               progress=not args.no_progress)
+        except (train.Interrupted, train.Diverged) as stop:
+            result = stop  # reported once the checkpointer has written its last save
+    if isinstance(result, train.Interrupted):
+        print(f"interrupted after step {result.step}: checkpoint saved in "
+              f"{out / 'checkpoint'}; continue with: lora-jax finetune --resume {out}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
-    except train.Diverged as bad:
-        checkpointer.close()
-        return _diverged(bad, out, args, lr)
-    checkpointer.close()
+    if isinstance(result, train.Diverged):
+        return _diverged(result, out, args, lr)
     params = lora_jax.combine(result.trainable, frozen)
     val = train.evaluate(setup.forward, task, params, val_a, 64)
     test = train.evaluate(setup.forward, task, params, test_a, 64)
@@ -196,6 +188,38 @@ def finetune(args: argparse.Namespace) -> int:
     print(f"wrote {out}/: adapter/, checkpoint/, metrics.json, loss.png "
           f"({metrics['wall_seconds_this_process']:.0f} s)")
     return 0
+
+
+def _resume(checkpointer: Any, target: tuple[Any, Any], config: Any, out: Path, steps: int
+            ) -> tuple[Any, list[float]]:
+    """(the newest intact checkpoint of the run in `out`, its losses), after checking that the
+    run's settings (run_config.json: `config` and the arrays of `target`) are those the
+    checkpoints were saved with: an edited file is an error naming it, not a damaged step."""
+    from lora_jax.core.checkpoint import CheckpointMismatch, CorruptCheckpoint
+
+    settings = out / "run_config.json"
+    hint = "was it edited? Put its settings back, or start a new run with another --out"
+    try:
+        saved = checkpointer.config().to_dict()
+    except CorruptCheckpoint:  # a damaged newest step: restore_intact falls back past it
+        saved = config.to_dict()
+    changed = [f"{k}={v!r} (the checkpoints: {saved.get(k)!r})"
+               for k, v in config.to_dict().items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume {out}: {settings} gives another LoRA config than the "
+                         f"checkpoints were saved with: {', '.join(changed)}; {hint}")
+    try:
+        restored, skipped = checkpointer.restore_intact(target=target)
+    except CheckpointMismatch as err:
+        raise ValueError(f"--resume {out}: {settings} does not fit the checkpoints ({err}); "
+                         f"{hint}") from None
+    for bad, reason in skipped:
+        print(f"lora-jax: warning: skipped checkpoint step {bad} ({reason}); moved to "
+              f"{out / 'checkpoint.unreadable'}", file=sys.stderr)
+    if restored.step > steps:
+        raise ValueError(f"--resume {out}: the checkpoint is at step {restored.step}, past "
+                         f"--steps {steps}: give --steps {restored.step} or more")
+    return restored, _saved_losses(checkpointer, restored.step, out)
 
 
 def _diverged(bad: Any, out: Path, args: argparse.Namespace, lr: float) -> int:

@@ -35,18 +35,27 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: generate needs a causal LM or an "
                          f"encoder-decoder, this is a {loaded.model_type} encoder")
     params, apply = loaded.params, loaded.module.apply
+
+    def load(folder: str) -> tuple[dict, lora_jax.LoraConfig]:
+        try:
+            return load_peft(folder, params, model_type=loaded.model_type)
+        except ValueError as err:  # which --adapter, when there are several
+            raise ValueError(f"--adapter {folder}: {err}") from None
+
     adapter_ids = None
     if len(folders) > 1:
         if task == "seq2seq":
             raise ValueError("one adapter per prompt needs a causal LM; run an encoder-decoder "
                              "once per adapter")
-        named = dict.fromkeys(f for f in folders if f != "none")
-        aset = lora_jax.adapters.adapter_set(
-            {f: load_peft(f, params, model_type=loaded.model_type) for f in named})
+        named = {f: load(f) for f in dict.fromkeys(folders) if f != "none"}
+        try:
+            aset = lora_jax.adapters.adapter_set(named)
+        except ValueError as err:
+            raise ValueError(f"one --adapter per prompt: {err}") from None
         params, apply = aset.params, lora_jax.wrap(apply, aset.configs[0])
         adapter_ids = aset.ids([None if f == "none" else f for f in folders])
     elif folders and folders[0] != "none":
-        params, config = load_peft(folders[0], params, model_type=loaded.model_type)
+        params, config = load(folders[0])
         apply = lora_jax.wrap(apply, config)
 
     # A causal LM continues the prompt's own tokens; an encoder reads them as training did.

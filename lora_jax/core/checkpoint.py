@@ -51,6 +51,11 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint step that cannot be read back, or whose arrays fail their digest."""
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint step whose arrays differ in structure or shape from the restore target: the
+    run's settings changed since it was saved, not its files."""
+
+
 class Restored(NamedTuple):
     """What `AdapterCheckpointer.restore` returns (unpacks as a 4-tuple)."""
 
@@ -128,7 +133,9 @@ class AdapterCheckpointer:
         `split(params, config)[0]` and `tx.init(params)`.
 
         A step whose files are missing or damaged, or whose arrays do not match the digest
-        written with them, raises `CorruptCheckpoint` naming the step's folder.
+        written with them, raises `CorruptCheckpoint` naming the step's folder; one whose arrays
+        have other paths or shapes than the target's raises `CheckpointMismatch` (checked from
+        the metadata, before any array is read).
         """
         step = self._resolve_step(step)
         wanted = tuple(_abstract(tree, name) for tree, name in
@@ -137,6 +144,11 @@ class AdapterCheckpointer:
         meta = self._meta(step)
         config = _config_of(meta, step, where)
         saved_digest = meta.get("digest")
+        if saved_digest is not None:
+            difference = _difference(saved_digest["signature"], _signature(wanted))
+            if difference:
+                raise CheckpointMismatch(f"checkpoint {where} does not fit the restore target: "
+                                         f"{difference}")
         # Read the arrays in the dtypes they were saved in, so the digest can be checked, and
         # cast them to the target's afterwards (orbax would cast first).
         trainable, opt_state = _as_saved(wanted, saved_digest)
@@ -165,7 +177,8 @@ class AdapterCheckpointer:
         """`restore` of the newest step that reads back and verifies, and the (step, reason) of
         each newer step skipped. Skipped steps are moved to `<directory>.unreadable/<step>` (kept
         for inspection; a later save of the same step number can then be written).
-        Raises `CorruptCheckpoint` when no step is intact, FileNotFoundError when there is none.
+        Raises `CorruptCheckpoint` when no step is intact, FileNotFoundError when there is none,
+        `CheckpointMismatch` (at once, nothing moved) when the target does not fit the steps.
         """
         steps = list(reversed(self._resolve_steps()))
         if not steps:
@@ -174,6 +187,8 @@ class AdapterCheckpointer:
         for step in steps:
             try:
                 restored = self.restore(step, target=target)
+            except CheckpointMismatch:
+                raise  # the target, not this step: every other step would differ alike
             except (CorruptCheckpoint, ValueError) as err:
                 skipped.append((step, str(err)))
                 continue
@@ -268,6 +283,19 @@ def _abstract(tree: Any, name: str) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(leaf, tree)
+
+
+def _difference(saved: list[list[Any]], wanted: list[list[Any]]) -> str | None:
+    """The first array path whose shape differs between two signatures, or that only one of
+    them has (dtypes may differ: restore casts); None when they agree."""
+    shapes = [{path: tuple(shape) for path, _, shape in signature}
+              for signature in (saved, wanted)]
+    for path in sorted(shapes[0].keys() | shapes[1].keys()):
+        got, want = (s.get(path) for s in shapes)
+        if got != want:
+            return (f"{path} is {'absent' if got is None else got} in the checkpoint, "
+                    f"{'absent' if want is None else want} in the target")
+    return None
 
 
 def _as_saved(target: Any, digest: dict[str, Any] | None) -> Any:
