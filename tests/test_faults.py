@@ -292,6 +292,30 @@ def test_generate_names_the_adapter_that_does_not_fit(bert_run, tiny_llama, tmp_
     assert {folder: snapshot(folder) for folder in (good, wrong)} == before
 
 
+def test_a_full_disk_is_one_line_exit_1_and_the_run_resumes(tiny_bert, topics, tmp_path):
+    """Files may grow to 4 KB only (RLIMIT_FSIZE, as a full disk refuses the write): the first
+    checkpoint cannot be written. Before: exit 2 or 1 by where it failed, 2-6 orbax tracebacks
+    and the raw tensorstore message; now one line naming the checkpoint folder, exit 1, and
+    the folder resumes (tensorstore may still print "Event loop is closed" from its threads)."""
+    out = tmp_path / "run"
+    argv = finetune_args(tiny_bert, topics, out, "--steps", "6", "--save-every", "2")
+    limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, "
+               "4096)); os.execv(sys.executable, [sys.executable, '-m', 'lora_jax', "
+               "*sys.argv[1:]])")
+    proc = subprocess.run([sys.executable, "-c", limited, *map(str, argv)],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 1, proc.stderr
+    assert (f"lora-jax: error: cannot write a checkpoint in {out / 'checkpoint'}: File too "
+            f"large; what {out} holds is kept: make room (or copy the folder to a disk with "
+            f"room) and continue with lora-jax finetune --resume {out}\n") in proc.stderr
+    assert proc.stderr.count("lora-jax: error") == 1
+    assert "absl" not in proc.stderr and "orbax" not in proc.stderr.replace(
+        "orbax-checkpoint-tmp", "")
+    code, stdout, err = lora_jax_cli("finetune", "--resume", out)
+    assert code == 0, err
+    assert len(strict_json(out / "metrics.json")["losses"]) == 6
+
+
 # --- crashes and unclear errors --------------------------------------------------------------
 
 def test_bad_data_and_config_files_name_the_file(tiny_bert, tmp_path):

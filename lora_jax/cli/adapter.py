@@ -52,11 +52,16 @@ def save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded: 
     from lora_jax.core.targets import iter_modules
 
     if setup.is_lora:
+        from safetensors import SafetensorError
+
         from lora_jax.peft.files import save_peft
 
-        save_peft(folder, params, setup.config, base_model_name_or_path=loaded.source,
-                  task_type=PEFT_TASK_TYPES[task],
-                  model_type=loaded.model_type, initial_params=setup.initial_params)
+        try:
+            save_peft(folder, params, setup.config, base_model_name_or_path=loaded.source,
+                      task_type=PEFT_TASK_TYPES[task],
+                      model_type=loaded.model_type, initial_params=setup.initial_params)
+        except SafetensorError as err:  # e.g. "I/O error: No space left on device"
+            raise OSError(f"cannot write {folder}: {err}") from err
         return
     folder.mkdir(parents=True, exist_ok=True)
     trainable = split(params, setup.config)[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from lora_jax.cli.files import (
     new_folder,
     read_json,
     unstarted_run,
+    write_bytes,
     write_json,
 )
 from lora_jax.cli.method import DEFAULT_LR, setup_method
@@ -100,6 +102,19 @@ def finetune(args: argparse.Namespace) -> int:
                              f"continue an interrupted run with --resume {out}")
         print(f"reusing {out}: the run there stopped before its first checkpoint")
     check_writable(out)
+    try:
+        return _run(args, out)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise  # a missing input: the user's to fix, reported as such
+    except OSError as err:  # a full disk: the checkpoints committed so far are kept
+        where = f" ({err.filename})" if err.filename else ""
+        raise OSError(f"{err.strerror or err}{where}; what {out} holds is kept: make room (or "
+                      f"copy the folder to a disk with room) and continue with lora-jax "
+                      f"finetune --resume {out}") from err
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    """The finetune run in `out` (checked writable), as `finetune` describes it."""
     start = time.perf_counter()
 
     import jax
@@ -285,7 +300,7 @@ def _print_eval(task: str, val: Mapping[str, Any], test: Mapping[str, Any],
 
 
 def plot_losses(losses: Sequence[float], path: Path, title: str) -> None:
-    """Training loss per step (and a moving average) as a PNG."""
+    """Training loss per step (and a moving average) as a PNG, written whole or not at all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,5 +317,7 @@ def plot_losses(losses: Sequence[float], path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="training loss", title=title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_bytes(path, image.getvalue())

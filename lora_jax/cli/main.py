@@ -8,8 +8,10 @@
     lora-jax merge --adapter runs/X/adapter --out merged/
 
 Errors in what the user asked for (bad flags, missing or damaged files, unknown models, a
-one-class dataset) print one line and exit with status 2; a diverging run (non-finite loss) stops
-with status 3 and keeps its last finite checkpoint; Ctrl-C exits with 130 after saving.
+one-class dataset) print one line and exit with status 2; a file that cannot be written (a full
+disk) prints one line and exits with status 1, keeping what was saved (a run resumes from its
+last checkpoint); a diverging run (non-finite loss) stops with status 3 and keeps its last
+finite checkpoint; Ctrl-C exits with 130 after saving.
 
 Nothing is written over an input: `merge` writes a new folder (through a temporary folder and a
 rename), `finetune` refuses a non-empty `--out` unless it holds a run that stopped before its
@@ -20,6 +22,7 @@ written whole or not at all.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -210,6 +213,8 @@ def _explicit_flags(argv: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lora-jax` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Orbax logs a failed save's traceback from its threads; the error is reported once, here.
+    logging.getLogger("absl").addFilter(_not_orbax_errors)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "finetune":
@@ -224,11 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except OSError as err:  # a full disk, a vanished folder: one line, not a traceback
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        print(f"lora-jax: error: {err.strerror or err}{where}", file=sys.stderr)
+        # One write: tensorstore's threads may be printing tracebacks of the same failure.
+        sys.stderr.write(f"lora-jax: error: {err.strerror or err}{where}\n")
         return 1
     except KeyboardInterrupt:
         print("lora-jax: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _not_orbax_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or "orbax" not in record.pathname
 
 
 # --- resume: the saved settings, and which flags may differ --------------------------------------

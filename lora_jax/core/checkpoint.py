@@ -32,10 +32,13 @@ that restores and verifies, and moves the unreadable newer ones aside.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -49,6 +52,11 @@ _FORMAT = "lora_jax.adapter_checkpoint/1"
 
 class CorruptCheckpoint(ValueError):
     """A checkpoint step that cannot be read back, or whose arrays fail their digest."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a read-only folder): the steps
+    committed before it are intact."""
 
 
 class CheckpointMismatch(ValueError):
@@ -114,15 +122,16 @@ class AdapterCheckpointer:
         meta = {"format": _FORMAT, "step": step, "lora_config": config.to_dict(),
                 "digest": _digest((trainable, opt_state)), "extra": extra}
         json.dumps(meta, allow_nan=False)  # NaN / inf would be invalid JSON: refuse up front
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                trainable=ocp.args.StandardSave(trainable),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,  # due-ness is decided above, orbax would also save the first step
-        )
+        with self._writing():
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    trainable=ocp.args.StandardSave(trainable),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,  # due-ness is decided above, orbax would also save the first step
+            )
 
     def restore(self, step: int | None = None, *, target: tuple[Any, Any]) -> Restored:
         """(step, trainable, opt_state, config) of `step` (default: the latest complete one).
@@ -241,18 +250,42 @@ class AdapterCheckpointer:
         return sorted(self._manager.all_steps())
 
     def wait(self) -> None:
-        """Block until every started save is written and committed."""
-        self._manager.wait_until_finished()
+        """Block until every started save is written and committed; a save that failed raises
+        `CheckpointWriteError` (an OSError with the system's errno where orbax gives one)."""
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release the background thread."""
-        self._manager.close()
+        with self._writing():
+            self._manager.close()
 
     def __enter__(self) -> AdapterCheckpointer:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, kind: type | None, *exc_info: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # the error under way is the one to report, not the same failure again
+            with contextlib.suppress(Exception):
+                self.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Orbax's failures to write (raised here, or from a background save) as one
+        `CheckpointWriteError` naming the directory and the system's reason."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as err:
+            code = getattr(err, "errno", None)
+            found = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", str(err))
+            if found:
+                code = int(next(g for g in found.groups() if g))
+            reason = os.strerror(code) if code else _one_line(err)
+            raise CheckpointWriteError(code, f"cannot write a checkpoint in {self.directory}: "
+                                             f"{reason}") from err
 
     def _resolve_steps(self) -> list[int]:
         self._manager.reload()
