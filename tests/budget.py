@@ -1,11 +1,15 @@
-"""Hypothesis budgets: a small fixed number of examples per property test in CI, and any number
-with `LORA_JAX_PROPERTY_EXAMPLES=N` (e.g. 200 for a longer search before a release)."""
+"""The two test tiers, switched by one environment variable.
+
+`python -m pytest -q` runs the CI tier. `LORA_JAX_FULL=1 python -m pytest -q` runs the full
+tier: every test, including those marked `@pytest.mark.full` (tests/conftest.py leaves them out
+of the CI tier), with the larger budgets below (hypothesis examples, peft differential configs).
+"""
 
 import os
 
-EXAMPLES = int(os.environ.get("LORA_JAX_PROPERTY_EXAMPLES", "0"))
+FULL = os.environ.get("LORA_JAX_FULL", "") == "1"
 
 
-def examples(ci: int) -> int:
-    """`ci` examples, or LORA_JAX_PROPERTY_EXAMPLES when set."""
-    return EXAMPLES or ci
+def examples(ci: int, full: int = 200) -> int:
+    """How many examples a property test draws: `ci` in the CI tier, `full` in the full tier."""
+    return full if FULL else ci

@@ -1,5 +1,12 @@
 """Test setup: 8 simulated CPU devices for sharding tests, float32 matmuls at full precision;
-tiny random HF model folders shared by the CLI tests."""
+tiny random HF model folders shared by the CLI tests; the two test tiers.
+
+Tiers: `python -m pytest -q` runs the CI tier; `LORA_JAX_FULL=1 python -m pytest -q` runs the
+full tier (tests/budget.py). A test or parametrisation marked `@pytest.mark.full` runs only in the
+full tier: the exhaustive cases (all kill points, many configs, many examples, real weights),
+each of whose checks keeps at least one case in the CI tier. `pytest -m full` with
+LORA_JAX_FULL=1 runs the full tier's extra tests alone.
+"""
 
 import os
 
@@ -11,8 +18,27 @@ import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from budget import FULL  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: runs only in the full tier (LORA_JAX_FULL=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The CI tier leaves out the tests marked `full` (reported as deselected)."""
+    if FULL:
+        return
+    left_out = [item for item in items if item.get_closest_marker("full")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]
+
+
+def pytest_report_header(config):
+    return "test tier: " + ("full" if FULL else "CI (LORA_JAX_FULL=1 runs the full tier)")
 
 
 def _hf_folder(tmp_path_factory, name, model):

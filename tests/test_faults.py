@@ -452,8 +452,8 @@ def _kill_cases():
     - finishing (2): after the last checkpoint (step 24), a fraction of the time the run then
       takes (evaluation, the adapter, metrics.json, loss.png);
     - merge (5): a fraction of merge's wall time (loading, merging, writing, the rename).
-    Times are those of one uninterrupted run. CI runs one case of each of start, saving, saved,
-    finishing, merge; LORA_JAX_KILL_CASES=20 runs all."""
+    Times are those of one uninterrupted run. The CI tier runs one case of each of start,
+    saving, saved, finishing, merge; the full tier all 20."""
     rng = np.random.default_rng(0)
     kinds = (["start"] * 3 + ["compiling"] * 2 + ["saving"] * 4 + ["saved"] * 4
              + ["finishing"] * 2 + ["merge"] * 5)
@@ -464,9 +464,9 @@ def _kill_cases():
             cases.append((kind, step, float(rng.uniform(0, 0.05 if kind == "saving" else 0.3))))
         else:
             cases.append((kind, None, float(rng.uniform(0, 1))))
-    wanted = int(os.environ.get("LORA_JAX_KILL_CASES", "5"))
-    chosen = range(20) if wanted >= 20 else [0, 5, 9, 13, 15][:wanted]
-    return [pytest.param(*cases[i], id=f"case{i}-{cases[i][0]}") for i in chosen]
+    return [pytest.param(*case, id=f"case{i}-{case[0]}",
+                         marks=() if i in (0, 5, 9, 13, 15) else pytest.mark.full)
+            for i, case in enumerate(cases)]
 
 
 def _start(argv):
@@ -541,13 +541,28 @@ def _state(out):
     return f"training after step {steps[-1]}" + (" (saving the next)" if saving else "")
 
 
+def _reached(kind, step, state):
+    """Whether a kill at a `kind` moment (`_kill_cases`) left the folder in that moment's state."""
+    if kind == "start":  # before the first step (at the latest as run_config.json appears)
+        return state in ("starting (no run_config.json)", "training, before the first checkpoint")
+    if kind == "compiling":
+        return state.startswith("training, before the first checkpoint")
+    if kind == "finishing":  # evaluating, writing the adapter, metrics.json or loss.png
+        return state in ("training after step 24", "writing the adapter / metrics", "finished")
+    if kind == "merge":  # merging, or just renamed into place
+        return state in ("merging", "finished")
+    saved = state.startswith("training after step ") and int(state.split()[3]) >= step
+    return saved and (kind == "saved" or state.endswith("(saving the next)"))
+
+
 @pytest.mark.parametrize("kind, step, amount", _kill_cases())
 def test_killed_at_a_seeded_random_time_the_folder_resumes_or_reruns(
         kind, step, amount, uninterrupted, tiny_bert, topics, tmp_path):
-    """SIGKILL (no cleanup) at a seeded point of a finetune or merge (see `_kill_cases`). A
-    finetune folder left behind resumes (it has run_config.json) or reruns (it has not), and the
-    finished run's losses equal the uninterrupted run's; a merge leaves no `--out` or a complete
-    one, the adapter and base untouched, and a rerun writes the uninterrupted merge's files."""
+    """SIGKILL (no cleanup) at a seeded point of a finetune or merge (see `_kill_cases`), while it
+    runs and in the phase the point names (asserted). A finetune folder left behind resumes (it
+    has run_config.json) or reruns (it has not), and the finished run's losses equal the
+    uninterrupted run's; a merge leaves no `--out` or a complete one, the adapter and base
+    untouched, and a rerun writes the uninterrupted merge's files."""
     import time
 
     if kind == "merge":
@@ -558,35 +573,47 @@ def test_killed_at_a_seeded_random_time_the_folder_resumes_or_reruns(
     else:
         out = tmp_path / "run"
         argv = finetune_args(tiny_bert, topics, out, *KILL_ARGS)
-    proc = _start(argv)
     checkpoints = out / "checkpoint"
+    ends = {  # when a timed phase is over: the kill comes then at the latest
+        "start": lambda: (out / "run_config.json").exists(),
+        "compiling": lambda: checkpoints.exists() and any(checkpoints.iterdir()),
+        "finishing": lambda: (out / "metrics.json").exists(),
+        "merge": out.exists,
+    }
+    proc = _start(argv)
     if kind == "compiling":
         assert _announced(proc)
     elif kind == "finishing":
-        _wait_for(proc, lambda: (checkpoints / "24").is_dir())
+        assert _wait_for(proc, lambda: (checkpoints / "24").is_dir())
     elif kind in ("saving", "saved"):
-        _wait_for(proc, lambda: (checkpoints / str(step)).is_dir())
+        assert _wait_for(proc, lambda: (checkpoints / str(step)).is_dir())
         if kind == "saving":
-            _wait_for(proc, lambda: _saving(checkpoints))
-    time.sleep(amount if step else amount * uninterrupted["seconds"][kind])
+            assert _wait_for(proc, lambda: _saving(checkpoints))
+    if step:
+        time.sleep(amount)
+    else:
+        _wait_for(proc, ends[kind], timeout=amount * uninterrupted["seconds"][kind])
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    code = proc.wait(timeout=60)
     proc.stdout.close()
+    point = (f"{kind} at {amount:.2f} x {uninterrupted['seconds'][kind]:.1f} s" if step is None
+             else f"{kind} at step {step} + {1000 * amount:.0f} ms")
+    assert code == -signal.SIGKILL, f"{point}: the run ended (status {code}) before the kill"
 
     if kind == "merge":
         assert {folder: snapshot(folder) for folder in inputs} == inputs
         state = "finished" if out.exists() else "merging"  # renamed into place whole, or not
+    else:
+        state = _state(out)
+    assert _reached(kind, step, state), f"{point}: the kill came at '{state}'"
+    if kind == "merge":
         if state == "merging":
             code, _, err = lora_jax_cli(*argv)
             assert code == 0, err
         assert snapshot(out) == uninterrupted["merged"]
     else:
-        state = _state(out)
         if state != "finished":
             resume = (out / "run_config.json").exists()
             code, _, err = lora_jax_cli(*(("finetune", "--resume", out) if resume else argv))
             assert code == 0, (state, err)
         assert strict_json(out / "metrics.json")["losses"] == uninterrupted["losses"], state
-    point = (f"{amount:.2f} x {uninterrupted['seconds'][kind]:.1f} s" if step is None
-             else f"step {step} + {1000 * amount:.0f} ms")
-    print(f"{kind} {point}: {state}")
