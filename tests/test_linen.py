@@ -1,4 +1,5 @@
-"""wrap: the delta inside each layer, and composition with jit, grad, vmap, scan, remat, dropout."""
+"""wrap: the delta inside each layer, and composition with jit, grad, vmap, scan, remat, dropout
+(default init, adapted == merged, training per layer kind: the contract suite, tests/contract)."""
 
 import flax.linen as nn
 import jax
@@ -6,9 +7,6 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from budget import examples
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from layer_zoo import KINDS, TinyLM, single_layer, unscanned_params
 
 import lora_jax
@@ -18,12 +16,11 @@ IDS = jnp.arange(10).reshape(2, 5) % 32
 RTOL = 1e-5  # float32: relative to the output's largest magnitude
 
 
-def _adapted(kind, dim, out, r, init=False, seed=0, dtype=jnp.float32):
+def _adapted(kind, dim, out, r, dtype=jnp.float32):
     model, x = single_layer(kind, dim, out, dtype=dtype, param_dtype=dtype)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["layer"], init_lora_weights=init)
-    params = model.init(jax.random.key(seed), x)["params"]
-    params = lora_jax.inject(params, config, jax.random.key(seed + 1),
-                             layouts=lora_jax.layouts(model, x))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["layer"], init_lora_weights=False)
+    params = model.init(jax.random.key(0), x)["params"]
+    params = lora_jax.inject(params, config, jax.random.key(1), layouts=lora_jax.layouts(model, x))
     return model, x, config, params
 
 
@@ -31,29 +28,6 @@ def _assert_close(actual, expected, rtol=RTOL):
     actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
     scale = max(np.abs(expected).max(), 1e-6)
     assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
-
-
-# out >= 3 >= r keeps every drawn rank within min(fan_in, fan_out).
-@settings(max_examples=examples(8), deadline=None)
-@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(3, 9),
-       r=st.integers(1, 3), seed=st.integers(0, 1000))
-def test_wrapped_output_equals_the_merged_kernel(kind, dim, out, r, seed):
-    model, x, config, params = _adapted(kind, dim, out, r, seed=seed)
-    wrapped = lora_jax.wrap(model.apply, config)({"params": params}, x)
-    merged = model.apply({"params": lora_jax.merge(params, config)}, x)
-    base = model.apply({"params": lora_jax.split(params, config)[1]}, x)
-    _assert_close(wrapped, merged)
-    assert not np.allclose(wrapped, base)  # the adapter does change the output
-
-
-@settings(max_examples=examples(6), deadline=None)
-@given(kind=st.sampled_from(KINDS), dim=st.integers(4, 12), out=st.integers(3, 9),
-       r=st.integers(1, 3), seed=st.integers(0, 1000))
-def test_default_init_gives_exactly_the_base_output(kind, dim, out, r, seed):
-    model, x, config, params = _adapted(kind, dim, out, r, init=True, seed=seed)
-    base_params = model.init(jax.random.key(seed), x)["params"]
-    np.testing.assert_array_equal(lora_jax.wrap(model.apply, config)({"params": params}, x),
-                                  model.apply({"params": base_params}, x))
 
 
 @pytest.mark.parametrize("kind", KINDS)

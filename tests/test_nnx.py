@@ -1,6 +1,7 @@
-"""The NNX frontend: the LoRA contract (one suite over both frontends), NNX idioms (Optimizer,
-DiffState, split), nnx.List and nnx.vmap/nnx.scan stacks, the functional side on the state's
-pure dict, merge back to a plain model, and bad input named by NNX paths."""
+"""The NNX frontend beyond the contract suite (tests/contract): linen's factors exactly, NNX idioms
+(Optimizer, DiffState, split), nnx.List and nnx.vmap/nnx.scan stacks, the functional side on the
+state's pure dict, merge back to a plain model, factor sharding metadata, peft files of the NNX
+reference models and multi-axis kernels, and bad input named by NNX paths."""
 
 import warnings
 
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from contract.layers import CORE, DIM, OUT, nnx_model
 from flax import nnx
-from layer_zoo import KINDS, single_layer
+from layer_zoo import single_layer
 
 import lora_jax
 import lora_jax.nnx.frontend as lnnx
@@ -27,95 +29,34 @@ def _close(actual, expected, rtol=RTOL):
     assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
 
 
-# --- one layer of each kind, in both frontends, with the same weights ----------------------------
+# --- one core: NNX gets linen's factors ----------------------------------------------------------
 
-class Single(nnx.Module):
-    """The NNX twin of layer_zoo.single_layer: the layer as attribute `layer`."""
-
-    def __init__(self, kind, dim, out, rngs):
-        if kind == "dense":
-            self.layer = nnx.Linear(dim, out, rngs=rngs)
-        elif kind == "dense_general":
-            self.layer = nnx.LinearGeneral((dim, 2), (out, 3), axis=(-2, -1), rngs=rngs)
-        elif kind == "conv":
-            self.layer = nnx.Conv(dim, out, (3, 2), strides=(2, 1), padding="SAME", rngs=rngs)
-        elif kind == "embed":
-            self.layer = nnx.Embed(dim, out, rngs=rngs)
-        else:
-            self.layer = nnx.Einsum("btd,dnh->btnh", (dim, 2, out), (2, out), rngs=rngs)
-
-    def __call__(self, x):
-        return self.layer(x)
-
-
-class Frontend:
-    """(base output, adapted output, merged output, adapted params dict) of one layer."""
-
-    def __init__(self, name, kind, config, dim=8, out=6):
-        self.name = name
-        linen_model, self.x = single_layer(kind, dim, out)
-        base = linen_model.init(jax.random.key(0), self.x)["params"]
-        key = jax.random.key(1)
-        if name == "linen":
-            self.base_out = linen_model.apply({"params": base}, self.x)
-            self.params = lora_jax.inject(base, config, key,
-                                          layouts=lora_jax.layouts(linen_model, self.x))
-            self.out = lora_jax.wrap(linen_model.apply, config)({"params": self.params}, self.x)
-            merged = lora_jax.merge(self.params, config)
-            self.merged_out = linen_model.apply({"params": merged}, self.x)
-        else:
-            model = Single(kind, dim, out, nnx.Rngs(0))
-            state = nnx.state(model, nnx.Param)
-            nnx.replace_by_pure_dict(state, base)  # the linen layer's weights
-            nnx.update(model, state)
-            self.base_out = model(self.x)
-            lnnx.inject(model, config, key)
-            self.params = lnnx.params(model)
-            self.out = model(self.x)
-            self.merged_out = lnnx.merge(model, config)(self.x)
-            self.model = model
-
-
-FRONTENDS = ("linen", "nnx")
 # LoRA, DoRA (a magnitude per output feature; peft has no DoRA for einsum kernels) and the
 # initialisations that replace the base weight by a residual (PiSSA, OLoRA; not for embeddings).
 VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"},
             "olora": {"init_lora_weights": "olora"}}
 UNSUPPORTED = {("dora", "einsum"), ("pissa", "embed"), ("olora", "embed")}
-CASES = [(kind, variant) for kind in KINDS for variant in ("lora", "dora")
-         if (variant, kind) not in UNSUPPORTED]
 
 
-@pytest.mark.parametrize("frontend", FRONTENDS)
-@pytest.mark.parametrize("kind,variant", CASES)
-def test_default_init_is_the_base_exactly(frontend, kind, variant):
-    run = Frontend(frontend, kind, LoraConfig(r=2, lora_alpha=4, target_modules=["layer"],
-                                              **VARIANTS[variant]))
-    np.testing.assert_array_equal(run.out, run.base_out)
-
-
-@pytest.mark.parametrize("frontend", FRONTENDS)
-@pytest.mark.parametrize("kind,variant", CASES)
-def test_adapted_equals_merged(frontend, kind, variant):
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False,
-                        **VARIANTS[variant])
-    run = Frontend(frontend, kind, config)
-    assert not np.allclose(run.out, run.base_out, atol=1e-3)
-    _close(run.out, run.merged_out)
-
-
-@pytest.mark.parametrize("kind,variant", [(kind, variant) for kind in KINDS
-                                          for variant in VARIANTS
+@pytest.mark.parametrize("kind,variant", [(kind, variant) for kind in CORE for variant in VARIANTS
                                           if (variant, kind) not in UNSUPPORTED])
 def test_nnx_gets_the_factors_and_outputs_of_linen(kind, variant):
     """One core: the same weights, config and key give the same factors, magnitudes, residual
     base weights and records, and the same outputs."""
     fields = {"init_lora_weights": False, **VARIANTS[variant]}
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], **fields)
+    linen_model, x = single_layer(kind, DIM, OUT)
+    base = linen_model.init(jax.random.key(0), x)["params"]
+    model, _, _ = nnx_model(kind)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, base)  # the linen layer's weights
+    nnx.update(model, state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PiSSA / OLoRA: "replaced 1 base weights"
-        linen, nnx_ = Frontend("linen", kind, config), Frontend("nnx", kind, config)
-    linen_layer, nnx_layer = linen.params["layer"], nnx_.params["layer"]
+        linen = lora_jax.inject(base, config, jax.random.key(1),
+                                layouts=lora_jax.layouts(linen_model, x))
+        lnnx.inject(model, config, jax.random.key(1))
+    linen_layer, nnx_layer = linen["layer"], lnnx.params(model)["layer"]
     assert nnx_layer.keys() == linen_layer.keys()
     for name, theirs in linen_layer.items():
         mine = nnx_layer[name]
@@ -125,7 +66,7 @@ def test_nnx_gets_the_factors_and_outputs_of_linen(kind, variant):
                     theirs.layout.n_in)
         else:
             np.testing.assert_array_equal(mine, theirs)
-    _close(nnx_.out, linen.out)
+    _close(model(x), lora_jax.wrap(linen_model.apply, config)({"params": linen}, x))
 
 
 def test_linear_general_with_unsorted_axes():
@@ -556,7 +497,9 @@ class Mlp(nnx.Module):
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_factors_follow_the_kernels_sharding_and_a_sharded_step_equals_one_device(variant):
+def test_factors_follow_the_kernels_sharding_as_placement_and_metadata(variant):
+    """The factors are placed on their kernel's mesh axes and carry them as NNX sharding
+    metadata (a sharded step equals one device: the contract suite)."""
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     config = LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False,
@@ -573,26 +516,6 @@ def test_factors_follow_the_kernels_sharding_and_a_sharded_step_equals_one_devic
         if variant == "dora":  # the magnitude follows the output axis, as B does
             assert layer.lora_magnitude_vector[...].sharding.spec == P(b_spec[1])
     assert single.up.lora_A.get_metadata().get("out_sharding") is None
-    x = jax.random.normal(jax.random.key(0), (8, D))
-
-    def train(model):
-        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-        @nnx.jit
-        def step(model, optimizer):
-            loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean(),
-                                             argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-            optimizer.update(model, grads)
-            return loss
-
-        return [float(step(model, optimizer)) for _ in range(3)]
-
-    with jax.set_mesh(mesh):
-        sharded_losses = train(sharded)
-    np.testing.assert_allclose(sharded_losses, train(single), rtol=1e-5)
-    np.testing.assert_allclose(sharded.up.lora_B[...], single.up.lora_B[...], rtol=1e-5,
-                               atol=1e-6)
-    assert sharded.up.lora_B[...].sharding.spec == P(None, "tensor")  # kept through training
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Layer rules: one contract suite over the shipped rules for other packages' layers, a
-user-registered rule and the materialising fallback, plain and in a scanned + remat stack."""
+"""Layer rules beyond the contract suite (tests/contract: default init, adapted == merged and
+training on each shipped rule, a user rule and the fallback, plain and scanned): which calls
+form the adapted weight, the fallback's warning, factor shapes, layouts, refusals, and peft
+files of transformers' FlaxConv1D."""
 
 import flax.linen as nn
 import jax
@@ -7,143 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from third_party_layers import DenseGeneral, FlaxConv1D, GemmaAttention, GemmaFeedForward
+from contract.layers import DIM, RULES, Model, X
+from third_party_layers import FlaxConv1D
 
 import lora_jax
-from lora_jax import Layout, LoraConfig, Rule
-from lora_jax.core.factors import dense_delta
-
-DIM = 8
-
-
-class UserProj(nn.Module):
-    """A user's layer: weight `w` stored [out, in]."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        return x @ self.param("w", nn.initializers.normal(0.5), (self.features, x.shape[-1])).T
-
-
-lora_jax.register_rule(Rule(
-    names=(f"{UserProj.__module__}.{UserProj.__qualname__}",), weight="w",
-    layout=lambda module, w, args, kwargs: Layout("dense", order="oi"),
-    delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b)))
-
-
-class Experts(nn.Module):
-    """A mixture-of-experts weight [experts, in, out] in a module no rule knows."""
-
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("w", nn.initializers.normal(0.3), (3, DIM, DIM))
-        return jnp.einsum("btd,edf->btf", x, w) / 3
-
-
-# kind -> (layer factory, LoraConfig fields selecting its weights)
-KINDS = {
-    "flax_conv1d": (lambda: FlaxConv1D(DIM, name="c_attn"), {"target_modules": ["c_attn"]}),
-    "gemma_qkv": (lambda: GemmaAttention(name="attn"),
-                  {"target_modules": ["qkv_einsum", "attn_vec_einsum"]}),
-    "gemma_gqa": (lambda: GemmaAttention(kv_heads=1, name="attn"),
-                  {"target_modules": ["q_einsum", "kv_einsum", "attn_vec_einsum"]}),
-    "gemma_mlp": (lambda: GemmaFeedForward(name="mlp"),
-                  {"target_modules": ["gating_einsum", "linear"]}),
-    "maxtext": (lambda: MaxTextMlp(name="mlp"), {"target_modules": ["wi", "wo"]}),
-    "user_rule": (lambda: UserProj(DIM, name="proj"), {"target_modules": ["proj"]}),
-    "fallback": (lambda: Experts(name="experts"), {"target_parameters": ["experts.w"]}),
-}
-
-
-class MaxTextMlp(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        hidden = DenseGeneral((2, 6), name="wi")(x)
-        return DenseGeneral(DIM, axis=(-2, -1), name="wo")(jnp.tanh(hidden))
-
-
-class Block(nn.Module):
-    kind: str
-
-    @nn.compact
-    def __call__(self, x, _=None):
-        return x + KINDS[self.kind][0]()(x), None
-
-
-class Model(nn.Module):
-    kind: str
-    scan: bool
-
-    @nn.compact
-    def __call__(self, x):
-        if self.scan:
-            stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
-                            split_rngs={"params": True}, length=2)
-            return stack(self.kind, name="h")(x, None)[0]
-        for i in range(2):
-            x = Block(self.kind, name=f"h_{i}")(x)[0]
-        return x
-
-
-X = jax.random.normal(jax.random.key(3), (2, 3, DIM))
-CASES = [(kind, scan) for kind in KINDS for scan in (False, True)]
+from lora_jax import LoraConfig
 
 
 def _setup(kind, scan, **fields):
     model = Model(kind, scan)
-    config = LoraConfig(r=2, lora_alpha=4, **KINDS[kind][1], **fields)
+    config = LoraConfig(r=2, lora_alpha=4, **RULES[kind][1], **fields)
     base = model.init(jax.random.key(0), X)["params"]
     params = lora_jax.inject(base, config, jax.random.key(1), layouts=lora_jax.layouts(model, X))
     return model, config, base, params
-
-
-@pytest.mark.parametrize("kind,scan", CASES)
-def test_default_init_is_the_base_exactly(kind, scan):
-    model, config, base, params = _setup(kind, scan)
-    wrapped = lora_jax.wrap(model.apply, config)({"params": params}, X)
-    np.testing.assert_array_equal(wrapped, model.apply({"params": base}, X))
-
-
-@pytest.mark.parametrize("kind,scan", CASES)
-def test_wrapped_equals_merged(kind, scan):
-    model, config, base, params = _setup(kind, scan, init_lora_weights=False)
-    wrapped = lora_jax.wrap(model.apply, config)({"params": params}, X)
-    merged = model.apply({"params": lora_jax.merge(params, config)}, X)
-    assert not np.allclose(wrapped, model.apply({"params": base}, X), atol=1e-3)
-    # float32: relative 1e-5 of the output's scale
-    np.testing.assert_allclose(wrapped, merged, rtol=1e-5, atol=1e-5 * np.abs(merged).max())
-
-
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_three_steps_train_only_the_factors_under_jit_scan_and_remat(kind):
-    model, config, _, params = _setup(kind, True, init_lora_weights=False)
-    apply = lora_jax.wrap(model.apply, config)
-    trainable, frozen = lora_jax.split(params, config)
-    tx = optax.adam(1e-2)
-    state = tx.init(trainable)
-
-    @jax.jit
-    def step(trainable, state):
-        loss = lambda t: (apply({"params": lora_jax.combine(t, frozen)}, X) ** 2).mean()
-        grads = jax.grad(loss)(trainable)
-        updates, state = tx.update(grads, state, trainable)
-        return optax.apply_updates(trainable, updates), state
-
-    start = trainable
-    for _ in range(3):
-        trainable, state = step(trainable, state)
-    after = lora_jax.combine(trainable, frozen)
-    names = {k for item in lora_jax.core.record.iter_records(after) for k in item.record.names}
-    for path, old in jax.tree_util.tree_flatten_with_path(params)[0]:
-        new = after
-        for key in path:
-            new = new[key.key]
-        if path[-1].key in names:
-            assert not np.array_equal(old, new), path
-        else:
-            np.testing.assert_array_equal(old, new)
-    assert jax.tree.leaves(start)  # the factors are the trainable half
 
 
 def _products(jaxpr):

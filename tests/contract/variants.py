@@ -1,0 +1,47 @@
+"""The adapter methods of the contract suite, one row each. A new method adds one `Variant`
+to `VARIANTS`: how to build its config, which leaves train, which layer kinds it refuses (and
+what the refusal says), and whether it adapts quantized bases and joins adapter sets."""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lora_jax import LoraConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One adapter method.
+
+    `config(init, **targets)`: the method's config for the targeting fields (`target_modules`
+    or `target_parameters`); `init=True` is its default initialisation (the adapted model is
+    the base exactly), `init=False` a random adapter that changes the output.
+    `trains`: a regex `re.search`ed on a leaf's name: the leaves one training step moves (every
+    other leaf stays bit-equal). `init_rtol`: how far the default init's output may be from
+    the base's, relative to its largest magnitude (0: bit-equal). `refused`: layer kind -> a
+    regex of the ValueError `inject` raises for it. `quantized`: adapts an NF4 / int8 base.
+    `adapter_sets`: joins `lora_jax.adapters` sets (mixed batches)."""
+
+    name: str
+    config: Callable[..., Any]
+    trains: str
+    init_rtol: float = 0.0
+    refused: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    quantized: bool = True
+    adapter_sets: bool = False
+
+
+def _lora(**fields):
+    return lambda init, **targets: LoraConfig(r=2, lora_alpha=4, init_lora_weights=init,
+                                              **targets, **fields)
+
+
+_DORA_KINDS = "DoRA applies to Dense-like, Conv and Embed"  # peft's DoRA layers
+VARIANTS = {v.name: v for v in [
+    Variant("lora", _lora(), trains=r"lora_(embedding_)?[AB]$", adapter_sets=True),
+    # m / ||W + s A B|| is 1 at init only up to rounding where the forward computes the norm in
+    # another compiled program than inject did (a scanned stack).
+    Variant("dora", _lora(use_dora=True), trains=r"lora_(embedding_)?[AB]$|magnitude_vector$",
+            init_rtol=1e-6, refused={kind: _DORA_KINDS for kind in (
+                "einsum", "gemma_qkv", "gemma_gqa", "gemma_mlp", "fallback")}),
+]}
