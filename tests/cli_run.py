@@ -33,3 +33,30 @@ def strict_json(path):
     def bad(constant):
         raise AssertionError(f"{path} holds bare {constant}")
     return json.loads(path.read_text(), parse_constant=bad)
+
+
+def transformers_continuation(folder, prompt, new_tokens, seq2seq=False):
+    """What `lora-jax generate` prints, computed with transformers' greedy generate on the
+    merged HF folder."""
+    import torch
+    import transformers
+
+    from lora_jax.models import load_tokenizer
+    from lora_jax.train.data import _copy
+
+    tok = load_tokenizer(folder)
+    config = json.loads((folder / "config.json").read_text())
+    model = getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
+    eos = tok.token_to_id("[SEP]")  # the MiniLM tokenizer's end of text, as lora-jax picks it
+    ids = _copy(tok).encode(prompt, add_special_tokens=seq2seq).ids
+    kw = {"decoder_start_token_id": 0} if seq2seq else {}
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                             max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos, **kw)[0].tolist()
+    new = out[1:] if seq2seq else out[len(ids):]
+    new = new[: new.index(eos)] if eos in new else new
+    if seq2seq:
+        return tok.decode(new)
+    prefix, whole = tok.decode(ids), tok.decode(ids + new)
+    return prompt + whole[len(prefix):]

@@ -141,9 +141,10 @@ def jax_to_peft(arch: ModuleType, hf_model: Callable[[], torch.nn.Module],
     load it with `PeftModel.from_pretrained` onto a fresh `hf_model()` (same seed, same weights).
     Returns (trained params, max abs diff of the logits, max abs diff of peft's
     `merge_and_unload` weights against `lora_jax.merge`)."""
-    model_type = arch.__name__.rpartition(".")[2]
     model, base = base_params(arch, hf_model(), scan_layers=scan_layers,
                               build_kwargs=build_kwargs, load_kwargs=load_kwargs)
+    # The decoder module serves several families: its config names the one.
+    model_type = getattr(model.config, "model_type", None) or arch.__name__.rpartition(".")[2]
     apply = lora_jax.wrap(model.apply, config)
     shapes = lora_jax.layouts(model, **inputs) if scan_layers else None
     params = train(lora_jax.inject(base, config, jax.random.key(0), layouts=shapes), config,

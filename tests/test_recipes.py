@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_run import error_line, lora_jax_cli, strict_json
+from cli_run import error_line, lora_jax_cli, strict_json, transformers_continuation
 
 ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "examples" / "recipes"
@@ -42,33 +42,6 @@ def test_the_readme_shows_the_recipes():
         assert recipe in readme, recipe
 
 
-def _transformers_continuation(folder, prompt, new_tokens, seq2seq=False):
-    """What `lora-jax generate` prints, computed with transformers' greedy generate on the
-    merged HF folder."""
-    import torch
-    import transformers
-
-    from lora_jax.models import load_tokenizer
-    from lora_jax.train.data import _copy
-
-    tok = load_tokenizer(folder)
-    config = json.loads((folder / "config.json").read_text())
-    model = getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
-    eos = tok.token_to_id("[SEP]")  # the MiniLM tokenizer's end of text, as lora-jax picks it
-    ids = _copy(tok).encode(prompt, add_special_tokens=seq2seq).ids
-    kw = {"decoder_start_token_id": 0} if seq2seq else {}
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
-                             max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=eos, **kw)[0].tolist()
-    new = out[1:] if seq2seq else out[len(ids):]
-    new = new[: new.index(eos)] if eos in new else new
-    if seq2seq:
-        return tok.decode(new)
-    prefix, whole = tok.decode(ids), tok.decode(ids + new)
-    return prompt + whole[len(prefix):]
-
-
 def _finetune_generate_merge(model, recipe, tmp_path, prompt, seq2seq=False):
     out = tmp_path / "run"
     code, stdout, err = lora_jax_cli(*recipe_argv(recipe, model, out))
@@ -82,7 +55,7 @@ def _finetune_generate_merge(model, recipe, tmp_path, prompt, seq2seq=False):
     code, _, err = lora_jax_cli("merge", "--adapter", out / "adapter", "--out",
                                 tmp_path / "merged")
     assert code == 0, err
-    want = _transformers_continuation(tmp_path / "merged", prompt, 6, seq2seq)
+    want = transformers_continuation(tmp_path / "merged", prompt, 6, seq2seq)
     assert generated.rstrip("\n") == want
     return out, generated
 

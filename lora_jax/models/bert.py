@@ -26,16 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.models.attention import attention
-from lora_jax.models.layers import Layer, activation
+from lora_jax.models.layers import Layer, Stacked, activation
 from lora_jax.models.registry import architecture
-from lora_jax.models.stacking import (
-    Converter,
-    config_from_dict,
-    layer_stack,
-    load_hf_weights,
-    run_layers,
-    stack_layers,
-)
+from lora_jax.models.stacking import Converter, config_from_dict, hf_params, layer_stack, run_layers
 
 LAYER_STACKS = architecture("bert").stacks
 
@@ -122,11 +115,8 @@ class BertLayer(_Layer):
         return BertAddNorm(**kw, name="output")(h, x), None
 
 
-class BertEncoder(_Layer):
+class BertEncoder(_Layer, Stacked):
     """The layer stack (HF `encoder.layer`)."""
-
-    scan_layers: bool = False
-    remat_policy: str | None = None
 
     def setup(self) -> None:
         kw = self.layer_kwargs
@@ -160,11 +150,8 @@ class BertPooler(_Layer):
         return jnp.tanh(self.dense(self.config.hidden_size, "dense")(hidden[:, 0]))
 
 
-class BertModel(_Layer):
+class BertModel(_Layer, Stacked):
     """The BERT encoder with its pooler (HF `BertModel`)."""
-
-    scan_layers: bool = False
-    remat_policy: str | None = None
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -182,24 +169,19 @@ class BertModel(_Layer):
             position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
         x = BertEmbeddings(**kw, name="embeddings")(input_ids, token_type_ids, position_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(queries), S]
-        x = BertEncoder(**kw, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-                        name="encoder")(x, mask)
+        x = BertEncoder(**self.stacked_kwargs, name="encoder")(x, mask)
         return x, BertPooler(**kw, name="pooler")(x)
 
 
-class BertForSequenceClassification(_Layer):
+class BertForSequenceClassification(_Layer, Stacked):
     """`bert` (BertModel) and a `classifier` Dense on the pooled output; returns logits [B, L]."""
-
-    scan_layers: bool = False
-    remat_policy: str | None = None
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None,
                  position_ids: jax.Array | None = None) -> jax.Array:
         """Logits [B, num_labels]; arguments as for `BertModel`."""
-        _, pooled = BertModel(self.config, self.dtype, self.param_dtype, self.scan_layers,
-                              self.remat_policy, name="bert")(
+        _, pooled = BertModel(**self.stacked_kwargs, name="bert")(
             input_ids, attention_mask, token_type_ids, position_ids)
         return self.dense(self.config.num_labels, "classifier")(pooled)
 
@@ -234,9 +216,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
                    convert: Converter | None = None) -> dict[str, Any]:
     """Flax params from an HF BertModel (`task="base"`) or BertForSequenceClassification
     (`task="classify"`) state dict of numpy arrays; torch Linear weights are transposed."""
-    model = build(config, task=task)
-    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, convert=convert,
-                             ignore=r"(bert\.)?embeddings\.(position_ids|token_type_ids)")
-    stack = LAYER_STACKS[0] if task == "base" else LAYER_STACKS[1]
-    return stack_layers(params, stack) if scan_layers else params
+    return hf_params(build(config, task=task), state_dict, LAYER_STACKS, scan_layers=scan_layers,
+                     stack=LAYER_STACKS[0] if task == "base" else LAYER_STACKS[1],
+                     convert=convert,
+                     ignore=r"(bert\.)?embeddings\.(position_ids|token_type_ids)")

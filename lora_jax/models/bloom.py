@@ -19,24 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.generate import (
-    DecodeInputs,
-    KVCache,
-    advance,
-    cached_attention,
-    decode_inputs,
-    layer_caches,
-)
-from lora_jax.models.layers import Layer, check_task
+from lora_jax.models.generate import CausalLM, DecodeInputs, cached_attention
+from lora_jax.models.layers import Layer, Stacked, check_task
 from lora_jax.models.registry import architecture
-from lora_jax.models.stacking import (
-    Converter,
-    config_from_dict,
-    layer_stack,
-    load_hf_weights,
-    run_layers,
-    stack_layers,
-)
+from lora_jax.models.stacking import Converter, config_from_dict, hf_params, layer_stack, run_layers
 
 LAYER_STACKS = architecture("bloom").stacks
 
@@ -124,11 +110,8 @@ class BloomBlock(Layer):
         return (h if post_ln else x) + BloomMLP(**kw, name="mlp")(h), layer_cache
 
 
-class BloomModel(Layer):
+class BloomModel(Stacked):
     """Embeddings (+ LayerNorm), blocks and final LayerNorm (HF `transformer`)."""
-
-    scan_layers: bool = False
-    remat_policy: str | None = None
 
     def setup(self) -> None:
         c = self.config
@@ -147,34 +130,27 @@ class BloomModel(Layer):
         return self.ln_f(x), caches
 
 
-class BloomForCausalLM(Layer):
-    """BLOOM with the tied LM head; see `lora_jax.models.generate` for the cache protocol."""
-
-    scan_layers: bool = False
-    remat_policy: str | None = None
+class BloomForCausalLM(CausalLM):
+    """BLOOM with the tied LM head; see `lora_jax.models.generate` for the cache protocol.
+    ALiBi positions come from `attention_mask`, as in HF; `position_ids` is accepted (for
+    `generate`) and unused."""
 
     def setup(self) -> None:
-        self.transformer = BloomModel(self.config, self.dtype, self.param_dtype,
-                                      self.scan_layers, self.remat_policy)
+        self.transformer = BloomModel(**self.stacked_kwargs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V]; with a `cache`, `(logits, updated cache)`. ALiBi positions come
-        from `attention_mask`, as in HF; `position_ids` is accepted (for `generate`) and unused."""
-        inputs = decode_inputs(input_ids, attention_mask, position_ids, cache)
+    def hidden(self, input_ids: jax.Array, inputs: DecodeInputs, caches: Any,
+               attention_mask: jax.Array | None) -> tuple[jax.Array, Any]:
         if attention_mask is None:
-            slots = input_ids.shape[1] if cache is None else cache.key.shape[2]
+            slots = input_ids.shape[1] if caches is None else caches[0].shape[2]
             attention_mask = jnp.ones((input_ids.shape[0], slots), jnp.int32)
-        h, new = self.transformer(input_ids, inputs, layer_caches(cache), attention_mask)
-        logits = self.transformer.word_embeddings.attend(h)
-        return logits if cache is None else (logits, advance(cache, new, input_ids.shape[1]))
+        return self.transformer(input_ids, inputs, caches, attention_mask)
 
-    def init_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
+    def logits(self, h: jax.Array) -> jax.Array:
+        return self.transformer.word_embeddings.attend(h)
+
+    def cache_shape(self, max_length: int) -> tuple[int, int, int]:
         c = self.config
-        return KVCache.create(c.n_layer, batch, max_length, c.n_head, c.hidden_size // c.n_head,
-                              self.dtype)
+        return c.n_layer, c.n_head, c.hidden_size // c.n_head
 
 
 def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -190,8 +166,5 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
                    ) -> dict[str, Any]:
     """Flax params from an HF BloomForCausalLM state dict of numpy arrays (torch Linear weights
     transposed; `query_key_value` keeps HF's head-interleaved column order)."""
-    model = build(config)
-    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, convert=convert,
-                             ignore=r"lm_head\.weight")
-    return stack_layers(params, LAYER_STACKS[0]) if scan_layers else params
+    return hf_params(build(config), state_dict, LAYER_STACKS, scan_layers=scan_layers,
+                     convert=convert, ignore=r"lm_head\.weight")

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.models.attention import attention
+from lora_jax.models.layers import Stacked
 
 
 class KVCache(NamedTuple):
@@ -84,19 +85,27 @@ def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
 def cached_attention(
     query: jax.Array, key: jax.Array, value: jax.Array,
     layer_cache: tuple[jax.Array, jax.Array] | None, inputs: DecodeInputs,
-    *, bias: jax.Array | None = None,
+    *, bias: jax.Array | None = None, scale: float | None = None, softcap: float | None = None,
+    window: jax.Array | int | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Attention of [B, T, N, H] queries over this layer's cache with the new keys/values written
     at `inputs.index`; returns the output and the updated (key, value) slices (None without a
-    cache)."""
+    cache). `scale` and `softcap` as in `attention`; with a `window`, query slot q sees the key
+    slots s with q - window < s <= q (HF's sliding window, counted in cache slots)."""
     if layer_cache is not None:
         start = (0, inputs.index, 0, 0)
         key = jax.lax.dynamic_update_slice(layer_cache[0], key.astype(layer_cache[0].dtype), start)
         value = jax.lax.dynamic_update_slice(
             layer_cache[1], value.astype(layer_cache[1].dtype), start)
         layer_cache = (key, value)
-    out = attention(query, key.astype(query.dtype), value.astype(query.dtype),
-                    mask=inputs.mask, bias=bias, is_causal=inputs.mask is None)
+    mask = inputs.mask
+    if window is not None:
+        query_slot = inputs.index + jnp.arange(query.shape[1])
+        distance = query_slot[:, None] - jnp.arange(key.shape[1])[None, :]
+        near = (distance >= 0) & (distance < window)  # [T, S]
+        mask = near if mask is None else mask & near
+    out = attention(query, key.astype(query.dtype), value.astype(query.dtype), mask=mask,
+                    bias=bias, scale=scale, softcap=softcap, is_causal=mask is None)
     return out, layer_cache
 
 
@@ -111,6 +120,27 @@ def advance(cache: KVCache | None, new: tuple[jax.Array, jax.Array] | None,
     if cache is None:
         return None
     return KVCache(new[0], new[1], cache.index + length)
+
+
+class CausalLM(Stacked):
+    """Base of the causal LMs: `__call__(input_ids, attention_mask=None, position_ids=None,
+    cache=None)` with the cache protocol above, and `init_cache`. A subclass defines
+    `hidden(input_ids, inputs, caches, attention_mask) -> (hidden states, new caches)`,
+    `logits(hidden)` and `cache_shape(max_length) -> (layers, kv_heads, head_dim)`."""
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [B, T, V]; with a `cache`, `(logits, updated cache)`."""
+        inputs = decode_inputs(input_ids, attention_mask, position_ids, cache)
+        h, new = self.hidden(input_ids, inputs, layer_caches(cache), attention_mask)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, advance(cache, new, input_ids.shape[1]))
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
+        layers, kv_heads, head_dim = self.cache_shape(max_length)
+        return KVCache.create(layers, batch, max_length, kv_heads, head_dim, self.dtype)
 
 
 # --- sampling -------------------------------------------------------------------------------------

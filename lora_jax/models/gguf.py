@@ -4,7 +4,7 @@ The `gguf` package reads and dequantizes the tensors (F32/F16/Q8_0/Q4_1/...) to 
 one at a time, or the projection weights stay in their Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K
 blocks (`quantize="gguf"`, `lora_jax.quant.ggml`); the tensors are renamed to HF's and
 llama.cpp's q/k row permutation (made for its interleaved rotary) is undone, so that
-`lora_jax.models.llama.params_from_hf` loads them; the config and a `tokenizers.Tokenizer`
+`lora_jax.models.decoder.params_from_hf` loads them; the config and a `tokenizers.Tokenizer`
 (byte-level BPE) come from the file's metadata.
 
     module, params, tokenizer, metadata = load_gguf(smollm2_path())
@@ -33,7 +33,7 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tokenizers import decoders, pre_tokenizers, processors
 
-from lora_jax.models import llama
+from lora_jax.models import decoder
 from lora_jax.models.loading import leaf_converter
 from lora_jax.quant import ggml
 from lora_jax.quant import quantize as quantization
@@ -64,7 +64,7 @@ _ROWS_AT_ONCE = 4096
 class GGUFModel(NamedTuple):
     """What `load_gguf` returns."""
 
-    module: llama.LlamaForCausalLM
+    module: decoder.DecoderForCausalLM
     params: dict[str, Any]
     tokenizer: tokenizers.Tokenizer
     metadata: dict[str, Any]  # scalar and string metadata (chat template, special token ids)
@@ -104,7 +104,7 @@ def _array(reader: GGUFReader, name: str) -> list[Any] | None:
     return None if field is None else field.contents()
 
 
-def config_from_gguf(metadata: Mapping[str, Any], vocab_size: int, tied: bool) -> llama.Config:
+def config_from_gguf(metadata: Mapping[str, Any], vocab_size: int, tied: bool) -> decoder.Config:
     """The Llama Config described by a llama-architecture file's metadata."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
@@ -115,7 +115,7 @@ def config_from_gguf(metadata: Mapping[str, Any], vocab_size: int, tied: bool) -
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}")
     heads = get("attention.head_count")
-    return llama.Config(
+    return decoder.Config(
         vocab_size=get("vocab_size", vocab_size),
         hidden_size=get("embedding_length"),
         intermediate_size=get("feed_forward_length"),
@@ -150,7 +150,7 @@ class _GGUFTensors(Mapping[str, Any]):
     """A GGUF file's tensors by HF name, each read (and dequantized, or kept in its blocks) when
     asked, q/k rows un-permuted; the reader memory-maps the file."""
 
-    def __init__(self, reader: GGUFReader, config: llama.Config, keep_blocks: bool,
+    def __init__(self, reader: GGUFReader, config: decoder.Config, keep_blocks: bool,
                  dtype: Any) -> None:
         self._tensors = {_hf_name(t.name): t for t in reader.tensors}
         self._heads = {"q_proj": config.num_attention_heads, "k_proj": config.heads[1]}
@@ -204,7 +204,7 @@ def _dequantized(tensor: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return out.reshape(shape)
 
 
-def state_dict_from_gguf(reader: GGUFReader, config: llama.Config, *, keep_blocks: bool = False,
+def state_dict_from_gguf(reader: GGUFReader, config: decoder.Config, *, keep_blocks: bool = False,
                          dtype: Any = jnp.float32) -> Mapping[str, Any]:
     """The file's tensors under their HF names, q/k rows un-permuted, each read when asked:
     arrays of `dtype`, or with `keep_blocks` the projection weights in their GGML blocks
@@ -276,7 +276,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     state_dict = state_dict_from_gguf(reader, config, keep_blocks=quantize == "gguf",
                                       dtype=param_dtype)
     convert = leaf_converter(param_dtype, None if quantize == "gguf" else quantize)
-    params = llama.params_from_hf(state_dict, config, scan_layers=scan_layers, convert=convert)
-    module = llama.build(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+    params = decoder.params_from_hf(state_dict, config, scan_layers=scan_layers, convert=convert)
+    module = decoder.build(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                          remat_policy=remat_policy)
     return GGUFModel(module, params, tokenizer_from_gguf(reader), metadata)

@@ -22,24 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lora_jax.models.generate import (
-    DecodeInputs,
-    KVCache,
-    advance,
-    cached_attention,
-    decode_inputs,
-    layer_caches,
-)
-from lora_jax.models.layers import Layer, activation, check_task
+from lora_jax.models.generate import CausalLM, DecodeInputs, cached_attention
+from lora_jax.models.layers import Layer, Stacked, activation, check_task
 from lora_jax.models.registry import architecture
-from lora_jax.models.stacking import (
-    Converter,
-    config_from_dict,
-    layer_stack,
-    load_hf_weights,
-    run_layers,
-    stack_layers,
-)
+from lora_jax.models.stacking import Converter, config_from_dict, hf_params, layer_stack, run_layers
 
 LAYER_STACKS = architecture("gpt2").stacks
 # `lora_jax.sharding.match_specs` rules for the scanned model (leading None: the layer axis) on
@@ -114,11 +100,8 @@ class GPT2Block(Layer):
         return x + GPT2MLP(**kw, name="mlp")(self.norm("ln_2")(x)), layer_cache
 
 
-class GPT2Model(Layer):
+class GPT2Model(Stacked):
     """Embeddings, blocks and final LayerNorm (HF `transformer`)."""
-
-    scan_layers: bool = False
-    remat_policy: str | None = None
 
     def setup(self) -> None:
         c = self.config
@@ -136,32 +119,24 @@ class GPT2Model(Layer):
         return self.ln_f(x), caches
 
 
-class GPT2LMHeadModel(Layer):
+class GPT2LMHeadModel(CausalLM):
     """GPT-2 with the tied LM head; see `lora_jax.models.generate` for the cache protocol."""
 
-    scan_layers: bool = False
-    remat_policy: str | None = None
-
     def setup(self) -> None:
-        self.transformer = GPT2Model(self.config, self.dtype, self.param_dtype,
-                                     self.scan_layers, self.remat_policy)
+        self.transformer = GPT2Model(**self.stacked_kwargs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V]; with a `cache`, `(logits, updated cache)`."""
-        inputs = decode_inputs(input_ids, attention_mask, position_ids, cache)
-        h, new = self.transformer(input_ids, inputs, layer_caches(cache))
-        logits = self.transformer.wte.attend(h)
-        return logits if cache is None else (logits, advance(cache, new, input_ids.shape[1]))
+    def hidden(self, input_ids: jax.Array, inputs: DecodeInputs, caches: Any,
+               attention_mask: jax.Array | None) -> tuple[jax.Array, Any]:
+        return self.transformer(input_ids, inputs, caches)
 
-    def init_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
+    def logits(self, h: jax.Array) -> jax.Array:
+        return self.transformer.wte.attend(h)
+
+    def cache_shape(self, max_length: int) -> tuple[int, int, int]:
         c = self.config
         if max_length > c.n_positions:
             raise ValueError(f"max_length {max_length} exceeds n_positions {c.n_positions}")
-        return KVCache.create(c.n_layer, batch, max_length, c.n_head, c.n_embd // c.n_head,
-                              self.dtype)
+        return c.n_layer, c.n_head, c.n_embd // c.n_head
 
 
 def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -176,9 +151,6 @@ def params_from_hf(state_dict: Mapping[str, Any], config: Config, *,
                    scan_layers: bool = False, convert: Converter | None = None
                    ) -> dict[str, Any]:
     """Flax params from an HF GPT2LMHeadModel state dict of numpy arrays (Conv1D is [in, out])."""
-    model = build(config)
-    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    params = load_hf_weights(state_dict, expected["params"], stacks=LAYER_STACKS, convert=convert,
-                             transpose_kernels=False,
-                             ignore=r"lm_head\.weight|.*\.attn\.(masked_)?bias")
-    return stack_layers(params, LAYER_STACKS[0]) if scan_layers else params
+    return hf_params(build(config), state_dict, LAYER_STACKS, scan_layers=scan_layers,
+                     convert=convert, transpose_kernels=False,
+                     ignore=r"lm_head\.weight|.*\.attn\.(masked_)?bias")

@@ -75,3 +75,18 @@ class Layer(nn.Module):
         """An nn.Embed (lookups through `__call__`, so LoRA sees them)."""
         return nn.Embed(num_embeddings, features, dtype=self.dtype, param_dtype=self.param_dtype,
                         name=name)
+
+
+class Stacked(Layer):
+    """A `Layer` holding a layer stack: `scan_layers` (one `nn.scan`-ned stack) and
+    `remat_policy` (a `jax.checkpoint_policies` name, or None), passed on with
+    `stacked_kwargs`."""
+
+    scan_layers: bool = False
+    remat_policy: str | None = None
+
+    @property
+    def stacked_kwargs(self) -> dict[str, Any]:
+        """`layer_kwargs` plus `scan_layers` and `remat_policy`."""
+        return dict(self.layer_kwargs, scan_layers=self.scan_layers,
+                    remat_policy=self.remat_policy)

@@ -71,7 +71,7 @@ def from_torch(hf_model: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jn
                scan_layers: bool = False, remat_policy: str | None = None
                ) -> tuple[nn.Module, Params]:
     """`(module, params)` equal to a transformers PyTorch model (GPT2LMHeadModel, BertModel,
-    BertForSequenceClassification, LlamaForCausalLM, BloomForCausalLM,
+    BertForSequenceClassification, BloomForCausalLM, the decoders of `lora_jax.models.decoder`,
     T5ForConditionalGeneration).
 
         module, params = from_torch(transformers.BertModel(config))
@@ -222,8 +222,7 @@ def save_hf(path: str | os.PathLike, module: nn.Module, params: Params, *,
 
     if getattr(module, "scan_layers", False):
         raise ValueError("save_hf needs unscanned params: load the model with scan_layers=False")
-    arch = of_module(module)
-    class_name = type(module).__name__
+    arch, class_name = of_module(module)
     transpose = not arch.fan_in_fan_out  # GPT-2's Conv1D keeps [in, out]
     tensors = {}
     for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -232,8 +231,9 @@ def save_hf(path: str | os.PathLike, module: nn.Module, params: Params, *,
         if flax_path.endswith(".kernel") and value.ndim == 2 and transpose:
             value = value.T
         tensors[hf_name(flax_path, arch.stacks)] = np.ascontiguousarray(value)
+    to_hf = getattr(arch.module, "config_to_hf", dataclasses.asdict)
     config = dict(hf_config) if hf_config is not None else {
-        **dataclasses.asdict(module.config), "model_type": arch.model_type}
+        **to_hf(module.config), "model_type": arch.model_type}
     config["architectures"] = [class_name]
     num_labels = getattr(module.config, "num_labels", None)
     if class_name.endswith("ForSequenceClassification") and num_labels:

@@ -4,7 +4,7 @@ Paths: `model.embed_tokens`, `model.layers.<i>.{input_layernorm, self_attn.{q,k,
 post_attention_layernorm, mlp.{gate,up,down}_proj}` (an `nnx.List`), `model.norm`, and
 `lm_head` unless `tie_word_embeddings`. `scan_layers=True`: one `nnx.vmap` stack `model.layers`
 run by `nnx.scan`. Hyperparameters, rotary embeddings and weight loading are the linen model's
-(`lora_jax.models.llama`); no KV cache.
+(`lora_jax.models.decoder`); no KV cache.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.models import llama
+from lora_jax.models import decoder as llama
 from lora_jax.models.attention import attention
-from lora_jax.models.llama import apply_rotary, rotary
+from lora_jax.models.decoder import apply_rotary, rotary
 from lora_jax.models.nnx_stack import causal_mask, load, make_stack, run_stack
 
 Config = llama.Config

@@ -53,6 +53,8 @@ class Architecture:
     - `peft_unused`: {module: why} for modules whose peft adapter the PyTorch model never calls.
     - `hf_module`: the transformers package name (`transformers.models.<hf_module>`), default
       `model_type`.
+    - `settings`: the implementation's facts about this family (the decoder's switches, see
+      `lora_jax.models.decoder.config_from_hf`).
     """
 
     model_type: str
@@ -68,6 +70,7 @@ class Architecture:
     fan_in_fan_out: bool = False
     peft_unused: Mapping[str, str] = dataclasses.field(default_factory=dict)
     hf_module: str | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def module(self) -> ModuleType:
@@ -86,6 +89,35 @@ class Architecture:
         return f"transformers.models.{name}.modeling_{name}"
 
 
+# The families of `lora_jax.models.decoder`: (model_type, HF class, default targets, transformers
+# package, the decoder's switches and how to read the family's config.json).
+_GEMMA = {"gemma_norms": True, "sandwich_norms": True, "scale_embeddings": True,
+          "renames": {"hidden_activation": "hidden_act"},
+          "defaults": {"tie_word_embeddings": True}}
+_DECODERS = (
+    # HF's Llama has no sliding window, whatever its config.json says.
+    ("llama", "LlamaForCausalLM", ("q_proj", "v_proj"), None, {"sliding_window": None}),
+    ("qwen2", "Qwen2ForCausalLM", ("q_proj", "v_proj"), None,
+     {"qkv_bias": True, "sliding_pattern": "after:max_window_layers"}),
+    ("qwen3", "Qwen3ForCausalLM", ("q_proj", "v_proj"), None,
+     {"qk_norm": True, "sliding_pattern": "after:max_window_layers"}),
+    ("mistral", "MistralForCausalLM", ("q_proj", "v_proj"), None, {}),
+    ("gemma2", "Gemma2ForCausalLM", ("q_proj", "v_proj"), None,
+     {**_GEMMA, "sliding_pattern": "alternate:2"}),
+    ("gemma3_text", "Gemma3ForCausalLM", ("q_proj", "v_proj"), "gemma3",
+     {**_GEMMA, "qk_norm": True, "sliding_pattern": "alternate:6"}),
+    # peft has no default for Phi-3; its fused qkv_proj is the attention's only input projection.
+    ("phi3", "Phi3ForCausalLM", ("qkv_proj",), None, {"fused_qkv": True, "fused_gate_up": True}),
+    ("qwen3_moe", "Qwen3MoeForCausalLM", ("q_proj", "v_proj"), None,
+     {"qk_norm": True, "defaults": {"norm_topk_prob": False},
+      "renames": {"num_local_experts": "num_experts"},
+      "unsupported": {"mlp_only_layers": [], "decoder_sparse_step": 1},
+      "expert_files": {"prefix": "mlp", "gate": "gate_proj", "up": "up_proj",
+                       "down": "down_proj"}}),
+    ("mixtral", "MixtralForCausalLM", ("q_proj", "v_proj"), None,
+     {"renames": {"num_local_experts": "num_experts"},
+      "expert_files": {"prefix": "block_sparse_moe", "gate": "w1", "up": "w3", "down": "w2"}}),
+)
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("gpt2", "lora_jax.models.gpt2", ("GPT2LMHeadModel",), ("transformer.h",),
                  ("c_attn",), "transformer.wte", fan_in_fan_out=True),
@@ -94,8 +126,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  "bert.embeddings.word_embeddings", task="classify",
                  tasks={"BertModel": "base", "BertForSequenceClassification": "classify"},
                  classifier="classifier", base_model_prefix="bert"),
-    Architecture("llama", "lora_jax.models.llama", ("LlamaForCausalLM",), ("model.layers",),
-                 ("q_proj", "v_proj"), "model.embed_tokens"),
+    *(Architecture(model_type, "lora_jax.models.decoder", (hf_class,), ("model.layers",),
+                   targets, "model.embed_tokens", hf_module=hf_module, settings=settings)
+      for model_type, hf_class, targets, hf_module, settings in _DECODERS),
     Architecture("bloom", "lora_jax.models.bloom", ("BloomForCausalLM",), ("transformer.h",),
                  ("query_key_value",), "transformer.word_embeddings"),
     # peft wraps `shared`, but transformers 5's T5 looks tokens up through the encoder's and
@@ -110,22 +143,27 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
 def architecture(model_type: str | None) -> Architecture:
     """The record of an HF `model_type`; a ValueError listing the supported ones otherwise.
 
-    >>> architecture("qwen9")
+    >>> architecture("qwen9")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    ValueError: unknown architecture 'qwen9': lora_jax has reference models for ['bert', 'bloom', 'gpt2', 'llama', 't5']
-    """  # noqa: E501
+    ValueError: unknown architecture 'qwen9': lora_jax has reference models for ['bert', ...]
+    """
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {model_type!r}: lora_jax has reference models "
                          f"for {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[model_type]
 
 
-def of_module(module: Any) -> Architecture:
-    """The record of a reference model module (its class is one of `hf_classes`)."""
+def of_module(module: Any) -> tuple[Architecture, str]:
+    """The record of a reference model module and the HF class it mirrors (its class name, or
+    for the decoder families the family's class, from `module.config.model_type`)."""
     name = type(module).__name__
     for arch in ARCHITECTURES.values():
         if name in arch.hf_classes:
-            return arch
+            return arch, name
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    arch = ARCHITECTURES.get(model_type)
+    if arch is not None and type(module).__module__ == arch.implementation:
+        return arch, arch.hf_classes[0]
     classes = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes)
     raise ValueError(f"lora_jax mirrors the HF classes {classes}, not {name}")
 

@@ -243,6 +243,16 @@ def load_hf_weights(
     )
 
 
+def hf_params(model: nn.Module, state_dict: Mapping[str, Any], stacks: Sequence[str], *,
+              scan_layers: bool = False, stack: str | None = None, **load_kwargs: Any) -> Params:
+    """The params of a `model` called as `model(input_ids)` from an HF state dict:
+    `load_hf_weights` into the shape `model.init` gives, then the layer stack `stack` (default:
+    the first of `stacks`) stacked if `scan_layers`."""
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    params = load_hf_weights(state_dict, expected["params"], stacks=stacks, **load_kwargs)
+    return stack_layers(params, stack or stacks[0]) if scan_layers else params
+
+
 def config_from_dict(cls: type, hf_config: Mapping[str, Any],
                      unsupported: Mapping[str, Any] | None = None) -> Any:
     """`cls(**fields)` from the keys of an HF `config.json` dict that are fields of `cls`.

@@ -43,7 +43,7 @@ def load(arch: ModuleType, hf_model: torch.nn.Module, *, scan_layers: bool = Fal
 def hf_logits(hf_model: torch.nn.Module, ids: np.ndarray, **kwargs: Any) -> np.ndarray:
     with torch.no_grad():
         tensors = {k: torch.tensor(np.asarray(v)) for k, v in kwargs.items()}
-        return hf_model(torch.tensor(ids), **tensors).logits.numpy()
+        return hf_model(torch.tensor(ids), **tensors).logits.float().numpy()
 
 
 def check_parity(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray,
@@ -129,7 +129,10 @@ def check_lora_counts(arch: ModuleType, hf_model: torch.nn.Module, targets: list
 
 
 def check_bfloat16(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray) -> float:
-    """bfloat16 compute and params (scanned, remat) run and stay near the float32 logits."""
+    """bfloat16 compute and params (scanned, remat) run and stay near the float32 logits: within
+    5% of their largest value, or as near as transformers' own bfloat16 forward is (x 1.25)."""
+    import copy
+
     import jax.numpy as jnp
 
     model32, params, config = load(arch, hf_model)
@@ -140,5 +143,7 @@ def check_bfloat16(arch: ModuleType, hf_model: torch.nn.Module, ids: np.ndarray)
     assert out.dtype == jnp.bfloat16
     ref = np.asarray(model32.apply({"params": params}, ids))
     rel = float(np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max())
-    assert rel < 0.05, rel
+    theirs = hf_logits(copy.deepcopy(hf_model).to(torch.bfloat16), ids).astype(np.float32)
+    hf_rel = float(np.abs(theirs - ref).max() / np.abs(ref).max())
+    assert rel < max(0.05, 1.25 * hf_rel), (rel, hf_rel)
     return rel
