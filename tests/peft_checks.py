@@ -146,12 +146,12 @@ def jax_to_peft(arch: ModuleType, hf_model: Callable[[], torch.nn.Module],
     # The decoder module serves several families: its config names the one.
     model_type = getattr(model.config, "model_type", None) or arch.__name__.rpartition(".")[2]
     apply = lora_jax.wrap(model.apply, config)
-    shapes = lora_jax.layouts(model, **inputs) if scan_layers else None
+    shapes = lora_jax.layouts(model, **inputs)
     params = train(lora_jax.inject(base, config, jax.random.key(0), layouts=shapes), config,
                    loss_of_output, apply, inputs)
     b_max = {"/".join(str(k.key) for k in p): float(np.abs(v).max())
              for p, v in jax.tree_util.tree_leaves_with_path(params)
-             if p[-1].key in ("lora_B", "lora_embedding_B")}
+             if p[-1].key.endswith("lora_B") or p[-1].key == "lora_embedding_B"}
     assert b_max and min(b_max.values()) > 0, f"untrained B factors: {b_max}"
     save_peft(path, params, config, model_type=model_type, task_type=task_type)
     pm = peft.PeftModel.from_pretrained(hf_model(), path).eval()

@@ -97,12 +97,20 @@ def _sites(params: Mapping[str, Any], config: LoraConfig,
             if layout is not None:
                 sites[target] = Site(path, name, layout, shape)
             param_path = f"{path}.{name}" if path else name
+            if _parameter_rule(layout):
+                continue  # its rule adds the low-rank term: target_parameters selects the site
             if config.target_parameters and matches(config.target_parameters, param_path):
                 given = layouts.get(param_path) or Layout("dense", order="b" * (len(shape) - 2)
                                                           + "io")
                 sites[param_path] = Site(path, name, dataclasses.replace(
                     given, rule=MATERIALISE, weight=name, error=None), shape)
     return sites
+
+
+def _parameter_rule(layout: Layout | None) -> bool:
+    """Whether a layer rule reads the weight as a parameter peft names (`Rule.parameter`)."""
+    rule = None if layout is None or layout.error else rule_named(layout.rule)
+    return rule is not None and rule.parameter
 
 
 def _no_layout_message(path: str, shape: tuple[int, ...]) -> str:
@@ -142,7 +150,11 @@ def _is_target(config: LoraConfig, view: View, site: Site) -> bool:
     if site.layout.rule != MATERIALISE and any(saved_match(config.modules_to_save, n)
                                                for n in names):
         return False  # peft keeps modules_to_save (and what lies inside them) out of LoRA
-    if site.layout.rule == MATERIALISE:
+    if _parameter_rule(site.layout):  # peft's target_parameters: `<module>.<param>` names
+        params = [n if n.endswith("." + site.weight) else f"{n}.{site.weight}" for n in names]
+        found = bool(config.target_parameters) and any(
+            matches(config.target_parameters, p) for p in params)
+    elif site.layout.rule == MATERIALISE:
         found = True
     elif spec is None:
         found = False

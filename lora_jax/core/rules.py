@@ -69,6 +69,8 @@ class Rule:
       another input (DoRA with dropout recomputes it on the dropped input, as peft does).
     - `matmul`: whether `delta` is `dense_delta(x, a, b)` over x's last axis (a bool, or a
       function of the module): mixed adapter batches may then use grouped or one-hot matmuls.
+    - `parameter`: the weight is a parameter peft adapts by name (`target_parameters`, e.g. MoE
+      experts), not a module: only `target_parameters` selects it, never `target_modules`.
     """
 
     names: tuple[str, ...]
@@ -79,6 +81,7 @@ class Rule:
     dropout: bool = True
     base: Callable[..., Any] | None = None
     matmul: bool | Callable[[Any], bool] = False
+    parameter: bool = False
 
     @property
     def name(self) -> str:

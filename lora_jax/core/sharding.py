@@ -237,13 +237,17 @@ def shard_inject(
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain)
 
     def factors(tree: Any) -> dict[str, dict[str, Any]]:
-        return {item.path: {name: item.module[name] for name in item.record.arrays}
-                for item in iter_records(tree)}
+        out: dict[str, dict[str, Any]] = {}  # a module may hold several adapted weights
+        for item in iter_records(tree):
+            out.setdefault(item.path, {}).update(
+                {name: item.module[name] for name in item.record.arrays})
+        return out
 
     new = jax.jit(lambda k: factors(inject(shapes, config, k, layouts=layouts)),
                   out_shardings=factors(shardings))(key)
-    records = {item.path: {factor_names(item.record.weight)[2]: item.record}
-               for item in iter_records(abstract)}
+    records: dict[str, dict[str, Any]] = {}
+    for item in iter_records(abstract):
+        records.setdefault(item.path, {})[factor_names(item.record.weight)[2]] = item.record
     placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
         (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
     return keep_originals(with_leaves(with_leaves(placed, new), records), config)

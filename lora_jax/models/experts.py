@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers with HF's fused 3-D expert weights.
+"""Mixture-of-experts layers with HF's fused 3-D expert weights, and the LoRA rule for them.
 
 transformers 5 stores a Qwen3-MoE / Mixtral layer's experts as two parameters of one module
 `mlp.experts`: `gate_up_proj [E, 2 * inter, hidden]` and `down_proj [E, hidden, inter]` (each
@@ -6,29 +6,55 @@ expert `[out, in]`, as torch's Linear). `Experts` keeps them so (same names, sha
 runs each routed token through its expert with grouped matmuls on the tokens sorted by expert
 (`jax.lax.ragged_dot`): no expert weight is gathered or copied per token.
 
+LoRA on the experts (peft's `target_parameters=["mlp.experts.gate_up_proj", ...]`) gives each
+expert its own factors, `A [E, in, r]` and `B [E, r, out]` (the weight's expert axis is a kept
+axis, `Layout(order="boi")`). The rule below adds each routed token's low-rank term for its
+expert, `(x @ A[e]) @ B[e]`, by the same grouped matmuls ("ragged") or by gathering each token's
+expert factors ("gather"; `EXPERT_DELTA` picks, see experiments/moe_benchmark.py): it never forms
+an `[E, in, out]` delta.
+
     >>> import jax, jax.numpy as jnp
-    >>> experts = Experts(num_experts=3, hidden_size=4, intermediate_size=2, act=jax.nn.silu)
-    >>> x, chosen, weights = jnp.ones((5, 4)), jnp.zeros((5, 2), jnp.int32), jnp.ones((5, 2))
-    >>> params = experts.init(jax.random.key(0), x, chosen, weights)["params"]
-    >>> {name: w.shape for name, w in sorted(params.items())}
-    {'down_proj': (3, 4, 2), 'gate_up_proj': (3, 4, 4)}
+    >>> x, sizes = jnp.ones((5, 3)), jnp.array([2, 0, 3])       # 5 rows: 2 for expert 0, 3 for 2
+    >>> a, b = jnp.ones((3, 3, 2)), jnp.ones((3, 2, 4))          # A [E, in, r], B [E, r, out]
+    >>> grouped_delta(x, a, b, sizes).shape
+    (5, 4)
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.core.factors import Layout
+from lora_jax.core.rules import Rule, qualname, register_rule
+
 # Grouped matmul of rows [M, in] with per-expert matrices stored [E, out, in] (torch's order).
 _ROWS_BY_OUT_IN = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
     rhs_group_dimensions=[0])
+# How the LoRA term of routed rows is computed: grouped matmuls on the sorted rows ("ragged") or
+# each row's expert factors gathered ("gather"); measured in experiments/moe_benchmark.py.
+EXPERT_DELTA: Literal["ragged", "gather"] = "ragged"
+
+
+def grouped_delta(x: jax.Array, a: jax.Array, b: jax.Array, group_sizes: jax.Array,
+                  how: Literal["ragged", "gather"] | None = None) -> jax.Array:
+    """(x[m] @ A[e]) @ B[e] for each row m of `x [M, in]` sorted by expert, `group_sizes [E]`
+    rows per expert, `a [E, in, r]`, `b [E, r, out]`: `[M, out]`."""
+    how = how or EXPERT_DELTA
+    if how == "ragged":
+        return jax.lax.ragged_dot(jax.lax.ragged_dot(x, a, group_sizes), b, group_sizes)
+    if how != "gather":
+        raise ValueError(f"unknown expert delta {how!r}: use 'ragged' or 'gather'")
+    expert = jnp.repeat(jnp.arange(a.shape[0]), group_sizes, total_repeat_length=x.shape[0])
+    low = jnp.einsum("mi,mir->mr", x, jnp.take(a, expert, axis=0))
+    return jnp.einsum("mr,mro->mo", low, jnp.take(b, expert, axis=0))
 
 
 class GroupedLinear(nn.Module):
@@ -47,6 +73,15 @@ class GroupedLinear(nn.Module):
                        self.param_dtype)
         return jax.lax.ragged_dot_general(x.astype(self.dtype), w.astype(self.dtype),
                                           group_sizes, _ROWS_BY_OUT_IN)
+
+
+register_rule(Rule(
+    names=(qualname(GroupedLinear),),
+    weight=lambda module: module.weight_name,
+    layout=lambda module, weight, args, kwargs: Layout("dense", order="boi"),
+    delta=lambda module, x, a, b, args, kwargs: grouped_delta(
+        x, a, b, kwargs.get("group_sizes", args[1] if len(args) > 1 else None)),
+    parameter=True))
 
 
 class Experts(nn.Module):

@@ -53,6 +53,8 @@ class Architecture:
     - `peft_unused`: {module: why} for modules whose peft adapter the PyTorch model never calls.
     - `hf_module`: the transformers package name (`transformers.models.<hf_module>`), default
       `model_type`.
+    - `parameter_order`: {module name: its parameters in PyTorch's order} for modules with
+      several weights peft adapts by name (`target_parameters`; MoE experts).
     - `settings`: the implementation's facts about this family (the decoder's switches, see
       `lora_jax.models.decoder.config_from_hf`).
     """
@@ -70,6 +72,7 @@ class Architecture:
     fan_in_fan_out: bool = False
     peft_unused: Mapping[str, str] = dataclasses.field(default_factory=dict)
     hf_module: str | None = None
+    parameter_order: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -94,6 +97,8 @@ class Architecture:
 _GEMMA = {"gemma_norms": True, "sandwich_norms": True, "scale_embeddings": True,
           "renames": {"hidden_activation": "hidden_act"},
           "defaults": {"tie_word_embeddings": True}}
+# transformers' fused experts define gate_up_proj, then down_proj (peft nests in that order).
+_EXPERTS = {"experts": ("gate_up_proj", "down_proj")}
 _DECODERS = (
     # HF's Llama has no sliding window, whatever its config.json says.
     ("llama", "LlamaForCausalLM", ("q_proj", "v_proj"), None, {"sliding_window": None}),
@@ -127,7 +132,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  tasks={"BertModel": "base", "BertForSequenceClassification": "classify"},
                  classifier="classifier", base_model_prefix="bert"),
     *(Architecture(model_type, "lora_jax.models.decoder", (hf_class,), ("model.layers",),
-                   targets, "model.embed_tokens", hf_module=hf_module, settings=settings)
+                   targets, "model.embed_tokens", hf_module=hf_module, settings=settings,
+                   parameter_order=_EXPERTS if "expert_files" in settings else {})
       for model_type, hf_class, targets, hf_module, settings in _DECODERS),
     Architecture("bloom", "lora_jax.models.bloom", ("BloomForCausalLM",), ("transformer.h",),
                  ("query_key_value",), "transformer.word_embeddings"),

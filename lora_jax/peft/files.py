@@ -56,6 +56,7 @@ from lora_jax.core.targets import (
     saved_name_match,
     with_leaves,
 )
+from lora_jax.peft import parameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -82,7 +83,8 @@ _PEFT_DEFAULTS: dict[str, Any] = {
 }
 _OUR_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
                "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-               "layers_pattern", "init_lora_weights", "modules_to_save", "use_dora")
+               "layers_pattern", "init_lora_weights", "modules_to_save", "use_dora",
+               "target_parameters")
 # Fields that only describe the file or the base model: any value is fine on load.
 _INFORMATIONAL = ("auto_mapping", "base_model_name_or_path", "fan_in_fan_out", "inference_mode",
                   "peft_type", "peft_version", "revision", "task_type", "megatron_core",
@@ -111,7 +113,8 @@ def _leaves(node: Mapping[str, Any]) -> dict[str, Any]:
 def _record(node: Mapping[str, Any], where: str) -> LoraRecord | None:
     """The record of the module's adapted kernel or embedding; raises for weights peft's files
     cannot name."""
-    records = [v for v in node.values() if isinstance(v, LoraRecord)]
+    records = [v for v in node.values() if isinstance(v, LoraRecord)
+               and not parameters.is_expert(v.layout)]
     for record in records:
         if record.weight not in ("kernel", "embedding") or record.materialised:
             raise ValueError(
@@ -119,6 +122,24 @@ def _record(node: Mapping[str, Any], where: str) -> LoraRecord | None:
                 "no peft file format; peft interop covers Dense-like kernels and Embed tables"
             )
     return records[0] if records else None
+
+
+def _expert_records(node: Mapping[str, Any], slot: _Slot) -> list[LoraRecord]:
+    """The module's weights adapted as peft's `target_parameters` (3-D experts) at the slot's
+    layer."""
+    return [v for v in node.values() if isinstance(v, LoraRecord) and parameters.is_expert(
+        v.layout) and (slot.layer is None or v.layers is None or slot.layer in v.layers)]
+
+
+def _order(model_type: str | None, module: str, weights: Sequence[str]) -> list[str]:
+    """`weights` of one module in its PyTorch parameter order (the architecture's
+    `parameter_order`, by the module's name), which decides peft's nesting of their factors."""
+    arch = _architecture(model_type)
+    order = tuple((arch.parameter_order if arch else {}).get(module.rsplit(".", 1)[-1], ()))
+    if len(weights) > 1 and not set(weights) <= set(order):
+        raise ValueError(f"{module}: several adapted parameters {sorted(weights)}; pass "
+                         "model_type= so that their PyTorch order (peft's nesting) is known")
+    return sorted(weights, key=lambda w: order.index(w) if w in order else 0)
 
 
 def _infer_stacks(params: Mapping[str, Any], plain: str = "") -> tuple[str, ...]:
@@ -206,7 +227,9 @@ def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
 class Architecture(Protocol):
     """What peft io reads of an architecture: its layer stacks, whether its PyTorch weights are
     `[in, out]` (`fan_in_fan_out`, GPT-2's Conv1D), the transformers class peft records, and
-    {module: why} for modules whose peft adapter the PyTorch model never calls (T5's `shared`).
+    {module: why} for modules whose peft adapter the PyTorch model never calls (T5's `shared`),
+    and {module name: its parameters in PyTorch's order} for modules with several parameters
+    peft may adapt by name (MoE `experts`: the order decides peft's nesting of their factors).
     `lora_jax.models` registers its `registry.Architecture` records; a user may register any
     object with these attributes."""
 
@@ -215,6 +238,7 @@ class Architecture(Protocol):
     base_model_class: str | None
     parent_library: str | None
     peft_unused: Mapping[str, str]
+    parameter_order: Mapping[str, tuple[str, ...]]
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -330,6 +354,18 @@ def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
             fields[name] = {re.escape(p): v[value_of] for p, v in sorted(given.items())
                             if v[value_of] != default}
     return LoraConfig.from_dict(fields)
+
+
+def _agreeing_modules(config: LoraConfig, tree: Mapping[str, Any],
+                      layouts: Mapping[str, Layout], adapted: Mapping[str, Any], *,
+                      for_peft: bool = False) -> LoraConfig:
+    """`_agreeing` for the modules (`target_modules`); `target_parameters` stay as given."""
+    if not config.target_modules:
+        return config
+    agreed = _agreeing(LoraConfig.from_dict({**config.to_dict(), "target_parameters": None}),
+                       tree, layouts, adapted, for_peft=for_peft)
+    return LoraConfig.from_dict({**agreed.to_dict(),
+                                 "target_parameters": config.target_parameters})
 
 
 def _peft_fields(config: LoraConfig, *, fan_in_fan_out: bool, task_type: str | None,
@@ -452,6 +488,7 @@ def save_peft(
                                                             index.items()})
     tensors: dict[str, np.ndarray] = {}
     adapted: dict[str, tuple[int, float]] = {}
+    adapted_parameters: set[str] = set()
     mapped: set[str] = set()
     for torch_path, slot in index.items():
         node, key = slot.node, PREFIX + torch_path
@@ -501,16 +538,29 @@ def save_peft(
                     tensors[PREFIX + ".".join(p for p in parts if p)] = np.asarray(value)
             elif name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and has)):
                 tensors[key + (".base_layer.bias" if has else ".bias")] = np.asarray(value)
+        experts = _expert_records(node, slot)
+        for record in experts:  # target_parameters: per-expert factors, peft's fused layout
+            r, scale = _slot_values(record, slot)
+            a, b = (np.asarray(slot.leaf(n)) for n in record.names)
+            at = PREFIX + parameters.module_path(torch_path, record.weight, _order(
+                model_type, torch_path, [e.weight for e in experts]))
+            tensors[at + ".lora_A.weight"], tensors[at + ".lora_B.weight"] = parameters.to_peft(
+                a[..., :r], b[..., :r, :])
+            name = f"{torch_path}.{record.weight}"
+            if r != config.rank(name) or abs(scale - config.scaling(name)) > 1e-9 * scale:
+                raise ValueError(f"save_peft: {name} has r={r}, scale={scale:g}, not the "
+                                 "config's r and lora_alpha for it (peft reads those)")
+            adapted_parameters.add(name)
     unmapped = [p for p, node in iter_modules(params, leaves=None) if p not in mapped
                 and any(is_factor(n) for n in node)]
     if unmapped:
         raise ValueError(f"save_peft: path_map gives no PyTorch path for the adapted modules "
                          f"{unmapped}")
-    if not adapted:
+    if not adapted and not adapted_parameters:
         raise ValueError("save_peft: the params hold no LoRA factors (was inject applied?)")
     _warn_unused(model_type, list(adapted), "save_peft", index, saved_modules)
     tree, layouts = _shape_tree(index)
-    torch_config = _agreeing(config, tree, layouts, adapted, for_peft=True)
+    torch_config = _agreeing_modules(config, tree, layouts, adapted, for_peft=True)
     if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
         torch_config = LoraConfig.from_dict({**torch_config.to_dict(),
                                              "modules_to_save": saved_modules})
@@ -649,12 +699,18 @@ def load_peft(
     index = _index(params, _resolve_stacks(model_type, stacks), path_map)
 
     factors: dict[str, dict[str, np.ndarray]] = {}
+    expert_factors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     updates: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
     for key in sorted(tensors):
         parsed = _parse_key(key, config)
         if parsed is None:
             continue
         kind, torch_path, leaf = parsed
+        module, depth = parameters.split_nesting(torch_path)
+        if kind == "factor" and module in index and not any(
+                n in index[module].node for n in _WEIGHT_LEAVES):  # target_parameters
+            expert_factors.setdefault((module, depth), {})[leaf] = tensors[key]
+            continue
         if torch_path not in index:
             raise _unknown_module(key, torch_path, index)
         slot = index[torch_path]
@@ -691,9 +747,11 @@ def load_peft(
             raise ValueError(f"{where}: {key!r} disagrees with another copy of the same tensor")
         updates[(slot.flax_path, slot.layer)][name] = value
 
+    experts = _expert_updates(expert_factors, index, config, model_type, where)
     tree, torch_layouts = _shape_tree(index)
-    expected = _selected(config, tree, torch_layouts)
-    quirky = _selected(config, tree, torch_layouts, peft_quirks=True)
+    modules = LoraConfig.from_dict({**config.to_dict(), "target_parameters": None})
+    expected = _selected(modules, tree, torch_layouts) if config.target_modules else set()
+    quirky = _selected(modules, tree, torch_layouts, peft_quirks=True)
     if quirky is not None and quirky != expected and set(factors) == quirky:
         # peft's code lets a module named in full skip layers_to_transform (its docs say the
         # filter applies); the file follows peft's code: load what it holds.
@@ -757,16 +815,80 @@ def load_peft(
                              "the base params (or merge first)")
     _warn_unused(model_type, list(factors), where, index, config.modules_to_save)
     new_params, adapted = _build(params, index, updates, config, dtype, where, layouts)
+    new_params = with_leaves(new_params, _expert_leaves(experts, config, dtype, layouts))
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
     flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",
                                         stacked=int(s.layer is not None),
                                         n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
                     for s in index.values() if "kernel" in s.node or "embedding" in s.node}
-    result = _agreeing(config, new_params, flax_layouts, adapted)
+    result = _agreeing_modules(config, new_params, flax_layouts, adapted)
     saved = _saved_modules(config.modules_to_save, {s.flax_path: p for p, s in index.items()})
     if tuple(saved or ()) != tuple(config.modules_to_save or ()):
         result = LoraConfig.from_dict({**result.to_dict(), "modules_to_save": saved})
     return keep_originals(new_params, result, base=params), result
+
+
+_Experts = dict[tuple[str, str], dict[int | None, tuple[np.ndarray, np.ndarray, float]]]
+
+
+def _expert_updates(found: Mapping[tuple[str, int], Mapping[str, np.ndarray]],
+                    index: Mapping[str, _Slot], config: LoraConfig, model_type: str | None,
+                    where: str) -> _Experts:
+    """{(Flax path, weight): {layer: (A [E, in, r], B [E, r, out], scale)}} of the file's
+    target_parameters factors, checked against the weights the config targets."""
+    wanted: dict[tuple[str, int], tuple[_Slot, str]] = {}
+    for torch_path, slot in index.items():
+        weights = [n for n, v in _leaves(slot.node).items()
+                   if not is_factor(n) and np.ndim(v) - (slot.layer is not None) == 3]
+        named = parameters.targeted(torch_path, weights, config.target_parameters or ())
+        for depth, weight in enumerate(reversed(_order(model_type, torch_path, named))):
+            wanted[(torch_path, depth)] = (slot, weight)
+    out: _Experts = {}
+    for (torch_path, depth), (slot, weight) in sorted(wanted.items()):
+        key = PREFIX + torch_path + parameters.NEST * depth
+        factors = found.get((torch_path, depth), {})
+        if set(factors) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{where}: target_parameters names {torch_path}.{weight}, but the "
+                             f"file lacks {key}.lora_A.weight / lora_B.weight")
+        w = slot.leaf(weight)  # [E, out, in]
+        a, b = parameters.from_peft(factors["lora_A"], factors["lora_B"], w.shape[0])
+        r = config.rank(f"{torch_path}.{weight}")
+        if a.shape != (w.shape[0], w.shape[2], r) or b.shape != (w.shape[0], r, w.shape[1]):
+            raise ValueError(f"{where}: {key}.lora_A.weight {factors['lora_A'].shape} and "
+                             f"lora_B.weight {factors['lora_B'].shape} do not fit "
+                             f"{slot.flax_path}.{weight} {tuple(w.shape)} with r={r} (expected "
+                             f"[{r * w.shape[0]}, {w.shape[2]}] and [{w.shape[1]}, "
+                             f"{r * w.shape[0]}])")
+        scale = config.scaling(f"{torch_path}.{weight}", rank=r)
+        out.setdefault((slot.flax_path, weight), {})[slot.layer] = (a, b, scale)
+    extra = sorted(set(found) - set(wanted))
+    if extra:
+        module, depth = extra[0]
+        raise ValueError(f"{where}: factors for {module}{parameters.NEST * depth}, "
+                         "which the adapter's target_parameters="
+                         f"{config.target_parameters!r} does not name")
+    return out
+
+
+def _expert_leaves(experts: _Experts, config: LoraConfig, dtype: jnp.dtype,
+                   layouts: Mapping[str, Layout] | None) -> dict[str, dict[str, Any]]:
+    """The factors and record of each expert weight (a scanned stack's layers stacked)."""
+    leaves: dict[str, dict[str, Any]] = {}
+    for (flax_path, weight), layers in experts.items():
+        scanned = None not in layers
+        a, b = (np.stack([layers[i][k] for i in sorted(layers)]) if scanned else layers[None][k]
+                for k in (0, 1))
+        scales = {scale for _, _, scale in layers.values()}
+        if len(scales) > 1:
+            raise ValueError(f"{flax_path}.{weight}: the layers of a scanned stack need one "
+                             f"scale for their experts, got {sorted(scales)}")
+        layout = (layouts or {}).get(f"{flax_path}.{weight}") or Layout(
+            "dense", stacked=int(scanned), order=parameters.EXPERTS)
+        record = LoraRecord(weight, layout, a.shape[-1], scales.pop(), config.lora_dropout)
+        a_name, b_name, record_name = factor_names(weight)
+        leaves.setdefault(flax_path, {}).update(
+            {a_name: jnp.asarray(a, dtype), b_name: jnp.asarray(b, dtype), record_name: record})
+    return leaves
 
 
 def _weight_name(node: Mapping[str, Any]) -> str:
