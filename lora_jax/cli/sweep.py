@@ -205,7 +205,7 @@ def finetune(args: argparse.Namespace) -> int:
 def _summary(out: Path, rows: list[dict[str, Any]], key: str, size: int, steps: int,
              seconds: float, first: float) -> None:
     """summary.json (every point's row and the sweep's timing) and summary.md (a table)."""
-    write_json(out / "summary.json", {"grid": rows, "sweep_size": size, "steps": steps,
+    write_json(out / "summary.json", {"points": rows, "sweep_size": size, "steps": steps,
                                           "train_seconds": seconds,
                                           "first_step_seconds": first})
     shown = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -213,7 +213,7 @@ def _summary(out: Path, rows: list[dict[str, Any]], key: str, size: int, steps: 
                "steps_per_second"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(shown(row[c]) for c in columns) + " |" for row in rows]
-    note = (f"\n{size} grid trained together in one compiled step: {steps} steps in "
+    note = (f"\n{size} points trained together in one compiled step: {steps} steps in "
             f"{seconds:.1f} s ({first:.1f} s of it the first step, with compilation); "
             "steps/s counts sweep steps after the first (each advances every point).\n")
     write_bytes(out / "summary.md", ("\n".join(lines) + "\n" + note).encode())
