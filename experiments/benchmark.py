@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 import lora_jax
+import lora_jax.core.forward
 from lora_jax.models import gpt2
 
 SIZES = {
@@ -220,7 +221,7 @@ def adapter_sets(config: gpt2.Config, ids: jax.Array, args: argparse.Namespace,
     single = jax.jit(lambda p, x: lora_jax.wrap(model.apply, lora)({"params": p}, x))
     fns = {"single adapter": lambda: single(members["a0"][0], ids)}
     results: dict[str, Any] = {}
-    for strategy in adapters.STRATEGIES:
+    for strategy in lora_jax.core.forward.STRATEGIES:
         apply = lora_jax.wrap(model.apply, lora, strategy=strategy)
         mixed = jax.jit(lambda p, x, i, apply=apply: apply({"params": p}, x, adapter_ids=i))
         _, bytes_k = compile_with_bytes(mixed, full.params, ids, batch_ids)
@@ -230,7 +231,7 @@ def adapter_sets(config: gpt2.Config, ids: jax.Array, args: argparse.Namespace,
     seconds = timed(fns, args.iters)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     adapter_bytes = nbytes(lora_jax.split(members["a0"][0], lora)[0])
-    for strategy in adapters.STRATEGIES:
+    for strategy in lora_jax.core.forward.STRATEGIES:
         r = results[strategy]
         r["forward_s"] = seconds[f"{strategy}, {k} adapters"]
         r["forward / single adapter"] = r["forward_s"] / seconds["single adapter"]

@@ -57,9 +57,10 @@ def base_bytes(params: Any, kernels_only: bool = False) -> int:
     """Bytes of every leaf but the LoRA factors, or of the projection kernels only (quantized or
     not); uint4 codes count half a byte each."""
     total = 0
+    params = lora_jax.core.record.without_adapters(params)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        if lora_jax.core.record.is_factor(keys[-1]) or (kernels_only and "kernel" not in keys):
+        if kernels_only and "kernel" not in keys:
             continue
         total += leaf.size // 2 if leaf.dtype == jnp.uint4 else leaf.nbytes
     return total

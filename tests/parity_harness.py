@@ -212,6 +212,7 @@ def _perturb_jax(params: Any, config: lora_jax.LoraConfig, seed: int) -> Any:
 def _zero_unselected(params: Any) -> Any:
     """Zero where training keeps zeros: the layers a stack leaves out, and the columns of A /
     rows of B beyond a layer's own rank in a stack with per-layer ranks."""
+    from lora_jax import variants
     from lora_jax.core.record import iter_records
     from lora_jax.core.targets import with_leaves
 
@@ -225,16 +226,16 @@ def _zero_unselected(params: Any) -> Any:
         if record.layers is not None:
             ranks[[i for i in range(n) if i not in record.layers]] = 0
         keep = np.arange(record.rank)[None, :] < ranks[:, None]  # [L, r]
-        a, b = item.factors
-        n_out = b.ndim - 2
-        fixes[item.path] = {
-            record.names[0]: a * keep.reshape(n, *[1] * (a.ndim - 2), record.rank),
-            record.names[1]: b * keep.reshape(n, record.rank, *[1] * n_out)}
-        if record.variant == "dora":
-            name = record.arrays[2]
-            mask = ranks > 0
-            fixes[item.path][name] = item.module[name] * mask.reshape(
-                -1, *[1] * (item.module[name].ndim - 1))
+        fixes[item.path] = {}
+        for leaf in variants.of(record).leaves:
+            value = item.leaves[leaf.name]
+            shape = [n] + [1] * (value.ndim - 1)
+            if "r" in leaf.axes:  # the columns / rows beyond a layer's rank
+                shape[leaf.rank_axis(1)] = record.rank
+                mask = keep
+            else:  # a layer left out
+                mask = ranks > 0
+            fixes[item.path][record.keys[leaf.name]] = value * mask.reshape(shape)
     return with_leaves(params, fixes) if fixes else params
 
 

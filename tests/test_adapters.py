@@ -17,6 +17,7 @@ import transformers
 from peft_checks import base_params, max_diff, tiny_hf, torch_out
 
 import lora_jax
+from lora_jax.core import forward
 from lora_jax.models import generate, gpt2, llama
 from lora_jax.multi import adapters
 
@@ -92,7 +93,7 @@ def _rel(a, b) -> float:
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@pytest.mark.parametrize("strategy", adapters.STRATEGIES)
+@pytest.mark.parametrize("strategy", forward.STRATEGIES)
 @pytest.mark.parametrize("case", ALL, ids=_id, indirect=True)
 def test_mixed_batch_equals_each_example_alone(case, strategy):
     apply = lora_jax.wrap(case["model"].apply, case["members"]["a"][1], strategy=strategy)

@@ -13,9 +13,11 @@ from lora_jax import LoraConfig
 
 
 def _params():
+    # What trains is read from the records (as inject puts them beside the factors).
     return {
         "h_0": {"attn": {"kernel": jnp.ones((4, 6)), "bias": jnp.ones(6),
-                         "lora_A": jnp.ones((4, 2)), "lora_B": jnp.zeros((2, 6))},
+                         "lora_A": jnp.ones((4, 2)), "lora_B": jnp.zeros((2, 6)),
+                         "lora": lora_jax.LoraRecord("kernel", lora_jax.Layout("dense"), 2, 1.0)},
                 "ln": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}},
         "classifier": {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
                        "out": {"kernel": jnp.ones((4, 3))}},

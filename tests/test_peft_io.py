@@ -184,3 +184,62 @@ def test_path_map_round_trip(tmp_path):
     apply = lora_jax.wrap(_Custom().apply, loaded_config)
     assert max_diff(apply({"params": loaded}, x),
                     lora_jax.wrap(_Custom().apply, config)({"params": params}, x)) == 0
+
+
+class _Heads(nn.Module):
+    """Kernels of several input / output axes: an einsum [D, N, H] and DenseGenerals
+    [D, N, H] / [N, H, D] (PyTorch stores them as Linears [N*H, D] / [D, N*H])."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.Einsum((6, 2, 4), "btd,dnh->btnh", use_bias=False, name="q")(x)
+        k = nn.DenseGeneral((2, 4), use_bias=False, name="k")(x)
+        return nn.DenseGeneral(6, axis=(-2, -1), use_bias=False, name="o")(q + k)
+
+
+def _torch_heads(params):
+    """The PyTorch twin of `_Heads`: Linears holding the row-major flattened kernels."""
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(6, 8, bias=False), torch.nn.Linear(6, 8, bias=False)
+            self.o = torch.nn.Linear(8, 6, bias=False)
+
+        def forward(self, x):
+            return self.o(self.q(x) + self.k(x))
+
+    twin = Twin()
+    with torch.no_grad():
+        for name, n_in in (("q", 6), ("k", 6), ("o", 8)):
+            kernel = np.asarray(params[name]["kernel"]).reshape(n_in, -1)
+            getattr(twin, name).weight.copy_(torch.tensor(kernel.T))
+    return twin.eval()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_multi_axis_kernels_are_written_and_read_as_their_flattened_linear(dora, tmp_path):
+    """linen, as the NNX frontend: peft's files hold the Linear of each kernel's row-major
+    flattening; peft's forward and merge agree with lora_jax's, and loading restores the
+    kernels' own axes."""
+    x = np.random.RandomState(0).randn(2, 3, 6).astype(np.float32)
+    model = _Heads()
+    base = model.init(jax.random.key(0), x)["params"]
+    layouts = lora_jax.layouts(model, x)
+    # peft has no DoRA for einsum kernels: DoRA targets the DenseGenerals.
+    config = lora_jax.LoraConfig(r=2, lora_alpha=4, target_modules=["k", "o"] if dora else
+                                 ["q", "k", "o"], use_dora=dora, init_lora_weights=False)
+    params = lora_jax.inject(base, config, jax.random.key(1), layouts=layouts)
+    ours = lora_jax.wrap(model.apply, config)({"params": params}, x)
+    save_peft(tmp_path, params, config, path_map=lambda p: p)
+    tensors, _, _ = read_adapter(str(tmp_path))
+    assert tensors["base_model.model.o.lora_A.weight"].shape == (2, 8)
+    assert tensors["base_model.model.k.lora_B.weight"].shape == (8, 2)
+    pm = peft.PeftModel.from_pretrained(_torch_heads(base), tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(ours, pm(torch.tensor(x)).numpy()) <= TOL
+        merged = pm.merge_and_unload()(torch.tensor(x)).numpy()
+    assert max_diff(model.apply({"params": lora_jax.merge(params, config)}, x), merged) <= TOL
+    loaded, loaded_config = load_peft(tmp_path, base, path_map=lambda p: p, layouts=layouts)
+    assert loaded["o"]["lora_A"].shape == (2, 4, 2) and loaded["k"]["lora_B"].shape == (2, 2, 4)
+    assert jax.tree.map(max_diff, loaded, params) == jax.tree.map(lambda _: 0.0, params)
+    assert max_diff(lora_jax.wrap(model.apply, loaded_config)({"params": loaded}, x), ours) == 0

@@ -40,7 +40,7 @@ def test_only_the_fallback_forms_the_adapted_weight(kind):
     model, config, _, params = _setup(kind, False, init_lora_weights=False)
     apply = lora_jax.wrap(model.apply, config)
     loss = lambda p: (apply({"params": p}, X) ** 2).sum()
-    pairs = {tuple(sorted([tuple(item.factors[0].shape), tuple(item.factors[1].shape)]))
+    pairs = {tuple(sorted(tuple(item.leaves[n].shape) for n in ("lora_A", "lora_B")))
              for item in lora_jax.core.record.iter_records(params)}
     # A @ B appears as a dot_general of a factor-shaped operand pair (batched over kept axes).
     formed = lambda jaxpr: any(tuple(shapes) in pairs for shapes in _products(jaxpr))

@@ -122,8 +122,9 @@ def test_dora_gradient_does_not_flow_through_the_norm():
 def test_dora_on_a_layer_peft_does_not_support_is_an_error(kind):
     model, x = single_layer(kind, 6, 5)
     params = model.init(jax.random.key(0), x)["params"]
-    with pytest.raises(ValueError, match=r"use_dora is not supported for 'layer' \(einsum\): as "
-                                         "in peft, DoRA applies to Dense-like, Conv and Embed"):
+    with pytest.raises(ValueError, match=r"'layer' \(einsum\): dora does not support this kind "
+                                         "of layer: as in peft, DoRA applies to Dense-like, Conv "
+                                         "and Embed"):
         lora_jax.inject(params, LoraConfig(target_modules=["layer"], use_dora=True),
                         jax.random.key(1), layouts=lora_jax.layouts(model, x))
 

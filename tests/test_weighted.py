@@ -269,7 +269,8 @@ def test_bad_input(setups):
     h0 = dora["transformer"]["h_0"]["attn"]["c_attn"]
     h0["lora"] = dataclasses.replace(h0["lora"], variant="dora")
     h0["lora_magnitude_vector"] = np.ones(96, np.float32)
-    with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn' of adapter 1 is a dora"):
+    with pytest.raises(ValueError, match="'transformer.h_0.attn.c_attn' of adapter 1: dora does "
+                                         "not support weighted"):
         weighted_adapter([a, dora], [1.0, 1.0], "cat")
 
 

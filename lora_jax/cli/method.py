@@ -76,7 +76,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
 
             initial = with_leaves(params, {
                 item.path: {n: jax.numpy.array(item.module[n], copy=True)
-                            for n in item.record.names} for item in iter_records(params)})
+                            for n in item.record.arrays} for item in iter_records(params)})
         apply = lora_jax.wrap(apply, config)
     elif method == "full":
         config = lora_jax.LoraConfig(modules_to_save=tuple(params))

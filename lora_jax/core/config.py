@@ -1,4 +1,6 @@
-"""`LoraConfig`: which modules get adapters, with what rank and scale (peft's field names)."""
+"""Adapter configs: `AdapterConfig`, what the core reads from any method's config (peft's
+target-selection fields, rank and scale), and `LoraConfig` (LoRA and DoRA), with the scale
+formula and its inverse."""
 
 from __future__ import annotations
 
@@ -7,15 +9,100 @@ import difflib
 import inspect
 import json
 import math
-import re
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from lora_jax.core.targets import pattern_value
 
 
+def scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """The scale of an adapter: alpha / r, or alpha / sqrt(r) with rsLoRA (peft's rule).
+
+    >>> scaling(16, 8), scaling(16, 4, rslora=True), alpha_for(2.0, 8)
+    (2.0, 8.0, 16.0)
+    """
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def alpha_for(scale: float, r: int, rslora: bool = False) -> float:
+    """The alpha giving `scale` at rank `r` (the inverse of `scaling`)."""
+    return scale * (math.sqrt(r) if rslora else r)
+
+
+def _first(patterns: Mapping[str, Any], names: Sequence[str], default: Any) -> Any:
+    """The value of the first of `names` (last first: peft's name) that a pattern matches."""
+    for name in reversed(names):
+        found = pattern_value(patterns, name, None)
+        if found is not None:
+            return found
+    return default
+
+
+class AdapterConfig:
+    """What the core reads from any adapter method's config (a dataclass with peft's field
+    names; `LoraConfig` is one): `target_modules`, `exclude_modules`, `layers_to_transform`,
+    `layers_pattern`, `modules_to_save`, `bias`, `target_parameters`, `r`, `rank_pattern`,
+    `alpha_pattern`, and these methods. The defaults below stand for fields a method's config
+    does not have; `lora_jax.variants.for_config` tells which variant it asks for.
+    """
+
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    modules_to_save: Sequence[str] | None = None
+    target_parameters: Sequence[str] | None = None
+    bias: str = "none"
+    r: int = 8
+    rank_pattern: Mapping[str, int] = types.MappingProxyType({})
+    alpha_pattern: Mapping[str, float] = types.MappingProxyType({})
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+
+    @property
+    def dropout(self) -> float:
+        """The dropout rate on the adapter's input (`lora_dropout`)."""
+        return getattr(self, "lora_dropout", 0.0)
+
+    @property
+    def default_alpha(self) -> float:
+        """The alpha of modules no `alpha_pattern` names (`lora_alpha`; r without one: scale 1)."""
+        return getattr(self, "lora_alpha", self.r)
+
+    def rank(self, *names: str) -> int:
+        """The rank of the module known by `names` (`rank_pattern` overrides `r`; the last name,
+        peft's, is tried first)."""
+        return _first(self.rank_pattern, names, self.r)
+
+    def alpha(self, *names: str) -> float:
+        """The alpha of the module known by `names` (`alpha_pattern` overrides the default)."""
+        return _first(self.alpha_pattern, names, self.default_alpha)
+
+    def scaling(self, *names: str, rank: int | None = None) -> float:
+        """The module's scale (`scaling` of its alpha and rank; `rank` defaults to its own)."""
+        return scaling(self.alpha(*names), self.rank(*names) if rank is None else rank,
+                       self.use_rslora)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> AdapterConfig:
+        """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
+        return cls(**fields)
+
+    def replace(self, **fields: Any) -> AdapterConfig:
+        """A copy with `fields` changed (checked as a new config)."""
+        return self.from_dict({**self.to_dict(), **fields})
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, json.dumps(self.to_dict(), sort_keys=True)))
+
+
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(AdapterConfig):
     """What to adapt and how; field names, defaults and matching rules follow peft's `LoraConfig`.
 
     Paths are the "."-joined keys of the Flax params tree down to a module, e.g.
@@ -120,9 +207,10 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
             )
+        from lora_jax.variants import inits  # the initialisers' registry (it imports this file)
+
         init = self.init_lora_weights
-        if init not in (True, False, "gaussian", "pissa", "olora", "loftq") and not (
-                isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init)):
+        if not inits.known(init):
             raise ValueError(
                 "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', "
                 f"'pissa_niter_K' (K >= 1), 'olora' or 'loftq', got {init!r}"
@@ -146,30 +234,7 @@ class LoraConfig:
                 f"target_modules={self.target_modules!r}, as in peft; list the module names instead"
             )
 
-    def rank(self, path: str) -> int:
-        """The rank for the module at `path` (`rank_pattern` overrides `r`)."""
-        return pattern_value(self.rank_pattern, path, self.r)
-
-    def alpha(self, path: str) -> float:
-        """The alpha for the module at `path` (`alpha_pattern` overrides `lora_alpha`)."""
-        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
-
-    def scaling(self, path: str, rank: int | None = None) -> float:
-        """alpha / r, or alpha / sqrt(r) with `use_rslora`; `rank` defaults to `self.rank(path)`."""
-        rank = self.rank(path) if rank is None else rank
-        return self.alpha(path) / (math.sqrt(rank) if self.use_rslora else rank)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> LoraConfig:
-        """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
-        return cls(**fields)
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+    __hash__ = AdapterConfig.__hash__
 
 
 def _reject_unknown_fields(cls: type) -> type:

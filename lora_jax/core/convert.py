@@ -4,14 +4,14 @@ untouched base (peft's `path_initial_model_for_weight_conversion`)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
-from lora_jax.core.config import LoraConfig
-from lora_jax.core.record import factor_names, records
+from lora_jax import variants
+from lora_jax.core.config import LoraConfig, alpha_for, scaling
+from lora_jax.core.record import leading, record_name, records
 from lora_jax.core.targets import with_leaves
 
 
@@ -46,23 +46,19 @@ def to_plain_lora(params: Mapping[str, Any], initial_params: Mapping[str, Any],
                 f"initial_params has no factors of rank {record.rank} for {item.target!r}: pass "
                 "the params returned by inject (before training)"
             )
-        if record.variant != "lora":
-            raise ValueError(f"{item.target!r} is a {record.variant} adapter; only plain LoRA "
-                             "factors convert to the original base")
-        (a, b), (a0, b0) = item.factors, start.factors
-        a_name, b_name, record_name = factor_names(record.weight)
-        n_stack = len(record.layout.split(tuple(item.weight.shape))[0])
+        variants.of(record).check("conversion", repr(item.target))
+        (a, b), (a0, b0) = ((i.leaves["lora_A"], i.leaves["lora_B"]) for i in (item, start))
         updates.setdefault(item.path, {}).update({
-            a_name: jnp.concatenate([a, a0.astype(a.dtype)], axis=-1),
-            b_name: jnp.concatenate([b, -b0.astype(b.dtype)], axis=n_stack),
-            record_name: dataclasses.replace(record, rank=2 * record.rank),
+            record.keys["lora_A"]: jnp.concatenate([a, a0.astype(a.dtype)], axis=-1),
+            record.keys["lora_B"]: jnp.concatenate([b, -b0.astype(b.dtype)],
+                                                   axis=leading(record)),
+            record_name(record.weight): dataclasses.replace(record, rank=2 * record.rank),
         })
-    grow = math.sqrt(2) if config.use_rslora else 2
-    plain_config = LoraConfig.from_dict({
-        **config.to_dict(),
-        "r": 2 * config.r, "lora_alpha": grow * config.lora_alpha,
-        "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
-        "alpha_pattern": {k: grow * v for k, v in config.alpha_pattern.items()},
-        "init_lora_weights": True,
-    })
+    # alpha grows so that the scale at rank 2r is the scale at r: by 2 (sqrt(2) under rsLoRA).
+    grow = alpha_for(scaling(1.0, 1, config.use_rslora), 2, config.use_rslora)
+    plain_config = config.replace(
+        r=2 * config.r, lora_alpha=grow * config.lora_alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
+        init_lora_weights=True)
     return with_leaves(params, updates), plain_config

@@ -8,24 +8,27 @@ from typing import Any
 
 import jax
 
+from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.partition import split
 from lora_jax.core.record import iter_records
 
 
-def _unused_factor_count(params: Mapping[str, Any]) -> int:
-    """Factor entries that stay zero: scanned layers left out by `layers_to_transform`, and
+def _unused_count(params: Mapping[str, Any]) -> int:
+    """Adapter entries that stay zero: scanned layers left out by `layers_to_transform`, and
     the padding beyond each layer's own rank in a stack with per-layer ranks."""
     unused = 0
     for item in iter_records(params):
         record = item.record
         if record.layers is None and record.ranks is None:
             continue
-        n_layers = item.factors[0].shape[0]
-        per_rank = sum(math.prod(f.shape[1:]) for f in item.factors) // record.rank
+        n_layers = item.weight.shape[0]
         ranks = record.ranks or (record.rank,) * n_layers
         kept = [ranks[i] for i in range(n_layers) if record.layers is None or i in record.layers]
-        unused += per_rank * (record.rank * n_layers - sum(kept))
+        for leaf in variants.of(record).leaves_of(record):
+            size = math.prod(item.leaves[leaf.name].shape[1:])
+            unused += size // record.rank * (record.rank * n_layers - sum(kept)) if "r" in \
+                leaf.axes else size * (n_layers - len(kept))
     return unused
 
 
@@ -44,7 +47,7 @@ def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int
     (14, 30)
     """
     trainable, _ = split(params, config)
-    unused = _unused_factor_count(params)
+    unused = _unused_count(params)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable)) - unused
     n_total = sum(x.size for x in jax.tree.leaves(params)) - unused
     return n_trainable, n_total

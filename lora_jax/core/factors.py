@@ -1,5 +1,5 @@
-"""The LoRA math, independent of any module system: factor shapes, initialisation, the delta of a
-projection, merging.
+"""The low-rank math, independent of any module system: weight layouts, factor shapes, the delta
+of a projection, merging.
 
 A weight's axes have roles. `stack` axes get separate factors per index: leading axes added by
 `nn.scan` / `vmap` (one per stacked layer) and kept axes such as Gemma's q/k/v axis. `in` axes
@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 Kind = Literal["dense", "conv", "embed", "einsum"]
+# The rule name of weights adapted without a layer rule: the adapted weight is materialised.
+MATERIALISE = "materialise"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,40 +128,6 @@ def max_rank(kernel_shape: tuple[int, ...], layout: Layout) -> int:
     return min(math.prod(fan_in), math.prod(fan_out))
 
 
-def init_factors(
-    key: jax.Array,
-    kernel_shape: tuple[int, ...],
-    layout: Layout,
-    r: int,
-    init: bool | str = True,
-    dtype: jnp.dtype = jnp.float32,
-) -> tuple[jax.Array, jax.Array]:
-    """A and B initialised as peft does.
-
-    Dense-like (`init=True`): A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's kaiming-uniform
-    with a = sqrt(5)), B = 0, so the adapted model starts equal to the base. "gaussian": A ~
-    N(0, (1/r)^2). Embedding: A = 0, B ~ N(0, 1). `init=False`: both random (A and B uniform as
-    PyTorch's Linear default; for an embedding both N(0, 1)).
-    """
-    a_shape, b_shape = factor_shapes(kernel_shape, layout, r)
-    _, fan_in, _ = layout.split(kernel_shape)
-    key_a, key_b = jax.random.split(key)
-
-    def uniform(k: jax.Array, shape: tuple[int, ...], fan: int) -> jax.Array:
-        bound = 1.0 / math.sqrt(fan)
-        return jax.random.uniform(k, shape, dtype, -bound, bound)
-
-    if layout.kind == "embed":
-        a = jax.random.normal(key_a, a_shape, dtype) if init is False else jnp.zeros(a_shape, dtype)
-        return a, jax.random.normal(key_b, b_shape, dtype)
-    if init == "gaussian":
-        a = jax.random.normal(key_a, a_shape, dtype) / r
-    else:
-        a = uniform(key_a, a_shape, math.prod(fan_in))
-    b = uniform(key_b, b_shape, r) if init is False else jnp.zeros(b_shape, dtype)
-    return a, b
-
-
 def kernel_delta(a: jax.Array, b: jax.Array, layout: Layout,
                  kernel_shape: tuple[int, ...]) -> jax.Array:
     """A @ B laid out as the weight (its storage order), computed in float32.
@@ -245,125 +212,11 @@ def einsum_delta(equation: str, x: jax.Array, a: jax.Array, b: jax.Array,
                       precision=precision)
 
 
-def _letters(layout: Layout, ndim: int) -> tuple[str, str, str, str]:
-    """Einsum letters of a weight's axes in storage order, and its stack / in / out letters."""
-    roles = layout.roles(ndim)
-    letters = string.ascii_lowercase[:ndim]
-    pick = lambda group: "".join(c for c, r in zip(letters, roles, strict=True) if r in group)
-    return letters, pick("sb"), pick("i"), pick("o")
-
-
-def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Array,
-                layout: Layout) -> jax.Array:
-    """||W + scale * A B|| over the input axes, per output feature: `[*stack, *out]`, float32.
-
-    DoRA's weight norm without forming W + A B or any in x out product: with w_j the weight's
-    column j, n_j^2 = ||w_j||^2 + 2 s (A^T w_j) . b_j + s^2 b_j^T (A^T A) b_j.
-    """
-    w, a, b = (t.astype(jnp.float32) for t in (w, a, b))
-    k, stack, fan_in, out = _letters(layout, w.ndim)
-    r, q = "R", "S"
-    hi = jax.lax.Precision.HIGHEST
-    squares = jnp.einsum(f"{k},{k}->{stack}{out}", w, w, precision=hi)
-    a_w = jnp.einsum(f"{stack}{fan_in}{r},{k}->{stack}{r}{out}", a, w, precision=hi)
-    gram = jnp.einsum(f"{stack}{fan_in}{r},{stack}{fan_in}{q}->{stack}{r}{q}", a, a, precision=hi)
-    gram_b = jnp.einsum(f"{stack}{r}{q},{stack}{q}{out}->{stack}{r}{out}", gram, b, precision=hi)
-    cross = jnp.sum(a_w * b, axis=len(stack))
-    quad = jnp.sum(gram_b * b, axis=len(stack))
-    return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale**2 * quad, 0.0))
-
-
-def dora_output(base: jax.Array, delta: jax.Array, magnitude: jax.Array,
-                norm: jax.Array) -> jax.Array:
-    """What DoRA adds to a layer's output: (m/n - 1) * base + (m/n) * delta, for the layer's
-    product without bias `base`, the low-rank `delta` (scale included), the magnitude `m` and
-    the (detached) norm `n` of `column_norm`, both `[*out]` (the output's trailing axes).
-
-    >>> dora_output(jnp.ones(2), jnp.zeros(2), jnp.array([2.0, 1.0]), jnp.ones(2))
-    Array([1., 0.], dtype=float32)
-    """
-    ratio = (magnitude / norm).astype(base.dtype)
-    return (ratio - 1) * base + ratio * delta
-
-
-def per_column(values: jax.Array, layout: Layout, ndim: int) -> jax.Array:
-    """`[*stack, *out]` values (e.g. DoRA's m / n) shaped to broadcast against the weight."""
-    roles = layout.roles(ndim)
-    if "b" in roles:
-        raise ValueError("per-output-feature values need a weight without kept axes")
-    dims = iter(values.shape)
-    return values.reshape([1 if r == "i" else next(dims) for r in roles])
-
-
-def _randomized_svd(w: jax.Array, r: int, niter: int, key: jax.Array
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rank-r SVD of `w [..., m, n]` by subspace iteration (Halko et al.; what torch's
-    `svd_lowrank(w, q=r, niter)` computes, with another random start)."""
-    qr = lambda t: jnp.linalg.qr(t)[0]
-    wt = jnp.swapaxes(w, -1, -2)
-    q = qr(w @ jax.random.normal(key, (*w.shape[:-2], w.shape[-1], r), w.dtype))
-    for _ in range(niter):
-        q = qr(w @ qr(wt @ q))
-    u, s, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ w, full_matrices=False)
-    return q @ u, s, vh
-
-
-def svd_init(w: jax.Array, layout: Layout, r: int, scale: float, niter: int | None = None,
-             key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """PiSSA (peft's `init_lora_weights="pissa"` / `"pissa_niter_K"`): A, B from the top-r
-    singular triplets of W with the singular values divided by `scale`, and the residual base
-    W - scale * A B in W's storage order and dtype. `niter` selects the randomised SVD."""
-    wc = layout.to_canonical(w).astype(jnp.float32)
-    if niter is None:
-        u, s, vh = jnp.linalg.svd(wc, full_matrices=False)
-    else:
-        u, s, vh = _randomized_svd(wc, r, niter, key)
-    root = jnp.sqrt(s[..., :r] / scale)
-    a = u[..., :r] * root[..., None, :]
-    b = root[..., :, None] * vh[..., :r, :]
-    return _factors_and_residual(w, wc, a, b, layout, scale)
-
-
-def qr_init(w: jax.Array, layout: Layout, r: int, scale: float
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """OLoRA (peft's `init_lora_weights="olora"`): the QR decomposition of W as PyTorch stores
-    it (`[out, in]`) gives B from Q's first r columns and A from R's first r rows (no division
-    by `scale`); the residual base is W - scale * A B."""
-    wc = layout.to_canonical(w).astype(jnp.float32)
-    q, rr = jnp.linalg.qr(jnp.swapaxes(wc, -1, -2))
-    a = jnp.swapaxes(rr[..., :r, :], -1, -2)
-    b = jnp.swapaxes(q[..., :, :r], -1, -2)
-    return _factors_and_residual(w, wc, a, b, layout, scale)
-
-
-def loftq_init(w: jax.Array, layout: Layout, r: int, quantizer: Callable[[jax.Array], Any],
-               n_iter: int) -> tuple[jax.Array, jax.Array, Any]:
-    """LoftQ (peft's `init_lora_weights="loftq"`, arXiv 2310.08659): alternate quantizing
-    W - A B and taking the rank-r SVD of W - dequantized, so that Q + A B approximates W better
-    than Q alone. Returns A, B and the quantized base (`quantizer`'s result, e.g. NF4). As in
-    peft the factors are not divided by the scale: exact for lora_alpha = r."""
-    stack, fan_in, fan_out = layout.split(w.shape)
-    wc = layout.to_canonical(w).astype(jnp.float32)
-    a = jnp.zeros((*wc.shape[:-1], r), jnp.float32)
-    b = jnp.zeros((*wc.shape[:-2], r, wc.shape[-1]), jnp.float32)
-    for _ in range(n_iter):
-        low = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-        target = layout.to_stored((wc - low).reshape(*stack, *fan_in, *fan_out)).astype(w.dtype)
-        quantized = quantizer(target)
-        residual = wc - layout.to_canonical(jnp.asarray(quantized)).astype(jnp.float32)
-        u, s, vh = jnp.linalg.svd(residual, full_matrices=False)
-        root = jnp.sqrt(s[..., :r])
-        a, b = u[..., :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
-    return (a.reshape(*stack, *fan_in, r), b.reshape(*stack, r, *fan_out), quantized)
-
-
-def _factors_and_residual(w: jax.Array, wc: jax.Array, a: jax.Array, b: jax.Array,
-                          layout: Layout, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    stack, fan_in, fan_out = layout.split(w.shape)
-    product = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-    residual = layout.to_stored((wc - scale * product).reshape(*stack, *fan_in, *fan_out))
-    return (a.reshape(*stack, *fan_in, a.shape[-1]), b.reshape(*stack, b.shape[-2], *fan_out),
-            residual.astype(w.dtype))
+def broadcast_scale(scale: Any, ndim: int) -> Any:
+    """A float, or an array scale over leading axes, shaped to multiply an `ndim` array."""
+    if isinstance(scale, int | float):
+        return scale
+    return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

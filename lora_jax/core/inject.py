@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -12,26 +11,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax import variants
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.factors import (
-    Layout,
-    column_norm,
-    init_factors,
-    loftq_init,
-    max_rank,
-    qr_init,
-    svd_init,
-)
-from lora_jax.core.record import (
-    MATERIALISE,
-    LoraRecord,
-    broadcast_scale,
-    factor_names,
-    is_factor,
-    magnitude_name,
-    scale_name,
-    target_path,
-)
+from lora_jax.core.factors import MATERIALISE, Layout, max_rank
+from lora_jax.core.record import LoraRecord, owned, record_name, scale_name, target_path
 from lora_jax.core.rules import rule_named
 from lora_jax.core.saved import keep_originals
 from lora_jax.core.targets import (
@@ -42,7 +25,6 @@ from lora_jax.core.targets import (
     matches,
     matches_any,
     path_forms,
-    pattern_value,
     peft_path,
     projection_hint,
     saved_match,
@@ -51,7 +33,7 @@ from lora_jax.core.targets import (
     unbox,
     with_leaves,
 )
-from lora_jax.quant import quantize as quantization
+from lora_jax.variants import inits
 
 # "all-linear" skips the output head, as peft does (a classifier only with task_type SEQ_CLS,
 # which puts it in modules_to_save: excluded from LoRA like every module to save).
@@ -82,9 +64,9 @@ def _sites(params: Mapping[str, Any], config: LoraConfig,
     layouts = dict(layouts or {})
     sites: dict[str, Site] = {}
     for path, module in iter_modules(params, leaves=None):
+        mine = owned(module)
         for name, value in module.items():
-            if isinstance(value, Mapping) or is_factor(name) or getattr(unbox(value), "ndim",
-                                                                        0) < 2:
+            if isinstance(value, Mapping) or name in mine or getattr(unbox(value), "ndim", 0) < 2:
                 continue
             shape = tuple(unbox(value).shape)
             target = target_path(path, name, module)
@@ -287,9 +269,7 @@ def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, L
             continue
         values = {}
         for view in kept:
-            r = _pattern(config.rank_pattern, view, config.r)
-            alpha = _pattern(config.alpha_pattern, view, config.lora_alpha)
-            values[view.layer] = (r, alpha / (math.sqrt(r) if config.use_rslora else r))
+            values[view.layer] = (config.rank(*view.names), config.scaling(*view.names))
         layers = [v.layer for v in kept]
         if None in layers or len(layers) == len(views[path]) and \
                 _wanted_layers(config) is None and len(found) == len(views[path]):
@@ -319,15 +299,6 @@ def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, L
             f"weights: {list(sites)[:40]}"
         )
     return targets
-
-
-def _pattern(patterns: Mapping[str, Any], view: View, default: Any) -> Any:
-    """rank/alpha_pattern for a view: its peft path first, then its other names."""
-    for name in reversed(view.names):
-        found = pattern_value(patterns, name, None)
-        if found is not None:
-            return found
-    return default
 
 
 def _module(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
@@ -363,7 +334,7 @@ def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
             stacks[stack_root(params, site.path, site.shape[0])] = site.shape[0]
     for path in _module_paths(params):
         module = _module(params, path)
-        if path in known or any(is_factor(k) for k in module):
+        if path in known or owned(module):
             continue
         names = [path, peft_path(path + ".x")[:-2]]  # a container may be a list element
         for stack, n_layers in stacks.items():
@@ -431,120 +402,70 @@ def per_layer(values: Mapping[int | None, tuple[int, float]], n_layers: int) -> 
                   tuple(s for _, s in full) if len(scales) > 1 else None)
 
 
+def new_record(weight: str, layout: Layout, values: Values, config: Any,
+               layers: tuple[int, ...] | None, arrays: Any) -> dict[str, Any]:
+    """The record of a weight that `config` adapts with `values` (its rank and scale) and the
+    variant's `arrays` (their names), and its array scale when its layers' scales differ: the
+    one constructor (inject, load_peft)."""
+    variant = variants.for_config(config)
+    record = LoraRecord(weight, layout, values.rank, values.scale, config.dropout, layers,
+                        variant.name, ranks=values.ranks, form=variant.form(arrays))
+    leaves: dict[str, Any] = {record_name(weight): record}
+    if values.scale is None:
+        leaves[scale_name(weight)] = jnp.asarray(values.scales, jnp.float32)
+    return leaves
+
+
 def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
     return jnp.zeros(n_layers, bool).at[jnp.asarray(selected)].set(True)
 
 
-def _check_variant(path: str, site: Site, config: LoraConfig, weight: Any) -> None:
-    """Clear errors for DoRA / PiSSA / OLoRA where they do not apply."""
-    roles = site.layout.roles(len(site.shape))
-    if config.use_dora:
-        if site.layout.rule == MATERIALISE or site.layout.kind == "einsum" or "b" in roles:
-            raise ValueError(
-                f"use_dora is not supported for {path!r} ({site.layout.kind}"
-                f"{', materialised' if site.layout.rule == MATERIALISE else ''}): as in peft, "
-                "DoRA applies to Dense-like, Conv and Embed layers; exclude it or drop use_dora"
-            )
-        if config.layers_to_transform is not None and site.layout.stacked:
-            raise ValueError(
-                f"use_dora with layers_to_transform on the scanned stack {path!r} would train the "
-                "magnitudes of every layer (one stacked leaf); use unscanned layers"
-            )
-        rule = rule_named(site.layout.rule)
-        if config.lora_dropout and site.layout.kind != "embed" and rule is not None \
-                and rule.base is None:
-            raise ValueError(
-                f"use_dora with lora_dropout on {path!r}: its rule {rule.name!r} has no `base` "
-                "to recompute the layer on the dropped input (peft's DoRA does); set "
-                "lora_dropout=0 or give the rule a base"
-            )
-    init = config.init_lora_weights
-    if isinstance(init, str) and init != "gaussian":
-        if init == "loftq" and site.layout.stacked and config.layers_to_transform is not None:
-            raise ValueError(f"init_lora_weights='loftq' with layers_to_transform on the scanned "
-                             f"stack {path!r}: the stack's weight is one quantized leaf; use "
-                             "unscanned layers or no layer selection")
-        if site.layout.kind == "embed" or site.layout.rule == MATERIALISE:
-            raise ValueError(f"init_lora_weights={init!r} is not supported for {path!r} "
-                             f"({site.layout.kind}); peft applies it to Dense-like and Conv layers")
-        plain = unbox(weight)
-        quantized = hasattr(plain, "dequantize")  # lora_jax.quantize's NF4 / int8 weights
-        if quantized or not jnp.issubdtype(plain.dtype, jnp.floating):
-            raise ValueError(
-                f"init_lora_weights={init!r} needs a float base weight, but {path!r} is "
-                f"{'quantized' if quantized else plain.dtype}: use init_lora_weights=True (or "
-                "initialise on the float base, then quantize the residual)"
-            )
-
-
-def _adapter_leaves(path: str, site: Site, weight: Any, config: LoraConfig, values: Values,
-                    key: jax.Array, dtype: jnp.dtype,
-                    selected: tuple[int, ...] | bool) -> dict[str, Any]:
-    """The new leaves of one adapted weight: A, B (peft's init), DoRA's magnitude, for
-    PiSSA / OLoRA the residual base weight, and per-layer scales as data."""
-    a_name, b_name, _ = factor_names(site.weight)
-    init, plain = config.init_lora_weights, unbox(weight)
-    r, scale = values.rank, values.scale
-    leaves: dict[str, Any] = {}
-    if (values.ranks or values.scales) and init not in (True, False, "gaussian"):
+def _check_variant(path: str, site: Site, variant: variants.Variant, config: Any) -> None:
+    """The variant's refusals where it does not apply to this weight, said once with the
+    reason."""
+    layout = site.layout
+    roles = layout.roles(len(site.shape))
+    where = f"{path!r} ({layout.kind})"
+    if layout.kind not in variant.kinds:
+        variant.check("kinds", where)
+    if layout.rule == MATERIALISE:
+        variant.check("materialised", where)
+    if "b" in roles:
+        variant.check("kept_axes", where)
+    if config.layers_to_transform is not None and layout.stacked:
+        variant.check("layer_selection", where)
+    why = variant.refuses(site.shape, layout)
+    if why:
+        raise ValueError(f"{where}: {variant.name} cannot adapt it: {why}")
+    rule = rule_named(layout.rule)
+    if variant.recomputes_base and config.dropout and layout.kind != "embed" and \
+            rule is not None and rule.base is None:
         raise ValueError(
-            f"init_lora_weights={init!r} on the scanned stack {path!r}, whose layers get "
-            "different ranks or scales (rank_pattern / alpha_pattern): the stack's weight is one "
-            "leaf; give its layers one rank and alpha, or use unscanned layers")
-    if isinstance(init, str) and init.startswith("pissa"):
-        niter = int(init.rsplit("_", 1)[1]) if init != "pissa" else None
-        a, b, residual = svd_init(plain, site.layout, r, scale, niter, key)
-    elif init == "olora":
-        a, b, residual = qr_init(plain, site.layout, r, scale)
-    elif init == "loftq":
-        quantizer = quantization.nf4 if config.loftq_config.get("loftq_bits", 4) == 4 \
-            else quantization.int8
-        a, b, residual = loftq_init(plain, site.layout, r, quantizer,
-                                    config.loftq_config.get("loftq_iter", 1))
-    else:
-        a, b = init_factors(key, site.shape, site.layout, r, init, dtype)
-        residual = None
+            f"{variant.name} with lora_dropout on {path!r}: its rule {rule.name!r} has no `base` "
+            "to recompute the layer on the dropped input (as peft does); set lora_dropout=0 or "
+            "give the rule a base")
+
+
+def _adapter_leaves(path: str, site: Site, weight: Any, variant: variants.Variant,
+                    config: Any, values: Values, key: jax.Array, dtype: jnp.dtype,
+                    selected: tuple[int, ...] | bool, shared: Any
+                    ) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(The new leaves of one adapted weight: the variant's arrays and, for an initialiser that
+    changes the base (PiSSA, OLoRA, LoftQ), the new base weight; the arrays' leaf names)."""
+    plain = unbox(weight)
+    inits.check(path, plain, site.layout, values, config)
+    arrays, residual = variant.init(plain, site.layout, config, values, key, dtype, shared)
     if isinstance(selected, tuple):
-        # Unselected layers of a scanned stack: A = B = 0 keeps them at zero during training.
+        # Unselected layers of a scanned stack: zero arrays keep them at zero during training.
         mask = _layer_mask(selected, site.shape[0])
         select = lambda new, old: jnp.where(mask.reshape(-1, *[1] * (new.ndim - 1)), new, old)
-        a, b = select(a, 0), select(b, 0)
+        arrays = {name: select(value, 0) for name, value in arrays.items()}
         residual = None if residual is None else select(residual, plain)
-    if values.ranks:
-        a, b = _pad_ranks(a, b, values.ranks, site, init)
+    leaves: dict[str, Any] = {variant.names(site.weight)[n]: v for n, v in arrays.items()}
     if residual is not None:
         leaves[site.weight] = weight.replace_boxed(residual) if hasattr(weight, "replace_boxed") \
             else residual
-    a, b = a.astype(dtype), b.astype(dtype)
-    leaves.update({a_name: a, b_name: b})
-    if scale is None:
-        leaves[scale_name(site.weight)] = jnp.asarray(values.scales, jnp.float32)
-    if config.use_dora:
-        base = plain if residual is None else residual
-        scaled = b * broadcast_scale(jnp.asarray(values.scales), b.ndim) if scale is None \
-            else b * scale
-        leaves[magnitude_name(site.weight)] = column_norm(base, a, scaled, 1.0,
-                                                          site.layout).astype(dtype)
-    return leaves
-
-
-def _pad_ranks(a: jax.Array, b: jax.Array, ranks: tuple[int, ...], site: Site,
-               init: bool | str) -> tuple[jax.Array, jax.Array]:
-    """Factors of rank max(ranks) cut to each stacked layer's rank: zero columns of A and rows
-    of B beyond it (exact: they never change the output and get zero gradients), the kept
-    ones drawn as peft draws a factor of that layer's rank."""
-    rank = a.shape[-1]
-    n_out = len(site.layout.split(site.shape)[2])
-    per = jnp.asarray(ranks)
-    keep = jnp.arange(rank)[None, :] < per[:, None]  # [L, rank]
-    a = a * keep.reshape(len(ranks), *[1] * (a.ndim - 2), rank)
-    b = b * keep.reshape(len(ranks), *[1] * (b.ndim - n_out - 2), rank, *[1] * n_out)
-    ratio = rank / jnp.maximum(per, 1)  # N(0, 1/r) and U(+-1/sqrt(r)) depend on r
-    if site.layout.kind != "embed" and init == "gaussian":
-        a = a * ratio.reshape(-1, *[1] * (a.ndim - 1))
-    if site.layout.kind != "embed" and init is False:
-        b = b * jnp.sqrt(ratio).reshape(-1, *[1] * (b.ndim - 1))
-    return a, b
+    return leaves, tuple(arrays)
 
 
 def inject(
@@ -574,42 +495,40 @@ def inject(
     (['bias', 'kernel', 'lora', 'lora_A', 'lora_B'], (3, 2), (2, 4))
     """
     targets = _find(params, config, layouts)
+    variant = variants.for_config(config)
     modules = dict(iter_modules(params, leaves=None))
+    shared = variant.prepare([(unbox(modules[s.path][s.weight]), s.layout)
+                              for s, _, _ in targets.values()], config, key)
     new_leaves: dict[str, dict[str, Any]] = {}
     residuals = []
     for index, (path, (site, selected, by_layer)) in enumerate(sorted(targets.items())):
         module = modules[site.path]
         values = per_layer(by_layer, site.shape[0] if site.layout.stacked else 0)
         r = values.rank
-        a_name, b_name, record_name = factor_names(site.weight)
-        if a_name in module or record_name in module:
+        name = record_name(site.weight)
+        if name in module or any(n in module for n in variant.names(site.weight).values()):
             raise ValueError(
                 f"{path!r} already has LoRA factors; inject once per module (merge first, or "
                 "exclude it with exclude_modules)"
             )
-        if site.layout.rule == MATERIALISE and config.lora_dropout:
+        if site.layout.rule == MATERIALISE and config.dropout:
             raise ValueError(
                 f"{path!r} is adapted through target_parameters (W + scale * A B), which has no "
                 "input to drop out: set lora_dropout=0 or target its module instead"
             )
-        _check_variant(path, site, config, module[site.weight])
-        if r > max_rank(site.shape, site.layout):
-            message = (f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
-                       f"{max_rank(site.shape, site.layout)} of its weight {site.shape}")
-            if config.init_lora_weights not in (True, False, "gaussian"):
-                raise ValueError(message + f": init_lora_weights="
-                                 f"{config.init_lora_weights!r} needs r <= that")
-            warnings.warn(message + "; the update's rank is at most that (peft accepts it "
-                          "too)", stacklevel=2)
-        leaves = _adapter_leaves(path, site, module[site.weight], config, values,
-                                 jax.random.fold_in(key, index), dtype, selected)
+        _check_variant(path, site, variant, config)
+        if r > max_rank(site.shape, site.layout) and not inits.changes_base(
+                config.init_lora_weights):
+            warnings.warn(f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
+                          f"{max_rank(site.shape, site.layout)} of its weight {site.shape}; the "
+                          "update's rank is at most that (peft accepts it too)", stacklevel=2)
+        leaves, arrays = _adapter_leaves(path, site, module[site.weight], variant, config,
+                                         values, jax.random.fold_in(key, index), dtype,
+                                         selected, shared)
         if site.weight in leaves:
             residuals.append(path)
         layers = tuple(sorted(set(selected))) if isinstance(selected, tuple) else None
-        variant = "dora" if config.use_dora else "lora"
-        leaves[record_name] = LoraRecord(site.weight, site.layout, r, values.scale,
-                                         config.lora_dropout, layers, variant,
-                                         ranks=values.ranks)
+        leaves.update(new_record(site.weight, site.layout, values, config, layers, arrays))
         new_leaves.setdefault(site.path, {}).update(leaves)
     if residuals and config.init_lora_weights == "loftq":
         warnings.warn(

@@ -8,8 +8,6 @@ from typing import Any
 import jax
 import optax
 
-from lora_jax.core.record import is_factor
-
 _EMBEDDING_FACTORS = ("lora_embedding_A", "lora_embedding_B")
 
 
@@ -24,7 +22,7 @@ def loraplus_labels(trainable: Any) -> Any:
         name = str(getattr(path[-1], "key", path[-1]))
         if name in _EMBEDDING_FACTORS:
             return "embedding"
-        if (is_factor(name) and name.endswith("lora_B")) or leaf.ndim == 1:
+        if name.endswith("lora_B") or leaf.ndim == 1:
             return "B"
         return "A"
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import variants
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.factors import column_norm, kernel_delta, per_column
-from lora_jax.core.record import check_config, records
+from lora_jax.core.factors import Layout
+from lora_jax.core.record import LoraRecord, check_config, records
 from lora_jax.core.saved import drop_originals
 from lora_jax.core.targets import unbox, with_leaves, without_leaves
 from lora_jax.quant.quantize import dequantize
@@ -48,13 +50,7 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
         if record.adapters:
             raise ValueError(f"{item.target!r} holds an adapter set: merge one adapter, "
                              "lora_jax.multi.adapters.select(params, index), not the set")
-        a, b = item.scaled_factors
-        delta = kernel_delta(a, b, record.layout, tuple(plain.shape))
-        merged = plain.astype(jnp.float32) + delta
-        if record.variant == "dora":  # W' = (m / n) (W + scale A B), per output feature
-            norm = column_norm(plain, a, b, 1.0, record.layout)
-            merged = merged * per_column(item.magnitude / norm, record.layout, plain.ndim)
-        merged = merged.astype(plain.dtype)
+        merged = fold(record, plain, *record.read(item.module.__getitem__))
         if safe and not np.isfinite(np.asarray(merged, np.float32)).all():
             raise ValueError(f"merging {item.target!r} produced NaN or inf; the adapter is "
                              "broken")
@@ -62,3 +58,12 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
         updates.setdefault(item.path, {})[record.weight] = boxed
     drop = {(item.path, name) for item in found for name in item.record.leaves}
     return dequantize(drop_originals(with_leaves(without_leaves(params, drop), updates)))
+
+
+def fold(record: LoraRecord, weight: Any, leaves: Mapping[str, Any], scale: Any,
+         layout: Layout | None = None) -> jax.Array:
+    """`weight` with its adapter folded in: the variant's merge in float32, cast once to the
+    weight's dtype (`layout`: the record's, or its reading inside a vmap / scan)."""
+    merged = variants.of(record).merge(weight.astype(jnp.float32), leaves, scale,
+                                       layout or record.layout)
+    return merged.astype(weight.dtype)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.partition import combine, split
+from lora_jax.core.partition import combine, select, trainable_mask
 from lora_jax.core.record import check_config, records
 
 
@@ -39,16 +39,18 @@ def optimizer(
     """
     for item in records(params):
         check_config(item, config)
+    # Decided once from `params`' records: updates may come for the trainable half only.
+    mask = trainable_mask(params, config)
 
     def init_fn(params: Any) -> optax.OptState:
-        trainable, _ = split(params, config)
-        return tx.init(trainable)
+        return tx.init(select(params, mask, True))
 
     def update_fn(updates: Any, state: optax.OptState, params: Any = None
                   ) -> tuple[Any, optax.OptState]:
-        trainable_grads, frozen_grads = split(updates, config)
-        trainable_params = None if params is None else split(params, config)[0]
-        trainable_updates, state = tx.update(trainable_grads, state, trainable_params)
-        return combine(trainable_updates, jax.tree.map(jnp.zeros_like, frozen_grads)), state
+        trainable_params = None if params is None else select(params, mask, True)
+        trainable_updates, state = tx.update(select(updates, mask, True), state,
+                                             trainable_params)
+        frozen = jax.tree.map(jnp.zeros_like, select(updates, mask, False))
+        return combine(trainable_updates, frozen), state
 
     return optax.GradientTransformation(init_fn, update_fn)

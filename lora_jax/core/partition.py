@@ -11,25 +11,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.record import LoraRecord, is_factor
+from lora_jax.core.record import LoraRecord
 from lora_jax.core.saved import is_original
 from lora_jax.core.targets import saved_name_match
 
 Tree = Mapping[str, Any]
 
 
-def has_factors(module: Tree) -> bool:
-    """Whether a module dict holds LoRA factors."""
-    return any(is_factor(name) for name in module)
-
-
 def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
-    """A tree of bools: True for the factors, for biases per `config.bias`, and for every leaf
-    of a module in `config.modules_to_save` (peft's rule: the module's name ends with an entry)
-    but a saved table's frozen original (`lora_jax.core.saved`); records are always frozen."""
+    """A tree of bools: True for the arrays the records say train (`LoraRecord.trained`), for
+    biases per `config.bias`, and for every leaf of a module in `config.modules_to_save`
+    (peft's rule: the module's name ends with an entry) but a saved table's frozen original
+    (`lora_jax.core.saved`); records are always frozen."""
 
     def visit(node: Tree, path: str, saved: bool) -> dict[str, Any]:
-        adapted = has_factors(node)
+        trained = {n for v in node.values() if isinstance(v, LoraRecord) for n in v.trained}
+        adapted = any(isinstance(v, LoraRecord) for v in node.values())
         out = {}
         for key, value in node.items():
             child = f"{path}.{key}" if path else key
@@ -39,7 +36,7 @@ def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
             else:
                 out[key] = not isinstance(value, LoraRecord) and (
                     (saved and not is_original(key))
-                    or is_factor(key)
+                    or key in trained
                     or (key == "bias" and (config.bias == "all"
                                            or (config.bias == "lora_only" and adapted)))
                 )
@@ -48,9 +45,10 @@ def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
     return visit(params, "", False)
 
 
-def _select(params: Tree, mask: Tree, keep: bool) -> dict[str, Any]:
+def select(params: Tree, mask: Tree, keep: bool) -> dict[str, Any]:
+    """`params` with None where `mask` (a `trainable_mask`) is not `keep`."""
     return {
-        key: _select(value, mask[key], keep) if isinstance(value, Mapping)
+        key: select(value, mask[key], keep) if isinstance(value, Mapping)
         else (value if mask[key] == keep else None)
         for key, value in params.items()
     }
@@ -70,7 +68,7 @@ def split(params: Tree, config: LoraConfig) -> tuple[dict[str, Any], dict[str, A
     (True, True)
     """
     mask = trainable_mask(params, config)
-    return _select(params, mask, True), _select(params, mask, False)
+    return select(params, mask, True), select(params, mask, False)
 
 
 def combine(*trees: Tree) -> dict[str, Any]:

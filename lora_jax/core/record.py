@@ -12,47 +12,29 @@ never silently rescale them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 
-from lora_jax.core.factors import Layout
+from lora_jax import variants
+from lora_jax.core.factors import MATERIALISE, Layout
+from lora_jax.core.targets import without_leaves
 
-# The rule name of weights adapted by materialising W + scale * A B (no layer rule).
-MATERIALISE = "materialise"
 
+def record_name(weight: str) -> str:
+    """The leaf name of the record beside `weight`.
 
-def factor_names(weight: str) -> tuple[str, str, str]:
-    """(A, B, record) leaf names for the adapted `weight` (peft's names for kernel / embedding).
-
-    >>> factor_names("kernel"), factor_names("w")
-    (('lora_A', 'lora_B', 'lora'), ('w_lora_A', 'w_lora_B', 'w_lora'))
+    >>> record_name("kernel"), record_name("embedding"), record_name("w")
+    ('lora', 'lora_embedding', 'w_lora')
     """
-    if weight == "kernel":
-        return "lora_A", "lora_B", "lora"
-    if weight == "embedding":
-        return "lora_embedding_A", "lora_embedding_B", "lora_embedding"
-    return f"{weight}_lora_A", f"{weight}_lora_B", f"{weight}_lora"
+    return {"kernel": "lora", "embedding": "lora_embedding"}.get(weight, f"{weight}_lora")
 
 
 def scale_name(weight: str) -> str:
     """The leaf name of an array scale for `weight` (`lora_scale` for a kernel): present when the
     record's `scale` is None, e.g. one scale per stacked layer or per adapter of a set."""
-    return factor_names(weight)[2] + "_scale"
-
-
-def magnitude_name(weight: str) -> str:
-    """The leaf name of DoRA's magnitude vector for `weight` (peft's `lora_magnitude_vector`)."""
-    return "lora_magnitude_vector" if weight in ("kernel", "embedding") else \
-        f"{weight}_lora_magnitude_vector"
-
-
-def is_factor(name: str) -> bool:
-    """Whether a leaf name is a trained LoRA leaf: A or B of any weight, or a DoRA magnitude."""
-    return name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                    "lora_magnitude_vector") or \
-        name.endswith(("_lora_A", "_lora_B", "_lora_magnitude_vector"))
+    return record_name(weight) + "_scale"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +42,17 @@ class LoraRecord:
     """One adapted weight: its name, layout (and rule), rank, scale and dropout rate.
 
     `layers` lists the stacked layers that are adapted when only some of a scanned stack's are
-    (`layers_to_transform`); the others hold zero factors. `variant` is "lora" or "dora" (a
-    magnitude vector beside the factors rescales each output feature). `scale=None`: the scale
-    is data, an array leaf beside the factors (`scale_name`) shaped like the stacked axes (and
-    the adapter axis), so it can differ per layer or adapter and change without recompiling.
-    `adapters=K > 0`: an adapter set (`lora_jax.adapters`): the factors, magnitude and scale
-    hold K adapters on an axis right after the stacked axes (`rank` is their common, padded
-    rank). `ranks`: each stacked layer's own rank when the layers of a scanned stack differ
-    (peft's rank_pattern naming layers; 0 for layers left out): the factors are padded to
-    `rank` with zero columns of A / rows of B, which gradient training keeps at zero.
+    (`layers_to_transform`); the others hold zero factors. `variant` names the adapter method
+    (`lora_jax.variants`: "lora", "dora", ...), which says what arrays lie beside the weight.
+    `scale=None`: the scale is data, an array leaf beside the factors (`scale_name`) shaped
+    like the stacked axes (and the adapter axis), so it can differ per layer or adapter and
+    change without recompiling. `adapters=K > 0`: an adapter set (`lora_jax.adapters`): the
+    variant's arrays and the scale hold K adapters on an axis right after the stacked axes
+    (`rank` is their common, padded rank). `ranks`: each stacked layer's own rank when the
+    layers of a scanned stack differ (peft's rank_pattern naming layers; 0 for layers left
+    out): the arrays are padded to `rank` with zeros along their rank axis (zero columns of A /
+    rows of B), which gradient training keeps at zero. `form`: the variant's leaves this
+    weight has when not all of them (`Variant.leaves_of`).
     """
 
     weight: str
@@ -80,24 +64,36 @@ class LoraRecord:
     variant: str = "lora"
     adapters: int = 0
     ranks: tuple[int, ...] | None = None
+    form: tuple[str, ...] | None = None
 
     @property
-    def names(self) -> tuple[str, str]:
-        """The leaf names of A and B."""
-        return factor_names(self.weight)[:2]
+    def keys(self) -> dict[str, str]:
+        """{the variant's leaf name: its name beside this weight}."""
+        return {leaf.name: leaf.key(self.weight) for leaf in variants.of(self).leaves_of(self)}
 
     @property
     def arrays(self) -> tuple[str, ...]:
-        """The names of the trained arrays this record describes: A, B and DoRA's magnitude."""
-        names = self.names
-        return (*names, magnitude_name(self.weight)) if self.variant == "dora" else names
+        """The names of the arrays this record describes beside the weight (the variant's)."""
+        return tuple(self.keys.values())
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The names of the arrays that train."""
+        return tuple(leaf.key(self.weight) for leaf in variants.of(self).leaves_of(self)
+                     if leaf.trained)
+
+    def read(self, get: Callable[[str], Any]) -> tuple[dict[str, Any], Any]:
+        """({leaf name: value}, scale) with `get(name)` reading a leaf beside the weight: the
+        scale is the record's float or the array scale leaf (`scale_name`)."""
+        leaves = {name: get(key) for name, key in self.keys.items()}
+        return leaves, self.scale if self.scale is not None else get(scale_name(self.weight))
 
     @property
     def leaves(self) -> tuple[str, ...]:
         """Every leaf this record owns beside the weight: its arrays, the array scale (if
         any) and itself."""
         scale = (scale_name(self.weight),) if self.scale is None else ()
-        return (*self.arrays, *scale, factor_names(self.weight)[2])
+        return (*self.arrays, *scale, record_name(self.weight))
 
     @property
     def materialised(self) -> bool:
@@ -126,32 +122,25 @@ class Adapted:
         return self.module[self.record.weight]
 
     @property
-    def factors(self) -> tuple[Any, Any]:
-        a, b = self.record.names
-        return self.module[a], self.module[b]
-
-    @property
-    def magnitude(self) -> Any:
-        return self.module[magnitude_name(self.record.weight)]
+    def leaves(self) -> dict[str, Any]:
+        """{the variant's leaf name: array}."""
+        return self.record.read(self.module.__getitem__)[0]
 
     @property
     def scale(self) -> Any:
         """The record's float scale, or the array scale leaf (`[*stacked]`) beside it."""
-        record = self.record
-        return self.module[scale_name(record.weight)] if record.scale is None else record.scale
-
-    @property
-    def scaled_factors(self) -> tuple[Any, Any]:
-        """(A, scale * B), an array scale broadcast along B's stacked axes."""
-        a, b = self.factors
-        return a, b * broadcast_scale(self.scale, b.ndim)
+        return self.record.read(self.module.__getitem__)[1]
 
 
-def broadcast_scale(scale: Any, ndim: int) -> Any:
-    """A float, or an array scale over leading axes, shaped to multiply an `ndim` array."""
-    if isinstance(scale, int | float):
-        return scale
-    return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
+def without_adapters(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` without any adapter's leaves (arrays, array scales, records): the base."""
+    return without_leaves(params, {(i.path, n) for i in iter_records(params)
+                                   for n in i.record.leaves})
+
+
+def leading(record: LoraRecord) -> int:
+    """The axes before one adapter's arrays' own (`Leaf.axes`): the stacked and kept axes."""
+    return record.layout.stacked + (record.layout.order or "").count("b")
 
 
 def target_path(path: str, weight: str, module: Mapping[str, Any]) -> str:
@@ -159,10 +148,15 @@ def target_path(path: str, weight: str, module: Mapping[str, Any]) -> str:
     several weights that could be adapted (a shared scope, e.g. Gemma's MLP)."""
     if weight in ("kernel", "embedding"):
         return path
+    mine = owned(module)
     others = [k for k, v in module.items() if k != weight and not isinstance(v, Mapping)
-              and not is_factor(k) and not isinstance(v, LoraRecord)
-              and getattr(v, "ndim", 0) >= 2]
+              and k not in mine and getattr(v, "ndim", 0) >= 2]
     return f"{path}.{weight}" if others else path
+
+
+def owned(module: Mapping[str, Any]) -> set[str]:
+    """The leaves of a module dict that its adapters own (arrays, array scales, records)."""
+    return {n for v in module.values() if isinstance(v, LoraRecord) for n in v.leaves}
 
 
 def _config_values(config: Any, path: str) -> tuple[int, float]:

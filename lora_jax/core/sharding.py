@@ -30,16 +30,11 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.factors import Layout
 from lora_jax.core.inject import inject
-from lora_jax.core.record import (
-    LoraRecord,
-    factor_names,
-    iter_records,
-    magnitude_name,
-    scale_name,
-)
+from lora_jax.core.record import LoraRecord, iter_records, record_name, scale_name
 from lora_jax.core.saved import drop_originals, keep_originals, table_of
 from lora_jax.core.targets import with_leaves, without_leaves
 from lora_jax.quant.quantize import is_quantized
@@ -149,11 +144,11 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
         # A set's adapter axis (after the stacked layers' axes) is replicated, as the rank is.
         layers, adapters = pick("s"), [None] if item.record.adapters else []
         stack = [*layers, *adapters, *pick("b")]
-        a_name, b_name = item.record.names
-        factor_specs[(*keys, a_name)] = P(*stack, *pick("i"), None)
-        factor_specs[(*keys, b_name)] = P(*stack, None, *pick("o"))
-        if item.record.variant == "dora":
-            factor_specs[(*keys, magnitude_name(item.record.weight))] = P(*stack, *pick("o"))
+        # Each leaf's input / output axes sharded as the weight's, its other axes replicated.
+        dims = {"i": pick("i"), "o": pick("o")}
+        for leaf in variants.of(item.record).leaves_of(item.record):
+            factor_specs[(*keys, leaf.key(item.record.weight))] = P(
+                *stack, *(d for c in leaf.axes for d in dims.get(c, [None])))
         if item.record.scale is None:  # the array scale: one per stacked layer (and adapter)
             factor_specs[(*keys, scale_name(item.record.weight))] = P(*layers, *adapters)
 
@@ -247,7 +242,7 @@ def shard_inject(
                   out_shardings=factors(shardings))(key)
     records: dict[str, dict[str, Any]] = {}
     for item in iter_records(abstract):
-        records.setdefault(item.path, {})[factor_names(item.record.weight)[2]] = item.record
+        records.setdefault(item.path, {})[record_name(item.record.weight)] = item.record
     placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
         (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
     return keep_originals(with_leaves(with_leaves(placed, new), records), config)

@@ -16,7 +16,8 @@ from flax.core import meta
 
 T = TypeVar("T")
 
-_LIST_ELEMENT = re.compile(r"^(.*)_(\d+)$")
+# A list element as Flax names it (`h_0`: element 0 of `h`), matched in full; the one grammar.
+LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
 
 
 def join_path(keys: Sequence[Any]) -> str:
@@ -40,7 +41,8 @@ def peft_path(path: str) -> str:
     kept as written: a module path ends with the module's own name, which may end in a number
     (T5's gated `wi_0`), while list elements hold modules (`h_0.attn`)."""
     parts = path.split(".")
-    return ".".join([_LIST_ELEMENT.sub(r"\1.\2", part) for part in parts[:-1]] + parts[-1:])
+    return ".".join([LIST_ELEMENT.sub(r"\1.\2", part) if LIST_ELEMENT.fullmatch(part) else part
+                     for part in parts[:-1]] + parts[-1:])
 
 
 def path_forms(path: str) -> tuple[str, ...]:
@@ -259,7 +261,7 @@ def hf_module_parts(flax_path: str, stacks: Iterable[str]) -> tuple[list[str], l
     plain: list[str] = []  # the components without layer indices
     scanned: list[int] = []
     for i, part in enumerate(flax_path.split(".") if flax_path else []):
-        m = _LIST_ELEMENT.match(part)
+        m = LIST_ELEMENT.fullmatch(part)
         if m and ".".join([*plain, m[1]]) in stacks:
             out += [m[1], m[2]]
             plain.append(m[1])

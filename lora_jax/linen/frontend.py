@@ -17,43 +17,37 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import lora_jax.linen.rules  # noqa: F401  (registers the rules for flax's and others' layers)
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.factors import Layout, column_norm, dora_output, dropout, kernel_delta
+from lora_jax.core.factors import Layout
+from lora_jax.core.forward import (
+    MATERIALISE_WARNING,
+    STRATEGIES,
+    TIED_HEAD_WARNING,
+    Call,
+    Strategy,
+    check_ids,
+    check_reading,
+    forward,
+)
+from lora_jax.core.merge import fold
 from lora_jax.core.partition import combine, split
 from lora_jax.core.record import (
     Adapted,
-    LoraRecord,
     check_config,
-    factor_names,
     iter_records,
-    magnitude_name,
-    scale_name,
+    record_name,
     target_path,
 )
 from lora_jax.core.rules import NotAdaptable, Rule, rule_for
 from lora_jax.core.saved import is_original, original_name
 from lora_jax.core.targets import iter_modules, join_path, unbox, with_leaves
 from lora_jax.linen.quantized import quantized_calls
-from lora_jax.multi.adapters import STRATEGIES, Strategy, check_ids, mixed_delta
 from lora_jax.quant.quantize import is_quantized
 
 # Measured in experiments/benchmark.py (mixed-batch rows).
 DEFAULT_STRATEGY: Strategy = "gather"
-_TIED_HEAD_WARNING = (
-    "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
-    "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
-    "differs from the wrapped one in its head. Adapt the embedding only if you keep it unmerged."
-)
-_MATERIALISE_WARNING = (
-    "{path!r} ({shape}) has no layer rule, so its adapted weight W + scale * A B is formed on "
-    "every call: {size:,d} extra values and an in x out matmul per step. Register a Rule for "
-    "its module class (lora_jax.register_rule) to add the low-rank delta instead"
-)
-
-
 def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
                  kwargs: Mapping[str, Any]) -> tuple[str, Any, Layout]:
     """(weight name, weight as the module sees it, layout for this call) of a ruled module."""
@@ -64,12 +58,6 @@ def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
     except NotAdaptable as e:
         return name, weight, Layout("dense", rule=rule.name, weight=name, error=str(e))
     return name, weight, dataclasses.replace(layout, rule=rule.name, weight=name)
-
-
-def _same_reading(record: LoraRecord, layout: Layout, inner_ndim: int) -> bool:
-    stored = record.layout
-    return stored.kind == layout.kind and \
-        stored.roles(stored.stacked + inner_ndim)[stored.stacked:] == layout.roles(inner_ndim)
 
 
 def _check_no_orphans(module: nn.Module, path: str) -> None:
@@ -116,75 +104,25 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any
         if rule is None:
             _check_no_orphans(module, path)
             return out
-        record_name = factor_names(rule.weight_name(module))[2]
-        if not module.has_variable("params", record_name):
+        name = record_name(rule.weight_name(module))
+        if not module.has_variable("params", name):
             return out
         if context.method_name == "attend":
-            warnings.warn(_TIED_HEAD_WARNING.format(path=path), stacklevel=2)
+            warnings.warn(TIED_HEAD_WARNING.format(path=path), stacklevel=2)
             return out
-        record = module.get_variable("params", record_name)
+        record = module.get_variable("params", name)
         if record.materialised:
             return out
-        _, weight, layout = _call_layout(rule, module, args, kwargs)
-        if layout.error or not _same_reading(record, layout, weight.ndim):
-            how = layout.error or (
-                f"its rule reads the weight as {layout.roles(weight.ndim)!r} (i: input, "
-                f"o: output, b: kept axes) but its factors were made for "
-                f"{record.layout.roles(record.layout.stacked + weight.ndim)!r}")
-            raise ValueError(
-                f"{path!r} ({type(module).__name__}): {how}. Inject with "
-                "layouts=lora_jax.layouts(model, *example_inputs) so inject reads each layer "
-                "the way its rule does"
-            )
-        a_name, b_name = record.names
-        a = module.get_variable("params", a_name)
-        b = module.get_variable("params", b_name)
-        scale = record.scale if record.scale is not None else \
-            module.get_variable("params", scale_name(record.weight))
-        x = rule.inputs(args, kwargs)
-        # float16's range (65504) is small enough for x @ A to overflow where the base output
-        # and the merged weight are finite: compute its delta in float32, add it once.
-        dtype = jnp.float32 if out.dtype == jnp.float16 else out.dtype
-        key = None
-        if rule.dropout:
-            training = record.dropout > 0 and module.has_rng("dropout")
-            key = module.make_rng("dropout") if training else None
-            x = dropout(jnp.asarray(x, dtype), record.dropout, key)
-        if record.adapters:
-            if ids is None:
-                raise ValueError(
-                    f"{path!r} holds an adapter set: call with adapter_ids=[one slot per "
-                    "example] or pass lora_jax.adapters.select(params, slot)")
-            delta = mixed_delta(rule, module, x, a.astype(dtype), b.astype(dtype), scale, ids,
-                                strategy, args, kwargs)
-            return out + delta.astype(out.dtype)
-        # The scale goes on B ([r, out]): the cheapest place, and the same product.
-        b = b * scale
-        delta = rule.delta(module, x, a.astype(dtype), b.astype(dtype), args, kwargs)
-        if record.variant == "dora":
-            return out + _dora_extra(module, rule, record, out, x, key is not None, a, b,
-                                     delta, args, kwargs)
-        return out + delta.astype(out.dtype)
-
-    return intercept
-
-
-def _dora_extra(module: nn.Module, rule: Rule, record: LoraRecord, out: jax.Array,
-                x: jax.Array, dropped: bool, a: jax.Array, b: jax.Array, delta: jax.Array,
-                args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> jax.Array:
-    """DoRA on top of the base output: (m/n - 1) * (x W) + (m/n) * (x A) (scale B), with the
-    norm n = ||W + scale A B|| per output feature detached and formed without W + A B."""
-    weight = unbox(module.get_variable("params", record.weight))
-    magnitude = module.get_variable("params", magnitude_name(record.weight))
-    inner = dataclasses.replace(record.layout, stacked=0)
-    norm = jax.lax.stop_gradient(column_norm(weight, a, b, 1.0, inner))
-    if dropped:  # peft recomputes the base on the dropped input
-        base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
-    else:
+        weight = unbox(module.get_variable("params", rule.weight_name(module)))
         bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") \
             else None
-        base = out if bias is None else out - unbox(bias)
-    return dora_output(base, delta, magnitude, norm).astype(out.dtype)
+        rng = lambda: module.make_rng("dropout") if module.has_rng("dropout") else None
+        call = Call(rule, module, args, kwargs, out, weight, unbox(bias), record, rng,
+                    f"{path!r} ({type(module).__name__})", ids, strategy)
+        check_reading(call, "lora_jax.layouts")
+        return forward(call, *record.read(lambda name: module.get_variable("params", name)))
+
+    return intercept
 
 
 def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, Any]:
@@ -195,12 +133,10 @@ def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, 
         if not item.record.materialised:
             continue
         weight = unbox(item.weight)
-        warnings.warn(_MATERIALISE_WARNING.format(path=f"{item.path}.{item.record.weight}",
+        warnings.warn(MATERIALISE_WARNING.format(path=f"{item.path}.{item.record.weight}",
                                                   shape=tuple(weight.shape),
                                                   size=weight.size), stacklevel=3)
-        a, b = item.scaled_factors
-        delta = kernel_delta(a, b, item.record.layout, tuple(weight.shape))
-        value = (weight.astype(jnp.float32) + delta).astype(weight.dtype)
+        value = fold(item.record, weight, *item.record.read(item.module.__getitem__))
         updates.setdefault(item.path, {})[item.record.weight] = value
     return with_leaves(params, updates) if updates else dict(params)
 
@@ -227,7 +163,7 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *,
     given a "dropout" rng (`rngs={"dropout": key}`), i.e. while training; evaluate without one.
     Params holding an adapter set (`lora_jax.adapters`) take `adapter_ids=` (one slot per
     example, -1 for none): a mixed batch, computed by `strategy` ("gather", "onehot" or
-    "ragged"; see `lora_jax.adapters.mixed_delta`).
+    "ragged"; see `lora_jax.core.forward`).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import LoraConfig, inject

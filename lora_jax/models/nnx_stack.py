@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.core.targets import _LIST_ELEMENT
+from lora_jax.core.targets import LIST_ELEMENT
 
 
 def make_stack(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,
@@ -55,7 +55,7 @@ def from_linen_params(params: Mapping[str, Any], stacks: Sequence[str],
     are the same in both)."""
     out: dict[str, Any] = {}
     for key, value in params.items():
-        m = _LIST_ELEMENT.fullmatch(key)
+        m = LIST_ELEMENT.fullmatch(key)
         stack = m is not None and (f"{prefix}.{m[1]}" if prefix else m[1]) in stacks
         name = m[1] if stack else key
         child = f"{prefix}.{name}" if prefix else name

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.core.record import LoraRecord
 from lora_jax.core.targets import hf_module_parts
 from lora_jax.quant.quantize import is_quantized
 
@@ -118,6 +119,14 @@ def _replace(params: Mapping[str, Any], parents: Sequence[str],
     return out
 
 
+def _relayered(tree: Any, by: int) -> Any:
+    """`tree` with its adapters' records counting `by` more stacked axes."""
+    if isinstance(tree, LoraRecord):
+        layout = dataclasses.replace(tree.layout, stacked=tree.layout.stacked + by)
+        return dataclasses.replace(tree, layout=layout)
+    return {k: _relayered(v, by) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
 def stack_layers(params: Mapping[str, Any], stack_path: str) -> Params:
     """Unscanned -> scanned: `<stack_path>_0 ... _{n-1}` become `<stack_path>` with a layer axis.
 
@@ -136,7 +145,7 @@ def stack_layers(params: Mapping[str, Any], stack_path: str) -> Params:
             )
         layers = [node.pop(f"{leaf}_{i}") for i in found]
         try:
-            node[leaf] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+            node[leaf] = _relayered(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers), 1)
         except ValueError as e:
             raise ValueError(f"the layers of {stack_path!r} differ in structure: {e}") from e
         return node
@@ -157,7 +166,8 @@ def unstack_layers(params: Mapping[str, Any], stack_path: str) -> Params:
             raise ValueError(f"the leaves of {stack_path!r} have different layer counts {sizes}")
         (n,) = sizes
         for i in range(n):
-            node[f"{leaf}_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+            layer = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+            node[f"{leaf}_{i}"] = _relayered(layer, -1)
         return node
 
     return _replace(params, parents, fn)
@@ -167,7 +177,6 @@ def unstack_layers(params: Mapping[str, Any], stack_path: str) -> Params:
 
 # Flax leaf name -> the HF parameter name of the same tensor.
 _HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-_LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
 
 
 def hf_name(flax_path: str, stacks: Iterable[str]) -> str:

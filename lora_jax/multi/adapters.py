@@ -32,7 +32,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,17 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import variants
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.factors import b_rank_axis, pad_rank, project
 from lora_jax.core.record import (
     Adapted,
     LoraRecord,
-    broadcast_scale,
-    iter_records,
+    leading,
+    record_name,
     records,
     scale_name,
+    without_adapters,
 )
-from lora_jax.core.rules import Rule
 from lora_jax.core.targets import join_path, same_value, unbox, with_leaves, without_leaves
 from lora_jax.peft.files import load_peft, save_peft
 
@@ -100,7 +99,7 @@ def _full_scale(item: Adapted) -> jax.Array:
 def _check_base(first: Mapping[str, Any], other: Mapping[str, Any], name: str) -> None:
     """Every non-LoRA leaf of `other` equals `first`'s: a set shares one base."""
     plain = lambda tree: {join_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(
-        without_leaves(tree, {(i.path, n) for i in iter_records(tree) for n in i.record.leaves}))}
+        without_adapters(tree))}
     mine, theirs = plain(first), plain(other)
     if mine.keys() != theirs.keys():
         raise ValueError(f"adapter {name!r} is over another model: its params differ in "
@@ -128,12 +127,11 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) ->
     for name, tree in zip(names, trees, strict=True):
         items = {_key(i): i for i in records(tree)}
         for item in items.values():
-            if item.record.adapters or item.record.variant != "lora" or item.record.materialised:
-                what = ("already a set" if item.record.adapters else
-                        "materialised (no layer rule)" if item.record.materialised else
-                        f"{item.record.variant}")
+            variants.of(item.record).check("adapter_sets", f"adapter {name!r}: {item.target!r}")
+            if item.record.adapters or item.record.materialised:
+                what = "already a set" if item.record.adapters else "materialised (no rule)"
                 raise ValueError(f"adapter {name!r}: {item.target!r} is {what}; adapter sets "
-                                 "hold plain LoRA factors of ruled layers")
+                                 "hold adapters of ruled layers")
         if found:
             _check_base(trees[0], tree, name)
         found.append(items)
@@ -147,42 +145,31 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) ->
                 raise ValueError(f"{first.target!r} is read with different layouts by the "
                                  "adapters; inject them with the same layouts")
         rank = max(i.record.rank for i in present)
-        stacked = first.record.layout.stacked
-        a_list, b_list, s_list = [], [], []
+        record = first.record
+        stacked, variant = record.layout.stacked, variants.of(record)
+        padded = {id(i): variant.resize(i.leaves, leading(record), rank) for i in present}
+        absent = {n: jnp.zeros_like(v) for n, v in padded[id(first)].items()}
+        stacks: dict[str, list[Any]] = {n: [] for n in absent}
+        scales = []
         for items in found:
             item = items.get(key)
-            if item is None:
-                a0, b0 = first.factors
-                a = jnp.zeros(a0.shape[:-1] + (rank,), a0.dtype)
-                b_axis = b_rank_axis(first.record.layout)
-                b = jnp.zeros(b0.shape[:b_axis] + (rank,) + b0.shape[b_axis + 1:], b0.dtype)
-                scale = jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
-            else:
-                a, b = pad_rank(*item.factors, item.record.layout, rank)
-                scale = _full_scale(item)
-            a_list.append(a)
-            b_list.append(b)
-            s_list.append(scale)
-        dtype = jnp.result_type(*a_list, *b_list)
-        a_name, b_name = first.record.names
-        record = dataclasses.replace(first.record, rank=rank, scale=None, layers=None,
-                                     ranks=None, adapters=len(names))
+            arrays = absent if item is None else padded[id(item)]
+            for n, value in arrays.items():
+                stacks[n].append(value)
+            scales.append(jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
+                          if item is None else _full_scale(item))
+        dtype = jnp.result_type(*(v for values in stacks.values() for v in values))
+        record = dataclasses.replace(record, rank=rank, scale=None, layers=None, ranks=None,
+                                     adapters=len(names))
         updates.setdefault(first.path, {}).update({
-            a_name: jnp.stack(a_list, stacked).astype(dtype),
-            b_name: jnp.stack(b_list, stacked).astype(dtype),
-            scale_name(first.record.weight): jnp.stack(s_list, stacked),
-            first.record.leaves[-1]: record,
+            **{record.keys[n]: jnp.stack(v, stacked).astype(dtype) for n, v in stacks.items()},
+            scale_name(record.weight): jnp.stack(scales, stacked),
+            record_name(record.weight): record,
         })
-    base = _base(trees[0])
+    base = without_adapters(trees[0])
     return AdapterSet(
         with_leaves(base, updates), names, tuple(adapters[n][1] for n in names),
         tuple({k: i.record for k, i in items.items()} for items in found))
-
-
-def _base(params: Mapping[str, Any]) -> dict[str, Any]:
-    """`params` without any LoRA leaves."""
-    drop = {(i.path, n) for i in iter_records(params) for n in i.record.leaves}
-    return without_leaves(params, drop)
 
 
 def select(params: Mapping[str, Any], index: int | jax.Array) -> dict[str, Any]:
@@ -200,13 +187,11 @@ def select(params: Mapping[str, Any], index: int | jax.Array) -> dict[str, Any]:
         axis = record.layout.stacked
         slot = jnp.clip(index, 0, record.adapters - 1)
         on = (index >= 0) & (index < record.adapters)
-        a, b = item.factors
         scale = jnp.take(item.scale, slot, axis=axis) * on
         updates.setdefault(item.path, {}).update({
-            record.names[0]: jnp.take(a, slot, axis=axis),
-            record.names[1]: jnp.take(b, slot, axis=axis),
+            **{key: jnp.take(item.module[key], slot, axis=axis) for key in record.arrays},
             scale_name(record.weight): scale,
-            record.leaves[-1]: dataclasses.replace(record, adapters=0),
+            record_name(record.weight): dataclasses.replace(record, adapters=0),
         })
     if not updates:
         raise ValueError("select: these params hold no adapter set (lora_jax.adapters."
@@ -229,11 +214,10 @@ def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], LoraConfig]:
             continue
         mine = own[key]
         axis = record.layout.stacked
-        a, b = (jnp.take(f, k, axis=axis) for f in item.factors)
-        leaves = {mine.names[0]: a[..., :mine.rank],
-                  mine.names[1]: jax.lax.slice_in_dim(
-                      b, 0, mine.rank, axis=b_rank_axis(mine.layout)),
-                  mine.leaves[-1]: mine}
+        taken = {n: jnp.take(v, k, axis=axis) for n, v in item.leaves.items()}
+        leaves = {mine.keys[n]: v for n, v in variants.of(mine).resize(
+            taken, leading(mine), mine.rank).items()}
+        leaves[record_name(mine.weight)] = mine
         if mine.scale is None:
             leaves[scale_name(mine.weight)] = jnp.take(item.scale, k, axis=axis)
         updates.setdefault(item.path, {}).update(leaves)
@@ -276,18 +260,16 @@ def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
     updates: dict[str, dict[str, Any]] = {}
     for key, item in current.items():
         record, axis = item.record, item.record.layout.stacked
-        a, b = item.factors
+        slot = lambda leaves, axis=axis: {n: jnp.take(v, 0, axis=axis) for n, v in leaves.items()}
         if key in new:
             one = rebuilt[key]
-            a_new, b_new = (jnp.take(f, 0, axis=axis) for f in one.factors)
-            a_new, b_new = pad_rank(a_new, b_new, record.layout, record.rank)
+            arrays = variants.of(record).resize(slot(one.leaves), leading(record), record.rank)
             s_new = jnp.take(one.scale, 0, axis=axis)
         else:
-            a_new = jnp.zeros_like(jnp.take(a, 0, axis=axis))
-            b_new = jnp.zeros_like(jnp.take(b, 0, axis=axis))
+            arrays = {n: jnp.zeros_like(v) for n, v in slot(item.leaves).items()}
             s_new = jnp.zeros_like(jnp.take(item.scale, 0, axis=axis))
         updates.setdefault(item.path, {}).update({
-            record.names[0]: _put(a, a_new, k, axis), record.names[1]: _put(b, b_new, k, axis),
+            **{record.keys[n]: _put(item.leaves[n], v, k, axis) for n, v in arrays.items()},
             scale_name(record.weight): _put(item.scale, s_new, k, axis)})
     records_ = list(aset.records)
     records_[k] = {key: i.record for key, i in new.items()}
@@ -308,77 +290,6 @@ def _members(aset: AdapterSet) -> dict[str, tuple[dict[str, Any], LoraConfig]]:
 
 
 # --- mixed batches: one adapter per example, inside a layer -------------------------------------
-
-def check_ids(ids: Any, batch: int | None = None) -> jax.Array:
-    """`ids` as int32 [batch]; raises on a float / bool dtype, a wrong shape or (when concrete)
-    an id below -1."""
-    array = jnp.asarray(ids)
-    if not jnp.issubdtype(array.dtype, jnp.integer):
-        raise ValueError(f"adapter_ids must be integers (one adapter slot per example, -1 for "
-                         f"none), got dtype {array.dtype}")
-    if array.ndim != 1 or (batch is not None and array.shape[0] != batch):
-        want = "[batch]" if batch is None else f"[{batch}]"
-        raise ValueError(f"adapter_ids must have shape {want}, one id per example, got "
-                         f"{array.shape}")
-    if not isinstance(array, jax.core.Tracer) and bool(jnp.any(array < -1)):
-        raise ValueError(f"adapter_ids holds {int(array.min())}; ids are slots 0..K-1, or -1 "
-                         "for the base alone")
-    return array.astype(jnp.int32)
-
-
-def _per_example(ids: jax.Array, scale: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """(slot clipped into range, each example's scale: 0 for -1 or an unknown slot)."""
-    on = (ids >= 0) & (ids < k)
-    slot = jnp.where(on, ids, 0)
-    return slot, jnp.where(on, scale[slot], 0.0)
-
-
-def mixed_delta(rule: Rule, module: Any, x: jax.Array, a: jax.Array, b: jax.Array,
-                scale: jax.Array, ids: jax.Array, strategy: Strategy,
-                args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> jax.Array:
-    """The LoRA delta of one layer for a batch whose example n uses adapter `ids[n]`.
-
-    `a [K, *in, r]`, `b [K, r, *out]`, `scale [K]` (one layer's slice of a set); `x`'s leading
-    axis is the batch. "gather" takes each example's factors and runs the rule per example
-    (any layer); "onehot" projects onto all K adapters' ranks at once and masks each example's
-    block (vLLM-TPU's einsum form); "ragged" sorts the examples by adapter and runs grouped
-    matmuls (`jax.lax.ragged_dot`, S-LoRA / Punica's form). The last two need a plain matmul
-    layer (`Rule.matmul`); others fall back to "gather".
-    """
-    k = a.shape[0]
-    if x.shape[0] != ids.shape[0]:
-        raise ValueError(f"adapter_ids has {ids.shape[0]} entries but this layer's input has "
-                         f"batch {x.shape[0]}: pass one id per example")
-    slot, weight = _per_example(ids, scale, k)
-    weight = weight.astype(b.dtype)
-    if strategy == "gather" or not rule.is_matmul(module):
-        a_e = jnp.take(a, slot, axis=0)
-        b_e = jnp.take(b, slot, axis=0) * broadcast_scale(weight, b.ndim)
-        one = lambda xi, ai, bi: rule.delta(module, xi[None], ai, bi, args, kwargs)[0]
-        return jax.vmap(one)(x, a_e, b_e)
-    precision = getattr(module, "precision", None)
-    r, out = a.shape[-1], b.shape[2:]
-    if strategy == "onehot":
-        a_all = jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], k * r)
-        mask = jax.nn.one_hot(slot, k, dtype=b.dtype) * weight[:, None]  # [N, K]
-        h = project(x, a_all, precision=precision)
-        h = h * jnp.repeat(mask, r, axis=1).reshape((x.shape[0],) + (1,) * (h.ndim - 2) + (-1,))
-        return jnp.tensordot(h, b.reshape(k * r, *out), axes=1, precision=precision)
-    if strategy != "ragged":
-        raise ValueError(f"unknown mixed-batch strategy {strategy!r}; use one of {STRATEGIES}")
-    n, d_in = x.shape[0], x.shape[-1]
-    tokens = math.prod(x.shape[1:-1])
-    group = jnp.where(weight != 0, slot, k)  # examples without an adapter go last, to zeros
-    order = jnp.argsort(group)
-    sizes = jnp.bincount(group, length=k + 1).astype(jnp.int32) * tokens
-    flat = jnp.take(x.reshape(n, tokens, d_in), order, axis=0).reshape(n * tokens, d_in)
-    scaled = b * broadcast_scale(scale.astype(b.dtype), b.ndim)
-    zeros = lambda t: jnp.concatenate([t, jnp.zeros((1, *t.shape[1:]), t.dtype)])
-    low = jax.lax.ragged_dot(flat, zeros(a), sizes, precision=precision)
-    delta = jax.lax.ragged_dot(low, zeros(scaled.reshape(k, r, -1)), sizes, precision=precision)
-    delta = delta.reshape(n, tokens, -1)[jnp.argsort(order)]
-    return delta.reshape(*x.shape[:-1], *out)
-
 
 # --- files: peft's multi-adapter folder layout ---------------------------------------------------
 

@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_jax import variants
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.factors import b_rank_axis, pad_rank
 from lora_jax.core.inject import inject
 from lora_jax.core.partition import combine, split
-from lora_jax.core.record import Adapted, LoraRecord, records, scale_name
+from lora_jax.core.record import Adapted, LoraRecord, leading, record_name, records, scale_name
 from lora_jax.core.targets import join_path, same_value, with_leaves, without_leaves
 from lora_jax.train.loop import Forward, train_step
 
@@ -140,14 +140,15 @@ def _padded(tree: Mapping[str, Any], ranks: Mapping[Key, int]) -> Params:
     updates: dict[str, dict[str, Any]] = {}
     for item in records(tree):
         record, rank = item.record, ranks[_key(item)]
-        a, b = pad_rank(*item.factors, record.layout, rank)
+        variant = variants.of(record)
+        variant.check("sweeps", repr(item.target))
         stacked = item.weight.shape[:record.layout.stacked]
         updates.setdefault(item.path, {}).update({
-            record.names[0]: a,
-            record.names[1]: b,
+            **{record.keys[n]: v for n, v in variant.resize(
+                item.leaves, leading(record), rank).items()},
             scale_name(record.weight): jnp.broadcast_to(
                 jnp.asarray(item.scale, jnp.float32), stacked),
-            record.leaves[-1]: dataclasses.replace(record, rank=rank, scale=None),
+            record_name(record.weight): dataclasses.replace(record, rank=rank, scale=None),
         })
     return with_leaves(tree, updates)
 
@@ -265,11 +266,9 @@ def unstack(sw: Sweep, trainable: Params) -> list[tuple[Params, LoraConfig]]:
         drop: set[tuple[str, str]] = set()
         for item in records(params):
             own = sw.records[k][_key(item)]
-            a, b = item.factors
-            leaves = {own.names[0]: a[..., :own.rank],
-                      own.names[1]: jax.lax.slice_in_dim(b, 0, own.rank,
-                                                         axis=b_rank_axis(own.layout)),
-                      own.leaves[-1]: own}
+            leaves = {own.keys[n]: v for n, v in variants.of(own).resize(
+                item.leaves, leading(own), own.rank).items()}
+            leaves[record_name(own.weight)] = own
             if own.scale is not None:
                 drop.add((item.path, scale_name(own.weight)))
             updates.setdefault(item.path, {}).update(leaves)

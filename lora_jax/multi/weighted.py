@@ -42,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.factors import Layout, factor_shapes, pad_rank
-from lora_jax.core.record import Adapted, factor_names, records
-from lora_jax.core.targets import same_value, unbox, with_leaves, without_leaves
+from lora_jax.core.record import Adapted, record_name, records, without_adapters
+from lora_jax.core.targets import same_value, unbox, with_leaves
 
 _FACTORED = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -117,7 +118,7 @@ def weighted_adapter(
 
     found = [{(item.path, item.record.weight): item for item in records(tree)}
              for tree in adapters]
-    _check_same_base(adapters, found)
+    _check_same_base(adapters)
     modules = list(dict.fromkeys(k for by_module in found for k in by_module))
     for where in modules:
         _check_record(where, [by_module.get(where) for by_module in found])
@@ -137,21 +138,20 @@ def weighted_adapter(
         first = _first(items)
         layout, shape = first.record.layout, tuple(unbox(first.weight).shape)
         a, b = _combine_module(
-            tuple(None if item is None else item.factors for item in items),
+            tuple(None if item is None else _factors(item) for item in items),
             jnp.asarray([0.0 if item is None else item.record.scale for item in items]),
             jnp.asarray(weights), None if combination_type != "cat" else
             jnp.asarray(_cat_order(items, max(ranks), shape[:layout.stacked])[..., :new_rank]),
             jax.random.fold_in(jax.random.key(0) if key is None else key, number),
             combination_type=combination_type, layout=layout, shape=shape,
             width=max(ranks), new_rank=new_rank, clamp=svd_clamp, prune=prune)
-        a_name, b_name, record_name = factor_names(first.record.weight)
-        dtype = first.factors[0].dtype
+        dtype = _factors(first)[0].dtype
         updates.setdefault(first.path, {}).update({
-            a_name: a.astype(dtype), b_name: b.astype(dtype),
-            record_name: dataclasses.replace(first.record, rank=new_rank, scale=1.0,
-                                             layers=_layers(items))})
-    base = without_leaves(adapters[0], {(item.path, name) for item in found[0].values()
-                                        for name in item.record.leaves})
+            first.record.keys["lora_A"]: a.astype(dtype),
+            first.record.keys["lora_B"]: b.astype(dtype),
+            record_name(first.record.weight): dataclasses.replace(
+                first.record, rank=new_rank, scale=1.0, layers=_layers(items))})
+    base = without_adapters(adapters[0])
     config = LoraConfig(r=new_rank, lora_alpha=new_rank,
                         target_modules=sorted({item.target for by_module in found
                                                for item in by_module.values()}),
@@ -161,12 +161,9 @@ def weighted_adapter(
 
 # --- checks ---------------------------------------------------------------------------------------
 
-def _check_same_base(adapters: Sequence[Mapping[str, Any]],
-                     found: Sequence[Mapping[tuple[str, str], Adapted]]) -> None:
+def _check_same_base(adapters: Sequence[Mapping[str, Any]]) -> None:
     """Every adapter's tree without its LoRA leaves must be the first one's (same base)."""
-    bases = [without_leaves(tree, {(item.path, name) for item in by_module.values()
-                                   for name in item.record.leaves})
-             for tree, by_module in zip(adapters, found, strict=True)]
+    bases = [without_adapters(tree) for tree in adapters]
     reference = dict(jax.tree_util.tree_leaves_with_path(bases[0]))
     for number, base in enumerate(bases[1:], 1):
         leaves = dict(jax.tree_util.tree_leaves_with_path(base))
@@ -187,11 +184,7 @@ def _check_record(where: tuple[str, str], items: Sequence[Adapted | None]) -> No
     target = present[0][1].target
     for n, item in present:
         record = item.record
-        if record.variant != "lora":
-            raise ValueError(
-                f"weighted_adapter: {target!r} of adapter {n} is a {record.variant} adapter; only "
-                "plain LoRA adapters combine (peft leaves a combined DoRA adapter's magnitude at "
-                "the base weight's norm, which is not a combination)")
+        variants.of(record).check("combinations", f"weighted_adapter: {target!r} of adapter {n}")
         if record.materialised:
             raise ValueError(f"weighted_adapter: {target!r} of adapter {n} adapts a parameter by "
                              "name (target_parameters), which peft's add_weighted_adapter refuses")
@@ -218,6 +211,11 @@ def _check_one_rank(found: Sequence[Mapping[tuple[str, str], Adapted]]) -> None:
 
 
 # --- one adapted weight ---------------------------------------------------------------------------
+
+def _factors(item: Adapted) -> tuple[jax.Array, jax.Array]:
+    """A plain LoRA adapter's (A, B)."""
+    return item.leaves["lora_A"], item.leaves["lora_B"]
+
 
 def _layers(items: Sequence[Adapted | None]) -> tuple[int, ...] | None:
     """The adapted layers of a scanned stack: those of any adapter (None: all)."""

@@ -34,26 +34,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 import lora_jax.nnx.rules  # noqa: F401  (registers the rules for nnx's layers)
+from lora_jax import variants
 from lora_jax.core import counting
 from lora_jax.core.config import LoraConfig
-from lora_jax.core.factors import Layout, column_norm, dora_output, dropout, kernel_delta
+from lora_jax.core.factors import Layout
+from lora_jax.core.forward import (
+    MATERIALISE_WARNING,
+    TIED_HEAD_WARNING,
+    Call,
+    check_reading,
+    forward,
+)
 from lora_jax.core.inject import find_targets
 from lora_jax.core.inject import inject as core_inject
+from lora_jax.core.merge import fold
 from lora_jax.core.merge import merge as core_merge
 from lora_jax.core.partition import trainable_mask
 from lora_jax.core.record import (
-    MATERIALISE,
     LoraRecord,
     check_config,
-    factor_names,
     iter_records,
-    magnitude_name,
+    record_name,
     target_path,
 )
 from lora_jax.core.rules import NotAdaptable, Rule, rule_for
 from lora_jax.core.saved import originals
 from lora_jax.core.sharding import lora_specs
-from lora_jax.core.targets import iter_modules, with_leaves, without_leaves
+from lora_jax.core.targets import iter_modules
 from lora_jax.nnx.rules import NnxRule
 from lora_jax.peft import files as peft_io
 
@@ -74,18 +81,6 @@ __all__ = [
 ]
 
 _RNGS = "lora_rngs"  # the attribute holding an adapted module's LoRA dropout stream
-
-_TIED_HEAD_WARNING = (
-    "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
-    "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
-    "differs from the adapted one in its head. Adapt the embedding only if you keep it unmerged."
-)
-_MATERIALISE_WARNING = (
-    "{path!r} ({shape}) has no layer rule, so its adapted weight W + scale * A B is formed on "
-    "every call: {size:,d} extra values and an in x out matmul per step. Register a Rule for "
-    "its module class (lora_jax.register_rule) to add the low-rank delta instead"
-)
-
 
 class LoraRecordVar(nnx.Variable):
     """An adapted weight's `LoraRecord` as an NNX variable: no arrays (free under jit), but part
@@ -264,63 +259,6 @@ def _where(module: nnx.Module) -> str:
     return f"{getattr(module, '_lora_path', '?')!r} ({type(module).__mro__[1].__name__})"
 
 
-def _check_reading(module: nnx.Module, rule: Rule, record: LoraRecord, weight: Any,
-                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """The factors were made for the reading the rule gives on this call, or raise."""
-    try:
-        layout = rule.layout(module, weight, args, kwargs)
-        how = None
-        stored = record.layout
-        inner = stored.roles(stored.stacked + weight.ndim)[stored.stacked:]
-        if stored.kind != layout.kind or inner != layout.roles(weight.ndim):
-            how = (f"its rule reads the weight as {layout.roles(weight.ndim)!r} (i: input, "
-                   f"o: output, b: kept axes) but its factors were made for {inner!r}")
-    except (NotAdaptable, ValueError) as e:
-        how = str(e)
-    if how:
-        raise ValueError(
-            f"{_where(module)}: {how}. Inject with layouts=lora_jax.nnx.layouts(model, "
-            "*example_inputs) so inject reads each layer the way it is called"
-        )
-
-
-def _lora_delta(module: nnx.Module, record: LoraRecord, out: Any, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> Any:
-    """What the adapter adds to the layer's output `out`."""
-    rule = rule_for(module)
-    weight = getattr(module, record.weight)[...]
-    _check_reading(module, rule, record, weight, args, kwargs)
-    a_name, b_name = record.names
-    a, b = getattr(module, a_name)[...], getattr(module, b_name)[...]
-    x = rule.inputs(args, kwargs)
-    # float16's range is small enough for x @ A to overflow where the base output and the
-    # merged weight are finite: its delta is computed in float32 (as the linen frontend does).
-    dtype = jnp.float32 if out.dtype == jnp.float16 else out.dtype
-    key = None
-    if rule.dropout:
-        stream = getattr(module, _RNGS, None)
-        training = record.dropout > 0 and stream is not None and \
-            not getattr(module, "deterministic", False)
-        key = stream() if training else None
-        x = dropout(jnp.asarray(x, dtype), record.dropout, key)
-    # The scale goes on B ([r, out]): the cheapest place, and the same product.
-    delta = rule.delta(module, x, a.astype(dtype), (b * record.scale).astype(dtype), args, kwargs)
-    if record.variant != "dora":
-        return delta.astype(out.dtype)
-    # DoRA: the magnitude over the norm of W + scale A B (per output feature, detached, formed
-    # without W + A B) rescales the layer's product; peft recomputes the base on the dropped
-    # input.
-    magnitude = getattr(module, magnitude_name(record.weight))[...]
-    inner = dataclasses.replace(record.layout, stacked=0)  # a stack's layer is sliced here
-    norm = jax.lax.stop_gradient(column_norm(weight, a, b, record.scale, inner))
-    if key is not None:
-        base = rule.base(module, x, weight.astype(out.dtype), args, kwargs)
-    else:
-        bias = getattr(module, "bias", None)
-        base = out if bias is None else out - bias[...]
-    return dora_output(base, delta, magnitude, norm).astype(out.dtype)
-
-
 @contextlib.contextmanager
 def _materialised(module: nnx.Module, records: list[LoraRecord]) -> Iterator[None]:
     """The weights of `records` replaced by W + scale * A B for the duration of one call."""
@@ -329,18 +267,19 @@ def _materialised(module: nnx.Module, records: list[LoraRecord]) -> Iterator[Non
         for record in records:
             var = getattr(module, record.weight)
             weight = var[...]
-            a, b = (getattr(module, name)[...] for name in record.names)
+            leaves, scale = record.read(lambda name: getattr(module, name)[...])
+            # Inside a vmap / scan the stacked axes are sliced off: as many as a leaf without
+            # output axes (LoRA's A) lost.
             layout = record.layout
-            # Inside a vmap / scan the stacked axes are sliced off: as many as A lost.
-            inner = layout.order or "i" * layout.n_in
-            stored_a_ndim = layout.stacked + inner.count("b") + inner.count("i") + 1
-            layout = dataclasses.replace(layout, stacked=layout.stacked - (stored_a_ndim - a.ndim))
-            warnings.warn(_MATERIALISE_WARNING.format(
+            leaf = next(leaf for leaf in variants.of(record).leaves if "o" not in leaf.axes)
+            own = (layout.order or "").count("b") + sum(layout.n_in if c == "i" else 1
+                                                        for c in leaf.axes)
+            layout = dataclasses.replace(layout, stacked=leaves[leaf.name].ndim - own)
+            warnings.warn(MATERIALISE_WARNING.format(
                 path=f"{getattr(module, '_lora_path', '?')}.{record.weight}",
                 shape=tuple(weight.shape), size=weight.size), stacklevel=4)
-            delta = kernel_delta(a, b, layout, tuple(weight.shape)) * record.scale
+            var.set_value(fold(record, weight, leaves, scale, layout))
             saved.append((var, weight))
-            var.set_value((weight.astype(jnp.float32) + delta).astype(weight.dtype))
         yield
     finally:
         for var, weight in reversed(saved):
@@ -356,15 +295,23 @@ def _adapted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
             out = base.__call__(self, *args, **kwargs)
     else:
         out = base.__call__(self, *args, **kwargs)
+    rule = rule_for(self)
     for record in records:
         if not record.materialised:
-            out = out + _lora_delta(self, record, out, args, kwargs)
+            bias = getattr(self, "bias", None)
+            stream = getattr(self, _RNGS, None)
+            rng = lambda stream=stream: None if stream is None or getattr(
+                self, "deterministic", False) else stream()
+            call = Call(rule, self, args, kwargs, out, getattr(self, record.weight)[...],
+                        None if bias is None else bias[...], record, rng, _where(self))
+            check_reading(call, "lora_jax.nnx.layouts")
+            out = forward(call, *record.read(lambda name: getattr(self, name)[...]))
     return out
 
 
 def _adapted_attend(self: Any, *args: Any, **kwargs: Any) -> Any:
     if any(not r.materialised for r in _records(self)):
-        warnings.warn(_TIED_HEAD_WARNING.format(path=getattr(self, "_lora_path", "?")),
+        warnings.warn(TIED_HEAD_WARNING.format(path=getattr(self, "_lora_path", "?")),
                       stacklevel=2)
     return type(self)._lora_base.attend(self, *args, **kwargs)
 
@@ -388,11 +335,11 @@ def _keys(rngs: nnx.Rngs | jax.Array | int, config: LoraConfig) -> tuple[jax.Arr
     """(init key, dropout stream or None)."""
     if isinstance(rngs, nnx.Rngs):
         key = rngs.params()
-        stream = rngs.dropout if config.lora_dropout else None  # else the default stream
+        stream = rngs.dropout if config.dropout else None  # else the default stream
         return key, stream
     key = jax.random.key(rngs) if isinstance(rngs, int) else rngs
     stream = nnx.RngStream(jax.random.fold_in(key, 1 << 30), tag="dropout") \
-        if config.lora_dropout else None
+        if config.dropout else None
     return key, stream
 
 
@@ -501,14 +448,14 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
         added = list(getattr(module, "_lora_added", ()))
         specs = _factor_specs(item, weight)
         for name in record.arrays:
-            setattr(module, name, _factor(item.module[name], weight, specs.get(name)))
+            kind = nnx.LoRAParam if name in record.trained else nnx.Param
+            setattr(module, name, _factor(kind, item.module[name], weight, specs.get(name)))
             added.append(name)
-        record_name = factor_names(record.weight)[2]
-        setattr(module, record_name, LoraRecordVar(record))
-        added.append(record_name)
+        setattr(module, record_name(record.weight), LoraRecordVar(record))
+        added.append(record_name(record.weight))
         if record.dropout and stream is not None and _RNGS not in vars(module):
             fork = stream.fork()
-            shape = item.factors[0].shape[:record.layout.stacked]
+            shape = item.weight.shape[:record.layout.stacked]
             setattr(module, _RNGS, fork.split(shape) if shape else fork)
             added.append(_RNGS)
             if not hasattr(module, "deterministic"):
@@ -554,21 +501,22 @@ def _factor_specs(item: Any, weight: nnx.Variable) -> dict[str, Any]:
         return {}
     record = item.record
     arrays = record.arrays
-    node = {record.weight: item.weight, factor_names(record.weight)[2]: record,
+    node = {record.weight: item.weight, record_name(record.weight): record,
             **{name: item.module[name] for name in arrays}}
     specs = lora_specs(node, {record.weight: jax.sharding.PartitionSpec(*names)})
     return {name: specs[name] for name in arrays}
 
 
-def _factor(value: Any, weight: nnx.Variable, spec: Any) -> nnx.LoRAParam:
-    """A factor as an `nnx.LoRAParam`; with a spec, carrying it as its sharding metadata and
-    placed on the weight's mesh when the weight's value is."""
+def _factor(kind: type, value: Any, weight: nnx.Variable, spec: Any) -> nnx.Variable:
+    """An adapter's array as a `kind` variable (`nnx.LoRAParam` if it trains, else a frozen
+    `nnx.Param`); with a spec, carrying it as its sharding metadata and placed on the weight's
+    mesh when the weight's value is."""
     if spec is None:
-        return nnx.LoRAParam(value)
+        return kind(value)
     sharding = getattr(weight.get_value(), "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
         value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
-    return nnx.LoRAParam(value, out_sharding=tuple(spec), eager_sharding=False)
+    return kind(value, out_sharding=tuple(spec), eager_sharding=False)
 
 
 def _detach(module: nnx.Module) -> None:
@@ -703,83 +651,13 @@ def _linen_form(tree: Mapping[str, Any], lin: str = "", nnx_path: str = "",
     return out, paths
 
 
-def _as_linear_layout(layout: Layout, weight_name: str, ndim: int) -> Layout | None:
-    """The layout of a weight's PyTorch Linear form when peft's files see it flattened (an
-    einsum kernel [D, N, H] as [D, N*H], a `[out, in]` weight as [in, out], stacked axes
-    kept), or None when it is already a Linear kernel (or an embedding, conv, or has kept
-    axes: no Linear form)."""
-    if layout.rule == MATERIALISE or layout.kind not in ("dense", "einsum"):
-        return None
-    roles = layout.roles(ndim)
-    if "b" in roles or weight_name == "kernel" and roles[layout.stacked:] == "io":
-        return None
-    return Layout("dense", stacked=layout.stacked, rule=layout.rule, weight="kernel")
-
-
-def _as_linear(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """`tree` with each adapted weight of several input / output axes (an einsum `BTD,DNH->BTNH`
-    kernel [D, N, H]) replaced by the Linear of its row-major flattening ([D, N*H], named
-    `kernel`, factors `lora_A` [D, r] / `lora_B` [r, N*H], DoRA's magnitude [N*H]; stacked
-    layers keep their leading axes): how PyTorch checkpoints store such projections (HF
-    Llama's q_proj is [N*H, D]), and what peft's files can name."""
-    updates: dict[str, dict[str, Any]] = {}
-    drop: set[tuple[str, str]] = set()
-    for item in iter_records(tree):
-        record, weight = item.record, item.weight
-        layout = _as_linear_layout(record.layout, record.weight, weight.ndim)
-        if layout is None:
-            continue
-        stack, _, _ = record.layout.split(weight.shape)
-        kernel = record.layout.to_canonical(weight)
-        flat = dataclasses.replace(record, weight="kernel", layout=layout)
-        leaves = {"kernel": kernel, flat.names[0]: item.factors[0].reshape(*kernel.shape[:-1], -1),
-                  flat.names[1]: item.factors[1].reshape(*stack, item.factors[0].shape[-1], -1),
-                  factor_names("kernel")[2]: flat}
-        if record.variant == "dora":
-            leaves[magnitude_name("kernel")] = item.magnitude.reshape(*stack, -1)
-        drop |= {(item.path, n) for n in (record.weight, *record.leaves)}
-        updates[item.path] = leaves
-    return with_leaves(without_leaves(tree, drop), updates) if updates else dict(tree)
-
-
-def _from_linear(tree: Mapping[str, Any], base: Mapping[str, Any],
-                 flattened: Mapping[str, tuple[str, Layout]]) -> dict[str, Any]:
-    """The inverse of `_as_linear` on a tree loaded from peft: at each module path of
-    `flattened` ({path: (weight name, layout)}), the base's own weight back and the factors
-    (and magnitude) reshaped to the layout's axes, with the layout in the record."""
-    modules = dict(iter_modules(tree, leaves=None))
-    originals = dict(iter_modules(base, leaves=None))
-    updates: dict[str, dict[str, Any]] = {}
-    drop: set[tuple[str, str]] = set()
-    for path, (name, layout) in flattened.items():
-        node = modules[path]
-        weight = originals[path][name]
-        record = next((v for v in node.values() if isinstance(v, LoraRecord)), None)
-        drop.add((path, "kernel"))
-        updates[path] = {name: weight}
-        if record is None:
-            continue
-        stack, fan_in, fan_out = layout.split(weight.shape)
-        mine = dataclasses.replace(record, weight=name, layout=layout)
-        a, b = (node[n] for n in record.names)
-        rank = a.shape[-1]
-        updates[path].update({mine.names[0]: a.reshape(*stack, *fan_in, rank),
-                              mine.names[1]: b.reshape(*stack, rank, *fan_out),
-                              factor_names(name)[2]: mine})
-        if record.variant == "dora":
-            updates[path][magnitude_name(name)] = node[magnitude_name("kernel")].reshape(
-                *stack, *fan_out)
-        drop |= {(path, n) for n in record.leaves}
-    return with_leaves(without_leaves(tree, drop), updates)
-
-
 def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
               **kwargs: Any) -> None:
     """peft adapter files for `model` (`lora_jax.save_peft` on `params(model)`, with
     `nnx.List` elements named as peft io reads them); `model_type="gpt2"` / `"llama"` for the
     NNX reference models, `path_map` for others. A projection kernel of several axes (an
     einsum's [D, N, H]) is written as the PyTorch Linear of its row-major flattening."""
-    peft_io.save_peft(path, _as_linear(_linen_form(params(model))[0]), config, *args, **kwargs)
+    peft_io.save_peft(path, _linen_form(params(model))[0], config, *args, **kwargs)
 
 
 def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None, *,
@@ -794,24 +672,13 @@ def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None, *,
     found = {**_static_layouts(model, tree), **dict(layouts or {})}
     linen, rename = _linen_form(tree)
     to_linen = {v: k for k, v in rename.items()}
-    nodes = dict(iter_modules(linen, leaves=None))
-    flattened: dict[str, tuple[str, Layout]] = {}
-    flat_weights: dict[str, dict[str, Any]] = {}
-    for target, layout in found.items():
+
+    def linen_target(target: str, layout: Layout) -> str:
         name = layout.weight or "kernel"
-        module_path = target[:-len(name) - 1] if target.endswith(f".{name}") else target
-        at = to_linen.get(module_path, module_path)
-        node = nodes.get(at)
-        if layout.error or node is None or name not in node or \
-                _as_linear_layout(layout, name, node[name].ndim) is None:
-            continue
-        if name != "kernel" and "kernel" in node:
-            raise ValueError(f"{module_path!r} holds both 'kernel' and the adapted {name!r}; "
-                             "peft's files name one weight per module")
-        flattened[at] = (name, layout)
-        flat_weights[at] = {"kernel": layout.to_canonical(node[name])}
-    flat = with_leaves(without_leaves(linen, {(p, n) for p, (n, _) in flattened.items()}),
-                       flat_weights)
-    loaded, config = peft_io.load_peft(path, flat, **kwargs)
-    _adapt(model, _from_linear(loaded, linen, flattened), rngs, rename)
+        module = target[:-len(name) - 1] if target.endswith(f".{name}") else target
+        return to_linen.get(module, module) + target[len(module):]
+
+    loaded, config = peft_io.load_peft(path, linen, layouts={
+        linen_target(t, layout): layout for t, layout in found.items()}, **kwargs)
+    _adapt(model, loaded, rngs, rename)
     return config

@@ -17,11 +17,13 @@ split into per-layer tensors on save and stacked on load. For another naming, pa
 dict or a function from the Flax module path (scanned stacks already expanded to `h_<i>`) to the
 PyTorch module path.
 
-Layouts. lora_jax's A [in, r] / B [r, out] are peft's `lora_A.weight` [r, in] / `lora_B.weight`
-[out, r] transposed; Embed's A [V, r] / B [r, D] are `lora_embedding_A` [r, V] /
-`lora_embedding_B` [D, r] transposed. Only Dense and Embed layers are supported (a
-DenseGeneral/Conv kernel would need torch's layout). Weights of `modules_to_save` are
-transposed to torch's [out, in] unless `fan_in_fan_out` (GPT-2's Conv1D, [in, out] already).
+Layouts. A variant's arrays are written under its peft names (`Leaf.peft`) with their axes
+reversed, torch's order: LoRA's A [in, r] / B [r, out] are peft's `lora_A.weight` [r, in] /
+`lora_B.weight` [out, r]; Embed's A [V, r] / B [r, D] are `lora_embedding_A` [r, V] /
+`lora_embedding_B` [D, r]. Dense-like weights of several axes (an einsum's [D, N, H], pass
+`layouts` to load) are written as their PyTorch Linear (`lora_jax.peft.linear`); a Conv kernel
+has no peft form here. Weights of `modules_to_save` are transposed to torch's [out, in] unless
+`fan_in_fan_out` (GPT-2's Conv1D, [in, out] already).
 
 Config. target_modules, exclude_modules, layers_to_transform/pattern and rank/alpha_pattern are
 written as given when, matched against the PyTorch paths, they select exactly the adapted modules
@@ -44,12 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.core.config import LoraConfig
+from lora_jax import variants
+from lora_jax.core.config import AdapterConfig, alpha_for, scaling
 from lora_jax.core.factors import Layout
-from lora_jax.core.inject import find_targets, per_layer
-from lora_jax.core.record import LoraRecord, factor_names, is_factor, magnitude_name, scale_name
+from lora_jax.core.inject import Values, find_targets, new_record, per_layer
+from lora_jax.core.record import LoraRecord, owned, scale_name
 from lora_jax.core.saved import is_original, keep_originals
 from lora_jax.core.targets import (
+    LIST_ELEMENT,
     PATH_ALIASES,
     hf_module_parts,
     iter_modules,
@@ -57,6 +61,7 @@ from lora_jax.core.targets import (
     with_leaves,
 )
 from lora_jax.peft import parameters
+from lora_jax.peft.linear import as_linear, flatten, unflatten
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -65,43 +70,13 @@ PEFT_VERSION = "0.21.2"  # the peft release whose file format is written and che
 
 PathMap = Callable[[str], "str | None"] | Mapping[str, str]
 
-# peft 0.21.2 `LoraConfig().to_dict()` with save_pretrained's `inference_mode: true`. The fields
-# lora_jax has are overwritten from the LoraConfig; the others must stay at these values on load.
-_PEFT_DEFAULTS: dict[str, Any] = {
-    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
-    "auto_mapping": None, "base_model_name_or_path": None, "bias": "none", "corda_config": None,
-    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
-    "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-    "kasa_config": None, "layer_replication": None, "layers_pattern": None,
-    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False,
-    "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None,
-    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
-    "peft_type": "LORA", "peft_version": PEFT_VERSION, "qalora_group_size": 16, "r": 8,
-    "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
-    "task_type": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
-    "use_qalora": False, "use_rslora": False, "velora_config": None,
-}
-_OUR_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
-               "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-               "layers_pattern", "init_lora_weights", "modules_to_save", "use_dora",
-               "target_parameters")
-# Fields that only describe the file or the base model: any value is fine on load.
+# Fields of any peft config that only describe the file or the base model: any value loads.
 _INFORMATIONAL = ("auto_mapping", "base_model_name_or_path", "fan_in_fan_out", "inference_mode",
-                  "peft_type", "peft_version", "revision", "task_type", "megatron_core",
-                  "qalora_group_size", "ensure_weight_tying", "eva_config", "corda_config",
-                  "lora_ga_config", "loftq_config")
-# init_lora_weights values whose adapters were trained against unmodified base weights.
-_PLAIN_INITS = {True: True, False: False, "gaussian": "gaussian", "eva": True,
-                "orthogonal": True}
+                  "peft_type", "peft_version", "revision", "task_type")
 # The heads peft's task models add to modules_to_save when saving (peft_model.py).
 _TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                "QUESTION_ANS": ["qa_outputs"]}
-_FACTOR_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
-                    ".lora_embedding_A": "lora_embedding_A",
-                    ".lora_embedding_B": "lora_embedding_B",
-                    ".lora_magnitude_vector": "lora_magnitude_vector"}
 _WEIGHT_LEAVES = ("kernel", "embedding", "scale")
-_LIST_ELEMENT = re.compile(r"(.+)_(\d+)")
 
 
 # --- module paths ---------------------------------------------------------------------------------
@@ -146,13 +121,13 @@ def _infer_stacks(params: Mapping[str, Any], plain: str = "") -> tuple[str, ...]
     """Stack paths from sibling keys `x_0 ... x_{n-1}` (GPT-2's `ln_1, ln_2` are no list)."""
     indices: dict[str, list[int]] = {}
     for key in params:
-        if (m := _LIST_ELEMENT.fullmatch(key)) and isinstance(params[key], Mapping):
+        if (m := LIST_ELEMENT.fullmatch(key)) and isinstance(params[key], Mapping):
             indices.setdefault(m[1], []).append(int(m[2]))
     lists = {b for b, found in indices.items() if sorted(found) == list(range(len(found)))}
     out = tuple(f"{plain}.{b}" if plain else b for b in sorted(lists))
     for key, value in params.items():
         if isinstance(value, Mapping):
-            m = _LIST_ELEMENT.fullmatch(key)
+            m = LIST_ELEMENT.fullmatch(key)
             name = m[1] if m and m[1] in lists else key
             out += _infer_stacks(value, f"{plain}.{name}" if plain else name)
     return tuple(dict.fromkeys(out))
@@ -310,7 +285,7 @@ def _shape_tree(index: Mapping[str, _Slot]) -> tuple[dict[str, Any], dict[str, L
     return tree, layouts
 
 
-def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
+def _selected(config: AdapterConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
               peft_quirks: bool = False) -> set[str] | None:
     """The modules `config` targets in `tree` (peft's rules), or None if it targets none.
 
@@ -320,7 +295,7 @@ def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
     if config.modules_to_save:
         present = [m for m in config.modules_to_save
                    if any(_saved_root(p, [m]) for p, _ in iter_modules(tree, leaves=None))]
-        config = LoraConfig.from_dict({**config.to_dict(), "modules_to_save": present or None})
+        config = config.replace(modules_to_save=present or None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -329,9 +304,9 @@ def _selected(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
         return None
 
 
-def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
+def _agreeing(config: AdapterConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
               adapted: Mapping[str, tuple[int, float] | None], *, for_peft: bool = False
-              ) -> LoraConfig:
+              ) -> AdapterConfig:
     """`config`, or a copy with explicit paths, such that matching it against the paths of `tree`
     selects exactly the `adapted` modules ({path: (rank, alpha)}) with their ranks and alphas
     (`for_peft`: as peft's code selects, full names skipping layers_to_transform)."""
@@ -342,76 +317,78 @@ def _agreeing(config: LoraConfig, tree: Mapping[str, Any], layouts: Mapping[str,
                       layers_to_transform=None, layers_pattern=None)
     # The file lists the patterns with sorted keys (json sort_keys, as peft writes it), and
     # peft takes the first key that matches: check them in that order too.
-    read_back = LoraConfig.from_dict({**config.to_dict(),
-                                      "rank_pattern": dict(sorted(config.rank_pattern.items())),
-                                      "alpha_pattern": dict(sorted(config.alpha_pattern.items()))})
+    read_back = config.replace(**{name: dict(sorted(getattr(config, name).items()))
+                                  for name in ("rank_pattern", "alpha_pattern") if name in fields})
     # A stack with per-layer values (None) keeps the patterns that gave them.
     given = {p: v for p, v in adapted.items() if v is not None}
     for name, value_of in (("rank_pattern", 0), ("alpha_pattern", 1)):
         getters = [getattr(c, "rank" if value_of == 0 else "alpha") for c in (config, read_back)]
-        if any(getter(p) != v[value_of] for p, v in given.items() for getter in getters):
-            default = config.r if name == "rank_pattern" else config.lora_alpha
+        if name in fields and any(getter(p) != v[value_of] for p, v in given.items()
+                                  for getter in getters):
+            default = config.r if name == "rank_pattern" else config.default_alpha
             fields[name] = {re.escape(p): v[value_of] for p, v in sorted(given.items())
                             if v[value_of] != default}
-    return LoraConfig.from_dict(fields)
+    return type(config).from_dict(fields)
 
 
-def _agreeing_modules(config: LoraConfig, tree: Mapping[str, Any],
+def _agreeing_modules(config: AdapterConfig, tree: Mapping[str, Any],
                       layouts: Mapping[str, Layout], adapted: Mapping[str, Any], *,
-                      for_peft: bool = False) -> LoraConfig:
+                      for_peft: bool = False) -> AdapterConfig:
     """`_agreeing` for the modules (`target_modules`); `target_parameters` stay as given."""
     if not config.target_modules:
         return config
-    agreed = _agreeing(LoraConfig.from_dict({**config.to_dict(), "target_parameters": None}),
-                       tree, layouts, adapted, for_peft=for_peft)
-    return LoraConfig.from_dict({**agreed.to_dict(),
-                                 "target_parameters": config.target_parameters})
+    agreed = _agreeing(config.replace(target_parameters=None), tree, layouts, adapted,
+                       for_peft=for_peft)
+    return agreed.replace(target_parameters=config.target_parameters)
 
 
-def _peft_fields(config: LoraConfig, *, fan_in_fan_out: bool, task_type: str | None,
+def _peft_fields(config: AdapterConfig, *, fan_in_fan_out: bool, task_type: str | None,
                  base_model_name_or_path: str | None, auto_mapping: dict | None
                  ) -> dict[str, Any]:
-    fields = dict(_PEFT_DEFAULTS)
-    fields.update({k: v for k, v in config.to_dict().items() if k in _OUR_FIELDS})
+    variant = variants.for_config(config)
+    fields = {**variant.peft_defaults, "peft_type": variant.peft_type,
+              "peft_version": PEFT_VERSION}
+    fields.update({k: v for k, v in config.to_dict().items() if k in variant.peft_fields})
     heads = _TASK_HEADS.get(task_type or "", [])
     if heads:
         fields["modules_to_save"] = list(fields["modules_to_save"] or []) + heads
-    if isinstance(fields["layers_to_transform"], int):
+    if isinstance(fields.get("layers_to_transform"), int):
         fields["layers_to_transform"] = [fields["layers_to_transform"]]
     fields.update(fan_in_fan_out=fan_in_fan_out, task_type=task_type,
                   base_model_name_or_path=base_model_name_or_path, auto_mapping=auto_mapping)
     return fields
 
 
-def _config_from_peft(fields: Mapping[str, Any], where: str) -> LoraConfig:
-    """Our LoraConfig from an adapter_config.json dict; raises on what lora_jax cannot apply."""
-    if fields.get("peft_type") != "LORA":
+def _config_from_peft(fields: Mapping[str, Any], where: str) -> AdapterConfig:
+    """Our config from an adapter_config.json dict (its variant's config class, by
+    `peft_type`); raises on what lora_jax cannot apply."""
+    found = [v for v in variants.registered() if v.peft_type == fields.get("peft_type")]
+    if not found:
+        known = sorted({v.peft_type for v in variants.registered()})
         raise ValueError(f"{where}: peft_type is {fields.get('peft_type')!r}; lora_jax loads "
-                         "LoRA adapters only (peft_type 'LORA')")
+                         f"peft_type {known} adapters")
+    variant = found[0]  # variants written under one peft_type share its config fields
     for name, value in fields.items():
-        if name in _OUR_FIELDS or name in _INFORMATIONAL:
+        if name in variant.peft_fields or name in _INFORMATIONAL + variant.peft_informational:
             continue
-        default = _PEFT_DEFAULTS.get(name)
+        default = variant.peft_defaults.get(name)
         if value != default and value not in (None, False, {}, []):
             raise ValueError(
                 f"{where}: {name}={value!r} is not supported by lora_jax (it changes the "
                 f"adapter's math or format; only {name}={default!r} loads)"
             )
-    init = fields.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS:
-        raise ValueError(
-            f"{where}: init_lora_weights={init!r} trains against modified base weights, so the "
-            "adapter does not apply to the original model; convert it with peft's "
-            "save_pretrained(path_initial_model_for_weight_conversion=...) first"
-        )
-    ours = {k: fields[k] for k in _OUR_FIELDS if k in fields}
-    ours["init_lora_weights"] = _PLAIN_INITS[init]
+    ours = {k: fields[k] for k in variant.peft_fields if k in fields}
+    for name, (values, why) in variant.peft_values.items():
+        if name in ours:
+            if ours[name] not in values:
+                raise ValueError(f"{where}: {name}={ours[name]!r} {why}")
+            ours[name] = values[ours[name]]
     if ours.get("modules_to_save"):
         ours["modules_to_save"] = list(dict.fromkeys(ours["modules_to_save"]))
     try:
-        return LoraConfig.from_dict(ours)
+        return variant.config.from_dict(ours)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: invalid LoRA config: {e}") from e
+        raise ValueError(f"{where}: invalid {variant.config.__name__}: {e}") from e
 
 
 # --- save -----------------------------------------------------------------------------------------
@@ -453,7 +430,7 @@ def _saved_root(path: str, modules_to_save: Sequence[str] | None) -> str | None:
 def save_peft(
     path: str | os.PathLike,
     params: Mapping[str, Any],
-    config: LoraConfig,
+    config: AdapterConfig,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     *,
@@ -480,6 +457,7 @@ def save_peft(
         from lora_jax.core.convert import to_plain_lora
 
         params, config = to_plain_lora(params, initial_params, config)
+    params = as_linear(params)
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(model_type) and _architecture(model_type).fan_in_fan_out
@@ -490,6 +468,7 @@ def save_peft(
     adapted: dict[str, tuple[int, float]] = {}
     adapted_parameters: set[str] = set()
     mapped: set[str] = set()
+    shared: list[dict[str, np.ndarray]] = []  # each adapted module's arrays, for peft_shared
     for torch_path, slot in index.items():
         node, key = slot.node, PREFIX + torch_path
         mapped.add(slot.flax_path)
@@ -506,24 +485,20 @@ def save_peft(
                     "(pass model_type/stacks if this is a scanned stack)"
                 )
             r, scale = _slot_values(record, slot)
-            # A layer of a stack with per-layer ranks: its own rank, without the padding.
-            a, b = (np.asarray(slot.leaf(n)) for n in record.names)
-            a, b = a[:, :r], b[:r]
-            suffix = (".lora_embedding_A", ".lora_embedding_B") if record.weight == "embedding" \
-                else (".lora_A.weight", ".lora_B.weight")
-            tensors[key + suffix[0]] = a.T
-            tensors[key + suffix[1]] = b.T
-            if record.variant == "dora":
-                tensors[key + ".lora_magnitude_vector"] = np.asarray(
-                    slot.leaf(magnitude_name(record.weight)))
+            arrays = {leaf: np.asarray(leaf.resize(slot.leaf(leaf.key(record.weight)), 0, r))
+                      for leaf in variants.of(record).leaves_of(record)}
+            for leaf, value in arrays.items():
+                if leaf.peft_suffix(record.weight):  # torch's order: the axes reversed
+                    tensors[key + leaf.peft_suffix(record.weight)] = value.T
+            shared.append({leaf.name: value for leaf, value in arrays.items()})
             # alpha from the record's scale: the value the factors were trained with.
-            alpha = scale * (r ** 0.5 if config.use_rslora else r)
+            alpha = alpha_for(scale, r, config.use_rslora)
             given = config.alpha(torch_path)
             adapted[torch_path] = (r, given if abs(given - alpha) <= 1e-9 * abs(alpha)
                                    else alpha)
         root = _saved_root(torch_path, saved_modules)
         for name, value in _leaves(node).items():
-            if is_factor(name) or is_original(name):
+            if name in owned(node) or is_original(name):
                 continue
             value = value if slot.layer is None else value[slot.layer]
             if root is not None:
@@ -541,7 +516,7 @@ def save_peft(
         experts = _expert_records(node, slot)
         for record in experts:  # target_parameters: per-expert factors, peft's fused layout
             r, scale = _slot_values(record, slot)
-            a, b = (np.asarray(slot.leaf(n)) for n in record.names)
+            a, b = (np.asarray(slot.leaf(record.keys[n])) for n in ("lora_A", "lora_B"))
             at = PREFIX + parameters.module_path(torch_path, record.weight, _order(
                 model_type, torch_path, [e.weight for e in experts]))
             tensors[at + ".lora_A.weight"], tensors[at + ".lora_B.weight"] = parameters.to_peft(
@@ -552,18 +527,18 @@ def save_peft(
                                  "config's r and lora_alpha for it (peft reads those)")
             adapted_parameters.add(name)
     unmapped = [p for p, node in iter_modules(params, leaves=None) if p not in mapped
-                and any(is_factor(n) for n in node)]
+                and owned(node)]
     if unmapped:
         raise ValueError(f"save_peft: path_map gives no PyTorch path for the adapted modules "
                          f"{unmapped}")
     if not adapted and not adapted_parameters:
         raise ValueError("save_peft: the params hold no LoRA factors (was inject applied?)")
+    tensors.update(variants.for_config(config).peft_shared(shared, config))
     _warn_unused(model_type, list(adapted), "save_peft", index, saved_modules)
     tree, layouts = _shape_tree(index)
     torch_config = _agreeing_modules(config, tree, layouts, adapted, for_peft=True)
     if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
-        torch_config = LoraConfig.from_dict({**torch_config.to_dict(),
-                                             "modules_to_save": saved_modules})
+        torch_config = torch_config.replace(modules_to_save=saved_modules)
     auto_mapping = None
     if task_type is None and model_type is not None:
         arch = _architecture(model_type)
@@ -593,7 +568,7 @@ def _unknown_module(key: str, torch_path: str, index: Mapping[str, _Slot]) -> Va
     )
 
 
-def _parse_key(key: str, config: LoraConfig) -> tuple[str, str, str] | None:
+def _parse_key(key: str, config: AdapterConfig) -> tuple[str, str, str] | None:
     """(kind, PyTorch module path, leaf) of a file key; None for a key to skip.
 
     kind: "factor" (leaf lora_A/...), "bias" (an adapted or plain module's bias) or "saved"
@@ -603,9 +578,10 @@ def _parse_key(key: str, config: LoraConfig) -> tuple[str, str, str] | None:
         raise ValueError(f"load_peft: key {key!r} does not start with {PREFIX!r}; is this a "
                          "peft LoRA adapter?")
     name = key[len(PREFIX):]
-    for suffix, leaf in _FACTOR_SUFFIXES.items():
-        if name.endswith(suffix):
-            return "factor", name[: -len(suffix)], leaf
+    for leaf in variants.for_config(config).leaves:
+        for suffix in {leaf.peft, leaf.peft_embed} - {None}:
+            if name.endswith(suffix):
+                return "factor", name[: -len(suffix)], suffix
     module, _, leaf = name.rpartition(".")
     parts = module.split(".")
     for marker in ("modules_to_save", "original_module"):
@@ -662,9 +638,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
         tensors = load_file(weights_file)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read {weights_file} (truncated or corrupt?): {err}") from None
+    suffixes = tuple({s for v in variants.registered() for leaf in v.leaves
+                      for s in (leaf.peft, leaf.peft_embed) if s})
     for key, value in sorted(tensors.items()):
         floating = jnp.issubdtype(value.dtype, jnp.floating)
-        if not floating and key.endswith(tuple(_FACTOR_SUFFIXES)):
+        if not floating and key.endswith(suffixes):
             raise ValueError(f"{weights_file}: tensor {key} is {value.dtype.name}, not a float: "
                              "not a LoRA adapter lora_jax can use")
         if floating and not np.isfinite(value.astype(np.float32)).all():
@@ -682,7 +660,7 @@ def load_peft(
     path_map: PathMap | None = None,
     layouts: Mapping[str, Layout] | None = None,
     dtype: jnp.dtype = jnp.float32,
-) -> tuple[dict[str, Any], LoraConfig]:
+) -> tuple[dict[str, Any], AdapterConfig]:
     """(params with the adapter, its LoraConfig) from a peft adapter directory.
 
     The factors are cast to `dtype` (float32 by default, so bfloat16 adapters load too);
@@ -694,6 +672,8 @@ def load_peft(
     """
     fields, tensors = read_adapter(path)
     where = f"load_peft({os.fspath(path)!r})"
+    original, (params, flattened) = params, flatten(params, layouts or {})
+    layouts = {p: v for p, v in (layouts or {}).items() if p not in flattened and not v.error}
     config = _config_from_peft(fields, where)
     fan_in_fan_out = bool(fields.get("fan_in_fan_out", False))
     index = _index(params, _resolve_stacks(model_type, stacks), path_map)
@@ -701,6 +681,8 @@ def load_peft(
     factors: dict[str, dict[str, np.ndarray]] = {}
     expert_factors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     updates: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
+    variant = variants.for_config(config)
+    shared = {k: tensors.pop(k) for k in variant.peft_shared_keys if k in tensors}
     for key in sorted(tensors):
         parsed = _parse_key(key, config)
         if parsed is None:
@@ -749,7 +731,7 @@ def load_peft(
 
     experts = _expert_updates(expert_factors, index, config, model_type, where)
     tree, torch_layouts = _shape_tree(index)
-    modules = LoraConfig.from_dict({**config.to_dict(), "target_parameters": None})
+    modules = config.replace(target_parameters=None)
     expected = _selected(modules, tree, torch_layouts) if config.target_modules else set()
     quirky = _selected(modules, tree, torch_layouts, peft_quirks=True)
     if quirky is not None and quirky != expected and set(factors) == quirky:
@@ -766,51 +748,50 @@ def load_peft(
                          f"of the params tree (PyTorch paths: {sorted(tree)[:5]}...)")
     for torch_path in sorted(expected | set(factors)):
         slot, found = index[torch_path], factors.get(torch_path, {})
-        embed = "embedding" in slot.node
-        names = factor_names("embedding" if embed else "kernel")[:2]
-        keys = [PREFIX + torch_path + s for s, n in _FACTOR_SUFFIXES.items() if n in names]
+        name = _weight_name(slot.node)
+        leaves = {leaf.peft_suffix(name): leaf for leaf in variant.leaves
+                  if leaf.peft_suffix(name)}
+        keys = {suffix: PREFIX + torch_path + suffix for suffix in leaves}
+        first = next(iter(keys.values()))
         if torch_path not in expected:
-            raise ValueError(f"{where}: {keys[0]!r} adapts {torch_path!r}, which the adapter's "
+            raise ValueError(f"{where}: {first!r} adapts {torch_path!r}, which the adapter's "
                              f"target_modules={config.target_modules!r} does not select")
-        for k, n in zip(keys, names, strict=True):
-            if n not in found:
-                raise ValueError(f"{where}: missing key {k!r} (the config targets {torch_path!r})")
-        weight = slot.leaf("embedding" if embed else "kernel")
-        a, b = found[names[0]].T, found[names[1]].T
+        for suffix, key in keys.items():
+            if suffix not in found and not leaves[suffix].optional:
+                raise ValueError(f"{where}: missing key {key!r} (the config targets "
+                                 f"{torch_path!r})")
+        weight = slot.leaf(name)
         if weight.ndim != 2:
-            raise ValueError(f"{where}: {keys[0]!r}: {slot.flax_path!r} has a weight of shape "
+            raise ValueError(f"{where}: {first!r}: {slot.flax_path!r} has a weight of shape "
                              f"{tuple(weight.shape)}; peft interop supports nn.Dense and nn.Embed")
         # The weight's (in, out) as its layout reads it (a FlaxConv1D kernel is [out, in]).
-        layout = (layouts or {}).get(slot.flax_path) or Layout("dense")
-        _, (fan_in,), (fan_out,) = dataclasses.replace(layout, stacked=0).split(weight.shape)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] \
-                or (a.shape[0], b.shape[1]) != (fan_in, fan_out):
+        layout = dataclasses.replace((layouts or {}).get(slot.flax_path) or Layout(
+            "embed" if name == "embedding" else "dense"), stacked=0)
+        arrays = variant.from_peft({leaf.name: found[s].T for s, leaf in leaves.items()
+                                    if s in found}, shared, weight.shape, layout)
+        fits = all(arrays[leaf.name].ndim == len(leaf.axes) for leaf in variant.leaves
+                   if leaf.name in arrays)
+        rank = variant.rank_of(arrays, 0) if fits else 0
+        shapes = variant.shapes(weight.shape, layout, rank)
+        if not fits or any(arrays[n].shape != shapes[n] for n in arrays):
+            _, (fan_in,), (fan_out,) = layout.split(weight.shape)
+            dims = {"i": str(fan_in), "o": str(fan_out), "r": "r"}
             raise ValueError(
-                f"{where}: {keys[0]!r} {tuple(found[names[0]].shape)} and {keys[1]!r} "
-                f"{tuple(found[names[1]].shape)} do not fit {slot.flax_path!r} of shape "
-                f"{tuple(weight.shape)} (expected [r, {fan_in}] and [{fan_out}, r]"
+                f"{where}: " + " and ".join(f"{keys[s]!r} {tuple(found[s].shape)}" for s in keys
+                                     if s in found)
+                + f" do not fit {slot.flax_path!r} of shape {tuple(weight.shape)} (expected "
+                + " and ".join("[" + ", ".join(dims.get(c, "?") for c in leaf.axes[::-1]) + "]"
+                               for leaf in leaves.values())
                 + ("" if layouts else "; pass layouts=lora_jax.layouts(model, ...) if its kernel "
                    "is not [in, out]") + ")"
             )
-        magnitude = found.get("lora_magnitude_vector")
-        if (magnitude is not None) != config.use_dora:
-            raise ValueError(
-                f"{where}: {torch_path!r} " + ("has a DoRA magnitude (lora_magnitude_vector) "
-                                               "but the config's use_dora is false" if
-                                               magnitude is not None else
-                                               "has no lora_magnitude_vector but use_dora is true"))
-        if magnitude is not None and magnitude.shape != (fan_out,):
-            raise ValueError(f"{where}: {torch_path}.lora_magnitude_vector has shape "
-                             f"{magnitude.shape}, expected ({fan_out},)")
-        if a.shape[1] != config.rank(torch_path):
-            raise ValueError(f"{where}: {keys[0]!r} has rank {a.shape[1]}, but the config gives "
+        if rank != config.rank(torch_path):
+            raise ValueError(f"{where}: {first!r} has rank {rank}, but the config gives "
                              f"{torch_path!r} r={config.rank(torch_path)}")
         updates.setdefault((slot.flax_path, slot.layer), {}).update(
-            {names[0]: a, names[1]: b, "_torch_path": torch_path})
-        if magnitude is not None:
-            updates[(slot.flax_path, slot.layer)]["lora_magnitude_vector"] = magnitude
+            {variant.names(name)[n]: v for n, v in arrays.items()}, _torch_path=torch_path)
     for slot in index.values():
-        if any(is_factor(n) for n in slot.node):
+        if owned(slot.node):
             raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
                              "the base params (or merge first)")
     _warn_unused(model_type, list(factors), where, index, config.modules_to_save)
@@ -824,22 +805,23 @@ def load_peft(
     result = _agreeing_modules(config, new_params, flax_layouts, adapted)
     saved = _saved_modules(config.modules_to_save, {s.flax_path: p for p, s in index.items()})
     if tuple(saved or ()) != tuple(config.modules_to_save or ()):
-        result = LoraConfig.from_dict({**result.to_dict(), "modules_to_save": saved})
-    return keep_originals(new_params, result, base=params), result
+        result = result.replace(modules_to_save=saved)
+    return keep_originals(unflatten(new_params, original, flattened), result, base=original), \
+        result
 
 
 _Experts = dict[tuple[str, str], dict[int | None, tuple[np.ndarray, np.ndarray, float]]]
 
 
 def _expert_updates(found: Mapping[tuple[str, int], Mapping[str, np.ndarray]],
-                    index: Mapping[str, _Slot], config: LoraConfig, model_type: str | None,
+                    index: Mapping[str, _Slot], config: AdapterConfig, model_type: str | None,
                     where: str) -> _Experts:
     """{(Flax path, weight): {layer: (A [E, in, r], B [E, r, out], scale)}} of the file's
     target_parameters factors, checked against the weights the config targets."""
     wanted: dict[tuple[str, int], tuple[_Slot, str]] = {}
     for torch_path, slot in index.items():
         weights = [n for n, v in _leaves(slot.node).items()
-                   if not is_factor(n) and np.ndim(v) - (slot.layer is not None) == 3]
+                   if n not in owned(slot.node) and np.ndim(v) - (slot.layer is not None) == 3]
         named = parameters.targeted(torch_path, weights, config.target_parameters or ())
         for depth, weight in enumerate(reversed(_order(model_type, torch_path, named))):
             wanted[(torch_path, depth)] = (slot, weight)
@@ -870,7 +852,7 @@ def _expert_updates(found: Mapping[tuple[str, int], Mapping[str, np.ndarray]],
     return out
 
 
-def _expert_leaves(experts: _Experts, config: LoraConfig, dtype: jnp.dtype,
+def _expert_leaves(experts: _Experts, config: AdapterConfig, dtype: jnp.dtype,
                    layouts: Mapping[str, Layout] | None) -> dict[str, dict[str, Any]]:
     """The factors and record of each expert weight (a scanned stack's layers stacked)."""
     leaves: dict[str, dict[str, Any]] = {}
@@ -884,10 +866,11 @@ def _expert_leaves(experts: _Experts, config: LoraConfig, dtype: jnp.dtype,
                              f"scale for their experts, got {sorted(scales)}")
         layout = (layouts or {}).get(f"{flax_path}.{weight}") or Layout(
             "dense", stacked=int(scanned), order=parameters.EXPERTS)
-        record = LoraRecord(weight, layout, a.shape[-1], scales.pop(), config.lora_dropout)
-        a_name, b_name, record_name = factor_names(weight)
-        leaves.setdefault(flax_path, {}).update(
-            {a_name: jnp.asarray(a, dtype), b_name: jnp.asarray(b, dtype), record_name: record})
+        names = variants.for_config(config).names(weight)
+        leaves.setdefault(flax_path, {}).update({
+            names["lora_A"]: jnp.asarray(a, dtype), names["lora_B"]: jnp.asarray(b, dtype),
+            **new_record(weight, layout, Values(a.shape[-1], scales.pop()), config, None,
+                         ("lora_A", "lora_B"))})
     return leaves
 
 
@@ -895,24 +878,8 @@ def _weight_name(node: Mapping[str, Any]) -> str:
     return "embedding" if "embedding" in node else "kernel"
 
 
-def _rank(leaves: Mapping[str, Any]) -> int:
-    """The rank of the factors among a module's new leaves (A's last axis, after transposing)."""
-    return leaves["lora_embedding_A" if "lora_embedding_A" in leaves else "lora_A"].shape[-1]
-
-
-def _padded(value: np.ndarray, name: str, rank: int) -> np.ndarray:
-    """A layer's factor padded with zeros to the stack's rank (A [in, r] on its last axis,
-    B [r, out] on its first); other leaves as they are."""
-    if not is_factor(name) or name.endswith("magnitude_vector") or not rank:
-        return value
-    axis = value.ndim - 1 if name.endswith("_A") else 0
-    widths = [(0, 0)] * value.ndim
-    widths[axis] = (0, rank - value.shape[axis])
-    return np.pad(value, widths)
-
-
 def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
-           updates: Mapping[tuple[str, int | None], dict[str, Any]], config: LoraConfig,
+           updates: Mapping[tuple[str, int | None], dict[str, Any]], config: AdapterConfig,
            dtype: jnp.dtype, where: str, layouts: Mapping[str, Layout] | None
            ) -> tuple[dict[str, Any], dict[str, tuple[int, float] | None]]:
     """The new tree (per-layer updates stacked for scanned modules) and {flax path: (r, alpha)}."""
@@ -922,53 +889,47 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
     nodes = {s.flax_path: s.node for s in index.values()}
     new_leaves: dict[str, dict[str, Any]] = {}
     adapted: dict[str, tuple[int, float] | None] = {}
+    variant = variants.for_config(config)
     for flax_path, layers in by_module.items():
         node = nodes[flax_path]
-        # (rank, alpha) of each adapted layer, by peft's rules on its PyTorch path.
-        values = {i: (_rank(v), config.alpha(v["_torch_path"]))
-                  for i, v in layers.items() if "_torch_path" in v}
         weight = _weight_name(node)
+        mine = {leaf.key(weight): leaf for leaf in variant.leaves}
+        # (rank, alpha) of each adapted layer, by peft's rules on its PyTorch path.
+        values = {i: (variant.rank_of({mine[k].name: a for k, a in v.items() if k in mine}, 0),
+                      config.alpha(v["_torch_path"]))
+                  for i, v in layers.items() if "_torch_path" in v}
         rank = max((r for r, _ in values.values()), default=0)
+        n_layers = len(next(iter(_leaves(node).values())))  # for a scanned module
+        out = {}
         if values:
             adapted[flax_path] = next(iter(values.values()))
             scanned = None not in layers
             # A scanned stack's layers may differ: ranks padded, scales as data.
-            found = per_layer({i: (r, alpha / (r ** 0.5 if config.use_rslora else r))
-                               for i, (r, alpha) in values.items()},
-                              len(node[weight]) if scanned else 0)
+            found = per_layer({i: (r, scaling(alpha, r, config.use_rslora))
+                               for i, (r, alpha) in values.items()}, n_layers if scanned else 0)
             if found.ranks or found.scales:
                 adapted[flax_path] = None  # no one (rank, alpha): the file's patterns give them
             layout = (layouts or {}).get(flax_path) or Layout(
                 "embed" if weight == "embedding" else "dense", stacked=int(scanned))
             adapted_layers = tuple(sorted(i for i in values)) if scanned else None
-            if adapted_layers is not None and len(adapted_layers) == len(node[weight]):
-                adapted_layers = None
-            record = LoraRecord(weight, layout, rank, found.scale, config.lora_dropout,
-                                adapted_layers, "dora" if config.use_dora else "lora",
-                                ranks=found.ranks)
-        names = {k for v in layers.values() for k in v if k != "_torch_path"}
-        out = {}
-        for name in names:
-            target = dtype if is_factor(name) else node[name].dtype
+            if scanned and len(values) < n_layers:
+                variant.check("layer_selection", f"{where}: {flax_path!r}")
+            out.update(new_record(weight, layout, found, config, adapted_layers
+                                  if adapted_layers and len(adapted_layers) < n_layers else None,
+                                  {mine[k].name for v in layers.values() for k in v if k in mine}))
+        for name in {k for v in layers.values() for k in v if k != "_torch_path"}:
+            leaf = mine.get(name)
+            target = dtype if leaf else node[name].dtype
             if None in layers:
                 out[name] = jnp.asarray(layers[None][name], target)
                 continue
             # A scanned module: layers absent from the file keep their base leaf, or get zero
-            # factors (layers outside layers_to_transform; a fixed point of training).
-            if is_factor(name) and name.endswith("magnitude_vector") and len(layers) < len(
-                    node[_weight_name(node)]):
-                raise ValueError(f"{where}: a DoRA adapter for only some layers of the scanned "
-                                 f"{flax_path!r}; load it onto unscanned params")
-            shape = _padded(next(v[name] for v in layers.values() if name in v), name,
-                            rank).shape
-            n = node[name].shape[0] if name in node else len(node[_weight_name(node)])
+            # arrays (layers outside layers_to_transform; a fixed point of training).
+            resize = leaf.resize if leaf else lambda v, *_: v
+            shape = resize(next(v[name] for v in layers.values() if name in v), 0, rank).shape
             out[name] = jnp.asarray(np.stack([
-                _padded(layers[i][name], name, rank) if name in layers.get(i, {})
-                else (np.zeros(shape) if is_factor(name) else np.asarray(node[name][i]))
-                for i in range(n)]), target)
-        if values:
-            out[factor_names(record.weight)[2]] = record
-            if record.scale is None:
-                out[scale_name(record.weight)] = jnp.asarray(found.scales, jnp.float32)
+                resize(layers[i][name], 0, rank) if name in layers.get(i, {})
+                else (np.zeros(shape) if leaf else np.asarray(node[name][i]))
+                for i in range(n_layers)]), target)
         new_leaves[flax_path] = out
     return with_leaves(params, new_leaves), adapted
