@@ -20,9 +20,7 @@ QUANTIZED = {"linen": ("nf4", "int8"), "nnx": ()}  # the bases each frontend ada
 # kinds whose weights a quantized base holds (`lora_jax.quantize`: kernels; NF4: 64-blocks)
 QUANTIZED_KINDS = {"nf4": ("dense", "conv"), "int8": ("dense", "dense_general", "conv", "einsum")}
 # (frontend, kind) -> what save_peft says for a weight peft files do not hold
-PEFT_REFUSED = {("linen", "dense_general"): "has no PyTorch Linear/Embedding layout",
-                ("linen", "einsum"): "has no PyTorch Linear/Embedding layout",
-                ("linen", "conv"): "has no PyTorch Linear/Embedding layout",
+PEFT_REFUSED = {("linen", "conv"): "has no PyTorch Linear/Embedding layout",
                 ("nnx", "conv"): "has no PyTorch Linear/Embedding layout"}
 MESH_SHAPE = (2, 4)
 LOSS = lambda out: (out.astype(np.float32) ** 2).mean()
