@@ -127,6 +127,11 @@ class Adapted:
         return self.record.read(self.module.__getitem__)[0]
 
     @property
+    def factors(self) -> tuple[Any, Any]:
+        """(A, B) of a LoRA (or DoRA) adapter."""
+        return self.leaves["lora_A"], self.leaves["lora_B"]
+
+    @property
     def scale(self) -> Any:
         """The record's float scale, or the array scale leaf (`[*stacked]`) beside it."""
         return self.record.read(self.module.__getitem__)[1]

@@ -691,7 +691,8 @@ def load_peft(
         module, depth = parameters.split_nesting(torch_path)
         if kind == "factor" and module in index and not any(
                 n in index[module].node for n in _WEIGHT_LEAVES):  # target_parameters
-            expert_factors.setdefault((module, depth), {})[leaf] = tensors[key]
+            name = next(v.name for v in variant.leaves if leaf in (v.peft, v.peft_embed))
+            expert_factors.setdefault((module, depth), {})[name] = tensors[key]
             continue
         if torch_path not in index:
             raise _unknown_module(key, torch_path, index)
