@@ -337,6 +337,8 @@ def _agreeing_modules(config: AdapterConfig, tree: Mapping[str, Any],
     """`_agreeing` for the modules (`target_modules`); `target_parameters` stay as given."""
     if not config.target_modules:
         return config
+    if not config.target_parameters:  # also a config without the field (VeRA, LoKr)
+        return _agreeing(config, tree, layouts, adapted, for_peft=for_peft)
     agreed = _agreeing(config.replace(target_parameters=None), tree, layouts, adapted,
                        for_peft=for_peft)
     return agreed.replace(target_parameters=config.target_parameters)
@@ -732,7 +734,7 @@ def load_peft(
 
     experts = _expert_updates(expert_factors, index, config, model_type, where)
     tree, torch_layouts = _shape_tree(index)
-    modules = config.replace(target_parameters=None)
+    modules = config.replace(target_parameters=None) if config.target_parameters else config
     expected = _selected(modules, tree, torch_layouts) if config.target_modules else set()
     quirky = _selected(modules, tree, torch_layouts, peft_quirks=True)
     if quirky is not None and quirky != expected and set(factors) == quirky:
