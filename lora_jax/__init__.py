@@ -30,6 +30,7 @@ from lora_jax.multi import adapters
 from lora_jax.multi.weighted import weighted_adapter
 from lora_jax.peft.files import load_peft, save_peft
 from lora_jax.quant.quantize import dequantize, quantize
+from lora_jax.variants.vera import VeraConfig
 
 __all__ = [
     "AdapterCheckpointer",
@@ -37,6 +38,7 @@ __all__ = [
     "LoraConfig",
     "LoraRecord",
     "Rule",
+    "VeraConfig",
     "adapters",
     "combine",
     "count_parameters",

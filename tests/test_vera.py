@@ -216,3 +216,250 @@ def test_peft_files_keys_shapes_and_projections(tmp_path, kind, targets, max_in_
     ours["target_modules"] = sorted(ours["target_modules"])
     assert VeraConfig.from_dict(ours) == dataclasses.replace(config,
                                                              target_modules=tuple(sorted(targets)))
+
+
+# --- end to end, through the same calls as LoRA ----------------------------------------------
+
+E2E = {"llama": ["q_proj", "v_proj", "down_proj"],  # in/out 32/32, 32/16, 64/32
+       "bert": ["query", "value", "intermediate.dense", "output.dense"]}  # 32/64, 64/32 too
+E2E_TOL = 1e-4
+
+
+def _peft_vera(arch, path, **fields):
+    """peft's VeRA on the tiny `arch` with random non-zero lambdas, saved to `path`."""
+    from parity_harness import quiet
+
+    with quiet():
+        model = peft.get_peft_model(arch.hf(), peft.VeraConfig(**fields))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.5 * torch.randn(p.shape, generator=generator))
+    model.eval().save_pretrained(path)
+    return model
+
+
+def _merged_diff(arch, config_hf, scan, params, config, peft_model):
+    from peft_checks import max_diff, state_dict
+
+    import lora_jax
+
+    want = arch.module.params_from_hf(state_dict(peft_model.merge_and_unload()), config_hf,
+                                      scan_layers=scan, **arch.task)
+    got = lora_jax.merge(params, config)
+    return max(jax.tree.leaves(jax.tree.map(max_diff, got, want)))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_peft_vera_adapter_loads_and_runs_as_in_peft(tmp_path, name, scan):
+    from parity_harness import ARCHS, _close
+    from peft_checks import base_params, torch_out
+
+    import lora_jax
+
+    arch = ARCHS[name]
+    fields = dict(r=8, target_modules=E2E[name], projection_prng_key=11)
+    pm = _peft_vera(arch, tmp_path, **fields)
+    model, base = base_params(arch.module, arch.hf(), scan_layers=scan, build_kwargs=arch.task,
+                              load_kwargs=arch.task)
+    params, config = lora_jax.load_peft(tmp_path, base, model_type=name)
+    assert isinstance(config, VeraConfig) and config.r == 8
+    ours = lora_jax.wrap(model.apply, config)({"params": params}, **arch.inputs)
+    with torch.no_grad():
+        theirs = torch_out(pm, arch.inputs)
+    base_out = model.apply({"params": base}, **arch.inputs)
+    assert _close(np.asarray(base_out), theirs, arch) > 100 * E2E_TOL  # the adapter matters
+    assert _close(np.asarray(ours), theirs, arch) <= E2E_TOL
+    assert lora_jax.count_parameters(params, config)[0] == pm.get_nb_trainable_parameters()[0]
+    assert _merged_diff(arch, model.config, scan, params, config, pm) <= E2E_TOL
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_vera_trained_here_loads_in_peft(tmp_path, name, scan):
+    from parity_harness import ARCHS, _close, quiet
+    from peft_checks import base_params, read_adapter, torch_out, train
+
+    import lora_jax
+
+    arch = ARCHS[name]
+    config = VeraConfig(r=8, target_modules=E2E[name], projection_prng_key=11)
+    model, base = base_params(arch.module, arch.hf(), scan_layers=scan, build_kwargs=arch.task,
+                              load_kwargs=arch.task)
+    layouts = lora_jax.layouts(model, **arch.inputs) if scan else None
+    params = lora_jax.inject(base, config, jax.random.key(0), layouts=layouts)
+    apply = lora_jax.wrap(model.apply, config)
+    np.testing.assert_allclose(apply({"params": params}, **arch.inputs),  # lambda_b = 0
+                               model.apply({"params": base}, **arch.inputs), atol=1e-6, rtol=0)
+    trained = train(params, config, lambda out: (out ** 2).mean(), apply, arch.inputs)
+    moved, frozen = lora_jax.split(trained, config)
+    assert all(n.startswith("vera_lambda") for n in _names(moved))  # only the lambdas train
+    for a, b in zip(jax.tree.leaves(lora_jax.split(params, config)[1]), jax.tree.leaves(frozen),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    lora_jax.save_peft(tmp_path / "ours", trained, config, model_type=name)
+    with quiet():  # peft's own file for the same config: same keys, shapes and fields
+        reference = peft.get_peft_model(arch.hf(), peft.VeraConfig(
+            r=8, target_modules=E2E[name], projection_prng_key=11))
+        reference.save_pretrained(tmp_path / "peft")
+        pm = peft.PeftModel.from_pretrained(arch.hf(), tmp_path / "ours").eval()
+    ours_t, _, ours_c = read_adapter(tmp_path / "ours")
+    peft_t, _, peft_c = read_adapter(tmp_path / "peft")
+    assert {k: v.shape for k, v in ours_t.items()} == {k: v.shape for k, v in peft_t.items()}
+    for key in ("base_model.vera_A", "base_model.vera_B"):
+        np.testing.assert_array_equal(ours_t[key], peft_t[key])
+    ours_c["target_modules"], peft_c["target_modules"] = (
+        sorted(c["target_modules"]) for c in (ours_c, peft_c))
+    assert ours_c == {**peft_c, "auto_mapping": ours_c["auto_mapping"]}
+    logits = np.asarray(apply({"params": trained}, **arch.inputs))
+    with torch.no_grad():
+        assert _close(logits, torch_out(pm, arch.inputs), arch) <= E2E_TOL
+    assert lora_jax.count_parameters(trained, config)[0] == \
+        reference.get_nb_trainable_parameters()[0]
+    assert _merged_diff(arch, model.config, scan, trained, config, pm) <= E2E_TOL
+
+
+def _names(tree):
+    return {str(path[-1].key) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_vera_through_the_nnx_frontend_both_ways(tmp_path, scan):
+    import optax
+    from flax import nnx
+    from parity_harness import ARCHS, quiet
+    from peft_checks import max_diff, state_dict, torch_out
+
+    import lora_jax.nnx.frontend as lnnx
+    from lora_jax.models import nnx_llama
+
+    arch, ids = ARCHS["llama"], {"input_ids": ARCHS["llama"].inputs["input_ids"]}
+
+    def model():
+        hf = arch.hf()
+        return nnx_llama.from_hf(state_dict(hf), nnx_llama.config_from_hf(hf.config.to_dict()),
+                                 scan_layers=scan)
+
+    config = VeraConfig(r=8, target_modules=E2E["llama"], projection_prng_key=11)
+    ours = model()
+    lnnx.inject(ours, config, nnx.Rngs(0))
+    assert all(isinstance(v, nnx.LoRAParam) == k.startswith("vera_lambda")
+               for path, v in nnx.iter_graph(ours) if isinstance(v, nnx.Variable)
+               and (k := str(path[-1])).startswith("vera"))
+    optimizer = nnx.Optimizer(ours, optax.adam(3e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss = lambda m: (m(**ids) ** 2).mean()
+        optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
+
+    for _ in range(3):
+        step(ours, optimizer)
+    lnnx.save_peft(tmp_path / "ours", ours, config, model_type="llama")
+    with quiet():
+        pm = peft.PeftModel.from_pretrained(arch.hf(), tmp_path / "ours").eval()
+    theirs = torch_out(pm, ids)
+    assert max_diff(ours(**ids), torch_out(arch.hf(), ids)) > 100 * E2E_TOL
+    assert max_diff(ours(**ids), theirs) <= E2E_TOL
+    assert max_diff(lnnx.merge(ours, config)(**ids), torch_out(pm.merge_and_unload(), ids)) \
+        <= E2E_TOL
+    assert lnnx.count_parameters(ours, config)[0] == 2 * sum(8 + n for n in (32, 16, 32))
+    # peft's file onto a fresh NNX model
+    pm = _peft_vera(arch, tmp_path / "peft", r=8, target_modules=E2E["llama"],
+                    projection_prng_key=11)
+    loaded = model()
+    found = lnnx.load_peft(tmp_path / "peft", loaded, model_type="llama")
+    assert set(found.target_modules) == set(config.target_modules)
+    assert found.replace(target_modules=config.target_modules) == config
+    assert max_diff(loaded(**ids), torch_out(pm, ids)) <= E2E_TOL
+
+
+# --- what the variant interface does not express yet (strict: a fix makes these fail) --------
+
+def _counts(name, scan, **fields):
+    """(ours, peft's) (trainable, total) counts for VeRA with `fields` on the tiny `name`."""
+    from parity_harness import ARCHS, quiet
+    from peft_checks import base_params
+
+    import lora_jax
+
+    arch = ARCHS[name]
+    with quiet():
+        theirs = peft.get_peft_model(arch.hf(), peft.VeraConfig(**fields))
+    model, base = base_params(arch.module, arch.hf(), scan_layers=scan, build_kwargs=arch.task,
+                              load_kwargs=arch.task)
+    config = VeraConfig(**fields)
+    layouts = lora_jax.layouts(model, **arch.inputs) if scan else None
+    params = lora_jax.inject(base, config, jax.random.key(0), layouts=layouts)
+    return lora_jax.count_parameters(params, config), theirs.get_nb_trainable_parameters()
+
+
+@pytest.mark.xfail(strict=True, reason="count_parameters' total counts the frozen projection "
+                   "slices; peft's projections are buffers, not parameters (needs a Leaf flag, "
+                   "or untrained variant leaves left out of the total)")
+def test_total_count_is_peft_s():
+    ours, theirs = _counts("llama", False, r=8, target_modules=["q_proj", "down_proj"])
+    assert ours[0] == theirs[0]  # the trainable count is peft's already
+    assert ours[1] == theirs[1]
+
+
+@pytest.mark.xfail(strict=True, reason="counting's zero entries of the layers a scanned stack "
+                   "leaves out include frozen leaves, subtracted from the trainable count")
+def test_trainable_count_with_layers_to_transform_on_a_scanned_stack():
+    ours, theirs = _counts("llama", True, r=8, target_modules=["q_proj", "down_proj"],
+                           layers_to_transform=[1])
+    assert ours[0] == theirs[0]
+
+
+@pytest.mark.xfail(strict=True, reason="split trains the biases of adapted modules for "
+                   "bias='lora_only' only; peft's rule is any '<method>_only'")
+def test_bias_vera_only_trains_the_biases_of_adapted_modules():
+    ours, theirs = _counts("bert", False, r=8, target_modules=["query"], bias="vera_only")
+    assert ours[0] == theirs[0]
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="load_peft hands Variant.from_peft "
+                   "neither the config nor the targeted weights, so the projections of a file "
+                   "saved with save_projection=False cannot be drawn (prepare() could)")
+def test_a_file_saved_without_projections_loads(tmp_path):
+    from parity_harness import ARCHS, quiet
+    from peft_checks import base_params
+
+    import lora_jax
+
+    arch = ARCHS["llama"]
+    with quiet():
+        peft.get_peft_model(arch.hf(), peft.VeraConfig(
+            r=8, target_modules=["q_proj"], save_projection=False)).save_pretrained(tmp_path)
+    _, base = base_params(arch.module, arch.hf())
+    lora_jax.load_peft(tmp_path, base, model_type="llama")
+
+
+def test_saved_without_projections_peft_draws_ours(tmp_path):
+    """save_projection=False: peft loads the file with projections it draws from the key, which
+    are ours bit for bit; projections that are not the key's are refused."""
+    from parity_harness import ARCHS, quiet
+    from peft_checks import base_params
+
+    import lora_jax
+
+    arch = ARCHS["llama"]
+    config = VeraConfig(r=8, target_modules=["q_proj", "down_proj"], save_projection=False,
+                        projection_prng_key=3)
+    _, base = base_params(arch.module, arch.hf())
+    params = lora_jax.inject(base, config, jax.random.key(0))
+    lora_jax.save_peft(tmp_path, params, config, model_type="llama")
+    assert set(load_file(os.path.join(tmp_path, "adapter_model.safetensors"))) == {
+        f"base_model.model.model.layers.{i}.{m}.vera_lambda_{v}" for i in (0, 1)
+        for m in ("self_attn.q_proj", "mlp.down_proj") for v in "bd"}
+    with quiet():
+        pm = peft.PeftModel.from_pretrained(arch.hf(), tmp_path)
+    layer = params["model"]["layers_0"]["mlp"]["down_proj"]
+    np.testing.assert_array_equal(_numpy(pm.base_model.vera_A["default"]).T, layer["vera_A"])
+    np.testing.assert_array_equal(_numpy(pm.base_model.vera_B["default"]).T[:, :32],
+                                  layer["vera_B"])
+    with pytest.raises(ValueError, match="not those of projection_prng_key=4"):
+        lora_jax.save_peft(tmp_path / "other", params, dataclasses.replace(
+            config, projection_prng_key=4), model_type="llama")

@@ -23,17 +23,31 @@ What peft 0.21 does (read from `peft/tuners/vera` and checked by running it, tes
   adapter whose layers or rank need larger projections than the first one's.
 
 Here, in JAX layout (a kernel is `[in, out]`): `A = vera_A.T [max_in, r]`, `B = vera_B.T [r,
-max_out]`; a layer keeps its slices `A[:in] [in, r]`, `B[:, :out] [r, out]` (frozen) beside its
-trained lambdas, and its delta is the low-rank product `(x (A lambda_d)) (B lambda_b)`: no
-`in x out` matrix is formed. peft's `torch.Generator` is a Mersenne Twister, whose numbers
-numpy's `MT19937` reproduces exactly, so the projections for a `projection_prng_key` are peft's,
-bit for bit, and adapters saved without them (`save_projection=False`) load exactly too.
+max_out]`. `inject` draws them once for all targeted weights (`Vera.prepare`) and keeps each
+weight's slices `vera_A [*in, r]`, `vera_B [r, *out]` beside it, frozen, with its trained
+`vera_lambda_d [r]` and `vera_lambda_b [*out]`: the forward, merge, sharding (A as the weight's
+input axes, B as its output axes) and both frontends then read them like any variant's leaves;
+the price is `r * (in + out)` frozen numbers a layer where peft holds references to one pair.
+The delta of a call is the low-rank product `(x (A lambda_d)) (B lambda_b)`: no `in x out`
+matrix is formed. peft's `torch.Generator` is a Mersenne Twister, whose numbers numpy's
+`MT19937` reproduces exactly, so the projections for a `projection_prng_key` are peft's, bit for
+bit: an adapter saved with `save_projection=False` loads in peft exactly.
+
+>>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+>>> model, x = nn.Dense(8), jnp.ones((2, 16))
+>>> config = VeraConfig(r=4, target_modules=".*", init_weights=False)
+>>> params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+...                          jax.random.key(1))
+>>> sorted(k for k in params if k.startswith("vera")), lora_jax.count_parameters(params, config)[0]
+(['vera_A', 'vera_B', 'vera_lambda_b', 'vera_lambda_d'], 12)
+>>> out = lora_jax.wrap(model.apply, config)({"params": params}, x)
+>>> bool(jnp.allclose(out, model.apply({"params": lora_jax.merge(params, config)}, x), atol=1e-5))
+True
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -42,12 +56,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.core.config import _reject_unknown_fields
+from lora_jax.core.config import AdapterConfig, _reject_unknown_fields
 from lora_jax.core.factors import Layout, kernel_delta
+from lora_jax.variants import register_variant
+from lora_jax.variants.base import Leaf, Variant
 
 
+@_reject_unknown_fields
 @dataclasses.dataclass(frozen=True)
-class VeraConfig:
+class VeraConfig(AdapterConfig):
     """What to adapt with VeRA and how; field names, defaults and matching rules follow peft's
     `VeraConfig` (target_modules, layers_to_transform, layers_pattern and modules_to_save select
     modules as in `lora_jax.LoraConfig`).
@@ -120,20 +137,12 @@ class VeraConfig:
                 "layers_to_transform; list the module names instead"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields (tuples as lists): peft's `VeraConfig` fields."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+    @property
+    def dropout(self) -> float:
+        """The dropout rate on the projections' input (`vera_dropout`)."""
+        return self.vera_dropout
 
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> VeraConfig:
-        """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
-        return cls(**fields)
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
-
-
-VeraConfig = _reject_unknown_fields(VeraConfig)
+    __hash__ = AdapterConfig.__hash__
 
 
 # --- the shared projections -------------------------------------------------------------------
@@ -250,3 +259,85 @@ def merge_delta(a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.A
                 layout: Layout, shape: tuple[int, ...]) -> jax.Array:
     """`(A lambda_d) (B lambda_b)` laid out as the weight (float32): what merging adds."""
     return kernel_delta(*scaled_projections(a, b, lambda_d, lambda_b), layout, shape)
+
+
+# --- the variant ------------------------------------------------------------------------------
+
+_A, _B = "base_model.vera_A", "base_model.vera_B"
+
+
+def _arrays(leaves: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+    return (leaves["vera_A"], leaves["vera_B"], leaves["vera_lambda_d"],
+            leaves["vera_lambda_b"])
+
+
+class Vera(Variant):
+    """VeRA behind the variant interface: frozen slices `vera_A [*in, r]`, `vera_B [r, *out]`
+    and trained `vera_lambda_d [r]`, `vera_lambda_b [*out]` beside each adapted weight."""
+
+    name = "vera"
+    config = VeraConfig
+    peft_type = "VERA"
+    leaves = (Leaf("vera_A", "ir", trained=False), Leaf("vera_B", "ro", trained=False),
+              Leaf("vera_lambda_d", "r", peft=".vera_lambda_d"),
+              Leaf("vera_lambda_b", "o", peft=".vera_lambda_b"))
+    kinds = ("dense", "einsum")  # a kernel that is a Linear of its flattened in / out axes
+    _why = ("as in peft, VeRA adapts Linear layers (kernels of input and output axes) only; "
+            "exclude this module")
+    unsupported = {"kinds": _why, "kept_axes": _why, "materialised": _why,
+                   "adapter_sets": "one shared pair of projections per adapter",
+                   "sweeps": "one shared pair of projections per adapter",
+                   "combinations": "peft combines LoRA adapters only",
+                   "conversion": "VeRA is no LoRA of a smaller rank"}
+    # peft 0.21.2 `VeraConfig().to_dict()` with save_pretrained's `inference_mode: true`.
+    peft_defaults = {
+        "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
+        "d_initial": 0.1, "fan_in_fan_out": False, "inference_mode": True, "init_weights": True,
+        "layers_pattern": None, "layers_to_transform": None, "modules_to_save": None,
+        "projection_prng_key": 0, "r": 256, "revision": None, "save_projection": True,
+        "target_modules": None, "task_type": None, "vera_dropout": 0.0}
+    peft_fields = tuple(f.name for f in dataclasses.fields(VeraConfig))
+    peft_shared_keys = (_A, _B)
+
+    def prepare(self, weights: list[tuple[Any, Layout]], config: Any, key: jax.Array) -> Any:
+        sizes = [layout.split(w.shape)[1:] for w, layout in weights]
+        return projections(config, max(math.prod(i) for i, _ in sizes),
+                           max(math.prod(o) for _, o in sizes))
+
+    def init(self, weight: Any, layout: Layout, config: Any, values: Any, key: jax.Array,
+             dtype: jnp.dtype, shared: Any) -> tuple[dict[str, jax.Array], Any]:
+        a, b = layer_projections(shared[0], shared[1], weight.shape, layout)
+        d, lb = init_lambdas(weight.shape, layout, config, key, dtype)
+        return {"vera_A": a.astype(dtype), "vera_B": b.astype(dtype), "vera_lambda_d": d,
+                "vera_lambda_b": lb}, None
+
+    def forward(self, call: Any, leaves: Mapping[str, jax.Array], scale: Any) -> jax.Array:
+        return call.product(*scaled_projections(*_arrays(leaves)))
+
+    def merge(self, weight: jax.Array, leaves: Mapping[str, jax.Array], scale: Any,
+              layout: Layout) -> jax.Array:
+        return weight + merge_delta(*_arrays(leaves), layout, weight.shape)
+
+    def peft_shared(self, modules: list[Mapping[str, Any]], config: Any) -> dict[str, Any]:
+        a, b = shared_projections([(m["vera_A"], m["vera_B"]) for m in modules], "save_peft")
+        if config.save_projection:
+            return {_A: np.ascontiguousarray(a.T), _B: np.ascontiguousarray(b.T)}
+        drawn = projections(config, a.shape[0], b.shape[1])
+        if not (np.array_equal(a, drawn[0]) and np.array_equal(b, drawn[1])):
+            raise ValueError("save_peft: save_projection=False, but the projections are not "
+                             f"those of projection_prng_key={config.projection_prng_key}, which "
+                             "peft would draw on load; save with save_projection=True")
+        return {}
+
+    def from_peft(self, arrays: dict[str, Any], shared: Mapping[str, Any],
+                  shape: tuple[int, ...], layout: Layout) -> dict[str, Any]:
+        if _A not in shared or _B not in shared:
+            raise ValueError(
+                f"the file has no {_A} / {_B} (saved with save_projection=False): load_peft "
+                "cannot size peft's projections for it yet; save the adapter with "
+                "save_projection=True")
+        a, b = layer_projections(shared[_A].T, shared[_B].T, shape, layout, "load_peft")
+        return {**arrays, "vera_A": np.asarray(a), "vera_B": np.asarray(b)}
+
+
+register_variant(Vera())

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lora_jax import LoraConfig
+from lora_jax.variants.vera import VeraConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ def _lora(**fields):
 
 
 _DORA_KINDS = "DoRA applies to Dense-like, Conv and Embed"  # peft's DoRA layers
+_VERA_KINDS = "VeRA adapts Linear layers"  # peft's VeRA: torch Linear and Conv1D
 VARIANTS = {v.name: v for v in [
     Variant("lora", _lora(), trains=r"lora_(embedding_)?[AB]$", adapter_sets=True),
     # m / ||W + s A B|| is 1 at init only up to rounding where the forward computes the norm in
@@ -44,4 +46,8 @@ VARIANTS = {v.name: v for v in [
     Variant("dora", _lora(use_dora=True), trains=r"lora_(embedding_)?[AB]$|magnitude_vector$",
             init_rtol=1e-6, refused={kind: _DORA_KINDS for kind in (
                 "einsum", "gemma_qkv", "gemma_gqa", "gemma_mlp", "fallback")}),
+    Variant("vera", lambda init, **targets: VeraConfig(r=2, init_weights=init, **targets),
+            trains=r"vera_lambda_[bd]$", refused={
+                **{kind: _VERA_KINDS for kind in ("conv", "embed", "gemma_qkv", "gemma_gqa")},
+                "fallback": "VeraConfig has no field 'target_parameters'"}),
 ]}
