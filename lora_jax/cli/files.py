@@ -27,7 +27,7 @@ from typing import Any
 try:
     import fcntl  # locks tell a live process's temporary folder from a killed one's
 except ImportError:  # Windows: stale temporary folders are left in place
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 
 def read_json(path: Path) -> Any:

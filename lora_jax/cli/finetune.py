@@ -69,7 +69,7 @@ def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any]
                               quantize=args.quantize)
     check_seq_len(loaded, task, args.seq_len,
                   args.prompt_tokens if args.method == "prompt" else 0)
-    parts = data.split(dataset, seed=args.seed)
+    parts: tuple[data.TextDataset, ...] = data.split(dataset, seed=args.seed)
     if args.limit:
         parts = tuple(data.sample(p, args.limit, args.seed) for p in parts)
     if len(parts[0]) == 0:
@@ -139,7 +139,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         setup = on_nnx(setup, loaded, task, args.method, args.quantize)
     trainable, frozen = lora_jax.split(setup.params, setup.config)
     with AdapterCheckpointer(out / "checkpoint", max_to_keep=2) as checkpointer:
-        start_step, losses, opt_state = 0, [], None
+        start_step, opt_state = 0, None
+        losses: list[float] = []
         resumed = args.resume and checkpointer.all_steps()
         if resumed:
             (start_step, trainable, opt_state, _), losses = _resume(
@@ -162,6 +163,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         before = None
         if task != "classify" and not start_step:
             before = train.evaluate(setup.forward, task, setup.params, test_a, args.batch_size)
+        result: train.FitResult | train.Interrupted | train.Diverged
         try:
             result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
                                steps=steps, batch_size=args.batch_size, seed=args.seed,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lora_jax.cli.adapter import check_adapter
 from lora_jax.cli.model import eos_id, load_model, max_positions
+from lora_jax.core.config import AdapterConfig
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -36,7 +37,7 @@ def generate(args: argparse.Namespace) -> int:
                          f"encoder-decoder, this is a {loaded.model_type} encoder")
     params, apply = loaded.params, loaded.module.apply
 
-    def load(folder: str) -> tuple[dict, lora_jax.LoraConfig]:
+    def load(folder: str) -> tuple[dict, AdapterConfig]:
         try:
             return load_peft(folder, params, model_type=loaded.model_type)
         except ValueError as err:  # which --adapter, when there are several

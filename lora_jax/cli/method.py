@@ -98,7 +98,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
 
     def forward(p: Mapping[str, Any], batch: Mapping[str, Any], dropout_key: Any) -> Any:
         rngs = None if dropout_key is None else {"dropout": dropout_key}
-        args = (batch["input_ids"], batch["attention_mask"])
+        args: tuple[Any, ...] = (batch["input_ids"], batch["attention_mask"])
         if task == "seq2seq":  # teacher forcing: the decoder reads the shifted targets
             args += (batch["decoder_input_ids"],)
         if method != "prompt":

@@ -98,7 +98,7 @@ def _model_type(path: Path) -> str:
         architecture_of(model_type)
     except ValueError as err:
         raise ValueError(f"--model {str(path)!r} is {err}") from None
-    return model_type
+    return str(model_type)
 
 
 def load_model(spec: str, task: str | None, num_labels: int | None = None, seed: int = 0,
@@ -111,6 +111,7 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
     resolved = model_task(spec, task)
     from lora_jax.models import loading
 
+    module: Any
     if path.suffix == ".gguf":
         from lora_jax.models.gguf import load_gguf
 

@@ -11,9 +11,11 @@ import json
 import math
 import types
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from lora_jax.core.targets import pattern_value
+
+_Config = TypeVar("_Config", bound="AdapterConfig")
 
 
 def scaling(alpha: float, r: int, rslora: bool = False) -> float:
@@ -89,11 +91,11 @@ class AdapterConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> AdapterConfig:
+    def from_dict(cls: type[_Config], fields: Mapping[str, Any]) -> _Config:
         """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
         return cls(**fields)
 
-    def replace(self, **fields: Any) -> AdapterConfig:
+    def replace(self: _Config, **fields: Any) -> _Config:
         """A copy with `fields` changed (checked as a new config)."""
         return self.from_dict({**self.to_dict(), **fields})
 

@@ -89,6 +89,9 @@ class Call:
         """The layer's product without its bias: recomputed on the dropped input when dropout
         ran (as peft's DoRA does), else the output less the bias."""
         if self.dropped:
+            # inject refuses a variant that recomputes the base under dropout on a rule without
+            # one (Variant.recomputes_base)
+            assert self.rule.base is not None
             return self.rule.base(self.module, self.x, self.weight.astype(self.out.dtype),
                                   self.args, self.kwargs)
         return self.out if self.bias is None else self.out - self.bias
@@ -155,6 +158,7 @@ def _mixed(call: Call, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Arra
     """
     rule, module, x, ids, strategy = call.rule, call.module, call.x, call.ids, call.strategy
     args, kwargs = call.args, call.kwargs
+    assert ids is not None  # Call refuses an adapter set called without adapter_ids
     a, b = a.astype(call.dtype), b.astype(call.dtype)
     k = a.shape[0]
     if x.shape[0] != ids.shape[0]:

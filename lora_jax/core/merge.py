@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import variants
-from lora_jax.core.config import LoraConfig
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
 from lora_jax.core.record import LoraRecord, check_config, records
 from lora_jax.core.saved import drop_originals
@@ -18,7 +18,7 @@ from lora_jax.core.targets import unbox, with_leaves, without_leaves
 from lora_jax.quant.quantize import dequantize
 
 
-def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
+def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
           safe: bool = False) -> dict[str, Any]:
     """Plain params for the unmodified model: W + scale * A B, factors and records removed.
 
@@ -34,7 +34,7 @@ def merge(params: Mapping[str, Any], config: LoraConfig | None = None,
     wrapped forward's head reads the original (`lora_jax.core.saved`).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
-    >>> from lora_jax import inject
+    >>> from lora_jax import LoraConfig, inject
     >>> model, x = nn.Dense(4), jnp.ones((1, 3))
     >>> config = LoraConfig(r=2, lora_alpha=4, target_modules=".*", init_lora_weights=False)
     >>> params = inject(model.init(jax.random.key(0), x)["params"], config, jax.random.key(1))

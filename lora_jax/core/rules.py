@@ -36,7 +36,7 @@ True
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lora_jax.core.factors import Layout, einsum_roles
@@ -46,7 +46,7 @@ class NotAdaptable(ValueError):
     """Raised by a rule's `layout` for a module LoRA cannot apply to (the reason as message)."""
 
 
-def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _first_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
     for name in ("inputs", "x"):
         if name in kwargs:
             return kwargs[name]
@@ -77,7 +77,7 @@ class Rule:
     layout: Callable[[Any, Any, tuple[Any, ...], dict[str, Any]], Layout]
     delta: Callable[..., Any]
     weight: str | Callable[[Any], str] = "kernel"
-    inputs: Callable[[tuple[Any, ...], dict[str, Any]], Any] = _first_input
+    inputs: Callable[[tuple[Any, ...], Mapping[str, Any]], Any] = _first_input
     dropout: bool = True
     base: Callable[..., Any] | None = None
     matmul: bool | Callable[[Any], bool] = False

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 import lora_jax.linen.rules  # noqa: F401  (registers the rules for flax's and others' layers)
-from lora_jax.core.config import LoraConfig
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
 from lora_jax.core.forward import (
     MATERIALISE_WARNING,
@@ -151,7 +151,7 @@ def _check_not_quantized(trainable: Mapping[str, Any]) -> None:
             )
 
 
-def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *,
+def wrap(apply_fn: Callable[..., Any], config: AdapterConfig, *,
          strategy: Strategy = DEFAULT_STRATEGY) -> Callable[..., Any]:
     """`apply_fn` (e.g. `model.apply`) with the LoRA deltas added inside the adapted layers.
 

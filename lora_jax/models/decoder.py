@@ -205,7 +205,7 @@ def config_to_hf(config: Config) -> dict[str, Any]:
     out = {k: v for k, v in fields.items() if k not in _SWITCHES + _ROPE}
     for theirs, ours in architecture(config.model_type).settings.get("renames", {}).items():
         out[theirs] = out.pop(ours)
-    rope = {"rope_type": "default" if config.rope_factor == 1.0 else "linear",
+    rope: dict[str, Any] = {"rope_type": "default" if config.rope_factor == 1.0 else "linear",
             "rope_theta": config.rope_theta}
     if config.rope_factor != 1.0:
         rope["factor"] = config.rope_factor
@@ -389,7 +389,7 @@ class DecoderModel(_Layer, Stacked):
         self.layers = layer_stack(DecoderLayer, self.layer_kwargs, c.num_hidden_layers,
                                   scan=self.scan_layers, remat_policy=self.remat_policy,
                                   num_broadcast=2)
-        self.norm = self.norm()  # the final RMSNorm (HF `model.norm`) replaces the factory
+        self.norm = self.norm()  # type: ignore[method-assign,assignment]  # the final RMSNorm (HF `model.norm`) replaces the factory
 
     def __call__(self, input_ids: jax.Array, inputs: DecodeInputs, caches: Any
                  ) -> tuple[jax.Array, Any]:
@@ -402,7 +402,7 @@ class DecoderModel(_Layer, Stacked):
         sliding = jnp.asarray(c.sliding)
         x, caches = run_layers(self.layers, self.embed_tokens(input_ids), (caches, sliding),
                                inputs, _Rope(full, local))
-        return self.norm(x), caches
+        return self.norm(x), caches  # type: ignore[return-value]  # the RMSNorm set in setup
 
 
 class DecoderForCausalLM(_Layer, CausalLM):

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import variants
-from lora_jax.core.config import LoraConfig
+from lora_jax.core.config import AdapterConfig, LoraConfig
 from lora_jax.core.record import (
     Adapted,
     LoraRecord,
@@ -112,7 +112,7 @@ def _check_base(first: Mapping[str, Any], other: Mapping[str, Any], name: str) -
                 "adapters may hold only LoRA factors")
 
 
-def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], LoraConfig]]) -> AdapterSet:
+def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]]) -> AdapterSet:
     """An `AdapterSet` from `{name: (params, config)}`, each params tree one adapter over the
     same base (from `inject` or `load_peft`). Ranks and targets may differ.
 

@@ -50,6 +50,13 @@ def _lookup(name: Any) -> Initialiser | None:
     return None
 
 
+def _named(name: Any) -> Initialiser:
+    init = _lookup(name)
+    if init is None:
+        raise ValueError(f"init_lora_weights={name!r} is not a known initialiser")
+    return init
+
+
 def known(name: Any) -> bool:
     """Whether `name` is a registered `init_lora_weights` value."""
     return _lookup(name) is not None
@@ -57,13 +64,13 @@ def known(name: Any) -> bool:
 
 def changes_base(name: Any) -> bool:
     """Whether the initialiser `name` replaces the base weight (PiSSA, OLoRA, LoftQ)."""
-    return _lookup(name).changes_base
+    return _named(name).changes_base
 
 
 def initialise(weight: Any, layout: Layout, r: int, scale: float | None, config: Any,
                key: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, Any]:
     """(A, B, new base or None) drawn by `config.init_lora_weights`."""
-    return _lookup(config.init_lora_weights).draw(weight, layout, r, scale, config, key, dtype)
+    return _named(config.init_lora_weights).draw(weight, layout, r, scale, config, key, dtype)
 
 
 def check(where: str, weight: Any, layout: Layout, values: Any, config: Any) -> None:
@@ -182,7 +189,7 @@ def loftq_init(w: jax.Array, layout: Layout, r: int, scale: float, config: Any, 
     wc = layout.to_canonical(w).astype(jnp.float32)
     a = jnp.zeros((*wc.shape[:-1], r), jnp.float32)
     b = jnp.zeros((*wc.shape[:-2], r, wc.shape[-1]), jnp.float32)
-    for _ in range(n_iter):
+    for _step in range(n_iter):
         low = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         target = layout.to_stored((wc - low).reshape(*stack, *fan_in, *fan_out)).astype(w.dtype)
         quantized = quantizer(target)

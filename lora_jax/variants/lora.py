@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +21,11 @@ class Lora(Variant):
 
     name = "lora"
     config = LoraConfig
-    leaves = (Leaf("lora_A", "ir", embed_name="lora_embedding_A", peft=".lora_A.weight",
-                   peft_embed=".lora_embedding_A"),
-              Leaf("lora_B", "ro", embed_name="lora_embedding_B", peft=".lora_B.weight",
-                   peft_embed=".lora_embedding_B"))
+    leaves: ClassVar[tuple[Leaf, ...]] = (
+        Leaf("lora_A", "ir", embed_name="lora_embedding_A", peft=".lora_A.weight",
+             peft_embed=".lora_embedding_A"),
+        Leaf("lora_B", "ro", embed_name="lora_embedding_B", peft=".lora_B.weight",
+             peft_embed=".lora_embedding_B"))
 
     # peft 0.21.2 `LoraConfig().to_dict()` with save_pretrained's `inference_mode: true`.
     peft_defaults = {
