@@ -11,14 +11,21 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peft
 import pytest
 import torch
 from peft.tuners.lokr import layer as peft_lokr
+from peft_checks import base_params, max_diff, peft_logits, state_dict, torch_out, train
 from safetensors.numpy import load_file
 from test_peft_io_models import bert_hf, llama_hf
 
+import lora_jax
 from lora_jax.core.factors import Layout
+from lora_jax.core.record import iter_records
+from lora_jax.core.targets import peft_path
+from lora_jax.models import bert, llama
+from lora_jax.models.registry import architecture as arch_record
 from lora_jax.variants.lokr import (
     LoKrConfig,
     dropout_masks,
@@ -43,8 +50,8 @@ def peft_linear(fan_in, fan_out, seed=0, **fields):
 
 
 def factors_of(layer):
-    """The peft layer's LoKr factors as numpy, by leaf name."""
-    return {name: getattr(layer, name)["default"].detach().numpy().copy()
+    """The peft layer's LoKr factors as numpy by leaf name, transposed as our leaves hold them."""
+    return {name: getattr(layer, name)["default"].detach().numpy().T.copy()
             for name in layer.adapter_layer_names if "default" in getattr(layer, name)}
 
 
@@ -158,7 +165,7 @@ def test_inits_zero_what_peft_zeroes_and_draw_within_its_bounds(init):
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
         mine = np.asarray(ours[name])
-        bound = 1 / math.sqrt(value.shape[1])
+        bound = 1 / math.sqrt(value.shape[0])  # peft's fan_in: its second axis
         assert (np.abs(value).max() == 0) == (np.abs(mine).max() == 0), name
         assert np.abs(value).max() <= bound and np.abs(mine).max() <= bound
         if np.abs(value).max():  # a uniform draw: its spread near the bound's
@@ -253,9 +260,132 @@ def test_peft_files_hold_our_names_shapes_and_config(tmp_path, hf, fields):
         if any(name.endswith("." + t) for t in config.target_modules):
             shapes = leaf_shapes(fan_in, fan_out, config.rank(name), config.decompose_factor,
                                  config.decompose_both)
-            expected.update({f"base_model.model.{name}.{k}": s for k, s in shapes.items()})
+            expected.update({f"base_model.model.{name}.{k}": s[::-1] for k, s in shapes.items()})
     saved = {k: v.shape for k, v in tensors.items() if ".lokr_" in k}
     assert len(saved) >= 12 and saved == expected
     assert {k for k in tensors if ".lokr_" not in k} == (
         {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
         if "modules_to_save" in fields else set())
+
+
+# --- end to end: the reference Llama and BERT, scanned and not, both frontends -----------------
+
+IDS = np.random.RandomState(1).randint(0, 99, (2, 8))
+MASK = np.array([[1] * 8, [1] * 5 + [0] * 3])
+E2E_TOL = 1e-4  # float32 logits and merged weights against peft
+# Llama: w1 full (q, v, up) and low-rank (down), w2 low-rank and full (up, r=8: no rank axis).
+E2E = {
+    "llama": (llama, llama_hf, None, {"input_ids": IDS},
+              dict(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                   decompose_both=True, rank_pattern={"up_proj": 8}, alpha_pattern={"v_proj": 3})),
+    "bert": (bert, bert_hf, {"task": "classify"}, {"input_ids": IDS, "attention_mask": MASK},
+             dict(r=3, alpha=5, target_modules=["query", "value", "intermediate.dense"],
+                  decompose_factor=4)),
+}
+
+
+def into_peft(params, peft_model, stacks):
+    """Our LoKr leaves written into the peft model's LoKr layers (transposed to peft's order):
+    the oracle computes with our factors."""
+    for item in iter_records(params):
+        stack = next((s for s in stacks if item.path.startswith(s + ".")), None)
+        if item.record.layout.stacked:
+            rest = item.path[len(stack):]
+            names = [(f"{stack}.{i}{rest}", i) for i in range(item.weight.shape[0])]
+        else:
+            names = [(peft_path(item.path), None)]
+        for name, i in names:
+            layer = peft_model.base_model.model.get_submodule(name)
+            for leaf, value in item.leaves.items():
+                value = np.asarray(value if i is None else value[i])
+                getattr(layer, leaf)["default"].data.copy_(torch.tensor(value.T))
+
+
+def linen_lokr(name, scan):
+    """(model, base, params, config, apply) of the reference model with a LoKr adapter trained a
+    few steps in JAX (`lora_jax.optimizer` on what `lora_jax.split` calls trainable)."""
+    arch, hf, task, inputs, fields = E2E[name]
+    model, base = base_params(arch, hf(), scan_layers=scan, build_kwargs=task, load_kwargs=task)
+    config = LoKrConfig(**fields, init_weights=False)
+    found = lora_jax.layouts(model, **inputs) if scan else None
+    params = lora_jax.inject(base, config, jax.random.key(0), layouts=found)
+    apply = lora_jax.wrap(model.apply, config)
+    loss = lambda out: (out.astype(jnp.float32) ** 2).mean()
+    params = train(params, config, loss, apply, inputs, steps=2)
+    return model, base, params, config, apply
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("name", list(E2E))
+def test_linen_model_equals_peft_with_the_same_factors(name, scan):
+    arch, hf, task, inputs, fields = E2E[name]
+    model, _, params, config, apply = linen_lokr(name, scan)
+    peft_model = peft.get_peft_model(hf(), peft.LoKrConfig(**fields)).eval()
+    into_peft(params, peft_model, arch_record(name).stacks)
+    ours = apply({"params": params}, **inputs)
+    assert max_diff(ours, torch_out(hf(), inputs)) > 100 * E2E_TOL  # the adapter matters
+    assert max_diff(ours, peft_logits(peft_model, inputs)) <= E2E_TOL
+    assert lora_jax.count_parameters(params, config)[0] == \
+        peft_model.get_nb_trainable_parameters()[0]
+    merged = lora_jax.merge(params, config)
+    reference = arch.params_from_hf(state_dict(peft_model.merge_and_unload()), model.config,
+                                    scan_layers=scan, **(task or {}))
+    assert max(jax.tree.leaves(jax.tree.map(max_diff, merged, reference))) <= E2E_TOL
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_nnx_llama_equals_peft_with_the_same_factors(scan):
+    from flax import nnx
+
+    from lora_jax import nnx as lnnx
+    from lora_jax.models import nnx_llama
+
+    _, hf, _, inputs, fields = E2E["llama"]
+    model = nnx_llama.from_hf(state_dict(hf()), nnx_llama.config_from_hf(
+        hf().config.to_dict()), scan_layers=scan, remat=scan)
+    config = LoKrConfig(**fields, init_weights=False)
+    lnnx.inject(model, config, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=lnnx.trainable(model, config))
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss = lambda m: (m(IDS) ** 2).mean()
+        optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(
+            0, lnnx.trainable(model, config)))(model))
+
+    for _ in range(2):
+        step(model, optimizer)
+    params = lnnx.params(model)
+    peft_model = peft.get_peft_model(hf(), peft.LoKrConfig(**fields)).eval()
+    into_peft(params, peft_model, arch_record("llama").stacks)
+    assert max_diff(model(IDS), peft_logits(peft_model, inputs)) <= E2E_TOL
+    assert lora_jax.count_parameters(params, config)[0] == \
+        peft_model.get_nb_trainable_parameters()[0]
+    merged = lnnx.merge(model, config)(IDS)
+    assert max_diff(merged, torch_out(peft_model.merge_and_unload(), inputs)) <= E2E_TOL
+
+
+# peft io reads the alpha of a module as `config.alpha(path)`, AdapterConfig's method, which the
+# LoKr field `alpha` (peft's name, an int) hides on a LoKrConfig: save_peft raises TypeError.
+ALPHA_METHOD = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "lora_jax.peft.files calls config.alpha(path); LoKrConfig's peft field `alpha` hides "
+    "AdapterConfig.alpha"))
+
+
+@ALPHA_METHOD
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("name", list(E2E))
+def test_save_peft_loads_in_peft_and_load_peft_reads_peft_s_file(name, scan, tmp_path):
+    arch, hf, task, inputs, fields = E2E[name]
+    model, base, params, config, apply = linen_lokr(name, scan)
+    ours = apply({"params": params}, **inputs)
+    lora_jax.save_peft(tmp_path / "ours", params, config, model_type=name)
+    peft_model = peft.PeftModel.from_pretrained(hf(), tmp_path / "ours").eval()
+    assert max_diff(ours, peft_logits(peft_model, inputs)) <= E2E_TOL
+    peft_model.save_pretrained(tmp_path / "theirs")
+    found = lora_jax.layouts(model, **inputs) if scan else None
+    loaded, loaded_config = lora_jax.load_peft(tmp_path / "theirs", base, model_type=name,
+                                               layouts=found)
+    assert loaded_config == config
+    again = lora_jax.wrap(model.apply, loaded_config)({"params": loaded}, **inputs)
+    assert max_diff(again, ours) <= E2E_TOL

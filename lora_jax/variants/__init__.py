@@ -50,7 +50,7 @@ def registered() -> tuple[Variant, ...]:
 
 
 # Each variant's file registers it (a new variant: one name here).
-from lora_jax.variants import dora, lora, vera  # noqa: E402, F401, I001
+from lora_jax.variants import dora, lokr, lora, vera  # noqa: E402, F401, I001
 
 __all__ = ["Leaf", "Variant", "for_config", "named", "of", "register_variant",
            "registered"]

@@ -7,10 +7,11 @@ What peft 0.21 does, and this file with it:
   (the first of each pair the smaller, near the square root for -1). `w1 [a, c]` is the full
   `lokr_w1`, or `lokr_w1_a [a, r] @ lokr_w1_b [r, c]` with `decompose_both` when
   `r < max(a, c) / 2`; `w2 [b, d]` is the full `lokr_w2` when `r >= max(b, d) / 2`, else
-  `lokr_w2_a [b, r] @ lokr_w2_b [r, d]`. The leaves keep peft's `[out, in]` order.
+  `lokr_w2_a [b, r] @ lokr_w2_b [r, d]`. The leaves hold these transposed (a weight's input
+  side first, as LoRA's A `[in, r]`), so peft's files hold them with the axes reversed.
 - The scale is `alpha / r`, also when both factors are full (no rank anywhere).
 - `init_weights=True`: `w1` (or `w1_a`) zero, the rest kaiming-uniform, U(+-1/sqrt(fan_in)) with
-  fan_in the factor's second axis; `"lycoris"`: `w2` (or `w2_b`) zero instead; `False`: none.
+  fan_in peft's second axis; `"lycoris"`: `w2` (or `w2_b`) zero instead; `False`: none.
 - Training: `module_dropout` drops the whole term with probability p (one draw per call, not
   rescaled); `rank_dropout` zeroes each output feature of the term with probability p (one
   mask per call), divided by the kept fraction with `rank_dropout_scale`.
@@ -29,7 +30,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -37,17 +37,17 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core.config import _reject_unknown_fields
+from lora_jax.core.config import AdapterConfig, _reject_unknown_fields
 from lora_jax.core.factors import Layout
-from lora_jax.core.targets import pattern_value
+from lora_jax.variants import register_variant
+from lora_jax.variants.base import Leaf, Variant
 
 W1, W1_A, W1_B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
 W2, W2_A, W2_B = "lokr_w2", "lokr_w2_a", "lokr_w2_b"
-LEAVES = (W1, W1_A, W1_B, W2, W2_A, W2_B)
 
 
 @dataclasses.dataclass(frozen=True)
-class LoKrConfig:
+class LoKrConfig(AdapterConfig):
     """What to adapt with LoKr and how; peft's `LoKrConfig` field names and defaults.
 
     `r`, `alpha` (scale `alpha / r`), `decompose_both`, `decompose_factor` and `init_weights`
@@ -64,7 +64,8 @@ class LoKrConfig:
     """
 
     r: int = 8
-    alpha: float = 8
+    # peft's name; it hides AdapterConfig.alpha(*names), which peft io calls (a known gap).
+    alpha: float = 8  # type: ignore[assignment]
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
@@ -126,29 +127,21 @@ class LoKrConfig:
                 "names instead"
             )
 
-    def rank(self, path: str) -> int:
-        """The rank for the module at `path` (`rank_pattern` overrides `r`)."""
-        return pattern_value(self.rank_pattern, path, self.r)
+    @property
+    def default_alpha(self) -> float:
+        """The alpha of modules no `alpha_pattern` names (peft's LoKr field `alpha`)."""
+        return self.alpha
 
-    def scaling(self, path: str, rank: int | None = None) -> float:
-        """alpha / r for the module at `path` (`alpha_pattern` overrides `alpha`)."""
-        rank = self.rank(path) if rank is None else rank
-        return pattern_value(self.alpha_pattern, path, self.alpha) / rank
+    def scaling(self, *names: str, rank: int | None = None) -> float:
+        """alpha / r of the module known by `names` (the patterns override `alpha` and `r`)."""
+        # The field `alpha` hides AdapterConfig's method of that name on instances.
+        alpha = AdapterConfig.alpha(self, *names)
+        return alpha / (self.rank(*names) if rank is None else rank)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> LoKrConfig:
-        """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
-        return cls(**fields)
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+    __hash__ = AdapterConfig.__hash__
 
 
-LoKrConfig = _reject_unknown_fields(LoKrConfig)
+LoKrConfig = _reject_unknown_fields(LoKrConfig)  # type: ignore[misc, assignment]
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -177,34 +170,35 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 def leaf_shapes(fan_in: int, fan_out: int, r: int, decompose_factor: int = -1,
                 decompose_both: bool = False) -> dict[str, tuple[int, int]]:
-    """{leaf name: shape} of the factors of an `[in, out]` weight, as peft chooses them.
+    """{leaf name: shape} of the factors of an `[in, out]` weight, as peft chooses them (each
+    the transpose of peft's: `lokr_w1 [c, a]`, `lokr_w1_a [r, a]`, `lokr_w1_b [c, r]`, ...).
 
     >>> leaf_shapes(32, 64, 8)
-    {'lokr_w1': (8, 4), 'lokr_w2': (8, 8)}
+    {'lokr_w1': (4, 8), 'lokr_w2': (8, 8)}
     >>> leaf_shapes(32, 64, 2, decompose_both=True)
-    {'lokr_w1_a': (8, 2), 'lokr_w1_b': (2, 4), 'lokr_w2_a': (8, 2), 'lokr_w2_b': (2, 8)}
+    {'lokr_w1_a': (2, 8), 'lokr_w1_b': (4, 2), 'lokr_w2_a': (2, 8), 'lokr_w2_b': (8, 2)}
     """
     a, b = factorization(fan_out, decompose_factor)
     c, d = factorization(fan_in, decompose_factor)
     shapes: dict[str, tuple[int, int]] = {}
     if decompose_both and r < max(a, c) / 2:
-        shapes.update({W1_A: (a, r), W1_B: (r, c)})
+        shapes.update({W1_A: (r, a), W1_B: (c, r)})
     else:
-        shapes[W1] = (a, c)
+        shapes[W1] = (c, a)
     if r < max(b, d) / 2:
-        shapes.update({W2_A: (b, r), W2_B: (r, d)})
+        shapes.update({W2_A: (r, b), W2_B: (d, r)})
     else:
-        shapes[W2] = (b, d)
+        shapes[W2] = (d, b)
     return shapes
 
 
 def init_leaves(key: jax.Array, shapes: Mapping[str, tuple[int, ...]],
-                init_weights: bool | str = True, dtype: jnp.dtype = jnp.float32
+                init_weights: bool | str = True, dtype: Any = jnp.float32
                 ) -> dict[str, jax.Array]:
     """The factors started as peft starts them (shapes may lead with stacked axes): one of
     them zero (`w1` or `w1_a` for True, `w2` or `w2_b` for "lycoris", none for False), the
-    others U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in the last axis (PyTorch's
-    kaiming-uniform with a = sqrt(5) on the `[rows, fan_in]` factor).
+    others U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in being peft's second axis (the leaf's
+    second-last): PyTorch's kaiming-uniform with a = sqrt(5).
 
     >>> leaves = init_leaves(jax.random.key(0), {"lokr_w1": (2, 3), "lokr_w2": (4, 4)})
     >>> float(jnp.abs(leaves["lokr_w1"]).max()), bool(jnp.abs(leaves["lokr_w2"]).max() <= 0.5)
@@ -214,16 +208,18 @@ def init_leaves(key: jax.Array, shapes: Mapping[str, tuple[int, ...]],
     keys = jax.random.split(key, len(shapes))
     out = {}
     for k, (name, shape) in zip(keys, shapes.items(), strict=True):
-        bound = 1.0 / math.sqrt(shape[-1])
+        bound = 1.0 / math.sqrt(shape[-2])
         out[name] = jnp.zeros(shape, dtype) if name in zero else \
             jax.random.uniform(k, shape, dtype, -bound, bound)
     return out
 
 
 def kron_factors(leaves: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(w1 `[*stack, a, c]`, w2 `[*stack, b, d]`), multiplied out where they are low-rank."""
-    w1 = leaves[W1] if W1 in leaves else leaves[W1_A] @ leaves[W1_B]
-    w2 = leaves[W2] if W2 in leaves else leaves[W2_A] @ leaves[W2_B]
+    """(w1 `[*stack, a, c]`, w2 `[*stack, b, d]`) in peft's order, multiplied out where they
+    are low-rank."""
+    t = lambda w: jnp.swapaxes(w, -1, -2)
+    w1 = t(leaves[W1]) if W1 in leaves else t(leaves[W1_B] @ leaves[W1_A])
+    w2 = t(leaves[W2]) if W2 in leaves else t(leaves[W2_B] @ leaves[W2_A])
     return w1, w2
 
 
@@ -277,3 +273,73 @@ def merge_delta(leaves: Mapping[str, jax.Array], scale: Any, layout: Layout,
     delta = jnp.einsum("...ac,...bd->...cdab", w1 * scale, w2,
                        precision=jax.lax.Precision.HIGHEST)
     return layout.to_stored(delta.reshape(*stack, *fan_in, *fan_out))
+
+
+_ONE_LINEAR = ("peft's LoKr adapts Linear layers (its Conv forms are not built here); the "
+               "Kronecker factors split one input and one output dimension")
+
+
+class LoKr(Variant):
+    """LoKr: `W + alpha / r * kron(w1, w2)`, never formed in the forward."""
+
+    name = "lokr"
+    config = LoKrConfig
+    peft_type = "LOKR"
+    leaves = tuple(Leaf(n, axes, peft=f".{n}", optional=True) for n, axes in (
+        (W1, "__"), (W1_A, "r_"), (W1_B, "_r"), (W2, "__"), (W2_A, "r_"), (W2_B, "_r")))
+    kinds = ("dense",)
+    unsupported = {
+        "kinds": _ONE_LINEAR, "kept_axes": _ONE_LINEAR,
+        "materialised": "target_parameters is a LoRA field; target the module instead",
+        "adapter_sets": "its factors have no mixed-batch form here",
+        "sweeps": "its factors have no mixed-batch form here",
+        "combinations": "peft's add_weighted_adapter combines LoRA adapters only",
+        "conversion": "its update is not a low-rank product of two factors"}
+    # peft 0.21.2 `LoKrConfig().to_dict()` with save_pretrained's `inference_mode: true`.
+    peft_defaults = {
+        "alpha": 8, "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": None,
+        "decompose_both": False, "decompose_factor": -1, "exclude_modules": None,
+        "inference_mode": True, "init_weights": True, "layers_pattern": None,
+        "layers_to_transform": None, "module_dropout": 0.0, "modules_to_save": None, "r": 8,
+        "rank_dropout": 0.0, "rank_dropout_scale": False, "rank_pattern": {}, "revision": None,
+        "target_modules": None, "task_type": None, "use_effective_conv2d": False}
+    peft_fields = tuple(f.name for f in dataclasses.fields(LoKrConfig))
+
+    def refuses(self, shape: tuple[int, ...], layout: Layout) -> str | None:
+        if layout.n_in != 1:
+            return f"its {layout.n_in} input axes: {_ONE_LINEAR}"
+        return None
+
+    def rank_of(self, leaves: Mapping[str, Any], leading: int) -> int:
+        """The rank of the low-rank factors; 0 when both factors are full (no rank axis)."""
+        low = [leaf for leaf in self.leaves if "r" in leaf.axes and leaf.name in leaves]
+        return leaves[low[0].name].shape[low[0].rank_axis(leading)] if low else 0
+
+    def init(self, weight: Any, layout: Layout, config: Any, values: Any, key: jax.Array,
+             dtype: Any, shared: Any = None) -> tuple[dict[str, jax.Array], Any]:
+        if values.ranks:
+            raise ValueError(
+                "LoKr on a scanned stack whose layers get different ranks (rank_pattern): the "
+                "rank decides which factors are full, so the layers cannot share stacked "
+                "leaves; give its layers one rank, or use unscanned layers")
+        if config.rank_dropout or config.module_dropout:
+            raise ValueError(
+                "LoKr's rank_dropout / module_dropout are not applied yet: an adapted weight's "
+                "record has no place for them (train with rank_dropout=0, module_dropout=0)")
+        stack, fan_in, fan_out = layout.split(tuple(weight.shape))
+        shapes = leaf_shapes(math.prod(fan_in), math.prod(fan_out), values.rank,
+                             config.decompose_factor, config.decompose_both)
+        return init_leaves(key, {n: (*stack, *s) for n, s in shapes.items()},
+                           config.init_weights, dtype), None
+
+    def forward(self, call: Any, leaves: Mapping[str, jax.Array], scale: Any) -> jax.Array:
+        x = jnp.asarray(call.x, call.dtype)
+        y = lokr_term(x, leaves, scale, precision=getattr(call.module, "precision", None))
+        return y.reshape(call.out.shape)
+
+    def merge(self, weight: jax.Array, leaves: Mapping[str, jax.Array], scale: Any,
+              layout: Layout) -> jax.Array:
+        return weight + merge_delta(leaves, scale, layout, tuple(weight.shape))
+
+
+register_variant(LoKr())

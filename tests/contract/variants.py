@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lora_jax import LoraConfig
+from lora_jax.variants.lokr import LoKrConfig
 from lora_jax.variants.vera import VeraConfig
 
 
@@ -21,7 +22,8 @@ class Variant:
     other leaf stays bit-equal). `init_rtol`: how far the default init's output may be from
     the base's, relative to its largest magnitude (0: bit-equal). `refused`: layer kind -> a
     regex of the ValueError `inject` raises for it. `quantized`: adapts an NF4 / int8 base.
-    `adapter_sets`: joins `lora_jax.adapters` sets (mixed batches)."""
+    `adapter_sets`: joins `lora_jax.adapters` sets (mixed batches). `sharded`: some trained
+    leaf follows the weight's sharding (else all are replicated, e.g. LoKr's small factors)."""
 
     name: str
     config: Callable[..., Any]
@@ -30,6 +32,7 @@ class Variant:
     refused: Mapping[str, str] = dataclasses.field(default_factory=dict)
     quantized: bool = True
     adapter_sets: bool = False
+    sharded: bool = True  # some trained leaf is partitioned where the weight is
 
 
 def _lora(**fields):
@@ -50,4 +53,14 @@ VARIANTS = {v.name: v for v in [
             trains=r"vera_lambda_[bd]$", refused={
                 **{kind: _VERA_KINDS for kind in ("conv", "embed", "gemma_qkv", "gemma_gqa")},
                 "fallback": "VeraConfig has no field 'target_parameters'"}),
+    # r=1 on the 8 x 8 weights (in = out = 2 * 4): w1 [2, 2] full, w2 = w2_a [4, 1] @ w2_b [1, 4].
+    Variant("lokr", lambda init, **targets: LoKrConfig(r=1, alpha=2, init_weights=init,
+                                                      **targets),
+            trains=r"lokr_w[12](_[ab])?$", sharded=False, refused={
+                **{kind: "lokr does not support this kind of layer: peft's LoKr adapts Linear"
+                   for kind in ("conv", "embed", "einsum", "gemma_qkv", "gemma_gqa",
+                                "gemma_mlp")},
+                "dense_general": "lokr cannot adapt it: its 2 input axes",
+                "maxtext": "lokr cannot adapt it: its 2 input axes",
+                "fallback": "LoKrConfig has no field 'target_parameters'"}),
 ]}
