@@ -902,7 +902,7 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
                       config.alpha(v["_torch_path"]))
                   for i, v in layers.items() if "_torch_path" in v}
         rank = max((r for r, _ in values.values()), default=0)
-        n_layers = len(next(iter(_leaves(node).values())))  # for a scanned module
+        n_layers = next(iter(_leaves(node).values())).shape[0]  # scanned (GGML leaves: no len)
         out = {}
         if values:
             adapted[flax_path] = next(iter(values.values()))
