@@ -1,4 +1,4 @@
-"""The seed's three use cases as `lora-jax` recipes (README, "Recipes"), each run as the real
+"""The seed's three use cases as `lora-jax` recipes (the CLI guide, docs/guides/cli.md), each run as the real
 command in a subprocess on a tiny random HF model of its architecture: fine-tune, generate with
 the adapter, merge. The oracle is transformers: its PyTorch class reads the merged folder and its
 greedy `generate` must produce what `lora-jax generate` produced with the un-merged adapter."""
@@ -13,7 +13,7 @@ from cli_run import error_line, lora_jax_cli, strict_json, transformers_continua
 
 ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "examples" / "recipes"
-# The commands the README shows (run from the repository root). The tests swap in a tiny model
+# The commands the CLI guide shows (run from the repository root). The tests swap in a tiny model
 # folder and a few steps; everything else is the recipe as documented.
 GPT2_ADS = ("lora-jax finetune --model gpt2 --data examples/recipes/ads.txt --targets c_attn "
             "--r 8 --alpha 16 --dropout 0.05 --steps 300")
@@ -26,7 +26,7 @@ QUICK = ["--steps", "12", "--batch-size", "4", "--seq-len", "24", "--lr", "3e-2"
 
 
 def recipe_argv(recipe, model, out):
-    """The README command as argv, on `model`, writing to `out`, in a few quick steps."""
+    """The guide's command as argv, on `model`, writing to `out`, in a few quick steps."""
     import shlex
 
     argv = shlex.split(recipe)[1:]
@@ -36,10 +36,12 @@ def recipe_argv(recipe, model, out):
     return [*argv, "--out", str(out), *QUICK]
 
 
-def test_the_readme_shows_the_recipes():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_show_the_recipes():
+    # The README links the CLI guide for them (the README is the landing page).
+    guide = (ROOT / "docs" / "guides" / "cli.md").read_text()
+    assert "docs/guides/cli.md" in (ROOT / "README.md").read_text()
     for recipe in (GPT2_ADS, BLOOM_LEGAL, T5_TAGS):
-        assert recipe in readme, recipe
+        assert recipe in guide, recipe
 
 
 def _finetune_generate_merge(model, recipe, tmp_path, prompt, seq2seq=False):
