@@ -1,4 +1,4 @@
-"""The seed's three use cases as `lora-jax` recipes (the CLI guide, docs/guides/cli.md), each run as the real
+"""The seed's three use cases as `lora-jax` recipes (docs/guides/cli.md), each run as the real
 command in a subprocess on a tiny random HF model of its architecture: fine-tune, generate with
 the adapter, merge. The oracle is transformers: its PyTorch class reads the merged folder and its
 greedy `generate` must produce what `lora-jax generate` produced with the un-merged adapter."""
