@@ -90,6 +90,31 @@ class AdapterConfig:
         """A JSON-ready dict of the fields (tuples as lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def _freeze(self) -> None:
+        """Sequence fields as tuples, pattern fields as dicts, for the fields this config has:
+        hashable, so it can be a static jit argument."""
+        own = {f.name for f in dataclasses.fields(self)}
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
+                     "target_parameters", "layers_to_transform"):
+            value = getattr(self, name, None)
+            if name in own and isinstance(value, Sequence) and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("rank_pattern", "alpha_pattern", "loftq_config"):
+            if name in own:
+                object.__setattr__(self, name, dict(getattr(self, name)))
+
+    def _check_layer_selection(self, why: str) -> None:
+        """peft's rules for layers_to_transform / layers_pattern (`why`: what peft does with a
+        regex and a layer list), raised naming this config's class."""
+        name = type(self).__name__
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError(f"{name}.layers_pattern needs layers_to_transform to be set too")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                f"{name}.layers_to_transform cannot be used with a str (regex or 'all-linear') "
+                f"target_modules={self.target_modules!r} ({why}); list the module names instead"
+            )
+
     @classmethod
     def from_dict(cls: type[_Config], fields: Mapping[str, Any]) -> _Config:
         """Inverse of `to_dict`; unknown field names raise with the closest valid name."""
@@ -169,17 +194,7 @@ class LoraConfig(AdapterConfig):
     loftq_config: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Lists become tuples so the config is hashable and can be a static jit argument.
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
-                     "target_parameters"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.layers_to_transform, Sequence):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
-        object.__setattr__(self, "loftq_config", dict(self.loftq_config))
+        self._freeze()
         self._validate()
 
     def _validate(self) -> None:
@@ -227,14 +242,8 @@ class LoraConfig(AdapterConfig):
             )
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("LoraConfig.layers_pattern needs layers_to_transform to be set too")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            # peft rejects this too, so such an adapter could never be exported.
-            raise ValueError(
-                "LoraConfig.layers_to_transform cannot be used with a str (regex or 'all-linear') "
-                f"target_modules={self.target_modules!r}, as in peft; list the module names instead"
-            )
+        # peft rejects this too, so such an adapter could never be exported.
+        self._check_layer_selection("as in peft")
 
     __hash__ = AdapterConfig.__hash__
 

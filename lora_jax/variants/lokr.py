@@ -82,14 +82,7 @@ class LoKrConfig(AdapterConfig):
     modules_to_save: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-        if isinstance(self.layers_to_transform, Sequence):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        self._freeze()
         self._validate()
 
     def _validate(self) -> None:
@@ -117,15 +110,7 @@ class LoKrConfig(AdapterConfig):
                  self.decompose_factor)
         if self.init_weights not in (True, False, "lycoris"):
             fail("init_weights", "True, False or 'lycoris'", self.init_weights)
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("LoKrConfig.layers_pattern needs layers_to_transform to be set too")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            # peft silently ignores layers_to_transform for a regex: say so instead.
-            raise ValueError(
-                "LoKrConfig.layers_to_transform cannot be used with a str (regex or 'all-linear') "
-                f"target_modules={self.target_modules!r} (peft ignores it there); list the module "
-                "names instead"
-            )
+        self._check_layer_selection("peft ignores it there")
 
     @property
     def default_alpha(self) -> float:

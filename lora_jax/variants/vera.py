@@ -98,11 +98,7 @@ class VeraConfig(AdapterConfig):
     layers_pattern: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        # Lists become tuples so the config is hashable and can be a static jit argument.
-        for name in ("target_modules", "modules_to_save", "layers_pattern", "layers_to_transform"):
-            value = getattr(self, name)
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
+        self._freeze()
         self._validate()
 
     def _validate(self) -> None:
@@ -128,14 +124,7 @@ class VeraConfig(AdapterConfig):
         if self.bias not in ("none", "all", "vera_only"):
             raise ValueError(f"VeraConfig.bias must be 'none', 'all' or 'vera_only', got "
                              f"{self.bias!r}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("VeraConfig.layers_pattern needs layers_to_transform to be set too")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError(
-                "VeraConfig.layers_to_transform cannot be used with a str (regex or 'all-linear') "
-                f"target_modules={self.target_modules!r}: peft accepts it but then ignores "
-                "layers_to_transform; list the module names instead"
-            )
+        self._check_layer_selection("peft accepts it but then ignores layers_to_transform")
 
     @property
     def dropout(self) -> float:
