@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -57,6 +58,12 @@ class CorruptCheckpoint(ValueError):
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (a full disk, a read-only folder): the steps
     committed before it are intact."""
+
+
+def _unretrieved_write_failure(record: logging.LogRecord) -> bool:
+    """False for asyncio's "exception was never retrieved" report of an orbax write task: once a
+    save failed, each abandoned write task repeats the failure `CheckpointWriteError` reported."""
+    return "exception was never retrieved" not in record.getMessage()
 
 
 class CheckpointMismatch(ValueError):
@@ -284,6 +291,7 @@ class AdapterCheckpointer:
             if found:
                 code = int(next(g for g in found.groups() if g))
             reason = os.strerror(code) if code else _one_line(err)
+            logging.getLogger("asyncio").addFilter(_unretrieved_write_failure)
             raise CheckpointWriteError(code, f"cannot write a checkpoint in {self.directory}: "
                                              f"{reason}") from err
 
