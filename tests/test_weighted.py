@@ -263,7 +263,7 @@ def test_bad_input(setups):
             weighted_adapter(*args[:3], density=args[3] if len(args) > 3 else None)
     other_base = jax.tree.map(lambda x: x, a)
     other_base["transformer"]["ln_f"]["scale"] = other_base["transformer"]["ln_f"]["scale"] + 1
-    with pytest.raises(ValueError, match=r"\['transformer'\]\['ln_f'\]\['scale'\] of adapter 1"):
+    with pytest.raises(ValueError, match="transformer.ln_f.scale of adapter 1"):
         weighted_adapter([a, other_base], [1.0, 1.0], "cat")
     dora = jax.tree.map(lambda x: x, a)
     h0 = dora["transformer"]["h_0"]["attn"]["c_attn"]

@@ -19,7 +19,7 @@ import jax
 
 from lora_jax import variants
 from lora_jax.core.factors import MATERIALISE, Layout
-from lora_jax.core.targets import without_leaves
+from lora_jax.core.targets import join_path, same_value, without_leaves
 
 
 def record_name(weight: str) -> str:
@@ -141,6 +141,18 @@ def without_adapters(params: Mapping[str, Any]) -> dict[str, Any]:
     """`params` without any adapter's leaves (arrays, array scales, records): the base."""
     return without_leaves(params, {(i.path, n) for i in iter_records(params)
                                    for n in i.record.leaves})
+
+
+def base_difference(first: Mapping[str, Any], other: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Where `other`'s base (its tree without adapter leaves) differs from `first`'s:
+    `("tree", paths)` for leaves only one has, `("value", path)` for the first leaf whose value
+    differs, None when both are over one base."""
+    mine, theirs = ({join_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+        without_adapters(tree))} for tree in (first, other))
+    if mine.keys() != theirs.keys():
+        return "tree", ", ".join(sorted(mine.keys() ^ theirs.keys())[:5])
+    return next((("value", path) for path, value in theirs.items()
+                 if not same_value(value, mine[path])), None)
 
 
 def leading(record: LoraRecord) -> int:

@@ -46,13 +46,14 @@ from lora_jax.core.config import AdapterConfig, LoraConfig
 from lora_jax.core.record import (
     Adapted,
     LoraRecord,
+    base_difference,
     leading,
     record_name,
     records,
     scale_name,
     without_adapters,
 )
-from lora_jax.core.targets import join_path, same_value, unbox, with_leaves, without_leaves
+from lora_jax.core.targets import unbox, with_leaves, without_leaves
 from lora_jax.peft.files import load_peft, save_peft
 
 Strategy = Literal["gather", "onehot", "ragged"]
@@ -98,18 +99,15 @@ def _full_scale(item: Adapted) -> jax.Array:
 
 def _check_base(first: Mapping[str, Any], other: Mapping[str, Any], name: str) -> None:
     """Every non-LoRA leaf of `other` equals `first`'s: a set shares one base."""
-    plain = lambda tree: {join_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(
-        without_adapters(tree))}
-    mine, theirs = plain(first), plain(other)
-    if mine.keys() != theirs.keys():
+    difference = base_difference(first, other)
+    if difference and difference[0] == "tree":
         raise ValueError(f"adapter {name!r} is over another model: its params differ in "
-                         f"{sorted(mine.keys() ^ theirs.keys())[:5]}")
-    for path, value in theirs.items():
-        if not same_value(value, mine[path]):
-            raise ValueError(
-                f"adapter {name!r} changes {path!r}, which is not a LoRA factor (trained "
-                "modules_to_save or bias?): an adapter set shares one frozen base, so its "
-                "adapters may hold only LoRA factors")
+                         f"{difference[1]}")
+    if difference:
+        raise ValueError(
+            f"adapter {name!r} changes {difference[1]!r}, which is not a LoRA factor (trained "
+            "modules_to_save or bias?): an adapter set shares one frozen base, so its "
+            "adapters may hold only LoRA factors")
 
 
 def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]]) -> AdapterSet:

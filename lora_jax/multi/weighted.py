@@ -45,8 +45,8 @@ import numpy as np
 from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.factors import Layout, factor_shapes, pad_rank
-from lora_jax.core.record import Adapted, record_name, records, without_adapters
-from lora_jax.core.targets import same_value, unbox, with_leaves
+from lora_jax.core.record import Adapted, base_difference, record_name, records, without_adapters
+from lora_jax.core.targets import unbox, with_leaves
 
 _FACTORED = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -163,20 +163,16 @@ def weighted_adapter(
 
 def _check_same_base(adapters: Sequence[Mapping[str, Any]]) -> None:
     """Every adapter's tree without its LoRA leaves must be the first one's (same base)."""
-    bases = [without_adapters(tree) for tree in adapters]
-    reference = dict(jax.tree_util.tree_leaves_with_path(bases[0]))
-    for number, base in enumerate(bases[1:], 1):
-        leaves = dict(jax.tree_util.tree_leaves_with_path(base))
-        for path in reference.keys() ^ leaves.keys():
+    for number, tree in enumerate(adapters[1:], 1):
+        difference = base_difference(adapters[0], tree)
+        if difference and difference[0] == "tree":
             raise ValueError(f"weighted_adapter: adapter {number} and adapter 0 have different "
-                             f"trees at {jax.tree_util.keystr(path)}; combine adapters of one "
-                             "base model")
-        for path, value in leaves.items():
-            if not same_value(value, reference[path]):
-                raise ValueError(
-                    f"weighted_adapter: {jax.tree_util.keystr(path)} of adapter {number} differs "
-                    "from adapter 0's; the adapters must share one base (an adapter that trained "
-                    "biases or modules_to_save cannot be combined: peft refuses those too)")
+                             f"trees at {difference[1]}; combine adapters of one base model")
+        if difference:
+            raise ValueError(
+                f"weighted_adapter: {difference[1]} of adapter {number} differs from adapter "
+                "0's; the adapters must share one base (an adapter that trained biases or "
+                "modules_to_save cannot be combined: peft refuses those too)")
 
 
 def _check_record(where: tuple[str, str], items: Sequence[Adapted | None]) -> None:
