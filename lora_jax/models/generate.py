@@ -5,7 +5,9 @@ The cache is an explicit argument: a causal LM's `__call__(input_ids, attention_
 position_ids=None, cache=None)` returns logits, or `(logits, new_cache)` when given a `KVCache`
 (from `model.init_cache(batch, max_length)`). The cache has a fixed number of slots, so a jitted
 decode step compiles once. With a cache, `attention_mask` covers all the cache's slots [B, S]
-(1 = a real token), and the new tokens fill the slots from `cache.index` on.
+(1 = a real token), and the new tokens fill the slots from `cache.index` on. Without a cache,
+`segment_ids` [B, T] packs several sequences into one row: a token attends only to the tokens
+before it with its segment id, and positions restart at 0 with each segment.
 
 `generate` works with any `apply_fn` with `module.apply`'s signature, e.g. plain `model.apply`
 with merged params or `lora_jax.wrap(model.apply, config)` with un-merged LoRA factors:
@@ -53,13 +55,28 @@ class DecodeInputs(NamedTuple):
     positions: jax.Array
 
 
-def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
-                  position_ids: jax.Array | None, cache: KVCache | None) -> DecodeInputs:
-    """The causal mask (padding included) and positions for a forward with or without a cache.
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [B, T] that restart at 0 wherever the segment id changes along a row.
 
-    Query t sits in slot `index + t` and sees key slot s iff s <= index + t and the key is not
-    padding. Default positions count slots from 0, as HF does without `position_ids`. Without a
-    cache or padding the mask is None (causal).
+    >>> segment_positions(jnp.array([[1, 1, 1, 2, 2, 0]])).tolist()
+    [[0, 1, 2, 0, 1, 0]]
+    """
+    steps = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return steps - jax.lax.cummax(jnp.where(starts, steps, 0), axis=1)
+
+
+def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
+                  position_ids: jax.Array | None, cache: KVCache | None,
+                  segment_ids: jax.Array | None = None) -> DecodeInputs:
+    """The causal mask (padding and packing included) and positions for a forward with or
+    without a cache.
+
+    Query t sits in slot `index + t` and sees key slot s iff s <= index + t, the key is not
+    padding and (with `segment_ids`, packed rows) both have the same segment id. Default
+    positions count slots from 0, as HF does without `position_ids`, and restart with each
+    segment. Without a cache, padding or segments the mask is None (causal).
     """
     batch, length = input_ids.shape
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
@@ -70,15 +87,21 @@ def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
             f"attention_mask has shape {attention_mask.shape}; expected {(batch, slots)}, one "
             f"entry per token of {what}"
         )
+    if segment_ids is not None and (cache is not None or segment_ids.shape != (batch, length)):
+        raise ValueError(f"segment_ids {segment_ids.shape} packs the rows of a forward without a "
+                         f"cache: give one id per input token, shape {(batch, length)}")
     query_slot = index + jnp.arange(length)
     mask = None
-    if cache is not None or attention_mask is not None:
+    if cache is not None or attention_mask is not None or segment_ids is not None:
         mask = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
         mask = jnp.broadcast_to(mask, (batch, 1, length, slots))
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if position_ids is None:
-        position_ids = jnp.broadcast_to(query_slot, (batch, length))
+        position_ids = (jnp.broadcast_to(query_slot, (batch, length)) if segment_ids is None
+                        else segment_positions(segment_ids))
     return DecodeInputs(mask, index, position_ids)
 
 
@@ -124,15 +147,17 @@ def advance(cache: KVCache | None, new: tuple[jax.Array, jax.Array] | None,
 
 class CausalLM(Stacked):
     """Base of the causal LMs: `__call__(input_ids, attention_mask=None, position_ids=None,
-    cache=None)` with the cache protocol above, and `init_cache`. A subclass defines
-    `hidden(input_ids, inputs, caches, attention_mask) -> (hidden states, new caches)`,
+    cache=None, segment_ids=None)` with the cache protocol above, and `init_cache`. A subclass
+    defines `hidden(input_ids, inputs, caches, attention_mask) -> (hidden states, new caches)`,
     `logits(hidden)` and `cache_shape(max_length) -> (layers, kv_heads, head_dim)`."""
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, cache: KVCache | None = None
+                 position_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 segment_ids: jax.Array | None = None
                  ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V]; with a `cache`, `(logits, updated cache)`."""
-        inputs = decode_inputs(input_ids, attention_mask, position_ids, cache)
+        """Logits [B, T, V]; with a `cache`, `(logits, updated cache)`. `segment_ids` [B, T]
+        (no cache) keeps the attention of packed sequences inside each one."""
+        inputs = decode_inputs(input_ids, attention_mask, position_ids, cache, segment_ids)
         h, new = self.hidden(input_ids, inputs, layer_caches(cache), attention_mask)
         logits = self.logits(h)
         return logits if cache is None else (logits, advance(cache, new, input_ids.shape[1]))
