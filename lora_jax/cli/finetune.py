@@ -59,12 +59,45 @@ def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
     return {"input_ids": blocks, "attention_mask": np.ones_like(blocks)}
 
 
+def encode_instructions(loaded: Loaded, part: Any, seq_len: int, packing: bool
+                        ) -> dict[str, Any]:
+    """Model inputs of one split of instruction data (`lora_jax.train.sft`): one example per
+    row, or packed into rows with segment ids."""
+    from lora_jax.train import data, sft
+
+    template, tokenizer = loaded.chat_template, loaded.tokenizer
+    eos = eos_id(tokenizer)  # the model's own EOS where its chat template names one
+    if template is not None and tokenizer.token_to_id(template.eos_token) is not None:
+        eos = tokenizer.token_to_id(template.eos_token)
+    examples = sft.tokenize(tokenizer, part, eos, template)
+    cut = sum(len(ids) > seq_len for ids, _ in examples)
+    if cut:
+        print(f"note: {cut} of {len(examples)} examples are longer than --seq-len {seq_len}: "
+              "their tails are cut off")
+    return (sft.pack if packing else sft.rows)(examples, seq_len, data.pad_id(tokenizer))
+
+
+def check_packing(args: argparse.Namespace, instructions: bool) -> None:
+    """--packing needs instruction data and a forward that takes segment ids."""
+    if not getattr(args, "packing", False):
+        return
+    if not instructions:
+        raise ValueError(f"--packing packs instruction data (a .jsonl of prompt/completion or "
+                         f"messages lines); --data {args.data} is not: drop --packing")
+    if args.method == "prompt" or getattr(args, "frontend", "linen") == "nnx":
+        raise ValueError("--packing runs on the linen models with --method lora, full or head "
+                         "(the soft prompt and the NNX models take no segment ids): drop "
+                         "--packing")
+
+
 def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any], ...], int]:
     """(model, task, encoded train / validation / test splits, steps) of the finetune flags."""
     from lora_jax.train import data
 
     task = model_task(args.model, args.task)
     dataset = data.load_dataset(args.data, task)
+    instructions = task == "lm" and (dataset.targets is not None or dataset.messages is not None)
+    check_packing(args, instructions)
     loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed,
                               quantize=args.quantize)
     check_seq_len(loaded, task, args.seq_len,
@@ -75,7 +108,9 @@ def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any]
     if len(parts[0]) == 0:
         raise ValueError(f"--data {args.data}: the training split is empty ({len(dataset)} "
                          "examples in all): give more data")
-    splits = tuple(encode_split(loaded, task, p.texts,
+    splits = tuple(encode_instructions(loaded, p, args.seq_len, getattr(args, "packing", False))
+                   if instructions else
+                   encode_split(loaded, task, p.texts,
                                 p.targets if task == "seq2seq" else p.labels,
                                 args.seq_len, allow_empty=i > 0)
                    for i, p in enumerate(parts))

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "encoder-decoders (T5)")
     ft.add_argument("--data", default="bbc",
                     help='bbc | a text file | a .jsonl file of {"text", "label"} (seq2seq: of '
-                    '{"input", "target"}) (default bbc)')
+                    '{"input", "target"}; causal LMs also: instruction data of {"prompt", '
+                    '"completion"} or {"messages"}, loss on completions only) (default bbc)')
     ft.add_argument("--method", choices=METHODS, default="lora")
     ft.add_argument("--r", type=_number(int, 1), default=8, help="LoRA rank (default 8)")
     ft.add_argument("--alpha", type=_number(float, 0, low_open=True), default=16.0,
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=_number(int, 1), default=16)
     ft.add_argument("--seq-len", type=_number(int, 1), default=64,
                     help="tokens per example / LM block (default 64)")
+    ft.add_argument("--packing", action="store_true",
+                    help="instruction data: pack several examples into each --seq-len row, "
+                    "attention kept inside each example (the loss of the examples unpacked)")
     ft.add_argument("--lr", type=_number(float, 0, low_open=True),
                     help="peak learning rate (default: lora 3e-3, head 1e-2, full 5e-5, "
                     "prompt 3e-2)")

@@ -99,6 +99,8 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     def forward(p: Mapping[str, Any], batch: Mapping[str, Any], dropout_key: Any) -> Any:
         rngs = None if dropout_key is None else {"dropout": dropout_key}
         args: tuple[Any, ...] = (batch["input_ids"], batch["attention_mask"])
+        if "segment_ids" in batch:  # packed instruction data (checked: not with prompt tuning)
+            return apply({"params": p}, *args, segment_ids=batch["segment_ids"], rngs=rngs)
         if task == "seq2seq":  # teacher forcing: the decoder reads the shifted targets
             args += (batch["decoder_input_ids"],)
         if method != "prompt":

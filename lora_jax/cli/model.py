@@ -38,6 +38,7 @@ class Loaded:
     tokenizer: Any
     model_type: str
     source: str
+    chat_template: Any = None  # lora_jax.train.chat.ChatTemplate, None if the model has none
 
     @property
     def family(self) -> Any:
@@ -110,13 +111,19 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
     path = resolve_model(spec)
     resolved = model_task(spec, task)
     from lora_jax.models import loading
+    from lora_jax.train.chat import ChatTemplate, read_chat_template
 
     module: Any
     if path.suffix == ".gguf":
         from lora_jax.models.gguf import load_gguf
 
-        module, params, tokenizer, _ = load_gguf(path, quantize=quantize)
+        module, params, tokenizer, metadata = load_gguf(path, quantize=quantize)
         model_type = "llama"
+        ids = [metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")]
+        bos, eos = ("" if i is None else tokenizer.id_to_token(int(i)) or "" for i in ids)
+        template = metadata.get("tokenizer.chat_template")
+        chat = None if template is None else ChatTemplate(
+            template, bos, eos, where=f"the chat template of {path}")
     elif quantize == "gguf":
         raise ValueError(f"--quantize gguf keeps a GGUF file's own blocks; --model {spec} is "
                          "not a .gguf file (use nf4 or int8)")
@@ -126,7 +133,8 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
         if resolved == "classify" and task != "base":
             module, params = with_classifier(module, params, model_type, num_labels, seed)
         tokenizer = loading.load_tokenizer(path)
-    return Loaded(module, params, tokenizer, model_type, str(path)), resolved
+        chat = read_chat_template(path)
+    return Loaded(module, params, tokenizer, model_type, str(path), chat), resolved
 
 
 def with_classifier(module: Any, params: dict[str, Any], model_type: str,

@@ -7,6 +7,8 @@
 - a `.jsonl` file: one `{"text": ..., "label": ...}` object per line (labels may be strings or
   ints; classes are their sorted distinct values). `label` may be absent for language modelling.
 - for `seq2seq` (T5), a `.jsonl` file of `{"input": ..., "target": ...}` lines.
+- for `lm`, instruction data: a `.jsonl` file of `{"prompt", "completion"}` or `{"messages"}`
+  lines (`lora_jax.train.sft`).
 
 >>> data = load_dataset("bbc")
 >>> data.classes
@@ -32,22 +34,28 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 @dataclasses.dataclass(frozen=True)
 class TextDataset:
     """Texts, integer labels (or None for unlabelled text) and the class names labels index;
-    for seq2seq, the target text of each input text."""
+    for seq2seq and prompt / completion data, the target text of each input text; for chat data,
+    the conversations (`messages`; `texts` is then empty)."""
 
     texts: tuple[str, ...]
     labels: np.ndarray | None = None
     classes: tuple[str, ...] = ()
     targets: tuple[str, ...] | None = None
+    messages: tuple[tuple[dict[str, str], ...], ...] | None = None
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.texts) if self.messages is None else len(self.messages)
 
     def subset(self, index: Sequence[int] | np.ndarray) -> TextDataset:
         """The examples at `index`, in that order."""
         index = np.asarray(index, dtype=np.int64)
-        return TextDataset(tuple(self.texts[i] for i in index),
+
+        def pick(items: tuple[Any, ...] | None) -> Any:
+            return None if items is None else tuple(items[i] for i in index)
+
+        return TextDataset(pick(self.texts) if self.messages is None else (),
                            None if self.labels is None else self.labels[index], self.classes,
-                           None if self.targets is None else tuple(self.targets[i] for i in index))
+                           pick(self.targets), pick(self.messages))
 
 
 def bbc_dir() -> Path:
@@ -159,7 +167,8 @@ def read_pairs(path: str | Path) -> TextDataset:
 
 def load_dataset(spec: str, task: str = "classify") -> TextDataset:
     """`"bbc"`, a `.jsonl` file or a text file; for `task="classify"` it must have >= 2 classes,
-    for `task="seq2seq"` it is a jsonl file of `{"input", "target"}` lines."""
+    for `task="seq2seq"` it is a jsonl file of `{"input", "target"}` lines; for `task="lm"` a
+    jsonl file of instruction data is read by `lora_jax.train.sft.read_instructions`."""
     path = Path(spec)
     if task == "seq2seq":
         if path.suffix != ".jsonl":
@@ -173,6 +182,11 @@ def load_dataset(spec: str, task: str = "classify") -> TextDataset:
     else:
         if not path.is_file():
             raise ValueError(f"--data {spec!r}: no such file (use 'bbc', a .txt or a .jsonl file)")
+        if task == "lm" and path.suffix == ".jsonl":
+            from lora_jax.train import sft  # it builds on this module
+
+            if sft.instruction_format(path):
+                return sft.read_instructions(path)
         data = read_jsonl(path) if path.suffix == ".jsonl" else read_text(path)
     if task == "classify":
         if data.labels is None:

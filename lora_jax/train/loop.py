@@ -67,7 +67,8 @@ def _all_finite(tree: Any) -> bool:
 def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Per-example (`classify`, logits [B, C]), per-next-token (`lm`, logits [B, T, V]) or
     per-target-token (`seq2seq`: decoder logits [B, T, V] against `labels`) cross-entropies and
-    their weights (the attention mask for `lm`, `label_mask` for `seq2seq`)."""
+    their weights (for `lm` the batch's `loss_mask` if it has one, instruction data's trained
+    tokens, else the attention mask; `label_mask` for `seq2seq`)."""
     logits = logits.astype(jnp.float32)
     if task == "classify":
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
@@ -75,7 +76,8 @@ def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.
     if task == "lm":
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1], batch["input_ids"][:, 1:])
-        return losses, batch["attention_mask"][:, 1:].astype(jnp.float32)
+        weights = batch["loss_mask"] if "loss_mask" in batch else batch["attention_mask"]
+        return losses, weights[:, 1:].astype(jnp.float32)
     if task == "seq2seq":
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         return losses, batch["label_mask"].astype(jnp.float32)
@@ -84,7 +86,8 @@ def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.
 
 def task_loss(task: str, logits: jax.Array, batch: Batch) -> jax.Array:
     """Mean cross-entropy: over examples (`classify`), over next tokens where the attention
-    mask is 1 (`lm`) or over target tokens (`seq2seq`)."""
+    mask (or the loss mask of instruction data) is 1 (`lm`) or over target tokens
+    (`seq2seq`)."""
     losses, weights = _losses(task, logits, batch)
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 

@@ -1,0 +1,177 @@
+"""Instruction data (supervised fine-tuning): jsonl of `{"prompt", "completion"}` or
+`{"messages": [{"role", "content"}, ...]}` lines, tokenized with the loss on the completion /
+assistant tokens only, one example per row or packed into rows of `seq_len`.
+
+- prompt / completion: the prompt's tokens then the completion's, each tokenized on its own (as
+  a model continues a prompt), EOS appended to the completion.
+- messages: the model's chat template renders the conversation (`lora_jax.train.chat`); each
+  assistant turn as the template writes it (end-of-turn marker included) is trained, EOS
+  appended unless the last trained turn holds it already.
+
+Arrays (int32 [N, seq_len]): `input_ids`, `attention_mask`, and `loss_mask`, 1 on a token that
+is trained and predicted from its own example (the training loop's `lm` loss weights token t by
+`loss_mask[t]`); packed rows add `segment_ids` (1, 2, ... per example, 0 on padding), which the
+causal LMs turn into a block-diagonal causal mask with positions restarting per example
+(`lora_jax.models.generate.decode_inputs`), so a packed batch has the loss of its examples
+unpacked.
+
+>>> examples = [(np.array([5, 6, 7]), np.array([0, 1, 1])), (np.array([8, 9]), np.array([0, 1]))]
+>>> packed = pack(examples, seq_len=6)
+>>> packed["segment_ids"].tolist(), packed["loss_mask"].tolist()
+([[1, 1, 1, 2, 2, 0]], [[0, 1, 1, 0, 1, 0]])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_jax.train.chat import ChatTemplate
+from lora_jax.train.data import TextDataset, _copy, _jsonl_rows
+
+ROLES = ("system", "user", "assistant", "tool")
+Example = tuple[np.ndarray, np.ndarray]  # token ids, trained (0/1), one example
+
+
+def instruction_format(path: str | Path) -> str | None:
+    """"pairs" (prompt / completion) or "messages" when the first line of the jsonl file is
+    such a record, else None (a `{"text", "label"}` file)."""
+    for _, row in _jsonl_rows(path):
+        if isinstance(row, dict) and "messages" in row:
+            return "messages"
+        if isinstance(row, dict) and ("prompt" in row or "completion" in row):
+            return "pairs"
+        return None
+    return None
+
+
+def read_instructions(path: str | Path) -> TextDataset:
+    """The examples of an instruction jsonl file: prompts as `texts` and completions as
+    `targets`, or conversations as `messages`. A bad line is a ValueError naming it."""
+    kind = instruction_format(path)
+    prompts, completions, conversations = [], [], []
+    for number, row in _jsonl_rows(path):
+        where = f"{path}:{number}"
+        if kind == "pairs":
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
+                                                    for k in ("prompt", "completion")):
+                raise ValueError(f'{where}: expected an object with string "prompt" and '
+                                 '"completion" fields, as the first line has')
+            if not row["completion"].strip():
+                raise ValueError(f"{where}: the completion is empty: nothing to train on")
+            prompts.append(row["prompt"])
+            completions.append(row["completion"])
+        else:
+            conversations.append(_conversation(row, where))
+    if not prompts and not conversations:
+        raise ValueError(f"{path} holds no examples")
+    if kind == "pairs":
+        return TextDataset(tuple(prompts), targets=tuple(completions))
+    return TextDataset((), messages=tuple(conversations))
+
+
+def _conversation(row: Any, where: str) -> tuple[dict[str, str], ...]:
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'{where}: expected an object with a non-empty "messages" list, as '
+                         "the first line has")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f'{where}: message {i} needs a string "role" and "content"')
+        if m.get("role") not in ROLES:
+            raise ValueError(f"{where}: message {i} has role {json.dumps(m.get('role'))}; "
+                             f"use one of {', '.join(ROLES)}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise ValueError(f"{where}: no assistant message with content: nothing to train on")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def tokenize(tokenizer: Any, data: TextDataset, eos_id: int | None,
+             template: ChatTemplate | None = None) -> list[Example]:
+    """(ids, trained) of each example of `data` (`read_instructions`): pieces tokenized one by
+    one without special tokens; EOS appended (trained) unless the last trained piece holds it.
+    Conversations need the model's chat `template`."""
+    if data.messages is not None:
+        if template is None:
+            raise ValueError("chat data (\"messages\") needs the model's chat template: the "
+                             "model folder has no chat_template in tokenizer_config.json nor a "
+                             "chat_template.jinja; add one, or write prompt/completion lines")
+        pieces = [template.pieces(m) for m in data.messages]
+    else:
+        assert data.targets is not None, "not instruction data: see read_instructions"
+        pieces = [[(p, False), (c, True)] for p, c in zip(data.texts, data.targets, strict=True)]
+    flat = [text for example in pieces for text, _ in example]
+    encoded = iter(_copy(tokenizer).encode_batch(flat, add_special_tokens=False))
+    out = []
+    for example in pieces:
+        ids: list[int] = []
+        trained: list[int] = []
+        last: list[int] = []
+        for _, is_trained in example:
+            piece = next(encoded).ids
+            ids += piece
+            trained += [int(is_trained)] * len(piece)
+            last = piece if is_trained else last
+        if eos_id is not None and eos_id not in last:
+            ids.append(eos_id)
+            trained.append(1)
+        out.append((np.asarray(ids, np.int32), np.asarray(trained, np.int32)))
+    return out
+
+
+def _loss_mask(trained: np.ndarray) -> np.ndarray:
+    """`trained` with the example's first token off: nothing in the example predicts it."""
+    mask = trained.copy()
+    mask[:1] = 0
+    return mask
+
+
+def rows(examples: Sequence[Example], seq_len: int, pad: int = 0) -> dict[str, np.ndarray]:
+    """One example per row: truncated to `seq_len`, right-padded with `pad`."""
+    n = len(examples)
+    out = {"input_ids": np.full((n, seq_len), pad, np.int32),
+           "attention_mask": np.zeros((n, seq_len), np.int32),
+           "loss_mask": np.zeros((n, seq_len), np.int32)}
+    for row, (ids, trained) in enumerate(examples):
+        k = min(len(ids), seq_len)
+        out["input_ids"][row, :k] = ids[:k]
+        out["attention_mask"][row, :k] = 1
+        out["loss_mask"][row, :k] = _loss_mask(trained[:k])
+    return out
+
+
+def pack(examples: Sequence[Example], seq_len: int, pad: int = 0) -> dict[str, np.ndarray]:
+    """Examples (each truncated to `seq_len`) packed into rows of `seq_len`, first fit in data
+    order, with `segment_ids` numbering the examples of each row from 1 (0: padding)."""
+    space: list[int] = []  # room left in each row
+    placed: list[list[int]] = []  # example indices of each row
+    for i, (ids, _) in enumerate(examples):
+        k = min(len(ids), seq_len)
+        row = next((r for r, room in enumerate(space) if room >= k), None)
+        if row is None:
+            space.append(seq_len)
+            placed.append([])
+            row = len(space) - 1
+        space[row] -= k
+        placed[row].append(i)
+    n = len(placed)
+    out = {"input_ids": np.full((n, seq_len), pad, np.int32),
+           "attention_mask": np.zeros((n, seq_len), np.int32),
+           "loss_mask": np.zeros((n, seq_len), np.int32),
+           "segment_ids": np.zeros((n, seq_len), np.int32)}
+    for row, members in enumerate(placed):
+        start = 0
+        for segment, i in enumerate(members, 1):
+            ids, trained = examples[i]
+            k = min(len(ids), seq_len)
+            span = slice(start, start + k)
+            out["input_ids"][row, span] = ids[:k]
+            out["attention_mask"][row, span] = 1
+            out["loss_mask"][row, span] = _loss_mask(trained[:k])
+            out["segment_ids"][row, span] = segment
+            start += k
+    return out
