@@ -9,10 +9,19 @@ LORA_JAX_FULL=1 runs the full tier's extra tests alone.
 """
 
 import os
+import tempfile
 
 # Must be set before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole test run, its subprocesses (the CLI's runs) and
+# pytest-xdist's workers: the same tiny model's step is compiled once, not once per CLI run.
+# A fresh folder each run (removed at the end), so no run reads another's executables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_jax_xla_cache_")
+    os.environ["LORA_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import shutil  # noqa: E402
 
@@ -25,6 +34,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "full: runs only in the full tier (LORA_JAX_FULL=1)")
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("LORA_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -465,7 +465,7 @@ def _kill_cases():
         else:
             cases.append((kind, None, float(rng.uniform(0, 1))))
     return [pytest.param(*case, id=f"case{i}-{case[0]}",
-                         marks=() if i in (0, 5, 9, 13, 15) else pytest.mark.full)
+                         marks=() if i in (5, 9, 13) else pytest.mark.full)
             for i, case in enumerate(cases)]
 
 

@@ -70,6 +70,7 @@ def test_recipe_gpt2_ad_text_with_lora_on_c_attn(tiny_gpt2, tmp_path):
     assert generated.startswith("Shop now") and len(generated.strip()) > len("Shop now")
 
 
+@pytest.mark.full
 def test_recipe_bloom_legal_text_the_seeds_q_proj_v_proj_names_query_key_value(tiny_bloom,
                                                                                tmp_path):
     seed_names = BLOOM_LEGAL.replace("query_key_value", "q_proj,v_proj")
@@ -85,6 +86,7 @@ def test_recipe_bloom_legal_text_the_seeds_q_proj_v_proj_names_query_key_value(t
     assert config["target_modules"] == ["query_key_value"]
 
 
+@pytest.mark.full
 def test_recipe_t5_meta_tags_with_lora_on_the_encoder_attention_only(tiny_t5, tmp_path):
     from safetensors.numpy import load_file
 

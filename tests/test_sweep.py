@@ -81,7 +81,7 @@ def factor_leaves(params):
 
 
 @pytest.mark.parametrize("arch, scan, targets, per_point", [
-    ("gpt2", False, ("c_attn", "c_fc"), False),
+    pytest.param("gpt2", False, ("c_attn", "c_fc"), False, marks=pytest.mark.full),
     ("llama", True, ("q_proj", "v_proj", "down_proj"), True),
 ])
 def test_sweep_equals_each_point_alone_and_loads_in_peft(request, tmp_path, arch, scan, targets,
@@ -251,6 +251,7 @@ def test_cli_sweep_keys_are_the_point_keys_of_the_api():
     assert points(args.sweep)[1] == {"lora_alpha": 8.0, "seed": 3}
 
 
+@pytest.mark.full
 def test_dora_and_trained_biases_sweep_equal_each_point_alone():
     # Trained leaves beside the factors (DoRA magnitudes, biases) are stacked per point too.
     model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(5)])

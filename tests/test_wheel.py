@@ -47,7 +47,7 @@ def dist(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["whl", "tar.gz"])
+@pytest.mark.parametrize("kind", ["whl", pytest.param("tar.gz", marks=pytest.mark.full)])
 def test_built_package_installs_and_runs(dist, tmp_path, kind):
     (built,) = dist.glob(f"lora_jax-{lora_jax.__version__}*.{kind}")
     venv = tmp_path / "venv"

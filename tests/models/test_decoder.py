@@ -11,7 +11,6 @@ the full tier (LORA_JAX_FULL=1) runs every check for every family."""
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import numpy as np
@@ -35,7 +34,6 @@ from peft_checks import jax_to_peft, peft_adapter, peft_to_jax, read_adapter
 import lora_jax
 from lora_jax.models import decoder, registry
 
-FULL = os.environ.get("LORA_JAX_FULL", "") == "1"
 WINDOW = 4
 IDS = np.random.RandomState(0).randint(0, 99, (2, 10))  # 10 tokens: longer than the window
 SLIDE = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -102,9 +100,8 @@ def hf_model(name: str):
 
 def families(*ci: str):
     """Parametrise over every family; the CI tier runs only `ci` (all: every family)."""
-    full_only = pytest.mark.skipif(not FULL, reason="full tier (LORA_JAX_FULL=1)")
     return pytest.mark.parametrize("name", [
-        n if not ci or n in ci else pytest.param(n, marks=full_only) for n in FAMILIES])
+        n if not ci or n in ci else pytest.param(n, marks=pytest.mark.full) for n in FAMILIES])
 
 
 @families()

@@ -5,7 +5,6 @@ attention targets, scanned and unscanned), merge into the 3-D experts, and the f
 like the experts."""
 
 import functools
-import os
 import warnings
 
 import jax
@@ -20,7 +19,6 @@ import lora_jax
 from lora_jax.models import decoder
 from lora_jax.models.experts import grouped_delta
 
-FULL = os.environ.get("LORA_JAX_FULL", "") == "1"
 IDS = np.random.RandomState(0).randint(0, 99, (2, 10))
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -75,7 +73,8 @@ def _products(jaxpr):
     return found
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.full), True],
+                         ids=["unscanned", "scanned"])
 def test_expert_factors_add_the_routed_term_without_an_expert_delta(scan):
     """wrap == merge != base; no product of A with B (forward or backward), while the
     materialising fallback (no layouts: no rule) does form it."""
@@ -131,7 +130,7 @@ CASES = [("qwen3_moe", dict(target_parameters=EXPERTS)),
 
 
 @pytest.mark.parametrize("name, targets", [
-    case if i < 2 or FULL else pytest.param(*case, marks=pytest.mark.skip("full tier"))
+    case if i < 2 else pytest.param(*case, marks=pytest.mark.full)
     for i, case in enumerate(CASES)], ids=[f"{n}-{'+'.join(t)}" for n, t in CASES])
 def test_peft_files_both_ways(name, targets, tmp_path):
     """peft's adapter (random factors, its fused lora_A [r*E, in] / lora_B [out, r*E] and the
