@@ -12,6 +12,7 @@ its last finite checkpoint; Ctrl-C saves and returns `EXIT_INTERRUPTED`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
 import sys
@@ -36,7 +37,9 @@ from lora_jax.cli.model import Loaded, check_seq_len, eos_id, load_model, model_
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
 
 
-NOT_SAVED = ("command", "resume", "out", "no_progress", "given")
+# How this launch runs, not what it trains: never saved, free to change on --resume.
+LAUNCH = ("mesh", "coordinator", "num_processes", "process_id")
+NOT_SAVED = ("command", "resume", "out", "no_progress", "given", *LAUNCH)
 
 
 def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
@@ -124,10 +127,21 @@ def finetune(args: argparse.Namespace) -> int:
 
     `args` holds the finetune flags as attributes (`model`, `task`, `data`, `method`, `r`,
     `alpha`, `dropout`, `targets`, `steps`, `epochs`, `batch_size`, `seq_len`, `lr`,
-    `prompt_tokens`, `seed`, `limit`, `save_every`, `out`, `resume`, `no_progress`); a resumed
-    run passes its saved settings with `resume` set (see `lora_jax.cli.main`). Returns the exit
-    status: 0, `EXIT_DIVERGED` or `EXIT_INTERRUPTED`.
+    `prompt_tokens`, `seed`, `limit`, `save_every`, `out`, `resume`, `no_progress`, and where it
+    runs: `mesh`, `coordinator`, `num_processes`, `process_id`, see `lora_jax.cli.devices`); a
+    resumed run passes its saved settings with `resume` set (see `lora_jax.cli.main`). Returns
+    the exit status: 0, `EXIT_DIVERGED` or `EXIT_INTERRUPTED`. With several processes every one
+    runs this; process 0 alone prints and writes the side files and the adapter.
     """
+    import jax
+
+    from lora_jax.cli.devices import start_processes
+
+    start_processes(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                    getattr(args, "process_id", None))
+    if not args.out and jax.process_count() > 1:
+        raise ValueError("a multi-process run needs --out: the same folder (on a disk all hosts "
+                         "share) on every host")
     out = Path(args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
@@ -137,8 +151,14 @@ def finetune(args: argparse.Namespace) -> int:
                              f"continue an interrupted run with --resume {out}")
         print(f"reusing {out}: the run there stopped before its first checkpoint")
     check_writable(out)
+    if jax.process_count() > 1:  # every process has checked --out before any writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lora-jax finetune: --out checked")
+    quiet = contextlib.redirect_stdout(io.StringIO()) if jax.process_index() else None
     try:
-        return _run(args, out)
+        with quiet or contextlib.nullcontext():
+            return _run(args, out)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise  # a missing input: the user's to fix, reported as such
     except OSError as err:  # a full disk: the checkpoints committed so far are kept
@@ -155,9 +175,12 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     import jax
 
     import lora_jax
+    from lora_jax.cli.devices import Placement, mesh_text
     from lora_jax.core.checkpoint import AdapterCheckpointer
     from lora_jax.train import loop as train
 
+    main_process = jax.process_index() == 0
+    placement = Placement.of(getattr(args, "mesh", None), args.batch_size)
     loaded, task, (train_a, val_a, test_a), steps = prepare(args)
     n_train = len(train_a["input_ids"])
     lr = args.lr or DEFAULT_LR[args.method]
@@ -172,32 +195,45 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         from lora_jax.cli.nnx_run import on_nnx
 
         setup = on_nnx(setup, loaded, task, args.method, args.quantize)
-    trainable, frozen = lora_jax.split(setup.params, setup.config)
+    # The base and factors on the mesh (fsdp shards them), the optimizer state beside them.
+    shardings = placement.shardings(setup.params)
+    params = placement.place(setup.params, shardings)
+    trainable, frozen = lora_jax.split(params, setup.config)
+    trainable_shardings = lora_jax.split(shardings, setup.config)[0]
+    opt_state = placement.opt_state(setup.tx, trainable, trainable_shardings)
+    step_fn = placement.step(train.train_step(setup.forward, task, setup.tx),
+                             trainable_shardings, jax.tree.map(lambda x: x.sharding, opt_state))
     with AdapterCheckpointer(out / "checkpoint", max_to_keep=2) as checkpointer:
-        start_step, opt_state = 0, None
+        start_step = 0
         losses: list[float] = []
         resumed = args.resume and checkpointer.all_steps()
-        if resumed:
+        if resumed:  # onto this run's mesh, whatever the mesh the checkpoint was written from
             (start_step, trainable, opt_state, _), losses = _resume(
-                checkpointer, (trainable, setup.tx.init(trainable)), setup.config, out, steps)
-        write_json(out / "run_config.json", run_config(args, out))
+                checkpointer, (trainable, opt_state), setup.config, out, steps)
+        if main_process:
+            write_json(out / "run_config.json", run_config(args, out))
         n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
         print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
               f"trainable%: {100 * n_trainable / n_total:.4f}")
         print(f"{args.method} on {args.model} ({loaded.model_type}, {task}), data "
               f"{args.data}: {n_train} train / {len(val_a['input_ids'])} val / "
               f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
-              f"{steps} steps of {args.batch_size} x {args.seq_len}")
+              f"{steps} steps of {args.batch_size} x {args.seq_len} on mesh "
+              f"{mesh_text(placement.sizes)} ({jax.process_count()} process"
+              f"{'es' if jax.process_count() > 1 else ''})")
         if args.resume:
             print(f"resuming from step {start_step} of {steps}" if resumed else
                   f"{out} has no checkpoint yet: starting from step 0 of {steps}")
 
         def write_losses(step: int, so_far: list[float]) -> None:
-            write_json(out / "losses.json", so_far, indent=None)
+            if main_process:
+                write_json(out / "losses.json", so_far, indent=None)
 
         before = None
+        eval_batch = placement.eval_batch(64)  # one compiled evaluation before and after
         if task != "classify" and not start_step:
-            before = train.evaluate(setup.forward, task, setup.params, test_a, args.batch_size)
+            before = train.evaluate(setup.forward, task, params, test_a, eval_batch,
+                                    placement.feed)
         result: train.FitResult | train.Interrupted | train.Diverged
         try:
             result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
@@ -205,7 +241,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                                config=setup.config, opt_state=opt_state, start_step=start_step,
                                losses=losses, checkpointer=checkpointer,
                                save_every=args.save_every, on_save=write_losses,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress and main_process,
+                               step_fn=step_fn, feed=placement.feed)
         except (train.Interrupted, train.Diverged) as stop:
             result = stop  # reported once the checkpointer has written its last save
     if isinstance(result, train.Interrupted):
@@ -214,13 +251,17 @@ def _run(args: argparse.Namespace, out: Path) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     if isinstance(result, train.Diverged):
-        return _diverged(result, out, args, lr)
+        return _diverged(result, out, args, lr) if main_process else EXIT_DIVERGED
     params = lora_jax.combine(result.trainable, frozen)
-    val = train.evaluate(setup.forward, task, params, val_a, 64)
-    test = train.evaluate(setup.forward, task, params, test_a, 64)
+    val = train.evaluate(setup.forward, task, params, val_a, eval_batch, placement.feed)
+    test = train.evaluate(setup.forward, task, params, test_a, eval_batch, placement.feed)
     _print_eval(task, val, test, before)
+    trained = placement.gather(result.trainable)  # every process takes part; process 0 writes
+    if not main_process:
+        return 0
     with new_folder(out / "adapter") as tmp:
-        save_adapter(tmp, params, setup, loaded, task, args.method, args.prompt_tokens)
+        save_adapter(tmp, lora_jax.combine(trained, frozen), setup, loaded, task, args.method,
+                     args.prompt_tokens)
     metrics = {
         "status": "finished",
         "model": loaded.source, "model_type": loaded.model_type, "task": task,
@@ -232,6 +273,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         "validation": val, "test": test, "losses": result.losses,
         "wall_seconds_this_process": time.perf_counter() - start,
         "device": str(jax.devices()[0].platform),
+        "mesh": mesh_text(placement.sizes), "processes": jax.process_count(),
     }
     if before is not None:
         metrics["test_before"] = before

@@ -32,8 +32,9 @@ from typing import Any
 from lora_jax import __version__
 from lora_jax.cli import finetune as run_finetune
 from lora_jax.cli import sweep
+from lora_jax.cli.devices import parse_mesh
 from lora_jax.cli.files import read_json
-from lora_jax.cli.finetune import EXIT_DIVERGED, EXIT_INTERRUPTED, NOT_SAVED
+from lora_jax.cli.finetune import EXIT_DIVERGED, EXIT_INTERRUPTED, LAUNCH, NOT_SAVED
 from lora_jax.cli.generate import generate
 from lora_jax.cli.merge import merge
 from lora_jax.cli.method import METHODS
@@ -128,8 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", help="output folder (default runs/<timestamp>)")
     ft.add_argument("--resume", metavar="DIR",
                     help="continue the interrupted run in DIR with its saved settings (only "
-                    "--steps / --epochs / --save-every / --no-progress may differ)")
+                    "--steps / --epochs / --save-every / --no-progress and where it runs: "
+                    "--mesh and the multi-host flags, may differ)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.add_argument("--mesh", type=parse_mesh, metavar="AXES",
+                    help="the device mesh, e.g. data=2,fsdp=4 (sizes multiply to the device "
+                    "count): the global --batch-size splits over data x fsdp, and fsdp also "
+                    "shards the frozen base and the factors. Default: data-parallel over every "
+                    "device (one process: the most devices that divide --batch-size)")
+    ft.add_argument("--coordinator", metavar="HOST:PORT",
+                    help="multi-host: process 0's address, the same on every host, with "
+                    "--num-processes and --process-id (default: JAX_COORDINATOR_ADDRESS, or a "
+                    "SLURM / Open MPI job of several tasks; else one process)")
+    ft.add_argument("--num-processes", type=_number(int, 1), metavar="N",
+                    help="multi-host: how many processes (one per host) run this command")
+    ft.add_argument("--process-id", type=_number(int, 0), metavar="I",
+                    help="multi-host: this process's number, 0 to N-1 (0 prints and writes the "
+                    "adapter)")
     types = {action.dest: action.type for action in ft._actions if action.type is not None}
     ft.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                     type=lambda text: sweep.axis(text, types),
@@ -247,7 +263,7 @@ def _not_orbax_errors(record: logging.LogRecord) -> bool:
 
 # --- resume: the saved settings, and which flags may differ --------------------------------------
 
-RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "no_progress")
+RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "no_progress", *LAUNCH)
 
 
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -279,13 +295,15 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
         listed = ", ".join(f"--{k.replace('_', '-')} {changes[k]} (saved: {fields.get(k)})"
                            for k in refused)
         raise ValueError(f"--resume {folder}: {listed} would change the run; only --steps, "
-                         "--epochs and --save-every may differ. Start a new run with another "
-                         "--out to change it")
+                         "--epochs, --save-every, --mesh and the multi-host flags may differ. "
+                         "Start a new run with another --out to change it")
     for key, value in changes.items():
-        print(f"resume: --{key.replace('_', '-')} {value} (was {fields.get(key)})"
+        was, fields[key] = fields.get(key), value
+        if key in LAUNCH:  # where the run goes on, not what it trains
+            continue
+        print(f"resume: --{key.replace('_', '-')} {value} (was {was})"
               + ("; the learning-rate schedule now spans the new length"
                  if key in ("steps", "epochs") else ""))
-        fields[key] = value
         if key == "steps":
             fields["epochs"] = None
         elif key == "epochs":
@@ -301,6 +319,9 @@ def finetune(args: argparse.Namespace) -> int:
     """`lora-jax finetune`: `lora_jax.cli.finetune.finetune` with the flags (a resumed run's saved
     ones); with --sweep, `lora_jax.cli.sweep.finetune`."""
     if getattr(args, "sweep", None):
+        launch = [f"--{k.replace('_', '-')}" for k in LAUNCH if getattr(args, k, None)]
+        if launch:
+            raise ValueError(f"--sweep trains its adapters on one device: drop {launch[0]}")
         return sweep.finetune(args)
     if args.resume:
         args = _resumed_args(args)

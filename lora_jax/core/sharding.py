@@ -92,6 +92,33 @@ def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
     return jax.tree_util.tree_map_with_path(spec, nn.unbox(params), is_leaf=is_quantized)
 
 
+def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
+    """A spec tree sharding every weight of `params` over `size` devices of mesh axis `axis`
+    (fully sharded data parallelism), for models without partitioning rules of their own.
+
+    A leaf of 2 or more axes is split along its largest axis that divides by `size` (the first
+    of equals); vectors (biases, norms), leaves with no such axis and quantized kernels (whose
+    blocks must not straddle devices) are replicated. `lora_specs` then gives the factors theirs.
+
+    >>> import jax.numpy as jnp
+    >>> specs = fsdp_specs({"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(8)}, 4)
+    >>> specs["kernel"], specs["bias"]
+    (P(None, 'fsdp'), P())
+    """
+
+    def spec(x: Any) -> P:
+        shape = getattr(x, "shape", ())
+        if is_quantized(x) or len(shape) < 2:
+            return P()
+        fits = [d for d in range(len(shape)) if shape[d] % size == 0]
+        if not fits:
+            return P()
+        best = max(fits, key=lambda d: (shape[d], -d))
+        return P(*(axis if d == best else None for d in range(len(shape))))
+
+    return jax.tree.map(spec, nn.unbox(params), is_leaf=is_quantized)
+
+
 def _check_rank(spec: P, ndim: int, path: str, strict: bool) -> P:
     """`spec`, or a clear error when its rank cannot be the leaf's (`strict`: must equal it)."""
     if len(spec) > ndim or (strict and 0 < len(spec) < ndim):

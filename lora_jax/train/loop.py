@@ -34,6 +34,13 @@ from lora_jax.train.data import batch_indices
 Params = dict[str, Any]
 Batch = Mapping[str, Any]
 Forward = Callable[[Params, Batch, "jax.Array | None"], jax.Array]
+# (arrays, indices of the global batch's rows) -> the batch the step reads (see `fit`'s `feed`).
+Feed = Callable[[Mapping[str, np.ndarray], np.ndarray], Batch]
+
+
+def host_rows(arrays: Mapping[str, np.ndarray], index: np.ndarray) -> Batch:
+    """The default `Feed`: the rows `index` of `arrays`, as numpy (placed by `jax.jit`)."""
+    return {k: v[index] for k, v in arrays.items()}
 
 
 class Interrupted(Exception):
@@ -138,9 +145,10 @@ def _eval_sums(forward: Forward, task: str) -> Callable[..., tuple[jax.Array, ..
 
 
 def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, np.ndarray],
-             batch_size: int) -> dict[str, float | None]:
+             batch_size: int, feed: Feed = host_rows) -> dict[str, float | None]:
     """Loss and accuracy (`classify`) or loss and perplexity (`lm`, `seq2seq`) over all of `arrays`.
-    An empty split gives None for every measure (and 0 examples / tokens), never a number."""
+    An empty split gives None for every measure (and 0 examples / tokens), never a number.
+    `feed` makes each batch (as in `fit`)."""
     n = len(arrays["input_ids"])
     if n == 0:
         if task == "classify":
@@ -152,11 +160,13 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
         # One compiled shape: the last batch is filled up with copies of its first row.
         index = np.arange(start, start + batch_size)
         valid = index < n
-        batch = {k: v[np.where(valid, index, start)] for k, v in arrays.items()}
-        totals += [float(x) for x in sums(params, batch, jnp.asarray(valid))]
+        batch = feed(arrays, np.where(valid, index, start))
+        mask = feed({"valid": valid}, np.arange(batch_size))["valid"]
+        totals += [float(x) for x in sums(params, batch, mask)]
     loss_sum, correct, count = totals
     if count == 0:  # blocks whose mask leaves no next token to predict
-        return evaluate(forward, task, params, {k: v[:0] for k, v in arrays.items()}, batch_size)
+        return evaluate(forward, task, params, {k: v[:0] for k, v in arrays.items()}, batch_size,
+                        feed)
     if task == "classify":
         return {"loss": loss_sum / count, "accuracy": correct / count, "examples": int(count)}
     return {"loss": loss_sum / count, "perplexity": float(np.exp(loss_sum / count)),
@@ -223,6 +233,7 @@ def fit(
     on_save: Callable[[int, list[float]], None] | None = None,
     progress: bool = True,
     step_fn: Callable[..., Any] | None = None,
+    feed: Feed = host_rows,
 ) -> FitResult:
     """Train from `start_step` to `steps` on `arrays` (dict of equal-length numpy arrays).
 
@@ -235,7 +246,10 @@ def fit(
     the end, and on Ctrl-C, after which `Interrupted` is raised; the losses up to the step are
     saved in the checkpoint's `extra` (`{"losses": [...]}`), committed with its arrays, and
     `on_save(step, losses)` is called after each save (e.g. to write the loss log beside it).
-    `step_fn` replaces `make_step(forward, task, tx)` (e.g. with its compiled form). `trainable` and
+    `step_fn` replaces `make_step(forward, task, tx)` (e.g. with its compiled form, or one jitted
+    with the shardings of a mesh); `feed(arrays, index)` makes the batch of the global batch's
+    rows `index` (default: those rows as numpy; on a mesh, each process's rows on its devices,
+    `lora_jax.cli.devices.Placement.feed`). `trainable` and
     `opt_state` are donated to the jitted step: pass copies if you need them afterwards.
     """
     from tqdm.auto import tqdm
@@ -281,11 +295,11 @@ def fit(
         step = start_step
         while step < steps:
             index = next(order)
-            batch = {k: v[index] for k, v in arrays.items()}
+            batch = feed(arrays, index)
             trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch,
                                                  jax.random.fold_in(base_key, step))
             step += 1
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(arrays["attention_mask"][index].sum())
             if step == start_step + 1:  # compilation + one step: not counted in tokens/s
                 jax.block_until_ready(loss)
                 first_step_seconds = time.perf_counter() - start_time

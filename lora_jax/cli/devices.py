@@ -1,0 +1,208 @@
+"""Devices and hosts of `lora-jax finetune`: `--mesh`, `jax.distributed` from the flags or the
+environment, and where params, optimizer state and batches live on the mesh.
+
+The mesh has a `data` and an `fsdp` axis. The global batch (`--batch-size`) is split over both;
+`fsdp` also splits the frozen base (`lora_jax.core.sharding.fsdp_specs`) and the factors follow
+their weights (`lora_specs`). Every process runs the same program; each feeds only its own rows
+of each global batch.
+
+    start_processes(None, None, None)            # before any other JAX call; one host: no-op
+    placement = Placement.of(parse_mesh("data=2,fsdp=4"), batch_size=16)
+    params = placement.place(params, config)     # the base and factors on their devices
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+MESH_AXES = ("data", "fsdp")
+Sizes = tuple[tuple[str, int], ...]
+
+
+def parse_mesh(text: str) -> Sizes:
+    """The `--mesh` flag: `data=2,fsdp=4` -> (("data", 2), ("fsdp", 4)), axes from `MESH_AXES`."""
+    sizes: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES:
+            raise argparse.ArgumentTypeError(
+                f"unknown mesh axis {name!r} in {text!r}: use {' and '.join(MESH_AXES)}, e.g. "
+                "data=2,fsdp=4")
+        if name in sizes:
+            raise argparse.ArgumentTypeError(f"mesh axis {name!r} is given twice in {text!r}")
+        if not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r}: a mesh axis size is a "
+                                             "positive integer, e.g. data=2,fsdp=4")
+        sizes[name] = int(value)
+    return tuple(sizes.items())
+
+
+def mesh_text(sizes: Sizes) -> str:
+    """`(("data", 2), ("fsdp", 4))` -> `data=2,fsdp=4` (as `--mesh` takes it)."""
+    return ",".join(f"{name}={n}" for name, n in sizes)
+
+
+def start_processes(coordinator: str | None, num_processes: int | None,
+                    process_id: int | None) -> None:
+    """Start `jax.distributed` when this run is one of several processes: from the three flags
+    (all needed), or from the environment (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID, or a SLURM / Open MPI job of several tasks, which JAX reads itself).
+    Nothing happens for one process or when JAX's processes are already started."""
+    import jax
+
+    from lora_jax.core import distributed
+
+    given = {"--coordinator": coordinator, "--num-processes": num_processes,
+             "--process-id": process_id}
+    if jax.distributed.is_initialized() or num_processes == 1:
+        return
+    if any(v is not None for v in given.values()):
+        missing = [flag for flag, v in given.items() if v is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} missing: a multi-process run needs "
+                             "--coordinator HOST:PORT, --num-processes and --process-id")
+        assert num_processes is not None and process_id is not None
+        if process_id >= num_processes:
+            raise ValueError(f"--process-id {process_id} is not below --num-processes "
+                             f"{num_processes}: number the processes 0 to {num_processes - 1}")
+        args: tuple[Any, ...] = (coordinator, num_processes, process_id)
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        args = (None, int(count) if count else None, int(index) if index else None)
+    elif max(int(os.environ.get(v) or 1) for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) > 1:
+        args = (None, None, None)
+    else:
+        return
+    try:
+        distributed.initialize(*args)
+    except Exception as err:  # JAX raises RuntimeError / XlaRuntimeError, often many lines
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--coordinator {coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS')}"
+                         f": cannot start the {num_processes or ''} processes ({reason})"
+                         ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A finetune run's mesh, and how its arrays and batches are laid out on it."""
+
+    mesh: Any  # jax.sharding.Mesh
+
+    @classmethod
+    def of(cls, sizes: Sizes | None, batch_size: int) -> Placement:
+        """The mesh of `--mesh` (None: data-parallel over every device, or on one process over
+        the most devices whose count divides `batch_size`), checked against the devices and the
+        global batch: each problem is a ValueError naming the flag."""
+        import jax
+        from jax.sharding import AxisType
+
+        n, multi = jax.device_count(), jax.process_count() > 1
+        if sizes is None:
+            data = n if multi else max(d for d in range(1, n + 1)
+                                       if n % d == 0 and batch_size % d == 0)
+            sizes = (("data", data),)
+        shown = f"--mesh {mesh_text(sizes)}"
+        used = math.prod(size for _, size in sizes)
+        if used != n and (multi or n % used):
+            need = f"is {n}" if multi else f"divides {n}"
+            where = f" in {jax.process_count()} processes" if multi else ""
+            raise ValueError(f"{shown} uses {used} devices; there are {n}{where}: give sizes "
+                             f"whose product {need}")
+        parallel = math.prod(size for name, size in sizes if name in ("data", "fsdp"))
+        if batch_size % parallel:
+            raise ValueError(f"--batch-size {batch_size} does not divide over the {parallel} "
+                             f"batch devices of {shown} (data x fsdp): use a multiple of "
+                             f"{parallel}")
+        full = dict(sizes)
+        shape = tuple(full.get(name, 1) for name in MESH_AXES)
+        mesh = jax.make_mesh(shape, MESH_AXES, devices=jax.devices()[:used],
+                             axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return cls(mesh)
+
+    @property
+    def sizes(self) -> Sizes:
+        """The mesh's axes of more than one device (one device: `data=1`)."""
+        sizes = tuple((name, int(n)) for name, n in self.mesh.shape.items() if n > 1)
+        return sizes or (("data", 1),)
+
+    @property
+    def batch_devices(self) -> int:
+        """How many ways each global batch is split (data x fsdp)."""
+        return int(math.prod(self.mesh.shape[a] for a in MESH_AXES))
+
+    def shardings(self, params: Mapping[str, Any]) -> Any:
+        """`NamedSharding`s for injected `params`: fsdp on the base's largest dividing axes,
+        the factors following their weights. A model too small to shard is a ValueError."""
+        from lora_jax.core.sharding import fsdp_specs, lora_specs, named_shardings
+
+        fsdp = int(self.mesh.shape["fsdp"])
+        specs = lora_specs(params, fsdp_specs(params, fsdp))
+        if fsdp > 1 and not any("fsdp" in spec for spec in _specs(specs)):
+            raise ValueError(f"--mesh {mesh_text(self.sizes)}: no weight of the model has an "
+                             f"axis that divides over {fsdp} devices; use a smaller fsdp")
+        return named_shardings(specs, self.mesh, params)
+
+    def place(self, tree: Any, shardings: Any) -> Any:
+        """`tree` (the same on every process) on the mesh, each process writing its shards."""
+        import jax
+        import numpy as np
+
+        def put(x: Any, sharding: Any) -> Any:
+            if isinstance(x, jax.Array) and x.sharding == sharding:
+                return x
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+        return jax.tree.map(put, tree, shardings)
+
+    def opt_state(self, tx: Any, trainable: Any, trainable_shardings: Any) -> Any:
+        """`tx.init(trainable)` created on the mesh, Adam's moments sharded as the factors."""
+        import jax
+
+        from lora_jax.core.sharding import named_shardings, opt_state_specs
+
+        specs = opt_state_specs(jax.eval_shape(tx.init, trainable),
+                                jax.tree.map(lambda s: s.spec, trainable_shardings))
+        return jax.jit(tx.init, out_shardings=named_shardings(specs, self.mesh))(trainable)
+
+    def step(self, step: Any, trainable_shardings: Any, opt_shardings: Any) -> Any:
+        """A `train_step` jitted to keep the trainable half and optimizer state where they are
+        (both donated); the loss comes back replicated."""
+        import jax
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        return jax.jit(step, out_shardings=(trainable_shardings, opt_shardings,
+                                            NamedSharding(self.mesh, P())),
+                       donate_argnums=(0, 2))
+
+    def feed(self, arrays: Mapping[str, Any], index: Any) -> dict[str, Any]:
+        """The global batch of rows `index` of `arrays`: this process reads only its own rows
+        and puts them on its devices."""
+        from lora_jax.core import distributed
+
+        rows = distributed.process_rows(len(index), self.mesh)
+        return distributed.shard_batch({k: v[index[rows]] for k, v in arrays.items()},
+                                       self.mesh)
+
+    def eval_batch(self, size: int) -> int:
+        """`size` rounded up to a multiple of the batch devices."""
+        return -(-size // self.batch_devices) * self.batch_devices
+
+    def gather(self, tree: Any) -> Any:
+        """`tree`'s arrays whole on every process (as numpy)."""
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _specs(tree: Any) -> Sequence[Any]:
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, P))
