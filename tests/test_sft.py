@@ -109,6 +109,29 @@ def test_chat_mask_equals_transformers_assistant_mask(tiny_llama, tmp_path):
         assert sum(hf["assistant_masks"]) > 0 and not all(hf["assistant_masks"])
 
 
+def test_smollm2_template_renders_as_transformers_renders_it():
+    """The real chat template of SmolLM2-135M-Instruct (GGUF metadata; it adds a default system
+    turn): our render equals transformers' `apply_chat_template`, and the pieces join to it."""
+    import tokenizers
+    import transformers
+    from gguf import GGUFReader
+
+    from lora_jax.models.gguf import smollm2_path
+
+    source = GGUFReader(smollm2_path()).fields["tokenizer.chat_template"].contents()
+    template = chat.ChatTemplate(source)
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0}, unk_token="a"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=words, chat_template=source)
+    for conversation in CHATS:
+        for prompt in (False, True):
+            assert template.render(conversation, prompt) == tok.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=prompt)
+        pieces = template.pieces(conversation)
+        assert "".join(t for t, _ in pieces) == template.render(conversation)
+        assert [t for t, trained in pieces if trained] == [
+            m["content"] + "<|im_end|>\n" for m in conversation if m["role"] == "assistant"]
+
+
 def _packed_equals_unpacked(folder):
     module, params, tokenizer, eos = _model(folder)
     examples = sft.tokenize(tokenizer, _pairs(), eos)
