@@ -68,20 +68,15 @@ def _same_run(out, reference):
         np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("mesh", [
-    "fsdp=8",
-    pytest.param("data=8", marks=pytest.mark.full),
-    pytest.param("data=2,fsdp=4", marks=pytest.mark.full),
-])
-def test_mesh_gives_the_one_device_run(runs, mesh):
+def _check_mesh(runs, mesh):
     out = runs(mesh)
     assert json.loads((out / "metrics.json").read_text())["mesh"] == mesh
     assert len(_losses(out)) == STEPS
     _same_run(out, runs("data=1"))
 
 
-@pytest.mark.parametrize("mesh", ["data=2,fsdp=4", pytest.param("data=1", marks=pytest.mark.full)])
-def test_run_stopped_on_fsdp_resumes_on_another_mesh(runs, tmp_path, mesh):
+def _check_resume(runs, tmp_path, mesh):
+    """The fsdp=8 run, cut back to its step-2 checkpoint, resumed on `mesh`."""
     stopped = tmp_path / "stopped"
     shutil.copytree(runs("fsdp=8"), stopped)
     for name in ("adapter", "metrics.json", "loss.png", f"checkpoint/{STEPS}"):
@@ -89,6 +84,24 @@ def test_run_stopped_on_fsdp_resumes_on_another_mesh(runs, tmp_path, mesh):
         shutil.rmtree(path) if path.is_dir() else path.unlink()  # as if killed after step 2
     assert cli.main(["finetune", "--resume", str(stopped), "--mesh", mesh, "--no-progress"]) == 0
     _same_run(stopped, runs("data=1"))
+
+
+def test_fsdp_gives_the_one_device_run_and_resumes_on_another_mesh(runs, tmp_path):
+    """The CI case of both checks, in one test so that its runs are shared (xdist workers do not
+    share fixtures)."""
+    _check_mesh(runs, "fsdp=8")
+    _check_resume(runs, tmp_path, "data=2,fsdp=4")
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=4"])
+def test_mesh_gives_the_one_device_run(runs, mesh):
+    _check_mesh(runs, mesh)
+
+
+@pytest.mark.full
+def test_run_stopped_on_fsdp_resumes_on_one_device(runs, tmp_path):
+    _check_resume(runs, tmp_path, "data=1")
 
 
 @pytest.mark.parametrize("flags, message", [
