@@ -147,15 +147,15 @@ def rows(examples: Sequence[Example], seq_len: int, pad: int = 0) -> dict[str, n
 def pack(examples: Sequence[Example], seq_len: int, pad: int = 0) -> dict[str, np.ndarray]:
     """Examples (each truncated to `seq_len`) packed into rows of `seq_len`, first fit in data
     order, with `segment_ids` numbering the examples of each row from 1 (0: padding)."""
-    space: list[int] = []  # room left in each row
+    space = np.zeros(len(examples), np.int64)  # room left in each row (at most one per example)
     placed: list[list[int]] = []  # example indices of each row
     for i, (ids, _) in enumerate(examples):
         k = min(len(ids), seq_len)
-        row = next((r for r, room in enumerate(space) if room >= k), None)
-        if row is None:
-            space.append(seq_len)
+        fits = space[: len(placed)] >= k
+        row = int(fits.argmax()) if fits.any() else len(placed)
+        if row == len(placed):
+            space[row] = seq_len
             placed.append([])
-            row = len(space) - 1
         space[row] -= k
         placed[row].append(i)
     n = len(placed)
