@@ -376,7 +376,7 @@ def test_vera_through_the_nnx_frontend_both_ways(tmp_path, scan):
     assert max_diff(loaded(**ids), torch_out(pm, ids)) <= E2E_TOL
 
 
-# --- what the variant interface does not express yet (strict: a fix makes these fail) --------
+# --- counting, bias="vera_only" and files without projections --------------------------------
 
 def _counts(name, scan, **fields):
     """(ours, peft's) (trainable, total) counts for VeRA with `fields` on the tiny `name`."""
@@ -396,45 +396,67 @@ def _counts(name, scan, **fields):
     return lora_jax.count_parameters(params, config), theirs.get_nb_trainable_parameters()
 
 
-@pytest.mark.xfail(strict=True, reason="count_parameters' total counts the frozen projection "
-                   "slices; peft's projections are buffers, not parameters (needs a Leaf flag, "
-                   "or untrained variant leaves left out of the total)")
-def test_total_count_is_peft_s():
+def test_counts_are_peft_s():
+    """The total leaves out the frozen projection slices (buffers in peft, no parameters)."""
     ours, theirs = _counts("llama", False, r=8, target_modules=["q_proj", "down_proj"])
-    assert ours[0] == theirs[0]  # the trainable count is peft's already
-    assert ours[1] == theirs[1]
+    assert ours == theirs
 
 
-@pytest.mark.xfail(strict=True, reason="counting's zero entries of the layers a scanned stack "
-                   "leaves out include frozen leaves, subtracted from the trainable count")
 def test_trainable_count_with_layers_to_transform_on_a_scanned_stack():
     ours, theirs = _counts("llama", True, r=8, target_modules=["q_proj", "down_proj"],
                            layers_to_transform=[1])
-    assert ours[0] == theirs[0]
+    assert ours == theirs
 
 
-@pytest.mark.xfail(strict=True, reason="split trains the biases of adapted modules for "
-                   "bias='lora_only' only; peft's rule is any '<method>_only'")
-def test_bias_vera_only_trains_the_biases_of_adapted_modules():
-    ours, theirs = _counts("bert", False, r=8, target_modules=["query"], bias="vera_only")
-    assert ours[0] == theirs[0]
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="load_peft hands Variant.from_peft "
-                   "neither the config nor the targeted weights, so the projections of a file "
-                   "saved with save_projection=False cannot be drawn (prepare() could)")
-def test_a_file_saved_without_projections_loads(tmp_path):
+def test_bias_vera_only_trains_and_saves_the_biases_of_adapted_modules(tmp_path):
     from parity_harness import ARCHS, quiet
-    from peft_checks import base_params
+    from peft_checks import base_params, read_adapter
+
+    import lora_jax
+
+    fields = dict(r=8, target_modules=["query"], bias="vera_only")
+    ours, theirs = _counts("bert", False, **fields)
+    assert ours == theirs
+    arch = ARCHS["bert"]
+    _, base = base_params(arch.module, arch.hf(), build_kwargs=arch.task, load_kwargs=arch.task)
+    config = VeraConfig(**fields)
+    params = lora_jax.inject(base, config, jax.random.key(0))
+    trainable, _ = lora_jax.split(params, config)
+    query = trainable["bert"]["encoder"]["layer_0"]["attention"]["self"]["query"]
+    assert query["bias"] is not None
+    lora_jax.save_peft(tmp_path / "ours", params, config, model_type="bert")
+    with quiet():
+        peft.get_peft_model(arch.hf(), peft.VeraConfig(**fields)).save_pretrained(
+            tmp_path / "peft")
+    biases = [{k for k in read_adapter(tmp_path / d)[0] if k.endswith("bias")}
+              for d in ("ours", "peft")]
+    assert biases[0] == biases[1] and len(biases[0]) == 2
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.full)])
+def test_a_file_saved_without_projections_loads_as_peft_loads_it(tmp_path, scan):
+    """save_projection=False: load_peft draws the projections from projection_prng_key (sized
+    by the targeted layers, as peft draws them on load): peft's logits and counts."""
+    from parity_harness import ARCHS, _close
+    from peft_checks import base_params, torch_out
 
     import lora_jax
 
     arch = ARCHS["llama"]
-    with quiet():
-        peft.get_peft_model(arch.hf(), peft.VeraConfig(
-            r=8, target_modules=["q_proj"], save_projection=False)).save_pretrained(tmp_path)
-    _, base = base_params(arch.module, arch.hf())
-    lora_jax.load_peft(tmp_path, base, model_type="llama")
+    pm = _peft_vera(arch, tmp_path, r=8, target_modules=["q_proj", "down_proj"],
+                    save_projection=False, projection_prng_key=5)
+    assert "base_model.vera_A" not in load_file(os.path.join(tmp_path,
+                                                             "adapter_model.safetensors"))
+    model, base = base_params(arch.module, arch.hf(), scan_layers=scan)
+    params, config = lora_jax.load_peft(tmp_path, base, model_type="llama")
+    assert not config.save_projection and config.projection_prng_key == 5
+    ours = lora_jax.wrap(model.apply, config)({"params": params}, **arch.inputs)
+    with torch.no_grad():
+        theirs = torch_out(pm, arch.inputs)
+    assert _close(np.asarray(model.apply({"params": base}, **arch.inputs)), theirs, arch) > \
+        100 * E2E_TOL
+    assert _close(np.asarray(ours), theirs, arch) <= E2E_TOL
+    assert lora_jax.count_parameters(params, config) == pm.get_nb_trainable_parameters()
 
 
 def test_saved_without_projections_peft_draws_ours(tmp_path):

@@ -72,18 +72,25 @@ class AdapterConfig:
         """The alpha of modules no `alpha_pattern` names (`lora_alpha`; r without one: scale 1)."""
         return getattr(self, "lora_alpha", self.r)
 
+    @property
+    def adapted_biases(self) -> bool:
+        """Whether the biases of adapted modules train: peft's `bias="<method>_only"` (e.g.
+        "lora_only", "vera_only")."""
+        return self.bias.endswith("_only")
+
     def rank(self, *names: str) -> int:
         """The rank of the module known by `names` (`rank_pattern` overrides `r`; the last name,
         peft's, is tried first)."""
         return _first(self.rank_pattern, names, self.r)
 
-    def alpha(self, *names: str) -> float:
-        """The alpha of the module known by `names` (`alpha_pattern` overrides the default)."""
+    def alpha_of(self, *names: str) -> float:
+        """The alpha of the module known by `names` (`alpha_pattern` overrides the default; not
+        `alpha`, which is a field of some methods' configs, LoKr's)."""
         return _first(self.alpha_pattern, names, self.default_alpha)
 
     def scaling(self, *names: str, rank: int | None = None) -> float:
         """The module's scale (`scaling` of its alpha and rank; `rank` defaults to its own)."""
-        return scaling(self.alpha(*names), self.rank(*names) if rank is None else rank,
+        return scaling(self.alpha_of(*names), self.rank(*names) if rank is None else rank,
                        self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,26 +14,34 @@ from lora_jax.core.partition import split
 from lora_jax.core.record import iter_records
 
 
-def _unused_count(params: Mapping[str, Any]) -> int:
-    """Adapter entries that stay zero: scanned layers left out by `layers_to_transform`, and
-    the padding beyond each layer's own rank in a stack with per-layer ranks."""
-    unused = 0
+def _not_counted(params: Mapping[str, Any]) -> tuple[int, int]:
+    """(unused, buffers): adapter entries that stay zero (scanned layers left out by
+    `layers_to_transform`, the padding beyond each layer's own rank in a stack with per-layer
+    ranks), and the frozen leaves of variants (VeRA's projections: buffers in peft, no
+    parameters)."""
+    unused = buffers = 0
     for item in iter_records(params):
         record = item.record
-        if record.layers is None and record.ranks is None:
-            continue
-        n_layers = item.weight.shape[0]
-        ranks = record.ranks or (record.rank,) * n_layers
-        kept = [ranks[i] for i in range(n_layers) if record.layers is None or i in record.layers]
         for leaf in variants.of(record).leaves_of(record):
-            size = math.prod(item.leaves[leaf.name].shape[1:])
+            value = item.leaves[leaf.name]
+            if not leaf.trained:
+                buffers += value.size
+                continue
+            if record.layers is None and record.ranks is None:
+                continue
+            n_layers = item.weight.shape[0]
+            ranks = record.ranks or (record.rank,) * n_layers
+            kept = [ranks[i] for i in range(n_layers)
+                    if record.layers is None or i in record.layers]
+            size = math.prod(value.shape[1:])
             unused += size // record.rank * (record.rank * n_layers - sum(kept)) if "r" in \
                 leaf.axes else size * (n_layers - len(kept))
-    return unused
+    return unused, buffers
 
 
 def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int, int]:
-    """(trainable, total) parameter counts; total includes the factors, as peft counts.
+    """(trainable, total) parameter counts; total includes the trained adapter leaves but not
+    frozen ones (VeRA's projections, peft's buffers), as peft counts.
 
     One difference from peft: for `modules_to_save` peft keeps a frozen original beside the
     trained copy and counts both; lora_jax trains the module in place and counts it once (but
@@ -47,9 +55,9 @@ def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int
     (14, 30)
     """
     trainable, _ = split(params, config)
-    unused = _unused_count(params)
+    unused, buffers = _not_counted(params)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable)) - unused
-    n_total = sum(x.size for x in jax.tree.leaves(params)) - unused
+    n_total = sum(x.size for x in jax.tree.leaves(params)) - unused - buffers
     return n_trainable, n_total
 
 

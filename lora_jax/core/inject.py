@@ -278,10 +278,10 @@ def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, L
             selected = tuple(sorted(layers))
             if len(selected) == site.shape[0]:
                 selected = True
-        if selected is not True and config.bias == "lora_only" and "bias" in _module(
+        if selected is not True and config.adapted_biases and "bias" in _module(
                 params, site.path):
             raise ValueError(
-                f"bias='lora_only' with only some layers of the scanned stack {path!r} adapted "
+                f"bias={config.bias!r} with only some layers of the scanned stack {path!r} adapted "
                 "would train the biases of every layer (a stacked bias is one leaf); use "
                 "bias='none' or 'all', or unscanned layers"
             )

@@ -38,7 +38,7 @@ def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
                     (saved and not is_original(key))
                     or key in trained
                     or (key == "bias" and (config.bias == "all"
-                                           or (config.bias == "lora_only" and adapted)))
+                                           or (config.adapted_biases and adapted)))
                 )
         return out
 

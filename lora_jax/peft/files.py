@@ -322,7 +322,7 @@ def _agreeing(config: AdapterConfig, tree: Mapping[str, Any], layouts: Mapping[s
     # A stack with per-layer values (None) keeps the patterns that gave them.
     given = {p: v for p, v in adapted.items() if v is not None}
     for name, value_of in (("rank_pattern", 0), ("alpha_pattern", 1)):
-        getters = [getattr(c, "rank" if value_of == 0 else "alpha") for c in (config, read_back)]
+        getters = [c.rank if value_of == 0 else c.alpha_of for c in (config, read_back)]
         if name in fields and any(getter(p) != v[value_of] for p, v in given.items()
                                   for getter in getters):
             default = config.r if name == "rank_pattern" else config.default_alpha
@@ -356,7 +356,12 @@ def _peft_fields(config: AdapterConfig, *, fan_in_fan_out: bool, task_type: str 
         fields["modules_to_save"] = list(fields["modules_to_save"] or []) + heads
     if isinstance(fields.get("layers_to_transform"), int):
         fields["layers_to_transform"] = [fields["layers_to_transform"]]
-    fields.update(fan_in_fan_out=fan_in_fan_out, task_type=task_type,
+    if "fan_in_fan_out" in variant.peft_defaults:
+        fields["fan_in_fan_out"] = fan_in_fan_out
+    elif fan_in_fan_out:
+        raise ValueError(f"save_peft: peft's {variant.peft_type} has no fan_in_fan_out: it adapts "
+                         "torch Linear layers, not GPT-2's Conv1D ([in, out] weights)")
+    fields.update(task_type=task_type,
                   base_model_name_or_path=base_model_name_or_path, auto_mapping=auto_mapping)
     return fields
 
@@ -495,7 +500,7 @@ def save_peft(
             shared.append({leaf.name: value for leaf, value in arrays.items()})
             # alpha from the record's scale: the value the factors were trained with.
             alpha = alpha_for(scale, r, config.use_rslora)
-            given = config.alpha(torch_path)
+            given = config.alpha_of(torch_path)
             adapted[torch_path] = (r, given if abs(given - alpha) <= 1e-9 * abs(alpha)
                                    else alpha)
         root = _saved_root(torch_path, saved_modules)
@@ -513,7 +518,7 @@ def save_peft(
                     rest = torch_path[len(root) + 1:]
                     parts = (root, "modules_to_save", rest, "bias")
                     tensors[PREFIX + ".".join(p for p in parts if p)] = np.asarray(value)
-            elif name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and has)):
+            elif name == "bias" and (config.bias == "all" or (config.adapted_biases and has)):
                 tensors[key + (".base_layer.bias" if has else ".bias")] = np.asarray(value)
         experts = _expert_records(node, slot)
         for record in experts:  # target_parameters: per-expert factors, peft's fused layout
@@ -749,6 +754,10 @@ def load_peft(
     if expected is None:
         raise ValueError(f"{where}: target_modules={config.target_modules!r} matches no module "
                          f"of the params tree (PyTorch paths: {sorted(tree)[:5]}...)")
+    if expected:
+        shared = variant.peft_shared_read(shared, [
+            (index[p].leaf(_weight_name(index[p].node)), _torch_layout(index[p], layouts))
+            for p in sorted(expected)], config)
     for torch_path in sorted(expected | set(factors)):
         slot, found = index[torch_path], factors.get(torch_path, {})
         name = _weight_name(slot.node)
@@ -767,24 +776,25 @@ def load_peft(
         if weight.ndim != 2:
             raise ValueError(f"{where}: {first!r}: {slot.flax_path!r} has a weight of shape "
                              f"{tuple(weight.shape)}; peft interop supports nn.Dense and nn.Embed")
-        # The weight's (in, out) as its layout reads it (a FlaxConv1D kernel is [out, in]).
-        layout = dataclasses.replace((layouts or {}).get(slot.flax_path) or Layout(
-            "embed" if name == "embedding" else "dense"), stacked=0)
+        layout = _torch_layout(slot, layouts)
         arrays = variant.from_peft({leaf.name: found[s].T for s, leaf in leaves.items()
                                     if s in found}, shared, weight.shape, layout)
         fits = all(arrays[leaf.name].ndim == len(leaf.axes) for leaf in variant.leaves
                    if leaf.name in arrays)
-        rank = variant.rank_of(arrays, 0) if fits else 0
-        shapes = variant.shapes(weight.shape, layout, rank)
-        if not fits or any(arrays[n].shape != shapes[n] for n in arrays):
+        rank = _rank(variant, arrays, config, torch_path) if fits else config.rank(torch_path)
+        shapes = variant.shapes(weight.shape, layout, rank, config)
+        if not fits or set(arrays) != set(shapes) or any(
+                arrays[n].shape != shapes[n] for n in arrays):
             _, (fan_in,), (fan_out,) = layout.split(weight.shape)
             dims = {"i": str(fan_in), "o": str(fan_out), "r": "r"}
+            expected = [("[" + ", ".join(dims[c] for c in leaf.axes[::-1]) + "]") if
+                        "_" not in leaf.axes else f"{keys[s]} {tuple(shapes[leaf.name][::-1])}"
+                        for s, leaf in leaves.items() if leaf.name in shapes]
             raise ValueError(
                 f"{where}: " + " and ".join(f"{keys[s]!r} {tuple(found[s].shape)}" for s in keys
                                      if s in found)
                 + f" do not fit {slot.flax_path!r} of shape {tuple(weight.shape)} (expected "
-                + " and ".join("[" + ", ".join(dims.get(c, "?") for c in leaf.axes[::-1]) + "]"
-                               for leaf in leaves.values())
+                + " and ".join(expected)
                 + ("" if layouts else "; pass layouts=lora_jax.layouts(model, ...) if its kernel "
                    "is not [in, out]") + ")"
             )
@@ -877,6 +887,21 @@ def _expert_leaves(experts: _Experts, config: AdapterConfig, dtype: jnp.dtype,
     return leaves
 
 
+def _torch_layout(slot: _Slot, layouts: Mapping[str, Layout] | None) -> Layout:
+    """The layout of one layer's weight in the slot: its (in, out) as the layout reads it (a
+    FlaxConv1D kernel is [out, in])."""
+    kind = "embed" if _weight_name(slot.node) == "embedding" else "dense"
+    return dataclasses.replace((layouts or {}).get(slot.flax_path) or Layout(kind), stacked=0)
+
+
+def _rank(variant: variants.Variant, arrays: Mapping[str, Any], config: AdapterConfig,
+          torch_path: str) -> int:
+    """The rank of one module's arrays (one layer's), or the config's where they carry none
+    (LoKr's full factors)."""
+    rank = variant.rank_of(arrays, 0)
+    return config.rank(torch_path) if rank is None else rank
+
+
 def _weight_name(node: Mapping[str, Any]) -> str:
     return "embedding" if "embedding" in node else "kernel"
 
@@ -898,8 +923,8 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
         weight = _weight_name(node)
         mine = {leaf.key(weight): leaf for leaf in variant.leaves}
         # (rank, alpha) of each adapted layer, by peft's rules on its PyTorch path.
-        values = {i: (variant.rank_of({mine[k].name: a for k, a in v.items() if k in mine}, 0),
-                      config.alpha(v["_torch_path"]))
+        values = {i: (_rank(variant, {mine[k].name: a for k, a in v.items() if k in mine},
+                            config, v["_torch_path"]), config.alpha_of(v["_torch_path"]))
                   for i, v in layers.items() if "_torch_path" in v}
         rank = max((r for r, _ in values.values()), default=0)
         n_layers = next(iter(_leaves(node).values())).shape[0]  # scanned (GGML leaves: no len)

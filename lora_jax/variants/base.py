@@ -148,14 +148,24 @@ class Variant:
         `base_model.vera_A`), from each adapted module's leaves (one layer's, numpy)."""
         return {}
 
+    def peft_shared_read(self, shared: Mapping[str, Any], weights: list[tuple[Any, Layout]],
+                         config: Any) -> Mapping[str, Any]:
+        """A file's shared tensors (`peft_shared_keys`, as read), completed where the file
+        leaves them out, for the `weights` it adapts (one layer's, each with its layout), as
+        peft completes them on load; default: as they are."""
+        return shared
+
     def from_peft(self, arrays: dict[str, Any], shared: Mapping[str, Any],
                   shape: tuple[int, ...], layout: Layout) -> dict[str, Any]:
         """One module's arrays read from a peft file (ours, by leaf name) completed from the
         file's shared tensors (`peft_shared`) for a weight of `shape`; default: as they are."""
         return arrays
 
-    def shapes(self, shape: tuple[int, ...], layout: Layout, rank: int) -> dict[str, tuple]:
-        """{leaf name: shape} for a weight of stored `shape`, from the leaves' axes letters."""
+    def shapes(self, shape: tuple[int, ...], layout: Layout, rank: int, config: Any = None
+               ) -> dict[str, tuple]:
+        """{leaf name: shape} for a weight of stored `shape` at `rank`, from the leaves' axes
+        letters (a variant whose leaves have axes of their own sizes reads them from its
+        `config`)."""
         stack, fan_in, fan_out = layout.split(shape)
         dims = {"i": fan_in, "o": fan_out, "r": (rank,)}
         return {leaf.name: (*stack, *(d for c in leaf.axes for d in dims[c]))
@@ -166,10 +176,12 @@ class Variant:
         return {leaf.name: leaf.resize(leaves[leaf.name], leading, rank) for leaf in self.leaves
                 if leaf.name in leaves}
 
-    def rank_of(self, leaves: Mapping[str, Any], leading: int) -> int:
-        """The rank of a module's leaves (the first leaf with a rank axis)."""
-        leaf = next(leaf for leaf in self.leaves if "r" in leaf.axes and leaf.name in leaves)
-        return leaves[leaf.name].shape[leaf.rank_axis(leading)]
+    def rank_of(self, leaves: Mapping[str, Any], leading: int) -> int | None:
+        """The rank of a module's leaves (the first leaf with a rank axis; None if none has
+        one, e.g. LoKr's full factors: the config's rank then)."""
+        leaf = next((leaf for leaf in self.leaves if "r" in leaf.axes and leaf.name in leaves),
+                    None)
+        return None if leaf is None else leaves[leaf.name].shape[leaf.rank_axis(leading)]
 
     def check(self, what: str, where: str) -> None:
         """Raise, naming `where` and the reason, if this variant does not support `what`."""

@@ -64,8 +64,7 @@ class LoKrConfig(AdapterConfig):
     """
 
     r: int = 8
-    # peft's name; it hides AdapterConfig.alpha(*names), which peft io calls (a known gap).
-    alpha: float = 8  # type: ignore[assignment]
+    alpha: float = 8
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
@@ -116,12 +115,6 @@ class LoKrConfig(AdapterConfig):
     def default_alpha(self) -> float:
         """The alpha of modules no `alpha_pattern` names (peft's LoKr field `alpha`)."""
         return self.alpha
-
-    def scaling(self, *names: str, rank: int | None = None) -> float:
-        """alpha / r of the module known by `names` (the patterns override `alpha` and `r`)."""
-        # The field `alpha` hides AdapterConfig's method of that name on instances.
-        alpha = AdapterConfig.alpha(self, *names)
-        return alpha / (self.rank(*names) if rank is None else rank)
 
     __hash__ = AdapterConfig.__hash__
 
@@ -295,10 +288,13 @@ class LoKr(Variant):
             return f"its {layout.n_in} input axes: {_ONE_LINEAR}"
         return None
 
-    def rank_of(self, leaves: Mapping[str, Any], leading: int) -> int:
-        """The rank of the low-rank factors; 0 when both factors are full (no rank axis)."""
-        low = [leaf for leaf in self.leaves if "r" in leaf.axes and leaf.name in leaves]
-        return leaves[low[0].name].shape[low[0].rank_axis(leading)] if low else 0
+    def shapes(self, shape: tuple[int, ...], layout: Layout, rank: int, config: Any = None
+               ) -> dict[str, tuple]:
+        """The factors peft chooses for this weight, rank and `config` (see `leaf_shapes`)."""
+        stack, fan_in, fan_out = layout.split(shape)
+        return {n: (*stack, *s) for n, s in leaf_shapes(
+            math.prod(fan_in), math.prod(fan_out), rank, config.decompose_factor,
+            config.decompose_both).items()}
 
     def init(self, weight: Any, layout: Layout, config: Any, values: Any, key: jax.Array,
              dtype: Any, shared: Any = None) -> tuple[dict[str, jax.Array], Any]:
@@ -311,10 +307,7 @@ class LoKr(Variant):
             raise ValueError(
                 "LoKr's rank_dropout / module_dropout are not applied yet: an adapted weight's "
                 "record has no place for them (train with rank_dropout=0, module_dropout=0)")
-        stack, fan_in, fan_out = layout.split(tuple(weight.shape))
-        shapes = leaf_shapes(math.prod(fan_in), math.prod(fan_out), values.rank,
-                             config.decompose_factor, config.decompose_both)
-        return init_leaves(key, {n: (*stack, *s) for n, s in shapes.items()},
+        return init_leaves(key, self.shapes(tuple(weight.shape), layout, values.rank, config),
                            config.init_weights, dtype), None
 
     def forward(self, call: Any, leaves: Mapping[str, jax.Array], scale: Any) -> jax.Array:

@@ -31,7 +31,8 @@ the price is `r * (in + out)` frozen numbers a layer where peft holds references
 The delta of a call is the low-rank product `(x (A lambda_d)) (B lambda_b)`: no `in x out`
 matrix is formed. peft's `torch.Generator` is a Mersenne Twister, whose numbers numpy's
 `MT19937` reproduces exactly, so the projections for a `projection_prng_key` are peft's, bit for
-bit: an adapter saved with `save_projection=False` loads in peft exactly.
+bit: an adapter saved with `save_projection=False` loads in peft exactly, and `load_peft` draws
+them for such a file as peft does (`Vera.peft_shared_read`).
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
 >>> model, x = nn.Dense(8), jnp.ones((2, 16))
@@ -318,13 +319,16 @@ class Vera(Variant):
                              "peft would draw on load; save with save_projection=True")
         return {}
 
+    def peft_shared_read(self, shared: Mapping[str, Any], weights: list[tuple[Any, Layout]],
+                         config: Any) -> Mapping[str, Any]:
+        if _A in shared and _B in shared:
+            return shared
+        # save_projection=False: peft draws them from projection_prng_key on load, as we do.
+        a, b = self.prepare(weights, config, jax.random.key(0))
+        return {**shared, _A: a.T, _B: b.T}
+
     def from_peft(self, arrays: dict[str, Any], shared: Mapping[str, Any],
                   shape: tuple[int, ...], layout: Layout) -> dict[str, Any]:
-        if _A not in shared or _B not in shared:
-            raise ValueError(
-                f"the file has no {_A} / {_B} (saved with save_projection=False): load_peft "
-                "cannot size peft's projections for it yet; save the adapter with "
-                "save_projection=True")
         a, b = layer_projections(shared[_A].T, shared[_B].T, shape, layout, "load_peft")
         return {**arrays, "vera_A": np.asarray(a), "vera_B": np.asarray(b)}
 

@@ -121,12 +121,7 @@ def test_a_sharded_step_equals_one_device(case):
                                    atol=1e-6, err_msg=path)
 
 
-# A known gap (strict: its fix makes this fail until the mark goes): peft io reads a module's
-# alpha as `config.alpha(path)`, AdapterConfig's method, hidden on LoKrConfig by peft's field.
-_LOKR_ALPHA = pytest.mark.xfail(strict=True, raises=TypeError, reason="lora_jax.peft.files "
-                                "calls config.alpha(path); LoKrConfig's field `alpha` hides it")
-PEFT_CASES = [pytest.param(case, marks=_LOKR_ALPHA) if case[2] == "lokr" else case
-              for case in FLOAT_CORE if case[:2] not in PEFT_REFUSED]
+PEFT_CASES = [case for case in FLOAT_CORE if case[:2] not in PEFT_REFUSED]
 
 
 @pytest.mark.parametrize("case", PEFT_CASES, ids=_id)
