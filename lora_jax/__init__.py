@@ -30,11 +30,13 @@ from lora_jax.multi import adapters
 from lora_jax.multi.weighted import weighted_adapter
 from lora_jax.peft.files import load_peft, save_peft
 from lora_jax.quant.quantize import dequantize, quantize
+from lora_jax.variants.lokr import LoKrConfig
 from lora_jax.variants.vera import VeraConfig
 
 __all__ = [
     "AdapterCheckpointer",
     "Layout",
+    "LoKrConfig",
     "LoraConfig",
     "LoraRecord",
     "Rule",

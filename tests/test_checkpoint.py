@@ -79,6 +79,18 @@ def test_save_every_retention_and_no_base_written(tmp_path):
     assert written < nbytes(frozen)
 
 
+def test_vera_and_lokr_configs_come_back_as_saved(tmp_path):
+    """The checkpoint keeps its config's class (the variant's), not only its fields."""
+    trainable, _, opt_state, _, _ = setup()
+    configs = [lora_jax.VeraConfig(r=4, target_modules=["up"], d_initial=0.3),
+               lora_jax.LoKrConfig(r=2, alpha=3, target_modules=["up"], decompose_both=True)]
+    with AdapterCheckpointer(tmp_path) as ckpt:
+        for step, config in enumerate(configs, 1):
+            ckpt.save(step, trainable, opt_state, config, force=True)
+        ckpt.wait()
+        assert [ckpt.config(step) for step in (1, 2)] == configs
+
+
 def test_restore_onto_8_4_1_devices(tmp_path):
     trainable, frozen, opt_state, step, x = setup()
     mesh8 = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tp"))

@@ -261,6 +261,7 @@ def test_lm_finetune_with_lora_variants(capsys, tiny_llama, tmp_path, flags, ran
     (["--loraplus-ratio", "0"], "argument --loraplus-ratio: must be > 0, got 0"),
     (["--quantize", "nf2"], "argument --quantize: invalid choice: 'nf2'"),
     (["--quantize", "nf4", "--init", "pissa"], "--quantize with --init pissa"),
+    (["--method", "vera", "--decompose-both"], "--decompose-both applies to --method lokr"),
 ])
 def test_lora_variant_flags_bad_input(capsys, tiny_llama, tmp_path, argv, message):
     folder, text = tiny_llama, _notes(tmp_path)
@@ -268,6 +269,44 @@ def test_lora_variant_flags_bad_input(capsys, tiny_llama, tmp_path, argv, messag
                             "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress",
                             *argv)
     assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("vera", ("--r", "4", "--d-initial", "0.2", "--projection-prng-key", "3")),
+    ("lokr", ("--r", "2", "--alpha", "4", "--decompose-both", "--decompose-factor", "4")),
+])
+def test_vera_and_lokr_finetune_saves_a_folder_peft_loads(capsys, tiny_llama, tmp_path, method,
+                                                          flags):
+    """A few steps of `--method vera|lokr`; peft's VeRA / LoKr on the transformers model reads
+    the saved folder and gives our logits (load_peft + wrap)."""
+    import jax.numpy as jnp
+    import peft
+    import torch
+    import transformers
+
+    import lora_jax
+    from lora_jax.models import from_pretrained
+
+    folder, text = tiny_llama, _notes(tmp_path)
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "finetune", "--model", str(folder), "--data", str(text),
+                            "--out", str(out), "--steps", "3", "--batch-size", "4",
+                            "--seq-len", "16", "--lr", "3e-2", "--no-progress",
+                            "--method", method, *flags)
+    assert code == 0, err
+    written = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert written["peft_type"] == method.upper() and written["r"] == int(flags[1])
+    module, base = from_pretrained(folder)
+    adapted, config = lora_jax.load_peft(out / "adapter", base, model_type="llama")
+    assert type(config) is {"vera": lora_jax.VeraConfig, "lokr": lora_jax.LoKrConfig}[method]
+    ids = np.arange(1, 9, dtype=np.int32)[None] * 7
+    ours = np.asarray(lora_jax.wrap(module.apply, config)({"params": adapted}, jnp.asarray(ids)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, out / "adapter").eval()(
+            input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.abs(ours - np.asarray(module.apply({"params": base}, ids))).max() > 1e-3
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_lm_finetune_then_generate_with_the_adapter(capsys, tiny_llama, tmp_path):

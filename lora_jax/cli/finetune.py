@@ -31,7 +31,7 @@ from lora_jax.cli.files import (
     write_bytes,
     write_json,
 )
-from lora_jax.cli.method import DEFAULT_LR, setup_method
+from lora_jax.cli.method import DEFAULT_LR, method_options, setup_method
 from lora_jax.cli.model import Loaded, check_seq_len, eos_id, load_model, model_task
 
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
@@ -190,7 +190,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                          prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed,
                          dora=args.dora, init=True if args.init == "default" else args.init,
                          loraplus_ratio=args.loraplus_ratio,
-                         quantize=args.quantize)
+                         quantize=args.quantize,
+                         options=method_options(args.method, vars(args)))
     if getattr(args, "frontend", "linen") == "nnx":  # the same setup, the NNX model's forward
         from lora_jax.cli.nnx_run import on_nnx
 

@@ -84,12 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help='bbc | a text file | a .jsonl file of {"text", "label"} (seq2seq: of '
                     '{"input", "target"}; causal LMs also: instruction data of {"prompt", '
                     '"completion"} or {"messages"}, loss on completions only) (default bbc)')
-    ft.add_argument("--method", choices=METHODS, default="lora")
-    ft.add_argument("--r", type=_number(int, 1), default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--method", choices=METHODS, default="lora",
+                    help="lora, vera or lokr (peft adapters: the run saves peft's folder), or "
+                    "full, prompt, head (default lora)")
+    ft.add_argument("--r", type=_number(int, 1), default=8,
+                    help="adapter rank (default 8; VeRA: its shared projections' rank)")
     ft.add_argument("--alpha", type=_number(float, 0, low_open=True), default=16.0,
-                    help="lora_alpha (16)")
+                    help="lora_alpha, LoKr's alpha (16); VeRA has none")
     ft.add_argument("--dropout", type=_number(float, 0, 1, high_open=True), default=0.05,
-                    help="lora_dropout, in [0, 1) (0.05)")
+                    help="lora_dropout / VeRA's vera_dropout, in [0, 1) (0.05); LoKr has none")
+    ft.add_argument("--d-initial", type=_number(float, 0), metavar="D",
+                    help="VeRA: the initial value of every vera_lambda_d (peft's 0.1)")
+    ft.add_argument("--projection-prng-key", type=_number(int, 0, MAX_SEED), metavar="SEED",
+                    help="VeRA: the seed of the shared random projections (peft's 0)")
+    ft.add_argument("--decompose-both", action="store_true", default=None,
+                    help="LoKr: factor w1 into two rank-r matrices too (peft's decompose_both)")
+    ft.add_argument("--decompose-factor", type=int, metavar="N",
+                    help="LoKr: split each size as N x size/N when N divides it (peft's "
+                    "decompose_factor; -1, the default: near the square root)")
     ft.add_argument("--dora", action="store_true",
                     help="DoRA: train a magnitude per output feature too (peft's use_dora)")
     ft.add_argument("--init", type=_init, default="default", metavar="INIT",

@@ -1,6 +1,6 @@
-"""Methods: LoRA (with DoRA, PiSSA / OLoRA inits, LoRA+, QLoRA), full fine-tuning, prompt
-tuning and head-only training, set up on a loaded model as params, the trainable selection,
-the forward and the optimizer.
+"""Methods: LoRA (with DoRA, PiSSA / OLoRA inits, LoRA+, QLoRA), VeRA, LoKr, full
+fine-tuning, prompt tuning and head-only training, set up on a loaded model as params, the
+trainable selection, the forward and the optimizer.
 
     setup = setup_method(loaded, "classify", "lora", r=8, alpha=16, lr=3e-3, steps=100)
     trainable, frozen = lora_jax.split(setup.params, setup.config)
@@ -14,10 +14,31 @@ from typing import Any
 
 from lora_jax.cli.model import Loaded
 
-METHODS = ("lora", "full", "prompt", "head")
+METHODS = ("lora", "vera", "lokr", "full", "prompt", "head")
+ADAPTERS = ("lora", "vera", "lokr")  # the methods that save a peft adapter folder
+# The flags of one method's own config fields (peft's names), by method.
+OPTIONS = {"vera": ("d_initial", "projection_prng_key"),
+           "lokr": ("decompose_both", "decompose_factor")}
+
+# VeRA trains only r + out numbers a layer and wants a larger rate (its paper: 1e-2 and up).
+DEFAULT_LR = {"lora": 3e-3, "vera": 1e-2, "lokr": 3e-3, "head": 1e-2, "full": 5e-5,
+              "prompt": 3e-2}
 
 
-DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 5e-5, "prompt": 3e-2}
+def method_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The `OPTIONS` fields of `method` among `given` (a flags namespace's dict; None: not
+    given); a field of another method raises, naming its flag.
+
+    >>> method_options("lokr", {"decompose_both": True, "d_initial": None, "lr": 1.0})
+    {'decompose_both': True}
+    """
+    found = {name: given[name] for names in OPTIONS.values() for name in names
+             if given.get(name) is not None}
+    for name in found:
+        if name not in OPTIONS.get(method, ()):
+            owner = next(m for m, names in OPTIONS.items() if name in names)
+            raise ValueError(f"--{name.replace('_', '-')} applies to --method {owner}")
+    return found
 
 
 @dataclasses.dataclass
@@ -36,9 +57,12 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
                  dropout: float = 0.05, targets: str | Sequence[str] | None = None,
                  prompt_tokens: int = 20, lr: float = 1e-3, steps: int = 100,
                  seed: int = 0, dora: bool = False, init: bool | str = True,
-                 loraplus_ratio: float | None = None, quantize: str | None = None) -> Setup:
+                 loraplus_ratio: float | None = None, quantize: str | None = None,
+                 options: Mapping[str, Any] | None = None) -> Setup:
     """Params, trainable selection, forward and optimizer of `method` on `loaded`. `targets`:
-    LoRA's target_modules (a list of names, or one regex string; None: the family's)."""
+    the adapter's target_modules (a list of names, or one regex string; None: the family's);
+    `options`: the method's own config fields (`method_options`). VeRA reads `r` and `dropout`
+    (its `vera_dropout`; it has no alpha), LoKr `r` and `alpha` (it has no input dropout)."""
     import jax
 
     import lora_jax
@@ -62,10 +86,21 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         # QLoRA on a base loaded in float: the frozen kernels as NF4 / int8 (heads and trained
         # modules stay float). `load_model(..., quantize=)` gives the same tree while reading.
         params = lora_jax.quantize(params, quantize, modules_to_save=head)
-    if method == "lora":
+    config: Any
+    target_modules = targets if isinstance(targets, str) else tuple(
+        targets or family.default_targets)
+    if method == "vera":
+        config = lora_jax.VeraConfig(r=r, vera_dropout=dropout, target_modules=target_modules,
+                                     modules_to_save=head or None, **(options or {}))
+    elif method == "lokr":
+        config = lora_jax.LoKrConfig(r=r, alpha=alpha, target_modules=target_modules,
+                                     modules_to_save=head or None, **(options or {}))
+    if method in ("vera", "lokr"):
+        params = lora_jax.inject(params, config, key)
+        apply = lora_jax.wrap(apply, config)
+    elif method == "lora":
         config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                     target_modules=targets if isinstance(targets, str)
-                                     else tuple(targets or family.default_targets),
+                                     target_modules=target_modules,
                                      modules_to_save=head or None, use_dora=dora,
                                      init_lora_weights=init)
         params = lora_jax.inject(params, config, key)
@@ -113,7 +148,7 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
                      loraplus_ratio=loraplus_ratio)
     # `tx` updates the trainable half that `train.fit` differentiates (split once, combine for
     # the forward): no whole-tree `lora_jax.optimizer` wrapper is needed.
-    return Setup(params, config, forward, tx, method == "lora", initial)
+    return Setup(params, config, forward, tx, method in ADAPTERS, initial)
 
 
 def training_tx(lr: Any, steps: int, *, decay: float = 0.01,

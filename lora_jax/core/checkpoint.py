@@ -1,8 +1,9 @@
-"""Adapter-only training checkpoints with orbax: factors + optimizer state + step + LoraConfig.
+"""Adapter-only training checkpoints with orbax: factors + optimizer state + step + config.
 
 The frozen base is never written: a checkpoint holds the `trainable` half of
 `lora_jax.split(params, config)` (the factors, and any biases / `modules_to_save` the config
-trains), the optimizer state of `lora_jax.optimizer`, the step and the `LoraConfig` as JSON.
+trains), the optimizer state of `lora_jax.optimizer`, the step and the adapter's config (a
+`LoraConfig`, `VeraConfig`, ...) as JSON.
 Saves are asynchronous (training goes on while a background thread writes) and atomic: orbax
 writes into a temporary directory and renames it when complete, so a process killed mid-save
 leaves the previous checkpoints loadable. Restores go onto any mesh or device count: give a
@@ -46,7 +47,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax.core.config import LoraConfig
+from lora_jax import variants
+from lora_jax.core.config import AdapterConfig
 
 _FORMAT = "lora_jax.adapter_checkpoint/1"
 
@@ -77,7 +79,7 @@ class Restored(NamedTuple):
     step: int
     trainable: Any
     opt_state: Any
-    config: LoraConfig
+    config: AdapterConfig
 
 
 class AdapterCheckpointer:
@@ -112,7 +114,7 @@ class AdapterCheckpointer:
             ),
         )
 
-    def save(self, step: int, trainable: Any, opt_state: Any, config: LoraConfig, *,
+    def save(self, step: int, trainable: Any, opt_state: Any, config: AdapterConfig, *,
              force: bool = False, extra: Any = None) -> bool:
         """Start writing a checkpoint of `step` if it is due; returns whether one was started.
 
@@ -122,11 +124,13 @@ class AdapterCheckpointer:
         (JSON-serialisable, finite numbers only) is stored in the step's metadata; read it back
         with `extra(step)`.
         """
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"save: config must be a LoraConfig, got {type(config).__name__}")
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"save: config must be an adapter config (LoraConfig, VeraConfig, "
+                            f"LoKrConfig), got {type(config).__name__}")
         if (step % self.save_every and not force) or step in self._manager.all_steps():
             return False
         meta = {"format": _FORMAT, "step": step, "lora_config": config.to_dict(),
+                "variant": variants.for_config(config).name,
                 "digest": _digest((trainable, opt_state)), "extra": extra}
         json.dumps(meta, allow_nan=False)  # NaN / inf would be invalid JSON: refuse up front
         with self._writing():
@@ -214,8 +218,8 @@ class AdapterCheckpointer:
         reasons = "; ".join(reason for _, reason in skipped)
         raise CorruptCheckpoint(f"no intact checkpoint in {self.directory}: {reasons}")
 
-    def config(self, step: int | None = None) -> LoraConfig:
-        """The LoraConfig saved with `step` (default: the latest), without reading any array."""
+    def config(self, step: int | None = None) -> AdapterConfig:
+        """The config saved with `step` (default: the latest), without reading any array."""
         step = self._resolve_step(step)
         return _config_of(self._meta(step), step, os.path.join(self.directory, str(step)))
 
@@ -354,12 +358,14 @@ def _as_saved(target: Any, digest: dict[str, Any] | None) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, target)
 
 
-def _config_of(meta: Any, step: int, where: str) -> LoraConfig:
+def _config_of(meta: Any, step: int, where: str) -> AdapterConfig:
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise CorruptCheckpoint(f"checkpoint {where} is not a lora_jax adapter checkpoint "
                                 f"(metadata {str(meta)[:200]})")
     try:
-        return LoraConfig.from_dict(meta["lora_config"])
+        # Its variant's config class (checkpoints before VeRA / LoKr hold LoRA's).
+        config_class: type[AdapterConfig] = variants.named(meta.get("variant", "lora")).config
+        return config_class.from_dict(meta["lora_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptCheckpoint(f"checkpoint {where}: bad lora_config in its metadata: "
                                 f"{_one_line(err)}") from None
