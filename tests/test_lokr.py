@@ -227,6 +227,28 @@ def test_misspelled_field_names_the_closest():
         LoKrConfig(decompose_bothh=True)
 
 
+def test_rank_and_module_dropout_are_refused_for_training_but_a_peft_file_with_them_loads(
+        tmp_path):
+    """inject refuses them (not applied); peft's file with them loads, and evaluating (where
+    peft applies no dropout either) gives peft's eval output."""
+    fields = dict(r=2, alpha=3, rank_dropout=0.2, module_dropout=0.1)
+    model, layer = peft_linear(48, 40, **fields)
+    base = {"proj": {"kernel": jnp.asarray(layer.base_layer.weight.detach().numpy().T),
+                     "bias": jnp.asarray(layer.base_layer.bias.detach().numpy())}}
+    with pytest.raises(ValueError, match="rank_dropout / module_dropout are not applied"):
+        lora_jax.inject(base, LoKrConfig(target_modules=["proj"], **fields), jax.random.key(0))
+    model.save_pretrained(tmp_path)
+    params, config = lora_jax.load_peft(tmp_path, base)
+    assert (config.rank_dropout, config.module_dropout) == (0.2, 0.1)
+    x = np.random.RandomState(0).randn(3, 48).astype(np.float32)
+    ours = np.asarray(jnp.asarray(x) @ params["proj"]["kernel"] + params["proj"]["bias"]
+                      + lokr_term(jnp.asarray(x), {k: params["proj"][k] for k in params["proj"]
+                                                   if k.startswith("lokr_")}, 1.5))
+    with torch.no_grad():
+        theirs = model.eval()(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
 def test_save_peft_refuses_gpt2_s_conv1d_weights(tmp_path):
     import flax.linen as nn
 
@@ -344,7 +366,7 @@ def test_linen_model_equals_peft_with_the_same_factors(name, scan):
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
-def test_nnx_llama_equals_peft_with_the_same_factors(scan):
+def test_nnx_llama_equals_peft_with_the_same_factors(scan, tmp_path):
     from flax import nnx
 
     from lora_jax import nnx as lnnx
@@ -373,6 +395,15 @@ def test_nnx_llama_equals_peft_with_the_same_factors(scan):
         peft_model.get_nb_trainable_parameters()[0]
     merged = lnnx.merge(model, config)(IDS)
     assert max_diff(merged, torch_out(peft_model.merge_and_unload(), inputs)) <= E2E_TOL
+    # The NNX model's own file in peft, and peft's file back onto a fresh NNX model.
+    lnnx.save_peft(tmp_path / "ours", model, config, model_type="llama")
+    from_ours = peft.PeftModel.from_pretrained(hf(), tmp_path / "ours").eval()
+    assert max_diff(model(IDS), peft_logits(from_ours, inputs)) <= E2E_TOL
+    from_ours.save_pretrained(tmp_path / "theirs")
+    fresh = nnx_llama.from_hf(state_dict(hf()), nnx_llama.config_from_hf(
+        hf().config.to_dict()), scan_layers=scan, remat=scan)
+    lnnx.load_peft(tmp_path / "theirs", fresh, model_type="llama")
+    assert max_diff(fresh(IDS), model(IDS)) <= E2E_TOL
 
 
 @pytest.mark.parametrize("name,scan", [("llama", False)] + [

@@ -305,8 +305,11 @@ class LoKr(Variant):
                 "leaves; give its layers one rank, or use unscanned layers")
         if config.rank_dropout or config.module_dropout:
             raise ValueError(
-                "LoKr's rank_dropout / module_dropout are not applied yet: an adapted weight's "
-                "record has no place for them (train with rank_dropout=0, module_dropout=0)")
+                "LoKr's rank_dropout / module_dropout are not applied: an adapted weight's "
+                "record carries one input dropout rate, not a variant's training options, and "
+                "the NNX frontend draws dropout keys for lora_dropout only; train with "
+                "rank_dropout=0 and module_dropout=0 (a peft file with them loads: they act "
+                "only while training)")
         return init_leaves(key, self.shapes(tuple(weight.shape), layout, values.rank, config),
                            config.init_weights, dtype), None
 
