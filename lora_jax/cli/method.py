@@ -15,6 +15,7 @@ from typing import Any
 from lora_jax.cli.model import Loaded
 
 METHODS = ("lora", "vera", "lokr", "full", "prompt", "head")
+SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("lora", "vera", "lokr")  # the methods that save a peft adapter folder
 # The flags of one method's own config fields (peft's names), by method.
 OPTIONS = {"vera": ("d_initial", "projection_prng_key"),
@@ -51,6 +52,7 @@ class Setup:
     tx: Any
     is_lora: bool
     initial_params: Any = None  # after inject, when the init changed the base (PiSSA / OLoRA)
+    schedule: Any = None  # the learning rate `tx` applies at optimizer count c: schedule(c)
 
 
 def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: float = 16.0,
@@ -58,11 +60,15 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
                  prompt_tokens: int = 20, lr: float = 1e-3, steps: int = 100,
                  seed: int = 0, dora: bool = False, init: bool | str = True,
                  loraplus_ratio: float | None = None, quantize: str | None = None,
-                 options: Mapping[str, Any] | None = None) -> Setup:
+                 options: Mapping[str, Any] | None = None, schedule: str = "cosine",
+                 warmup_steps: int | None = None, weight_decay: float | None = None,
+                 max_grad_norm: float = 1.0) -> Setup:
     """Params, trainable selection, forward and optimizer of `method` on `loaded`. `targets`:
     the adapter's target_modules (a list of names, or one regex string; None: the family's);
     `options`: the method's own config fields (`method_options`). VeRA reads `r` and `dropout`
-    (its `vera_dropout`; it has no alpha), LoKr `r` and `alpha` (it has no input dropout)."""
+    (its `vera_dropout`; it has no alpha), LoKr `r` and `alpha` (it has no input dropout). The
+    optimizer's settings as `training_tx` takes them (`weight_decay` None: 0.01, 0 for prompt
+    tuning)."""
     import jax
 
     import lora_jax
@@ -144,28 +150,61 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         out = apply({"params": model_params}, p["prompt"]["embedding"], *args, rngs=rngs)
         return out if task == "classify" else prompt_tuning.strip(out, prompt_tokens)
 
-    tx = training_tx(lr, steps, decay=0.01 if method != "prompt" else 0.0,
-                     loraplus_ratio=loraplus_ratio)
+    if weight_decay is None:
+        weight_decay = 0.01 if method != "prompt" else 0.0
+    tx = training_tx(lr, steps, weight_decay=weight_decay, loraplus_ratio=loraplus_ratio,
+                     schedule=schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm)
+    unit = unit_schedule(steps, schedule, warmup_steps)
     # `tx` updates the trainable half that `train.fit` differentiates (split once, combine for
     # the forward): no whole-tree `lora_jax.optimizer` wrapper is needed.
-    return Setup(params, config, forward, tx, method in ADAPTERS, initial)
+    return Setup(params, config, forward, tx, method in ADAPTERS, initial,
+                 schedule=lambda count: lr * unit(count))
 
 
-def training_tx(lr: Any, steps: int, *, decay: float = 0.01,
-                loraplus_ratio: float | None = None) -> Any:
-    """The finetune optimizer: global-norm clipping to 1, then AdamW (weight decay `decay`) on a
-    linear warmup (10% of `steps`) and cosine decay peaking at `lr` (LoRA+: B factors at
-    `loraplus_ratio` x). `lr` may be an array (a sweep's per-point value, without LoRA+)."""
+def unit_schedule(steps: int, schedule: str = "cosine", warmup_steps: int | None = None
+                  ) -> Any:
+    """The learning-rate multiplier at optimizer count c (an optax schedule): a linear warmup
+    from 0 to 1 over `warmup_steps` (None: 10% of `steps`, at least 1), then `constant` (1),
+    `linear` (to 0 at `steps`) or `cosine` (to 0 at `steps`).
+
+    >>> round(float(unit_schedule(10, "linear", 2)(6)), 6)
+    0.5
+    """
+    import optax
+
+    warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
+    after = max(1, steps - warmup)
+    if schedule == "constant":
+        decay = optax.schedules.constant_schedule(1.0)
+    elif schedule == "linear":
+        decay = optax.schedules.linear_schedule(1.0, 0.0, after)
+    elif schedule == "cosine":
+        decay = optax.schedules.cosine_decay_schedule(1.0, after)
+    else:
+        raise ValueError(f"--schedule {schedule}: use one of {', '.join(SCHEDULES)}")
+    if not warmup:
+        return decay
+    return optax.schedules.join_schedules(
+        [optax.schedules.linear_schedule(0.0, 1.0, warmup), decay], [warmup])
+
+
+def training_tx(lr: Any, steps: int, *, weight_decay: float = 0.01,
+                loraplus_ratio: float | None = None, schedule: str = "cosine",
+                warmup_steps: int | None = None, max_grad_norm: float = 1.0) -> Any:
+    """The finetune optimizer: global-norm clipping to `max_grad_norm` (0: none), then AdamW
+    (`weight_decay`) with learning rate `lr` times `unit_schedule(steps, schedule,
+    warmup_steps)` (LoRA+: B factors at `loraplus_ratio` x). `lr` may be an array (a sweep's
+    per-point value, without LoRA+)."""
     import optax
 
     import lora_jax
 
     # Peak times a unit schedule: the peak may be traced (optax's schedule branches on it).
-    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 10), max(steps, 2))
+    unit = unit_schedule(steps, schedule, warmup_steps)
 
     def adamw(peak: Any) -> optax.GradientTransformation:
-        return optax.adamw(lambda count: peak * unit(count), weight_decay=decay)
+        return optax.adamw(lambda count: peak * unit(count), weight_decay=weight_decay)
 
     inner = adamw(lr) if not loraplus_ratio else lora_jax.loraplus(
         adamw, lr, loraplus_lr_ratio=loraplus_ratio)
-    return optax.chain(optax.clip_by_global_norm(1.0), inner)
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), inner) if max_grad_norm else inner

@@ -83,11 +83,21 @@ def name(point: Mapping[str, Any]) -> str:
                     for k, v in point.items())
 
 
+def optimizer_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The optimizer's flags (--schedule, --warmup-steps, --weight-decay, --max-grad-norm) as
+    `training_tx` keywords."""
+    return {"schedule": args.schedule, "warmup_steps": args.warmup_steps,
+            "weight_decay": 0.01 if args.weight_decay is None else args.weight_decay,
+            "max_grad_norm": args.max_grad_norm}
+
+
 def _check(args: argparse.Namespace) -> None:
     refused = [("--resume", args.resume), ("--method " + args.method, args.method != "lora"),
                ("--dora", args.dora), ("--quantize", args.quantize),
                ("--loraplus-ratio", args.loraplus_ratio),
                ("--frontend nnx", getattr(args, "frontend", "linen") != "linen"),
+               (f"--grad-accum {args.grad_accum}", args.grad_accum > 1),
+               ("--eval-every", args.eval_every), ("--tensorboard", args.tensorboard),
                (f"--init {args.init}", args.init not in ("default", "gaussian"))]
     for flag, given in refused:
         if given:
@@ -125,7 +135,8 @@ def finetune(args: argparse.Namespace) -> int:
     setups = [setup_method(loaded, task, "lora", r=a.r, alpha=a.alpha, dropout=a.dropout,
                                targets=a.target_regex or split_targets(a.targets),
                                lr=a.lr, steps=steps, seed=a.seed,
-                               init=True if a.init == "default" else a.init)
+                               init=True if a.init == "default" else a.init,
+                               **optimizer_flags(args))
               for a in point_args]
     sw = sweep.stack([(s.params, s.config) for s in setups],
                      hyperparams={"lr": np.asarray([a.lr for a in point_args], np.float32)},
@@ -135,7 +146,7 @@ def finetune(args: argparse.Namespace) -> int:
           f"{args.batch_size} x {args.seq_len}; one compiled step for all points")
 
     def tx(lr: Any) -> Any:
-        return training_tx(lr, steps)
+        return training_tx(lr, steps, **optimizer_flags(args))
 
     seeds = sorted(set(sw.seeds))
     per_point = len(seeds) > 1
