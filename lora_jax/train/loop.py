@@ -99,17 +99,19 @@ def task_loss(task: str, logits: jax.Array, batch: Batch) -> jax.Array:
     return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def make_step(forward: Forward, task: str, tx: optax.GradientTransformation
+def make_step(forward: Forward, task: str, tx: optax.GradientTransformation, accum: int = 1
               ) -> Callable[..., tuple[Params, Any, jax.Array]]:
     """jitted `step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss)`.
 
     Gradients are taken with respect to `trainable` only (frozen weights get none); `trainable`
-    and `opt_state` are donated.
+    and `opt_state` are donated. With `accum` K > 1 the batch is split into K micro-batches
+    whose gradients are summed in a scan inside the one compiled step (one update, the memory
+    of one micro-batch): the loss and update equal one step on the whole batch.
     """
-    return jax.jit(train_step(forward, task, tx), donate_argnums=(0, 2))
+    return jax.jit(train_step(forward, task, tx, accum), donate_argnums=(0, 2))
 
 
-def train_step(forward: Forward, task: str, tx: optax.GradientTransformation
+def train_step(forward: Forward, task: str, tx: optax.GradientTransformation, accum: int = 1
                ) -> Callable[..., tuple[Params, Any, jax.Array]]:
     """`make_step`'s step before `jax.jit` (e.g. vmapped over adapters by `multi.sweep`)."""
 
@@ -118,11 +120,41 @@ def train_step(forward: Forward, task: str, tx: optax.GradientTransformation
         def loss_of(t: Params) -> jax.Array:
             return task_loss(task, forward(combine(t, frozen), batch, key), batch)
 
-        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        if accum == 1:
+            loss, grads = jax.value_and_grad(loss_of)(trainable)
+        else:
+            loss, grads = _accumulated(forward, task, accum, trainable, frozen, batch, key)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     return step
+
+
+def _accumulated(forward: Forward, task: str, accum: int, trainable: Params, frozen: Params,
+                 batch: Batch, key: jax.Array) -> tuple[jax.Array, Params]:
+    """(mean loss, its gradient) of `batch` as `accum` micro-batches in a scan: the weighted
+    loss sums, weights and gradients of the sums are added up, then divided by the total weight,
+    so the result is the whole batch's mean (micro-batch i's dropout key: fold_in(key, i))."""
+
+    def sums(t: Params, micro: Batch, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        losses, weights = _losses(task, forward(combine(t, frozen), micro, k), micro)
+        return (losses * weights).sum(), weights.sum()
+
+    def add(carry: Any, xs: Any) -> tuple[Any, None]:
+        total, count, grads = carry
+        micro, i = xs
+        (s, w), g = jax.value_and_grad(sums, has_aux=True)(trainable, micro,
+                                                          jax.random.fold_in(key, i))
+        return (total + s, count + w, jax.tree.map(jnp.add, grads, g)), None
+
+    # Micro-batch i is rows i, i + K, ...: on a mesh each one spans every data-parallel device.
+    micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1),
+                         dict(batch))
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, jax.tree.map(jnp.zeros_like, trainable))
+    (total, count, grads), _ = jax.lax.scan(add, init, (micro, jnp.arange(accum)))
+    scale = 1.0 / jnp.maximum(count, 1.0)
+    return total * scale, jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
 
 
 @functools.lru_cache(maxsize=16)
@@ -213,6 +245,14 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def device_memory() -> dict[str, int]:
+    """The largest `bytes_in_use` / `peak_bytes_in_use` over this process's devices, where jax
+    reports them (GPU, TPU; empty on CPU)."""
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    return {f"device_{k}": max(int(s[k]) for s in stats if k in s)
+            for k in ("bytes_in_use", "peak_bytes_in_use") if any(k in s for s in stats)}
+
+
 def fit(
     forward: Forward,
     task: str,
@@ -234,51 +274,72 @@ def fit(
     progress: bool = True,
     step_fn: Callable[..., Any] | None = None,
     feed: Feed = host_rows,
+    grad_accum: int = 1,
+    schedule: Callable[[int], Any] | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    eval_every: int = 0,
+    on_eval: Callable[[int, Params], Mapping[str, Any]] | None = None,
 ) -> FitResult:
     """Train from `start_step` to `steps` on `arrays` (dict of equal-length numpy arrays).
 
     A non-finite loss (or trained state) raises `Diverged`; no checkpoint is written after the
     last finite step, so the checkpointer keeps only good states.
 
-    Batches come from `data.batch_indices(n, batch_size, seed, start_step)` and step i's
-    dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
+    Batches of `batch_size * grad_accum` come from `data.batch_indices(n, batch_size *
+    grad_accum, seed, start_step)` (each step accumulates `grad_accum` micro-batches of
+    `batch_size`: `make_step`) and step i's dropout key is `fold_in(key(seed), i)`. With a
+    `checkpointer` (an
     `lora_jax.core.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
     the end, and on Ctrl-C, after which `Interrupted` is raised; the losses up to the step are
     saved in the checkpoint's `extra` (`{"losses": [...]}`), committed with its arrays, and
     `on_save(step, losses)` is called after each save (e.g. to write the loss log beside it).
-    `step_fn` replaces `make_step(forward, task, tx)` (e.g. with its compiled form, or one jitted
-    with the shardings of a mesh); `feed(arrays, index)` makes the batch of the global batch's
-    rows `index` (default: those rows as numpy; on a mesh, each process's rows on its devices,
-    `lora_jax.cli.devices.Placement.feed`). `trainable` and
-    `opt_state` are donated to the jitted step: pass copies if you need them afterwards.
+    `log(row)` gets one row per step: `step`, `loss`, `lr` (`schedule(step - 1)`, the rate of
+    the step's update), `seconds` (since the previous row; the first includes compilation),
+    `examples_per_second`, `tokens_per_second`, the device memory where jax reports it, and
+    every `eval_every` steps what `on_eval(step, trainable)` returns (e.g. validation metrics).
+    `step_fn` replaces `make_step(forward, task, tx, grad_accum)` (e.g. with its compiled form,
+    or one jitted with the shardings of a mesh); `feed(arrays, index)` makes the batch of the
+    global batch's rows `index` (default: those rows as numpy; on a mesh, each process's rows on
+    its devices, `lora_jax.cli.devices.Placement.feed`). `trainable` and `opt_state` are donated
+    to the jitted step: pass copies if you need them afterwards.
     """
     from tqdm.auto import tqdm
 
-    step_fn = step_fn or make_step(forward, task, tx)
+    step_fn = step_fn or make_step(forward, task, tx, grad_accum)
     opt_state = tx.init(trainable) if opt_state is None else opt_state
     losses = list(losses or [])[:start_step]
     n = len(next(iter(arrays.values())))
     base_key = jax.random.key(seed)
-    bar = tqdm(total=steps, initial=start_step, disable=not progress, unit="step",
-               dynamic_ncols=True)
-    pending: list[jax.Array] = []  # device losses not yet read (keeps dispatch asynchronous)
+    bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+    # Device losses not yet read, with their step's row (keeps dispatch asynchronous).
+    pending: list[tuple[jax.Array, dict[str, Any]]] = []
     tokens = 0
     start_time = time.perf_counter()
     first_step_seconds, first_tokens = 0.0, 0
+    clock = {"last": start_time, "paused": 0.0}  # the previous row's time; evaluation's time
 
     last_saved = start_step if checkpointer is not None and start_step else None
 
-    def record(value: jax.Array) -> None:
+    def record(value: jax.Array, row: dict[str, Any]) -> None:
         loss = float(value)
         if not math.isfinite(loss):
             bar.close()
             raise Diverged(len(losses) + 1, loss, last_saved, list(losses))
         losses.append(loss)
+        if log is not None:
+            now = time.perf_counter()
+            seconds = max(now - clock["last"] - clock["paused"], 1e-9)
+            clock.update(last=now, paused=0.0)
+            row = {"step": row.pop("step"), "loss": loss, **row, "seconds": seconds,
+                   "examples_per_second": row.pop("examples") / seconds,
+                   "tokens_per_second": row.pop("tokens") / seconds, **device_memory()}
+            log(row)
 
     def save(step: int) -> None:
         nonlocal last_saved
         while pending:
-            record(pending.pop(0))
+            record(*pending.pop(0))
         if not _all_finite((trainable, opt_state)):
             bar.close()
             raise Diverged(step, None, last_saved, list(losses))
@@ -291,7 +352,7 @@ def fit(
             on_save(step, losses)
 
     with _StopFlag() as stop:
-        order = batch_indices(n, batch_size, seed, start_step)
+        order = batch_indices(n, batch_size * grad_accum, seed, start_step)
         step = start_step
         while step < steps:
             index = next(order)
@@ -299,14 +360,22 @@ def fit(
             trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch,
                                                  jax.random.fold_in(base_key, step))
             step += 1
-            tokens += int(arrays["attention_mask"][index].sum())
+            step_tokens = int(arrays["attention_mask"][index].sum())
+            tokens += step_tokens
             if step == start_step + 1:  # compilation + one step: not counted in tokens/s
                 jax.block_until_ready(loss)
                 first_step_seconds = time.perf_counter() - start_time
                 first_tokens = tokens
-            pending.append(loss)
+            row: dict[str, Any] = {"step": step, "tokens": step_tokens, "examples": len(index)}
+            if schedule is not None:
+                row["lr"] = float(schedule(step - 1))
+            if eval_every and on_eval is not None and step % eval_every == 0:
+                began = time.perf_counter()
+                row.update(on_eval(step, trainable))
+                clock["paused"] += time.perf_counter() - began
+            pending.append((loss, row))
             if len(pending) > 1:  # read the previous step's loss, which is done by now
-                record(pending.pop(0))
+                record(*pending.pop(0))
                 elapsed = time.perf_counter() - start_time - first_step_seconds
                 bar.set_postfix(loss=f"{losses[-1]:.4f}",
                                 tok_s=f"{(tokens - first_tokens) / elapsed:,.0f}", refresh=False)
