@@ -205,7 +205,8 @@ def test_resume_refuses_flags_that_change_the_run_and_says_what_changed(bert_run
     code, _, err = lora_jax_cli("finetune", "--resume", run, "--lr", "1", "--r", "8")
     assert code == 2
     assert ("--lr 1.0 (saved: 0.05) would change the run; only --steps, --epochs, "
-            "--save-every, --mesh and the multi-host flags may differ") in error_line(err)
+            "--save-every, --eval-every, --tensorboard, --mesh and the multi-host flags may "
+            "differ") in error_line(err)
     code, _, err = lora_jax_cli("finetune", "--resume", run, "--out", tmp_path / "elsewhere")
     assert code == 2 and "writes to its own folder" in error_line(err)
     assert snapshot(run) == before

@@ -1,5 +1,7 @@
 """`lora-jax finetune`: prepare the data, set up the method, train (with checkpoints, Ctrl-C and
-`--resume`), evaluate, and write the adapter, metrics.json and loss.png.
+`--resume`), evaluate, and write the adapter, metrics.json, metrics.jsonl (a line per step:
+`lora_jax.train.metrics`) and loss.png; with `--eval-every`, the best step's adapter in
+best_adapter/.
 
 `finetune(args)` takes the parsed flags (any object with their attributes); `prepare` and
 `encode_split` give the model and its encoded splits to other runs (the sweep, experiments).
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +36,7 @@ from lora_jax.cli.files import (
 )
 from lora_jax.cli.method import DEFAULT_LR, method_options, setup_method
 from lora_jax.cli.model import Loaded, check_seq_len, eos_id, load_model, model_task
+from lora_jax.train.metrics import MetricsLog, check_tensorboard, read_rows
 
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
 
@@ -102,7 +106,8 @@ def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any]
     instructions = task == "lm" and (dataset.targets is not None or dataset.messages is not None)
     check_packing(args, instructions)
     loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed,
-                              quantize=args.quantize)
+                              quantize=args.quantize, dtype=args.dtype,
+                              param_dtype=args.param_dtype)
     check_seq_len(loaded, task, args.seq_len,
                   args.prompt_tokens if args.method == "prompt" else 0)
     parts: tuple[data.TextDataset, ...] = data.split(dataset, seed=args.seed)
@@ -118,7 +123,14 @@ def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any]
                                 args.seq_len, allow_empty=i > 0)
                    for i, p in enumerate(parts))
     n_train = len(splits[0]["input_ids"])
-    steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // args.batch_size)))
+    per_step = args.batch_size * args.grad_accum
+    steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // per_step)))
+    if args.warmup_steps is not None and args.warmup_steps >= steps:
+        raise ValueError(f"--warmup-steps {args.warmup_steps} leaves none of the run's {steps} "
+                         "steps after the warmup: give fewer warmup steps or more steps")
+    if args.eval_every and len(splits[1]["input_ids"]) == 0:
+        raise ValueError(f"--eval-every {args.eval_every}: the validation split of --data "
+                         f"{args.data} is empty: give more data or drop --eval-every")
     return loaded, task, splits, steps
 
 
@@ -127,11 +139,13 @@ def finetune(args: argparse.Namespace) -> int:
 
     `args` holds the finetune flags as attributes (`model`, `task`, `data`, `method`, `r`,
     `alpha`, `dropout`, `targets`, `steps`, `epochs`, `batch_size`, `seq_len`, `lr`,
-    `prompt_tokens`, `seed`, `limit`, `save_every`, `out`, `resume`, `no_progress`, and where it
-    runs: `mesh`, `coordinator`, `num_processes`, `process_id`, see `lora_jax.cli.devices`); a
-    resumed run passes its saved settings with `resume` set (see `lora_jax.cli.main`). Returns
-    the exit status: 0, `EXIT_DIVERGED` or `EXIT_INTERRUPTED`. With several processes every one
-    runs this; process 0 alone prints and writes the side files and the adapter.
+    `prompt_tokens`, `seed`, `limit`, `save_every`, `out`, `resume`, `no_progress`, `dtype`,
+    `param_dtype`, `grad_accum`, `schedule`, `warmup_steps`, `weight_decay`, `max_grad_norm`,
+    `eval_every`, `tensorboard`, and where it runs: `mesh`, `coordinator`, `num_processes`,
+    `process_id`, see `lora_jax.cli.devices`); a resumed run passes its saved settings with
+    `resume` set (see `lora_jax.cli.main`). Returns the exit status: 0, `EXIT_DIVERGED` or
+    `EXIT_INTERRUPTED`. With several processes every one runs this; process 0 alone prints and
+    writes the side files and the adapter.
     """
     import jax
 
@@ -151,6 +165,8 @@ def finetune(args: argparse.Namespace) -> int:
                              f"continue an interrupted run with --resume {out}")
         print(f"reusing {out}: the run there stopped before its first checkpoint")
     check_writable(out)
+    if args.tensorboard:
+        check_tensorboard()
     if jax.process_count() > 1:  # every process has checked --out before any writes to it
         from jax.experimental import multihost_utils
 
@@ -191,7 +207,14 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                          dora=args.dora, init=True if args.init == "default" else args.init,
                          loraplus_ratio=args.loraplus_ratio,
                          quantize=args.quantize,
-                         options=method_options(args.method, vars(args)))
+                         options=method_options(args.method, vars(args)),
+                         schedule=args.schedule, warmup_steps=args.warmup_steps,
+                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
+    if args.batch_size * args.grad_accum > n_train:
+        accum = f" x --grad-accum {args.grad_accum}" if args.grad_accum > 1 else ""
+        raise ValueError(f"--batch-size {args.batch_size}{accum} is larger than the {n_train} "
+                         f"training {'blocks' if task == 'lm' else 'examples'}: use a smaller "
+                         "batch or more data")
     if getattr(args, "frontend", "linen") == "nnx":  # the same setup, the NNX model's forward
         from lora_jax.cli.nnx_run import on_nnx
 
@@ -200,9 +223,13 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     shardings = placement.shardings(setup.params)
     params = placement.place(setup.params, shardings)
     trainable, frozen = lora_jax.split(params, setup.config)
+    # Factors and optimizer state in float32 whatever --param-dtype the frozen base has.
+    trainable = jax.tree.map(lambda x: x.astype(jax.numpy.float32)
+                             if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
+                             trainable)
     trainable_shardings = lora_jax.split(shardings, setup.config)[0]
     opt_state = placement.opt_state(setup.tx, trainable, trainable_shardings)
-    step_fn = placement.step(train.train_step(setup.forward, task, setup.tx),
+    step_fn = placement.step(train.train_step(setup.forward, task, setup.tx, args.grad_accum),
                              trainable_shardings, jax.tree.map(lambda x: x.sharding, opt_state))
     with AdapterCheckpointer(out / "checkpoint", max_to_keep=2) as checkpointer:
         start_step = 0
@@ -219,8 +246,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         print(f"{args.method} on {args.model} ({loaded.model_type}, {task}), data "
               f"{args.data}: {n_train} train / {len(val_a['input_ids'])} val / "
               f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
-              f"{steps} steps of {args.batch_size} x {args.seq_len} on mesh "
-              f"{mesh_text(placement.sizes)} ({jax.process_count()} process"
+              f"{steps} steps of {args.batch_size} x {args.seq_len}"
+              + (f" x {args.grad_accum} accumulated" if args.grad_accum > 1 else "")
+              + f" on mesh {mesh_text(placement.sizes)} ({jax.process_count()} process"
               f"{'es' if jax.process_count() > 1 else ''})")
         if args.resume:
             print(f"resuming from step {start_step} of {steps}" if resumed else
@@ -235,7 +263,20 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         if task != "classify" and not start_step:
             before = train.evaluate(setup.forward, task, params, test_a, eval_batch,
                                     placement.feed)
+        def write_adapter(folder: Path, trained: Any) -> None:
+            """The adapter of `trained` (every process gathers it; process 0 writes it)."""
+            trained = placement.gather(trained)
+            if main_process:
+                with new_folder(folder) as tmp:
+                    save_adapter(tmp, lora_jax.combine(trained, frozen), setup, loaded, task,
+                                 args.method, args.prompt_tokens)
+
         result: train.FitResult | train.Interrupted | train.Diverged
+        best = Best(out, start_step, lambda t: train.evaluate(
+            setup.forward, task, lora_jax.combine(t, frozen), val_a, eval_batch, placement.feed),
+            lambda t: write_adapter(out / "best_adapter", t))
+        log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if args.tensorboard else None,
+                         start_step)
         try:
             result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
                                steps=steps, batch_size=args.batch_size, seed=args.seed,
@@ -243,9 +284,13 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                                losses=losses, checkpointer=checkpointer,
                                save_every=args.save_every, on_save=write_losses,
                                progress=not args.no_progress and main_process,
-                               step_fn=step_fn, feed=placement.feed)
+                               step_fn=step_fn, feed=placement.feed, grad_accum=args.grad_accum,
+                               schedule=setup.schedule, log=log, eval_every=args.eval_every,
+                               on_eval=best)
         except (train.Interrupted, train.Diverged) as stop:
             result = stop  # reported once the checkpointer has written its last save
+        finally:
+            log.close()
     if isinstance(result, train.Interrupted):
         print(f"interrupted after step {result.step}: checkpoint saved in "
               f"{out / 'checkpoint'}; continue with: lora-jax finetune --resume {out}",
@@ -257,12 +302,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     val = train.evaluate(setup.forward, task, params, val_a, eval_batch, placement.feed)
     test = train.evaluate(setup.forward, task, params, test_a, eval_batch, placement.feed)
     _print_eval(task, val, test, before)
-    trained = placement.gather(result.trainable)  # every process takes part; process 0 writes
+    write_adapter(out / "adapter", result.trainable)
     if not main_process:
         return 0
-    with new_folder(out / "adapter") as tmp:
-        save_adapter(tmp, lora_jax.combine(trained, frozen), setup, loaded, task, args.method,
-                     args.prompt_tokens)
     metrics = {
         "status": "finished",
         "model": loaded.source, "model_type": loaded.model_type, "task": task,
@@ -278,11 +320,42 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     }
     if before is not None:
         metrics["test_before"] = before
+    if best.step is not None:
+        metrics["best"] = {"step": best.step, "validation_loss": best.loss,
+                           "adapter": "best_adapter"}
+        print(f"best validation loss {best.loss:.4f} at step {best.step}: adapter in "
+              f"{out / 'best_adapter'}")
     write_json(out / "metrics.json", metrics)
     plot_losses(result.losses, out / "loss.png", f"{args.method} on {args.model}, {args.data}")
-    print(f"wrote {out}/: adapter/, checkpoint/, metrics.json, loss.png "
+    print(f"wrote {out}/: adapter/, checkpoint/, metrics.json, metrics.jsonl, loss.png "
           f"({metrics['wall_seconds_this_process']:.0f} s)")
     return 0
+
+
+class Best:
+    """`--eval-every`'s evaluation: `best(step, trainable)` returns the validation metrics of
+    `evaluate(trainable)` (`validation_loss`, and accuracy or perplexity) and, when the loss is
+    the lowest so far, calls `save(trainable)` (the adapter to out/best_adapter). A resumed run
+    starts from the best of the steps up to its checkpoint that metrics.jsonl logged."""
+
+    def __init__(self, out: Path, start_step: int, evaluate: Any, save: Any) -> None:
+        self.evaluate, self.save = evaluate, save
+        logged = [(row["validation_loss"], row["step"]) for row in read_rows(out / "metrics.jsonl")
+                  if row["step"] <= start_step and "validation_loss" in row]
+        self.loss: float = math.inf
+        self.step: int | None = None
+        if logged:
+            self.loss, self.step = min(logged)
+
+    def __call__(self, step: int, trainable: Any) -> dict[str, Any]:
+        result = self.evaluate(trainable)
+        loss = result["loss"]
+        assert loss is not None  # prepare refuses --eval-every on an empty validation split
+        if loss < self.loss:
+            self.loss, self.step = loss, step
+            self.save(trainable)
+        return {f"validation_{k}": v for k, v in result.items()
+                if k in ("loss", "accuracy", "perplexity")}
 
 
 def _resume(checkpointer: Any, target: tuple[Any, Any], config: Any, out: Path, steps: int

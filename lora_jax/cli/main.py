@@ -37,7 +37,8 @@ from lora_jax.cli.files import read_json
 from lora_jax.cli.finetune import EXIT_DIVERGED, EXIT_INTERRUPTED, LAUNCH, NOT_SAVED
 from lora_jax.cli.generate import generate
 from lora_jax.cli.merge import merge
-from lora_jax.cli.method import METHODS
+from lora_jax.cli.method import METHODS, SCHEDULES
+from lora_jax.train.metrics import INSTALL_TENSORBOARD
 
 EXIT_USAGE = 2
 __all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
@@ -138,11 +139,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use at most this many examples of each split (quick trials)")
     ft.add_argument("--save-every", type=_number(int, 0), default=0,
                     help="also checkpoint every N steps (default: at the end and on Ctrl-C)")
+    ft.add_argument("--dtype", choices=DTYPES, default="float32",
+                    help="compute dtype of the model (activations, matmuls); the LoRA factors "
+                    "and optimizer state stay float32 (default float32)")
+    ft.add_argument("--param-dtype", choices=DTYPES, default="float32",
+                    help="dtype the frozen base weights are held in (default float32)")
+    ft.add_argument("--grad-accum", type=_number(int, 1), default=1, metavar="K",
+                    help="accumulate K micro-batches of --batch-size per update, in one "
+                    "compiled step: equal to a K x larger batch in the memory of one (default 1)")
+    ft.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                    help="learning rate after the warmup: constant, linear or cosine decay to "
+                    "0 at the last step (default cosine)")
+    ft.add_argument("--warmup-steps", type=_number(int, 0), metavar="N",
+                    help="linear warmup from 0 to --lr over N steps (default 10%% of the steps)")
+    ft.add_argument("--weight-decay", type=_number(float, 0), metavar="WD",
+                    help="AdamW's decoupled weight decay (default 0.01; 0 for --method prompt)")
+    ft.add_argument("--max-grad-norm", type=_number(float, 0), default=1.0, metavar="NORM",
+                    help="clip the gradient's global norm to NORM; 0: no clipping (default 1)")
+    ft.add_argument("--eval-every", type=_number(int, 1), metavar="N",
+                    help="evaluate on the validation split every N steps (logged in "
+                    "metrics.jsonl) and keep the adapter of the lowest validation loss in "
+                    "OUT/best_adapter")
+    ft.add_argument("--tensorboard", action="store_true",
+                    help="also write the per-step metrics as TensorBoard scalars in "
+                    f"OUT/tensorboard (needs tensorboardX: {INSTALL_TENSORBOARD})")
     ft.add_argument("--out", help="output folder (default runs/<timestamp>)")
     ft.add_argument("--resume", metavar="DIR",
                     help="continue the interrupted run in DIR with its saved settings (only "
-                    "--steps / --epochs / --save-every / --no-progress and where it runs: "
-                    "--mesh and the multi-host flags, may differ)")
+                    "--steps / --epochs / --save-every / --eval-every / --tensorboard / "
+                    "--no-progress and where it runs: --mesh and the multi-host flags, may "
+                    "differ)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.add_argument("--mesh", type=parse_mesh, metavar="AXES",
                     help="the device mesh, e.g. data=2,fsdp=4 (sizes multiply to the device "
@@ -194,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MAX_SEED = 2**31 - 1
+DTYPES = ("float32", "bfloat16")
+# Flags that do not change the trained state: a resumed run may give new values.
+RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "no_progress", "eval_every",
+                     "tensorboard", *LAUNCH)
+MAY_CHANGE = ("--steps, --epochs, --save-every, --eval-every, --tensorboard, --mesh and the "
+              "multi-host flags")
 
 
 def _quantize_option(parser: argparse.ArgumentParser, purpose: str) -> None:
@@ -275,9 +307,6 @@ def _not_orbax_errors(record: logging.LogRecord) -> bool:
 
 # --- resume: the saved settings, and which flags may differ --------------------------------------
 
-RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "no_progress", *LAUNCH)
-
-
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     """The saved run's settings (re-checked like flags), with the flags given now that may
     change on resume; a flag that would change the run is refused."""
@@ -306,9 +335,8 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     if refused:
         listed = ", ".join(f"--{k.replace('_', '-')} {changes[k]} (saved: {fields.get(k)})"
                            for k in refused)
-        raise ValueError(f"--resume {folder}: {listed} would change the run; only --steps, "
-                         "--epochs, --save-every, --mesh and the multi-host flags may differ. "
-                         "Start a new run with another --out to change it")
+        raise ValueError(f"--resume {folder}: {listed} would change the run; only {MAY_CHANGE} "
+                         "may differ. Start a new run with another --out to change it")
     for key, value in changes.items():
         was, fields[key] = fields.get(key), value
         if key in LAUNCH:  # where the run goes on, not what it trains

@@ -103,21 +103,26 @@ def _model_type(path: Path) -> str:
 
 
 def load_model(spec: str, task: str | None, num_labels: int | None = None, seed: int = 0,
-               quantize: str | None = None) -> tuple[Loaded, str]:
+               quantize: str | None = None, dtype: str = "float32",
+               param_dtype: str = "float32") -> tuple[Loaded, str]:
     """(the loaded model, the task): `task=None` picks the family's default task. For
     `classify`, an encoder without a head of `num_labels` outputs gets a new one (seeded);
     `base` loads the folder's model as it is. `quantize` ("nf4", "int8", or "gguf" for a GGUF
-    file's own blocks) quantizes the frozen kernels tensor by tensor as they are read."""
+    file's own blocks) quantizes the frozen kernels tensor by tensor as they are read. `dtype`
+    is the compute dtype, `param_dtype` the weights' (e.g. "bfloat16")."""
+    import jax.numpy as jnp
+
     path = resolve_model(spec)
     resolved = model_task(spec, task)
     from lora_jax.models import loading
     from lora_jax.train.chat import ChatTemplate, read_chat_template
 
     module: Any
+    dtypes: dict[str, Any] = {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(param_dtype)}
     if path.suffix == ".gguf":
         from lora_jax.models.gguf import load_gguf
 
-        module, params, tokenizer, metadata = load_gguf(path, quantize=quantize)
+        module, params, tokenizer, metadata = load_gguf(path, quantize=quantize, **dtypes)
         model_type = "llama"
         ids = [metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")]
         bos, eos = ("" if i is None else tokenizer.id_to_token(int(i)) or "" for i in ids)
@@ -129,7 +134,7 @@ def load_model(spec: str, task: str | None, num_labels: int | None = None, seed:
                          "not a .gguf file (use nf4 or int8)")
     else:
         model_type = _model_type(path)
-        module, params = loading.from_pretrained(path, quantize=quantize)
+        module, params = loading.from_pretrained(path, quantize=quantize, **dtypes)
         if resolved == "classify" and task != "base":
             module, params = with_classifier(module, params, model_type, num_labels, seed)
         tokenizer = loading.load_tokenizer(path)
