@@ -94,7 +94,7 @@ def test_fsdp_gives_the_one_device_run_and_resumes_on_another_mesh(runs, tmp_pat
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=4"])
+@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2"])
 def test_mesh_gives_the_one_device_run(runs, mesh):
     _check_mesh(runs, mesh)
 
@@ -105,7 +105,8 @@ def test_run_stopped_on_fsdp_resumes_on_one_device(runs, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--mesh", "tensor=2"], "argument --mesh: unknown mesh axis 'tensor'"),
+    (["--mesh", "model=2"], "argument --mesh: unknown mesh axis 'model' in 'model=2': use "
+                            "data, fsdp, tensor"),
     (["--mesh", "data=0"], "argument --mesh: 'data=0' in 'data=0': a mesh axis size is a "
                            "positive integer"),
     (["--mesh", "data=2,data=4"], "argument --mesh: mesh axis 'data' is given twice"),
@@ -124,6 +125,26 @@ def test_bad_mesh_or_hosts_is_one_line(capsys, tmp_path, flags, message):
     code = cli.main(["finetune", "--out", str(tmp_path / "run"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in error_line(err), err
+
+
+def _mesh_error(capsys, model, tmp_path, mesh):
+    code = cli.main(_argv(model, _text(tmp_path), tmp_path / "run", mesh))
+    err = capsys.readouterr().err
+    assert code == 2
+    return error_line(err)
+
+
+def test_mesh_a_weight_does_not_divide_over_is_one_line(capsys, tiny_gpt2, tmp_path):
+    # GPT-2's rules split the vocabulary over "tensor": 30522 rows do not divide by 4.
+    assert ("--mesh data=2,tensor=4: 'transformer.wte.embedding' has shape (30522, 32): axis 0 "
+            "of size 30522 does not divide over mesh axes ('tensor',) (4 devices)"
+            ) in _mesh_error(capsys, tiny_gpt2, tmp_path, "data=2,tensor=4")
+
+
+@pytest.mark.full
+def test_tensor_without_the_architectures_rules_is_one_line(capsys, tiny_bloom, tmp_path):
+    assert ("--mesh data=4,tensor=2: a bloom has no tensor-parallel rules; use data and fsdp"
+            in _mesh_error(capsys, tiny_bloom, tmp_path, "data=4,tensor=2"))
 
 
 @pytest.mark.full

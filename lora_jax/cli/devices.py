@@ -1,10 +1,12 @@
 """Devices and hosts of `lora-jax finetune`: `--mesh`, `jax.distributed` from the flags or the
 environment, and where params, optimizer state and batches live on the mesh.
 
-The mesh has a `data` and an `fsdp` axis. The global batch (`--batch-size`) is split over both;
-`fsdp` also splits the frozen base (`lora_jax.core.sharding.fsdp_specs`) and the factors follow
-their weights (`lora_specs`). Every process runs the same program; each feeds only its own rows
-of each global batch.
+The mesh has `data`, `fsdp` and `tensor` axes. The global batch (`--batch-size`) is split over
+`data` x `fsdp`; `fsdp` also splits the frozen base (`lora_jax.core.sharding.fsdp_specs`), and
+the factors follow their weights (`lora_specs`). `tensor` (Megatron-style tensor parallelism)
+takes the partitioning rules of architectures that have them (`SHARDING_RULES` of GPT-2 and the
+decoder families), which place `fsdp` too. Every process runs the same program; each feeds only
+its own rows of each global batch.
 
     start_processes(None, None, None)            # before any other JAX call; one host: no-op
     placement = Placement.of(parse_mesh("data=2,fsdp=4"), batch_size=16)
@@ -20,18 +22,22 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")
 Sizes = tuple[tuple[str, int], ...]
 
 
 def parse_mesh(text: str) -> Sizes:
-    """The `--mesh` flag: `data=2,fsdp=4` -> (("data", 2), ("fsdp", 4)), axes from `MESH_AXES`."""
+    """The `--mesh` flag's axis sizes (axes from `MESH_AXES`); a bad one is an argparse error.
+
+    >>> parse_mesh("data=2,fsdp=4")
+    (('data', 2), ('fsdp', 4))
+    """
     sizes: dict[str, int] = {}
     for part in (p.strip() for p in text.split(",")):
         name, _, value = part.partition("=")
         if name not in MESH_AXES:
             raise argparse.ArgumentTypeError(
-                f"unknown mesh axis {name!r} in {text!r}: use {' and '.join(MESH_AXES)}, e.g. "
+                f"unknown mesh axis {name!r} in {text!r}: use {', '.join(MESH_AXES)}, e.g. "
                 "data=2,fsdp=4")
         if name in sizes:
             raise argparse.ArgumentTypeError(f"mesh axis {name!r} is given twice in {text!r}")
@@ -133,19 +139,33 @@ class Placement:
     @property
     def batch_devices(self) -> int:
         """How many ways each global batch is split (data x fsdp)."""
-        return int(math.prod(self.mesh.shape[a] for a in MESH_AXES))
+        return int(math.prod(self.mesh.shape[a] for a in ("data", "fsdp")))
 
-    def shardings(self, params: Mapping[str, Any]) -> Any:
-        """`NamedSharding`s for injected `params`: fsdp on the base's largest dividing axes,
-        the factors following their weights. A model too small to shard is a ValueError."""
-        from lora_jax.core.sharding import fsdp_specs, lora_specs, named_shardings
+    def shardings(self, params: Mapping[str, Any], rules: Any = None, model: str = "model"
+                  ) -> Any:
+        """`NamedSharding`s for injected `params`: fsdp on the base's largest dividing axes, or
+        with a `tensor` axis the architecture's `(regex, spec)` `rules` (written for scanned
+        layers: an unscanned weight takes the spec's trailing entries); the factors follow
+        their weights. A mesh the weights do not divide over is a ValueError naming --mesh."""
+        from lora_jax.core.sharding import fsdp_specs, lora_specs, match_specs, named_shardings
 
-        fsdp = int(self.mesh.shape["fsdp"])
-        specs = lora_specs(params, fsdp_specs(params, fsdp))
+        shown = f"--mesh {mesh_text(self.sizes)}"
+        fsdp, tensor = int(self.mesh.shape["fsdp"]), int(self.mesh.shape["tensor"])
+        if tensor == 1:
+            base = fsdp_specs(params, fsdp)
+        elif rules is None:
+            raise ValueError(f"{shown}: a {model} has no tensor-parallel rules; use data and "
+                             "fsdp")
+        else:
+            base = _trailing(match_specs(params, rules), params)
+        specs = lora_specs(params, base)
         if fsdp > 1 and not any("fsdp" in spec for spec in _specs(specs)):
-            raise ValueError(f"--mesh {mesh_text(self.sizes)}: no weight of the model has an "
-                             f"axis that divides over {fsdp} devices; use a smaller fsdp")
-        return named_shardings(specs, self.mesh, params)
+            raise ValueError(f"{shown}: no weight of the model has an axis that divides over "
+                             f"{fsdp} devices; use a smaller fsdp")
+        try:
+            return named_shardings(specs, self.mesh, params)
+        except ValueError as err:
+            raise ValueError(f"{shown}: {err}") from None
 
     def place(self, tree: Any, shardings: Any) -> Any:
         """`tree` (the same on every process) on the mesh, each process writing its shards."""
@@ -199,6 +219,18 @@ class Placement:
         from jax.experimental import multihost_utils
 
         return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _trailing(specs: Any, params: Any) -> Any:
+    """Each spec cut to its leaf's rank from the front (a scanned layer axis's entry dropped)."""
+    import flax.linen as nn
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    def cut(spec: Any, leaf: Any) -> Any:
+        return P(*spec[len(spec) - leaf.ndim:]) if len(spec) > leaf.ndim else spec
+
+    return jax.tree.map(cut, specs, nn.unbox(params), is_leaf=lambda x: isinstance(x, P))
 
 
 def _specs(tree: Any) -> Sequence[Any]:

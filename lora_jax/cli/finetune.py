@@ -220,7 +220,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
 
         setup = on_nnx(setup, loaded, task, args.method, args.quantize)
     # The base and factors on the mesh (fsdp shards them), the optimizer state beside them.
-    shardings = placement.shardings(setup.params)
+    shardings = placement.shardings(setup.params,
+                                    getattr(loaded.family.module, "SHARDING_RULES", None),
+                                    loaded.model_type)
     params = placement.place(setup.params, shardings)
     trainable, frozen = lora_jax.split(params, setup.config)
     # Factors and optimizer state in float32 whatever --param-dtype the frozen base has.

@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.add_argument("--mesh", type=parse_mesh, metavar="AXES",
                     help="the device mesh, e.g. data=2,fsdp=4 (sizes multiply to the device "
-                    "count): the global --batch-size splits over data x fsdp, and fsdp also "
-                    "shards the frozen base and the factors. Default: data-parallel over every "
-                    "device (one process: the most devices that divide --batch-size)")
+                    "count): the global --batch-size splits over data x fsdp, fsdp also "
+                    "shards the frozen base and the factors, tensor splits the layers (GPT-2 "
+                    "and the decoder families). Default: data-parallel over every device (one "
+                    "process: the most devices that divide --batch-size)")
     ft.add_argument("--coordinator", metavar="HOST:PORT",
                     help="multi-host: process 0's address, the same on every host, with "
                     "--num-processes and --process-id (default: JAX_COORDINATOR_ADDRESS, or a "
