@@ -273,7 +273,8 @@ def test_lora_variant_flags_bad_input(capsys, tiny_llama, tmp_path, argv, messag
 
 @pytest.mark.parametrize("method, flags", [
     ("vera", ("--r", "4", "--d-initial", "0.2", "--projection-prng-key", "3")),
-    ("lokr", ("--r", "2", "--alpha", "4", "--decompose-both", "--decompose-factor", "4")),
+    ("lokr", ("--r", "2", "--alpha", "4", "--decompose-both", "--decompose-factor", "4",
+              "--rank-dropout", "0.1", "--module-dropout", "0.1")),
 ])
 def test_vera_and_lokr_finetune_saves_a_folder_peft_loads(capsys, tiny_llama, tmp_path, method,
                                                           flags):
@@ -296,6 +297,7 @@ def test_vera_and_lokr_finetune_saves_a_folder_peft_loads(capsys, tiny_llama, tm
     assert code == 0, err
     written = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert written["peft_type"] == method.upper() and written["r"] == int(flags[1])
+    assert written.get("rank_dropout", 0.1) == written.get("module_dropout", 0.1) == 0.1
     module, base = from_pretrained(folder)
     adapted, config = lora_jax.load_peft(out / "adapter", base, model_type="llama")
     assert type(config) is {"vera": lora_jax.VeraConfig, "lokr": lora_jax.LoKrConfig}[method]

@@ -227,16 +227,51 @@ def test_misspelled_field_names_the_closest():
         LoKrConfig(decompose_bothh=True)
 
 
-def test_rank_and_module_dropout_are_refused_for_training_but_a_peft_file_with_them_loads(
-        tmp_path):
-    """inject refuses them (not applied); peft's file with them loads, and evaluating (where
-    peft applies no dropout either) gives peft's eval output."""
+def _dropped(delta, full):
+    """Per call (row of `delta`): whether the module was dropped, and the fraction of output
+    features dropped (each feature of the term either kept as is or zero)."""
+    kept = np.isclose(delta, full, atol=1e-6)
+    zero = np.abs(delta) <= 1e-7
+    assert (kept | zero).all()
+    return ~kept.any(axis=-1), (~kept).mean(axis=-1)
+
+
+def test_rank_and_module_dropout_act_while_training_in_both_frontends():
+    """Training (a dropout rng / nnx train mode): each call keeps or zeroes whole output
+    features of the term (rank_dropout) or the whole term (module_dropout), with peft's masks
+    (`dropout_masks`, checked against peft above); evaluating: no dropout."""
+    import flax.linen as nn
+    from flax import nnx
+
+    from lora_jax import nnx as lnnx
+
+    config = LoKrConfig(r=2, alpha=3, target_modules=".*", init_weights=False,
+                        rank_dropout=0.5, module_dropout=0.3)
+    model, x = nn.Dense(40), jax.random.normal(jax.random.key(0), (1, 48))
+    base = model.init(jax.random.key(1), x)["params"]
+    params = lora_jax.inject(base, config, jax.random.key(2))
+    apply = lora_jax.wrap(model.apply, config)
+    full = apply({"params": params}, x) - model.apply({"params": base}, x)
+    assert float(jnp.abs(full).min()) > 0  # evaluating: the whole term
+    calls = jnp.concatenate([apply({"params": params}, x, rngs={"dropout": jax.random.key(k)})
+                             for k in range(40)]) - model.apply({"params": base}, x)
+    modules, features = _dropped(np.asarray(calls), np.asarray(full))
+    assert 0.1 < modules.mean() < 0.5 and 0.35 < features[~modules].mean() < 0.65
+    linear = lnnx.inject(nnx.Linear(48, 40, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
+    linear.eval()
+    full = linear(x) - x @ linear.kernel[...] - linear.bias[...]
+    linear.train()
+    calls = jnp.concatenate([linear(x) for _ in range(40)]) - x @ linear.kernel[...] - \
+        linear.bias[...]
+    modules, features = _dropped(np.asarray(calls), np.asarray(full))
+    assert 0.1 < modules.mean() < 0.5 and 0.35 < features[~modules].mean() < 0.65
+
+
+def test_a_peft_file_with_rank_and_module_dropout_loads_and_evaluates_as_peft(tmp_path):
     fields = dict(r=2, alpha=3, rank_dropout=0.2, module_dropout=0.1)
     model, layer = peft_linear(48, 40, **fields)
     base = {"proj": {"kernel": jnp.asarray(layer.base_layer.weight.detach().numpy().T),
                      "bias": jnp.asarray(layer.base_layer.bias.detach().numpy())}}
-    with pytest.raises(ValueError, match="rank_dropout / module_dropout are not applied"):
-        lora_jax.inject(base, LoKrConfig(target_modules=["proj"], **fields), jax.random.key(0))
     model.save_pretrained(tmp_path)
     params, config = lora_jax.load_peft(tmp_path, base)
     assert (config.rank_dropout, config.module_dropout) == (0.2, 0.1)

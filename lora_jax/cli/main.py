@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--decompose-factor", type=int, metavar="N",
                     help="LoKr: split each size as N x size/N when N divides it (peft's "
                     "decompose_factor; -1, the default: near the square root)")
+    ft.add_argument("--rank-dropout", type=_number(float, 0, 1, high_open=True), metavar="P",
+                    help="LoKr: drop each output feature of the update with probability P while "
+                    "training (peft's rank_dropout, 0)")
+    ft.add_argument("--module-dropout", type=_number(float, 0, 1, high_open=True), metavar="P",
+                    help="LoKr: drop a layer's whole update with probability P while training "
+                    "(peft's module_dropout, 0)")
     ft.add_argument("--dora", action="store_true",
                     help="DoRA: train a magnitude per output feature too (peft's use_dora)")
     ft.add_argument("--init", type=_init, default="default", metavar="INIT",

@@ -19,7 +19,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 ADAPTERS = ("lora", "vera", "lokr")  # the methods that save a peft adapter folder
 # The flags of one method's own config fields (peft's names), by method.
 OPTIONS = {"vera": ("d_initial", "projection_prng_key"),
-           "lokr": ("decompose_both", "decompose_factor")}
+           "lokr": ("decompose_both", "decompose_factor", "rank_dropout", "module_dropout")}
 
 # VeRA trains only r + out numbers a layer and wants a larger rate (its paper: 1e-2 and up).
 DEFAULT_LR = {"lora": 3e-3, "vera": 1e-2, "lokr": 3e-3, "head": 1e-2, "full": 5e-5,
@@ -66,9 +66,9 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     """Params, trainable selection, forward and optimizer of `method` on `loaded`. `targets`:
     the adapter's target_modules (a list of names, or one regex string; None: the family's);
     `options`: the method's own config fields (`method_options`). VeRA reads `r` and `dropout`
-    (its `vera_dropout`; it has no alpha), LoKr `r` and `alpha` (it has no input dropout). The
-    optimizer's settings as `training_tx` takes them (`weight_decay` None: 0.01, 0 for prompt
-    tuning)."""
+    (its `vera_dropout`; it has no alpha), LoKr `r` and `alpha` (it has no input dropout: its
+    `rank_dropout` / `module_dropout` are options). The optimizer's settings as `training_tx`
+    takes them (`weight_decay` None: 0.01, 0 for prompt tuning)."""
     import jax
 
     import lora_jax

@@ -409,7 +409,8 @@ def new_record(weight: str, layout: Layout, values: Values, config: Any,
     one constructor (inject, load_peft)."""
     variant = variants.for_config(config)
     record = LoraRecord(weight, layout, values.rank, values.scale, config.dropout, layers,
-                        variant.name, ranks=values.ranks, form=variant.form(arrays))
+                        variant.name, ranks=values.ranks, form=variant.form(arrays),
+                        options=variant.options(config))
     leaves: dict[str, Any] = {record_name(weight): record}
     if values.scale is None:
         leaves[scale_name(weight)] = jnp.asarray(values.scales, jnp.float32)

@@ -52,7 +52,9 @@ class LoraRecord:
     layers of a scanned stack differ (peft's rank_pattern naming layers; 0 for layers left
     out): the arrays are padded to `rank` with zeros along their rank axis (zero columns of A /
     rows of B), which gradient training keeps at zero. `form`: the variant's leaves this
-    weight has when not all of them (`Variant.leaves_of`).
+    weight has when not all of them (`Variant.leaves_of`). `options`: the variant's own
+    training-time options, `(name, value)` pairs (`Variant.options`, e.g. LoKr's rank dropout);
+    while there are any the frontends hand the forward a dropout key when training.
     """
 
     weight: str
@@ -65,6 +67,12 @@ class LoraRecord:
     adapters: int = 0
     ranks: tuple[int, ...] | None = None
     form: tuple[str, ...] | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def draws(self) -> bool:
+        """Whether a training call draws a dropout key (LoRA dropout or the variant's own)."""
+        return bool(self.dropout or self.options)
 
     @property
     def keys(self) -> dict[str, str]:

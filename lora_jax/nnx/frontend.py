@@ -335,12 +335,18 @@ def _keys(rngs: nnx.Rngs | jax.Array | int, config: LoraConfig) -> tuple[jax.Arr
     """(init key, dropout stream or None)."""
     if isinstance(rngs, nnx.Rngs):
         key = rngs.params()
-        stream = rngs.dropout if config.dropout else None  # else the default stream
+        stream = rngs.dropout if _draws(config) else None  # else the default stream
         return key, stream
     key = jax.random.key(rngs) if isinstance(rngs, int) else rngs
     stream = nnx.RngStream(jax.random.fold_in(key, 1 << 30), tag="dropout") \
-        if config.dropout else None
+        if _draws(config) else None
     return key, stream
+
+
+def _draws(config: LoraConfig) -> bool:
+    """Whether `config`'s adapter draws dropout keys while training (lora_dropout, or its
+    variant's own options, e.g. LoKr's rank dropout)."""
+    return bool(config.dropout or variants.for_config(config).options(config))
 
 
 def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array | int, *,
@@ -453,7 +459,7 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
             added.append(name)
         setattr(module, record_name(record.weight), LoraRecordVar(record))
         added.append(record_name(record.weight))
-        if record.dropout and stream is not None and _RNGS not in vars(module):
+        if record.draws and stream is not None and _RNGS not in vars(module):
             fork = stream.fork()
             shape = item.weight.shape[:record.layout.stacked]
             setattr(module, _RNGS, fork.split(shape) if shape else fork)

@@ -133,6 +133,11 @@ class Variant:
         present = tuple(leaf.name for leaf in self.leaves if leaf.name in names)
         return None if len(present) == len(self.leaves) else present
 
+    def options(self, config: Any) -> tuple[tuple[str, Any], ...]:
+        """The training-time options of `config` a record carries for the forward
+        (`LoraRecord.options`; the forward draws their key with `call.rng()`); default: none."""
+        return ()
+
     def prepare(self, weights: list[tuple[Any, Layout]], config: Any, key: jax.Array) -> Any:
         """What `init` shares across the weights one inject adapts (each weight with its
         layout), computed once: e.g. VeRA's projections sized for the largest weight."""

@@ -303,19 +303,21 @@ class LoKr(Variant):
                 "LoKr on a scanned stack whose layers get different ranks (rank_pattern): the "
                 "rank decides which factors are full, so the layers cannot share stacked "
                 "leaves; give its layers one rank, or use unscanned layers")
-        if config.rank_dropout or config.module_dropout:
-            raise ValueError(
-                "LoKr's rank_dropout / module_dropout are not applied: an adapted weight's "
-                "record carries one input dropout rate, not a variant's training options, and "
-                "the NNX frontend draws dropout keys for lora_dropout only; train with "
-                "rank_dropout=0 and module_dropout=0 (a peft file with them loads: they act "
-                "only while training)")
         return init_leaves(key, self.shapes(tuple(weight.shape), layout, values.rank, config),
                            config.init_weights, dtype), None
 
+    def options(self, config: Any) -> tuple[tuple[str, Any], ...]:
+        if not (config.rank_dropout or config.module_dropout):
+            return ()
+        return (("rank_dropout", config.rank_dropout), ("module_dropout", config.module_dropout),
+                ("rank_dropout_scale", config.rank_dropout_scale))
+
     def forward(self, call: Any, leaves: Mapping[str, jax.Array], scale: Any) -> jax.Array:
         x = jnp.asarray(call.x, call.dtype)
-        y = lokr_term(x, leaves, scale, precision=getattr(call.module, "precision", None))
+        key = call.rng() if call.record.options else None  # None: evaluating
+        mask = None if key is None else dropout_masks(key, call.out.shape[-1],
+                                                      **dict(call.record.options))
+        y = lokr_term(x, leaves, scale, mask, precision=getattr(call.module, "precision", None))
         return y.reshape(call.out.shape)
 
     def merge(self, weight: jax.Array, leaves: Mapping[str, jax.Array], scale: Any,
