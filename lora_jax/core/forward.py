@@ -24,7 +24,7 @@ from lora_jax.core.record import LoraRecord
 from lora_jax.core.rules import NotAdaptable, Rule
 
 TIED_HEAD_WARNING = (
-    "{path!r} is adapted and also used as a tied output head (Embed.attend). As in peft, the "
+    "{path!r} is adapted and also used as a tied output head ({how}). As in peft, the "
     "adapter changes only the lookup, but merge() changes the shared table, so the merged model "
     "differs from the adapted one in its head. Adapt the embedding only if you keep it unmerged."
 )

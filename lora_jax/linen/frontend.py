@@ -6,17 +6,25 @@ interceptor (`flax.linen.intercept_methods`) that finds the layer's rule (`lora_
 the factors and record beside its weight, so `W + A B` is never formed, and `nn.scan` /
 `nn.remat` stacks slice the factors with their layer. Weights adapted without a rule
 (`target_parameters`) are materialised as `W + scale * A B` before the call, with a warning.
+
+Nothing bypasses the interceptor silently. The variables carry a collection `lora_jax` holding
+only a static key (no arrays) for the interceptor's state, so a lifted `nn.jit`, which caches its
+trace by the module and the variables' structure, retraces under a new interceptor instead of
+replaying a trace made without it. After the call, a layer that ran but never added its delta,
+or a forward that reached none of the adapted layers, is an error naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 import lora_jax.linen.rules  # noqa: F401  (registers the rules for flax's and others' layers)
 from lora_jax.core.config import AdapterConfig
@@ -48,6 +56,37 @@ from lora_jax.quant.quantize import is_quantized
 
 # Measured in experiments/benchmark.py (mixed-batch rows).
 DEFAULT_STRATEGY: Strategy = "gather"
+TRACE_COLLECTION = "lora_jax"
+
+
+@dataclasses.dataclass(frozen=True)
+class _TraceKey:
+    """The interceptor's state as a static pytree node (no leaves): in the variables it keys
+    lifted `nn.jit` caches, which ignore the interceptors around them."""
+
+    value: Hashable
+
+
+jax.tree_util.register_static(_TraceKey)
+_unique = itertools.count()
+# (params structure, strategy, mixed batch) of wrapped forwards that added their deltas when
+# traced: a later call that reaches no layer replays such a trace (a cached nn.jit).
+_reached: set[Hashable] = set()
+
+
+def _keyed(variables: Mapping[str, Any], key: Hashable) -> dict[str, Any]:
+    return {**variables, TRACE_COLLECTION: {"key": _TraceKey(key)}}
+
+
+@dataclasses.dataclass
+class _Trace:
+    """What one wrapped call's interceptor saw: the module paths that ran a method, the
+    adapted weights whose delta it added ({path: {weight}}), and the adapted tables' shapes
+    (a tied head may read one through another layer's `.apply`)."""
+
+    tables: dict[tuple[int, ...], str]
+    visited: set[str] = dataclasses.field(default_factory=set)
+    applied: set[tuple[str, str]] = dataclasses.field(default_factory=set)
 def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
                  kwargs: Mapping[str, Any]) -> tuple[str, Any, Layout]:
     """(weight name, weight as the module sees it, layout for this call) of a ruled module."""
@@ -86,8 +125,29 @@ def _original_head(module: nn.Module, args: tuple[Any, ...],
     return module.clone(parent=None).apply({"params": params}, *args, method="attend", **kwargs)
 
 
-def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any]:
-    """The interceptor of one wrapped call; `ids`: per-example adapter slots of a set."""
+def _foreign(module: nn.Module) -> bool:
+    """Whether a module runs under its own `.apply` inside the forward (not in the model's
+    tree: e.g. a head given a tied table), seen as a root without the trace key."""
+    return not module.path and not module.has_variable(TRACE_COLLECTION, "key")
+
+
+def _check_tied_head(module: nn.Module, rule: Rule, trace: _Trace) -> None:
+    """Warn when a layer applied on its own reads a weight shaped like an adapted table (or
+    its transpose): transformers' Flax heads tie so (`lm_head.apply({"params": {"kernel":
+    wte.T}}, h)`)."""
+    weight = rule.weight_name(module)
+    if not module.has_variable("params", weight):
+        return
+    table = trace.tables.get(tuple(unbox(module.get_variable("params", weight)).shape))
+    if table is not None:
+        warnings.warn(TIED_HEAD_WARNING.format(
+            path=table, how=f"a {type(module).__name__} applied with a weight shaped like its "
+            "table"), stacklevel=3)
+
+
+def _interceptor(ids: jax.Array | None, strategy: Strategy, trace: _Trace) -> Callable[..., Any]:
+    """The interceptor of one wrapped call; `ids`: per-example adapter slots of a set; `trace`
+    collects what it saw."""
 
     def intercept(next_fun: Callable[..., Any], args: tuple[Any, ...],
                   kwargs: dict[str, Any], context: Any) -> Any:
@@ -97,10 +157,17 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any
                 return head
         out = next_fun(*args, **kwargs)
         module = context.module
-        if module.scope is None or context.method_name not in ("__call__", "attend"):
+        if module.scope is None or context.method_name in ("setup", "__getattr__"):
             return out
         rule = rule_for(module)
+        if _foreign(module):
+            if rule is not None and context.method_name == "__call__":
+                _check_tied_head(module, rule, trace)
+            return out
         path = join_path(module.path)
+        trace.visited.add(path)
+        if context.method_name not in ("__call__", "attend"):
+            return out
         if rule is None:
             _check_no_orphans(module, path)
             return out
@@ -108,7 +175,9 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any
         if not module.has_variable("params", name):
             return out
         if context.method_name == "attend":
-            warnings.warn(TIED_HEAD_WARNING.format(path=path), stacklevel=2)
+            trace.applied.add((path, rule.weight_name(module)))  # not a bypass: warned
+            warnings.warn(TIED_HEAD_WARNING.format(path=path, how="Embed.attend"),
+                          stacklevel=2)
             return out
         record = module.get_variable("params", name)
         if record.materialised:
@@ -120,9 +189,34 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy) -> Callable[..., Any
         call = Call(rule, module, args, kwargs, out, weight, unbox(bias), record, rng,
                     f"{path!r} ({type(module).__name__})", ids, strategy)
         check_reading(call, "lora_jax.layouts")
+        trace.applied.add((path, record.weight))
         return forward(call, *record.read(lambda name: module.get_variable("params", name)))
 
     return intercept
+
+
+def _check_applied(trace: _Trace, adapted: list[Adapted], key: Hashable, partial: bool) -> None:
+    """Raise for an adapted weight whose layer ran without its delta, or (unless the call is
+    `partial`: another `method=`) when the forward reached none of them and no trace of the
+    same structure did."""
+    wanted = {(item.path, item.record.weight): item.target for item in adapted
+              if not item.record.materialised}
+    skipped = [target for (path, weight), target in wanted.items()
+               if path in trace.visited and (path, weight) not in trace.applied]
+    if skipped:
+        raise ValueError(
+            f"{skipped[:5]} ran in the wrapped forward without their LoRA delta (called through "
+            "a method other than __call__?): call them as layers, or register a Rule for how "
+            "they are called")
+    if trace.applied:
+        _reached.add(key)
+    elif wanted and not partial and key not in _reached:
+        raise ValueError(
+            f"the wrapped forward reached none of the {len(wanted)} adapted layers "
+            f"({list(wanted.values())[:5]}), so it would be the base model's: a transform "
+            "that replays a trace made without lora_jax's interceptor (a jax.jit or custom "
+            "cache inside the model) or a model that reads its weights itself bypasses it. "
+            "Call the adapted layers as flax modules inside the wrapped apply")
 
 
 def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, Any]:
@@ -179,17 +273,29 @@ def wrap(apply_fn: Callable[..., Any], config: AdapterConfig, *,
     def apply(variables: Mapping[str, Any], *args: Any, adapter_ids: Any = None,
               **kwargs: Any) -> Any:
         ids = None if adapter_ids is None else check_ids(adapter_ids)
-        interceptor = _interceptor(ids, strategy)
         adapted = list(iter_records(variables["params"]))
         for item in adapted:
             check_config(item, config)
+        trace = _Trace({shape: item.target for item in adapted
+                        if item.record.layout.kind == "embed" and not item.record.layout.stacked
+                        for shape in (item.weight.shape, item.weight.shape[::-1])})
         trainable, frozen = split(variables["params"], config)
         _check_not_quantized(trainable)
         params = combine(trainable, jax.tree.map(jax.lax.stop_gradient, frozen))
         params = materialise(params, adapted)
+        # The trace depends on the ids' values when they are concrete (else on the tracer).
+        mixed = None if ids is None else np.asarray(ids).tobytes() if not isinstance(
+            ids, jax.core.Tracer) else next(_unique)
+        structure = (jax.tree.structure(variables["params"]), strategy, ids is None)
         # Inside the LoRA interceptor: layers on a quantized base (linen_quantized).
-        with nn.intercept_methods(interceptor), nn.intercept_methods(quantized_calls):
-            return apply_fn({**variables, "params": params}, *args, **kwargs)
+        with nn.intercept_methods(_interceptor(ids, strategy, trace)), \
+                nn.intercept_methods(quantized_calls):
+            out = apply_fn(_keyed({**variables, "params": params}, (strategy, mixed)), *args,
+                           **kwargs)
+        _check_applied(trace, adapted, structure, "method" in kwargs)
+        if "mutable" in kwargs and isinstance(out, tuple) and isinstance(out[-1], Mapping):
+            out = (*out[:-1], {k: v for k, v in out[-1].items() if k != TRACE_COLLECTION})
+        return out
 
     return apply
 
@@ -220,8 +326,11 @@ def layouts(module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
         return out
 
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    # A new trace key for each call: a lifted nn.jit retraces under this interceptor.
+    init = lambda: module.apply(_keyed({}, next(_unique)), *args, rngs=rngs, mutable=True,
+                                **kwargs)[1]
     with nn.intercept_methods(record):
-        shapes = unbox(jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))["params"])
+        shapes = unbox(jax.eval_shape(init)["params"])
     modules = dict(iter_modules(shapes, leaves=None))
     result = {}
     for (path, name), (layout, inner_ndim) in seen.items():

@@ -27,6 +27,13 @@ def _param(module: Any, name: str) -> Any:
         else None
 
 
+def _field(module: Any, name: str, default: Any = None) -> Any:
+    """A module's attribute, `default` if it has none, without running its class's
+    `__getattr__` (found in the instance or its class, the lookup never reaches it)."""
+    found = name in vars(module) or hasattr(type(module), name)
+    return getattr(module, name) if found else default
+
+
 def quantized_calls(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                     context: Any) -> Any:
     """A `flax.linen.intercept_methods` interceptor: a ruled layer with a quantized weight
@@ -36,14 +43,15 @@ def quantized_calls(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         else None
     weight = None if rule is None or rule.base is None else _param(module,
                                                                    rule.weight_name(module))
-    # A layer with its own dot_general (e.g. AQT / fp8 injection) keeps its own product.
-    custom = getattr(module, "dot_general", None) not in (None, jax.lax.dot_general) or \
-        getattr(module, "dot_general_cls", None) is not None
-    if not is_quantized(weight) or custom:
+    # A layer with its own dot_general (e.g. AQT / fp8 injection) keeps its own product. Read
+    # without `getattr`: a module's own `__getattr__` (Gemma's) is a module method, which would
+    # call this interceptor again.
+    if not is_quantized(weight) or _field(module, "dot_general") not in (
+            None, jax.lax.dot_general) or _field(module, "dot_general_cls") is not None:
         return next_fun(*args, **kwargs)
     x = rule.inputs(args, kwargs)
-    bias = _param(module, "bias") if getattr(module, "use_bias", True) else None
-    dtype = getattr(module, "dtype", None) or jnp.result_type(
+    bias = _param(module, "bias") if _field(module, "use_bias", True) else None
+    dtype = _field(module, "dtype") or jnp.result_type(
         *(v.dtype for v in (x, weight, bias) if v is not None))
 
     def product(x: jax.Array, w: jax.Array) -> jax.Array:

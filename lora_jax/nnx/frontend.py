@@ -311,7 +311,8 @@ def _adapted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _adapted_attend(self: Any, *args: Any, **kwargs: Any) -> Any:
     if any(not r.materialised for r in _records(self)):
-        warnings.warn(TIED_HEAD_WARNING.format(path=getattr(self, "_lora_path", "?")),
+        warnings.warn(TIED_HEAD_WARNING.format(path=getattr(self, "_lora_path", "?"),
+                                               how="Embed.attend"),
                       stacklevel=2)
     return type(self)._lora_base.attend(self, *args, **kwargs)
 

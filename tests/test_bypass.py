@@ -1,0 +1,126 @@
+"""Nothing bypasses `wrap`'s interceptor silently: Gemma's two traits on minimal modules (a
+`__getattr__`, an `nn.jit`-decorated `__call__`), layers that run without their delta, a forward
+that reaches no adapted layer, and heads tied through another layer's `.apply`."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+
+X = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+CONFIG = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+
+
+class WithGetattr(nn.Module):
+    """Gemma's modules define `__getattr__` (flax makes it a module method)."""
+
+    def setup(self):
+        self.d = nn.Dense(4)
+
+    def __getattr__(self, name):
+        return super().__getattr__(name)
+
+    def __call__(self, x):
+        return self.d(x)
+
+
+class Jitted(nn.Module):
+    """Gemma 3's Transformer decorates `__call__` with `nn.jit`."""
+
+    @nn.jit
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="d")(x)
+
+
+def _adapted(model, **kwargs):
+    base = model.init(jax.random.key(0), X)["params"]
+    params = lora_jax.inject(base, CONFIG, jax.random.key(1), **kwargs)
+    return base, params
+
+
+@pytest.mark.parametrize("model", [WithGetattr(), Jitted()], ids=["getattr", "nn.jit"])
+def test_wrapped_equals_merged_on_gemma_traits(model):
+    # Before: WithGetattr raised RecursionError (the quantized-base interceptor's getattr
+    # re-entered it); Jitted's second layouts() was {} and, once the plain forward had cached
+    # its trace, the wrapped forward was the plain one (|wrapped - merged| = 2.09).
+    assert lora_jax.layouts(model, X) == lora_jax.layouts(model, X) != {}
+    base, params = _adapted(model, layouts=lora_jax.layouts(model, X))
+    plain = model.apply({"params": params}, X)  # caches nn.jit's trace without the LoRA
+    wrapped = lora_jax.wrap(model.apply, CONFIG)({"params": params}, X)
+    merged = model.apply({"params": lora_jax.merge(params, CONFIG)}, X)
+    assert float(jnp.abs(plain - model.apply({"params": base}, X)).max()) == 0.0
+    assert float(jnp.abs(wrapped - plain).max()) > 0.1
+    np.testing.assert_allclose(wrapped, merged, atol=1e-5)
+    again = lora_jax.wrap(model.apply, CONFIG)({"params": params}, X)  # replays its own trace
+    np.testing.assert_allclose(again, merged, atol=1e-5)
+
+
+class ReadsItsWeight(nn.Module):
+    """Calls no adapted layer: reads the Dense's kernel itself."""
+
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(4, name="d")
+        if self.is_initializing():
+            return dense(x)
+        return x @ dense.variables["params"]["kernel"]
+
+
+class Transposed(nn.Dense):
+    def back(self, y):
+        return y @ self.variables["params"]["kernel"].T
+
+
+class OtherMethod(nn.Module):
+    """Runs its adapted layer through a method other than `__call__`."""
+
+    @nn.compact
+    def __call__(self, x):
+        layer = Transposed(3, name="p")
+        return layer(x) if self.is_initializing() else layer.back(x)
+
+
+@pytest.mark.parametrize("model, message", [
+    (ReadsItsWeight(), r"reached none of the 1 adapted layers \(\['d'\]\)"),
+    (OtherMethod(), r"\['p'\] ran in the wrapped forward without their LoRA delta"),
+], ids=["reads_weight", "other_method"])
+def test_a_forward_that_skips_an_adapted_weight_is_an_error(model, message):
+    # Before: both returned the base model's output.
+    _, params = _adapted(model)
+    with pytest.raises(ValueError, match=message):
+        lora_jax.wrap(model.apply, CONFIG)({"params": params}, X)
+
+
+class TiedByApply(nn.Module):
+    """transformers' Flax GPT-2 / Whisper tie: `lm_head.apply({"params": {"kernel": wte.T}})`."""
+
+    def setup(self):
+        self.wte = nn.Embed(7, 3)
+        self.lm_head = nn.Dense(7, use_bias=False)
+
+    def __call__(self, ids):
+        h = self.wte(ids)
+        table = self.wte.variables["params"]["embedding"]
+        return self.lm_head.apply({"params": {"kernel": table.T}}, h)
+
+
+def test_a_head_tied_through_apply_warns():
+    # Before: no warning; wrapped and merged logits differ (the head reads the original table).
+    model, ids = TiedByApply(), jnp.array([[1, 2, 3]])
+    base = model.init(jax.random.key(0), ids)["params"]
+    config = lora_jax.LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False)
+    params = lora_jax.inject(base, config, jax.random.key(1))
+    with pytest.warns(UserWarning, match=r"'wte' is adapted and also used as a tied output head "
+                                         r"\(a Dense applied with a weight shaped like its table"):
+        wrapped = lora_jax.wrap(model.apply, config)({"params": params}, ids)
+    merged = model.apply({"params": lora_jax.merge(params, config)}, ids)
+    assert float(jnp.abs(wrapped - merged).max()) > 0.1  # why it warns
+    with warnings.catch_warnings():  # an untied model gets no warning
+        warnings.simplefilter("error")
+        lora_jax.wrap(model.apply, config)({"params": params}, ids, method=lambda m, i: m.wte(i))
