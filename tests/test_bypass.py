@@ -124,3 +124,33 @@ def test_a_head_tied_through_apply_warns():
     with warnings.catch_warnings():  # an untied model gets no warning
         warnings.simplefilter("error")
         lora_jax.wrap(model.apply, config)({"params": params}, ids, method=lambda m, i: m.wte(i))
+
+
+class Square(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="q")(x)
+
+
+def test_an_assumed_layout_is_recorded_and_merge_and_save_peft_warn(tmp_path):
+    # Before: the record did not say the [in, out] reading was a guess, and merge / save_peft
+    # took it silently (a square [out, in] kernel gets the transposed delta in peft).
+    model = Square()
+    base = model.init(jax.random.key(0), X)["params"]
+    guessed = lora_jax.inject(base, CONFIG, jax.random.key(1))
+    assert guessed["q"]["lora"].layout.assumed
+    for call in (lambda: lora_jax.merge(guessed, CONFIG),
+                 lambda: lora_jax.save_peft(tmp_path / "a", guessed, CONFIG)):
+        with pytest.warns(UserWarning, match=r"1 adapted kernels \(\['q'\]\) were read as "
+                                             r"\[in, out\] from the tree alone"):
+            call()
+    with pytest.warns(UserWarning, match=r"merge: 1 adapted kernels \(\['q'\]\)"):
+        loaded, config = lora_jax.load_peft(tmp_path / "a", base)
+        lora_jax.merge(loaded, config)
+    known = lora_jax.inject(base, CONFIG, jax.random.key(1), layouts=lora_jax.layouts(model, X))
+    assert not known["q"]["lora"].layout.assumed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_jax.merge(known, CONFIG)
+        lora_jax.save_peft(tmp_path / "b", known, CONFIG)
+        lora_jax.load_peft(tmp_path / "b", base, layouts=lora_jax.layouts(model, X))

@@ -36,10 +36,11 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: generate needs a causal LM or an "
                          f"encoder-decoder, this is a {loaded.model_type} encoder")
     params, apply = loaded.params, loaded.module.apply
+    layouts = loaded.layouts()
 
     def load(folder: str) -> tuple[dict, AdapterConfig]:
         try:
-            return load_peft(folder, params, model_type=loaded.model_type)
+            return load_peft(folder, params, model_type=loaded.model_type, layouts=layouts)
         except ValueError as err:  # which --adapter, when there are several
             raise ValueError(f"--adapter {folder}: {err}") from None
 

@@ -38,7 +38,8 @@ def merge(args: argparse.Namespace) -> int:
         task = "base"  # the base model as it is (a causal LM, or an encoder without a head)
     with new_folder(out) as tmp:  # a temporary sibling: a read-only place fails here, early
         loaded, _ = load_model(base, task, num_labels, quantize=args.quantize)
-        params, config = load_peft(adapter, loaded.params, model_type=loaded.model_type)
+        params, config = load_peft(adapter, loaded.params, model_type=loaded.model_type,
+                                   layouts=loaded.layouts())
         merged = lora_jax.merge(params, config, safe=True)
         source = Path(loaded.source)
         save_hf(tmp, loaded.module, merged, tokenizer=loaded.tokenizer,

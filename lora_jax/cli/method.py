@@ -102,14 +102,14 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         config = lora_jax.LoKrConfig(r=r, alpha=alpha, target_modules=target_modules,
                                      modules_to_save=head or None, **(options or {}))
     if method in ("vera", "lokr"):
-        params = lora_jax.inject(params, config, key)
+        params = lora_jax.inject(params, config, key, layouts=loaded.layouts())
         apply = lora_jax.wrap(apply, config)
     elif method == "lora":
         config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                      target_modules=target_modules,
                                      modules_to_save=head or None, use_dora=dora,
                                      init_lora_weights=init)
-        params = lora_jax.inject(params, config, key)
+        params = lora_jax.inject(params, config, key, layouts=loaded.layouts())
         if init in ("pissa", "olora") or str(init).startswith("pissa_niter"):
             # The starting factors, copied: training donates the trainable buffers.
             from lora_jax.core.record import iter_records

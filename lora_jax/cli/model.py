@@ -44,6 +44,17 @@ class Loaded:
     def family(self) -> Any:
         return architecture_of(self.model_type)
 
+    def layouts(self) -> dict[str, Any]:
+        """How each layer reads its weight (`lora_jax.layouts` on one token), for inject and
+        load_peft: the adapters' layouts then come from the model, not assumed."""
+        import jax.numpy as jnp
+
+        from lora_jax.linen.frontend import layouts
+
+        ids = jnp.zeros((1, 1), jnp.int32)
+        extra = {"decoder_input_ids": ids} if self.family.task == "seq2seq" else {}
+        return layouts(self.module, ids, **extra)
+
 
 def resolve_model(spec: str) -> Path:
     """The path behind `--model`: `minilm`, `smollm2`, an HF folder or a .gguf file."""

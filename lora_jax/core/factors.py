@@ -38,6 +38,9 @@ class Layout:
     - `weight`: the param name of the weight (None: `kernel`, or `embedding` for "embed").
     - `error`: why the module cannot be adapted (set by `lora_jax.layouts`; `inject` raises it
       if the module is targeted).
+    - `assumed`: read from the tree alone (`inject` / `load_peft` without `layouts`): a 2-D
+      kernel taken as `[in, out]`, which `wrap` checks against the layer's rule but `merge` and
+      `save_peft` cannot (they warn).
 
     >>> Layout("dense", stacked=1, n_in=1).split((12, 768, 2304))
     ((12,), (768,), (2304,))
@@ -52,6 +55,7 @@ class Layout:
     rule: str | None = None
     weight: str | None = None
     error: str | None = None
+    assumed: bool = False
 
     def __post_init__(self) -> None:
         if self.order is not None:

@@ -54,7 +54,7 @@ def _default_layout(weight: str, shape: tuple[int, ...]) -> Layout | None:
     """The layout readable from the tree alone: 2-D kernels are Dense, tables are Embed."""
     if weight == "embedding":
         return Layout("embed", stacked=len(shape) - 2)
-    return Layout("dense") if len(shape) == 2 else None
+    return Layout("dense", assumed=True) if len(shape) == 2 else None
 
 
 def _sites(params: Mapping[str, Any], config: LoraConfig,

@@ -12,7 +12,7 @@ import numpy as np
 from lora_jax import variants
 from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
-from lora_jax.core.record import LoraRecord, check_config, records
+from lora_jax.core.record import LoraRecord, check_config, records, warn_assumed
 from lora_jax.core.saved import drop_originals
 from lora_jax.core.targets import unbox, with_leaves, without_leaves
 from lora_jax.quant.quantize import dequantize
@@ -42,6 +42,7 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
     ['bias', 'kernel']
     """
     found = records(params)
+    warn_assumed(params, "merge")
     updates: dict[str, dict[str, Any]] = {}
     for item in found:
         check_config(item, config)

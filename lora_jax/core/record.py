@@ -12,6 +12,7 @@ never silently rescale them.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -217,6 +218,21 @@ def records(params: Mapping[str, Any]) -> list[Adapted]:
         raise ValueError("the params hold no LoRA factors: call lora_jax.inject (or load_peft) "
                          "first")
     return found
+
+
+def warn_assumed(params: Mapping[str, Any], what: str) -> None:
+    """Warn that `what` (merge, save_peft) takes the assumed `[in, out]` layout of weights
+    adapted without `layouts` (`Layout.assumed`) on trust: a layer storing its kernel
+    `[out, in]` would get the transposed delta, which a square kernel's file does not reveal."""
+    assumed = [item.target for item in iter_records(params) if item.record.layout.assumed]
+    if assumed:
+        warnings.warn(
+            f"{what}: {len(assumed)} adapted kernels ({assumed[:5]}) were read as [in, out] from "
+            "the tree alone (inject or load_peft without layouts=); a layer that stores its "
+            "kernel [out, in] (transformers' FlaxConv1D, a custom layer) gets the transposed "
+            "delta here, which nothing checks. Pass layouts=lora_jax.layouts(model, "
+            "*example_inputs) to inject / load_peft to take each layout from the model",
+            stacklevel=3)
 
 
 def check_config(adapted: Adapted, config: Any) -> None:

@@ -310,7 +310,7 @@ def layouts(module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> layouts(nn.DenseGeneral((2, 3), axis=(-2, -1)), jnp.ones((1, 4, 5)))
-    {'': Layout(kind='dense', stacked=0, n_in=2, order=None, rule='flax.linen.linear.DenseGeneral', weight='kernel', error=None)}
+    {'': Layout(kind='dense', stacked=0, n_in=2, order=None, rule='flax.linen.linear.DenseGeneral', weight='kernel', error=None, assumed=False)}
     """  # noqa: E501
     seen: dict[tuple[str, str], tuple[Layout, int]] = {}
 

@@ -50,7 +50,7 @@ from lora_jax import variants
 from lora_jax.core.config import AdapterConfig, alpha_for, scaling
 from lora_jax.core.factors import Layout
 from lora_jax.core.inject import Values, find_targets, new_record, per_layer
-from lora_jax.core.record import LoraRecord, owned, scale_name
+from lora_jax.core.record import LoraRecord, owned, scale_name, warn_assumed
 from lora_jax.core.saved import is_original, keep_originals
 from lora_jax.core.targets import (
     LIST_ELEMENT,
@@ -465,6 +465,7 @@ def save_peft(
 
         params, config = to_plain_lora(params, initial_params, config)
     params = as_linear(params)
+    warn_assumed(params, "save_peft")
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(model_type) and _architecture(model_type).fan_in_fan_out
@@ -938,7 +939,8 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
             if found.ranks or found.scales:
                 adapted[flax_path] = None  # no one (rank, alpha): the file's patterns give them
             layout = (layouts or {}).get(flax_path) or Layout(
-                "embed" if weight == "embedding" else "dense", stacked=int(scanned))
+                "embed" if weight == "embedding" else "dense", stacked=int(scanned),
+                assumed=weight != "embedding")
             adapted_layers = tuple(sorted(i for i in values)) if scanned else None
             if scanned and len(values) < n_layers:
                 variant.check("layer_selection", f"{where}: {flax_path!r}")
