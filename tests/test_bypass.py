@@ -154,3 +154,19 @@ def test_an_assumed_layout_is_recorded_and_merge_and_save_peft_warn(tmp_path):
         lora_jax.merge(known, CONFIG)
         lora_jax.save_peft(tmp_path / "b", known, CONFIG)
         lora_jax.load_peft(tmp_path / "b", base, layouts=lora_jax.layouts(model, X))
+
+
+def test_mixed_batch_ids_reach_a_jitted_call():
+    # The ids are part of nn.jit's cache key: a second batch with other ids is not the first's.
+    from lora_jax.multi.adapters import adapter_set, select
+
+    model = Jitted()
+    base = model.init(jax.random.key(0), X)["params"]
+    aset = adapter_set({n: (lora_jax.inject(base, CONFIG, jax.random.key(s)), CONFIG)
+                        for n, s in (("a", 1), ("b", 2))})
+    apply = lora_jax.wrap(model.apply, CONFIG)
+    alone = [apply({"params": select(aset.params, i)}, X) for i in (0, 1)]
+    for ids in ([0, 1], [1, 0]):
+        mixed = apply({"params": aset.params}, X, adapter_ids=jnp.array(ids))
+        for row, i in enumerate(ids):
+            np.testing.assert_allclose(mixed[row], alone[i][row], atol=1e-5)
