@@ -27,7 +27,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lora_jax import __version__
 from lora_jax.cli import finetune as run_finetune
@@ -50,7 +50,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--process-id", type=_number(int, 0), metavar="I",
                     help="multi-host: this process's number, 0 to N-1 (0 prints and writes the "
                     "adapter)")
-    types = {action.dest: action.type for action in ft._actions if action.type is not None}
+    types = {action.dest: action.type for action in ft._actions if callable(action.type)}
     ft.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                     type=lambda text: sweep.axis(text, types),
                     help="train one LoRA adapter per point of these values (lr, r, lora_alpha, "
@@ -276,7 +276,8 @@ def _range_text(kind: type, low: float | None, high: float | None, low_open: boo
 def _explicit_flags(argv: Sequence[str]) -> dict[str, Any]:
     """The finetune options given on the command line (not defaults), by dest."""
     parser = build_parser()
-    for action in parser._subparsers._group_actions[0].choices["finetune"]._actions:
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices["finetune"]._actions:
         action.default = argparse.SUPPRESS
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if k != "command"}
 

@@ -153,7 +153,7 @@ def finetune(args: argparse.Namespace) -> int:
     step_fn = sweep.make_step(setups[0].forward, task, tx, batch_axis=0 if per_point else None)
     trainable, state = sw.trainable, sweep.init_state(sw, tx)
     orders = {s: data.batch_indices(n_train, args.batch_size, s) for s in seeds}
-    losses, tokens, first = [], 0, 0.0
+    step_losses, tokens, first = [], 0, 0.0
     clock = time.perf_counter()
     for i in tqdm(range(steps), disable=args.no_progress, unit="step", dynamic_ncols=True):
         index = {s: next(order) for s, order in orders.items()}
@@ -162,13 +162,13 @@ def finetune(args: argparse.Namespace) -> int:
                  for k, v in train_a.items()}
         trainable, state, loss = step_fn(trainable, sw.scales, sw.frozen, state, batch,
                                          sweep.dropout_keys(sw, i))
-        losses.append(loss)
+        step_losses.append(loss)
         if i == 0:
             jax.block_until_ready(loss)
             first = time.perf_counter() - clock
         else:
             tokens += int(batch["attention_mask"].sum()) // (sw.size if per_point else 1)
-    losses = np.asarray(jnp.stack(losses, axis=1))  # [K, steps]
+    losses = np.asarray(jnp.stack(step_losses, axis=1))  # [K, steps]
     seconds = time.perf_counter() - clock
     steady = max(seconds - first, 1e-9)
     steps_per_second = (steps - 1) / steady if steps > 1 else None
@@ -194,7 +194,8 @@ def finetune(args: argparse.Namespace) -> int:
             status = EXIT_DIVERGED
             bad = int(np.argmin(finite)) + 1
             metrics |= {"status": "diverged", "diverged_at_step": bad}
-            val = test = {key: None}
+            val: dict[str, float | None] = {key: None}
+            test = val
             print(f"{name(point)}: diverged at step {bad} (lower its lr); no adapter written")
         else:
             val = train.evaluate(setup.forward, task, params, val_a, 64)

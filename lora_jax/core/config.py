@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import types
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from lora_jax.core.targets import pattern_value
 
@@ -49,6 +48,7 @@ class AdapterConfig:
     does not have; `lora_jax.variants.for_config` tells which variant it asks for.
     """
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # set by @dataclass
     target_modules: str | Sequence[str] | None = None
     exclude_modules: str | Sequence[str] | None = None
     layers_to_transform: int | Sequence[int] | None = None
@@ -61,6 +61,20 @@ class AdapterConfig:
     alpha_pattern: Mapping[str, float] = types.MappingProxyType({})
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+
+    def __new__(cls: type[_Config], *args: Any, **kwargs: Any) -> _Config:
+        """A misspelled keyword raises a TypeError that names the closest field."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"{cls.__name__} has no field {', '.join(hints)}; its fields are {names}"
+            )
+        return super().__new__(cls)
 
     @property
     def dropout(self) -> float:
@@ -253,30 +267,3 @@ class LoraConfig(AdapterConfig):
         self._check_layer_selection("as in peft")
 
     __hash__ = AdapterConfig.__hash__
-
-
-def _reject_unknown_fields(cls: type) -> type:
-    """Make a misspelled keyword raise a TypeError that names the closest field."""
-    dataclass_init = cls.__init__
-    names = [f.name for f in dataclasses.fields(cls)]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, names, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise TypeError(
-                f"{cls.__name__} has no field {', '.join(hints)}; its fields are {names}"
-            )
-        dataclass_init(self, *args, **kwargs)
-
-    # Keep the dataclass's signature for help() and IDE completion.
-    __init__.__signature__ = inspect.signature(dataclass_init)
-    __init__.__doc__ = dataclass_init.__doc__
-    cls.__init__ = __init__
-    return cls
-
-
-LoraConfig = _reject_unknown_fields(LoraConfig)

@@ -27,7 +27,7 @@ def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
     def visit(node: Tree, path: str, saved: bool) -> dict[str, Any]:
         trained = {n for v in node.values() if isinstance(v, LoraRecord) for n in v.trained}
         adapted = any(isinstance(v, LoraRecord) for v in node.values())
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in node.items():
             child = f"{path}.{key}" if path else key
             if isinstance(value, Mapping):

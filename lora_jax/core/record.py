@@ -190,8 +190,8 @@ def _config_values(config: Any, path: str) -> tuple[int, float]:
     return rank, config.scaling(path, rank=rank)
 
 
-def _agrees(values: tuple[int, float], record: LoraRecord) -> bool:
-    return values[0] == record.rank and abs(values[1] - record.scale) <= 1e-9 * abs(record.scale)
+def _agrees(values: tuple[int, float], rank: int, scale: float) -> bool:
+    return values[0] == rank and abs(values[1] - scale) <= 1e-9 * abs(scale)
 
 
 def _layer_names(path: str, layer: int) -> list[str]:
@@ -242,15 +242,15 @@ def check_config(adapted: Adapted, config: Any) -> None:
     """
     if config is None:
         return
-    path, record = adapted.target, adapted.record
-    if record.scale is None or record.ranks is not None:
+    path, record, scale = adapted.target, adapted.record, adapted.record.scale
+    if scale is None or record.ranks is not None:
         return  # per layer / adapter values (the scale is data): the record decides
     want_rank, want_scale = _config_values(config, path)
-    if want_rank != record.rank or abs(want_scale - record.scale) > 1e-9 * abs(record.scale):
+    if not _agrees((want_rank, want_scale), record.rank, scale):
         # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns
         # may name it so (inject matched them per layer; all adapted layers agree).
         if record.layout.stacked == 1 and any(
-                _agrees(_config_values(config, name), record)
+                _agrees(_config_values(config, name), record.rank, scale)
                 for name in _layer_names(path, (record.layers or (0,))[0])):
             return
         raise ValueError(

@@ -64,8 +64,9 @@ def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
         if _is_spec(x):
             return x
         if _is_box(x):
-            names = P(*x.names)
-            return nn.logical_to_mesh_axes(names, rules) if rules is not None else names
+            if rules is None:
+                return P(*x.names)
+            return nn.logical_to_mesh_axes(x.names, rules) or P()  # None: only for names=None
         if is_quantized(x):
             return spec(x.codes)
         sharding = getattr(x, "sharding", None)
@@ -190,8 +191,8 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
                 out[key] = factor_specs[(*keys, key)]
             elif is_quantized(value):
                 out[key] = value.specs(base_spec((*keys, key), value, strict=False))
-            elif table_of(key) is not None:  # a saved table's original: sharded as the table
-                out[key] = base_spec((*keys, table_of(key)), value, strict=False)
+            elif (table := table_of(key)) is not None:  # a saved table's original: as the table
+                out[key] = base_spec((*keys, table), value, strict=False)
             else:
                 out[key] = base_spec((*keys, key), value, strict=False)
         return out
@@ -285,7 +286,7 @@ def opt_state_specs(opt_state: Any, trainable_specs: Any) -> Any:
 
     def is_params_like(x: Any) -> bool:
         return not isinstance(x, jax.ShapeDtypeStruct | jax.Array) and (
-            jax.tree.structure(x) == treedef)
+            jax.tree.structure(x) == treedef)  # type: ignore[operator]  # jaxlib: no PyTreeDef stub
 
     return jax.tree.map(lambda x: trainable_specs if is_params_like(x) else P(), opt_state,
                         is_leaf=is_params_like)

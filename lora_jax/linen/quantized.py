@@ -41,8 +41,10 @@ def quantized_calls(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     module = context.module
     rule = rule_for(module) if module.scope is not None and context.method_name == "__call__" \
         else None
-    weight = None if rule is None or rule.base is None else _param(module,
-                                                                   rule.weight_name(module))
+    if rule is None or rule.base is None:
+        return next_fun(*args, **kwargs)
+    base = rule.base
+    weight = _param(module, rule.weight_name(module))
     # A layer with its own dot_general (e.g. AQT / fp8 injection) keeps its own product. Read
     # without `getattr`: a module's own `__getattr__` (Gemma's) is a module method, which would
     # call this interceptor again.
@@ -55,7 +57,7 @@ def quantized_calls(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         *(v.dtype for v in (x, weight, bias) if v is not None))
 
     def product(x: jax.Array, w: jax.Array) -> jax.Array:
-        return rule.base(module, x, w.astype(dtype), args, kwargs)
+        return base(module, x, w.astype(dtype), args, kwargs)
 
     out = quantized_product(product, jnp.asarray(x, dtype), weight)
     return out if bias is None else out + jnp.asarray(bias, dtype)

@@ -41,18 +41,21 @@ def _conv_delta(module: nn.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any)
     # A is a conv with the base's window, strides, padding and dilations; B is a 1x1 conv.
     conv_a = module.clone(parent=None, name=None, features=a.shape[-1], use_bias=False,
                           dtype=x.dtype)
-    low = conv_a.apply({"params": {"kernel": a}}, x)
+    low = conv_a.bind({"params": {"kernel": a}})(x)
     return jnp.tensordot(low, b, axes=1, precision=module.precision)
 
 
 def _flax_einsum_str(module: nn.Einsum, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    return given if given is not None else module.einsum_str
+    equation = given if given is not None else module.einsum_str
+    if equation is None:
+        raise ValueError("nn.Einsum needs an einsum_str, on the module or in the call")
+    return equation
 
 
 def _conv_base(module: nn.Conv, x: Any, weight: Any, args: Any, kwargs: Any) -> Any:
     conv = module.clone(parent=None, name=None, use_bias=False, dtype=x.dtype)
-    return conv.apply({"params": {"kernel": weight}}, x)
+    return conv.bind({"params": {"kernel": weight}})(x)
 
 
 register_rule(Rule(

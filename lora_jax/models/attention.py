@@ -8,6 +8,8 @@ case falls back to XLA, which is also what runs on CPU and TPU.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
@@ -47,7 +49,8 @@ def attention(
     """
     if softcap is not None:
         return _softcapped(query, key, value, bias, mask, scale, is_causal, softcap)
-    implementation = "cudnn" if _cudnn_supported(query, bias) else "xla"
+    implementation: Literal["cudnn", "xla"] = (
+        "cudnn" if _cudnn_supported(query, bias) else "xla")
     return jax.nn.dot_product_attention(
         query,
         key,

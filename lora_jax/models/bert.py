@@ -205,7 +205,8 @@ def build(config: Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
           scan_layers: bool = False, remat_policy: str | None = None,
           task: str = "base") -> BertModel | BertForSequenceClassification:
     """`task="base"`: BertModel; `task="classify"`: BertForSequenceClassification."""
-    classes = {"base": BertModel, "classify": BertForSequenceClassification}
+    classes: dict[str, type[BertModel] | type[BertForSequenceClassification]] = {
+        "base": BertModel, "classify": BertForSequenceClassification}
     if task not in classes:
         raise ValueError(f"BERT supports task='base' or 'classify', got {task!r}")
     return classes[task](config, dtype, param_dtype, scan_layers, remat_policy)

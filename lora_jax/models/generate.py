@@ -20,17 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from lora_jax.models.attention import attention
 from lora_jax.models.layers import Stacked
 
 
-class KVCache(NamedTuple):
+@struct.dataclass
+class KVCache:
     """Keys and values of every layer, [L, B, S, K, H], and the number of slots filled."""
 
     key: jax.Array
@@ -45,7 +47,8 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-class DecodeInputs(NamedTuple):
+@struct.dataclass
+class DecodeInputs:
     """What every layer needs besides its own cache slice: the boolean mask [B, 1, T, S] (None:
     plain causal attention, which cuDNN runs without a mask tensor), the first slot the new
     tokens go to, and the position of each new token [B, T]."""
@@ -93,12 +96,12 @@ def decode_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
     query_slot = index + jnp.arange(length)
     mask = None
     if cache is not None or attention_mask is not None or segment_ids is not None:
-        mask = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
-        mask = jnp.broadcast_to(mask, (batch, 1, length, slots))
-    if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        causal = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
+        mask = jnp.broadcast_to(causal, (batch, 1, length, slots))
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if position_ids is None:
         position_ids = (jnp.broadcast_to(query_slot, (batch, length)) if segment_ids is None
                         else segment_positions(segment_ids))
@@ -137,11 +140,8 @@ def layer_caches(cache: KVCache | None) -> tuple[jax.Array, jax.Array] | None:
     return None if cache is None else (cache.key, cache.value)
 
 
-def advance(cache: KVCache | None, new: tuple[jax.Array, jax.Array] | None,
-            length: int) -> KVCache | None:
+def advance(cache: KVCache, new: tuple[jax.Array, jax.Array], length: int) -> KVCache:
     """The cache after a forward of `length` new tokens wrote `new`."""
-    if cache is None:
-        return None
     return KVCache(new[0], new[1], cache.index + length)
 
 
@@ -160,7 +160,9 @@ class CausalLM(Stacked):
         inputs = decode_inputs(input_ids, attention_mask, position_ids, cache, segment_ids)
         h, new = self.hidden(input_ids, inputs, layer_caches(cache), attention_mask)
         logits = self.logits(h)
-        return logits if cache is None else (logits, advance(cache, new, input_ids.shape[1]))
+        if cache is None:
+            return logits
+        return logits, advance(cache, new, input_ids.shape[1])
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
@@ -189,7 +191,7 @@ def filter_logits(logits: jax.Array, *, top_k: int | None = None,
     return logits
 
 
-def _next_token(logits: jax.Array, key: jax.Array | None, temperature: float,
+def _next_token(logits: jax.Array, key: jax.Array, temperature: float,
                 top_k: int | None, top_p: float | None) -> jax.Array:
     logits = logits.astype(jnp.float32)
     if temperature == 0:

@@ -78,7 +78,7 @@ class GPT2Model(nnx.Module):
     def __init__(self, config: Config, dtype: Any, param_dtype: Any, scan_layers: bool,
                  remat: bool, rngs: nnx.Rngs):
         kw = _kw(dtype, param_dtype, rngs)
-        self.scan_layers, self.remat = scan_layers, remat
+        self.remat = remat
         self.wte = nnx.Embed(config.vocab_size, config.n_embd, **kw)
         self.wpe = nnx.Embed(config.n_positions, config.n_embd, **kw)
         self.h = make_stack(lambda r: GPT2Block(config, dtype, param_dtype, r), config.n_layer,
@@ -89,8 +89,7 @@ class GPT2Model(nnx.Module):
                  ) -> jax.Array:
         positions = jnp.arange(input_ids.shape[1])[None, :]
         x = self.wte(input_ids) + self.wpe(positions)
-        x = run_stack(self.h, x, causal_mask(attention_mask), scan=self.scan_layers,
-                      remat=self.remat)
+        x = run_stack(self.h, x, causal_mask(attention_mask), remat=self.remat)
         return self.ln_f(x)
 
 

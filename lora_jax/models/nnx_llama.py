@@ -71,7 +71,7 @@ class LlamaDecoderLayer(nnx.Module):
 
 class LlamaModel(nnx.Module):
     def __init__(self, c: Config, kw: dict[str, Any], scan_layers: bool, remat: bool):
-        self.config, self.scan_layers, self.remat = c, scan_layers, remat
+        self.config, self.remat = c, remat
         self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, **kw)
         self.layers = make_stack(lambda r: LlamaDecoderLayer(c, {**kw, "rngs": r}),
                                  c.num_hidden_layers, kw["rngs"], scan_layers)
@@ -81,7 +81,7 @@ class LlamaModel(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         rope = rotary(positions, self.config.heads[2], self.config.rope_theta)
         x = run_stack(self.layers, self.embed_tokens(input_ids), causal_mask(attention_mask),
-                      rope, scan=self.scan_layers, remat=self.remat)
+                      rope, remat=self.remat)
         return self.norm(x)
 
 

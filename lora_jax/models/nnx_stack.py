@@ -10,12 +10,14 @@ elements `h_0` read as `h.0`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
 from flax import nnx
 
 from lora_jax.core.targets import LIST_ELEMENT
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 def make_stack(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,
@@ -32,9 +34,9 @@ def make_stack(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,
     return stacked(rngs)
 
 
-def run_stack(stack: nnx.Module, x: Any, *broadcast: Any, scan: bool, remat: bool) -> Any:
-    """`x` through every block, `block(x, *broadcast)`."""
-    if not scan:
+def run_stack(stack: nnx.Module, x: Any, *broadcast: Any, remat: bool) -> Any:
+    """`x` through every block of a `make_stack` stack, `block(x, *broadcast)`."""
+    if isinstance(stack, nnx.List):
         for block in stack:
             x = block(x, *broadcast)
         return x
@@ -56,20 +58,20 @@ def from_linen_params(params: Mapping[str, Any], stacks: Sequence[str],
     out: dict[str, Any] = {}
     for key, value in params.items():
         m = LIST_ELEMENT.fullmatch(key)
-        stack = m is not None and (f"{prefix}.{m[1]}" if prefix else m[1]) in stacks
-        name = m[1] if stack else key
+        name, element = key, None
+        if m is not None and (f"{prefix}.{m[1]}" if prefix else m[1]) in stacks:
+            name, element = m[1], m[2]
         child = f"{prefix}.{name}" if prefix else name
         if isinstance(value, Mapping):
             value = from_linen_params(value, stacks, child)
-        if stack:
-            out.setdefault(m[1], {})[m[2]] = value
+        if element is not None:
+            out.setdefault(name, {})[element] = value
         else:
             out[key] = value
     return out
 
 
-def load(model: nnx.Module, linen_params: Mapping[str, Any], stacks: Sequence[str]
-         ) -> nnx.Module:
+def load(model: M, linen_params: Mapping[str, Any], stacks: Sequence[str]) -> M:
     """Set `model`'s params from a linen reference model's params (in place); returns it."""
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, from_linen_params(linen_params, stacks))

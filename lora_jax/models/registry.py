@@ -99,7 +99,7 @@ _GEMMA = {"gemma_norms": True, "sandwich_norms": True, "scale_embeddings": True,
           "defaults": {"tie_word_embeddings": True}}
 # transformers' fused experts define gate_up_proj, then down_proj (peft nests in that order).
 _EXPERTS = {"experts": ("gate_up_proj", "down_proj")}
-_DECODERS = (
+_DECODERS: tuple[tuple[str, str, tuple[str, ...], str | None, dict[str, Any]], ...] = (
     # HF's Llama has no sliding window, whatever its config.json says.
     ("llama", "LlamaForCausalLM", ("q_proj", "v_proj"), None, {"sliding_window": None}),
     ("qwen2", "Qwen2ForCausalLM", ("q_proj", "v_proj"), None,
@@ -166,10 +166,10 @@ def of_module(module: Any) -> tuple[Architecture, str]:
     for arch in ARCHITECTURES.values():
         if name in arch.hf_classes:
             return arch, name
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    arch = ARCHITECTURES.get(model_type)
-    if arch is not None and type(module).__module__ == arch.implementation:
-        return arch, arch.hf_classes[0]
+    model_type = getattr(getattr(module, "config", None), "model_type", "")
+    family = ARCHITECTURES.get(model_type)
+    if family is not None and type(module).__module__ == family.implementation:
+        return family, family.hf_classes[0]
     classes = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes)
     raise ValueError(f"lora_jax mirrors the HF classes {classes}, not {name}")
 

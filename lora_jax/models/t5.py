@@ -214,8 +214,13 @@ class T5LayerAttention(_Layer):
         attn = T5Attention(**self.layer_kwargs, is_decoder=self.is_decoder,
                            has_relative_attention_bias=self.has_relative_attention_bias,
                            name="EncDecAttention" if self.cross else "SelfAttention")
-        out, bias = attn(h, context if self.cross else h, bias, mask,
-                         is_causal=self.is_decoder and not self.cross)
+        keys = h
+        if self.cross:
+            if context is None:
+                raise ValueError("the decoder's cross-attention needs encoder_hidden, the "
+                                 "encoder's output: pass `encode`'s result to `decode`")
+            keys = context
+        out, bias = attn(h, keys, bias, mask, is_causal=self.is_decoder and not self.cross)
         return x + out, bias
 
 
@@ -276,9 +281,11 @@ class T5Stack(_Layer):
         """Hidden states [B, T, d_model]; masks are [B, T] / [B, S] with 1 for real tokens."""
         mask, encoder_mask = (None if m is None else m.astype(bool)[:, None, None, :]
                               for m in (attention_mask, encoder_mask))
+        if self.embed_tokens is None:
+            raise ValueError("T5Stack needs embed_tokens, the model's shared nn.Embed")
         x = self.embed_tokens(input_ids)
         broadcast = (mask, encoder_hidden, encoder_mask)
-        if self.scan_layers:
+        if isinstance(self.block, nn.Module):  # scanned
             length = input_ids.shape[1]
             bias = position_bias(self.relative_attention_bias, self.config, length, length,
                                  bidirectional=not self.is_decoder)

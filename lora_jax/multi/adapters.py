@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import variants
-from lora_jax.core.config import AdapterConfig, LoraConfig
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.record import (
     Adapted,
     LoraRecord,
@@ -70,7 +70,7 @@ class AdapterSet:
 
     params: dict[str, Any]
     names: tuple[str, ...]
-    configs: tuple[LoraConfig, ...]
+    configs: tuple[AdapterConfig, ...]
     records: tuple[Mapping[Key, LoraRecord], ...]
 
     def index(self, name: str | None) -> int:
@@ -150,12 +150,12 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]])
         stacks: dict[str, list[Any]] = {n: [] for n in absent}
         scales = []
         for items in found:
-            item = items.get(key)
-            arrays = absent if item is None else padded[id(item)]
+            member = items.get(key)
+            arrays = absent if member is None else padded[id(member)]
             for n, value in arrays.items():
                 stacks[n].append(value)
             scales.append(jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
-                          if item is None else _full_scale(item))
+                          if member is None else _full_scale(member))
         dtype = jnp.result_type(*(v for values in stacks.values() for v in values))
         record = dataclasses.replace(record, rank=rank, scale=None, layers=None, ranks=None,
                                      adapters=len(names))
@@ -197,7 +197,7 @@ def select(params: Mapping[str, Any], index: int | jax.Array) -> dict[str, Any]:
     return with_leaves(params, updates)
 
 
-def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], LoraConfig]:
+def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], AdapterConfig]:
     """(params, config) of one adapter of the set, exactly as it went in (own ranks, targets
     and scales): for `merge`, `save_peft` or training it alone."""
     k = aset.index(name)
@@ -224,7 +224,7 @@ def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], LoraConfig]:
 
 
 def add(aset: AdapterSet, name: str, params: Mapping[str, Any],
-        config: LoraConfig) -> AdapterSet:
+        config: AdapterConfig) -> AdapterSet:
     """The set with adapter `name` added (K grows: a jitted function recompiles once)."""
     if name in aset.names:
         raise ValueError(f"the set already holds an adapter named {name!r}; use replace()")
@@ -240,7 +240,7 @@ def remove(aset: AdapterSet, name: str) -> AdapterSet:
 
 
 def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
-            config: LoraConfig) -> AdapterSet:
+            config: AdapterConfig) -> AdapterSet:
     """The set with adapter `name`'s slot holding `params` instead. When the new adapter fits the
     slot (its targets adapted by the set, ranks no larger) only array values change, so a
     jitted function does not recompile; otherwise the set is rebuilt."""
@@ -283,7 +283,7 @@ def _put(full: jax.Array, part: jax.Array, k: int, axis: int) -> jax.Array:
     return jnp.moveaxis(moved, 0, axis)
 
 
-def _members(aset: AdapterSet) -> dict[str, tuple[dict[str, Any], LoraConfig]]:
+def _members(aset: AdapterSet) -> dict[str, tuple[Mapping[str, Any], AdapterConfig]]:
     return {name: adapter(aset, name) for name in aset.names}
 
 

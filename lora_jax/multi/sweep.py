@@ -167,7 +167,8 @@ def _part(tree: Mapping[str, Any], leaves: set[tuple[str, str]], keep: bool,
 
 
 def _differences(first: Params, other: Params, k: int, what: str) -> None:
-    if jax.tree.structure(first) != jax.tree.structure(other):
+    structures = jax.tree.structure(first), jax.tree.structure(other)
+    if structures[0] != structures[1]:  # type: ignore[operator]  # jaxlib: no PyTreeDef stub
         mine = {join_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(first)}
         theirs = {join_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(other)}
         raise ValueError(f"sweep point {k}'s {what} differ from point 0's in "

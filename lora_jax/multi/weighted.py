@@ -109,12 +109,13 @@ def weighted_adapter(
         combination_type = "linear"
     method = "linear" if combination_type in ("svd", "cat") else \
         combination_type.removesuffix("_svd")
-    if method != "linear" and (density is None or not 0 <= density <= 1):
-        raise ValueError(f"weighted_adapter: {combination_type!r} prunes: pass density (the "
-                         f"fraction of values kept, in [0, 1]); got {density!r}")
-    if method.startswith("dare") and density < 1 and key is None:
-        raise ValueError(f"weighted_adapter: {combination_type!r} draws random masks: pass "
-                         "key=jax.random.key(...)")
+    if method != "linear":
+        if density is None or not 0 <= density <= 1:
+            raise ValueError(f"weighted_adapter: {combination_type!r} prunes: pass density (the "
+                             f"fraction of values kept, in [0, 1]); got {density!r}")
+        if method.startswith("dare") and density < 1 and key is None:
+            raise ValueError(f"weighted_adapter: {combination_type!r} draws random masks: pass "
+                             "key=jax.random.key(...)")
 
     found = [{(item.path, item.record.weight): item for item in records(tree)}
              for tree in adapters]
@@ -215,8 +216,13 @@ def _factors(item: Adapted) -> tuple[jax.Array, jax.Array]:
 
 def _layers(items: Sequence[Adapted | None]) -> tuple[int, ...] | None:
     """The adapted layers of a scanned stack: those of any adapter (None: all)."""
-    present = [item.record.layers for item in items if item is not None]
-    return None if None in present else tuple(sorted(set().union(*present)))
+    layers: set[int] = set()
+    for item in items:
+        if item is not None:
+            if item.record.layers is None:
+                return None
+            layers.update(item.record.layers)
+    return tuple(sorted(layers))
 
 
 def _first(items: Sequence[Adapted | None]) -> Adapted:
@@ -260,16 +266,19 @@ def _combine_module(factors: tuple[tuple[jax.Array, jax.Array] | None, ...], sca
         if pair is None:
             padded.append((jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32)))
         else:
-            padded.append(pad_rank(*(f.astype(jnp.float32) for f in pair), layout, width))
+            padded.append(pad_rank(pair[0].astype(jnp.float32), pair[1].astype(jnp.float32),
+                                   layout, width))
     a, b = (jnp.stack(side) for side in zip(*padded, strict=True))
     coefficients = weights * scales
     if combination_type in _FACTORED:
         root = jnp.sqrt(jnp.abs(coefficients))
-        return tuple(_combine(_per_layer(f, layout.stacked), c, jax.random.fold_in(key, side),
-                              prune).reshape(f.shape[1:])
-                     for side, (f, c) in enumerate(((a, jnp.where(coefficients < 0, -root, root)),
-                                                    (b, root))))
-    if combination_type == "cat":
+        new_a, new_b = (
+            _combine(_per_layer(f, layout.stacked), c, jax.random.fold_in(key, side),
+                     prune).reshape(f.shape[1:])
+            for side, (f, c) in enumerate(((a, jnp.where(coefficients < 0, -root, root)),
+                                           (b, root))))
+        return new_a, new_b
+    if order is not None:  # combination_type "cat"
         return _concatenate(a, b, coefficients, order, n_stack, layout.stacked)
     return _svd(a, b, scales, weights, key, n_stack, layout.stacked, new_rank, clamp, prune)
 

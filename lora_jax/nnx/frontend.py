@@ -36,7 +36,7 @@ from flax import nnx
 import lora_jax.nnx.rules  # noqa: F401  (registers the rules for nnx's layers)
 from lora_jax import variants
 from lora_jax.core import counting
-from lora_jax.core.config import LoraConfig
+from lora_jax.core.config import AdapterConfig, LoraConfig
 from lora_jax.core.factors import Layout
 from lora_jax.core.forward import (
     MATERIALISE_WARNING,
@@ -91,6 +91,12 @@ def _path(keys: tuple[Any, ...]) -> str:
     return ".".join(str(k) for k in keys)
 
 
+def _set(module: nnx.Module, **attributes: Any) -> None:
+    """Give a model's module the frontend's own attributes (through nnx's `__setattr__`)."""
+    for name, value in attributes.items():
+        setattr(module, name, value)
+
+
 def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
     """{dotted path: module} of every module in the graph (a shared module under its first
     path)."""
@@ -126,17 +132,16 @@ def _read(rule: Rule, module: nnx.Module, name: str, shape: tuple[int, ...], dty
     if inner_ndim is None:
         inner_ndim = len(shape)
     stacked = len(shape) - inner_ndim
-    base = dict(rule=rule.name, weight=name)
     if stacked < 0:
-        return Layout("dense", **base, error=(
+        return Layout("dense", rule=rule.name, weight=name, error=(
             f"its weight {name!r} has shape {shape}, fewer axes than the module's "
             f"{inner_ndim}"))
     try:
         layout = rule.layout(module, jax.ShapeDtypeStruct(shape[stacked:], dtype), args,
                              dict(kwargs or {}))
     except NotAdaptable as e:
-        return Layout("dense", stacked=stacked, **base, error=str(e))
-    layout = dataclasses.replace(layout, stacked=stacked, **base)
+        return Layout("dense", stacked=stacked, rule=rule.name, weight=name, error=str(e))
+    layout = dataclasses.replace(layout, stacked=stacked, rule=rule.name, weight=name)
     try:
         layout.roles(len(shape))
     except ValueError as e:
@@ -184,7 +189,7 @@ def layouts(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
             rule = rule_for(module)
             if rule is not None and isinstance(getattr(module, rule.weight_name(module), None),
                                                nnx.Variable):
-                module._lora_probe = path  # static: survives nnx transforms
+                _set(module, _lora_probe=path)  # static: survives nnx transforms
                 module.__class__ = _probe_class(type(module))
         return copy(*args, **kwargs)
 
@@ -232,8 +237,8 @@ def _probe_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     base = type(self)._lora_probed
     seen = _PROBE.current
     path = getattr(self, "_lora_probe", None)
-    if seen is not None and path is not None and path not in seen:
-        rule = rule_for(self)
+    rule = rule_for(self)
+    if seen is not None and path is not None and path not in seen and rule is not None:
         name = rule.weight_name(self)
         seen[path] = (rule, name, tuple(getattr(self, name)[...].shape), args, dict(kwargs))
     return base.__call__(self, *args, **kwargs)
@@ -298,6 +303,9 @@ def _adapted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     rule = rule_for(self)
     for record in records:
         if not record.materialised:
+            if rule is None:
+                raise ValueError(f"{_where(self)}: no registered Rule reads this module: register "
+                                 "its class's Rule (lora_jax.register_rule) before calling it")
             bias = getattr(self, "bias", None)
             stream = getattr(self, _RNGS, None)
             rng = lambda stream=stream: None if stream is None or getattr(
@@ -466,10 +474,9 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
             setattr(module, _RNGS, fork.split(shape) if shape else fork)
             added.append(_RNGS)
             if not hasattr(module, "deterministic"):
-                module.deterministic = False
+                _set(module, deterministic=False)
                 added.append("deterministic")
-        module._lora_added = tuple(added)
-        module._lora_path = rename.get(item.path, item.path)
+        _set(module, _lora_added=tuple(added), _lora_path=rename.get(item.path, item.path))
         module.__class__ = _adapted_class(type(module))
     return model
 
@@ -595,8 +602,8 @@ def functional(model: nnx.Module) -> Callable[..., Any]:
     >>> bool(jnp.array_equal(apply(tree, jnp.ones((1, 3))), model(jnp.ones((1, 3)))))
     True
     """
-    graphdef, template, streams, rest = nnx.split(
-        model, nnx.Any(nnx.Param, LoraRecordVar), nnx.RngState, ...)
+    graphdef, *states = nnx.split(model, nnx.Any(nnx.Param, LoraRecordVar), nnx.RngState, ...)
+    template, streams, rest = states
 
     def reseed(path: tuple[Any, ...], leaf: Any, key: jax.Array) -> Any:
         """A stream's key restarted from `key` folded with the stream's path; its count 0."""
@@ -612,7 +619,7 @@ def functional(model: nnx.Module) -> Callable[..., Any]:
         # New States (new Variables, of this trace): the model's are never touched.
         state, rngs, others = (jax.tree.map(lambda leaf: leaf, s)
                                for s in (template, streams, rest))
-        nnx.replace_by_pure_dict(state, tree)
+        nnx.replace_by_pure_dict(state, dict(tree))
         if dropout_key is not None:
             rngs = jax.tree_util.tree_map_with_path(
                 lambda path, leaf: reseed(path, leaf, dropout_key), rngs)
@@ -658,7 +665,7 @@ def _linen_form(tree: Mapping[str, Any], lin: str = "", nnx_path: str = "",
     return out, paths
 
 
-def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
+def save_peft(path: Any, model: nnx.Module, config: AdapterConfig, *args: Any,
               **kwargs: Any) -> None:
     """peft adapter files for `model` (`lora_jax.save_peft` on `params(model)`, with
     `nnx.List` elements named as peft io reads them); `model_type="gpt2"` / `"llama"` for the
@@ -668,13 +675,13 @@ def save_peft(path: Any, model: nnx.Module, config: LoraConfig, *args: Any,
 
 
 def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None, *,
-              layouts: Mapping[str, Layout] | None = None, **kwargs: Any) -> LoraConfig:
+              layouts: Mapping[str, Layout] | None = None, **kwargs: Any) -> AdapterConfig:
     """Put a peft adapter onto `model` in place (`lora_jax.load_peft` + `adapt`); returns its
-    `LoraConfig`. A weight of several input / output axes (an einsum's [D, N, H]) or stored
-    `[out, in]` reads peft's 2-D factors as the Linear of its row-major flattening (what
-    `save_peft` writes) and gets factors of its own axes (A [D, r], B [r, N, H]). `layouts`
-    (`lora_jax.nnx.layouts(model, x)`) for rules that must see a call; other keyword arguments
-    go to `lora_jax.load_peft` (`model_type`, `stacks`, `path_map`)."""
+    config (a `LoraConfig` or a variant's). A weight of several input / output axes (an
+    einsum's [D, N, H]) or stored `[out, in]` reads peft's 2-D factors as the Linear of its
+    row-major flattening (what `save_peft` writes) and gets factors of its own axes (A [D, r],
+    B [r, N, H]). `layouts` (`lora_jax.nnx.layouts(model, x)`) for rules that must see a call;
+    other keyword arguments go to `lora_jax.load_peft` (`model_type`, `stacks`, `path_map`)."""
     tree = params(model)
     found = {**_static_layouts(model, tree), **dict(layouts or {})}
     linen, rename = _linen_form(tree)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 from flax import nnx
@@ -37,15 +37,6 @@ class NnxRule(Rule):
     (`lora_jax.nnx.layouts`), or take the stored weight as unstacked."""
 
     weight_ndim: Callable[[Any], int] | None = None
-
-
-def _einsum_layout(equation: str | None) -> Layout:
-    if equation is None:
-        raise NotAdaptable(
-            "its einsum_str is given only at call time; pass "
-            "layouts=lora_jax.nnx.layouts(model, *example_inputs) to inject"
-        )
-    return einsum_layout(equation)
 
 
 # --- nnx.Linear --------------------------------------------------------------------------------
@@ -95,7 +86,7 @@ def _conv(module: nnx.Conv, x: Any, kernel: Any) -> Any:
                                  in_features=kernel.shape[-2], out_features=kernel.shape[-1],
                                  kernel=kernel, bias=None, use_bias=False, mask=None,
                                  dtype=x.dtype)
-    return nnx.Conv.__call__(shim, x)
+    return nnx.Conv.__call__(cast(nnx.Conv, shim), x)  # the attributes Conv.__call__ reads
 
 
 def _conv_delta(module: nnx.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any) -> Any:
@@ -122,15 +113,21 @@ register_rule(NnxRule(
 
 # --- nnx.Einsum: the equation from the call (`einsum_str=`) or the module ------------------------
 
-def _einsum_str(module: nnx.Einsum, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+def _einsum_str(module: nnx.Einsum, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    return given if given is not None else module.einsum_str
+    equation = given if given is not None else module.einsum_str
+    if equation is None:
+        raise NotAdaptable(
+            "its einsum_str is given only at call time; pass "
+            "layouts=lora_jax.nnx.layouts(model, *example_inputs) to inject"
+        )
+    return equation
 
 
 register_rule(NnxRule(
     names=(qualname(nnx.Einsum),),
     weight_ndim=lambda module: len(module.kernel_shape),
-    layout=lambda module, weight, args, kwargs: _einsum_layout(_einsum_str(module, args, kwargs)),
+    layout=lambda module, weight, args, kwargs: einsum_layout(_einsum_str(module, args, kwargs)),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         _einsum_str(module, args, kwargs).replace(" ", ""), x, a, b,
         precision=module.precision)))
@@ -150,6 +147,6 @@ register_rule(NnxRule(
                                                           "gemma3")),
     weight="w",
     weight_ndim=lambda module: len(_kernel_spec(module.einsum_str)),
-    layout=lambda module, weight, args, kwargs: _einsum_layout(module.einsum_str),
+    layout=lambda module, weight, args, kwargs: einsum_layout(module.einsum_str),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         module.einsum_str.replace(" ", ""), x, a, b)))

@@ -32,7 +32,7 @@ import abc
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,7 @@ class _Quantized(abc.ABC):
 
     FIELDS: tuple[str, ...] = ()
     STATIC: tuple[str, ...] = ()
+    codes: jax.Array  # every kind's first field, of the weight's shape
     dtype: Any
 
     def __init__(self, *children: Any, dtype: Any, **static: Any) -> None:
@@ -209,7 +210,7 @@ class Int8Tensor(_Quantized):
         return P(*stack, rows, cols), P(*stack, None, cols)
 
 
-def is_quantized(x: Any) -> bool:
+def is_quantized(x: Any) -> TypeGuard[_Quantized]:
     """Whether `x` is a quantized weight (NF4, int8, or a GGUF file's blocks).
 
     >>> import jax.numpy as jnp

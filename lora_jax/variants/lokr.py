@@ -37,7 +37,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core.config import AdapterConfig, _reject_unknown_fields
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
 from lora_jax.variants import register_variant
 from lora_jax.variants.base import Leaf, Variant
@@ -117,9 +117,6 @@ class LoKrConfig(AdapterConfig):
         return self.alpha
 
     __hash__ = AdapterConfig.__hash__
-
-
-LoKrConfig = _reject_unknown_fields(LoKrConfig)  # type: ignore[misc, assignment]
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

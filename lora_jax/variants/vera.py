@@ -57,13 +57,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.core.config import AdapterConfig, _reject_unknown_fields
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout, kernel_delta
 from lora_jax.variants import register_variant
 from lora_jax.variants.base import Leaf, Variant
 
 
-@_reject_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class VeraConfig(AdapterConfig):
     """What to adapt with VeRA and how; field names, defaults and matching rules follow peft's
