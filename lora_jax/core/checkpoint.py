@@ -89,6 +89,21 @@ class AdapterCheckpointer:
     - `max_to_keep`: keep the newest this many complete checkpoints (None keeps all).
     - `async_save`: write in a background thread; `wait()` blocks until writes are done, and
       `close()` (or leaving the `with` block) waits too.
+
+    >>> import tempfile, flax.linen as nn, jax, jax.numpy as jnp, optax, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*")
+    >>> params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+    ...                          jax.random.key(1))
+    >>> trainable, frozen = lora_jax.split(params, config)
+    >>> opt_state = optax.adam(1e-3).init(trainable)
+    >>> with tempfile.TemporaryDirectory() as tmp, AdapterCheckpointer(tmp) as ckpt:
+    ...     ckpt.save(1, trainable, opt_state, config)
+    ...     ckpt.wait()
+    ...     step, restored, _, saved = ckpt.restore(target=(trainable, opt_state))
+    True
+    >>> step, saved == config, bool(jnp.array_equal(restored["lora_A"], trainable["lora_A"]))
+    (1, True, True)
     """
 
     def __init__(

@@ -62,7 +62,16 @@ def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int
 
 
 def print_trainable_parameters(params: Mapping[str, Any], config: LoraConfig) -> None:
-    """Print peft's line: `trainable params: X || all params: Y || trainable%: Z`."""
+    """Print peft's line: `trainable params: X || all params: Y || trainable%: Z`.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*")
+    >>> params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+    ...                          jax.random.key(1))
+    >>> print_trainable_parameters(params, config)  # A [4, 2] + B [2, 4]; kernel + bias 20
+    trainable params: 16 || all params: 36 || trainable%: 44.4444
+    """
     trainable, total = count_parameters(params, config)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
           f"trainable%: {100 * trainable / total:.4f}")

@@ -75,6 +75,17 @@ def combine(*trees: Tree) -> dict[str, Any]:
     """The inverse of `split`: at every position exactly one tree holds the leaf.
 
     Raises naming the path where the trees' structures differ or two trees both hold a leaf.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*")
+    >>> params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+    ...                          jax.random.key(1))
+    >>> trainable, frozen = lora_jax.split(params, config)
+    >>> trainable["kernel"], frozen["lora_A"]  # each leaf in one half, None in the other
+    (None, None)
+    >>> jax.tree.structure(combine(trainable, frozen)) == jax.tree.structure(params)
+    True
     """
     return _combine(trees, "")
 

@@ -56,6 +56,17 @@ class LoraRecord:
     weight has when not all of them (`Variant.leaves_of`). `options`: the variant's own
     training-time options, `(name, value)` pairs (`Variant.options`, e.g. LoKr's rank dropout);
     while there are any the frontends hand the forward a dropout key when training.
+
+    `inject` puts one beside each adapted weight (a static leaf, under `record_name(weight)`):
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> config = lora_jax.LoraConfig(r=2, lora_alpha=4, target_modules=".*")
+    >>> params = lora_jax.inject(model.init(jax.random.key(0), x)["params"], config,
+    ...                          jax.random.key(1))
+    >>> record = params[record_name("kernel")]
+    >>> record.weight, record.layout.kind, record.rank, record.scale, sorted(record.keys.values())
+    ('kernel', 'dense', 2, 2.0, ['lora_A', 'lora_B'])
     """
 
     weight: str

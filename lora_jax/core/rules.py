@@ -71,6 +71,11 @@ class Rule:
       function of the module): mixed adapter batches may then use grouped or one-hot matmuls.
     - `parameter`: the weight is a parameter peft adapts by name (`target_parameters`, e.g. MoE
       experts), not a module: only `target_parameters` selects it, never `target_modules`.
+
+    >>> import flax.linen as nn, lora_jax
+    >>> dense = rule_for(nn.Dense(4))  # flax's own layers' rules (lora_jax.linen.rules)
+    >>> dense.name, dense.weight_name(nn.Dense(4)), dense.dropout, dense.is_matmul(nn.Dense(4))
+    ('flax.linen.linear.Dense', 'kernel', True, True)
     """
 
     names: tuple[str, ...]
@@ -103,7 +108,16 @@ def qualname(cls: type) -> str:
 
 
 def register_rule(rule: Rule) -> Rule:
-    """Make `rule` serve its classes (and their subclasses); a later rule for a name wins."""
+    """Make `rule` serve its classes (and their subclasses); a later rule for a name wins.
+    The module docstring adapts a layer of its own this way.
+
+    >>> from lora_jax.core.factors import dense_delta
+    >>> rule = Rule(names=("my_package.layers.Proj",), weight="w",
+    ...             layout=lambda module, w, args, kwargs: Layout("dense", order="oi"),
+    ...             delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b))
+    >>> register_rule(rule) is rule, rule_named("my_package.layers.Proj") is rule
+    (True, True)
+    """
     if not rule.names:
         raise ValueError("Rule.names must name at least one module class")
     for name in rule.names:

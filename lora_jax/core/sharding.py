@@ -252,6 +252,17 @@ def shard_inject(
     `params` itself (`NamedSharding`s on its arrays, or Flax logical-axis boxes with `rules`).
     Unboxed arrays come back; `jax.tree.map(lambda a: a.sharding, result)` gives the shardings
     for `jax.jit`. The base is never copied when it is already placed as specified.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*")
+    >>> mesh = Mesh(jax.devices()[:1], ("fsdp",))  # e.g. every device on one axis
+    >>> specs = {"kernel": P("fsdp", None), "bias": P()}
+    >>> params = shard_inject(model.init(jax.random.key(0), x)["params"], config,
+    ...                       jax.random.key(1), mesh, specs=specs)
+    >>> params["kernel"].sharding.spec, params["lora_A"].sharding.spec  # A follows the kernel
+    (P('fsdp', None), P('fsdp', None))
     """
     plain = nn.unbox(params)
     abstract = jax.eval_shape(lambda p, k: inject(p, config, k, layouts=layouts), plain, key)
