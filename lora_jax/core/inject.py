@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax import variants
-from lora_jax.core.config import LoraConfig
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import MATERIALISE, Layout, max_rank
 from lora_jax.core.record import LoraRecord, owned, record_name, scale_name, target_path
 from lora_jax.core.rules import rule_named
@@ -57,7 +57,7 @@ def _default_layout(weight: str, shape: tuple[int, ...]) -> Layout | None:
     return Layout("dense", assumed=True) if len(shape) == 2 else None
 
 
-def _sites(params: Mapping[str, Any], config: LoraConfig,
+def _sites(params: Mapping[str, Any], config: AdapterConfig,
            layouts: Mapping[str, Layout] | None) -> dict[str, Site]:
     """{target path: site} for every weight `config` could name: kernels and tables, the
     weights `layouts` describes, and params named by `target_parameters`."""
@@ -126,7 +126,7 @@ def _views(params: Mapping[str, Any], path: str, site: Site) -> list[View]:
     return [View((path,))]
 
 
-def _is_target(config: LoraConfig, view: View, site: Site) -> bool:
+def _is_target(config: AdapterConfig, view: View, site: Site) -> bool:
     names = view.names
     spec = config.target_modules
     if site.layout.rule != MATERIALISE and any(saved_match(config.modules_to_save, n)
@@ -134,7 +134,7 @@ def _is_target(config: LoraConfig, view: View, site: Site) -> bool:
         return False  # peft keeps modules_to_save (and what lies inside them) out of LoRA
     if _parameter_rule(site.layout):  # peft's target_parameters: `<module>.<param>` names
         params = [n if n.endswith("." + site.weight) else f"{n}.{site.weight}" for n in names]
-        found = bool(config.target_parameters) and any(
+        found = config.target_parameters is not None and any(
             matches(config.target_parameters, p) for p in params)
     elif site.layout.rule == MATERIALISE:
         found = True
@@ -156,23 +156,23 @@ def _is_target(config: LoraConfig, view: View, site: Site) -> bool:
     return found
 
 
-def _wanted_layers(config: LoraConfig) -> set[int] | None:
+def _wanted_layers(config: AdapterConfig) -> set[int] | None:
     """The layer indices to keep, or None for no filter (peft: None, or an empty list)."""
-    wanted = config.layers_to_transform
-    if wanted is None:
+    layers = config.layers_to_transform
+    if layers is None:
         return None
-    wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+    wanted = {layers} if isinstance(layers, int) else set(layers)
     return wanted or None
 
 
-def _view_index(config: LoraConfig, view: View) -> int | None:
+def _view_index(config: AdapterConfig, view: View) -> int | None:
     index = layer_index(view.peft, config.layers_pattern)
     if index is None and view.layer is not None and not config.layers_pattern:
         index = view.layer  # a stack at the root of the tree: its position on the stack axis
     return index
 
 
-def _layer_selected(config: LoraConfig, view: View, peft_quirks: bool = False) -> bool:
+def _layer_selected(config: AdapterConfig, view: View, peft_quirks: bool = False) -> bool:
     """Whether `layers_to_transform` keeps this module (peft's rule: the module's layer index,
     read after `layers_pattern`, must be listed; a module without one is dropped). With
     `peft_quirks`, a module named in full by a list target_modules skips the filter, as peft's
@@ -188,17 +188,16 @@ def _layer_selected(config: LoraConfig, view: View, peft_quirks: bool = False) -
     return index is not None and index in wanted
 
 
-def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
+def _no_match_error(config: AdapterConfig, paths: list[str]) -> ValueError:
     spec = config.target_modules
     if spec is None:
         spec = config.target_parameters
     names = sorted({form.rsplit(".", 1)[-1] for p in paths for form in path_forms(p)} - {""})
-    wanted = [spec] if isinstance(spec, str) else list(spec)
+    wanted = [spec] if isinstance(spec, str) else list(spec or ())
     close = {c for w in wanted for c in difflib.get_close_matches(w, names + paths, n=3,
                                                                   cutoff=0.5)}
     # Names sharing a "_"-separated word also count: "q_proj" suggests "q".
     close |= {n for w in wanted for n in names if set(n.split("_")) & set(w.split("_"))}
-    close = sorted(close)
     field = "target_modules" if config.target_modules is not None else "target_parameters"
     hint = projection_hint(wanted, names) if field == "target_modules" else None
     return ValueError(
@@ -206,13 +205,13 @@ def _no_match_error(config: LoraConfig, paths: list[str]) -> ValueError:
         + (f". {hint}" if hint else "")
         + f". Module names here: {names}. Modules with weights: {paths[:40]}"
         + (" ..." if len(paths) > 40 else "")
-        + (f". Closest names: {close}" if close else "")
+        + (f". Closest names: {sorted(close)}" if close else "")
     )
 
 
 def find_targets(
     params: Mapping[str, Any],
-    config: LoraConfig,
+    config: AdapterConfig,
     layouts: Mapping[str, Layout] | None = None,
     *,
     peft_quirks: bool = False,
@@ -229,7 +228,7 @@ def find_targets(
     return targets
 
 
-def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, Layout] | None,
+def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str, Layout] | None,
           *, peft_quirks: bool = False
           ) -> dict[str, tuple[Site, tuple[int, ...] | bool, dict[int | None, tuple[int, float]]]]:
     """find_targets with each target's {stacked layer (None unscanned): (rank, scale)}."""
@@ -270,8 +269,8 @@ def _find(params: Mapping[str, Any], config: LoraConfig, layouts: Mapping[str, L
         values = {}
         for view in kept:
             values[view.layer] = (config.rank(*view.names), config.scaling(*view.names))
-        layers = [v.layer for v in kept]
-        if None in layers or len(layers) == len(views[path]) and \
+        layers = [v.layer for v in kept if v.layer is not None]
+        if len(layers) < len(kept) or len(layers) == len(views[path]) and \
                 _wanted_layers(config) is None and len(found) == len(views[path]):
             selected: tuple[int, ...] | bool = True
         else:
@@ -319,7 +318,7 @@ def _module_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
+def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
                        sites: Mapping[str, Site], views: Mapping[str, list[View]]) -> None:
     """peft raises when target_modules names a module that is not a layer LoRA applies to
     (a LayerNorm, a block or another container): so does lora_jax."""
@@ -327,11 +326,13 @@ def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
     if spec is None or spec == "all-linear":
         return
     known = {site.path for site in sites.values()}
-    stacks = {}
-    for path, found in views.items():
-        if found[0].layer is not None:
+    stacks: dict[str, int] = {}
+    for path, path_views in views.items():
+        if path_views[0].layer is not None:
             site = sites[path]
-            stacks[stack_root(params, site.path, site.shape[0])] = site.shape[0]
+            root = stack_root(params, site.path, site.shape[0])
+            if root is not None:
+                stacks[root] = site.shape[0]
     for path in _module_paths(params):
         module = _module(params, path)
         if path in known or owned(module):
@@ -359,7 +360,7 @@ def _check_unsupported(params: Mapping[str, Any], config: LoraConfig,
             )
 
 
-def _check_layer_selection(config: LoraConfig, sites: Mapping[str, Site],
+def _check_layer_selection(config: AdapterConfig, sites: Mapping[str, Site],
                            matched: Mapping[str, list[View]]) -> None:
     """Warn when layers_to_transform names layers that no targeted module has (peft adapts the
     ones that exist)."""
@@ -471,7 +472,7 @@ def _adapter_leaves(path: str, site: Site, weight: Any, variant: variants.Varian
 
 def inject(
     params: Mapping[str, Any],
-    config: LoraConfig,
+    config: AdapterConfig,
     key: jax.Array,
     *,
     layouts: Mapping[str, Layout] | None = None,
@@ -489,6 +490,7 @@ def inject(
     under `jax.jit`.
 
     >>> import flax.linen as nn
+    >>> from lora_jax import LoraConfig
     >>> model = nn.Dense(4)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
     >>> params = inject(params, LoraConfig(r=2, target_modules=".*"), jax.random.key(1))

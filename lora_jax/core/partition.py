@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lora_jax.core.config import LoraConfig
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.record import LoraRecord
 from lora_jax.core.saved import is_original
 from lora_jax.core.targets import saved_name_match
@@ -18,7 +18,7 @@ from lora_jax.core.targets import saved_name_match
 Tree = Mapping[str, Any]
 
 
-def trainable_mask(params: Tree, config: LoraConfig) -> dict[str, Any]:
+def trainable_mask(params: Tree, config: AdapterConfig) -> dict[str, Any]:
     """A tree of bools: True for the arrays the records say train (`LoraRecord.trained`), for
     biases per `config.bias`, and for every leaf of a module in `config.modules_to_save`
     (peft's rule: the module's name ends with an entry) but a saved table's frozen original
@@ -54,12 +54,12 @@ def select(params: Tree, mask: Tree, keep: bool) -> dict[str, Any]:
     }
 
 
-def split(params: Tree, config: LoraConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def split(params: Tree, config: AdapterConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainable, frozen): two trees shaped like `params` with `None` holes.
 
     >>> import jax, jax.numpy as jnp
     >>> import flax.linen as nn
-    >>> from lora_jax import inject
+    >>> from lora_jax import LoraConfig, inject
     >>> config = LoraConfig(r=2, target_modules=["dense"])
     >>> params = {"dense": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]}
     >>> params = inject(params, config, jax.random.key(1))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lora_jax.core.config import LoraConfig
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.targets import iter_modules, saved_name_match, with_leaves, without_leaves
 
 _SUFFIX = "_original"
@@ -45,12 +45,13 @@ def is_original(name: str) -> bool:
     return table_of(name) is not None
 
 
-def keep_originals(params: Mapping[str, Any], config: LoraConfig,
+def keep_originals(params: Mapping[str, Any], config: AdapterConfig,
                    base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`params` with `embedding_original` beside every table of a module in
     `config.modules_to_save`, taken from `base` (default: `params` itself; no copy is made).
 
     >>> import jax.numpy as jnp
+    >>> from lora_jax import LoraConfig
     >>> params = {"wte": {"embedding": jnp.ones((5, 2))}, "h": {"kernel": jnp.ones((2, 2))}}
     >>> sorted(keep_originals(params, LoraConfig(target_modules=["h"],
     ...                                          modules_to_save=["wte"]))["wte"])

@@ -40,14 +40,14 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import variants
-from lora_jax.core.config import AdapterConfig, alpha_for, scaling
+from lora_jax.core.config import AdapterConfig, LoraConfig, alpha_for, scaling
 from lora_jax.core.factors import Layout
 from lora_jax.core.inject import Values, find_targets, new_record, per_layer
 from lora_jax.core.record import LoraRecord, owned, scale_name, warn_assumed
@@ -177,9 +177,10 @@ def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
         for layer in layers:
             # The Flax path in unscanned form (`h` -> `h_<i>`) and its PyTorch path.
             flax_form = flax_path.split(".")
-            if layer is not None:
+            if layer is not None and scanned is not None:
                 flax_form[scanned] += f"_{layer}"
             flax_form_path = ".".join(flax_form)
+            torch_path: str | None
             if path_map is None and flax_form_path in PATH_ALIASES:
                 torch_path = PATH_ALIASES[flax_form_path]
             elif path_map is None:
@@ -208,12 +209,18 @@ class Architecture(Protocol):
     `lora_jax.models` registers its `registry.Architecture` records; a user may register any
     object with these attributes."""
 
-    stacks: tuple[str, ...]
-    fan_in_fan_out: bool
-    base_model_class: str | None
-    parent_library: str | None
-    peft_unused: Mapping[str, str]
-    parameter_order: Mapping[str, tuple[str, ...]]
+    @property
+    def stacks(self) -> tuple[str, ...]: ...
+    @property
+    def fan_in_fan_out(self) -> bool: ...
+    @property
+    def base_model_class(self) -> str | None: ...
+    @property
+    def parent_library(self) -> str | None: ...
+    @property
+    def peft_unused(self) -> Mapping[str, str]: ...
+    @property
+    def parameter_order(self) -> Mapping[str, tuple[str, ...]]: ...
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -224,6 +231,10 @@ def register_architecture(model_type: str, facts: Architecture) -> None:
     _ARCHITECTURES[model_type] = facts
 
 
+@overload
+def _architecture(model_type: str) -> Architecture: ...
+@overload
+def _architecture(model_type: str | None) -> Architecture | None: ...
 def _architecture(model_type: str | None) -> Architecture | None:
     if model_type is None:
         return None
@@ -242,17 +253,18 @@ def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str,
     """Warn when an adapted module, or a module in modules_to_save, is one that peft's model
     never calls (see Architecture)."""
     arch = _architecture(model_type)
-    unused = set(arch.peft_unused if arch else ())
+    why = arch.peft_unused if arch else {}
+    unused = set(why)
     for path in sorted(set(adapted) & unused):
         warnings.warn(
             f"{what}: {path!r} is adapted, but peft with transformers 5 never applies an adapter "
-            f"on it ({arch.peft_unused[path]}): peft's logits stay the base model's. lora_jax "
+            f"on it ({why[path]}): peft's logits stay the base model's. lora_jax "
             "applies it to the lookups, as a LoRA on this module is meant to", stacklevel=3)
     saved = {p for p in index or {} if _saved_root(p, modules_to_save) is not None}
     for path in sorted(saved & unused):
         warnings.warn(
             f"{what}: {path!r} is in modules_to_save, but peft with transformers 5 never calls its "
-            f"trained copy ({arch.peft_unused[path]}): peft's logits stay the base model's. "
+            f"trained copy ({why[path]}): peft's logits stay the base model's. "
             "lora_jax's lookups use the trained table (its tied head keeps the original, as in "
             "peft)", stacklevel=3)
 
@@ -280,7 +292,7 @@ def _shape_tree(index: Mapping[str, _Slot]) -> tuple[dict[str, Any], dict[str, L
         for part in path.split("."):
             node = node.setdefault(part, {})
         node[names[0]] = jax.ShapeDtypeStruct(weight.shape, weight.dtype)
-        kind = "embed" if names[0] == "embedding" else "dense"
+        kind: Literal["embed", "dense"] = "embed" if names[0] == "embedding" else "dense"
         layouts[path] = Layout(kind) if weight.ndim == 2 else Layout(kind, n_in=weight.ndim - 1)
     return tree, layouts
 
@@ -411,7 +423,7 @@ def _torch_weight(name: str, value: Any, fan_in_fan_out: bool, key: str) -> np.n
 
 
 def _saved_modules(modules_to_save: Sequence[str] | None, paths: Mapping[str, str]
-                   ) -> list[str] | None:
+                   ) -> Sequence[str] | None:
     """`modules_to_save` for the other naming: `paths` maps each module's name in the other
     naming to its name in ours. Kept as is if it selects the same modules there, else the
     explicit names of the selected modules."""
@@ -458,17 +470,27 @@ def save_peft(
     original base (`lora_jax.core.convert.to_plain_lora`), as peft's
     `path_initial_model_for_weight_conversion` does; without it the file needs the residual base.
 
-        save_peft("adapter", params, config, model_type="gpt2")
+    >>> import os, tempfile, flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 4)))["params"]}
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=["proj"])
+    >>> params = lora_jax.inject(base, config, jax.random.key(1))
+    >>> with tempfile.TemporaryDirectory() as folder:  # e.g. model_type="gpt2" for GPT-2
+    ...     save_peft(folder, params, config)
+    ...     sorted(os.listdir(folder))
+    ['adapter_config.json', 'adapter_model.safetensors']
     """
     if initial_params is not None:
         from lora_jax.core.convert import to_plain_lora
 
+        if not isinstance(config, LoraConfig):
+            raise ValueError(f"save_peft: initial_params converts a PiSSA / OLoRA LoraConfig "
+                             f"adapter; a {type(config).__name__} has no such init")
         params, config = to_plain_lora(params, initial_params, config)
     params = as_linear(params)
     warn_assumed(params, "save_peft")
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
-        fan_in_fan_out = bool(model_type) and _architecture(model_type).fan_in_fan_out
+        fan_in_fan_out = model_type is not None and _architecture(model_type).fan_in_fan_out
     index = _index(params, stacks, path_map)
     saved_modules = _saved_modules(config.modules_to_save, {p: s.flax_path for p, s in
                                                             index.items()})
@@ -482,9 +504,11 @@ def save_peft(
         mapped.add(slot.flax_path)
         record = _record(node, slot.flax_path)
         # A layer of a scanned stack that the record leaves out holds zero factors: not adapted.
-        has = record is not None and (slot.layer is None or record.layers is None
-                                      or slot.layer in record.layers)
-        if has:
+        if record is not None and not (slot.layer is None or record.layers is None
+                                       or slot.layer in record.layers):
+            record = None
+        has = record is not None
+        if record is not None:
             weight = slot.leaf(record.weight)
             if weight.ndim != 2:
                 raise ValueError(
@@ -496,8 +520,9 @@ def save_peft(
             arrays = {leaf: np.asarray(leaf.resize(slot.leaf(leaf.key(record.weight)), 0, r))
                       for leaf in variants.of(record).leaves_of(record)}
             for leaf, value in arrays.items():
-                if leaf.peft_suffix(record.weight):  # torch's order: the axes reversed
-                    tensors[key + leaf.peft_suffix(record.weight)] = value.T
+                suffix = leaf.peft_suffix(record.weight)
+                if suffix:  # torch's order: the axes reversed
+                    tensors[key + suffix] = value.T
             shared.append({leaf.name: value for leaf, value in arrays.items()})
             # alpha from the record's scale: the value the factors were trained with.
             alpha = alpha_for(scale, r, config.use_rslora)
@@ -586,9 +611,9 @@ def _parse_key(key: str, config: AdapterConfig) -> tuple[str, str, str] | None:
         raise ValueError(f"load_peft: key {key!r} does not start with {PREFIX!r}; is this a "
                          "peft LoRA adapter?")
     name = key[len(PREFIX):]
-    for leaf in variants.for_config(config).leaves:
-        for suffix in {leaf.peft, leaf.peft_embed} - {None}:
-            if name.endswith(suffix):
+    for factor in variants.for_config(config).leaves:
+        for suffix in (factor.peft, factor.peft_embed):
+            if suffix is not None and name.endswith(suffix):
                 return "factor", name[: -len(suffix)], suffix
     module, _, leaf = name.rpartition(".")
     parts = module.split(".")
@@ -676,7 +701,17 @@ def load_peft(
     checked (names, shapes, ranks, the config's targets) before the new tree is built, so a bad
     adapter raises a ValueError naming the key and `params` is never modified.
 
-        params, config = load_peft("adapter", base_params, model_type="gpt2")
+    >>> import tempfile, flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 4)))["params"]}
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)
+    >>> params = lora_jax.inject(base, config, jax.random.key(1))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     save_peft(folder, params, config)
+    ...     loaded, loaded_config = load_peft(folder, base)  # e.g. model_type="gpt2"
+    >>> loaded_config.r, loaded_config.target_modules
+    (2, ('proj',))
+    >>> bool(jnp.array_equal(loaded["proj"]["lora_B"], params["proj"]["lora_B"]))
+    True
     """
     fields, tensors = read_adapter(path)
     where = f"load_peft({os.fspath(path)!r})"
@@ -688,7 +723,7 @@ def load_peft(
 
     factors: dict[str, dict[str, np.ndarray]] = {}
     expert_factors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    updates: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
+    updates: dict[tuple[str, int | None], dict[str, Any]] = {}  # arrays and the torch path
     variant = variants.for_config(config)
     shared = {k: tensors.pop(k) for k in variant.peft_shared_keys if k in tensors}
     for key in sorted(tensors):
@@ -712,7 +747,7 @@ def load_peft(
         if kind == "base":
             names = [n for n in _WEIGHT_LEAVES if n in slot.node]
             base = np.asarray(slot.leaf(names[0])) if names else None
-            if names == ["kernel"] and not fan_in_fan_out:
+            if base is not None and names == ["kernel"] and not fan_in_fan_out:
                 base = base.T
             if base is None or base.shape != value.shape or not np.allclose(
                     base, value, rtol=1e-5, atol=1e-6):
@@ -762,8 +797,8 @@ def load_peft(
     for torch_path in sorted(expected | set(factors)):
         slot, found = index[torch_path], factors.get(torch_path, {})
         name = _weight_name(slot.node)
-        leaves = {leaf.peft_suffix(name): leaf for leaf in variant.leaves
-                  if leaf.peft_suffix(name)}
+        leaves = {suffix: leaf for leaf in variant.leaves
+                  if (suffix := leaf.peft_suffix(name))}
         keys = {suffix: PREFIX + torch_path + suffix for suffix in leaves}
         first = next(iter(keys.values()))
         if torch_path not in expected:
@@ -872,8 +907,11 @@ def _expert_leaves(experts: _Experts, config: AdapterConfig, dtype: jnp.dtype,
     leaves: dict[str, dict[str, Any]] = {}
     for (flax_path, weight), layers in experts.items():
         scanned = None not in layers
-        a, b = (np.stack([layers[i][k] for i in sorted(layers)]) if scanned else layers[None][k]
-                for k in (0, 1))
+        if scanned:
+            ordered = [layers[i] for i in sorted(i for i in layers if i is not None)]
+            a, b = np.stack([f[0] for f in ordered]), np.stack([f[1] for f in ordered])
+        else:
+            a, b, _ = layers[None]
         scales = {scale for _, _, scale in layers.values()}
         if len(scales) > 1:
             raise ValueError(f"{flax_path}.{weight}: the layers of a scanned stack need one "
@@ -941,7 +979,7 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
             layout = (layouts or {}).get(flax_path) or Layout(
                 "embed" if weight == "embedding" else "dense", stacked=int(scanned),
                 assumed=weight != "embedding")
-            adapted_layers = tuple(sorted(i for i in values)) if scanned else None
+            adapted_layers = tuple(sorted(i for i in values if i is not None)) if scanned else None
             if scanned and len(values) < n_layers:
                 variant.check("layer_selection", f"{where}: {flax_path!r}")
             out.update(new_record(weight, layout, found, config, adapted_layers

@@ -13,12 +13,13 @@ weight's, the rest replicated), its padding to another rank (sets, sweeps) and i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
 
 _WHAT = {"kinds": "this kind of layer", "kept_axes": "weights with kept axes",
@@ -93,7 +94,7 @@ class Variant:
     """
 
     name: ClassVar[str]  # the record's `variant`
-    config: ClassVar[type]  # the config class it reads
+    config: ClassVar[type[AdapterConfig]]  # the config class it reads
     peft_type: ClassVar[str] = "LORA"
     leaves: ClassVar[tuple[Leaf, ...]]
     kinds: ClassVar[tuple[str, ...]] = ("dense", "conv", "embed", "einsum")
@@ -148,7 +149,7 @@ class Variant:
         `unsupported` (None: it can)."""
         return None
 
-    def peft_shared(self, modules: list[Mapping[str, Any]], config: Any) -> dict[str, Any]:
+    def peft_shared(self, modules: Sequence[Mapping[str, Any]], config: Any) -> dict[str, Any]:
         """Tensors peft writes once per file, not per module (keys in full, e.g. VeRA's
         `base_model.vera_A`), from each adapted module's leaves (one layer's, numpy)."""
         return {}

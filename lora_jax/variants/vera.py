@@ -307,7 +307,7 @@ class Vera(Variant):
               layout: Layout) -> jax.Array:
         return weight + merge_delta(*_arrays(leaves), layout, weight.shape)
 
-    def peft_shared(self, modules: list[Mapping[str, Any]], config: Any) -> dict[str, Any]:
+    def peft_shared(self, modules: Sequence[Mapping[str, Any]], config: Any) -> dict[str, Any]:
         a, b = shared_projections([(m["vera_A"], m["vera_B"]) for m in modules], "save_peft")
         if config.save_projection:
             return {_A: np.ascontiguousarray(a.T), _B: np.ascontiguousarray(b.T)}
