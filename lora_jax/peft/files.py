@@ -725,7 +725,8 @@ def load_peft(
     expert_factors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     updates: dict[tuple[str, int | None], dict[str, Any]] = {}  # arrays and the torch path
     variant = variants.for_config(config)
-    shared = {k: tensors.pop(k) for k in variant.peft_shared_keys if k in tensors}
+    shared: Mapping[str, Any] = {k: tensors.pop(k) for k in variant.peft_shared_keys
+                                 if k in tensors}
     for key in sorted(tensors):
         parsed = _parse_key(key, config)
         if parsed is None:
@@ -823,14 +824,14 @@ def load_peft(
                 arrays[n].shape != shapes[n] for n in arrays):
             _, (fan_in,), (fan_out,) = layout.split(weight.shape)
             dims = {"i": str(fan_in), "o": str(fan_out), "r": "r"}
-            expected = [("[" + ", ".join(dims[c] for c in leaf.axes[::-1]) + "]") if
-                        "_" not in leaf.axes else f"{keys[s]} {tuple(shapes[leaf.name][::-1])}"
-                        for s, leaf in leaves.items() if leaf.name in shapes]
+            wanted = [("[" + ", ".join(dims[c] for c in leaf.axes[::-1]) + "]") if
+                      "_" not in leaf.axes else f"{keys[s]} {tuple(shapes[leaf.name][::-1])}"
+                      for s, leaf in leaves.items() if leaf.name in shapes]
             raise ValueError(
                 f"{where}: " + " and ".join(f"{keys[s]!r} {tuple(found[s].shape)}" for s in keys
                                      if s in found)
                 + f" do not fit {slot.flax_path!r} of shape {tuple(weight.shape)} (expected "
-                + " and ".join(expected)
+                + " and ".join(wanted)
                 + ("" if layouts else "; pass layouts=lora_jax.layouts(model, ...) if its kernel "
                    "is not [in, out]") + ")"
             )
@@ -929,7 +930,7 @@ def _expert_leaves(experts: _Experts, config: AdapterConfig, dtype: jnp.dtype,
 def _torch_layout(slot: _Slot, layouts: Mapping[str, Layout] | None) -> Layout:
     """The layout of one layer's weight in the slot: its (in, out) as the layout reads it (a
     FlaxConv1D kernel is [out, in])."""
-    kind = "embed" if _weight_name(slot.node) == "embedding" else "dense"
+    kind: Literal["embed", "dense"] = "embed" if _weight_name(slot.node) == "embedding" else "dense"
     return dataclasses.replace((layouts or {}).get(slot.flax_path) or Layout(kind), stacked=0)
 
 
