@@ -199,7 +199,17 @@ def select(params: Mapping[str, Any], index: int | jax.Array) -> dict[str, Any]:
 
 def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], AdapterConfig]:
     """(params, config) of one adapter of the set, exactly as it went in (own ranks, targets
-    and scales): for `merge`, `save_peft` or training it alone."""
+    and scales): for `merge`, `save_peft` or training it alone.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> base = model.init(jax.random.key(0), x)["params"]
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
+    >>> params, own_config = adapter(adapter_set({"a": (a, config), "b": (b, config)}), "b")
+    >>> bool(jnp.array_equal(params["lora_B"], b["lora_B"])), own_config == config
+    (True, True)
+    """
     k = aset.index(name)
     own = aset.records[k]
     updates: dict[str, dict[str, Any]] = {}
@@ -225,14 +235,32 @@ def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], AdapterConfig]
 
 def add(aset: AdapterSet, name: str, params: Mapping[str, Any],
         config: AdapterConfig) -> AdapterSet:
-    """The set with adapter `name` added (K grows: a jitted function recompiles once)."""
+    """The set with adapter `name` added (K grows: a jitted function recompiles once).
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> base = model.init(jax.random.key(0), x)["params"]
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
+    >>> add(adapter_set({"a": (a, config)}), "b", b, config).names
+    ('a', 'b')
+    """
     if name in aset.names:
         raise ValueError(f"the set already holds an adapter named {name!r}; use replace()")
     return adapter_set({**_members(aset), name: (params, config)})
 
 
 def remove(aset: AdapterSet, name: str) -> AdapterSet:
-    """The set without adapter `name`."""
+    """The set without adapter `name`.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> base = model.init(jax.random.key(0), x)["params"]
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
+    >>> remove(adapter_set({"a": (a, config), "b": (b, config)}), "a").names
+    ('b',)
+    """
     aset.index(name)
     if len(aset.names) == 1:
         raise ValueError(f"{name!r} is the set's only adapter; keep the base params instead")
@@ -243,7 +271,17 @@ def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
             config: AdapterConfig) -> AdapterSet:
     """The set with adapter `name`'s slot holding `params` instead. When the new adapter fits the
     slot (its targets adapted by the set, ranks no larger) only array values change, so a
-    jitted function does not recompile; otherwise the set is rebuilt."""
+    jitted function does not recompile; otherwise the set is rebuilt.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> base = model.init(jax.random.key(0), x)["params"]
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
+    >>> aset = replace(adapter_set({"a": (a, config)}), "a", b, config)
+    >>> bool(jnp.array_equal(adapter(aset, "a")[0]["lora_B"], b["lora_B"]))
+    True
+    """
     k = aset.index(name)
     members = _members(aset)
     members[name] = (params, config)
@@ -299,7 +337,19 @@ def _folder_of(root: Path, name: str) -> Path:
 def save_set(path: str | os.PathLike, aset: AdapterSet, **save_kwargs: Any) -> None:
     """Write every adapter of the set as peft's `save_pretrained` lays out several adapters:
     "default" in `path`, each other adapter in `path/<name>` (each a plain peft adapter, with
-    its own rank and scale). `save_kwargs` go to `lora_jax.save_peft` (e.g. model_type)."""
+    its own rank and scale). `save_kwargs` go to `lora_jax.save_peft` (e.g. model_type).
+
+    >>> import os, tempfile
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> base = model.init(jax.random.key(0), x)["params"]
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     save_set(folder, adapter_set({"default": (a, config), "b": (b, config)}))
+    ...     sorted(os.listdir(folder))
+    ['adapter_config.json', 'adapter_model.safetensors', 'b']
+    """
     root = Path(path)
     for name in aset.names:
         if not name or "/" in name or name.startswith("."):
@@ -313,7 +363,20 @@ def load_set(path: str | os.PathLike, params: Mapping[str, Any],
              names: Sequence[str] | None = None, **load_kwargs: Any) -> AdapterSet:
     """An `AdapterSet` over base `params` from a folder in peft's multi-adapter layout
     (`save_set`, or peft's `save_pretrained` with several adapters). `names`: which adapters
-    (default: all found, "default" first). `load_kwargs` go to `lora_jax.load_peft`."""
+    (default: all found, "default" first). `load_kwargs` go to `lora_jax.load_peft`.
+
+    >>> import tempfile
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> base = model.init(jax.random.key(0), x)["params"]
+    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
+    >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     save_set(folder, adapter_set({"default": (a, config), "b": (b, config)}))
+    ...     aset = load_set(folder, base)
+    >>> aset.names, aset.params["lora_A"].shape  # [K, in, r]
+    (('default', 'b'), (2, 4, 2))
+    """
     root = Path(path)
     found = []
     if root.is_dir():
