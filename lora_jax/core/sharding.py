@@ -58,6 +58,11 @@ def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
     names, mapped to mesh axes with `rules`, e.g. `[("embed", "fsdp"), ("mlp", "tensor")]`), or
     anything else (replicated: `P()`). A quantized kernel (`lora_jax.quantize`) is one leaf
     whose spec is its codes'. None holes stay None.
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> boxed = nn.Partitioned(jnp.ones((4, 4)), names=("embed", "mlp"))
+    >>> base_specs({"kernel": boxed, "bias": jnp.ones(4)}, rules=[("embed", "fsdp")])
+    {'bias': P(), 'kernel': P('fsdp', None)}
     """
 
     def spec(x: Any) -> P:
@@ -82,6 +87,11 @@ def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
     The first rule whose regex `re.fullmatch`es the leaf's path (e.g.
     `transformer.h.attn.c_attn.kernel`) gives its spec; unmatched leaves get `default`
     (replicated, `P()`, when None). A quantized kernel is one leaf (see `lora_specs`).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"attn": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
+    >>> match_specs(params, [(".*kernel", P("fsdp", None))])
+    {'attn': {'bias': P(), 'kernel': P('fsdp', None)}}
     """
     default = P() if default is None else default
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
@@ -211,6 +221,14 @@ def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
     Raises a ValueError naming the leaf when a spec uses an axis the mesh does not have, or
     (given `shapes`, a tree of arrays or shapes like `specs`) when a sharded dimension does not
     divide over its mesh axes.
+
+    >>> import jax.numpy as jnp
+    >>> mesh = Mesh(jax.devices()[:1], ("fsdp",))
+    >>> named_shardings({"kernel": P("fsdp", None)}, mesh)["kernel"].spec
+    P('fsdp', None)
+    >>> named_shardings({"kernel": P("tensor")}, mesh)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: ...tensor...
     """
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0]
     shape_of = (dict.fromkeys((p for p, _ in flat)) if shapes is None else
@@ -292,6 +310,13 @@ def opt_state_specs(opt_state: Any, trainable_specs: Any) -> Any:
     `mu`, `nu`, ...) gets `trainable_specs`; other leaves (step counts) are replicated.
 
     `opt_state` may be abstract (`jax.eval_shape(tx.init, params)`).
+
+    >>> import jax.numpy as jnp, optax
+    >>> trainable = {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 4))}
+    >>> specs = {"lora_A": P("fsdp", None), "lora_B": P()}
+    >>> adam = opt_state_specs(optax.adam(1e-3).init(trainable), specs)[0]
+    >>> adam.mu == specs, adam.count
+    (True, P())
     """
     treedef = jax.tree.structure(trainable_specs, is_leaf=_is_spec)
 
