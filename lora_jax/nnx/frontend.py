@@ -111,6 +111,12 @@ def params(model: Any) -> dict[str, Any]:
 
     `model` is an `nnx.Module` or an `nnx.State` (e.g. from `nnx.split`). Parameters only: rng
     streams, batch statistics and caches are left out.
+
+    >>> import jax.numpy as jnp
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> model = inject(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
+    >>> sorted(params(model))  # the record is "lora"
+    ['bias', 'kernel', 'lora', 'lora_A', 'lora_B']
     """
     state = model if isinstance(model, nnx.State) else nnx.state(model)
     pure = nnx.to_pure_dict(nnx.filter_state(state, nnx.Any(nnx.Param, LoraRecordVar)))
@@ -500,7 +506,14 @@ _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 def update(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
     """Set `model`'s variables from a params dict, in place (e.g. the trainable half of
     `lora_jax.split(params(model), config)` after training or from a checkpoint): `None` holes
-    and records are skipped, so a partial tree updates only its leaves. Returns `model`."""
+    and records are skipped, so a partial tree updates only its leaves. Returns `model`.
+
+    >>> import jax.numpy as jnp
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> model = inject(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
+    >>> update(model, {"lora_B": jnp.ones((2, 4))}).lora_B[...].sum()
+    Array(8., dtype=float32)
+    """
     _replace_changed(_modules(model), tree, {})
     return model
 
@@ -550,7 +563,15 @@ def merge(model: nnx.Module, config: LoraConfig | None = None, *,
           safe: bool = False) -> nnx.Module:
     """A plain copy of `model`: W + scale * A B folded into each adapted weight (the core's
     `lora_jax.merge`: float32, cast once), factors, records and LoRA dropout removed, the
-    modules' own classes restored. `model` is left as it is."""
+    modules' own classes restored. `model` is left as it is.
+
+    >>> import jax.numpy as jnp
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> model = inject(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
+    >>> plain, x = merge(model, config), jnp.ones((1, 4))
+    >>> type(plain).__name__, sorted(params(plain)), bool(jnp.allclose(plain(x), model(x)))
+    ('Linear', ['bias', 'kernel'], True)
+    """
     plain = nnx.clone(model)
     tree = params(plain)
     merged = core_merge(tree, config, safe)
@@ -569,7 +590,15 @@ def trainable(model: nnx.Module, config: LoraConfig) -> Callable[[tuple[Any, ...
     """An nnx filter for what `config` trains: the factors, plus biases (`bias="all"` /
     `"lora_only"`) and `modules_to_save`. With plain `bias="none"` and no modules to save it
     selects what `nnx.LoRAParam` selects. For `nnx.Optimizer(model, tx, wrt=...)`,
-    `nnx.DiffState(0, ...)` and `nnx.split(model, ..., ...)`."""
+    `nnx.DiffState(0, ...)` and `nnx.split(model, ..., ...)`.
+
+    >>> import jax.numpy as jnp
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> model = inject(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
+    >>> _, trained, frozen = nnx.split(model, trainable(model, config), ...)
+    >>> sorted(params(trained))
+    ['lora_A', 'lora_B']
+    """
     tree = params(model)
     for item in iter_records(tree):
         check_config(item, config)
@@ -634,12 +663,26 @@ def functional(model: nnx.Module) -> Callable[..., Any]:
 
 
 def count_parameters(model: nnx.Module, config: LoraConfig) -> tuple[int, int]:
-    """(trainable, total) parameter counts, as peft counts (`lora_jax.count_parameters`)."""
+    """(trainable, total) parameter counts, as peft counts (`lora_jax.count_parameters`).
+
+    >>> import jax.numpy as jnp
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> model = inject(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
+    >>> count_parameters(model, config)  # A [4, 2] + B [2, 4]; kernel + bias 20
+    (16, 36)
+    """
     return counting.count_parameters(params(model), config)
 
 
 def print_trainable_parameters(model: nnx.Module, config: LoraConfig) -> None:
-    """peft's line: `trainable params: X || all params: Y || trainable%: Z`."""
+    """peft's line: `trainable params: X || all params: Y || trainable%: Z`.
+
+    >>> import jax.numpy as jnp
+    >>> config = LoraConfig(r=2, target_modules=".*")
+    >>> model = inject(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
+    >>> print_trainable_parameters(model, config)
+    trainable params: 16 || all params: 36 || trainable%: 44.4444
+    """
     counting.print_trainable_parameters(params(model), config)
 
 
