@@ -18,25 +18,47 @@ _VARIANTS: dict[str, Variant] = {}
 
 
 def register_variant(variant: Variant) -> Variant:
-    """Make `variant` known by its name (a later one of the same name wins)."""
+    """Make `variant` known by its name (a later one of the same name wins).
+
+    >>> register_variant(named("lora")) is named("lora")  # each variant's file does this
+    True
+    """
     _VARIANTS[variant.name] = variant
     return variant
 
 
 def named(name: str) -> Variant:
-    """The variant called `name` (a record's `variant`)."""
+    """The variant called `name` (a record's `variant`).
+
+    >>> type(named("dora")).__name__
+    'Dora'
+    """
     if name not in _VARIANTS:
         raise ValueError(f"unknown adapter variant {name!r}; known: {sorted(_VARIANTS)}")
     return _VARIANTS[name]
 
 
 def of(record: Any) -> Variant:
-    """The variant of a `LoraRecord`."""
+    """The variant of a `LoraRecord`.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
+    >>> config = lora_jax.VeraConfig(r=2, target_modules=".*")
+    >>> params = lora_jax.inject(nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 4)))["params"],
+    ...                          config, jax.random.key(1))
+    >>> from lora_jax.core.record import record_name
+    >>> of(params[record_name("kernel")]).name
+    'vera'
+    """
     return named(record.variant)
 
 
 def for_config(config: Any) -> Variant:
-    """The variant a config asks for (e.g. `LoraConfig(use_dora=True)`: DoRA)."""
+    """The variant a config asks for (e.g. `LoraConfig(use_dora=True)`: DoRA).
+
+    >>> from lora_jax import LoKrConfig, LoraConfig
+    >>> [for_config(c).name for c in (LoraConfig(), LoraConfig(use_dora=True), LoKrConfig())]
+    ['lora', 'dora', 'lokr']
+    """
     found = [v for v in _VARIANTS.values() if v.accepts(config)]
     if len(found) != 1:
         raise ValueError(f"{type(config).__name__} asks for {len(found)} adapter variants "
@@ -45,7 +67,11 @@ def for_config(config: Any) -> Variant:
 
 
 def registered() -> tuple[Variant, ...]:
-    """Every registered variant."""
+    """Every registered variant.
+
+    >>> sorted(v.name for v in registered())
+    ['dora', 'lokr', 'lora', 'vera']
+    """
     return tuple(_VARIANTS.values())
 
 
