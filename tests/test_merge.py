@@ -79,7 +79,7 @@ def test_safe_merge_raises_on_non_finite_weights():
     config = LoraConfig(r=1, target_modules=["p"])
     params = _adapted({"p": {"kernel": jnp.ones((3, 3))}}, config, jnp.full((3, 1), jnp.inf),
                       jnp.ones((1, 3)))
-    with pytest.raises(ValueError, match="merging 'p' produced NaN or inf"):
+    with pytest.raises(ValueError, match="merging 'p.kernel' produced NaN or inf"):
         lora_jax.merge(params, config, safe=True)
     assert not np.isfinite(lora_jax.merge(params, config)["p"]["kernel"]).all()
 

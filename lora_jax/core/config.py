@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
@@ -124,9 +125,35 @@ class AdapterConfig:
             if name in own:
                 object.__setattr__(self, name, dict(getattr(self, name)))
 
+    def _check_regexes(self) -> None:
+        """Every field read as a regex compiles (a str `target_modules` / `exclude_modules`,
+        `layers_pattern`, `modules_to_save` items, `rank_pattern` / `alpha_pattern` keys); a bad
+        one raises naming the field and the pattern."""
+        def items(value: Any) -> list[str]:
+            return [value] if isinstance(value, str) else list(value or ())
+        fields = {
+            "target_modules": [self.target_modules] if isinstance(self.target_modules, str)
+            else [],
+            "exclude_modules": [self.exclude_modules] if isinstance(self.exclude_modules, str)
+            else [],
+            "layers_pattern": items(self.layers_pattern),
+            "modules_to_save": items(self.modules_to_save),
+            "rank_pattern": list(self.rank_pattern),
+            "alpha_pattern": list(self.alpha_pattern),
+        }
+        for field, patterns in fields.items():
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"{type(self).__name__}.{field}: {pattern!r} is not a valid "
+                                     f"regex ({err}); escape special characters with "
+                                     "re.escape") from None
+
     def _check_layer_selection(self, why: str) -> None:
         """peft's rules for layers_to_transform / layers_pattern (`why`: what peft does with a
-        regex and a layer list), raised naming this config's class."""
+        regex and a layer list), raised naming this config's class; also `_check_regexes`."""
+        self._check_regexes()
         name = type(self).__name__
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError(f"{name}.layers_pattern needs layers_to_transform to be set too")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import variants
 from lora_jax.core.factors import broadcast_scale, dropout, project
@@ -124,7 +125,8 @@ def check_reading(call: Call, hint: str) -> None:
 
 def check_ids(ids: Any, batch: int | None = None) -> jax.Array:
     """`ids` as int32 [batch]; raises on a float / bool dtype, a wrong shape or (when concrete)
-    an id below -1."""
+    an id below -1 (`_mixed` refuses one >= K). Under `jax.jit` the values are unknown when
+    tracing: an out-of-range id then runs that example on the base alone, as -1 does."""
     array = jnp.asarray(ids)
     if not jnp.issubdtype(array.dtype, jnp.integer):
         raise ValueError(f"adapter_ids must be integers (one adapter slot per example, -1 for "
@@ -164,6 +166,10 @@ def _mixed(call: Call, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Arra
     if x.shape[0] != ids.shape[0]:
         raise ValueError(f"adapter_ids has {ids.shape[0]} entries but this layer's input has "
                          f"batch {x.shape[0]}: pass one id per example")
+    # numpy: inside nn.scan a jnp op on the concrete ids would give a tracer
+    if not isinstance(ids, jax.core.Tracer) and (top := int(np.asarray(ids).max())) >= k:
+        raise ValueError(f"adapter_ids holds {top} but {call.where} holds {k} "
+                         f"adapters: ids are slots 0..{k - 1}, or -1 for the base alone")
     slot, weight = _per_example(ids, scale, k)
     weight = weight.astype(b.dtype)
     if strategy == "gather" or not rule.is_matmul(module):

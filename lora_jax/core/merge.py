@@ -26,12 +26,13 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
     describe the same ranks and scales. The delta is added in float32 and the sum cast once to
     the weight's dtype (merging in bfloat16 drifts); a boxed (logically partitioned) weight keeps
     its box. Quantized weights (`lora_jax.quantize`) come back dequantized: a float base for
-    export. `safe=True` raises if a merged weight holds NaN or inf (checked on the host, so
-    not under `jit`). An adapted embedding that the model also uses as a tied output head
-    (`Embed.attend`) changes the head too once merged, though not in the wrapped forward (peft
-    behaves the same; `wrap` warns when it sees this). Likewise a table in `modules_to_save`:
-    merged params hold the trained table only, so a head tied to it follows it, while the
-    wrapped forward's head reads the original (`lora_jax.core.saved`).
+    export. `safe=True` raises if a merged weight holds NaN or inf, naming the weight and
+    whether the base weight or the adapter brought it (checked on the host: under `jit` it
+    raises; merge outside `jit`, or without `safe`). An adapted embedding that the model also
+    uses as a tied output head (`Embed.attend`) changes the head too once merged, though not in
+    the wrapped forward (peft behaves the same; `wrap` warns when it sees this). Likewise a table
+    in `modules_to_save`: merged params hold the trained table only, so a head tied to it
+    follows it, while the wrapped forward's head reads the original (`lora_jax.core.saved`).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import LoraConfig, inject
@@ -52,13 +53,27 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
             raise ValueError(f"{item.target!r} holds an adapter set: merge one adapter, "
                              "lora_jax.multi.adapters.select(params, index), not the set")
         merged = fold(record, plain, *record.read(item.module.__getitem__))
-        if safe and not np.isfinite(np.asarray(merged, np.float32)).all():
-            raise ValueError(f"merging {item.target!r} produced NaN or inf; the adapter is "
-                             "broken")
+        if safe:
+            _check_finite(".".join(filter(None, (item.path, record.weight))), plain, merged)
         boxed = weight.replace_boxed(merged) if hasattr(weight, "replace_boxed") else merged
         updates.setdefault(item.path, {})[record.weight] = boxed
     drop = {(item.path, name) for item in found for name in item.record.leaves}
     return dequantize(drop_originals(with_leaves(without_leaves(params, drop), updates)))
+
+
+def _check_finite(target: str, weight: Any, merged: Any) -> None:
+    """`safe=True`'s check of one merged weight (`target`: its param path): NaN / inf raises
+    naming whose it is."""
+    if isinstance(merged, jax.core.Tracer):
+        raise ValueError(f"merge(safe=True) checks {target!r} for NaN / inf on the host, which "
+                         "cannot run under jax.jit: call merge outside jit, or with safe=False")
+    if np.isfinite(np.asarray(merged, np.float32)).all():
+        return
+    if not np.isfinite(np.asarray(jnp.asarray(weight), np.float32)).all():
+        raise ValueError(f"merge(safe=True): the base weight {target!r} holds NaN or inf before "
+                         "merging; the base model's weights are broken, not the adapter")
+    raise ValueError(f"merging {target!r} produced NaN or inf from a finite base weight; the "
+                     "adapter's factors or scale are broken")
 
 
 def fold(record: LoraRecord, weight: Any, leaves: Mapping[str, Any], scale: Any,

@@ -272,6 +272,10 @@ def wrap(apply_fn: Callable[..., Any], config: AdapterConfig, *,
 
     def apply(variables: Mapping[str, Any], *args: Any, adapter_ids: Any = None,
               **kwargs: Any) -> Any:
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError(
+                "wrap(apply_fn, config) takes the variables dict as its first argument, like "
+                "model.apply: pass {\"params\": params}, not the params tree itself")
         ids = None if adapter_ids is None else check_ids(adapter_ids)
         adapted = list(iter_records(variables["params"]))
         for item in adapted:

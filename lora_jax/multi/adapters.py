@@ -174,7 +174,8 @@ def select(params: Mapping[str, Any], index: int | jax.Array) -> dict[str, Any]:
     """The set's params with one adapter for every example: slot `index` (-1: the base alone).
 
     A pure function of traced values: inside `jax.jit` another index reuses the compiled
-    function. The result has the set's (padded) rank and an array scale.
+    function. The result has the set's (padded) rank and an array scale. A concrete index
+    outside -1..K-1 raises; under `jit` (value unknown when tracing) it gives the base alone.
     """
     index = jnp.asarray(index, jnp.int32)
     updates: dict[str, dict[str, Any]] = {}
@@ -182,6 +183,10 @@ def select(params: Mapping[str, Any], index: int | jax.Array) -> dict[str, Any]:
         record = item.record
         if not record.adapters:
             continue
+        if not isinstance(index, jax.core.Tracer) and not -1 <= int(index) < record.adapters:
+            raise ValueError(f"select: index {int(index)} is not a slot of this set of "
+                             f"{record.adapters} adapters (0..{record.adapters - 1}, or -1 for "
+                             "the base alone)")
         axis = record.layout.stacked
         slot = jnp.clip(index, 0, record.adapters - 1)
         on = (index >= 0) & (index < record.adapters)

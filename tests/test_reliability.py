@@ -1,0 +1,102 @@
+"""Misuse of the Python API that used to be silently wrong or end in an unclear error: each case
+now raises a one-line ValueError naming the id, field or argument (or gives the documented
+result), and the caller's arrays are left as they were."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+from lora_jax.multi.adapters import adapter_set, select
+
+X = jnp.ones((3, 5))
+
+
+def _adapted(seed=1, **fields):
+    model = nn.Dense(4)
+    base = model.init(jax.random.key(0), X)["params"]
+    config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False, **fields)
+    return model, lora_jax.inject(base, config, jax.random.key(seed)), config
+
+
+@pytest.fixture(scope="module")
+def two():
+    """A set of two adapters over one Dense, and its wrapped apply."""
+    model, a, config = _adapted(1)
+    _, b, _ = _adapted(2)
+    aset = adapter_set({"a": (a, config), "b": (b, config)})
+    return aset, lora_jax.wrap(model.apply, config), model
+
+
+def test_adapter_id_out_of_range_names_the_id(two):
+    aset, apply, _ = two
+    with pytest.raises(ValueError, match=r"adapter_ids holds 2 but .* holds 2 adapters"):
+        apply({"params": aset.params}, X, adapter_ids=jnp.array([0, 2, -1]))
+    with pytest.raises(ValueError, match=r"adapter_ids holds -2; ids are slots"):
+        apply({"params": aset.params}, X, adapter_ids=jnp.array([0, -2, -1]))
+
+
+def test_adapter_id_out_of_range_under_jit_is_the_base(two):
+    """Under jit the ids are unknown while tracing: the documented result is the base alone."""
+    aset, apply, model = two
+    plain = lora_jax.wrap(model.apply, aset.configs[0])({"params": select(aset.params, -1)}, X)
+    out = jax.jit(lambda p, ids: apply({"params": p}, X, adapter_ids=ids))(
+        aset.params, jnp.array([0, 7, -5]))
+    alone = apply({"params": select(aset.params, 0)}, X)
+    np.testing.assert_allclose(out[0], alone[0], atol=1e-6)
+    np.testing.assert_allclose(out[1:], plain[1:], atol=1e-6)
+    assert not np.allclose(out[0], plain[0], atol=1e-3)
+
+
+def test_select_out_of_range_names_the_index(two):
+    aset, _, _ = two
+    with pytest.raises(ValueError, match=r"select: index 5 is not a slot of this set of 2"):
+        select(aset.params, 5)
+    with pytest.raises(ValueError, match=r"index -2"):
+        select(aset.params, -2)
+    select(aset.params, -1)  # the base alone stays valid
+
+
+@pytest.mark.parametrize("fields, name", [
+    (dict(target_modules="(q_proj"), "target_modules"),
+    (dict(target_modules=["q"], exclude_modules="[k"), "exclude_modules"),
+    (dict(target_modules=["q"], rank_pattern={"q(": 4}), "rank_pattern"),
+    (dict(target_modules=["q"], alpha_pattern={"*q": 4}), "alpha_pattern"),
+    (dict(target_modules=["q"], layers_to_transform=[0], layers_pattern="h("), "layers_pattern"),
+    (dict(target_modules=["q"], modules_to_save=["+head"]), "modules_to_save"),
+])
+def test_bad_regex_field_names_field_and_pattern(fields, name):
+    pattern = fields[name] if isinstance(fields[name], str) else list(fields[name])[0]
+    with pytest.raises(ValueError, match=rf"LoraConfig\.{name}: .* is not a valid regex") as err:
+        lora_jax.LoraConfig(**fields)
+    assert repr(pattern) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_wrap_given_params_instead_of_variables():
+    model, params, config = _adapted()
+    with pytest.raises(ValueError, match=r'pass \{"params": params\}'):
+        lora_jax.wrap(model.apply, config)(params, X)
+
+
+def test_safe_merge_under_jit_refuses():
+    _, params, config = _adapted()
+    with pytest.raises(ValueError, match=r"merge\(safe=True\) .* cannot run under jax.jit"):
+        jax.jit(lambda p: lora_jax.merge(p, config, safe=True))(params)
+    merged = jax.jit(lambda p: lora_jax.merge(p, config))(params)  # safe=False runs under jit
+    eager = lora_jax.merge(params, config, safe=True)
+    np.testing.assert_allclose(merged["kernel"], eager["kernel"])
+
+
+def test_safe_merge_says_whose_nan():
+    _, params, config = _adapted()
+    before = np.asarray(params["kernel"]).copy()
+    broken_base = {**params, "kernel": params["kernel"].at[0, 0].set(jnp.nan)}
+    with pytest.raises(ValueError, match=r"base weight 'kernel' holds NaN or inf before"):
+        lora_jax.merge(broken_base, config, safe=True)
+    broken_factor = {**params, "lora_A": params["lora_A"].at[0, 0].set(jnp.inf)}
+    with pytest.raises(ValueError, match=r"from a finite base weight; the adapter's factors"):
+        lora_jax.merge(broken_factor, config, safe=True)
+    np.testing.assert_array_equal(params["kernel"], before)
+
