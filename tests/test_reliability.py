@@ -100,3 +100,30 @@ def test_safe_merge_says_whose_nan():
         lora_jax.merge(broken_factor, config, safe=True)
     np.testing.assert_array_equal(params["kernel"], before)
 
+
+@pytest.mark.parametrize("fields", [
+    dict(modules_to_save=["lm_head", "embed_tokens"]),
+    dict(alpha_pattern={"layers.1.self_attn.q_proj": 32}),  # per-layer scales: an array leaf
+])
+def test_count_parameters_equals_peft(fields):
+    """peft counts a saved module's frozen original beside its trained copy, and no scale."""
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax.models import decoder
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    sd = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    kwargs = dict(r=4, target_modules=["q_proj", "v_proj"], **fields)
+    expected = peft.get_peft_model(hf, peft.LoraConfig(**kwargs)).get_nb_trainable_parameters()
+    config = decoder.config_from_hf(hf.config.to_dict())
+    model = decoder.build(config, scan_layers=True)
+    params = decoder.params_from_hf(sd, config, scan_layers=True)
+    layouts = lora_jax.layouts(model, np.zeros((1, 4), np.int32))
+    lora = lora_jax.LoraConfig(**kwargs)
+    adapted = lora_jax.inject(params, lora, jax.random.key(0), layouts=layouts)
+    assert lora_jax.count_parameters(adapted, lora) == expected

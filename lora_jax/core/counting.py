@@ -11,17 +11,21 @@ import jax
 from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.partition import split
-from lora_jax.core.record import iter_records
+from lora_jax.core.record import iter_records, scale_name
+from lora_jax.core.saved import is_original
+from lora_jax.core.targets import saved_name_match
 
 
 def _not_counted(params: Mapping[str, Any]) -> tuple[int, int]:
     """(unused, buffers): adapter entries that stay zero (scanned layers left out by
     `layers_to_transform`, the padding beyond each layer's own rank in a stack with per-layer
     ranks), and the frozen leaves of variants (VeRA's projections: buffers in peft, no
-    parameters)."""
+    parameters) and array scales."""
     unused = buffers = 0
     for item in iter_records(params):
         record = item.record
+        if record.scale is None:  # an array scale (per layer / adapter): data, no parameter
+            buffers += item.module[scale_name(record.weight)].size
         for leaf in variants.of(record).leaves_of(record):
             value = item.leaves[leaf.name]
             if not leaf.trained:
@@ -39,13 +43,33 @@ def _not_counted(params: Mapping[str, Any]) -> tuple[int, int]:
     return unused, buffers
 
 
+def _saved_originals(params: Mapping[str, Any], config: LoraConfig) -> int:
+    """The size of the frozen originals peft keeps beside each `modules_to_save` copy that
+    lora_jax does not hold (it trains the module in place; a table's original it keeps,
+    `lora_jax.core.saved`, is in the tree already)."""
+    def walk(node: Mapping[str, Any], path: str) -> int:
+        size = 0
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else key
+            if not isinstance(value, Mapping):
+                continue
+            if not saved_name_match(config.modules_to_save, child):
+                size += walk(value, child)
+                continue
+            for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(value):
+                name = str(getattr(leaf_path[-1], "key", ""))
+                size += -leaf.size if is_original(name) else leaf.size
+        return size
+
+    return walk(params, "") if config.modules_to_save else 0
+
+
 def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int, int]:
     """(trainable, total) parameter counts; total includes the trained adapter leaves but not
     frozen ones (VeRA's projections, peft's buffers), as peft counts.
 
-    One difference from peft: for `modules_to_save` peft keeps a frozen original beside the
-    trained copy and counts both; lora_jax trains the module in place and counts it once (but
-    an embedding table's frozen original, kept for a tied head, counts as in peft).
+    For `modules_to_save` peft keeps a frozen original beside the trained copy and counts both;
+    lora_jax trains the module in place, and counts the original as peft does.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import inject
@@ -57,7 +81,8 @@ def count_parameters(params: Mapping[str, Any], config: LoraConfig) -> tuple[int
     trainable, _ = split(params, config)
     unused, buffers = _not_counted(params)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable)) - unused
-    n_total = sum(x.size for x in jax.tree.leaves(params)) - unused - buffers
+    n_total = sum(x.size for x in jax.tree.leaves(params)) - unused - buffers \
+        + _saved_originals(params, config)
     return n_trainable, n_total
 
 
