@@ -198,6 +198,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     main_process = jax.process_index() == 0
     placement = Placement.of(getattr(args, "mesh", None), args.batch_size)
     loaded, task, (train_a, val_a, test_a), steps = prepare(args)
+    nnx_frontend = getattr(args, "frontend", "linen") == "nnx"
+    if nnx_frontend:  # a refused flag is reported before any setup or data check
+        from lora_jax.cli import nnx_run
+
+        nnx_run.check(loaded.model_type, task, args.method, args.quantize)
     n_train = len(train_a["input_ids"])
     lr = args.lr or DEFAULT_LR[args.method]
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
@@ -215,10 +220,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         raise ValueError(f"--batch-size {args.batch_size}{accum} is larger than the {n_train} "
                          f"training {'blocks' if task == 'lm' else 'examples'}: use a smaller "
                          "batch or more data")
-    if getattr(args, "frontend", "linen") == "nnx":  # the same setup, the NNX model's forward
-        from lora_jax.cli.nnx_run import on_nnx
-
-        setup = on_nnx(setup, loaded, task, args.method, args.quantize)
+    if nnx_frontend:  # the same setup, the NNX model's forward
+        setup = nnx_run.on_nnx(setup, loaded, task, args.method, args.quantize)
     # The base and factors on the mesh (fsdp shards them), the optimizer state beside them.
     shardings = placement.shardings(setup.params,
                                     getattr(loaded.family.module, "SHARDING_RULES", None),
