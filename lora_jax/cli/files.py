@@ -192,6 +192,6 @@ def unstarted_run(folder: Path) -> bool:
     """A run folder that holds no checkpoint yet (stopped before the first one, or killed
     while writing run_config.json: only our temporary files): reusable."""
     names = {p.name for p in folder.iterdir()}
-    ours = {"run_config.json", "losses.json", "checkpoint"}
+    ours = {"run_config.json", "losses.json", "checkpoint", "metrics.jsonl", "tensorboard"}
     leftovers = {n for n in names - ours if not (n.startswith(".") and n.endswith(".tmp"))}
     return not leftovers and not _checkpoint_steps(folder / "checkpoint")

@@ -217,6 +217,11 @@ def config_to_hf(config: Config) -> dict[str, Any]:
     out["rope_parameters"] = rope
     out["layer_types"] = None if config.layer_types is None else list(config.layer_types)
     out["use_sliding_window"] = config.sliding_window is not None
+    if out["head_dim"] is None:  # Qwen2 and Phi-3 read a null head_dim as given, not derived
+        del out["head_dim"]
+    # The tokenizer's ids are not in a Config: a class default (Phi-3's pad 32000) may lie
+    # outside this vocabulary, so none are claimed.
+    out.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     return out
 
 

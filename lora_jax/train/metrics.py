@@ -60,8 +60,8 @@ class MetricsLog:
             check_tensorboard()
             from tensorboardX import SummaryWriter
 
-            purge = start_step + 1 if start_step else None  # a resumed run's later events
-            self.writer = SummaryWriter(str(tensorboard), purge_step=purge)
+            # Events after start_step: a resumed run's later steps, or a rerun's old ones.
+            self.writer = SummaryWriter(str(tensorboard), purge_step=start_step + 1)
 
     def __call__(self, row: Mapping[str, Any]) -> None:
         if self.file is None:
