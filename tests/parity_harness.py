@@ -137,10 +137,6 @@ class Result:
         self.disagreements.append(what)
 
 
-def our_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if k != "task_type"}
-
-
 def _full_name_quirk(fields: dict[str, Any], only_peft: set[str]) -> bool:
     """Whether peft adapts `only_peft` only because they are named in full (class 13)."""
     targets, wanted = fields.get("target_modules"), fields.get("layers_to_transform")
@@ -314,7 +310,7 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
     # lora_jax
     with quiet():
         try:
-            config = lora_jax.LoraConfig(**our_fields(fields))
+            config = lora_jax.LoraConfig(**fields)
             layouts = lora_jax.layouts(model, **arch.inputs) if scan else None
             params = lora_jax.inject(base, config, jax.random.key(seed), layouts=layouts)
         except (ValueError, TypeError) as e:

@@ -199,7 +199,7 @@ def test_config_fields_and_defaults_are_peft_s():
     theirs = peft.LoKrConfig().to_dict()
     ours = LoKrConfig().to_dict()
     assert {k: theirs[k] for k in ours} == ours
-    informational = {"task_type", "peft_type", "auto_mapping", "peft_version",
+    informational = {"peft_type", "auto_mapping", "peft_version",
                      "base_model_name_or_path", "revision", "inference_mode"}
     assert set(theirs) - set(ours) == informational
     assert hash(LoKrConfig(target_modules=["q"])) == hash(LoKrConfig(target_modules=("q",)))

@@ -57,7 +57,7 @@ def test_config_fields_and_defaults_are_peft_s():
     theirs = peft.VeraConfig().to_dict()
     assert {k: theirs[k] for k in ours} == ours
     # peft's other fields describe the file or the base model, not the adapter's math.
-    assert set(theirs) - set(ours) == {"fan_in_fan_out", "task_type", "peft_type", "auto_mapping",
+    assert set(theirs) - set(ours) == {"fan_in_fan_out", "peft_type", "auto_mapping",
                                        "base_model_name_or_path", "revision", "inference_mode",
                                        "peft_version"}
     config = VeraConfig(r=8, target_modules=["q", "v"], layers_to_transform=[0, 1])

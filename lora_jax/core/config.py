@@ -17,6 +17,14 @@ from lora_jax.core.targets import pattern_value
 
 _Config = TypeVar("_Config", bound="AdapterConfig")
 
+# peft's `TaskType` values (peft/utils/peft_types.py), and the heads its task models append to
+# `modules_to_save` (peft_model.py: PeftModelForSequenceClassification, ...TokenClassification,
+# ...QuestionAnswering); the other task types only label the adapter file.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
 
 def scaling(alpha: float, r: int, rslora: bool = False) -> float:
     """The scale of an adapter: alpha / r, or alpha / sqrt(r) with rsLoRA (peft's rule).
@@ -45,8 +53,9 @@ class AdapterConfig:
     """What the core reads from any adapter method's config (a dataclass with peft's field
     names; `LoraConfig` is one): `target_modules`, `exclude_modules`, `layers_to_transform`,
     `layers_pattern`, `modules_to_save`, `bias`, `target_parameters`, `r`, `rank_pattern`,
-    `alpha_pattern`, and these methods. The defaults below stand for fields a method's config
-    does not have; `lora_jax.variants.for_config` tells which variant it asks for.
+    `alpha_pattern`, `task_type`, and these methods. The defaults below stand for fields a
+    method's config does not have; `lora_jax.variants.for_config` tells which variant it asks
+    for.
     """
 
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # set by @dataclass
@@ -62,6 +71,7 @@ class AdapterConfig:
     alpha_pattern: Mapping[str, float] = types.MappingProxyType({})
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    task_type: str | None = None
 
     def __new__(cls: type[_Config], *args: Any, **kwargs: Any) -> _Config:
         """A misspelled keyword raises a TypeError that names the closest field."""
@@ -108,13 +118,24 @@ class AdapterConfig:
         return scaling(self.alpha_of(*names), self.rank(*names) if rank is None else rank,
                        self.use_rslora)
 
+    @property
+    def task_heads(self) -> tuple[str, ...]:
+        """The heads `task_type` adds to `modules_to_save` (peft's names; a model has at most
+        one of "classifier" / "score", and an absent one is no error).
+
+        >>> LoraConfig(task_type="SEQ_CLS").modules_to_save
+        ('classifier', 'score')
+        """
+        return TASK_HEADS.get(self.task_type or "", ())
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields (tuples as lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def _freeze(self) -> None:
         """Sequence fields as tuples, pattern fields as dicts, for the fields this config has:
-        hashable, so it can be a static jit argument."""
+        hashable, so it can be a static jit argument. Then `task_type` is checked and its heads
+        appended to `modules_to_save` (`_add_task_heads`)."""
         own = {f.name for f in dataclasses.fields(self)}
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
                      "target_parameters", "layers_to_transform"):
@@ -124,6 +145,23 @@ class AdapterConfig:
         for name in ("rank_pattern", "alpha_pattern", "loftq_config"):
             if name in own:
                 object.__setattr__(self, name, dict(getattr(self, name)))
+        self._add_task_heads()
+
+    def _add_task_heads(self) -> None:
+        """peft's task models append their heads to `modules_to_save` (a SEQ_CLS config trains
+        and saves "classifier" / "score"); a list that already ends with them (a config read
+        back from its file) is kept, so `from_dict(to_dict())` appends nothing."""
+        if self.task_type is None:
+            return
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"{type(self).__name__}.task_type must be one of "
+                             f"{', '.join(TASK_TYPES)} or None (peft's TaskType), got "
+                             f"{self.task_type!r}")
+        # a peft TaskType member is a str: keep the plain str (json, hashing, repr).
+        object.__setattr__(self, "task_type", TASK_TYPES[TASK_TYPES.index(self.task_type)])
+        heads, saved = self.task_heads, tuple(self.modules_to_save or ())
+        if heads and saved[len(saved) - len(heads):] != heads:
+            object.__setattr__(self, "modules_to_save", saved + heads)
 
     def _check_regexes(self) -> None:
         """Every field read as a regex compiles (a str `target_modules` / `exclude_modules`,
@@ -209,6 +247,9 @@ class LoraConfig(AdapterConfig):
       layers without a rule (see `lora_jax.core.rules`); the forward adds A B to the weight
       (`W + scale * A B`, materialised) and warns. Leading axes beyond two are kept (separate
       factors per index, e.g. per expert) unless `layouts` says otherwise.
+    - `task_type`: peft's (e.g. "SEQ_CLS", "CAUSAL_LM"): as in peft, "SEQ_CLS" / "TOKEN_CLS"
+      append "classifier" and "score" to `modules_to_save` ("QUESTION_ANS": "qa_outputs"), and
+      `save_peft` writes it into adapter_config.json.
     - `init_lora_weights`: True (A kaiming-uniform, B = 0: starts equal to the base), "gaussian"
       (A ~ N(0, (1/r)^2), B = 0), False (both random: a non-identity start, for tests), or,
       changing the base weights (inject returns the residual base): "pissa" (top-r SVD),
@@ -240,6 +281,7 @@ class LoraConfig(AdapterConfig):
     target_parameters: Sequence[str] | None = None
     use_dora: bool = False
     loftq_config: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self._freeze()

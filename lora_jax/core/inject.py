@@ -291,10 +291,11 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
             f"modules {sorted(matched)[:20]}"
             + ("" if config.layers_pattern is None else
                f" (layer indices read after layers_pattern={config.layers_pattern!r})"))
-    if config.modules_to_save and not any(
-            saved_name_match(config.modules_to_save, p) for p in _module_paths(params)):
+    # task_type's heads may be absent (peft wraps the names that exist): only the rest must match.
+    asked = [m for m in config.modules_to_save or () if m not in config.task_heads]
+    if asked and not any(saved_name_match(asked, p) for p in _module_paths(params)):
         raise ValueError(
-            f"modules_to_save={list(config.modules_to_save)} matched no module; modules with "
+            f"modules_to_save={asked} matched no module; modules with "
             f"weights: {list(sites)[:40]}"
         )
     return targets

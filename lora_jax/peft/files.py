@@ -72,10 +72,7 @@ PathMap = Callable[[str], "str | None"] | Mapping[str, str]
 
 # Fields of any peft config that only describe the file or the base model: any value loads.
 _INFORMATIONAL = ("auto_mapping", "base_model_name_or_path", "fan_in_fan_out", "inference_mode",
-                  "peft_type", "peft_version", "revision", "task_type")
-# The heads peft's task models add to modules_to_save when saving (peft_model.py).
-_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
-               "QUESTION_ANS": ["qa_outputs"]}
+                  "peft_type", "peft_version", "revision")
 _WEIGHT_LEAVES = ("kernel", "embedding", "scale")
 
 
@@ -356,16 +353,13 @@ def _agreeing_modules(config: AdapterConfig, tree: Mapping[str, Any],
     return agreed.replace(target_parameters=config.target_parameters)
 
 
-def _peft_fields(config: AdapterConfig, *, fan_in_fan_out: bool, task_type: str | None,
+def _peft_fields(config: AdapterConfig, *, fan_in_fan_out: bool,
                  base_model_name_or_path: str | None, auto_mapping: dict | None
                  ) -> dict[str, Any]:
     variant = variants.for_config(config)
     fields = {**variant.peft_defaults, "peft_type": variant.peft_type,
               "peft_version": PEFT_VERSION}
     fields.update({k: v for k, v in config.to_dict().items() if k in variant.peft_fields})
-    heads = _TASK_HEADS.get(task_type or "", [])
-    if heads:
-        fields["modules_to_save"] = list(fields["modules_to_save"] or []) + heads
     if isinstance(fields.get("layers_to_transform"), int):
         fields["layers_to_transform"] = [fields["layers_to_transform"]]
     if "fan_in_fan_out" in variant.peft_defaults:
@@ -373,8 +367,7 @@ def _peft_fields(config: AdapterConfig, *, fan_in_fan_out: bool, task_type: str 
     elif fan_in_fan_out:
         raise ValueError(f"save_peft: peft's {variant.peft_type} has no fan_in_fan_out: it adapts "
                          "torch Linear layers, not GPT-2's Conv1D ([in, out] weights)")
-    fields.update(task_type=task_type,
-                  base_model_name_or_path=base_model_name_or_path, auto_mapping=auto_mapping)
+    fields.update(base_model_name_or_path=base_model_name_or_path, auto_mapping=auto_mapping)
     return fields
 
 
@@ -463,8 +456,10 @@ def save_peft(
     """Write `params`' adapter as peft's `adapter_model.safetensors` + `adapter_config.json`.
 
     `model_type` (a `lora_jax.models` architecture, e.g. "gpt2") gives the layer stacks and
-    `fan_in_fan_out`; `task_type` is peft's (e.g. "CAUSAL_LM", "SEQ_CLS"). Factors keep their
-    dtype. Without `task_type`, peft records `auto_mapping` from `base_model_class` (default:
+    `fan_in_fan_out`; `task_type` is peft's (e.g. "CAUSAL_LM", "SEQ_CLS"), the config's
+    `task_type` if not given (given, it is the config's with that `task_type`: a "SEQ_CLS" file
+    saves the "classifier" / "score" head, as peft's does). Factors keep their dtype. Without
+    `task_type`, peft records `auto_mapping` from `base_model_class` (default:
     the architecture's `base_model_class`). For an adapter that started from PiSSA /
     OLoRA, `initial_params` (the params right after `inject`) converts it to a plain LoRA of the
     original base (`lora_jax.core.convert.to_plain_lora`), as peft's
@@ -479,6 +474,11 @@ def save_peft(
     ...     sorted(os.listdir(folder))
     ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if task_type is not None and task_type != config.task_type:
+        if config.task_type is not None:
+            raise ValueError(f"save_peft: task_type={task_type!r} but the config's is "
+                             f"{config.task_type!r}; pass one of them")
+        config = config.replace(task_type=task_type)
     if initial_params is not None:
         from lora_jax.core.convert import to_plain_lora
 
@@ -573,11 +573,11 @@ def save_peft(
     if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
         torch_config = torch_config.replace(modules_to_save=saved_modules)
     auto_mapping = None
-    if task_type is None and model_type is not None:
+    if config.task_type is None and model_type is not None:
         arch = _architecture(model_type)
         auto_mapping = {"base_model_class": base_model_class or arch.base_model_class,
                         "parent_library": arch.parent_library}
-    fields = _peft_fields(torch_config, fan_in_fan_out=fan_in_fan_out, task_type=task_type,
+    fields = _peft_fields(torch_config, fan_in_fan_out=fan_in_fan_out,
                           base_model_name_or_path=base_model_name_or_path,
                           auto_mapping=auto_mapping)
     from safetensors.numpy import save_file

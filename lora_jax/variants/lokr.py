@@ -55,8 +55,8 @@ class LoKrConfig(AdapterConfig):
     `rank_dropout`, `rank_dropout_scale` and `module_dropout` act while training.
     `use_effective_conv2d` only concerns convolutions, which lora_jax's LoKr does not adapt.
     The target fields (`target_modules`, `exclude_modules`, `layers_to_transform`,
-    `layers_pattern`, `rank_pattern`, `alpha_pattern`, `modules_to_save`) match as in
-    `lora_jax.LoraConfig`.
+    `layers_pattern`, `rank_pattern`, `alpha_pattern`, `modules_to_save`, `task_type`) match
+    as in `lora_jax.LoraConfig`.
 
     >>> config = LoKrConfig(r=4, alpha=8, target_modules=["q_proj"])
     >>> config.scaling("model.layers.0.self_attn.q_proj")
@@ -79,6 +79,7 @@ class LoKrConfig(AdapterConfig):
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Sequence[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self._freeze()

@@ -44,7 +44,7 @@ class Lora(Variant):
     peft_fields = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias",
                    "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
                    "layers_pattern", "init_lora_weights", "modules_to_save", "use_dora",
-                   "target_parameters")
+                   "target_parameters", "task_type")
     peft_informational = ("megatron_core", "qalora_group_size", "ensure_weight_tying",
                           "eva_config", "corda_config", "lora_ga_config", "loftq_config")
     # init_lora_weights values whose adapters were trained against unmodified base weights.

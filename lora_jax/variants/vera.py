@@ -66,8 +66,8 @@ from lora_jax.variants.base import Leaf, Variant
 @dataclasses.dataclass(frozen=True)
 class VeraConfig(AdapterConfig):
     """What to adapt with VeRA and how; field names, defaults and matching rules follow peft's
-    `VeraConfig` (target_modules, layers_to_transform, layers_pattern and modules_to_save select
-    modules as in `lora_jax.LoraConfig`).
+    `VeraConfig` (target_modules, layers_to_transform, layers_pattern, modules_to_save and
+    task_type select modules as in `lora_jax.LoraConfig`).
 
     - `r`: the projections' rank (peft's default 256: VeRA trains only `r + out` numbers a layer).
     - `projection_prng_key`: the seed of peft's `torch.Generator` for the shared projections; the
@@ -96,6 +96,7 @@ class VeraConfig(AdapterConfig):
     init_weights: bool = True
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         self._freeze()
