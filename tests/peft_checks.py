@@ -134,7 +134,7 @@ def peft_to_jax(arch: ModuleType, model: Any, base: dict[str, Any], peft_model: 
 
 def jax_to_peft(arch: ModuleType, hf_model: Callable[[], torch.nn.Module],
                 config: lora_jax.LoraConfig, loss_of_output: Callable[[Any], Any],
-                inputs: dict[str, np.ndarray], path: str, *, task_type: str | None,
+                inputs: dict[str, np.ndarray], path: str, *, task_type: str | None = None,
                 scan_layers: bool = False, build_kwargs: dict[str, Any] | None = None,
                 load_kwargs: dict[str, Any] | None = None) -> tuple[Any, float, float]:
     """Train `config`'s adapter in JAX on `hf_model()`'s weights, `save_peft` it to `path` and

@@ -37,6 +37,18 @@ def test_dict_round_trip():
     assert LoraConfig.from_dict(config.to_dict()) == config
 
 
+@pytest.mark.parametrize("task_type, given, saved", [
+    ("SEQ_CLS", None, ("classifier", "score")),  # peft's PeftModelForSequenceClassification
+    ("TOKEN_CLS", ["classifier"], ("classifier", "classifier", "score")),  # peft appends
+    ("QUESTION_ANS", None, ("qa_outputs",)),
+    ("CAUSAL_LM", ["lm_head"], ("lm_head",)),  # only labels the file
+])
+def test_task_type_appends_peft_s_heads_once(task_type, given, saved):
+    config = LoraConfig(task_type=task_type, modules_to_save=given)
+    assert config.modules_to_save == saved
+    assert LoraConfig.from_dict(config.to_dict()) == config  # read back: no second append
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -58,6 +70,8 @@ def test_dict_round_trip():
         ({"init_lora_weights": "svd"},
          "init_lora_weights must be True, False, 'gaussian', 'pissa'"),
         ({"layers_pattern": "h"}, "layers_pattern needs layers_to_transform"),
+        ({"task_type": "seq_cls"}, r"task_type must be one of SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, "
+         r"TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION or None \(peft's TaskType\), got 'seq_cls'"),
         ({"target_modules": ".*c_attn", "layers_to_transform": [0]},
          r"layers_to_transform cannot be used with a str \(regex or 'all-linear'\)"),
     ],

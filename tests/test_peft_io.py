@@ -121,13 +121,14 @@ def test_gpt2_files_match_what_peft_writes(tmp_path, lora, task_type):
     hf = gpt2_hf()
     _, base = base_params(gpt2, hf)
     peft_adapter(hf, str(tmp_path / "peft"), task_type=task_type, **lora)
-    config = lora_jax.LoraConfig(**lora)
+    config = lora_jax.LoraConfig(**lora, task_type=task_type)
     params = lora_jax.inject(base, config, jax.random.key(0))
-    save_peft(tmp_path / "ours", params, config, model_type="gpt2", task_type=task_type)
+    save_peft(tmp_path / "ours", params, config, model_type="gpt2")
     assert_same_files(str(tmp_path / "ours"), str(tmp_path / "peft"))
-    # load -> save reproduces peft's tensors exactly.
+    # load -> save reproduces peft's tensors exactly (the loaded config keeps task_type).
     loaded, loaded_config = load_peft(tmp_path / "peft", base, model_type="gpt2")
-    save_peft(tmp_path / "again", loaded, loaded_config, model_type="gpt2", task_type=task_type)
+    assert loaded_config.task_type == task_type
+    save_peft(tmp_path / "again", loaded, loaded_config, model_type="gpt2")
     theirs, _, _ = read_adapter(str(tmp_path / "peft"))
     again, _, _ = read_adapter(str(tmp_path / "again"))
     assert all(torch.equal(theirs[k], again[k]) for k in theirs)

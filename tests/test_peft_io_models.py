@@ -74,20 +74,23 @@ def token_loss(targets: np.ndarray):
 
 BERT_LORA = dict(r=4, lora_alpha=8, target_modules=["query", "value"],
                  modules_to_save=["classifier"], task_type="SEQ_CLS")
+# task_type alone: peft's PeftModelForSequenceClassification adds classifier and score.
+BERT_TASK = dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
 
 
 def test_bert_peft_to_jax(tmp_path):
     inputs = {"input_ids": IDS, "attention_mask": MASK}
-    for bias, scan in (("none", False), ("all", True)):
+    for bias, scan, lora in (("none", False, BERT_LORA), ("all", True, BERT_TASK)):
         hf = bert_hf()
         model, base = base_params(bert, hf, scan_layers=scan, build_kwargs={"task": "classify"},
                                   load_kwargs={"task": "classify"})
         path = str(tmp_path / bias)
-        pm = peft_adapter(hf, path, bias=bias, **BERT_LORA)
+        pm = peft_adapter(hf, path, bias=bias, **lora)
         diff = peft_to_jax(bert, model, base, pm, path, inputs, model_type="bert")
         assert diff <= TOL, (bias, scan, diff)
         params, config = load_peft(path, base, model_type="bert")
         assert config.modules_to_save == ("classifier", "score")
+        assert config.task_type == "SEQ_CLS"
         trained = pm.base_model.model.classifier.modules_to_save["default"].weight.detach()
         assert max_diff(params["classifier"]["kernel"], trained.numpy().T) == 0
         print(f"bert bias={bias} scan={scan} peft->jax max diff {diff:.2e}")
@@ -125,19 +128,50 @@ def test_llama_peft_to_jax_with_rank_pattern(tmp_path):
     print(f"llama peft->jax max diff {diff:.2e}")
 
 
-def test_bert_jax_to_peft_with_trained_classifier(tmp_path):
-    config = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                 modules_to_save=["classifier"])
+@pytest.mark.parametrize("lora, task_type", [
+    ({k: v for k, v in BERT_LORA.items() if k != "task_type"}, "SEQ_CLS"),  # save_peft's argument
+    (BERT_TASK, None),  # the config's task_type alone trains and saves the classifier
+])
+def test_bert_jax_to_peft_with_trained_classifier(tmp_path, lora, task_type):
+    import peft
+
+    config = lora_jax.LoraConfig(**lora)
     loss = token_loss(np.array([[0], [2]]))  # one label per sequence: logits [B, 3] as [B, 1, 3]
     task = {"task": "classify"}
     params, logits_diff, merge_diff = jax_to_peft(
         bert, bert_hf, config, lambda logits: loss(logits[:, None]),
-        {"input_ids": IDS, "attention_mask": MASK}, str(tmp_path), task_type="SEQ_CLS",
+        {"input_ids": IDS, "attention_mask": MASK}, str(tmp_path), task_type=task_type,
         build_kwargs=task, load_kwargs=task)
     base_kernel = bert_hf().classifier.weight.detach().numpy().T
     assert max_diff(params["classifier"]["kernel"], base_kernel) > 0
+    expected = peft.get_peft_model(bert_hf(), peft.LoraConfig(
+        **copy.deepcopy({**lora, "task_type": "SEQ_CLS"}))).get_nb_trainable_parameters()
+    counted = lora_jax.count_parameters(params, config.replace(task_type="SEQ_CLS"))
+    assert counted == expected, (counted, expected)
+    _, _, fields = read_adapter(str(tmp_path))
+    assert fields["task_type"] == "SEQ_CLS"
     assert logits_diff <= TOL and merge_diff <= MERGE_TOL, (logits_diff, merge_diff)
-    print(f"bert jax->peft logits diff {logits_diff:.2e}, merge diff {merge_diff:.2e}")
+    print(f"bert jax->peft logits diff {logits_diff:.2e}, merge diff {merge_diff:.2e}, "
+          f"params {counted} (peft {expected})")
+
+
+@pytest.mark.parametrize("task_type", [
+    "TOKEN_CLS",
+    pytest.param("QUESTION_ANS", marks=pytest.mark.full),
+    pytest.param("FEATURE_EXTRACTION", marks=pytest.mark.full),
+])
+def test_task_type_on_a_model_without_its_heads_writes_peft_s_file(tmp_path, task_type):
+    """A BertModel has no classifier / score / qa_outputs: peft wraps none, and neither errs."""
+    hf = tiny_hf(transformers.BertModel, bert_hf().config)
+    _, base = base_params(bert, hf)
+    peft_adapter(hf, str(tmp_path / "peft"), r=4, target_modules=["query"], task_type=task_type)
+    config = lora_jax.LoraConfig(r=4, target_modules=["query"], task_type=task_type)
+    params = lora_jax.inject(base, config, jax.random.key(0))
+    save_peft(tmp_path / "ours", params, config, model_type="bert")
+    assert_same_files(str(tmp_path / "ours"), str(tmp_path / "peft"))
+    assert read_adapter(str(tmp_path / "ours"))[2]["task_type"] == task_type
+    _, loaded = load_peft(tmp_path / "peft", base, model_type="bert")
+    assert loaded == config
 
 
 # lora_jax -> peft: (architecture, HF model, LoraConfig fields, inputs, loss targets, task_type,
@@ -160,12 +194,12 @@ JAX_TO_PEFT = {
 @pytest.mark.parametrize("name", JAX_TO_PEFT)
 def test_jax_to_peft_logits_and_merge(tmp_path, name):
     arch, hf_model, lora, inputs, targets, task_type, scan = JAX_TO_PEFT[name]
-    config = lora_jax.LoraConfig(**lora)
+    config = lora_jax.LoraConfig(**lora, task_type=task_type)  # the file records it
     _, logits_diff, merge_diff = jax_to_peft(arch, hf_model, config, token_loss(targets), inputs,
-                                             str(tmp_path), task_type=task_type,
-                                             scan_layers=scan)
+                                             str(tmp_path), scan_layers=scan)
     # The config is written as given (its names match the PyTorch paths), not as explicit paths.
     _, _, fields = read_adapter(str(tmp_path))
+    assert fields["task_type"] == task_type
     assert sorted(fields["target_modules"]) == sorted(lora["target_modules"])
     assert fields["rank_pattern"] == lora.get("rank_pattern", {})
     assert fields["alpha_pattern"] == lora.get("alpha_pattern", {})
