@@ -101,6 +101,30 @@ def test_safe_merge_says_whose_nan():
     np.testing.assert_array_equal(params["kernel"], before)
 
 
+def _tiny_llama(tied: bool):
+    """A tiny HF Llama (seed 0) and its state dict as numpy arrays."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    return hf, {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+
+
+def _ours(hf_config, sd, **changes):
+    """Our scanned decoder (its config with `changes`), base params and layouts."""
+    import dataclasses
+
+    from lora_jax.models import decoder
+
+    config = dataclasses.replace(decoder.config_from_hf(hf_config.to_dict()), **changes)
+    model = decoder.build(config, scan_layers=True)
+    params = decoder.params_from_hf(sd, config, scan_layers=True)
+    return model, params, lora_jax.layouts(model, np.zeros((1, 4), np.int32))
+
+
 @pytest.mark.parametrize("fields", [
     dict(modules_to_save=["lm_head", "embed_tokens"]),
     dict(alpha_pattern={"layers.1.self_attn.q_proj": 32}),  # per-layer scales: an array leaf
@@ -108,22 +132,41 @@ def test_safe_merge_says_whose_nan():
 def test_count_parameters_equals_peft(fields):
     """peft counts a saved module's frozen original beside its trained copy, and no scale."""
     import peft
-    import torch
-    import transformers
 
-    from lora_jax.models import decoder
-
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
-    sd = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    hf, sd = _tiny_llama(tied=False)
     kwargs = dict(r=4, target_modules=["q_proj", "v_proj"], **fields)
     expected = peft.get_peft_model(hf, peft.LoraConfig(**kwargs)).get_nb_trainable_parameters()
-    config = decoder.config_from_hf(hf.config.to_dict())
-    model = decoder.build(config, scan_layers=True)
-    params = decoder.params_from_hf(sd, config, scan_layers=True)
-    layouts = lora_jax.layouts(model, np.zeros((1, 4), np.int32))
+    _, params, layouts = _ours(hf.config, sd)
     lora = lora_jax.LoraConfig(**kwargs)
     adapted = lora_jax.inject(params, lora, jax.random.key(0), layouts=layouts)
     assert lora_jax.count_parameters(adapted, lora) == expected
+
+
+def test_tied_lm_head_to_save_raises_with_peft_s_untied_recipe(tmp_path):
+    """peft's modules_to_save=["lm_head"] on a tied Llama trains an untied copy of the head (the
+    embeddings keep the frozen table). A tied head has no module here: inject says how to get
+    peft's model, and built untied, peft's file gives peft's logits and trainable count; the
+    total counts the head's table twice where peft counts the tied table once."""
+    import torch
+    from peft_checks import TOL, max_diff, peft_adapter
+
+    hf, sd = _tiny_llama(tied=True)
+    kwargs = dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    pm = peft_adapter(hf, str(tmp_path), **kwargs)
+    head = pm.base_model.model.lm_head
+    assert head.modules_to_save["default"].weight is not head.original_module.weight  # untied
+    trainable, total = pm.get_nb_trainable_parameters()
+    lora = lora_jax.LoraConfig(**kwargs)
+    _, params, layouts = _ours(hf.config, sd)
+    with pytest.raises(ValueError, match=r"matched no module.*build the model with "
+                                         r"tie_word_embeddings=False"):
+        lora_jax.inject(params, lora, jax.random.key(0), layouts=layouts)
+    model, params, layouts = _ours(hf.config, sd, tie_word_embeddings=False)
+    adapted = lora_jax.inject(params, lora, jax.random.key(0), layouts=layouts)
+    table = 99 * 32
+    assert lora_jax.count_parameters(adapted, lora) == (trainable, total + table)
+    loaded, config = lora_jax.load_peft(tmp_path, params, model_type="llama")
+    ids = np.random.RandomState(0).randint(0, 99, (2, 6))
+    ours = lora_jax.wrap(model.apply, config)({"params": loaded}, ids)
+    with torch.no_grad():
+        assert max_diff(ours, pm(torch.tensor(ids)).logits.numpy()) <= TOL

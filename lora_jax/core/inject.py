@@ -294,9 +294,14 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
     # task_type's heads may be absent (peft wraps the names that exist): only the rest must match.
     asked = [m for m in config.modules_to_save or () if m not in config.task_heads]
     if asked and not any(saved_name_match(asked, p) for p in _module_paths(params)):
+        tied = any(saved_name_match(asked, h) for h in _HEADS)
         raise ValueError(
             f"modules_to_save={asked} matched no module; modules with "
-            f"weights: {list(sites)[:40]}"
+            f"weights: {list(sites)[:40]}" + (
+                ". A tied output head (tie_word_embeddings) has no module here (it is "
+                "Embed.attend); peft trains an untied copy of it and keeps the embeddings: to "
+                "do that, build the model with tie_word_embeddings=False and load the HF "
+                "weights again (their lm_head.weight)" if tied else "")
         )
     return targets
 
