@@ -164,9 +164,11 @@ def test_task_type_on_a_model_without_its_heads_writes_peft_s_file(tmp_path, tas
     """A BertModel has no classifier / score / qa_outputs: peft wraps none, and neither errs."""
     hf = tiny_hf(transformers.BertModel, bert_hf().config)
     _, base = base_params(bert, hf)
-    peft_adapter(hf, str(tmp_path / "peft"), r=4, target_modules=["query"], task_type=task_type)
+    pm = peft_adapter(hf, str(tmp_path / "peft"), r=4, target_modules=["query"],
+                      task_type=task_type)
     config = lora_jax.LoraConfig(r=4, target_modules=["query"], task_type=task_type)
     params = lora_jax.inject(base, config, jax.random.key(0))
+    assert lora_jax.count_parameters(params, config) == pm.get_nb_trainable_parameters()
     save_peft(tmp_path / "ours", params, config, model_type="bert")
     assert_same_files(str(tmp_path / "ours"), str(tmp_path / "peft"))
     assert read_adapter(str(tmp_path / "ours"))[2]["task_type"] == task_type
