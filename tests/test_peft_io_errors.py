@@ -79,6 +79,8 @@ CASES = {
               r"invalid LoraConfig: LoraConfig.r must be a positive integer, got 0"),
     "layers_pattern alone": (dict(config=lambda c: c.update(layers_pattern="h")),
                              r"layers_pattern needs layers_to_transform"),
+    "unknown task_type": (dict(config=lambda c: c.update(task_type="CLS")),
+                          r"LoraConfig.task_type must be one of SEQ_CLS, .*got 'CLS'"),
 }
 
 
@@ -130,6 +132,10 @@ def test_save_rejects_what_peft_cannot_represent(tmp_path):
     dense = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))["params"]
     with pytest.raises(ValueError, match="hold no LoRA factors"):
         save_peft(tmp_path, {"d": dense}, config)
+    seq_cls = lora_jax.LoraConfig(r=2, target_modules=["d"], task_type="SEQ_CLS")
+    adapted = lora_jax.inject({"d": dense}, seq_cls, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"task_type='CAUSAL_LM' but the config's is 'SEQ_CLS'"):
+        save_peft(tmp_path, adapted, seq_cls, task_type="CAUSAL_LM")
 
 
 
