@@ -160,6 +160,8 @@ def _half_garbage(path, keep_first):
         offset += len(line)
     copy = path.with_name(f"{path.stem}_{int(keep_first)}.jsonl")
     copy.write_bytes(b"".join(out))
+    with pytest.raises(ValueError, match="not valid JSON"):  # read whole, the copy fails
+        list(stream.records(copy, 0, len(raw)))
     return copy
 
 
