@@ -147,8 +147,8 @@ class Stream:
         start, stop = size * index // self.lanes, size * (index + 1) // self.lanes
         for epoch in itertools.count():
             chunks = _chunks(records(self.path, start, stop))
-            rows = (
-                {k: v[i] for k, v in block.items()}
+            rows = (  # copies: a row kept in the buffer does not keep its chunk's arrays
+                {k: v[i].copy() for k, v in block.items()}
                 for block in self.encode(chunks) for i in range(len(block["input_ids"])))
             count = 0
             for row in shuffled(rows, self.shuffle, np.random.default_rng([self.seed, epoch,
