@@ -121,9 +121,15 @@ def report(rows: list[dict], setup: dict) -> str:
         s, m = peaks[("stream", size)], peaks.get(("memory", size))
         whole = (f"{m['peak_above_imports_mib']:.0f} | {m['seconds']:.0f} | "
                  f"{m['peak_above_imports_mib'] / s['peak_above_imports_mib']:.1f}"
-                 if m else "not run | | ")
+                 if m else "not run | - | -")
         lines.append(f"| {size} | {s['peak_above_imports_mib']:.0f} | {s['seconds']:.0f} | "
                      f"{whole} |")
+    per_mb = [r["peak_above_imports_mib"] / r["file_mb"] for r in rows if r["mode"] == "memory"]
+    streamed = [r["peak_above_imports_mib"] for r in rows if r["mode"] == "stream"]
+    whole_file = (f"; the in-memory peak is up to {max(per_mb):.0f} MiB per MB of text, and it "
+                  "tokenizes the whole file before the first batch" if per_mb else "")
+    lines += ["", f"The streamed peak is {min(streamed):.1f} to {max(streamed):.1f} MiB whatever "
+              f"the file's size (the lanes' shuffle buffers and a chunk each){whole_file}."]
     return "\n".join(lines) + "\n"
 
 

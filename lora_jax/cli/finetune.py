@@ -131,8 +131,10 @@ def _streamed(args: argparse.Namespace, task: str
         raise ValueError(f"--stream streams --task lm data (text, or jsonl of text, prompt / "
                          f"completion or messages lines); --task {task} data is read in memory: "
                          "drop --stream")
-    if path.suffix not in (".txt", ".jsonl") or not path.is_file():
+    if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--stream reads a .txt or .jsonl file; --data {args.data} is not one")
+    if not path.is_file():
+        raise ValueError(f"--data {args.data!r}: no such file")
     if args.steps is None:
         raise ValueError("--stream needs --steps: a streamed file's number of rows is not known "
                          "before it is read (--epochs cannot be counted)")
