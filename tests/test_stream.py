@@ -115,9 +115,19 @@ def _losses(out):
     return json.loads((out / "metrics.json").read_text())["losses"]
 
 
-def test_streamed_run_resumed_repeats_its_losses(tiny_gpt2, tmp_path, capsys):
+def _text(folder):
+    path = folder / "notes.txt"
+    rng = np.random.default_rng(0)
+    words = "the match ended with a late goal for the home team after a long wet night".split()
+    path.write_text("\n\n".join(" ".join(rng.choice(words, 5 + i % 9)) for i in range(80)))
+    return path
+
+
+@pytest.mark.parametrize("data_file, flags", [
+    (_pairs, ["--packing"]), pytest.param(_text, [], marks=pytest.mark.full)])
+def test_streamed_run_resumed_repeats_its_losses(tiny_gpt2, tmp_path, capsys, data_file, flags):
     out = tmp_path / "run"
-    assert cli.main(_argv(tiny_gpt2, _pairs(tmp_path), out, "--packing", "--save-every", "2")) == 0
+    assert cli.main(_argv(tiny_gpt2, data_file(tmp_path), out, *flags, "--save-every", "2")) == 0
     assert "streamed (no validation or test split)" in capsys.readouterr().out
     stopped = tmp_path / "stopped"
     shutil.copytree(out, stopped)
