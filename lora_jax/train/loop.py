@@ -288,7 +288,7 @@ def fit(
     on_eval: Callable[[int, Params], Mapping[str, Any]] | None = None,
 ) -> FitResult:
     """Train from `start_step` to `steps` on `batches`, the global batches of steps `start_step`,
-    `start_step + 1`, ... (`batches(arrays, batch_size * grad_accum, seed, start_step)` of
+    `start_step + 1`, ... (`loop.batches(arrays, batch_size * grad_accum, seed, start_step)` of
     in-memory arrays, or a streamed file's, `lora_jax.train.stream`): each step accumulates
     `grad_accum` micro-batches (`make_step`).
 
