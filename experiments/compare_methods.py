@@ -84,8 +84,9 @@ def run_method(loaded: Loaded, task: str, label: str, arrays: dict, args: argpar
     step, memory = compiled_step(setup, task, trainable, frozen, sample)
     # fit donates what it trains: copies keep the shared base (e.g. the new head) alive.
     result = train.fit(setup.forward, task, setup.tx, jax.tree.map(jnp.copy, trainable), frozen,
-                       train_a, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                       config=setup.config, progress=not args.no_progress, step_fn=step)
+                       train.batches(train_a, args.batch_size, args.seed), steps=args.steps,
+                       seed=args.seed, config=setup.config, progress=not args.no_progress,
+                       step_fn=step)
     params = lora_jax.combine(result.trainable, frozen)
     quality = train.evaluate(setup.forward, task, params, test_a, args.eval_batch_size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -116,19 +116,21 @@ def test_fit_resumed_from_a_checkpoint_repeats_the_uninterrupted_losses(tmp_path
 
     forward, tx, params, config, arrays = _tiny_setup()
     trainable, frozen = lora_jax.split(params, config)
-    kw = dict(steps=12, batch_size=8, seed=3, config=config, progress=False)
+    kw = dict(steps=12, seed=3, config=config, progress=False)
     fresh = lambda: jax.tree.map(jnp.copy, trainable)  # fit donates what it is given
-    whole = train.fit(forward, "classify", tx, fresh(), frozen, arrays, **kw)
+    whole = train.fit(forward, "classify", tx, fresh(), frozen, train.batches(arrays, 8, 3),
+                      **kw)
     assert whole.losses[-1] < 0.85 * whole.losses[0]  # it learns (dropout on, 12 steps)
 
     with AdapterCheckpointer(tmp_path / "ckpt") as ckpt:
-        train.fit(forward, "classify", tx, fresh(), frozen, arrays, **{**kw, "steps": 5},
-                  checkpointer=ckpt)
+        train.fit(forward, "classify", tx, fresh(), frozen, train.batches(arrays, 8, 3),
+                  **{**kw, "steps": 5}, checkpointer=ckpt)
         target = (trainable, tx.init(trainable))
         step, restored, opt_state, _ = ckpt.restore(target=target)
     assert step == 5
-    resumed = train.fit(forward, "classify", tx, restored, frozen, arrays, **kw,
-                        opt_state=opt_state, start_step=5, losses=whole.losses[:5])
+    resumed = train.fit(forward, "classify", tx, restored, frozen,
+                        train.batches(arrays, 8, 3, start_step=5), **kw, opt_state=opt_state,
+                        start_step=5, losses=whole.losses[:5])
     assert resumed.losses == whole.losses  # exact on CPU: same batches, keys and programs
     evaluation = train.evaluate(forward, "classify", lora_jax.combine(resumed.trainable, frozen),
                                 arrays, batch_size=16)  # 40 = 16 + 16 + 8 (padded)

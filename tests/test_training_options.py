@@ -163,9 +163,10 @@ def test_eval_every_keeps_the_best_steps_adapter(logged_run, tiny_llama):
 @pytest.mark.parametrize("flag, value", [
     ("--grad-accum", "2"), ("--schedule", "cosine"), ("--warmup-steps", "1"),
     ("--weight-decay", "0.1"), ("--max-grad-norm", "0.5"), ("--dtype", "bfloat16"),
-    ("--param-dtype", "bfloat16")])
+    ("--param-dtype", "bfloat16"), ("--stream", None)])
 def test_resume_refuses_the_new_flags_that_change_the_run(capsys, logged_run, flag, value):
-    code, _, err = run_main(capsys, "finetune", "--resume", logged_run, flag, value)
+    code, _, err = run_main(capsys, "finetune", "--resume", logged_run, flag,
+                            *([] if value is None else [value]))
     assert code == 2 and f"--resume {logged_run}: {flag} " in err and "would change the run" \
         in err, err
 

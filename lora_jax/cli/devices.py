@@ -204,11 +204,20 @@ class Placement:
     def feed(self, arrays: Mapping[str, Any], index: Any) -> dict[str, Any]:
         """The global batch of rows `index` of `arrays`: this process reads only its own rows
         and puts them on its devices."""
+        rows = self.rows(len(index))
+        return self.shard({k: v[index[rows]] for k, v in arrays.items()})
+
+    def rows(self, global_rows: int) -> slice:
+        """This process's rows of a global batch of `global_rows` (all of them on one process)."""
         from lora_jax.core import distributed
 
-        rows = distributed.process_rows(len(index), self.mesh)
-        return distributed.shard_batch({k: v[index[rows]] for k, v in arrays.items()},
-                                       self.mesh)
+        return distributed.process_rows(global_rows, self.mesh)
+
+    def shard(self, local: Mapping[str, Any]) -> dict[str, Any]:
+        """The global batch of which this process holds `local`, its `rows`, on the mesh."""
+        from lora_jax.core import distributed
+
+        return distributed.shard_batch(dict(local), self.mesh)
 
     def eval_batch(self, size: int) -> int:
         """`size` rounded up to a multiple of the batch devices."""

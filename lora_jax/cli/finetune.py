@@ -66,10 +66,10 @@ def encode_split(loaded: Loaded, task: str, texts: Sequence[str], labels: Any,
     return {"input_ids": blocks, "attention_mask": np.ones_like(blocks)}
 
 
-def encode_instructions(loaded: Loaded, part: Any, seq_len: int, packing: bool
-                        ) -> dict[str, Any]:
+def encode_instructions(loaded: Loaded, part: Any, seq_len: int, packing: bool,
+                        note: bool = True) -> dict[str, Any]:
     """Model inputs of one split of instruction data (`lora_jax.train.sft`): one example per
-    row, or packed into rows with segment ids."""
+    row, or packed into rows with segment ids; `note` prints how many examples were cut."""
     from lora_jax.train import data, sft
 
     template, tokenizer = loaded.chat_template, loaded.tokenizer
@@ -78,7 +78,7 @@ def encode_instructions(loaded: Loaded, part: Any, seq_len: int, packing: bool
         eos = tokenizer.token_to_id(template.eos_token)
     examples = sft.tokenize(tokenizer, part, eos, template)
     cut = sum(len(ids) > seq_len for ids, _ in examples)
-    if cut:
+    if cut and note:
         print(f"note: {cut} of {len(examples)} examples are longer than --seq-len {seq_len}: "
               "their tails are cut off")
     return (sft.pack if packing else sft.rows)(examples, seq_len, data.pad_id(tokenizer))
@@ -97,19 +97,77 @@ def check_packing(args: argparse.Namespace, instructions: bool) -> None:
                          "--packing")
 
 
-def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any], ...], int]:
-    """(model, task, encoded train / validation / test splits, steps) of the finetune flags."""
+def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[Any, ...], int]:
+    """(model, task, encoded train / validation / test splits, steps) of the finetune flags;
+    with `--stream` the training split is a `lora_jax.train.stream.Stream` and the others are
+    empty."""
+    task = model_task(args.model, args.task)
+    loaded, task, splits, steps = (_streamed if getattr(args, "stream", False) else _in_memory)(
+        args, task)
+    if args.warmup_steps is not None and args.warmup_steps >= steps:
+        raise ValueError(f"--warmup-steps {args.warmup_steps} leaves none of the run's {steps} "
+                         "steps after the warmup: give fewer warmup steps or more steps")
+    return loaded, task, splits, steps
+
+
+def _load(args: argparse.Namespace, task: str, classes: int | None) -> tuple[Loaded, str]:
+    loaded, task = load_model(args.model, task, classes, args.seed, quantize=args.quantize,
+                              dtype=args.dtype, param_dtype=args.param_dtype)
+    check_seq_len(loaded, task, args.seq_len,
+                  args.prompt_tokens if args.method == "prompt" else 0)
+    return loaded, task
+
+
+def _streamed(args: argparse.Namespace, task: str
+              ) -> tuple[Loaded, str, tuple[Any, ...], int]:
+    """`prepare` of a `--stream` run: the file read as training goes (`lora_jax.train.stream`),
+    lanes of --batch-size x --grad-accum rows; no validation or test split."""
+    import numpy as np
+
+    from lora_jax.train import sft, stream
+
+    path = Path(args.data)
+    if task != "lm":
+        raise ValueError(f"--stream streams --task lm data (text, or jsonl of text, prompt / "
+                         f"completion or messages lines); --task {task} data is read in memory: "
+                         "drop --stream")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"--stream reads a .txt or .jsonl file; --data {args.data} is not one")
+    if not path.is_file():
+        raise ValueError(f"--data {args.data!r}: no such file")
+    if args.steps is None:
+        raise ValueError("--stream needs --steps: a streamed file's number of rows is not known "
+                         "before it is read (--epochs cannot be counted)")
+    for flag, given in (("--limit", args.limit), ("--eval-every", args.eval_every)):
+        if given:
+            raise ValueError(f"{flag} needs the in-memory splits; --stream trains on the whole "
+                             f"file and holds none out: drop {flag}")
+    kind = sft.instruction_format(path) if path.suffix == ".jsonl" else None
+    check_packing(args, kind is not None)
+    loaded, task = _load(args, task, None)
+    if kind is None:
+        encode = stream.text_blocks(loaded.tokenizer, args.seq_len, eos_id(loaded.tokenizer),
+                                    jsonl=path.suffix == ".jsonl")
+    else:
+        def encode(chunks: Any) -> Any:
+            for chunk in chunks:
+                yield encode_instructions(loaded, sft.instructions(kind, chunk), args.seq_len,
+                                          getattr(args, "packing", False), note=False)
+    lanes = args.batch_size * args.grad_accum
+    empty = {"input_ids": np.zeros((0, args.seq_len), np.int32),
+             "attention_mask": np.zeros((0, args.seq_len), np.int32)}
+    return loaded, task, (stream.Stream(path, lanes, args.seed, encode), empty, empty), args.steps
+
+
+def _in_memory(args: argparse.Namespace, task: str
+               ) -> tuple[Loaded, str, tuple[Any, ...], int]:
+    """`prepare` of data read whole: the file, split, encoded."""
     from lora_jax.train import data
 
-    task = model_task(args.model, args.task)
     dataset = data.load_dataset(args.data, task)
     instructions = task == "lm" and (dataset.targets is not None or dataset.messages is not None)
     check_packing(args, instructions)
-    loaded, task = load_model(args.model, task, len(dataset.classes) or None, args.seed,
-                              quantize=args.quantize, dtype=args.dtype,
-                              param_dtype=args.param_dtype)
-    check_seq_len(loaded, task, args.seq_len,
-                  args.prompt_tokens if args.method == "prompt" else 0)
+    loaded, task = _load(args, task, len(dataset.classes) or None)
     parts: tuple[data.TextDataset, ...] = data.split(dataset, seed=args.seed)
     if args.limit:
         parts = tuple(data.sample(p, args.limit, args.seed) for p in parts)
@@ -125,9 +183,6 @@ def prepare(args: argparse.Namespace) -> tuple[Loaded, str, tuple[dict[str, Any]
     n_train = len(splits[0]["input_ids"])
     per_step = args.batch_size * args.grad_accum
     steps = args.steps or max(1, int((args.epochs or 2.0) * (n_train // per_step)))
-    if args.warmup_steps is not None and args.warmup_steps >= steps:
-        raise ValueError(f"--warmup-steps {args.warmup_steps} leaves none of the run's {steps} "
-                         "steps after the warmup: give fewer warmup steps or more steps")
     if args.eval_every and len(splits[1]["input_ids"]) == 0:
         raise ValueError(f"--eval-every {args.eval_every}: the validation split of --data "
                          f"{args.data} is empty: give more data or drop --eval-every")
@@ -141,11 +196,11 @@ def finetune(args: argparse.Namespace) -> int:
     `alpha`, `dropout`, `targets`, `steps`, `epochs`, `batch_size`, `seq_len`, `lr`,
     `prompt_tokens`, `seed`, `limit`, `save_every`, `out`, `resume`, `no_progress`, `dtype`,
     `param_dtype`, `grad_accum`, `schedule`, `warmup_steps`, `weight_decay`, `max_grad_norm`,
-    `eval_every`, `tensorboard`, and where it runs: `mesh`, `coordinator`, `num_processes`,
-    `process_id`, see `lora_jax.cli.devices`); a resumed run passes its saved settings with
-    `resume` set (see `lora_jax.cli.main`). Returns the exit status: 0, `EXIT_DIVERGED` or
-    `EXIT_INTERRUPTED`. With several processes every one runs this; process 0 alone prints and
-    writes the side files and the adapter.
+    `eval_every`, `tensorboard`, `stream` (`lora_jax.train.stream`), and where it runs: `mesh`,
+    `coordinator`, `num_processes`, `process_id`, see `lora_jax.cli.devices`); a resumed run
+    passes its saved settings with `resume` set (see `lora_jax.cli.main`). Returns the exit
+    status: 0, `EXIT_DIVERGED` or `EXIT_INTERRUPTED`. With several processes every one runs
+    this; process 0 alone prints and writes the side files and the adapter.
     """
     import jax
 
@@ -203,7 +258,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         from lora_jax.cli import nnx_run
 
         nnx_run.check(loaded.model_type, task, args.method, args.quantize)
-    n_train = len(train_a["input_ids"])
+    streamed = getattr(args, "stream", False)
+    n_train = None if streamed else len(train_a["input_ids"])
     lr = args.lr or DEFAULT_LR[args.method]
     setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
                          dropout=args.dropout,
@@ -215,7 +271,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                          options=method_options(args.method, vars(args)),
                          schedule=args.schedule, warmup_steps=args.warmup_steps,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
-    if args.batch_size * args.grad_accum > n_train:
+    if n_train is not None and args.batch_size * args.grad_accum > n_train:
         accum = f" x --grad-accum {args.grad_accum}" if args.grad_accum > 1 else ""
         raise ValueError(f"--batch-size {args.batch_size}{accum} is larger than the {n_train} "
                          f"training {'blocks' if task == 'lm' else 'examples'}: use a smaller "
@@ -248,10 +304,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         n_trainable, n_total = lora_jax.count_parameters(setup.params, setup.config)
         print(f"trainable params: {n_trainable:,d} || all params: {n_total:,d} || "
               f"trainable%: {100 * n_trainable / n_total:.4f}")
+        sizes = (f"{n_train} train / {len(val_a['input_ids'])} val / "
+                 f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}"
+                 if n_train is not None else "streamed (no validation or test split)")
         print(f"{args.method} on {args.model} ({loaded.model_type}, {task}), data "
-              f"{args.data}: {n_train} train / {len(val_a['input_ids'])} val / "
-              f"{len(test_a['input_ids'])} test {'blocks' if task == 'lm' else 'examples'}, "
-              f"{steps} steps of {args.batch_size} x {args.seq_len}"
+              f"{args.data}: {sizes}, {steps} steps of {args.batch_size} x {args.seq_len}"
               + (f" x {args.grad_accum} accumulated" if args.grad_accum > 1 else "")
               + f" on mesh {mesh_text(placement.sizes)} ({jax.process_count()} process"
               f"{'es' if jax.process_count() > 1 else ''})")
@@ -282,14 +339,18 @@ def _run(args: argparse.Namespace, out: Path) -> int:
             lambda t: write_adapter(out / "best_adapter", t))
         log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if args.tensorboard else None,
                          start_step)
+        rows = args.batch_size * args.grad_accum  # each step's global batch
+        batches = (map(placement.shard, train_a.batches(placement.rows(rows), start_step))
+                   if streamed else
+                   train.batches(train_a, rows, args.seed, start_step, placement.feed))
         try:
-            result = train.fit(setup.forward, task, setup.tx, trainable, frozen, train_a,
-                               steps=steps, batch_size=args.batch_size, seed=args.seed,
+            result = train.fit(setup.forward, task, setup.tx, trainable, frozen, batches,
+                               steps=steps, seed=args.seed,
                                config=setup.config, opt_state=opt_state, start_step=start_step,
                                losses=losses, checkpointer=checkpointer,
                                save_every=args.save_every, on_save=write_losses,
                                progress=not args.no_progress and main_process,
-                               step_fn=step_fn, feed=placement.feed, grad_accum=args.grad_accum,
+                               step_fn=step_fn, grad_accum=args.grad_accum,
                                schedule=setup.schedule, log=log, eval_every=args.eval_every,
                                on_eval=best)
         except (train.Interrupted, train.Diverged) as stop:

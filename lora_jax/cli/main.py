@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=_number(int, 1), default=16)
     ft.add_argument("--seq-len", type=_number(int, 1), default=64,
                     help="tokens per example / LM block (default 64)")
+    ft.add_argument("--stream", action="store_true",
+                    help="--task lm: read the .txt / .jsonl --data file line by line as training "
+                    "goes, never whole (each process only its byte ranges), tokenized into "
+                    "--seq-len rows and shuffled in a bounded seeded buffer; needs --steps; no "
+                    "validation or test split; resumes exactly")
     ft.add_argument("--packing", action="store_true",
                     help="instruction data: pack several examples into each --seq-len row, "
                     "attention kept inside each example (the loss of the examples unpacked)")
@@ -370,6 +375,8 @@ def finetune(args: argparse.Namespace) -> int:
         launch = [f"--{k.replace('_', '-')}" for k in LAUNCH if getattr(args, k, None)]
         if launch:
             raise ValueError(f"--sweep trains its adapters on one device: drop {launch[0]}")
+        if getattr(args, "stream", False):
+            raise ValueError("--sweep reads its data in memory: drop --stream")
         return sweep.finetune(args)
     if args.resume:
         args = _resumed_args(args)

@@ -96,20 +96,40 @@ def read_text(path: str | Path) -> TextDataset:
 
 
 def _jsonl_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, value) of each non-blank line of a UTF-8 jsonl file; errors name the file
-    and line."""
-    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at "
-                             f"column {err.start + 1}); save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    """(line number, value) of each non-blank line of a UTF-8 jsonl file, read line by line;
+    errors name the file and line."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, 1):
+            value = jsonl_value(raw, f"{path}:{number}")
+            if value is not None:
+                yield number, value
+
+
+def jsonl_value(raw: bytes, where: str) -> Any:
+    """The JSON value of one line of a jsonl file (None for a blank line); errors start with
+    `where` (the file and line).
+
+    >>> jsonl_value(b'{"text": "hi"}\\n', "a.jsonl:1")
+    {'text': 'hi'}
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at "
+                         f"column {err.start + 1}); save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+
+
+def text_field(row: Any, where: str) -> str:
+    """The string "text" field of a jsonl row; else a ValueError starting with `where`."""
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise ValueError(f'{where}: expected an object with a string "text" field')
+    return row["text"]
 
 
 def read_jsonl(path: str | Path) -> TextDataset:
@@ -117,13 +137,12 @@ def read_jsonl(path: str | Path) -> TextDataset:
     or integers; the file must be UTF-8. Errors name the file and line."""
     texts, raw_labels = [], []
     for number, row in _jsonl_rows(path):
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
+        text = text_field(row, f"{path}:{number}")
         label = row.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
             raise ValueError(f'{path}:{number}: "label" must be a string or an integer, got '
                              f"{type(label).__name__} {json.dumps(label)[:60]}")
-        texts.append(row["text"])
+        texts.append(text)
         raw_labels.append(label)
     if not texts:
         raise ValueError(f"{path} holds no examples")
@@ -255,18 +274,24 @@ def lm_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int,
               eos_id: int | None = None, allow_empty: bool = False) -> np.ndarray:
     """Language-modelling blocks: the texts' tokens, joined by `eos_id`, cut into [N, seq_len].
     Fewer tokens than one block is an error, or (`allow_empty`) zero blocks."""
-    stream: list[int] = []
-    for enc in _copy(tokenizer).encode_batch(list(texts), add_special_tokens=False):
-        stream.extend(enc.ids)
-        if eos_id is not None:
-            stream.append(eos_id)
+    stream = lm_tokens(tokenizer, texts, eos_id)
     n = len(stream) // seq_len
     if n == 0 and allow_empty:
         return np.zeros((0, seq_len), np.int32)
     if n == 0:
         raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of "
                          f"--seq-len {seq_len}")
-    return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+    return stream[: n * seq_len].reshape(n, seq_len)
+
+
+def lm_tokens(tokenizer: Any, texts: Sequence[str], eos_id: int | None = None) -> np.ndarray:
+    """The texts' tokens (no special tokens), each text followed by `eos_id`: int32 [N]."""
+    stream: list[int] = []
+    for enc in _copy(tokenizer).encode_batch(list(texts), add_special_tokens=False):
+        stream.extend(enc.ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    return np.asarray(stream, np.int32)
 
 
 def seq2seq_arrays(tokenizer: Any, inputs: Sequence[str], targets: Sequence[str], seq_len: int,
@@ -292,8 +317,12 @@ def seq2seq_arrays(tokenizer: Any, inputs: Sequence[str], targets: Sequence[str]
 
 
 def _copy(tokenizer: Any) -> Any:
-    """A copy of a `tokenizers.Tokenizer` with no padding or truncation set."""
+    """A copy of a `tokenizers.Tokenizer` with no padding or truncation set (the tokenizer
+    itself when it sets neither)."""
     from tokenizers import Tokenizer
+
+    if not tokenizer.padding and not tokenizer.truncation:
+        return tokenizer
 
     tok = Tokenizer.from_str(tokenizer.to_str())
     tok.no_padding()

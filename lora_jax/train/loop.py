@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -41,6 +41,15 @@ Feed = Callable[[Mapping[str, np.ndarray], np.ndarray], Batch]
 def host_rows(arrays: Mapping[str, np.ndarray], index: np.ndarray) -> Batch:
     """The default `Feed`: the rows `index` of `arrays`, as numpy (placed by `jax.jit`)."""
     return {k: v[index] for k, v in arrays.items()}
+
+
+def batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, start_step: int = 0,
+            feed: Feed = host_rows) -> Iterator[Batch]:
+    """`fit`'s batches of in-memory `arrays` (equal-length numpy arrays) from step `start_step`
+    on: the rows `data.batch_indices(n, batch_size, seed, start_step)`, each batch made by
+    `feed`. (`lora_jax.train.stream.Stream.batches` streams them from a file instead.)"""
+    n = len(next(iter(arrays.values())))
+    return (feed(arrays, index) for index in batch_indices(n, batch_size, seed, start_step))
 
 
 class Interrupted(Exception):
@@ -259,10 +268,9 @@ def fit(
     tx: optax.GradientTransformation,
     trainable: Params,
     frozen: Params,
-    arrays: Mapping[str, np.ndarray],
+    batches: Iterator[Batch],
     *,
     steps: int,
-    batch_size: int,
     seed: int,
     config: LoraConfig,
     opt_state: Any = None,
@@ -273,22 +281,21 @@ def fit(
     on_save: Callable[[int, list[float]], None] | None = None,
     progress: bool = True,
     step_fn: Callable[..., Any] | None = None,
-    feed: Feed = host_rows,
     grad_accum: int = 1,
     schedule: Callable[[int], Any] | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     eval_every: int = 0,
     on_eval: Callable[[int, Params], Mapping[str, Any]] | None = None,
 ) -> FitResult:
-    """Train from `start_step` to `steps` on `arrays` (dict of equal-length numpy arrays).
+    """Train from `start_step` to `steps` on `batches`, the global batches of steps `start_step`,
+    `start_step + 1`, ... (`loop.batches(arrays, batch_size * grad_accum, seed, start_step)` of
+    in-memory arrays, or a streamed file's, `lora_jax.train.stream`): each step accumulates
+    `grad_accum` micro-batches (`make_step`).
 
     A non-finite loss (or trained state) raises `Diverged`; no checkpoint is written after the
     last finite step, so the checkpointer keeps only good states.
 
-    Batches of `batch_size * grad_accum` come from `data.batch_indices(n, batch_size *
-    grad_accum, seed, start_step)` (each step accumulates `grad_accum` micro-batches of
-    `batch_size`: `make_step`) and step i's dropout key is `fold_in(key(seed), i)`. With a
-    `checkpointer` (an
+    Step i's dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
     `lora_jax.core.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
     the end, and on Ctrl-C, after which `Interrupted` is raised; the losses up to the step are
     saved in the checkpoint's `extra` (`{"losses": [...]}`), committed with its arrays, and
@@ -298,35 +305,36 @@ def fit(
     `examples_per_second`, `tokens_per_second`, the device memory where jax reports it, and
     every `eval_every` steps what `on_eval(step, trainable)` returns (e.g. validation metrics).
     `step_fn` replaces `make_step(forward, task, tx, grad_accum)` (e.g. with its compiled form,
-    or one jitted with the shardings of a mesh); `feed(arrays, index)` makes the batch of the
-    global batch's rows `index` (default: those rows as numpy; on a mesh, each process's rows on
-    its devices, `lora_jax.cli.devices.Placement.feed`). `trainable` and `opt_state` are donated
-    to the jitted step: pass copies if you need them afterwards.
+    or one jitted with the shardings of a mesh). `trainable` and `opt_state` are donated to the
+    jitted step: pass copies if you need them afterwards.
     """
     from tqdm.auto import tqdm
 
     step_fn = step_fn or make_step(forward, task, tx, grad_accum)
     opt_state = tx.init(trainable) if opt_state is None else opt_state
     losses = list(losses or [])[:start_step]
-    n = len(next(iter(arrays.values())))
     base_key = jax.random.key(seed)
     bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
     # Device losses not yet read, with their step's row (keeps dispatch asynchronous).
     pending: list[tuple[jax.Array, dict[str, Any]]] = []
-    tokens = 0
+    tokens = 0  # counted as the steps' rows are recorded (the device's count, read late)
     start_time = time.perf_counter()
-    first_step_seconds, first_tokens = 0.0, 0
+    first_step_seconds, first_tokens = 0.0, None
     clock = {"last": start_time, "paused": 0.0}  # the previous row's time; evaluation's time
 
     last_saved = start_step if checkpointer is not None and start_step else None
 
     def record(value: jax.Array, row: dict[str, Any]) -> None:
+        nonlocal tokens, first_tokens
         loss = float(value)
         if not math.isfinite(loss):
             bar.close()
             raise Diverged(len(losses) + 1, loss, last_saved, list(losses))
         losses.append(loss)
+        row["tokens"] = int(row["tokens"])
+        tokens += row["tokens"]
+        first_tokens = tokens if first_tokens is None else first_tokens
         if log is not None:
             now = time.perf_counter()
             seconds = max(now - clock["last"] - clock["paused"], 1e-9)
@@ -352,21 +360,19 @@ def fit(
             on_save(step, losses)
 
     with _StopFlag() as stop:
-        order = batch_indices(n, batch_size * grad_accum, seed, start_step)
         step = start_step
         while step < steps:
-            index = next(order)
-            batch = feed(arrays, index)
+            batch = next(batches)
             trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, batch,
                                                  jax.random.fold_in(base_key, step))
             step += 1
-            step_tokens = int(arrays["attention_mask"][index].sum())
-            tokens += step_tokens
             if step == start_step + 1:  # compilation + one step: not counted in tokens/s
                 jax.block_until_ready(loss)
                 first_step_seconds = time.perf_counter() - start_time
-                first_tokens = tokens
-            row: dict[str, Any] = {"step": step, "tokens": step_tokens, "examples": len(index)}
+            # The global batch's unpadded tokens: a number, or (a batch on the mesh) an array
+            # the device sums, read when the row is recorded.
+            row: dict[str, Any] = {"step": step, "tokens": batch["attention_mask"].sum(),
+                                   "examples": batch["attention_mask"].shape[0]}
             if schedule is not None:
                 row["lr"] = float(schedule(step - 1))
             if eval_every and on_eval is not None and step % eval_every == 0:
@@ -378,7 +384,8 @@ def fit(
                 record(*pending.pop(0))
                 elapsed = time.perf_counter() - start_time - first_step_seconds
                 bar.set_postfix(loss=f"{losses[-1]:.4f}",
-                                tok_s=f"{(tokens - first_tokens) / elapsed:,.0f}", refresh=False)
+                                tok_s=f"{(tokens - (first_tokens or 0)) / elapsed:,.0f}",
+                                refresh=False)
             bar.update(1)
             if stop.event.is_set():
                 save(step)
@@ -389,4 +396,4 @@ def fit(
         save(step)
     bar.close()
     return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time,
-                     first_step_seconds, step - start_step, tokens - first_tokens)
+                     first_step_seconds, step - start_step, tokens - (first_tokens or 0))

@@ -24,7 +24,7 @@ unpacked.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,18 @@ def instruction_format(path: str | Path) -> str | None:
 def read_instructions(path: str | Path) -> TextDataset:
     """The examples of an instruction jsonl file: prompts as `texts` and completions as
     `targets`, or conversations as `messages`. A bad line is a ValueError naming it."""
-    kind = instruction_format(path)
+    rows = ((f"{path}:{number}", row) for number, row in _jsonl_rows(path))
+    data = instructions(instruction_format(path), rows)
+    if not len(data):
+        raise ValueError(f"{path} holds no examples")
+    return data
+
+
+def instructions(kind: str | None, rows: Iterable[tuple[str, Any]]) -> TextDataset:
+    """The examples of (where, row) jsonl rows of `kind` ("pairs", else conversations: what
+    `instruction_format` says); a bad row is a ValueError starting with its `where`."""
     prompts, completions, conversations = [], [], []
-    for number, row in _jsonl_rows(path):
-        where = f"{path}:{number}"
+    for where, row in rows:
         if kind == "pairs":
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
                                                     for k in ("prompt", "completion")):
@@ -67,8 +75,6 @@ def read_instructions(path: str | Path) -> TextDataset:
             completions.append(row["completion"])
         else:
             conversations.append(_conversation(row, where))
-    if not prompts and not conversations:
-        raise ValueError(f"{path} holds no examples")
     if kind == "pairs":
         return TextDataset(tuple(prompts), targets=tuple(completions))
     return TextDataset((), messages=tuple(conversations))
