@@ -5,14 +5,17 @@ Tiers: `python -m pytest -q` runs the CI tier; `LORA_JAX_FULL=1 python -m pytest
 full tier (tests/budget.py). A test or parametrisation marked `@pytest.mark.full` runs only in the
 full tier: the exhaustive cases (all kill points, many configs, many examples, real weights),
 each of whose checks keeps at least one case in the CI tier. `pytest -m full` with
-LORA_JAX_FULL=1 runs the full tier's extra tests alone.
+LORA_JAX_FULL=1 runs the full tier's extra tests alone. The CI tier compiles with LLVM's lowest
+optimisation level (tests/budget.py FAST_COMPILE), the full tier with XLA's defaults.
 """
 
 import os
 import tempfile
 
+from budget import FULL, xla_flags
+
 # Must be set before jax initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the whole test run, its subprocesses (the CLI's runs) and
 # pytest-xdist's workers: the same tiny model's step is compiled once, not once per CLI run.
@@ -27,7 +30,6 @@ import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from budget import FULL  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -6,13 +6,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from budget import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.full  # three real runs (GPT-2 benchmark, SmolLM2 QLoRA, a finetune): minutes on CPU
 def test_gpu_check_runs_at_toy_sizes(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     proc = subprocess.run([str(ROOT / "experiments" / "gpu_check.sh"), "--toy", str(tmp_path)],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

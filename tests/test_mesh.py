@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from budget import xla_flags
 from cli_run import ENV, error_line
 from test_multihost import free_port
 
@@ -151,7 +152,7 @@ def test_tensor_without_the_architectures_rules_is_one_line(capsys, tiny_bloom, 
 def test_two_processes_through_the_cli(runs, tiny_gpt2, tmp_path):
     """Each host runs the same command with its --process-id; the run folder is shared."""
     port, text, out = free_port(), _text(tmp_path), tmp_path / "multi"
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(ENV, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "lora_jax", *_argv(tiny_gpt2, text, out, "data=2,fsdp=4"),
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],

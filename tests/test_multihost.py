@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+from budget import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "train_sharded.py")
@@ -24,7 +25,7 @@ def free_port():
 
 def launch(devices, extra, out):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     return subprocess.Popen([sys.executable, SCRIPT, *ARGS, *extra, "--losses-out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from budget import xla_flags
 from cli_run import ENV, error_line
 from test_multihost import free_port
 
@@ -183,7 +184,7 @@ def test_two_processes_read_only_their_halves_and_train_as_one(tiny_gpt2, tmp_pa
     one = tmp_path / "one"
     assert cli.main(_argv(tiny_gpt2, clean, one, "--mesh", "data=8")) == 0
     port, out = free_port(), tmp_path / "multi"
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(ENV, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "lora_jax",
          *_argv(tiny_gpt2, _half_garbage(clean, keep_first=i == 0), out, "--mesh", "data=8"),
