@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -24,10 +25,11 @@ import numpy as np
 import peft
 import torch
 import transformers
+from decoder_families import FAMILIES, SLIDE, tiny
 from peft_checks import max_diff, state_dict, tiny_hf, torch_out
 
 import lora_jax
-from lora_jax.models import bert, bloom, gpt2, llama, t5
+from lora_jax.models import bert, bloom, decoder, gpt2, llama, t5
 from lora_jax.peft import files as peft_io
 
 TOL = 1e-4  # logits, float32
@@ -120,6 +122,39 @@ ARCHS = {
                (r".*SelfAttention\.(q|v)", r"encoder\..*\.(q|k)", r".*block\.1\..*wi_\d",
                 r"decoder\.block\.0\..*", r".*\.wo")),
 }
+
+
+def family_hf(name: str, **overrides: Any) -> Any:
+    """A decoder family's tiny model (tests/decoder_families.py) with 2 layers, as the others."""
+    two = {"layer_types": SLIDE[:2]} if name == "gemma3_text" else {}
+    return tiny(name, **{"num_hidden_layers": 2, **two, **overrides})
+
+
+def decoder_arch(name: str) -> Arch:
+    """The names of one decoder family (lora_jax.models.decoder), from its switches: Phi-3's
+    fused qkv_proj / gate_up_proj, the MoE families' router `gate` and `experts` (parameters,
+    not Linear modules: targets for peft's target_parameters, here modules to save), Gemma's
+    head tied to embed_tokens (no lm_head of its own in lora_jax's params)."""
+    config = decoder.config_from_hf(family_hf(name).config.to_dict())
+    attn = ("qkv_proj",) if config.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    mlp = (("gate",) if config.num_experts else
+           ("gate_up_proj", "down_proj") if config.fused_gate_up else
+           ("gate_proj", "up_proj", "down_proj"))
+    head = () if config.tie_word_embeddings else ("lm_head",)
+    norms = ("q_norm",) if config.qk_norm else ()
+    saved = ("mlp.experts",) if config.num_experts else ("mlp",)
+    q, up, down = attn[0], mlp[0], mlp[-1]
+    mlp_any = "|".join(dict.fromkeys((up, down)))  # the MoE router once
+    return Arch(decoder, functools.partial(family_hf, name), {"input_ids": IDS}, {},
+                attn + ("o_proj",) + mlp + head,
+                ("embed_tokens", *head, "norm", *norms, *saved), "layers",
+                (f"self_attn.{q}", f"mlp.{down}", f"model.layers.0.self_attn.{attn[-1]}",
+                 f"model.layers.1.mlp.{up}", "layers.1.self_attn.o_proj"),
+                (rf".*\.{q}", rf"model\.layers\.1\.self_attn\.({attn[-1]}|o_proj)",
+                 rf".*mlp\.({mlp_any})", r".*layers\.0\..*_proj", r"model\.layers\.\d+\..*"))
+
+
+ARCHS.update({name: decoder_arch(name) for name in FAMILIES if name != "llama"})
 
 
 @dataclasses.dataclass
