@@ -388,3 +388,14 @@ def test_t5_shared_named_in_full_with_a_layer_filter(tmp_path):
     result = compare("t5", fields, False, str(tmp_path))
     assert result.quirk and "shared" in result.peft_targets
     assert [d.split(":")[0] for d in result.disagreements] == ["import logits"]
+
+
+def test_moe_experts_and_router_in_modules_to_save(tmp_path):
+    """Found by the MoE families' differential run: the fused experts and the router keep their
+    params under the PyTorch names (`gate_up_proj`, `down_proj`, `weight`); save_peft refused
+    them in modules_to_save ("no PyTorch name") and load_peft did not place peft's copies."""
+    fields = {"r": 2, "lora_alpha": 16, "target_modules": ["o_proj"],
+              "modules_to_save": ["mlp.experts", "gate"]}
+    result = _agree("qwen3_moe", fields, False, tmp_path)
+    assert result.checks["import_logits"] <= 1e-4 and result.checks["export_logits"] <= 1e-4
+
