@@ -399,3 +399,11 @@ def test_moe_experts_and_router_in_modules_to_save(tmp_path):
     result = _agree("qwen3_moe", fields, False, tmp_path)
     assert result.checks["import_logits"] <= 1e-4 and result.checks["export_logits"] <= 1e-4
 
+
+def test_lora_on_a_scaled_embedding_is_scaled_as_its_lookups(tmp_path):
+    """Found by the Gemma 3 differential run: Gemma multiplies its embedding lookups by
+    sqrt(hidden_size) and peft scales an embedding adapter's output by that `embed_scale` too
+    (as merging it into the table does); lora_jax added the delta unscaled (logits off by ~1)."""
+    result = _agree("gemma3_text", {"r": 2, "target_modules": ["embed_tokens"]}, False,
+                    tmp_path)
+    assert result.checks["import_logits"] <= 1e-4 and result.checks["export_logits"] <= 1e-4
