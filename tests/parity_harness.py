@@ -166,6 +166,7 @@ class Result:
     our_targets: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
     checks: dict[str, float] = dataclasses.field(default_factory=dict)
     quirk: bool = False
+    peft_converted: bool = False  # peft rewrote the targets for transformers 5's MoE layers
     nested_saved: bool = False  # peft wrapped a module to save inside another one
 
     def fail(self, what: str) -> None:
@@ -181,6 +182,17 @@ def _full_name_quirk(fields: dict[str, Any], only_peft: set[str]) -> bool:
     targets, wanted = fields.get("target_modules"), fields.get("layers_to_transform")
     return bool(only_peft) and isinstance(targets, list) and bool(wanted) and all(
         p in targets for p in only_peft)
+
+
+def _converted(fields: dict[str, Any], config: Any) -> bool:
+    """Whether peft rewrote `fields`' targets in `config` (get_peft_model changes it in place)
+    for transformers 5's MoE layers: transformers-4 router / expert names made
+    target_parameters, a regex made the leaf names it matched (peft's
+    convert_peft_config_for_transformers, Qwen3-MoE and Mixtral)."""
+    given = fields.get("target_modules")
+    added = set(config.target_parameters or ()) - set(fields.get("target_parameters") or ())
+    return bool(added) or (isinstance(given, str) and given != "all-linear"
+                           and not isinstance(config.target_modules, str))
 
 
 def _nested_saved(model: Any) -> bool:
@@ -343,9 +355,11 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
     # peft
     with quiet():
         try:
-            pm = peft.get_peft_model(hf, peft.LoraConfig(**copy.deepcopy(fields)))
+            peft_config = peft.LoraConfig(**copy.deepcopy(fields))
+            pm = peft.get_peft_model(hf, peft_config)
         except Exception as e:  # noqa: BLE001 - any refusal counts as invalid
             pm, res.peft_error = None, f"{type(e).__name__}: {e}"
+        res.peft_converted = "peft_config" in locals() and _converted(fields, peft_config)
     # lora_jax
     with quiet():
         try:
