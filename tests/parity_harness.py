@@ -132,9 +132,9 @@ def family_hf(name: str, **overrides: Any) -> Any:
 
 def decoder_arch(name: str) -> Arch:
     """The names of one decoder family (lora_jax.models.decoder), from its switches: Phi-3's
-    fused qkv_proj / gate_up_proj, the MoE families' router `gate` and `experts` (parameters,
-    not Linear modules: targets for peft's target_parameters, here modules to save), Gemma's
-    head tied to embed_tokens (no lm_head of its own in lora_jax's params)."""
+    fused qkv_proj / gate_up_proj; the MoE families' router `gate` (a target: peft takes it as
+    the router's weight parameter) and fused `experts` (parameters, not modules: saved, not
+    targeted); Gemma's head tied to embed_tokens (no lm_head module in lora_jax's params)."""
     config = decoder.config_from_hf(family_hf(name).config.to_dict())
     attn = ("qkv_proj",) if config.fused_qkv else ("q_proj", "k_proj", "v_proj")
     mlp = (("gate",) if config.num_experts else
@@ -154,6 +154,7 @@ def decoder_arch(name: str) -> Arch:
                  rf".*mlp\.({mlp_any})", r".*layers\.0\..*_proj", r"model\.layers\.\d+\..*"))
 
 
+# Llama keeps its own arch above (untied, no biases; test_peft_parity builds it tied).
 ARCHS.update({name: decoder_arch(name) for name in FAMILIES if name != "llama"})
 
 
@@ -353,13 +354,14 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
     base = arch.module.params_from_hf(state_dict(hf), config_hf, scan_layers=scan, **arch.task)
     stacks = arch.module.LAYER_STACKS
     # peft
+    peft_config = None
     with quiet():
         try:
             peft_config = peft.LoraConfig(**copy.deepcopy(fields))
             pm = peft.get_peft_model(hf, peft_config)
         except Exception as e:  # noqa: BLE001 - any refusal counts as invalid
             pm, res.peft_error = None, f"{type(e).__name__}: {e}"
-        res.peft_converted = "peft_config" in locals() and _converted(fields, peft_config)
+    res.peft_converted = peft_config is not None and _converted(fields, peft_config)
     # lora_jax
     with quiet():
         try:
