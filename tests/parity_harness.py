@@ -299,8 +299,22 @@ def _close(a: np.ndarray, b: np.ndarray, arch: Arch) -> float:
     return max_diff(a, b) / max(1.0, float(np.abs(b).max()))
 
 
+def _jitter(model: Any, params: Any, config: Any, arch: Arch, draws: int = 3) -> float:
+    """How far our float32 logits move when every float32 param is rounded differently (times
+    1 + 6e-8 noise, float32's unit roundoff): the float32 conditioning of this config on its
+    own, where peft in float64 is no exact judge (HF's RMSNorm and rotary compute in float32
+    even in a float64 model). Measured on Qwen2 all-linear, r=1, alpha=16 (scale 16): 2.9e-4 to
+    2.3e-3 (test_peft_parity.py::test_qwen2_float32_conditioning_judged_by_jitter)."""
+    ours = _logits(model, params, config, arch)
+    rng = np.random.RandomState(0)
+    noise = lambda x: (x * (1 + 6e-8 * rng.standard_normal(x.shape))).astype(x.dtype) if \
+        getattr(x, "dtype", None) == np.float32 else x
+    return max(_close(_logits(model, jax.tree.map(noise, params), config, arch), ours, arch)
+               for _ in range(draws))
+
+
 def _logits_diff(res: Result, what: str, ours: np.ndarray, peft_model: Any, arch: Arch,
-                 reload: Any = None) -> None:
+                 reload: Any = None, jitter: Any = None) -> None:
     """Compare our float32 logits with the peft model's; record `<what>_logits` and fail above
     TOL. When float32 disagrees, peft in float64 is the judge (`<what>_logits_float64`): T5's
     attention has no 1/sqrt(d) scaling, so perturbed factors give scores in the hundreds or
@@ -327,6 +341,12 @@ def _logits_diff(res: Result, what: str, ours: np.ndarray, peft_model: Any, arch
     # (peft's float32 error 2.8e-5 or less there), so the float64 judge allows 2 * TOL.
     if d64 <= max(2 * TOL, 4 * conditioning):
         return
+    if jitter is not None:
+        # Our own float32 conditioning: the 200 Qwen2 configs had one at 1.0e-3 (float64 peft
+        # 8.5e-4, peft's float32 error 1.7e-4) that params rounded differently move by 2.3e-3.
+        res.checks[f"{what}_logits_float32_jitter"] = spread = jitter()
+        if d64 <= 4 * spread:
+            return
     if reload is not None:
         # peft picks the first matching rank/alpha_pattern key in dict order but saves the
         # patterns with sorted keys: two keys matching one module give its in-memory model one
@@ -422,7 +442,8 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
     if loaded is not None:
         _logits_diff(res, "import", _logits(model, loaded, loaded_config, arch), pm, arch,
                      reload=lambda: peft.PeftModel.from_pretrained(
-                         make_hf(), os.path.join(tmp, "peft")).eval())
+                         make_hf(), os.path.join(tmp, "peft")).eval(),
+                     jitter=lambda: _jitter(model, loaded, loaded_config, arch))
     # export: our adapter, perturbed, saved by save_peft, loaded by PeftModel.from_pretrained
     ours = _perturb_jax(params, config, seed + 1)
     path = os.path.join(tmp, "ours")
@@ -436,7 +457,8 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
         exported = peft_targets(pm2)
     if exported != res.our_targets:
         res.fail(f"export targets: peft loads {sorted(exported)} for {sorted(res.our_targets)}")
-    _logits_diff(res, "export", _logits(model, ours, config, arch), pm2, arch)
+    _logits_diff(res, "export", _logits(model, ours, config, arch), pm2, arch,
+                 jitter=lambda: _jitter(model, ours, config, arch))
     # merge
     with quiet():
         merged_ref = arch.module.params_from_hf(state_dict(pm2.merge_and_unload()), config_hf,

@@ -5,7 +5,9 @@ rslora, the three bias modes, modules_to_save) on tiny GPT-2, BERT, Llama, BLOOM
 decoder families (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 text, Phi-3, Qwen3-MoE, Mixtral),
 scanned and unscanned, and runs each through peft and lora_jax (tests/parity_harness.py):
 validity, adapted modules with r and scaling, trainable count, logits (1e-4; where float32
-disagrees, against peft in float64: T5's unscaled attention amplifies rounding), merge, export
+disagrees, against peft in float64: T5's unscaled attention amplifies rounding; and against
+how far our float32 logits move when the params are rounded differently: large scales on every
+Linear amplify rounding, and HF's float64 model still norms in float32), merge, export
 (save_peft -> PeftModel.from_pretrained) and import (peft save_pretrained -> load_peft).
 
 The CI tier runs 2 fixed configs per architecture (derandomized) for the first five, and one
