@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
@@ -28,6 +29,16 @@ def tiny_hf(model_cls: type, config: Any) -> Any:
     """`model_cls(config)` in eval mode, its random weights drawn after `torch.manual_seed(0)`."""
     torch.manual_seed(0)
     return model_cls(config).eval()
+
+
+def perturb(hf_model: torch.nn.Module, pattern: str) -> torch.nn.Module:
+    """Draw the parameters whose name matches the regex `pattern` (norm scales, biases: 1 and 0
+    at init) from U(0.5, 1.5), so that parity tests see them; returns the model."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if re.search(pattern, name):
+                p.uniform_(0.5, 1.5)
+    return hf_model
 
 
 def state_dict(hf_model: torch.nn.Module) -> dict[str, np.ndarray]:

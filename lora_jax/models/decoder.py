@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from lora_jax.core.factors import Layout, embed_delta
+from lora_jax.core.rules import Rule, qualname, register_rule
 from lora_jax.models.experts import Experts, Router, fused_experts
 from lora_jax.models.generate import CausalLM, DecodeInputs, cached_attention
 from lora_jax.models.layers import Layer, Stacked, activation, check_task
@@ -267,14 +269,30 @@ class RMSNorm(nn.Module):
 
 class ScaledEmbed(nn.Embed):
     """An embedding whose lookups are multiplied by `scale` (cast to the table's dtype, as HF's
-    Gemma does); a LoRA delta on it is added after the scaling, as peft adds it."""
+    Gemma does); a LoRA delta on it is scaled too (its rule below), as peft scales it by the
+    layer's `embed_scale` and as merging it into the table does."""
 
     scale: float = 1.0
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         # Not super().__call__: the LoRA interceptor would see this lookup twice.
         out = jnp.take(jnp.asarray(self.embedding, self.dtype), inputs, axis=0)
-        return out * jnp.asarray(self.scale, self.param_dtype).astype(out.dtype)
+        return out * self._scale(out.dtype)
+
+    def _scale(self, dtype: Any) -> jax.Array:
+        return jnp.asarray(self.scale, self.param_dtype).astype(dtype)
+
+
+def _scaled_embed_delta(module: ScaledEmbed, ids: jax.Array, a: jax.Array, b: jax.Array,
+                        args: Any, kwargs: Any) -> jax.Array:
+    delta = embed_delta(ids, a, b)
+    return delta * module._scale(delta.dtype)
+
+
+# nn.Embed's rule with the lookup's scale on the delta (peft's `embed_scale`).
+register_rule(Rule(names=(qualname(ScaledEmbed),), weight="embedding", dropout=False,
+                   layout=lambda module, weight, args, kwargs: Layout("embed"),
+                   delta=_scaled_embed_delta))
 
 
 class _Layer(Layer):

@@ -76,6 +76,13 @@ _INFORMATIONAL = ("auto_mapping", "base_model_name_or_path", "fan_in_fan_out", "
 _WEIGHT_LEAVES = ("kernel", "embedding", "scale")
 
 
+def _raw_leaf(name: str, node: Mapping[str, Any]) -> bool:
+    """Whether `name` is a param that a model keeps under its PyTorch name and layout (the fused
+    experts' `gate_up_proj` / `down_proj`, a router's `weight`), as the model loaders read it
+    (`lora_jax.models.stacking.hf_name`): not a Flax leaf that torch calls weight or bias."""
+    return name in node and name not in (*_WEIGHT_LEAVES, "bias")
+
+
 # --- module paths ---------------------------------------------------------------------------------
 
 def _leaves(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -535,10 +542,7 @@ def save_peft(
                 continue
             value = value if slot.layer is None else value[slot.layer]
             if root is not None:
-                if name not in (*_WEIGHT_LEAVES, "bias"):
-                    raise ValueError(f"{key}.{name}: leaf {name!r} of a module in "
-                                     "modules_to_save has no PyTorch name")
-                hf = "bias" if name == "bias" else "weight"
+                hf = name if _raw_leaf(name, node) else "bias" if name == "bias" else "weight"
                 tensors[f"{key}.{hf}"] = _torch_weight(name, value, fan_in_fan_out, key)
                 if name == "bias" and config.bias == "all":
                     rest = torch_path[len(root) + 1:]
@@ -758,8 +762,9 @@ def load_peft(
             continue
         if kind == "bias" and config.bias == "none":
             raise ValueError(f"{where}: {key!r} is a bias but the adapter's bias is 'none'")
-        names = ["bias"] if leaf == "bias" else [n for n in _WEIGHT_LEAVES if n in slot.node]
-        if leaf not in ("weight", "bias") or not names or names[0] not in slot.node:
+        names = (["bias"] if leaf == "bias" else [leaf] if _raw_leaf(leaf, slot.node) else
+                 [n for n in _WEIGHT_LEAVES if n in slot.node] if leaf == "weight" else [])
+        if not names or names[0] not in slot.node:
             raise ValueError(f"{where}: {key!r} has no matching leaf in {slot.flax_path!r} "
                              f"(leaves: {sorted(_leaves(slot.node))})")
         name = names[0]

@@ -3,7 +3,6 @@ weights, LoRA parameter counts. Each `check_*` asserts and returns what it measu
 
 from __future__ import annotations
 
-import re
 from types import ModuleType
 from typing import Any
 
@@ -17,16 +16,6 @@ import lora_jax
 TOL = 1e-4  # float32 logits, max abs diff against HF PyTorch
 # (scan_layers, remat_policy); the padded cases run the first two.
 VARIANTS = [(False, None), (True, None), (True, "nothing_saveable")]
-
-
-def perturb(hf_model: torch.nn.Module, pattern: str) -> torch.nn.Module:
-    """Draw the parameters whose name matches the regex `pattern` (norm scales, biases: 1 and 0
-    at init) from U(0.5, 1.5), so that parity tests see them; returns the model."""
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            if re.search(pattern, name):
-                p.uniform_(0.5, 1.5)
-    return hf_model
 
 
 def state_dict(hf_model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -14,8 +14,8 @@ from causal_lm_checks import (
     check_padded_parity,
     check_parity,
     load,
-    perturb,
 )
+from peft_checks import perturb
 
 from lora_jax.models import bloom, registry
 from lora_jax.models.generate import generate
