@@ -102,6 +102,7 @@ def test_wrapped_on_a_quantized_base_equals_the_dequantized_base(name, scan, kin
     # The backward (quantized_product's, which dequantizes again) gives the same gradients.
     trainable, frozen = lora_jax.split(params, config)
 
+    @jax.jit  # eager differentiation of a whole model is op-by-op: 10x slower here
     def grads(frozen):
         return jax.grad(lambda t: (apply({"params": lora_jax.combine(t, frozen)}, IDS) ** 2)
                         .mean())(trainable)

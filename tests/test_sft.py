@@ -138,8 +138,8 @@ def _packed_equals_unpacked(folder):
     unpacked, packed = sft.rows(examples, 32), sft.pack(examples, 32)
     assert len(packed["input_ids"]) < len(unpacked["input_ids"])
     assert packed["loss_mask"].sum() == unpacked["loss_mask"].sum()
-    (a, grad_a), (b, grad_b) = (jax.value_and_grad(lambda p, x=x: _loss(module, p, x))(params)
-                                for x in (unpacked, packed))
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda p, x: _loss(module, p, x)))
+    (a, grad_a), (b, grad_b) = (loss_and_grad(params, x) for x in (unpacked, packed))
     assert abs(float(a) - float(b)) <= 1e-5 * abs(float(a)), (float(a), float(b))
     for g, h in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b), strict=True):
         np.testing.assert_allclose(h, g, rtol=1e-4, atol=1e-5 * float(jnp.abs(g).max()) + 1e-9)

@@ -102,7 +102,7 @@ def test_expert_factors_add_the_routed_term_without_an_expert_delta(scan):
             {"params": p}, IDS))(fallback).jaxpr
     assert formed(jaxpr)
     # Training moves only the factors.
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         name = path[-1].key
         assert (float(jnp.abs(g).max()) > 0) == name.endswith(("lora_A", "lora_B")), path
