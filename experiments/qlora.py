@@ -86,8 +86,9 @@ def run_row(loaded: Loaded, label: str, arrays: dict, args: argparse.Namespace
     sample = {k: v[: args.batch_size] for k, v in arrays["train"].items()}
     step, memory = compiled_step(setup, "lm", trainable, frozen, sample)
     result = train.fit(setup.forward, "lm", setup.tx, jax.tree.map(jnp.copy, trainable), frozen,
-                       arrays["train"], steps=args.steps, batch_size=args.batch_size,
-                       seed=args.seed, config=setup.config, progress=False, step_fn=step)
+                       train.batches(arrays["train"], args.batch_size, args.seed),
+                       steps=args.steps, seed=args.seed, config=setup.config, progress=False,
+                       step_fn=step)
     quality = train.evaluate(setup.forward, "lm", lora_jax.combine(result.trainable, frozen),
                              arrays["test"], args.eval_batch_size)
     row = {"label": label, "base_bytes": base_bytes(params),
