@@ -140,8 +140,9 @@ class AdapterCheckpointer:
         with `extra(step)`.
         """
         if not isinstance(config, AdapterConfig):
-            raise TypeError(f"save: config must be an adapter config (LoraConfig, VeraConfig, "
-                            f"LoKrConfig), got {type(config).__name__}")
+            known = sorted({v.config.__name__ for v in variants.registered()})
+            raise TypeError(f"save: config must be an adapter config ({', '.join(known)}), "
+                            f"got {type(config).__name__}")
         if (step % self.save_every and not force) or step in self._manager.all_steps():
             return False
         meta = {"format": _FORMAT, "step": step, "lora_config": config.to_dict(),
