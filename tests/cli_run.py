@@ -42,13 +42,13 @@ def transformers_continuation(folder, prompt, new_tokens, seq2seq=False):
     import transformers
 
     from lora_jax.models import load_tokenizer
-    from lora_jax.train.data import _copy
+    from lora_jax.train.data import unpadded_tokenizer
 
     tok = load_tokenizer(folder)
     config = json.loads((folder / "config.json").read_text())
     model = getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
     eos = tok.token_to_id("[SEP]")  # the MiniLM tokenizer's end of text, as lora-jax picks it
-    ids = _copy(tok).encode(prompt, add_special_tokens=seq2seq).ids
+    ids = unpadded_tokenizer(tok).encode(prompt, add_special_tokens=seq2seq).ids
     kw = {"decoder_start_token_id": 0} if seq2seq else {}
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),

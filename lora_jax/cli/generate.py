@@ -22,7 +22,7 @@ def generate(args: argparse.Namespace) -> int:
     from lora_jax.models.generate import generate as run_generate
     from lora_jax.models.generate import generate_seq2seq
     from lora_jax.peft.files import load_peft
-    from lora_jax.train.data import _copy as plain_tokenizer  # no padding: only the prompt's tokens
+    from lora_jax.train.data import unpadded_tokenizer  # no padding: only the prompt's tokens
 
     prompts, folders = args.prompt, args.adapter or []
     if len(folders) > 1 and len(folders) != len(prompts):
@@ -61,7 +61,7 @@ def generate(args: argparse.Namespace) -> int:
         apply = lora_jax.wrap(apply, config)
 
     # A causal LM continues the prompt's own tokens; an encoder reads them as training did.
-    tokenizer = plain_tokenizer(loaded.tokenizer)
+    tokenizer = unpadded_tokenizer(loaded.tokenizer)
     encoded = [tokenizer.encode(p, add_special_tokens=task == "seq2seq").ids for p in prompts]
     for prompt, ids in zip(prompts, encoded, strict=True):
         if not prompt.strip() or not ids:

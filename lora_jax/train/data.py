@@ -95,7 +95,7 @@ def read_text(path: str | Path) -> TextDataset:
     return TextDataset(docs)
 
 
-def _jsonl_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+def jsonl_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a UTF-8 jsonl file, read line by line;
     errors name the file and line."""
     with open(path, "rb") as file:
@@ -136,7 +136,7 @@ def read_jsonl(path: str | Path) -> TextDataset:
     """`{"text", "label"}` lines; every line must have a label, or none may. Labels are strings
     or integers; the file must be UTF-8. Errors name the file and line."""
     texts, raw_labels = [], []
-    for number, row in _jsonl_rows(path):
+    for number, row in jsonl_rows(path):
         text = text_field(row, f"{path}:{number}")
         label = row.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
@@ -172,7 +172,7 @@ def read_pairs(path: str | Path) -> TextDataset:
     ('shoes, running',)
     """
     inputs, targets = [], []
-    for number, row in _jsonl_rows(path):
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
                                                 for k in ("input", "target")):
             raise ValueError(f'{path}:{number}: expected an object with string "input" and '
@@ -261,7 +261,7 @@ def encode(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[np.ndarr
     `tokenizer` is a `tokenizers.Tokenizer`; special tokens ([CLS] ... [SEP]) are added as its
     post-processor defines them and kept when truncating. The tokenizer itself is not changed.
     """
-    tok = _copy(tokenizer)
+    tok = unpadded_tokenizer(tokenizer)
     tok.enable_truncation(seq_len)
     tok.enable_padding(length=seq_len, pad_id=pad_id(tokenizer))
     encodings = tok.encode_batch(list(texts))
@@ -287,7 +287,7 @@ def lm_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int,
 def lm_tokens(tokenizer: Any, texts: Sequence[str], eos_id: int | None = None) -> np.ndarray:
     """The texts' tokens (no special tokens), each text followed by `eos_id`: int32 [N]."""
     stream: list[int] = []
-    for enc in _copy(tokenizer).encode_batch(list(texts), add_special_tokens=False):
+    for enc in unpadded_tokenizer(tokenizer).encode_batch(list(texts), add_special_tokens=False):
         stream.extend(enc.ids)
         if eos_id is not None:
             stream.append(eos_id)
@@ -305,7 +305,7 @@ def seq2seq_arrays(tokenizer: Any, inputs: Sequence[str], targets: Sequence[str]
     tail = [] if eos_id is None else [eos_id]
     labels = np.full((len(targets), seq_len), pad, np.int32)
     label_mask = np.zeros((len(targets), seq_len), np.int32)
-    encodings = _copy(tokenizer).encode_batch(list(targets), add_special_tokens=False)
+    encodings = unpadded_tokenizer(tokenizer).encode_batch(list(targets), add_special_tokens=False)
     for row, enc in enumerate(encodings):
         tokens = (enc.ids[: seq_len - len(tail)] + tail)[:seq_len]
         labels[row, : len(tokens)] = tokens
@@ -316,7 +316,7 @@ def seq2seq_arrays(tokenizer: Any, inputs: Sequence[str], targets: Sequence[str]
             "labels": labels, "label_mask": label_mask}
 
 
-def _copy(tokenizer: Any) -> Any:
+def unpadded_tokenizer(tokenizer: Any) -> Any:
     """A copy of a `tokenizers.Tokenizer` with no padding or truncation set (the tokenizer
     itself when it sets neither)."""
     from tokenizers import Tokenizer

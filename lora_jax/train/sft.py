@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lora_jax.train.chat import ChatTemplate
-from lora_jax.train.data import TextDataset, _copy, _jsonl_rows
+from lora_jax.train.data import TextDataset, jsonl_rows, unpadded_tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 Example = tuple[np.ndarray, np.ndarray]  # token ids, trained (0/1), one example
@@ -40,7 +40,7 @@ Example = tuple[np.ndarray, np.ndarray]  # token ids, trained (0/1), one example
 def instruction_format(path: str | Path) -> str | None:
     """"pairs" (prompt / completion) or "messages" when the first line of the jsonl file is
     such a record, else None (a `{"text", "label"}` file)."""
-    for _, row in _jsonl_rows(path):
+    for _, row in jsonl_rows(path):
         if isinstance(row, dict) and "messages" in row:
             return "messages"
         if isinstance(row, dict) and ("prompt" in row or "completion" in row):
@@ -52,7 +52,7 @@ def instruction_format(path: str | Path) -> str | None:
 def read_instructions(path: str | Path) -> TextDataset:
     """The examples of an instruction jsonl file: prompts as `texts` and completions as
     `targets`, or conversations as `messages`. A bad line is a ValueError naming it."""
-    rows = ((f"{path}:{number}", row) for number, row in _jsonl_rows(path))
+    rows = ((f"{path}:{number}", row) for number, row in jsonl_rows(path))
     data = instructions(instruction_format(path), rows)
     if not len(data):
         raise ValueError(f"{path} holds no examples")
@@ -111,7 +111,7 @@ def tokenize(tokenizer: Any, data: TextDataset, eos_id: int | None,
         assert data.targets is not None, "not instruction data: see read_instructions"
         pieces = [[(p, False), (c, True)] for p, c in zip(data.texts, data.targets, strict=True)]
     flat = [text for example in pieces for text, _ in example]
-    encoded = iter(_copy(tokenizer).encode_batch(flat, add_special_tokens=False))
+    encoded = iter(unpadded_tokenizer(tokenizer).encode_batch(flat, add_special_tokens=False))
     out = []
     for example in pieces:
         ids: list[int] = []

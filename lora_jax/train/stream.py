@@ -84,7 +84,7 @@ def text_blocks(tokenizer: Any, seq_len: int, eos_id: int | None, jsonl: bool) -
     """`Encode` of plain text (language modelling): the records' texts (a jsonl row's "text"
     field) tokenized as `data.lm_blocks` does, each followed by `eos_id`, cut into rows of
     `seq_len`; the tokens left over carry into the next chunk."""
-    tokenizer = data._copy(tokenizer)
+    tokenizer = data.unpadded_tokenizer(tokenizer)
 
     def encode(chunks: Iterator[list[Record]]) -> Iterator[Rows]:
         carry = np.zeros(0, np.int32)
