@@ -3,6 +3,7 @@ logical metadata), the arrays' actual shardings, sharded training equal to one d
 memory, and clear errors for bad meshes, specs and batches."""
 
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -118,6 +119,24 @@ def test_specs_and_actual_shardings_dense_densegeneral_embed_scan():
     apply = jax.jit(lora_jax.wrap(model.apply, TINY_CONFIG))
     np.testing.assert_allclose(apply({"params": injected}, ids), apply({"params": plain}, ids),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_shard_inject_of_an_init_that_changes_the_base_equals_inject(init):
+    # Before: shard_inject drew the factors from the base's shapes only, so an initialiser that
+    # reads the weight (PiSSA's SVD, OLoRA's QR, DoRA's magnitude) failed on it.
+    model, ids, params, layouts = tiny()
+    config = lora_jax.LoraConfig(r=4, target_modules=["qkv", "mlp", "head"],
+                                 init_lora_weights=init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the base becomes the residual
+        injected = shard_inject(params, config, jax.random.key(1), mesh222(),
+                                specs=match_specs(params, TINY_RULES), layouts=layouts)
+        plain = lora_jax.inject(params, config, jax.random.key(1), layouts=layouts)
+    assert injected["layers"]["mlp"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert not np.allclose(plain["head"]["kernel"], params["head"]["kernel"])  # residual base
+    for want, got in zip(jax.tree.leaves(plain), jax.tree.leaves(injected), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_a_saved_tables_original_is_sharded_as_the_table():

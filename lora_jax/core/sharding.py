@@ -38,6 +38,7 @@ from lora_jax.core.record import LoraRecord, iter_records, record_name, scale_na
 from lora_jax.core.saved import drop_originals, keep_originals, table_of
 from lora_jax.core.targets import with_leaves, without_leaves
 from lora_jax.quant.quantize import is_quantized
+from lora_jax.variants.inits import changes_base
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -286,22 +287,24 @@ def shard_inject(
     abstract = jax.eval_shape(lambda p, k: inject(p, config, k, layouts=layouts), plain, key)
     all_specs = lora_specs(abstract, params if specs is None else specs, rules=rules)
     shardings = named_shardings(all_specs, mesh, abstract)
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain)
+    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
+        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
+    # PiSSA / OLoRA / LoftQ also give the residual base weight.
+    residual = changes_base(getattr(config, "init_lora_weights", True))
 
     def factors(tree: Any) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}  # a module may hold several adapted weights
         for item in iter_records(tree):
-            out.setdefault(item.path, {}).update(
-                {name: item.module[name] for name in item.record.arrays})
+            names = (*item.record.arrays, *((item.record.weight,) if residual else ()))
+            out.setdefault(item.path, {}).update({name: item.module[name] for name in names})
         return out
 
-    new = jax.jit(lambda k: factors(inject(shapes, config, k, layouts=layouts)),
-                  out_shardings=factors(shardings))(key)
+    # From the placed base: DoRA's magnitude and the SVD inits read the weight's values.
+    new = jax.jit(lambda base, k: factors(inject(base, config, k, layouts=layouts)),
+                  out_shardings=factors(shardings))(placed, key)
     records: dict[str, dict[str, Any]] = {}
     for item in iter_records(abstract):
         records.setdefault(item.path, {})[record_name(item.record.weight)] = item.record
-    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
-        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
     return keep_originals(with_leaves(with_leaves(placed, new), records), config)
 
 

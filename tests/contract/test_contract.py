@@ -94,15 +94,7 @@ def test_a_training_step_moves_only_the_trainable_leaves(case):
     assert losses[-1] < losses[0]
 
 
-# A known defect, failing today (strict: its fix makes this fail until the mark goes).
-_SHARD_INJECT_DORA = pytest.mark.xfail(
-    strict=True, raises=AttributeError, reason="lora_jax.shard_inject initialises the factors "
-    "from the base's shapes only, and DoRA's magnitude needs the weight's values")
-SHARDED = [pytest.param(case, marks=_SHARD_INJECT_DORA) if case[0] == "linen"
-           and case[2] == "dora" else case for case in FLOAT_CORE]
-
-
-@pytest.mark.parametrize("case", SHARDED, ids=_id)
+@pytest.mark.parametrize("case", FLOAT_CORE, ids=_id)
 def test_a_sharded_step_equals_one_device(case):
     """The weight sharded over a 2 x 4 (fsdp, tensor) mesh: the adapter's leaves are placed on
     the mesh, partitioned where the weight is, and three steps give one device's losses and
