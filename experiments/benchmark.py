@@ -121,7 +121,8 @@ def jax_training(model: nn.Module, params: dict, ids: jax.Array, args: argparse.
 
     # LoRA and DoRA: split -> grad of the trainable half -> update -> combine.
     def split_step(config: lora_jax.LoraConfig) -> tuple[Callable[[], Any], int | None, Any]:
-        adapted = lora_jax.inject(params, config, jax.random.key(1))
+        adapted = lora_jax.inject(params, config, jax.random.key(1),
+                                  layouts=lora_jax.layouts(model, ids[:1, :8]))
         trainable, frozen = lora_jax.split(adapted, config)
         apply = lora_jax.wrap(model.apply, config)
 

@@ -382,7 +382,7 @@ def compare(name: str, fields: dict[str, Any], scan: bool, tmp: str, *, seed: in
     with quiet():
         try:
             config = lora_jax.LoraConfig(**fields)
-            layouts = lora_jax.layouts(model, **arch.inputs) if scan else None
+            layouts = lora_jax.layouts(model, **arch.inputs)
             params = lora_jax.inject(base, config, jax.random.key(seed), layouts=layouts)
         except (ValueError, TypeError) as e:
             params, res.ours_error = None, f"{type(e).__name__}: {e}"

@@ -2,6 +2,7 @@
 `__getattr__`, an `nn.jit`-decorated `__call__`), layers that run without their delta, a forward
 that reaches no adapted layer, and heads tied through another layer's `.apply`."""
 
+import dataclasses
 import warnings
 
 import flax.linen as nn
@@ -132,28 +133,37 @@ class Square(nn.Module):
         return nn.Dense(3, name="q")(x)
 
 
-def test_an_assumed_layout_is_recorded_and_merge_and_save_peft_warn(tmp_path):
+def test_an_assumed_square_layout_is_refused_by_merge_and_save_peft_until_confirmed(tmp_path):
     # Before: the record did not say the [in, out] reading was a guess, and merge / save_peft
     # took it silently (a square [out, in] kernel gets the transposed delta in peft).
     model = Square()
     base = model.init(jax.random.key(0), X)["params"]
     guessed = lora_jax.inject(base, CONFIG, jax.random.key(1))
     assert guessed["q"]["lora"].layout.assumed
-    for call in (lambda: lora_jax.merge(guessed, CONFIG),
-                 lambda: lora_jax.save_peft(tmp_path / "a", guessed, CONFIG)):
-        with pytest.warns(UserWarning, match=r"1 adapted kernels \(\['q'\]\) were read as "
-                                             r"\[in, out\] from the tree alone"):
+    refusal = r"'q' is a square kernel \(3, 3\) read as \[in, out\] from the tree alone"
+    for what, call in (("merge", lambda **kw: lora_jax.merge(guessed, CONFIG, **kw)),
+                       ("save_peft", lambda **kw: lora_jax.save_peft(tmp_path / "a", guessed,
+                                                                     CONFIG, **kw))):
+        with pytest.raises(ValueError, match=f"{what}: {refusal}"):
             call()
-    with pytest.warns(UserWarning, match=r"merge: 1 adapted kernels \(\['q'\]\)"):
-        loaded, config = lora_jax.load_peft(tmp_path / "a", base)
+        assert not (tmp_path / "a").exists()
+        call(layouts=lora_jax.layouts(model, X))  # the model confirms the reading
+    loaded, config = lora_jax.load_peft(tmp_path / "a", base)
+    with pytest.raises(ValueError, match=f"merge: {refusal}"):
         lora_jax.merge(loaded, config)
     known = lora_jax.inject(base, CONFIG, jax.random.key(1), layouts=lora_jax.layouts(model, X))
     assert not known["q"]["lora"].layout.assumed
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        lora_jax.merge(known, CONFIG)
-        lora_jax.save_peft(tmp_path / "b", known, CONFIG)
-        lora_jax.load_peft(tmp_path / "b", base, layouts=lora_jax.layouts(model, X))
+    lora_jax.merge(known, CONFIG)
+    lora_jax.save_peft(tmp_path / "b", known, CONFIG)
+    lora_jax.load_peft(tmp_path / "b", base, layouts=lora_jax.layouts(model, X))
+    # A model that reads the kernel [out, in] contradicts the assumed reading: refused.
+    transposed = {"q": dataclasses.replace(lora_jax.layouts(model, X)["q"], order="oi")}
+    with pytest.raises(ValueError, match=r"merge: 'q' was adapted as an \[in, out\] kernel, "
+                                         r"but the model reads it as 'oi'"):
+        lora_jax.merge(guessed, CONFIG, layouts=transposed)
+    # A non-square kernel read the wrong way fails on shapes elsewhere: no refusal needed.
+    wide = nn.Dense(5).init(jax.random.key(0), X)["params"]
+    lora_jax.merge(lora_jax.inject({"q": wide}, CONFIG, jax.random.key(1)), CONFIG)
 
 
 def test_mixed_batch_ids_reach_a_jitted_call():

@@ -99,7 +99,8 @@ def test_lora_on_the_file_blocks_trains_as_on_the_float_base(tiny_gguf):
     module, blocks, _, _ = gguf.load_gguf(tiny_gguf, quantize="gguf")
     config = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                  init_lora_weights=False)  # B != 0: the delta counts
-    params = lora_jax.inject(blocks, config, jax.random.key(0))
+    params = lora_jax.inject(blocks, config, jax.random.key(0),
+                             layouts=lora_jax.layouts(module, IDS))
     apply = lora_jax.wrap(module.apply, config)
     trainable, frozen = lora_jax.split(params, config)
     assert not lora_jax.quant.quantize.has_quantized(trainable)

@@ -288,7 +288,7 @@ def test_save_peft_refuses_gpt2_s_conv1d_weights(tmp_path):
     import flax.linen as nn
 
     config = LoKrConfig(r=1, target_modules=["proj"])
-    params = {"proj": nn.Dense(8).init(jax.random.key(0), jnp.ones((1, 8)))["params"]}
+    params = {"proj": nn.Dense(8).init(jax.random.key(0), jnp.ones((1, 6)))["params"]}
     params = lora_jax.inject(params, config, jax.random.key(1))
     with pytest.raises(ValueError, match="LOKR has no fan_in_fan_out.*not GPT-2's Conv1D"):
         lora_jax.save_peft(tmp_path, params, config, fan_in_fan_out=True)
@@ -374,8 +374,8 @@ def linen_lokr(name, scan):
     arch, hf, task, inputs, fields = E2E[name]
     model, base = base_params(arch, hf(), scan_layers=scan, build_kwargs=task, load_kwargs=task)
     config = LoKrConfig(**fields, init_weights=False)
-    found = lora_jax.layouts(model, **inputs) if scan else None
-    params = lora_jax.inject(base, config, jax.random.key(0), layouts=found)
+    params = lora_jax.inject(base, config, jax.random.key(0),
+                             layouts=lora_jax.layouts(model, **inputs))
     apply = lora_jax.wrap(model.apply, config)
     loss = lambda out: (out.astype(jnp.float32) ** 2).mean()
     params = train(params, config, loss, apply, inputs, steps=2)

@@ -77,8 +77,8 @@ def test_merged_scanned_stack_equals_the_wrapped_model():
 
 def test_safe_merge_raises_on_non_finite_weights():
     config = LoraConfig(r=1, target_modules=["p"])
-    params = _adapted({"p": {"kernel": jnp.ones((3, 3))}}, config, jnp.full((3, 1), jnp.inf),
-                      jnp.ones((1, 3)))
+    params = _adapted({"p": {"kernel": jnp.ones((3, 4))}}, config, jnp.full((3, 1), jnp.inf),
+                      jnp.ones((1, 4)))
     with pytest.raises(ValueError, match="merging 'p.kernel' produced NaN or inf"):
         lora_jax.merge(params, config, safe=True)
     assert not np.isfinite(lora_jax.merge(params, config)["p"]["kernel"]).all()

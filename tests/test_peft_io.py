@@ -90,7 +90,8 @@ def test_gpt2_jax_to_peft_logits_and_merge(tmp_path):
     config = lora_jax.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "wte"],
                                  bias="lora_only", use_rslora=True)
     apply = lora_jax.wrap(model.apply, config)
-    params = lora_jax.inject(base, config, jax.random.key(0))
+    params = lora_jax.inject(base, config, jax.random.key(0),
+                             layouts=lora_jax.layouts(model, INPUTS["input_ids"]))
     params = train(params, config, lm_loss, apply, (INPUTS["input_ids"],))
     assert np.abs(params["transformer"]["h_0"]["attn"]["c_proj"]["lora_B"]).max() > 0
     save_peft(tmp_path / "flat", params, config, model_type="gpt2", task_type="CAUSAL_LM")

@@ -127,7 +127,8 @@ def test_class_08_modules_to_save_on_a_tied_embedding_keeps_the_head_on_the_orig
     model = arch.module.build(config_hf)
     base = arch.module.params_from_hf(state_dict(hf), config_hf)
     config = lora_jax.LoraConfig(**fields)
-    params = lora_jax.inject(base, config, jax.random.key(0))
+    params = lora_jax.inject(base, config, jax.random.key(0),
+                             layouts=lora_jax.layouts(model, **arch.inputs))
     table = fields["modules_to_save"][0]
     module = next(m for p, m in _modules(params) if p.endswith(table))
     trainable, frozen = lora_jax.split(params, config)

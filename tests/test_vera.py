@@ -288,8 +288,8 @@ def test_vera_trained_here_loads_in_peft(tmp_path, name, scan):
     config = VeraConfig(r=8, target_modules=E2E[name], projection_prng_key=11)
     model, base = base_params(arch.module, arch.hf(), scan_layers=scan, build_kwargs=arch.task,
                               load_kwargs=arch.task)
-    layouts = lora_jax.layouts(model, **arch.inputs) if scan else None
-    params = lora_jax.inject(base, config, jax.random.key(0), layouts=layouts)
+    params = lora_jax.inject(base, config, jax.random.key(0),
+                             layouts=lora_jax.layouts(model, **arch.inputs))
     apply = lora_jax.wrap(model.apply, config)
     np.testing.assert_allclose(apply({"params": params}, **arch.inputs),  # lambda_b = 0
                                model.apply({"params": base}, **arch.inputs), atol=1e-6, rtol=0)

@@ -39,8 +39,8 @@ class Layout:
     - `error`: why the module cannot be adapted (set by `lora_jax.layouts`; `inject` raises it
       if the module is targeted).
     - `assumed`: read from the tree alone (`inject` / `load_peft` without `layouts`): a 2-D
-      kernel taken as `[in, out]`, which `wrap` checks against the layer's rule but `merge` and
-      `save_peft` cannot (they warn).
+      kernel taken as `[in, out]`, which `wrap` checks against the layer's rule; `merge` and
+      `save_peft` cannot, so they refuse a square one unless given `layouts` to confirm it.
 
     >>> Layout("dense", stacked=1, n_in=1).split((12, 768, 2304))
     ((12,), (768,), (2304,))

@@ -12,14 +12,14 @@ import numpy as np
 from lora_jax import variants
 from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
-from lora_jax.core.record import LoraRecord, check_config, records, warn_assumed
+from lora_jax.core.record import LoraRecord, check_assumed, check_config, records
 from lora_jax.core.saved import drop_originals
 from lora_jax.core.targets import unbox, with_leaves, without_leaves
 from lora_jax.quant.quantize import dequantize
 
 
 def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
-          safe: bool = False) -> dict[str, Any]:
+          safe: bool = False, layouts: Mapping[str, Layout] | None = None) -> dict[str, Any]:
     """Plain params for the unmodified model: W + scale * A B, factors and records removed.
 
     Each weight's layout, rank and scale come from its record; a `config` given is checked to
@@ -33,6 +33,8 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
     the wrapped forward (peft behaves the same; `wrap` warns when it sees this). Likewise a table
     in `modules_to_save`: merged params hold the trained table only, so a head tied to it
     follows it, while the wrapped forward's head reads the original (`lora_jax.core.saved`).
+    A square kernel adapted without `layouts` (read as `[in, out]` on trust) is refused unless
+    `layouts=lora_jax.layouts(model, x)` confirms that reading.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import LoraConfig, inject
@@ -43,7 +45,7 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
     ['bias', 'kernel']
     """
     found = records(params)
-    warn_assumed(params, "merge")
+    check_assumed(params, layouts, "merge")
     updates: dict[str, dict[str, Any]] = {}
     for item in found:
         check_config(item, config)

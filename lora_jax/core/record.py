@@ -12,7 +12,6 @@ never silently rescale them.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax
 
 from lora_jax import variants
 from lora_jax.core.factors import MATERIALISE, Layout
-from lora_jax.core.targets import join_path, same_value, without_leaves
+from lora_jax.core.targets import join_path, same_value, unbox, without_leaves
 
 
 def record_name(weight: str) -> str:
@@ -231,19 +230,30 @@ def records(params: Mapping[str, Any]) -> list[Adapted]:
     return found
 
 
-def warn_assumed(params: Mapping[str, Any], what: str) -> None:
-    """Warn that `what` (merge, save_peft) takes the assumed `[in, out]` layout of weights
-    adapted without `layouts` (`Layout.assumed`) on trust: a layer storing its kernel
-    `[out, in]` would get the transposed delta, which a square kernel's file does not reveal."""
-    assumed = [item.target for item in iter_records(params) if item.record.layout.assumed]
-    if assumed:
-        warnings.warn(
-            f"{what}: {len(assumed)} adapted kernels ({assumed[:5]}) were read as [in, out] from "
-            "the tree alone (inject or load_peft without layouts=); a layer that stores its "
-            "kernel [out, in] (transformers' FlaxConv1D, a custom layer) gets the transposed "
-            "delta here, which nothing checks. Pass layouts=lora_jax.layouts(model, "
-            "*example_inputs) to inject / load_peft to take each layout from the model",
-            stacklevel=3)
+def check_assumed(params: Mapping[str, Any], layouts: Mapping[str, Any] | None,
+                  what: str) -> None:
+    """Refuse to `what` (merge, save_peft) a square 2-D kernel whose `[in, out]` reading was
+    assumed (inject / load_peft without `layouts=`, `Layout.assumed`) unless `layouts` (the
+    model's, `lora_jax.layouts`) confirms it: stored `[out, in]`, it would get the transposed
+    delta, which its shape cannot reveal. (Read wrongly, a non-square kernel fails on shapes in
+    `wrap` and in peft.)"""
+    for item in iter_records(params):
+        shape = tuple(unbox(item.weight).shape)
+        if not item.record.layout.assumed or shape[0] != shape[-1]:
+            continue
+        known = None if layouts is None else layouts.get(item.target)
+        if known is None:
+            raise ValueError(
+                f"{what}: {item.target!r} is a square kernel {shape} read as [in, out] from the "
+                "tree alone (inject or load_peft without layouts=); stored [out, in] (a "
+                "transformers FlaxConv1D, a custom layer) it would get the transposed delta and "
+                "nothing could tell. Pass layouts=lora_jax.layouts(model, *example_inputs) to "
+                f"inject / load_peft, or to {what} to confirm the reading")
+        if known.kind != "dense" or (known.order or "io") != "io" or known.n_in != 1:
+            raise ValueError(
+                f"{what}: {item.target!r} was adapted as an [in, out] kernel, but the model reads "
+                f"it as {known.order or known.kind!r}: inject / load_peft again with "
+                "layouts=lora_jax.layouts(model, *example_inputs)")
 
 
 def check_config(adapted: Adapted, config: Any) -> None:

@@ -50,7 +50,7 @@ from lora_jax import variants
 from lora_jax.core.config import AdapterConfig, LoraConfig, alpha_for, scaling
 from lora_jax.core.factors import Layout
 from lora_jax.core.inject import Values, find_targets, new_record, per_layer
-from lora_jax.core.record import LoraRecord, owned, scale_name, warn_assumed
+from lora_jax.core.record import LoraRecord, check_assumed, owned, scale_name
 from lora_jax.core.saved import is_original, keep_originals
 from lora_jax.core.targets import (
     LIST_ELEMENT,
@@ -459,6 +459,7 @@ def save_peft(
     fan_in_fan_out: bool | None = None,
     base_model_class: str | None = None,
     initial_params: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> None:
     """Write `params`' adapter as peft's `adapter_model.safetensors` + `adapter_config.json`.
 
@@ -471,9 +472,12 @@ def save_peft(
     OLoRA, `initial_params` (the params right after `inject`) converts it to a plain LoRA of the
     original base (`lora_jax.core.convert.to_plain_lora`), as peft's
     `path_initial_model_for_weight_conversion` does; without it the file needs the residual base.
+    A square kernel adapted without `layouts` (read as `[in, out]` on trust) is refused unless
+    `layouts=lora_jax.layouts(model, x)` confirms that reading or `model_type` names the
+    architecture (whose kernels are `[in, out]`).
 
     >>> import os, tempfile, flax.linen as nn, jax, jax.numpy as jnp, lora_jax
-    >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 4)))["params"]}
+    >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]}
     >>> config = lora_jax.LoraConfig(r=2, target_modules=["proj"])
     >>> params = lora_jax.inject(base, config, jax.random.key(1))
     >>> with tempfile.TemporaryDirectory() as folder:  # e.g. model_type="gpt2" for GPT-2
@@ -494,7 +498,8 @@ def save_peft(
                              f"adapter; a {type(config).__name__} has no such init")
         params, config = to_plain_lora(params, initial_params, config)
     params = as_linear(params)
-    warn_assumed(params, "save_peft")
+    if model_type is None:  # a lora_jax.models architecture stores its kernels [in, out]
+        check_assumed(params, layouts, "save_peft")
     stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
         fan_in_fan_out = model_type is not None and _architecture(model_type).fan_in_fan_out
@@ -703,10 +708,13 @@ def load_peft(
     The factors are cast to `dtype` (float32 by default, so bfloat16 adapters load too);
     biases and modules_to_save weights to the dtype of the leaf they replace. Every tensor is
     checked (names, shapes, ranks, the config's targets) before the new tree is built, so a bad
-    adapter raises a ValueError naming the key and `params` is never modified.
+    adapter raises a ValueError naming the key and `params` is never modified. Each kernel's
+    layout comes from `layouts` (`lora_jax.layouts(model, x)`) or `model_type` (a
+    `lora_jax.models` architecture); without either, 2-D kernels are read as `[in, out]` on
+    trust, and `merge` / `save_peft` refuse a square one until confirmed.
 
     >>> import tempfile, flax.linen as nn, jax, jax.numpy as jnp, lora_jax
-    >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 4)))["params"]}
+    >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]}
     >>> config = lora_jax.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)
     >>> params = lora_jax.inject(base, config, jax.random.key(1))
     >>> with tempfile.TemporaryDirectory() as folder:
@@ -850,7 +858,9 @@ def load_peft(
             raise ValueError(f"{where}: {slot.flax_path!r} already has LoRA factors; load onto "
                              "the base params (or merge first)")
     _warn_unused(model_type, list(factors), where, index, config.modules_to_save)
-    new_params, adapted = _build(params, index, updates, config, dtype, where, layouts)
+    # A lora_jax.models architecture (model_type) stores its kernels [in, out]: not assumed.
+    new_params, adapted = _build(params, index, updates, config, dtype, where, layouts,
+                                 assumed=model_type is None)
     new_params = with_leaves(new_params, _expert_leaves(experts, config, dtype, layouts))
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
     flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",
@@ -953,7 +963,7 @@ def _weight_name(node: Mapping[str, Any]) -> str:
 
 def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
            updates: Mapping[tuple[str, int | None], dict[str, Any]], config: AdapterConfig,
-           dtype: jnp.dtype, where: str, layouts: Mapping[str, Layout] | None
+           dtype: jnp.dtype, where: str, layouts: Mapping[str, Layout] | None, assumed: bool
            ) -> tuple[dict[str, Any], dict[str, tuple[int, float] | None]]:
     """The new tree (per-layer updates stacked for scanned modules) and {flax path: (r, alpha)}."""
     by_module: dict[str, dict[int | None, dict[str, Any]]] = {}
@@ -984,7 +994,7 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
                 adapted[flax_path] = None  # no one (rank, alpha): the file's patterns give them
             layout = (layouts or {}).get(flax_path) or Layout(
                 "embed" if weight == "embedding" else "dense", stacked=int(scanned),
-                assumed=weight != "embedding")
+                assumed=assumed and weight != "embedding")
             adapted_layers = tuple(sorted(i for i in values if i is not None)) if scanned else None
             if scanned and len(values) < n_layers:
                 variant.check("layer_selection", f"{where}: {flax_path!r}")
