@@ -98,8 +98,13 @@ def test_a_forward_that_skips_an_adapted_weight_is_an_error(model, message):
         lora_jax.wrap(model.apply, CONFIG)({"params": params}, X)
 
 
-class TiedByApply(nn.Module):
-    """transformers' Flax GPT-2 / Whisper tie: `lm_head.apply({"params": {"kernel": wte.T}})`."""
+class Tied(nn.Module):
+    """A table and a head spelled `head`: transformers' Flax GPT-2 / Whisper tie
+    (`lm_head.apply({"params": {"kernel": wte.T}})`), a raw `h @ table.T`, an einsum, under
+    `nn.jit`; or untied: a one-hot lookup (a matmul over the vocabulary axis) and a head of its
+    own shaped like the table's transpose."""
+
+    head: str
 
     def setup(self):
         self.wte = nn.Embed(7, 3)
@@ -108,23 +113,46 @@ class TiedByApply(nn.Module):
     def __call__(self, ids):
         h = self.wte(ids)
         table = self.wte.variables["params"]["embedding"]
-        return self.lm_head.apply({"params": {"kernel": table.T}}, h)
+        if self.head == "apply":
+            return self.lm_head.apply({"params": {"kernel": table.T}}, h)
+        if self.head == "transpose":
+            return h @ table.T
+        if self.head == "einsum":
+            return jnp.einsum("btd,vd->btv", h, table * 2.0)
+        if self.head == "jit":
+            return jax.jit(lambda h, t: jnp.dot(h, t.T))(h, table)
+        if self.head == "one_hot":
+            return jax.nn.one_hot(ids, 7) @ table
+        return self.lm_head(h)  # untied
 
 
-def test_a_head_tied_through_apply_warns():
-    # Before: no warning; wrapped and merged logits differ (the head reads the original table).
-    model, ids = TiedByApply(), jnp.array([[1, 2, 3]])
+@pytest.mark.parametrize("head", ["apply", "transpose", "einsum", "jit"])
+def test_a_head_tied_however_spelled_warns(head):
+    # Before: no warning for any of these; wrapped and merged logits differ (the head reads
+    # the original table). A head `.apply`d with a weight shaped like the table warned by shape.
+    model, ids = Tied(head), jnp.array([[1, 2, 3]])
     base = model.init(jax.random.key(0), ids)["params"]
     config = lora_jax.LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False)
     params = lora_jax.inject(base, config, jax.random.key(1))
     with pytest.warns(UserWarning, match=r"'wte' is adapted and also used as a tied output head "
-                                         r"\(a Dense applied with a weight shaped like its table"):
+                                         r"\(a matmul over its table\)"):
         wrapped = lora_jax.wrap(model.apply, config)({"params": params}, ids)
     merged = model.apply({"params": lora_jax.merge(params, config)}, ids)
     assert float(jnp.abs(wrapped - merged).max()) > 0.1  # why it warns
-    with warnings.catch_warnings():  # an untied model gets no warning
+    with warnings.catch_warnings():  # the lookup alone is no tie
         warnings.simplefilter("error")
         lora_jax.wrap(model.apply, config)({"params": params}, ids, method=lambda m, i: m.wte(i))
+
+
+@pytest.mark.parametrize("head", ["one_hot", "untied"])
+def test_a_lookup_matmul_or_an_untied_head_does_not_warn(head):
+    model, ids = Tied(head), jnp.array([[1, 2, 3]])
+    base = model.init(jax.random.key(0), ids)["params"]
+    config = lora_jax.LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False)
+    params = lora_jax.inject(base, config, jax.random.key(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_jax.wrap(model.apply, config)({"params": params}, ids)
 
 
 class Square(nn.Module):

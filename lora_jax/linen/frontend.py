@@ -47,10 +47,12 @@ from lora_jax.core.record import (
     iter_records,
     record_name,
     target_path,
+    without_adapters,
 )
 from lora_jax.core.rules import NotAdaptable, Rule, rule_for
 from lora_jax.core.saved import is_original, original_name
 from lora_jax.core.targets import iter_modules, join_path, unbox, with_leaves
+from lora_jax.core.tied import contracted
 from lora_jax.linen.quantized import quantized_calls
 from lora_jax.quant.quantize import is_quantized
 
@@ -81,12 +83,12 @@ def _keyed(variables: Mapping[str, Any], key: Hashable) -> dict[str, Any]:
 @dataclasses.dataclass
 class _Trace:
     """What one wrapped call's interceptor saw: the module paths that ran a method, the
-    adapted weights whose delta it added ({path: {weight}}), and the adapted tables' shapes
-    (a tied head may read one through another layer's `.apply`)."""
+    adapted weights whose delta it added, and the tables it warned were read by `attend`."""
 
-    tables: dict[tuple[int, ...], str]
     visited: set[str] = dataclasses.field(default_factory=set)
     applied: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    attended: set[str] = dataclasses.field(default_factory=set)
+
 def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
                  kwargs: Mapping[str, Any]) -> tuple[str, Any, Layout]:
     """(weight name, weight as the module sees it, layout for this call) of a ruled module."""
@@ -131,18 +133,23 @@ def _foreign(module: nn.Module) -> bool:
     return not module.path and not module.has_variable(TRACE_COLLECTION, "key")
 
 
-def _check_tied_head(module: nn.Module, rule: Rule, trace: _Trace) -> None:
-    """Warn when a layer applied on its own reads a weight shaped like an adapted table (or
-    its transpose): transformers' Flax heads tie so (`lm_head.apply({"params": {"kernel":
-    wte.T}}, h)`)."""
-    weight = rule.weight_name(module)
-    if not module.has_variable("params", weight):
+def _warn_tied(apply_fn: Callable[..., Any], variables: Mapping[str, Any], args: tuple[Any, ...],
+               kwargs: Mapping[str, Any], adapted: list[Adapted], warned: set[str]) -> None:
+    """Warn for each adapted table the base forward also contracts over its feature axis (a
+    tied head however spelled: `h @ table.T`, a head `.apply`d with the table), found in the
+    forward's jaxpr (`lora_jax.core.tied`); tables warned of through `attend` are skipped."""
+    tables = {f"{item.path}.{item.record.weight}": item.target for item in adapted
+              if item.record.layout.kind == "embed" and not item.record.layout.stacked
+              and item.target not in warned}
+    if not tables:
         return
-    table = trace.tables.get(tuple(unbox(module.get_variable("params", weight)).shape))
-    if table is not None:
-        warnings.warn(TIED_HEAD_WARNING.format(
-            path=table, how=f"a {type(module).__name__} applied with a weight shaped like its "
-            "table"), stacklevel=3)
+    base = unbox(without_adapters(variables["params"]))
+    positions = {i: (tables[key], 1) for i, (path, _) in enumerate(
+        jax.tree_util.tree_leaves_with_path(base)) if (key := join_path(path)) in tables}
+    jaxpr = jax.make_jaxpr(lambda p: apply_fn({**variables, "params": p}, *args, **kwargs))(base)
+    for table in sorted(contracted(jaxpr, positions)):
+        warnings.warn(TIED_HEAD_WARNING.format(path=table, how="a matmul over its table"),
+                      stacklevel=3)
 
 
 def _interceptor(ids: jax.Array | None, strategy: Strategy, trace: _Trace) -> Callable[..., Any]:
@@ -161,8 +168,6 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy, trace: _Trace) -> Ca
             return out
         rule = rule_for(module)
         if _foreign(module):
-            if rule is not None and context.method_name == "__call__":
-                _check_tied_head(module, rule, trace)
             return out
         path = join_path(module.path)
         trace.visited.add(path)
@@ -176,6 +181,7 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy, trace: _Trace) -> Ca
             return out
         if context.method_name == "attend":
             trace.applied.add((path, rule.weight_name(module)))  # not a bypass: warned
+            trace.attended.add(path)
             warnings.warn(TIED_HEAD_WARNING.format(path=path, how="Embed.attend"),
                           stacklevel=2)
             return out
@@ -280,9 +286,7 @@ def wrap(apply_fn: Callable[..., Any], config: AdapterConfig, *,
         adapted = list(iter_records(variables["params"]))
         for item in adapted:
             check_config(item, config)
-        trace = _Trace({shape: item.target for item in adapted
-                        if item.record.layout.kind == "embed" and not item.record.layout.stacked
-                        for shape in (item.weight.shape, item.weight.shape[::-1])})
+        trace = _Trace()
         trainable, frozen = split(variables["params"], config)
         _check_not_quantized(trainable)
         params = combine(trainable, jax.tree.map(jax.lax.stop_gradient, frozen))
@@ -297,6 +301,7 @@ def wrap(apply_fn: Callable[..., Any], config: AdapterConfig, *,
             out = apply_fn(_keyed({**variables, "params": params}, (strategy, mixed)), *args,
                            **kwargs)
         _check_applied(trace, adapted, structure, "method" in kwargs)
+        _warn_tied(apply_fn, variables, args, kwargs, adapted, trace.attended)
         if "mutable" in kwargs and isinstance(out, tuple) and isinstance(out[-1], Mapping):
             out = (*out[:-1], {k: v for k, v in out[-1].items() if k != TRACE_COLLECTION})
         return out
