@@ -16,6 +16,7 @@ import os
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -263,8 +264,12 @@ def test_bad_input(setups):
             weighted_adapter(*args[:3], density=args[3] if len(args) > 3 else None)
     other_base = jax.tree.map(lambda x: x, a)
     other_base["transformer"]["ln_f"]["scale"] = other_base["transformer"]["ln_f"]["scale"] + 1
-    with pytest.raises(ValueError, match="transformer.ln_f.scale of adapter 1"):
+    with pytest.raises(ValueError, match=r"weighted_adapter: adapter 1 changes "
+                                         r"'transformer.ln_f.scale', which is not a LoRA factor"):
         weighted_adapter([a, other_base], [1.0, 1.0], "cat")
+    with pytest.raises(ValueError, match=r"weighted_adapter: adapter 1 is over another model: "
+                                         r"its params differ in extra\.kernel"):
+        weighted_adapter([a, {**a, "extra": {"kernel": jnp.ones((2, 2))}}], [1.0, 1.0], "cat")
     dora = jax.tree.map(lambda x: x, a)
     h0 = dora["transformer"]["h_0"]["attn"]["c_attn"]
     h0["lora"] = dataclasses.replace(h0["lora"], variant="dora")

@@ -162,16 +162,21 @@ def without_adapters(params: Mapping[str, Any]) -> dict[str, Any]:
                                    for n in i.record.leaves})
 
 
-def base_difference(first: Mapping[str, Any], other: Mapping[str, Any]) -> tuple[str, str] | None:
-    """Where `other`'s base (its tree without adapter leaves) differs from `first`'s:
-    `("tree", paths)` for leaves only one has, `("value", path)` for the first leaf whose value
-    differs, None when both are over one base."""
+def check_same_base(first: Mapping[str, Any], other: Mapping[str, Any], who: str) -> None:
+    """Raise unless `other`'s base (its tree without adapter leaves) is `first`'s: adapters
+    combined (a set, a weighted adapter) share one frozen base. `who` names `other`."""
     mine, theirs = ({join_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(
         without_adapters(tree))} for tree in (first, other))
     if mine.keys() != theirs.keys():
-        return "tree", ", ".join(sorted(mine.keys() ^ theirs.keys())[:5])
-    return next((("value", path) for path, value in theirs.items()
-                 if not same_value(value, mine[path])), None)
+        raise ValueError(f"{who} is over another model: its params differ in "
+                         f"{', '.join(sorted(mine.keys() ^ theirs.keys())[:5])}")
+    changed = next((path for path, value in theirs.items()
+                    if not same_value(value, mine[path])), None)
+    if changed is not None:
+        raise ValueError(
+            f"{who} changes {changed!r}, which is not a LoRA factor (trained biases or "
+            "modules_to_save?): combined adapters share one frozen base, so they may hold only "
+            "LoRA factors (peft refuses the same)")
 
 
 def leading(record: LoraRecord) -> int:

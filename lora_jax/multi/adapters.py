@@ -46,7 +46,7 @@ from lora_jax.core.config import AdapterConfig
 from lora_jax.core.record import (
     Adapted,
     LoraRecord,
-    base_difference,
+    check_same_base,
     leading,
     record_name,
     records,
@@ -97,19 +97,6 @@ def _full_scale(item: Adapted) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(item.scale, jnp.float32), stacked)
 
 
-def _check_base(first: Mapping[str, Any], other: Mapping[str, Any], name: str) -> None:
-    """Every non-LoRA leaf of `other` equals `first`'s: a set shares one base."""
-    difference = base_difference(first, other)
-    if difference and difference[0] == "tree":
-        raise ValueError(f"adapter {name!r} is over another model: its params differ in "
-                         f"{difference[1]}")
-    if difference:
-        raise ValueError(
-            f"adapter {name!r} changes {difference[1]!r}, which is not a LoRA factor (trained "
-            "modules_to_save or bias?): an adapter set shares one frozen base, so its "
-            "adapters may hold only LoRA factors")
-
-
 def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]]) -> AdapterSet:
     """An `AdapterSet` from `{name: (params, config)}`, each params tree one adapter over the
     same base (from `inject` or `load_peft`). Ranks and targets may differ.
@@ -131,7 +118,7 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]])
                 raise ValueError(f"adapter {name!r}: {item.target!r} is {what}; adapter sets "
                                  "hold adapters of ruled layers")
         if found:
-            _check_base(trees[0], tree, name)
+            check_same_base(trees[0], tree, f"adapter {name!r}")
         found.append(items)
     keys = list(dict.fromkeys(k for items in found for k in items))
     updates: dict[str, dict[str, Any]] = {}
@@ -295,7 +282,7 @@ def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
     if not set(new) <= set(current) or any(new[key].record.rank > current[key].record.rank
                                            for key in new):
         return adapter_set(members)
-    _check_base(aset.params, params, name)
+    check_same_base(aset.params, params, f"adapter {name!r}")
     # One slot of the new adapter (scales as arrays), padded to the set's ranks below.
     rebuilt = {_key(i): i for i in records(adapter_set({name: (params, config)}).params)}
     updates: dict[str, dict[str, Any]] = {}
@@ -346,14 +333,15 @@ def save_set(path: str | os.PathLike, aset: AdapterSet, **save_kwargs: Any) -> N
 
     >>> import os, tempfile
     >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
-    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
+    >>> model, x = nn.Dense(4), jnp.ones((1, 3))
     >>> base = model.init(jax.random.key(0), x)["params"]
     >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
     >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     save_set(folder, adapter_set({"default": (a, config), "b": (b, config)}))
-    ...     sorted(os.listdir(folder))
-    ['adapter_config.json', 'adapter_model.safetensors', 'b']
+    ...     files, aset = sorted(os.listdir(folder)), load_set(folder, base)
+    >>> files, aset.names, aset.params["lora_A"].shape  # [K, in, r]
+    (['adapter_config.json', 'adapter_model.safetensors', 'b'], ('default', 'b'), (2, 3, 2))
     """
     root = Path(path)
     for name in aset.names:
@@ -368,19 +356,8 @@ def load_set(path: str | os.PathLike, params: Mapping[str, Any],
              names: Sequence[str] | None = None, **load_kwargs: Any) -> AdapterSet:
     """An `AdapterSet` over base `params` from a folder in peft's multi-adapter layout
     (`save_set`, or peft's `save_pretrained` with several adapters). `names`: which adapters
-    (default: all found, "default" first). `load_kwargs` go to `lora_jax.load_peft`.
-
-    >>> import tempfile
-    >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
-    >>> model, x = nn.Dense(4), jnp.ones((1, 4))
-    >>> base = model.init(jax.random.key(0), x)["params"]
-    >>> config = lora_jax.LoraConfig(r=2, target_modules=".*", init_lora_weights=False)
-    >>> a, b = (lora_jax.inject(base, config, jax.random.key(seed)) for seed in (1, 2))
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     save_set(folder, adapter_set({"default": (a, config), "b": (b, config)}))
-    ...     aset = load_set(folder, base)
-    >>> aset.names, aset.params["lora_A"].shape  # [K, in, r]
-    (('default', 'b'), (2, 4, 2))
+    (default: all found, "default" first). `load_kwargs` go to `lora_jax.load_peft`. Example:
+    `save_set`.
     """
     root = Path(path)
     found = []

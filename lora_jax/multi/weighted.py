@@ -45,7 +45,7 @@ import numpy as np
 from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.factors import Layout, factor_shapes, pad_rank
-from lora_jax.core.record import Adapted, base_difference, record_name, records, without_adapters
+from lora_jax.core.record import Adapted, check_same_base, record_name, records, without_adapters
 from lora_jax.core.targets import unbox, with_leaves
 
 _FACTORED = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -119,7 +119,8 @@ def weighted_adapter(
 
     found = [{(item.path, item.record.weight): item for item in records(tree)}
              for tree in adapters]
-    _check_same_base(adapters)
+    for number, tree in enumerate(adapters[1:], 1):
+        check_same_base(adapters[0], tree, f"weighted_adapter: adapter {number}")
     modules = list(dict.fromkeys(k for by_module in found for k in by_module))
     for where in modules:
         _check_record(where, [by_module.get(where) for by_module in found])
@@ -161,20 +162,6 @@ def weighted_adapter(
 
 
 # --- checks ---------------------------------------------------------------------------------------
-
-def _check_same_base(adapters: Sequence[Mapping[str, Any]]) -> None:
-    """Every adapter's tree without its LoRA leaves must be the first one's (same base)."""
-    for number, tree in enumerate(adapters[1:], 1):
-        difference = base_difference(adapters[0], tree)
-        if difference and difference[0] == "tree":
-            raise ValueError(f"weighted_adapter: adapter {number} and adapter 0 have different "
-                             f"trees at {difference[1]}; combine adapters of one base model")
-        if difference:
-            raise ValueError(
-                f"weighted_adapter: {difference[1]} of adapter {number} differs from adapter "
-                "0's; the adapters must share one base (an adapter that trained biases or "
-                "modules_to_save cannot be combined: peft refuses those too)")
-
 
 def _check_record(where: tuple[str, str], items: Sequence[Adapted | None]) -> None:
     present = [(n, item) for n, item in enumerate(items) if item is not None]
