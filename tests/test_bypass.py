@@ -101,8 +101,8 @@ def test_a_forward_that_skips_an_adapted_weight_is_an_error(model, message):
 class Tied(nn.Module):
     """A table and a head spelled `head`: transformers' Flax GPT-2 / Whisper tie
     (`lm_head.apply({"params": {"kernel": wte.T}})`), a raw `h @ table.T`, an einsum, under
-    `nn.jit`; or untied: a one-hot lookup (a matmul over the vocabulary axis) and a head of its
-    own shaped like the table's transpose."""
+    `jax.jit`, in a loop; or untied: a one-hot lookup (a matmul over the vocabulary axis) and
+    a head of its own shaped like the table's transpose."""
 
     head: str
 
@@ -121,12 +121,15 @@ class Tied(nn.Module):
             return jnp.einsum("btd,vd->btv", h, table * 2.0)
         if self.head == "jit":
             return jax.jit(lambda h, t: jnp.dot(h, t.T))(h, table)
+        if self.head == "loop":
+            head = lambda i, out: out + jnp.einsum("btd,dv->btv", h, table.T.astype(h.dtype))
+            return jax.lax.fori_loop(0, 2, head, jnp.zeros((*h.shape[:2], 7)))
         if self.head == "one_hot":
             return jax.nn.one_hot(ids, 7) @ table
         return self.lm_head(h)  # untied
 
 
-@pytest.mark.parametrize("head", ["apply", "transpose", "einsum", "jit"])
+@pytest.mark.parametrize("head", ["apply", "transpose", "einsum", "jit", "loop"])
 def test_a_head_tied_however_spelled_warns(head):
     # Before: no warning for any of these; wrapped and merged logits differ (the head reads
     # the original table). A head `.apply`d with a weight shaped like the table warned by shape.
