@@ -197,6 +197,27 @@ def test_an_assumed_square_layout_is_refused_by_merge_and_save_peft_until_confir
     lora_jax.merge(lora_jax.inject({"q": wide}, CONFIG, jax.random.key(1)), CONFIG)
 
 
+class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.scan(lambda m, h, _: (m(h), None), variable_axes={"params": 0},
+                        split_rngs={"params": True}, length=2)
+        return layer(nn.Dense(3, name="q"), x, None)[0]
+
+
+def test_a_stacked_square_kernel_loaded_without_layouts_is_refused_too(tmp_path):
+    # A scanned stack [layers, in, out] is square in its last two axes.
+    model = Stack()
+    base = model.init(jax.random.key(0), X)["params"]
+    layouts = lora_jax.layouts(model, X)
+    params = lora_jax.inject(base, CONFIG, jax.random.key(1), layouts=layouts)
+    lora_jax.save_peft(tmp_path, params, CONFIG, stacks=["q"])
+    loaded, config = lora_jax.load_peft(tmp_path, base, stacks=["q"])
+    with pytest.raises(ValueError, match=r"merge: 'q' is a square kernel \(2, 3, 3\)"):
+        lora_jax.merge(loaded, config)
+    lora_jax.merge(loaded, config, layouts=layouts)
+
+
 def test_mixed_batch_ids_reach_a_jitted_call():
     # The ids are part of nn.jit's cache key: a second batch with other ids is not the first's.
     from lora_jax.multi.adapters import adapter_set, select

@@ -237,14 +237,14 @@ def records(params: Mapping[str, Any]) -> list[Adapted]:
 
 def check_assumed(params: Mapping[str, Any], layouts: Mapping[str, Any] | None,
                   what: str) -> None:
-    """Refuse to `what` (merge, save_peft) a square 2-D kernel whose `[in, out]` reading was
+    """Refuse to `what` (merge, save_peft) a square kernel whose `[in, out]` reading was
     assumed (inject / load_peft without `layouts=`, `Layout.assumed`) unless `layouts` (the
     model's, `lora_jax.layouts`) confirms it: stored `[out, in]`, it would get the transposed
     delta, which its shape cannot reveal. (Read wrongly, a non-square kernel fails on shapes in
     `wrap` and in peft.)"""
     for item in iter_records(params):
-        shape = tuple(unbox(item.weight).shape)
-        if not item.record.layout.assumed or shape[0] != shape[-1]:
+        shape = tuple(unbox(item.weight).shape)  # [*stacked, in, out]
+        if not item.record.layout.assumed or shape[-2] != shape[-1]:
             continue
         known = None if layouts is None else layouts.get(item.target)
         if known is None:
