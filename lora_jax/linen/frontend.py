@@ -89,6 +89,7 @@ class _Trace:
     applied: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     attended: set[str] = dataclasses.field(default_factory=set)
 
+
 def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
                  kwargs: Mapping[str, Any]) -> tuple[str, Any, Layout]:
     """(weight name, weight as the module sees it, layout for this call) of a ruled module."""
