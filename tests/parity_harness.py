@@ -234,6 +234,16 @@ def quiet():
             logging.disable(logging.NOTSET)
 
 
+def _float64(peft_model: Any) -> Any:
+    """A float64 copy of `peft_model`; an MoE model's experts run eagerly (transformers'
+    default grouped_mm takes no float64)."""
+    model = copy.deepcopy(peft_model).double()
+    base = model.get_base_model()
+    if getattr(base.config, "_experts_implementation", None) not in (None, "eager"):
+        base.set_experts_implementation("eager")
+    return model
+
+
 def _perturb_torch(model: Any, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -324,7 +334,7 @@ def _logits_diff(res: Result, what: str, ours: np.ndarray, peft_model: Any, arch
     if d <= TOL:
         return
     with quiet():
-        exact = torch_out(copy.deepcopy(peft_model).double(), arch.inputs)
+        exact = torch_out(_float64(peft_model), arch.inputs)
     d64 = _close(ours, exact, arch)
     res.checks[f"{what}_logits_float64"] = d64
     # How far float32 itself is from the exact logits here (peft's own float32 error): with q
