@@ -235,7 +235,7 @@ def records(params: Mapping[str, Any]) -> list[Adapted]:
     return found
 
 
-def check_assumed(params: Mapping[str, Any], layouts: Mapping[str, Any] | None,
+def check_assumed(params: Mapping[str, Any], layouts: Mapping[str, Layout] | None,
                   what: str) -> None:
     """Refuse to `what` (merge, save_peft) a square kernel whose `[in, out]` reading was
     assumed (inject / load_peft without `layouts=`, `Layout.assumed`) unless `layouts` (the

@@ -57,8 +57,6 @@ Key = tuple[str, str]  # (module path, weight name)
 # the optimizer's hyperparameters (passed by name to the `tx` factory, as data).
 SWEEP_KEYS = ("seed", "lr", "r", "lora_alpha", "weight_decay")
 OPTIMIZER_KEYS = ("lr", "weight_decay")
-_STATIC = ("target_modules", "lora_dropout", "modules_to_save", "layers_to_transform",
-           "use_dora", "use_rslora", "bias", "init_lora_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +90,9 @@ class Sweep:
 
 def point_config(config: LoraConfig, point: Mapping[str, Any]) -> LoraConfig:
     """`config` with the point's `r` / `lora_alpha`; raises on an unknown or fixed key."""
+    fields = {f.name for f in dataclasses.fields(config)}
     for key in point:
-        if key in _STATIC:
+        if key in fields and key not in SWEEP_KEYS:  # e.g. target_modules, use_dora
             raise ValueError(
                 f"a sweep point sets {key!r}: the K adapters of a sweep share one static "
                 f"structure, so only {list(SWEEP_KEYS)} may vary; run one sweep per {key}")
