@@ -1,18 +1,15 @@
 """The training loop behind `lora-jax finetune`: a jitted step over the trainable half of the
 params, evaluation, a tqdm progress bar, orbax checkpoints, and Ctrl-C that saves and stops.
 
-The loop is method-agnostic. A method is a `forward(params, batch, dropout_key) -> logits`
-(LoRA: `lora_jax.wrap(model.apply, config)`; prompt-tuning: `lora_jax.train.prompt_tuning.wrap`),
-a `LoraConfig` whose `split` picks the trainable leaves (LoRA factors, `modules_to_save`), and
-an optax transformation (`lora_jax.optimizer` for LoRA). Only the trainable half is
-differentiated, updated and checkpointed; the frozen half is an argument that is never written.
-
-Runs are reproducible step by step: batch `i` and its dropout key are pure functions of
-(seed, i), so a run resumed from the checkpoint of step k repeats the uninterrupted run's losses.
+A method is a `forward(params, batch, dropout_key) -> logits` (LoRA: `lora_jax.wrap`;
+prompt-tuning: `lora_jax.train.prompt_tuning.wrap`) and an optax transformation; only the
+trainable half is differentiated, updated and checkpointed. Batch `i` and its dropout key are
+pure functions of (seed, i), so a resumed run repeats the uninterrupted run's losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -191,10 +188,6 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
     An empty split gives None for every measure (and 0 examples / tokens), never a number.
     `feed` makes each batch (as in `fit`)."""
     n = len(arrays["input_ids"])
-    if n == 0:
-        if task == "classify":
-            return {"loss": None, "accuracy": None, "examples": 0}
-        return {"loss": None, "perplexity": None, "tokens": 0}
     sums = _eval_sums(forward, task)
     totals = np.zeros(3)
     for start in range(0, n, batch_size):
@@ -205,12 +198,12 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
         mask = feed({"valid": valid}, np.arange(batch_size))["valid"]
         totals += [float(x) for x in sums(params, batch, mask)]
     loss_sum, correct, count = totals
-    if count == 0:  # blocks whose mask leaves no next token to predict
-        return evaluate(forward, task, params, {k: v[:0] for k, v in arrays.items()}, batch_size,
-                        feed)
+    # None for an empty split, or blocks whose mask leaves no next token to predict.
+    loss = float(loss_sum / count) if count else None
     if task == "classify":
-        return {"loss": loss_sum / count, "accuracy": correct / count, "examples": int(count)}
-    return {"loss": loss_sum / count, "perplexity": float(np.exp(loss_sum / count)),
+        return {"loss": loss, "accuracy": float(correct / count) if count else None,
+                "examples": int(count)}
+    return {"loss": loss, "perplexity": None if loss is None else float(np.exp(loss)),
             "tokens": int(count)}
 
 
@@ -237,21 +230,17 @@ class FitResult:
         return (self.seconds - self.first_step_seconds) / max(1, self.steps_run - 1)
 
 
-class _StopFlag:
-    """SIGINT sets a flag that the loop checks between steps (no half-finished step)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, lambda *_: self.event.set())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+@contextlib.contextmanager
+def _stop_flag() -> Iterator[threading.Event]:
+    """SIGINT sets an event that the loop checks between steps (no half-finished step)."""
+    stop = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if main else None
+    try:
+        yield stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def device_memory() -> dict[str, int]:
@@ -315,7 +304,7 @@ def fit(
     losses = list(losses or [])[:start_step]
     base_key = jax.random.key(seed)
     bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
+               disable=not progress or jax.process_index() != 0)  # closed by the `with` below
     # Device losses not yet read, with their step's row (keeps dispatch asynchronous).
     pending: list[tuple[jax.Array, dict[str, Any]]] = []
     tokens = 0  # counted as the steps' rows are recorded (the device's count, read late)
@@ -329,7 +318,6 @@ def fit(
         nonlocal tokens, first_tokens
         loss = float(value)
         if not math.isfinite(loss):
-            bar.close()
             raise Diverged(len(losses) + 1, loss, last_saved, list(losses))
         losses.append(loss)
         row["tokens"] = int(row["tokens"])
@@ -349,7 +337,6 @@ def fit(
         while pending:
             record(*pending.pop(0))
         if not _all_finite((trainable, opt_state)):
-            bar.close()
             raise Diverged(step, None, last_saved, list(losses))
         if checkpointer is not None:
             checkpointer.save(step, trainable, opt_state, config, force=True,
@@ -359,7 +346,7 @@ def fit(
         if on_save is not None:
             on_save(step, losses)
 
-    with _StopFlag() as stop:
+    with _stop_flag() as stop, bar:
         step = start_step
         while step < steps:
             batch = next(batches)
@@ -387,13 +374,11 @@ def fit(
                                 tok_s=f"{(tokens - (first_tokens or 0)) / elapsed:,.0f}",
                                 refresh=False)
             bar.update(1)
-            if stop.event.is_set():
+            if stop.is_set():
                 save(step)
-                bar.close()
                 raise Interrupted(step)
             if save_every and step % save_every == 0 and step < steps:
                 save(step)
         save(step)
-    bar.close()
     return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time,
                      first_step_seconds, step - start_step, tokens - (first_tokens or 0))
