@@ -31,7 +31,7 @@ from lora_jax.train.data import batch_indices
 Params = dict[str, Any]
 Batch = Mapping[str, Any]
 Forward = Callable[[Params, Batch, "jax.Array | None"], jax.Array]
-# (arrays, indices of the global batch's rows) -> the batch the step reads (see `fit`'s `feed`).
+# (arrays, indices of the global batch's rows) -> the batch the step reads (`batches`, `evaluate`).
 Feed = Callable[[Mapping[str, np.ndarray], np.ndarray], Batch]
 
 
@@ -78,10 +78,8 @@ def _all_finite(tree: Any) -> bool:
 
 
 def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Per-example (`classify`, logits [B, C]), per-next-token (`lm`, logits [B, T, V]) or
-    per-target-token (`seq2seq`: decoder logits [B, T, V] against `labels`) cross-entropies and
-    their weights (for `lm` the batch's `loss_mask` if it has one, instruction data's trained
-    tokens, else the attention mask; `label_mask` for `seq2seq`)."""
+    """Per-example (`classify`), per-next-token (`lm`) or per-target-token (`seq2seq`)
+    cross-entropies and their weights (`lm`: the `loss_mask` if any, else the attention mask)."""
     logits = logits.astype(jnp.float32)
     if task == "classify":
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
@@ -277,25 +275,21 @@ def fit(
     on_eval: Callable[[int, Params], Mapping[str, Any]] | None = None,
 ) -> FitResult:
     """Train from `start_step` to `steps` on `batches`, the global batches of steps `start_step`,
-    `start_step + 1`, ... (`loop.batches(arrays, batch_size * grad_accum, seed, start_step)` of
-    in-memory arrays, or a streamed file's, `lora_jax.train.stream`): each step accumulates
-    `grad_accum` micro-batches (`make_step`).
+    `start_step + 1`, ... (`batches(arrays, batch_size * grad_accum, seed, start_step)`, or a
+    streamed file's: `lora_jax.train.stream`), each accumulating `grad_accum` micro-batches.
+    Step i's dropout key is `fold_in(key(seed), i)`. A non-finite loss (or trained state) raises
+    `Diverged`: nothing after the last finite step is checkpointed.
 
-    A non-finite loss (or trained state) raises `Diverged`; no checkpoint is written after the
-    last finite step, so the checkpointer keeps only good states.
-
-    Step i's dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
-    `lora_jax.core.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
-    the end, and on Ctrl-C, after which `Interrupted` is raised; the losses up to the step are
-    saved in the checkpoint's `extra` (`{"losses": [...]}`), committed with its arrays, and
-    `on_save(step, losses)` is called after each save (e.g. to write the loss log beside it).
-    `log(row)` gets one row per step: `step`, `loss`, `lr` (`schedule(step - 1)`, the rate of
-    the step's update), `seconds` (since the previous row; the first includes compilation),
-    `examples_per_second`, `tokens_per_second`, the device memory where jax reports it, and
-    every `eval_every` steps what `on_eval(step, trainable)` returns (e.g. validation metrics).
-    `step_fn` replaces `make_step(forward, task, tx, grad_accum)` (e.g. with its compiled form,
-    or one jitted with the shardings of a mesh). `trainable` and `opt_state` are donated to the
-    jitted step: pass copies if you need them afterwards.
+    With a `checkpointer` (an `AdapterCheckpointer`) the state is saved every `save_every` steps,
+    at the end, and on Ctrl-C, after which `Interrupted` is raised; the checkpoint's `extra`
+    holds the losses up to its step (`{"losses": [...]}`), and `on_save(step, losses)` is called
+    after each save. `log(row)` gets one row per step: `step`, `loss`, `lr`
+    (`schedule(step - 1)`, the rate of the step's update), `seconds` (since the previous row;
+    the first includes compilation), `examples_per_second`, `tokens_per_second`, the device
+    memory where jax reports it, and every `eval_every` steps what `on_eval(step, trainable)`
+    returns.
+    `step_fn` replaces `make_step(forward, task, tx, grad_accum)` (e.g. one jitted with a mesh's
+    shardings). `trainable` and `opt_state` are donated: pass copies to keep them.
     """
     from tqdm.auto import tqdm
 

@@ -32,12 +32,11 @@ Example = tuple[np.ndarray, np.ndarray]  # token ids, trained (0/1), one example
 def instruction_format(path: str | Path) -> str | None:
     """"pairs" (prompt / completion) or "messages" when the first line of the jsonl file is
     such a record, else None (a `{"text", "label"}` file)."""
-    for _, row in jsonl_rows(path):
-        if isinstance(row, dict) and "messages" in row:
-            return "messages"
-        if isinstance(row, dict) and ("prompt" in row or "completion" in row):
-            return "pairs"
-        return None
+    row = next((row for _, row in jsonl_rows(path)), None)
+    if isinstance(row, dict) and "messages" in row:
+        return "messages"
+    if isinstance(row, dict) and ("prompt" in row or "completion" in row):
+        return "pairs"
     return None
 
 
