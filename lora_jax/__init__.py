@@ -33,35 +33,9 @@ from lora_jax.quant.quantize import dequantize, quantize
 from lora_jax.variants.lokr import LoKrConfig
 from lora_jax.variants.vera import VeraConfig
 
-__all__ = [
-    "AdapterCheckpointer",
-    "Layout",
-    "LoKrConfig",
-    "LoraConfig",
-    "LoraRecord",
-    "Rule",
-    "VeraConfig",
-    "adapters",
-    "combine",
-    "count_parameters",
-    "dequantize",
-    "distributed",
-    "inject",
-    "layouts",
-    "load_peft",
-    "loraplus",
-    "lora_specs",
-    "merge",
-    "optimizer",
-    "print_trainable_parameters",
-    "quantize",
-    "register_rule",
-    "save_peft",
-    "shard_inject",
-    "sharding",
-    "split",
-    "to_plain_lora",
-    "weighted_adapter",
-    "wrap",
-]
+__all__ = ["AdapterCheckpointer", "Layout", "LoKrConfig", "LoraConfig", "LoraRecord", "Rule",
+           "VeraConfig", "adapters", "combine", "count_parameters", "dequantize", "distributed",
+           "inject", "layouts", "load_peft", "loraplus", "lora_specs", "merge", "optimizer",
+           "print_trainable_parameters", "quantize", "register_rule", "save_peft", "shard_inject",
+           "sharding", "split", "to_plain_lora", "weighted_adapter", "wrap"]
 __version__ = "0.1.0"

@@ -1,10 +1,7 @@
-"""Chat templates: the Jinja template a model folder ships (tokenizer_config.json's
-`chat_template` or chat_template.jinja; a GGUF file's `tokenizer.chat_template`), rendered with
-`jinja2` as transformers' `apply_chat_template` renders it (sandboxed, `trim_blocks`,
-`lstrip_blocks`, `raise_exception`, `tojson`; `{% generation %}` blocks render their body), and a
-conversation cut into the pieces training needs: the template's text between assistant turns
-(not trained) and each assistant turn as the template writes it, end-of-turn marker included
-(trained).
+"""Chat templates: a model's Jinja chat template rendered with `jinja2` as transformers'
+`apply_chat_template` renders it (details: docs/guides/cli.md), and a conversation cut into the
+pieces training needs: the text between assistant turns (not trained) and each assistant turn,
+end-of-turn marker included (trained).
 
 >>> template = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>"
 ...                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -96,14 +93,9 @@ def _compiled(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
+    env.filters["tojson"] = functools.partial(json.dumps, ensure_ascii=False)  # as transformers'
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda f: datetime.datetime.now().strftime(f))
     try:
@@ -126,10 +118,8 @@ def read_chat_template(folder: str | Path) -> ChatTemplate | None:
     the config's `bos_token` / `eos_token`; None when the folder has none."""
     folder = Path(folder)
     config_file = folder / "tokenizer_config.json"
-    config: dict[str, Any] = {}
-    if config_file.is_file():
-        loaded = json.loads(config_file.read_text(encoding="utf-8"))
-        config = loaded if isinstance(loaded, dict) else {}
+    loaded = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
     source: Any = config.get("chat_template")
     where = f"the chat template of {config_file}"
     if (folder / "chat_template.jinja").is_file():

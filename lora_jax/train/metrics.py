@@ -1,9 +1,6 @@
 """Per-step metrics of a run: one JSON line per step in `metrics.jsonl`, and optionally the same
 numbers as TensorBoard scalars (written by tensorboardX, `pip install 'lora-jax[tensorboard]'`).
-
-Only process 0 writes (`jax.process_index() == 0`); the others' log is a no-op. A resumed run
-keeps the lines up to its checkpoint's step and appends after them, so the file holds one line
-per step of the whole run.
+Only process 0 writes; the others' log is a no-op.
 
 >>> import json, tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"

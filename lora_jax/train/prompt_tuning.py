@@ -60,13 +60,10 @@ def wrap(apply_fn: Callable[..., Any], embed_path: str, n_tokens: int, pad_id: i
               attention_mask: jax.Array | None = None, *args: Any, **kwargs: Any) -> Any:
         if prompt.shape[0] != n_tokens:
             raise ValueError(f"prompt has {prompt.shape[0]} vectors, expected {n_tokens}")
-        batch = input_ids.shape[0]
-        ids = jnp.concatenate(
-            [jnp.full((batch, n_tokens), pad_id, input_ids.dtype), input_ids], axis=1)
+        ids = jnp.pad(input_ids, ((0, 0), (n_tokens, 0)), constant_values=pad_id)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        mask = jnp.concatenate(
-            [jnp.ones((batch, n_tokens), attention_mask.dtype), attention_mask], axis=1)
+        mask = jnp.pad(attention_mask, ((0, 0), (n_tokens, 0)), constant_values=1)
         found = []
 
         def intercept(next_fun: Callable[..., Any], call_args: tuple[Any, ...],

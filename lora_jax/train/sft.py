@@ -1,19 +1,11 @@
 """Instruction data (supervised fine-tuning): jsonl of `{"prompt", "completion"}` or
 `{"messages": [{"role", "content"}, ...]}` lines, tokenized with the loss on the completion /
-assistant tokens only, one example per row or packed into rows of `seq_len`.
-
-- prompt / completion: the prompt's tokens then the completion's, each tokenized on its own (as
-  a model continues a prompt), EOS appended to the completion.
-- messages: the model's chat template renders the conversation (`lora_jax.train.chat`); each
-  assistant turn as the template writes it (end-of-turn marker included) is trained, EOS
-  appended unless the last trained turn holds it already.
+assistant tokens only, one example per row or packed into rows of `seq_len` (the formats and
+packing: docs/guides/cli.md).
 
 Arrays (int32 [N, seq_len]): `input_ids`, `attention_mask`, and `loss_mask`, 1 on a token that
-is trained and predicted from its own example (the training loop's `lm` loss weights token t by
-`loss_mask[t]`); packed rows add `segment_ids` (1, 2, ... per example, 0 on padding), which the
-causal LMs turn into a block-diagonal causal mask with positions restarting per example
-(`lora_jax.models.generate.decode_inputs`), so a packed batch has the loss of its examples
-unpacked.
+is trained and predicted from its own example (the `lm` loss weights token t by `loss_mask[t]`);
+packed rows add `segment_ids` (1, 2, ... per example, 0 on padding).
 
 >>> examples = [(np.array([5, 6, 7]), np.array([0, 1, 1])), (np.array([8, 9]), np.array([0, 1]))]
 >>> packed = pack(examples, seq_len=6)
@@ -40,12 +32,11 @@ Example = tuple[np.ndarray, np.ndarray]  # token ids, trained (0/1), one example
 def instruction_format(path: str | Path) -> str | None:
     """"pairs" (prompt / completion) or "messages" when the first line of the jsonl file is
     such a record, else None (a `{"text", "label"}` file)."""
-    for _, row in jsonl_rows(path):
-        if isinstance(row, dict) and "messages" in row:
-            return "messages"
-        if isinstance(row, dict) and ("prompt" in row or "completion" in row):
-            return "pairs"
-        return None
+    row = next((row for _, row in jsonl_rows(path)), None)
+    if isinstance(row, dict) and "messages" in row:
+        return "messages"
+    if isinstance(row, dict) and ("prompt" in row or "completion" in row):
+        return "pairs"
     return None
 
 
@@ -129,24 +120,10 @@ def tokenize(tokenizer: Any, data: TextDataset, eos_id: int | None,
     return out
 
 
-def _loss_mask(trained: np.ndarray) -> np.ndarray:
-    """`trained` with the example's first token off: nothing in the example predicts it."""
-    mask = trained.copy()
-    mask[:1] = 0
-    return mask
-
-
 def rows(examples: Sequence[Example], seq_len: int, pad: int = 0) -> dict[str, np.ndarray]:
     """One example per row: truncated to `seq_len`, right-padded with `pad`."""
-    n = len(examples)
-    out = {"input_ids": np.full((n, seq_len), pad, np.int32),
-           "attention_mask": np.zeros((n, seq_len), np.int32),
-           "loss_mask": np.zeros((n, seq_len), np.int32)}
-    for row, (ids, trained) in enumerate(examples):
-        k = min(len(ids), seq_len)
-        out["input_ids"][row, :k] = ids[:k]
-        out["attention_mask"][row, :k] = 1
-        out["loss_mask"][row, :k] = _loss_mask(trained[:k])
+    out = _fill(examples, [[i] for i in range(len(examples))], seq_len, pad)
+    del out["segment_ids"]
     return out
 
 
@@ -164,11 +141,14 @@ def pack(examples: Sequence[Example], seq_len: int, pad: int = 0) -> dict[str, n
             placed.append([])
         space[row] -= k
         placed[row].append(i)
-    n = len(placed)
-    out = {"input_ids": np.full((n, seq_len), pad, np.int32),
-           "attention_mask": np.zeros((n, seq_len), np.int32),
-           "loss_mask": np.zeros((n, seq_len), np.int32),
-           "segment_ids": np.zeros((n, seq_len), np.int32)}
+    return _fill(examples, placed, seq_len, pad)
+
+
+def _fill(examples: Sequence[Example], placed: list[list[int]], seq_len: int, pad: int
+          ) -> dict[str, np.ndarray]:
+    """The arrays of rows whose examples (truncated to `seq_len`) are `placed[row]`, in order."""
+    out = {k: np.full((len(placed), seq_len), pad if k == "input_ids" else 0, np.int32)
+           for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids")}
     for row, members in enumerate(placed):
         start = 0
         for segment, i in enumerate(members, 1):
@@ -177,7 +157,8 @@ def pack(examples: Sequence[Example], seq_len: int, pad: int = 0) -> dict[str, n
             span = slice(start, start + k)
             out["input_ids"][row, span] = ids[:k]
             out["attention_mask"][row, span] = 1
-            out["loss_mask"][row, span] = _loss_mask(trained[:k])
+            # The example's first token stays 0: nothing in the example predicts it.
+            out["loss_mask"][row, start + 1:start + k] = trained[1:k]
             out["segment_ids"][row, span] = segment
             start += k
     return out

@@ -1,19 +1,8 @@
 """Streamed training data (`lora-jax finetune --stream`): a .txt or .jsonl file read line by line
-as training goes, never whole, each process reading only its share; tokenized into rows of
-`--seq-len` as it is read, shuffled in a bounded seeded buffer, deterministic.
-
-Lanes. Every global batch has `lanes` rows (`--batch-size` x `--grad-accum`), and row j of every
-batch comes from lane j: the j-th of `lanes` equal byte ranges of the file (a line belongs to
-the range that holds its first byte). A process opens only the lanes of its own rows of the
-global batch (`lora_jax.core.distributed.process_rows`): each host reads its 1 / process-count
-of the file, and the batches are the same however many processes share them. A lane tokenizes
-`CHUNK` records at a time (a .txt file's documents, separated by blank lines; a .jsonl file's
-lines), passes its rows through a shuffle buffer of `shuffle` rows seeded by (seed, epoch, lane),
-and at the end of its range starts its next epoch, shuffled anew.
-
-Resuming needs only the step: `Stream.batches(rows, start_step)` replays the lanes and skips the
-rows of the steps done (re-reading and re-tokenizing that much of this process's share, no
-training), so a resumed run sees the uninterrupted run's batches.
+as training goes, each process reading only its share, tokenized into rows of `--seq-len`,
+shuffled in a bounded seeded buffer, deterministic. Row j of every global batch comes from lane
+j, the j-th of `lanes` equal byte ranges of the file (a line belongs to the range that holds its
+first byte); a resume replays the lanes up to its step (docs/guides/cli.md, "Streamed data").
 
 >>> import tempfile
 >>> path = Path(tempfile.mkdtemp()) / "notes.txt"
