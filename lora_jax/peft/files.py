@@ -82,12 +82,6 @@ def _record(node: Mapping[str, Any], where: str) -> LoraRecord | None:
     return records[0] if records else None
 
 
-def _expert_records(node: Mapping[str, Any], slot: _Slot) -> list[LoraRecord]:
-    """The module's weights adapted as `target_parameters` (3-D experts) at the slot's layer."""
-    return [v for v in node.values() if isinstance(v, LoraRecord) and parameters.is_expert(
-        v.layout) and (slot.layer is None or v.layers is None or slot.layer in v.layers)]
-
-
 def _order(model_type: str | None, module: str, weights: Sequence[str]) -> list[str]:
     """`weights` of one module in its PyTorch parameter order (the architecture's
     `parameter_order`, by the module's name), which decides peft's nesting of their factors."""
@@ -133,6 +127,10 @@ class _Slot:
     def leaf(self, name: str) -> Any:
         value = self.node[name]
         return value if self.layer is None else value[self.layer]
+
+    def adapts(self, record: LoraRecord) -> bool:
+        """Whether `record` adapts this layer (a scanned stack's record may leave layers out)."""
+        return self.layer is None or record.layers is None or self.layer in record.layers
 
 
 def _slot_values(record: LoraRecord, slot: _Slot) -> tuple[int, float]:
@@ -455,8 +453,7 @@ def save_peft(
         node, key = slot.node, PREFIX + torch_path
         record = _record(node, slot.flax_path)
         # A layer of a scanned stack that the record leaves out holds zero factors: not adapted.
-        if record is not None and not (slot.layer is None or record.layers is None
-                                       or slot.layer in record.layers):
+        if record is not None and not slot.adapts(record):
             record = None
         has = record is not None
         if record is not None:
@@ -481,10 +478,10 @@ def save_peft(
             adapted[torch_path] = (r, given if abs(given - alpha) <= 1e-9 * abs(alpha)
                                    else alpha)
         root = _saved_root(torch_path, saved_modules)
-        for name, value in _leaves(node).items():
+        for name in _leaves(node):
             if name in owned(node) or is_original(name):
                 continue
-            value = value if slot.layer is None else value[slot.layer]
+            value = slot.leaf(name)
             if root is not None:
                 hf = name if _raw_leaf(name, node) else "bias" if name == "bias" else "weight"
                 tensors[f"{key}.{hf}"] = _torch_weight(name, value, fan_in_fan_out, key)
@@ -494,7 +491,8 @@ def save_peft(
                     tensors[PREFIX + ".".join(p for p in parts if p)] = np.asarray(value)
             elif name == "bias" and (config.bias == "all" or (config.adapted_biases and has)):
                 tensors[key + (".base_layer.bias" if has else ".bias")] = np.asarray(value)
-        experts = _expert_records(node, slot)
+        experts = [v for v in node.values() if isinstance(v, LoraRecord)
+                   and parameters.is_expert(v.layout) and slot.adapts(v)]
         for record in experts:  # target_parameters: per-expert factors, peft's fused layout
             r, scale = _slot_values(record, slot)
             a, b = (np.asarray(slot.leaf(record.keys[n])) for n in ("lora_A", "lora_B"))
