@@ -1,34 +1,13 @@
 """Adapter-only training checkpoints with orbax: factors + optimizer state + step + config.
 
-The frozen base is never written: a checkpoint holds the `trainable` half of
-`lora_jax.split(params, config)` (the factors, and any biases / `modules_to_save` the config
-trains), the optimizer state of `lora_jax.optimizer`, the step and the adapter's config (a
-`LoraConfig`, `VeraConfig`, ...) as JSON.
-Saves are asynchronous (training goes on while a background thread writes) and atomic: orbax
-writes into a temporary directory and renames it when complete, so a process killed mid-save
-leaves the previous checkpoints loadable. Restores go onto any mesh or device count: give a
-`target` whose leaves carry the shardings wanted (arrays, or `jax.ShapeDtypeStruct`s with
-`.sharding`, e.g. from `jax.eval_shape` plus `lora_jax.sharding.lora_specs`).
-
-    trainable, frozen = lora_jax.split(params, config)
-    opt_state = tx.init(params)
-    with AdapterCheckpointer("/ckpt/run1", save_every=500, max_to_keep=3) as ckpt:
-        start = 0
-        if ckpt.latest_step() is not None:
-            start, trainable, opt_state, _ = ckpt.restore(target=(trainable, opt_state))
-        for step in range(start + 1, n_steps + 1):
-            trainable, opt_state, loss = train_step(trainable, frozen, opt_state, batch(step))
-            ckpt.save(step, trainable, opt_state, config)   # writes when step % 500 == 0
-        ckpt.save(n_steps, trainable, opt_state, config, force=True)
-
-Every process of a multi-host run calls `save` and `restore` alike (orbax coordinates them);
-`directory` must be visible to all of them (a shared file system or a bucket path).
-
-Each checkpoint's metadata holds a SHA-256 digest of its arrays (when they are all addressable
-from this process) and any `extra` JSON given to `save` (e.g. the loss log up to that step), both
-committed atomically with the arrays. `restore` checks the digest, so a flipped byte in the data
-is an error rather than a silently wrong adapter; `restore_intact` falls back to the newest step
-that restores and verifies, and moves the unreadable newer ones aside.
+A checkpoint holds the `trainable` half of `lora_jax.split(params, config)` (never the frozen
+base), the optimizer state, the step and the adapter's config as JSON. Saves are asynchronous and
+atomic (orbax renames a finished temporary directory: a process killed mid-save leaves the
+previous checkpoints loadable); restores go onto any mesh, by the shardings of `target`'s leaves.
+Every process of a multi-host run calls `save` and `restore` alike; `directory` must be visible
+to all of them. Each step's metadata holds a SHA-256 digest of its arrays (when all are
+addressable from this process), which `restore` checks, and any `extra` JSON given to `save`.
+A training loop that resumes: docs/guides/sharding.md, "Checkpoints".
 """
 
 from __future__ import annotations
@@ -164,27 +143,23 @@ class AdapterCheckpointer:
         """(step, trainable, opt_state, config) of `step` (default: the latest complete one).
 
         `target = (trainable, opt_state)` gives the structure, dtypes and shardings to restore
-        onto: arrays or `jax.ShapeDtypeStruct`s carrying `.sharding`, on any mesh, whatever the
-        mesh the checkpoint was written from (8 devices -> 4 -> 1). E.g. the freshly initialised
-        `split(params, config)[0]` and `tx.init(params)`.
-
-        A step whose files are missing or damaged, or whose arrays do not match the digest
-        written with them, raises `CorruptCheckpoint` naming the step's folder; one whose arrays
-        have other paths or shapes than the target's raises `CheckpointMismatch` (checked from
-        the metadata, before any array is read).
+        onto (arrays, or `jax.ShapeDtypeStruct`s carrying `.sharding`), on any mesh (8 devices
+        -> 4 -> 1): e.g. the freshly initialised `split(params, config)[0]` and `tx.init(params)`.
+        Missing or damaged files, or arrays that fail their digest, raise `CorruptCheckpoint`
+        naming the step's folder; arrays of other paths or shapes than the target's raise
+        `CheckpointMismatch` (checked from the metadata, before any array is read).
         """
         step = self._resolve_step(step)
         wanted = tuple(_abstract(tree, name) for tree, name in
                        zip(target, ("trainable", "opt_state"), strict=True))
         where = os.path.join(self.directory, str(step))
         meta = self._meta(step)
-        config = _config_of(meta, step, where)
+        config = _config_of(meta, where)
         saved_digest = meta.get("digest")
-        if saved_digest is not None:
-            difference = _difference(saved_digest["signature"], _signature(wanted))
-            if difference:
-                raise CheckpointMismatch(f"checkpoint {where} does not fit the restore target: "
-                                         f"{difference}")
+        if saved_digest is not None and (
+                difference := _difference(saved_digest["signature"], _signature(wanted))):
+            raise CheckpointMismatch(f"checkpoint {where} does not fit the restore target: "
+                                     f"{difference}")
         # Read the arrays in the dtypes they were saved in, so the digest can be checked, and
         # cast them to the target's afterwards (orbax would cast first).
         trainable, opt_state = _as_saved(wanted, saved_digest)
@@ -200,10 +175,10 @@ class AdapterCheckpointer:
             raise CorruptCheckpoint(f"checkpoint {where} cannot be read: "
                                     f"{_one_line(err)}") from err
         restored = (out.trainable, out.opt_state)
-        if saved_digest is not None and _signature(restored) == saved_digest["signature"]:
-            if _digest(restored) != saved_digest:
-                raise CorruptCheckpoint(f"checkpoint {where}: the arrays do not match the "
-                                        "digest written with them (damaged files)")
+        if (saved_digest is not None and _signature(restored) == saved_digest["signature"]
+                and _digest(restored) != saved_digest):
+            raise CorruptCheckpoint(f"checkpoint {where}: the arrays do not match the digest "
+                                    "written with them (damaged files)")
         trainable, opt_state = jax.tree.map(
             lambda x, want: x.astype(want.dtype) if x.dtype != want.dtype else x, restored, wanted)
         return Restored(step, trainable, opt_state, config)
@@ -216,11 +191,9 @@ class AdapterCheckpointer:
         Raises `CorruptCheckpoint` when no step is intact, FileNotFoundError when there is none,
         `CheckpointMismatch` (at once, nothing moved) when the target does not fit the steps.
         """
-        steps = list(reversed(self._resolve_steps()))
-        if not steps:
-            raise FileNotFoundError(f"no complete adapter checkpoint in {self.directory}")
+        self._resolve_step(None)  # FileNotFoundError when there is no step
         skipped: list[tuple[int, str]] = []
-        for step in steps:
+        for step in reversed(self.all_steps()):
             try:
                 restored = self.restore(step, target=target)
             except CheckpointMismatch:
@@ -237,7 +210,7 @@ class AdapterCheckpointer:
     def config(self, step: int | None = None) -> AdapterConfig:
         """The config saved with `step` (default: the latest), without reading any array."""
         step = self._resolve_step(step)
-        return _config_of(self._meta(step), step, os.path.join(self.directory, str(step)))
+        return _config_of(self._meta(step), os.path.join(self.directory, str(step)))
 
     def extra(self, step: int | None = None) -> Any:
         """The `extra` JSON saved with `step` (default: the latest); None if none was given."""
@@ -315,12 +288,10 @@ class AdapterCheckpointer:
             raise CheckpointWriteError(code, f"cannot write a checkpoint in {self.directory}: "
                                              f"{reason}") from err
 
-    def _resolve_steps(self) -> list[int]:
-        self._manager.reload()
-        return self.all_steps()
-
     def _resolve_step(self, step: int | None) -> int:
-        steps = self._resolve_steps()
+        """`step` (None: the latest) checked against the steps on disk, reloaded."""
+        self._manager.reload()
+        steps = self.all_steps()
         if step is None:
             if not steps:
                 raise FileNotFoundError(f"no complete adapter checkpoint in {self.directory}")
@@ -374,7 +345,7 @@ def _as_saved(target: Any, digest: dict[str, Any] | None) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, target)
 
 
-def _config_of(meta: Any, step: int, where: str) -> AdapterConfig:
+def _config_of(meta: Any, where: str) -> AdapterConfig:
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise CorruptCheckpoint(f"checkpoint {where} is not a lora_jax adapter checkpoint "
                                 f"(metadata {str(meta)[:200]})")

@@ -1,13 +1,7 @@
 """`modules_to_save` on an embedding table: the lookups train the table, a tied head keeps the
-original.
-
-peft wraps each module to save in a `ModulesToSaveWrapper`: the forward calls a trained copy,
-and the frozen original stays in the model. For an embedding whose table is also the output head
-(GPT-2 `wte`, BLOOM, tied Llama), the head keeps reading the original table, so training changes
-the lookups but not the head. lora_jax trains the table leaf in place (`embedding`) and, beside
-it, keeps the untouched table as a frozen leaf (`embedding_original`, the same array until
-training replaces the other), which a tied head (`Embed.attend`) reads in `wrap`. Merged params
-have one table: the trained one.
+original (as in peft, whose `ModulesToSaveWrapper` keeps the frozen original beside the trained
+copy). The untouched table stays as a frozen leaf `embedding_original`, which a tied head
+(`Embed.attend`) reads in `wrap`; merged params have one table, the trained one.
 """
 
 from __future__ import annotations
@@ -57,14 +51,11 @@ def keep_originals(params: Mapping[str, Any], config: AdapterConfig,
     ...                                          modules_to_save=["wte"]))["wte"])
     ['embedding', 'embedding_original']
     """
-    base = params if base is None else base
-    base_modules = dict(iter_modules(base, leaves=_TABLES))
-    additions = {}
-    for path, module in iter_modules(params, leaves=_TABLES):
-        if not saved_name_match(config.modules_to_save, path) or path not in base_modules:
-            continue
-        additions[path] = {original_name(t): base_modules[path][t] for t in _TABLES
-                           if t in module and original_name(t) not in module}
+    base_modules = dict(iter_modules(params if base is None else base, leaves=_TABLES))
+    additions = {path: {original_name(t): base_modules[path][t] for t in _TABLES
+                        if t in module and original_name(t) not in module}
+                 for path, module in iter_modules(params, leaves=_TABLES)
+                 if saved_name_match(config.modules_to_save, path) and path in base_modules}
     return with_leaves(params, additions) if any(additions.values()) else dict(params)
 
 

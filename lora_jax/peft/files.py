@@ -1,34 +1,13 @@
-"""Read and write peft LoRA adapters (`adapter_model.safetensors` + `adapter_config.json`).
+"""Read and write peft adapters (`adapter_model.safetensors` + `adapter_config.json`).
 
 `save_peft` writes what peft 0.21's `save_pretrained` writes for the same model and config, so
 `PeftModel.from_pretrained(hf_model, path)` loads it; `load_peft` puts a peft adapter onto a base
-params tree and returns the `LoraConfig` to `wrap` / `merge` it with.
+params tree and returns the config to `wrap` / `merge` it with. How module paths, layer stacks,
+array layouts and the config's patterns map to peft's: docs/guides/peft.md, "The file format".
 
     save_peft("out/adapter", params, config, model_type="gpt2")
     params, config = load_peft("out/adapter", base_params, model_type="gpt2")
     logits = lora_jax.wrap(model.apply, config)({"params": params}, input_ids)
-
-Paths. peft names a module by its PyTorch path, e.g. `transformer.h.0.attn.c_attn`; the
-reference models (`lora_jax.models`) use the same path with list elements named `h_0`, or one
-scanned module `transformer.h` whose leaves carry a leading layer axis. The layer lists
-("stacks") come from `model_type` (its registered architecture) or `stacks=`; without either
-they are inferred from sibling keys `x_0 ... x_{n-1}` (unscanned trees only). Scanned stacks are
-split into per-layer tensors on save and stacked on load. For another naming, pass `path_map`: a
-dict or a function from the Flax module path (scanned stacks already expanded to `h_<i>`) to the
-PyTorch module path.
-
-Layouts. A variant's arrays are written under its peft names (`Leaf.peft`) with their axes
-reversed, torch's order: LoRA's A [in, r] / B [r, out] are peft's `lora_A.weight` [r, in] /
-`lora_B.weight` [out, r]; Embed's A [V, r] / B [r, D] are `lora_embedding_A` [r, V] /
-`lora_embedding_B` [D, r]. Dense-like weights of several axes (an einsum's [D, N, H], pass
-`layouts` to load) are written as their PyTorch Linear (`lora_jax.peft.linear`); a Conv kernel
-has no peft form here. Weights of `modules_to_save` are transposed to torch's [out, in] unless
-`fan_in_fan_out` (GPT-2's Conv1D, [in, out] already).
-
-Config. target_modules, exclude_modules, layers_to_transform/pattern and rank/alpha_pattern are
-written as given when, matched against the PyTorch paths, they select exactly the adapted modules
-with their ranks and alphas; otherwise (e.g. a regex written for a scanned Flax path) they are
-written as explicit module paths. `load_peft` does the same in the other direction.
 """
 
 from __future__ import annotations
@@ -40,7 +19,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, overload
+from typing import Any, Protocol, overload
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +36,7 @@ from lora_jax.core.targets import (
     PATH_ALIASES,
     hf_module_parts,
     iter_modules,
+    matches,
     saved_name_match,
     with_leaves,
 )
@@ -77,9 +57,8 @@ _WEIGHT_LEAVES = ("kernel", "embedding", "scale")
 
 
 def _raw_leaf(name: str, node: Mapping[str, Any]) -> bool:
-    """Whether `name` is a param that a model keeps under its PyTorch name and layout (the fused
-    experts' `gate_up_proj` / `down_proj`, a router's `weight`), as the model loaders read it
-    (`lora_jax.models.stacking.hf_name`): not a Flax leaf that torch calls weight or bias."""
+    """Whether `name` is a param kept under its PyTorch name and layout (fused experts'
+    `gate_up_proj`, a router's `weight`: `lora_jax.models.stacking.hf_name`)."""
     return name in node and name not in (*_WEIGHT_LEAVES, "bias")
 
 
@@ -101,13 +80,6 @@ def _record(node: Mapping[str, Any], where: str) -> LoraRecord | None:
                 "no peft file format; peft interop covers Dense-like kernels and Embed tables"
             )
     return records[0] if records else None
-
-
-def _expert_records(node: Mapping[str, Any], slot: _Slot) -> list[LoraRecord]:
-    """The module's weights adapted as peft's `target_parameters` (3-D experts) at the slot's
-    layer."""
-    return [v for v in node.values() if isinstance(v, LoraRecord) and parameters.is_expert(
-        v.layout) and (slot.layer is None or v.layers is None or slot.layer in v.layers)]
 
 
 def _order(model_type: str | None, module: str, weights: Sequence[str]) -> list[str]:
@@ -156,43 +128,40 @@ class _Slot:
         value = self.node[name]
         return value if self.layer is None else value[self.layer]
 
+    def adapts(self, record: LoraRecord) -> bool:
+        """Whether `record` adapts this layer (a scanned stack's record may leave layers out)."""
+        return self.layer is None or record.layers is None or self.layer in record.layers
+
 
 def _slot_values(record: LoraRecord, slot: _Slot) -> tuple[int, float]:
     """(rank, scale) of one module: a scanned stack's layer may have its own (the record's
     `ranks`, the array scale beside the factors)."""
-    rank = record.rank if record.ranks is None or slot.layer is None else \
-        record.ranks[slot.layer]
+    rank = record.rank if record.ranks is None or slot.layer is None else record.ranks[slot.layer]
     if record.scale is not None:
         return rank, record.scale
     return rank, float(np.asarray(slot.leaf(scale_name(record.weight))))
 
 
-def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
-           path_map: PathMap | None) -> dict[str, _Slot]:
-    """{PyTorch module path: slot} for every module of the Flax tree that holds arrays."""
-    stacks = tuple(stacks) if stacks is not None else _infer_stacks(params)
+def _index(params: Mapping[str, Any], stacks: Sequence[str] | None, path_map: PathMap | None,
+           model_type: str | None = None) -> dict[str, _Slot]:
+    """{PyTorch module path: slot} for every module of the Flax tree that holds arrays; the
+    stacks are `stacks`, else the architecture's, else inferred."""
+    arch = _architecture(model_type)
+    stacks = tuple(stacks) if stacks is not None else arch.stacks if arch else _infer_stacks(params)
+    to_torch: Callable[[str], str | None] | None = (
+        path_map.get if isinstance(path_map, Mapping) else path_map)
     index: dict[str, _Slot] = {}
     for flax_path, node in iter_modules(params, leaves=None):
         _, scanned = _walk(flax_path, stacks)
-        if scanned is None:
-            layers: list[int | None] = [None]
-        else:
-            layers = list(range(next(iter(_leaves(node).values())).shape[0]))
-        for layer in layers:
+        n_layers = 0 if scanned is None else next(iter(_leaves(node).values())).shape[0]
+        for layer in range(n_layers) if scanned is not None else [None]:
             # The Flax path in unscanned form (`h` -> `h_<i>`) and its PyTorch path.
-            flax_form = flax_path.split(".")
+            parts = flax_path.split(".")
             if layer is not None and scanned is not None:
-                flax_form[scanned] += f"_{layer}"
-            flax_form_path = ".".join(flax_form)
-            torch_path: str | None
-            if path_map is None and flax_form_path in PATH_ALIASES:
-                torch_path = PATH_ALIASES[flax_form_path]
-            elif path_map is None:
-                torch_path = ".".join(_walk(flax_form_path, stacks)[0])
-            elif isinstance(path_map, Mapping):
-                torch_path = path_map.get(flax_form_path)
-            else:
-                torch_path = path_map(flax_form_path)
+                parts[scanned] += f"_{layer}"
+            flax_form = ".".join(parts)
+            torch_path = to_torch(flax_form) if to_torch else (
+                PATH_ALIASES.get(flax_form) or ".".join(_walk(flax_form, stacks)[0]))
             if torch_path is None:
                 continue
             if torch_path in index:
@@ -205,13 +174,8 @@ def _index(params: Mapping[str, Any], stacks: Sequence[str] | None,
 
 
 class Architecture(Protocol):
-    """What peft io reads of an architecture: its layer stacks, whether its PyTorch weights are
-    `[in, out]` (`fan_in_fan_out`, GPT-2's Conv1D), the transformers class peft records, and
-    {module: why} for modules whose peft adapter the PyTorch model never calls (T5's `shared`),
-    and {module name: its parameters in PyTorch's order} for modules with several parameters
-    peft may adapt by name (MoE `experts`: the order decides peft's nesting of their factors).
-    `lora_jax.models` registers its `registry.Architecture` records; a user may register any
-    object with these attributes."""
+    """What peft io reads of an architecture (`lora_jax.models.registry.Architecture` documents
+    each field; a user may register any object with these attributes)."""
 
     @property
     def stacks(self) -> tuple[str, ...]: ...
@@ -252,32 +216,23 @@ def _architecture(model_type: str | None) -> Architecture | None:
 
 
 def _warn_unused(model_type: str | None, adapted: Sequence[str], what: str,
-                 index: Mapping[str, _Slot] | None = None,
-                 modules_to_save: Sequence[str] | None = None) -> None:
+                 index: Mapping[str, _Slot], modules_to_save: Sequence[str] | None) -> None:
     """Warn when an adapted module, or a module in modules_to_save, is one that peft's model
     never calls (see Architecture)."""
     arch = _architecture(model_type)
     why = arch.peft_unused if arch else {}
-    unused = set(why)
-    for path in sorted(set(adapted) & unused):
+    for path in sorted(set(adapted) & why.keys()):
         warnings.warn(
             f"{what}: {path!r} is adapted, but peft with transformers 5 never applies an adapter "
             f"on it ({why[path]}): peft's logits stay the base model's. lora_jax "
             "applies it to the lookups, as a LoRA on this module is meant to", stacklevel=3)
-    saved = {p for p in index or {} if _saved_root(p, modules_to_save) is not None}
-    for path in sorted(saved & unused):
+    saved = {p for p in index if _saved_root(p, modules_to_save) is not None}
+    for path in sorted(saved & why.keys()):
         warnings.warn(
             f"{what}: {path!r} is in modules_to_save, but peft with transformers 5 never calls its "
             f"trained copy ({why[path]}): peft's logits stay the base model's. "
             "lora_jax's lookups use the trained table (its tied head keeps the original, as in "
             "peft)", stacklevel=3)
-
-
-def _resolve_stacks(model_type: str | None, stacks: Sequence[str] | None) -> tuple[str, ...] | None:
-    if stacks is not None:
-        return tuple(stacks)
-    arch = _architecture(model_type)
-    return None if arch is None else arch.stacks
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -296,18 +251,15 @@ def _shape_tree(index: Mapping[str, _Slot]) -> tuple[dict[str, Any], dict[str, L
         for part in path.split("."):
             node = node.setdefault(part, {})
         node[names[0]] = jax.ShapeDtypeStruct(weight.shape, weight.dtype)
-        kind: Literal["embed", "dense"] = "embed" if names[0] == "embedding" else "dense"
-        layouts[path] = Layout(kind) if weight.ndim == 2 else Layout(kind, n_in=weight.ndim - 1)
+        layouts[path] = _default_layout(names[0], n_in=weight.ndim - 1)
     return tree, layouts
 
 
 def _selected(config: AdapterConfig, tree: Mapping[str, Any], layouts: Mapping[str, Layout],
               peft_quirks: bool = False) -> set[str] | None:
-    """The modules `config` targets in `tree` (peft's rules), or None if it targets none.
-
-    modules_to_save names absent from the model are dropped first: peft's task models add
-    both "classifier" and "score", and a model has at most one of them.
-    """
+    """The modules `config` targets in `tree` (peft's rules), or None if it targets none;
+    modules_to_save names absent from the tree are dropped first (peft's task models add both
+    "classifier" and "score", a model has at most one)."""
     if config.modules_to_save:
         present = [m for m in config.modules_to_save
                    if any(_saved_root(p, [m]) for p, _ in iter_modules(tree, leaves=None))]
@@ -325,7 +277,13 @@ def _agreeing(config: AdapterConfig, tree: Mapping[str, Any], layouts: Mapping[s
               ) -> AdapterConfig:
     """`config`, or a copy with explicit paths, such that matching it against the paths of `tree`
     selects exactly the `adapted` modules ({path: (rank, alpha)}) with their ranks and alphas
-    (`for_peft`: as peft's code selects, full names skipping layers_to_transform)."""
+    (`for_peft`: as peft's code selects, full names skipping layers_to_transform).
+    `target_parameters` stay as given."""
+    if not config.target_modules:
+        return config
+    kept = config.target_parameters  # None also for a config without the field (VeRA, LoKr)
+    if kept:
+        config = config.replace(target_parameters=None)
     fields = config.to_dict()
     if _selected(config, tree, layouts) != set(adapted) or for_peft and _selected(
             config, tree, layouts, peft_quirks=True) != set(adapted):
@@ -344,29 +302,16 @@ def _agreeing(config: AdapterConfig, tree: Mapping[str, Any], layouts: Mapping[s
             default = config.r if name == "rank_pattern" else config.default_alpha
             fields[name] = {re.escape(p): v[value_of] for p, v in sorted(given.items())
                             if v[value_of] != default}
-    return type(config).from_dict(fields)
-
-
-def _agreeing_modules(config: AdapterConfig, tree: Mapping[str, Any],
-                      layouts: Mapping[str, Layout], adapted: Mapping[str, Any], *,
-                      for_peft: bool = False) -> AdapterConfig:
-    """`_agreeing` for the modules (`target_modules`); `target_parameters` stay as given."""
-    if not config.target_modules:
-        return config
-    if not config.target_parameters:  # also a config without the field (VeRA, LoKr)
-        return _agreeing(config, tree, layouts, adapted, for_peft=for_peft)
-    agreed = _agreeing(config.replace(target_parameters=None), tree, layouts, adapted,
-                       for_peft=for_peft)
-    return agreed.replace(target_parameters=config.target_parameters)
+    agreed = type(config).from_dict(fields)
+    return agreed.replace(target_parameters=kept) if kept else agreed
 
 
 def _peft_fields(config: AdapterConfig, *, fan_in_fan_out: bool,
                  base_model_name_or_path: str | None, auto_mapping: dict | None
                  ) -> dict[str, Any]:
     variant = variants.for_config(config)
-    fields = {**variant.peft_defaults, "peft_type": variant.peft_type,
-              "peft_version": PEFT_VERSION}
-    fields.update({k: v for k, v in config.to_dict().items() if k in variant.peft_fields})
+    fields = {**variant.peft_defaults, "peft_type": variant.peft_type, "peft_version": PEFT_VERSION,
+              **{k: v for k, v in config.to_dict().items() if k in variant.peft_fields}}
     if isinstance(fields.get("layers_to_transform"), int):
         fields["layers_to_transform"] = [fields["layers_to_transform"]]
     if "fan_in_fan_out" in variant.peft_defaults:
@@ -440,10 +385,8 @@ def _saved_root(path: str, modules_to_save: Sequence[str] | None) -> str | None:
     if not modules_to_save:
         return None
     parts = path.split(".")
-    for n in range(1, len(parts) + 1):
-        if saved_name_match(list(modules_to_save), ".".join(parts[:n])):
-            return ".".join(parts[:n])
-    return None
+    prefixes = (".".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return next((p for p in prefixes if saved_name_match(modules_to_save, p)), None)
 
 
 def save_peft(
@@ -463,18 +406,15 @@ def save_peft(
 ) -> None:
     """Write `params`' adapter as peft's `adapter_model.safetensors` + `adapter_config.json`.
 
-    `model_type` (a `lora_jax.models` architecture, e.g. "gpt2") gives the layer stacks and
-    `fan_in_fan_out`; `task_type` is peft's (e.g. "CAUSAL_LM", "SEQ_CLS"), the config's
-    `task_type` if not given (given, it is the config's with that `task_type`: a "SEQ_CLS" file
-    saves the "classifier" / "score" head, as peft's does). Factors keep their dtype. Without
-    `task_type`, peft records `auto_mapping` from `base_model_class` (default:
-    the architecture's `base_model_class`). For an adapter that started from PiSSA /
-    OLoRA, `initial_params` (the params right after `inject`) converts it to a plain LoRA of the
-    original base (`lora_jax.core.convert.to_plain_lora`), as peft's
-    `path_initial_model_for_weight_conversion` does; without it the file needs the residual base.
-    A square kernel adapted without `layouts` (read as `[in, out]` on trust) is refused unless
-    `layouts=lora_jax.layouts(model, x)` confirms that reading or `model_type` names the
-    architecture (whose kernels are `[in, out]`).
+    `model_type` (a `lora_jax.models` architecture, e.g. "gpt2") gives the layer stacks,
+    `fan_in_fan_out` and the kernels' layout (`[in, out]`); without it a square kernel is refused
+    unless `layouts=lora_jax.layouts(model, x)` confirms that reading. `task_type` (peft's, e.g.
+    "SEQ_CLS", whose file saves the "classifier" / "score" head) sets the config's, which must
+    not be another; without one, peft's `auto_mapping` is recorded from `base_model_class`
+    (default: the architecture's). Factors keep their dtype. `initial_params` (the params right
+    after `inject`) converts a PiSSA / OLoRA adapter to a plain LoRA of the original base
+    (`lora_jax.core.convert.to_plain_lora`, peft's `path_initial_model_for_weight_conversion`);
+    without it the file needs the residual base.
 
     >>> import os, tempfile, flax.linen as nn, jax, jax.numpy as jnp, lora_jax
     >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]}
@@ -500,24 +440,20 @@ def save_peft(
     params = as_linear(params)
     if model_type is None:  # a lora_jax.models architecture stores its kernels [in, out]
         check_assumed(params, layouts, "save_peft")
-    stacks = _resolve_stacks(model_type, stacks)
     if fan_in_fan_out is None:
         fan_in_fan_out = model_type is not None and _architecture(model_type).fan_in_fan_out
-    index = _index(params, stacks, path_map)
+    index = _index(params, stacks, path_map, model_type)
     saved_modules = _saved_modules(config.modules_to_save, {p: s.flax_path for p, s in
                                                             index.items()})
     tensors: dict[str, np.ndarray] = {}
     adapted: dict[str, tuple[int, float]] = {}
     adapted_parameters: set[str] = set()
-    mapped: set[str] = set()
     shared: list[dict[str, np.ndarray]] = []  # each adapted module's arrays, for peft_shared
     for torch_path, slot in index.items():
         node, key = slot.node, PREFIX + torch_path
-        mapped.add(slot.flax_path)
         record = _record(node, slot.flax_path)
         # A layer of a scanned stack that the record leaves out holds zero factors: not adapted.
-        if record is not None and not (slot.layer is None or record.layers is None
-                                       or slot.layer in record.layers):
+        if record is not None and not slot.adapts(record):
             record = None
         has = record is not None
         if record is not None:
@@ -542,10 +478,10 @@ def save_peft(
             adapted[torch_path] = (r, given if abs(given - alpha) <= 1e-9 * abs(alpha)
                                    else alpha)
         root = _saved_root(torch_path, saved_modules)
-        for name, value in _leaves(node).items():
+        for name in _leaves(node):
             if name in owned(node) or is_original(name):
                 continue
-            value = value if slot.layer is None else value[slot.layer]
+            value = slot.leaf(name)
             if root is not None:
                 hf = name if _raw_leaf(name, node) else "bias" if name == "bias" else "weight"
                 tensors[f"{key}.{hf}"] = _torch_weight(name, value, fan_in_fan_out, key)
@@ -555,7 +491,8 @@ def save_peft(
                     tensors[PREFIX + ".".join(p for p in parts if p)] = np.asarray(value)
             elif name == "bias" and (config.bias == "all" or (config.adapted_biases and has)):
                 tensors[key + (".base_layer.bias" if has else ".bias")] = np.asarray(value)
-        experts = _expert_records(node, slot)
+        experts = [v for v in node.values() if isinstance(v, LoraRecord)
+                   and parameters.is_expert(v.layout) and slot.adapts(v)]
         for record in experts:  # target_parameters: per-expert factors, peft's fused layout
             r, scale = _slot_values(record, slot)
             a, b = (np.asarray(slot.leaf(record.keys[n])) for n in ("lora_A", "lora_B"))
@@ -568,6 +505,7 @@ def save_peft(
                 raise ValueError(f"save_peft: {name} has r={r}, scale={scale:g}, not the "
                                  "config's r and lora_alpha for it (peft reads those)")
             adapted_parameters.add(name)
+    mapped = {s.flax_path for s in index.values()}
     unmapped = [p for p, node in iter_modules(params, leaves=None) if p not in mapped
                 and owned(node)]
     if unmapped:
@@ -578,7 +516,7 @@ def save_peft(
     tensors.update(variants.for_config(config).peft_shared(shared, config))
     _warn_unused(model_type, list(adapted), "save_peft", index, saved_modules)
     tree, layouts = _shape_tree(index)
-    torch_config = _agreeing_modules(config, tree, layouts, adapted, for_peft=True)
+    torch_config = _agreeing(config, tree, layouts, adapted, for_peft=True)
     if tuple(saved_modules or ()) != tuple(config.modules_to_save or ()):
         torch_config = torch_config.replace(modules_to_save=saved_modules)
     auto_mapping = None
@@ -601,21 +539,9 @@ def save_peft(
 
 # --- load -----------------------------------------------------------------------------------------
 
-def _unknown_module(key: str, torch_path: str, index: Mapping[str, _Slot]) -> ValueError:
-    close = difflib.get_close_matches(torch_path, list(index), n=3)
-    return ValueError(
-        f"load_peft: {key!r} names the module {torch_path!r}, which is not in the params tree"
-        + (f"; closest: {close}" if close else "")
-        + ". Pass model_type=, stacks= or path_map= if the model names its modules differently"
-    )
-
-
 def _parse_key(key: str, config: AdapterConfig) -> tuple[str, str, str] | None:
-    """(kind, PyTorch module path, leaf) of a file key; None for a key to skip.
-
-    kind: "factor" (leaf lora_A/...), "bias" (an adapted or plain module's bias) or "saved"
-    (a leaf of a module in modules_to_save).
-    """
+    """(kind, PyTorch module path, leaf) of a file key, None for a key to skip. kind: "factor",
+    "bias", "base" (a base weight peft saved) or "saved" (a leaf of a module to save)."""
     if not key.startswith(PREFIX):
         raise ValueError(f"load_peft: key {key!r} does not start with {PREFIX!r}; is this a "
                          "peft LoRA adapter?")
@@ -639,16 +565,13 @@ def _parse_key(key: str, config: AdapterConfig) -> tuple[str, str, str] | None:
             skip = 2 if at + 1 < len(parts) and parts[at + 1] == "default" else 1
             module = ".".join(parts[:at] + parts[at + skip:])
     if leaf == "weight" and module.endswith(".base_layer"):
-        # peft saves the base weight of a targeted embedding / lm_head (its
-        # save_embedding_layers="auto", in case the vocabulary was resized): the base tree holds
-        # it already.
-        return "base", module[: -len(".base_layer")], "weight"
+        # peft saves a targeted embedding / lm_head's base weight (save_embedding_layers="auto",
+        # in case the vocabulary was resized): the base tree holds it already.
+        return "base", module.removesuffix(".base_layer"), "weight"
     if _saved_root(module, config.modules_to_save) is not None:
         return "saved", module, leaf
-    if leaf == "bias" and module.endswith(".base_layer"):
-        return "bias", module[: -len(".base_layer")], "bias"
     if leaf == "bias":
-        return "bias", module, "bias"
+        return "bias", module.removesuffix(".base_layer"), "bias"
     raise ValueError(f"load_peft: {key!r} is not a LoRA factor, a bias or a modules_to_save "
                      "weight; lora_jax cannot place it")
 
@@ -705,13 +628,12 @@ def load_peft(
 ) -> tuple[dict[str, Any], AdapterConfig]:
     """(params with the adapter, its LoraConfig) from a peft adapter directory.
 
-    The factors are cast to `dtype` (float32 by default, so bfloat16 adapters load too);
-    biases and modules_to_save weights to the dtype of the leaf they replace. Every tensor is
-    checked (names, shapes, ranks, the config's targets) before the new tree is built, so a bad
-    adapter raises a ValueError naming the key and `params` is never modified. Each kernel's
-    layout comes from `layouts` (`lora_jax.layouts(model, x)`) or `model_type` (a
-    `lora_jax.models` architecture); without either, 2-D kernels are read as `[in, out]` on
-    trust, and `merge` / `save_peft` refuse a square one until confirmed.
+    The factors are cast to `dtype` (so bfloat16 adapters load too), biases and modules_to_save
+    weights to the dtype of the leaf they replace. Every tensor is checked (names, shapes, ranks,
+    the config's targets) before the tree is built: a bad adapter raises a ValueError naming the
+    key. Kernel layouts come from `layouts` (`lora_jax.layouts(model, x)`) or `model_type`;
+    without either, 2-D kernels are read as `[in, out]` on trust, and `merge` / `save_peft`
+    refuse a square one until confirmed.
 
     >>> import tempfile, flax.linen as nn, jax, jax.numpy as jnp, lora_jax
     >>> base = {"proj": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]}
@@ -731,11 +653,11 @@ def load_peft(
     layouts = {p: v for p, v in (layouts or {}).items() if p not in flattened and not v.error}
     config = _config_from_peft(fields, where)
     fan_in_fan_out = bool(fields.get("fan_in_fan_out", False))
-    index = _index(params, _resolve_stacks(model_type, stacks), path_map)
+    index = _index(params, stacks, path_map, model_type)
 
     factors: dict[str, dict[str, np.ndarray]] = {}
     expert_factors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    updates: dict[tuple[str, int | None], dict[str, Any]] = {}  # arrays and the torch path
+    updates: _Updates = {}
     variant = variants.for_config(config)
     shared: Mapping[str, Any] = {k: tensors.pop(k) for k in variant.peft_shared_keys
                                  if k in tensors}
@@ -751,7 +673,11 @@ def load_peft(
             expert_factors.setdefault((module, depth), {})[name] = tensors[key]
             continue
         if torch_path not in index:
-            raise _unknown_module(key, torch_path, index)
+            close = difflib.get_close_matches(torch_path, list(index), n=3)
+            raise ValueError(
+                f"load_peft: {key!r} names the module {torch_path!r}, which is not in the params "
+                "tree" + (f"; closest: {close}" if close else "") + ". Pass model_type=, stacks= "
+                "or path_map= if the model names its modules differently")
         slot = index[torch_path]
         value = tensors[key]
         if kind == "factor":
@@ -782,10 +708,10 @@ def load_peft(
         if tuple(value.shape) != tuple(base.shape):
             raise ValueError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but "
                              f"{slot.flax_path}.{name} is {tuple(base.shape)} per layer")
-        previous = updates.setdefault((slot.flax_path, slot.layer), {}).get(name)
-        if previous is not None and not np.array_equal(previous, value):
+        at = updates.setdefault(slot.flax_path, {}).setdefault(slot.layer, {})
+        if name in at and not np.array_equal(at[name], value):
             raise ValueError(f"{where}: {key!r} disagrees with another copy of the same tensor")
-        updates[(slot.flax_path, slot.layer)][name] = value
+        at[name] = value
 
     experts = _expert_updates(expert_factors, index, config, model_type, where)
     tree, torch_layouts = _shape_tree(index)
@@ -851,7 +777,7 @@ def load_peft(
         if rank != config.rank(torch_path):
             raise ValueError(f"{where}: {first!r} has rank {rank}, but the config gives "
                              f"{torch_path!r} r={config.rank(torch_path)}")
-        updates.setdefault((slot.flax_path, slot.layer), {}).update(
+        updates.setdefault(slot.flax_path, {}).setdefault(slot.layer, {}).update(
             {variant.names(name)[n]: v for n, v in arrays.items()}, _torch_path=torch_path)
     for slot in index.values():
         if owned(slot.node):
@@ -863,11 +789,11 @@ def load_peft(
                                  assumed=model_type is None)
     new_params = with_leaves(new_params, _expert_leaves(experts, config, dtype, layouts))
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
-    flax_layouts = {s.flax_path: Layout("embed" if "embedding" in s.node else "dense",
-                                        stacked=int(s.layer is not None),
-                                        n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
+    flax_layouts = {s.flax_path: _default_layout(
+                        _weight_name(s.node), stacked=int(s.layer is not None),
+                        n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
                     for s in index.values() if "kernel" in s.node or "embedding" in s.node}
-    result = _agreeing_modules(config, new_params, flax_layouts, adapted)
+    result = _agreeing(config, new_params, flax_layouts, adapted)
     saved = _saved_modules(config.modules_to_save, {s.flax_path: p for p, s in index.items()})
     if tuple(saved or ()) != tuple(config.modules_to_save or ()):
         result = result.replace(modules_to_save=saved)
@@ -887,7 +813,9 @@ def _expert_updates(found: Mapping[tuple[str, int], Mapping[str, np.ndarray]],
     for torch_path, slot in index.items():
         weights = [n for n, v in _leaves(slot.node).items()
                    if n not in owned(slot.node) and np.ndim(v) - (slot.layer is not None) == 3]
-        named = parameters.targeted(torch_path, weights, config.target_parameters or ())
+        # peft's rule: `<module>.<param>` equal to a name or ending in "." + name.
+        named = [w for w in weights
+                 if matches(list(config.target_parameters or ()), f"{torch_path}.{w}")]
         for depth, weight in enumerate(reversed(_order(model_type, torch_path, named))):
             wanted[(torch_path, depth)] = (slot, weight)
     out: _Experts = {}
@@ -945,8 +873,8 @@ def _expert_leaves(experts: _Experts, config: AdapterConfig, dtype: jnp.dtype,
 def _torch_layout(slot: _Slot, layouts: Mapping[str, Layout] | None) -> Layout:
     """The layout of one layer's weight in the slot: its (in, out) as the layout reads it (a
     FlaxConv1D kernel is [out, in])."""
-    kind: Literal["embed", "dense"] = "embed" if _weight_name(slot.node) == "embedding" else "dense"
-    return dataclasses.replace((layouts or {}).get(slot.flax_path) or Layout(kind), stacked=0)
+    layout = (layouts or {}).get(slot.flax_path) or _default_layout(_weight_name(slot.node))
+    return dataclasses.replace(layout, stacked=0)
 
 
 def _rank(variant: variants.Variant, arrays: Mapping[str, Any], config: AdapterConfig,
@@ -961,19 +889,25 @@ def _weight_name(node: Mapping[str, Any]) -> str:
     return "embedding" if "embedding" in node else "kernel"
 
 
-def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
-           updates: Mapping[tuple[str, int | None], dict[str, Any]], config: AdapterConfig,
-           dtype: jnp.dtype, where: str, layouts: Mapping[str, Layout] | None, assumed: bool
+def _default_layout(weight: str, **fields: Any) -> Layout:
+    """The layout of a `kernel` (dense) or `embedding` (embed) read without `layouts`."""
+    return Layout("embed" if weight == "embedding" else "dense", **fields)
+
+
+# {Flax path: {layer (None: unscanned): {leaf name: array, "_torch_path": its PyTorch path}}}
+_Updates = dict[str, dict[int | None, dict[str, Any]]]
+
+
+def _build(params: Mapping[str, Any], index: Mapping[str, _Slot], updates: _Updates,
+           config: AdapterConfig, dtype: jnp.dtype, where: str,
+           layouts: Mapping[str, Layout] | None, assumed: bool
            ) -> tuple[dict[str, Any], dict[str, tuple[int, float] | None]]:
     """The new tree (per-layer updates stacked for scanned modules) and {flax path: (r, alpha)}."""
-    by_module: dict[str, dict[int | None, dict[str, Any]]] = {}
-    for (flax_path, layer), leaves in updates.items():
-        by_module.setdefault(flax_path, {})[layer] = leaves
     nodes = {s.flax_path: s.node for s in index.values()}
     new_leaves: dict[str, dict[str, Any]] = {}
     adapted: dict[str, tuple[int, float] | None] = {}
     variant = variants.for_config(config)
-    for flax_path, layers in by_module.items():
+    for flax_path, layers in updates.items():
         node = nodes[flax_path]
         weight = _weight_name(node)
         mine = {leaf.key(weight): leaf for leaf in variant.leaves}
@@ -992,9 +926,8 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot],
                                for i, (r, alpha) in values.items()}, n_layers if scanned else 0)
             if found.ranks or found.scales:
                 adapted[flax_path] = None  # no one (rank, alpha): the file's patterns give them
-            layout = (layouts or {}).get(flax_path) or Layout(
-                "embed" if weight == "embedding" else "dense", stacked=int(scanned),
-                assumed=assumed and weight != "embedding")
+            layout = (layouts or {}).get(flax_path) or _default_layout(
+                weight, stacked=int(scanned), assumed=assumed and weight != "embedding")
             adapted_layers = tuple(sorted(i for i in values if i is not None)) if scanned else None
             if scanned and len(values) < n_layers:
                 variant.check("layer_selection", f"{where}: {flax_path!r}")

@@ -1,12 +1,9 @@
-"""peft's view of a weight of several input / output axes: the PyTorch Linear of its row-major
-flattening.
+"""peft's view of a weight of several input / output axes, or of an `[out, in]` kernel
+(transformers' FlaxConv1D): the PyTorch Linear of its row-major flattening.
 
-An einsum `BTD,DNH->BTNH` kernel [D, N, H] is what PyTorch checkpoints store as a Linear
-[N*H, D] (HF Llama's q_proj), and a `[out, in]` weight (transformers' FlaxConv1D) is a Linear
-too: peft's files name such weights `kernel`-like, so `save_peft` writes, and `load_peft` reads,
-each of them as the Linear kernel `[*stack, fan_in, fan_out]` with its adapter's arrays reshaped
-alike (LoRA's A [D, r] / B [r, N*H]; stacked layers keep their leading axes), for both
-frontends.
+An einsum kernel [D, N, H] is a Linear [N*H, D] in torch (HF Llama's q_proj): `save_peft` writes,
+and `load_peft` reads, it as the Linear kernel `[*stack, fan_in, fan_out]`, the adapter's arrays
+reshaped alike (LoRA's A [D, r] / B [r, N*H]), for both frontends.
 """
 
 from __future__ import annotations

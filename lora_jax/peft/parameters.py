@@ -1,13 +1,8 @@
 """peft's files for weights adapted by name (`target_parameters`): MoE experts' 3-D weights.
 
-peft 0.21 wraps each targeted parameter of a module in a `ParamWrapper`; a second targeted
-parameter of the same module wraps the first wrapper. So the factors of the module's last
-targeted parameter (in the module's own parameter order) are `<module>.lora_A.weight`, those of
-the one before it `<module>.base_layer.lora_A.weight`, and so on. For a 3-D weight `[E, out, in]`
-(transformers' fused experts) each expert has its own factors, stored fused: `lora_A [r*E, in]`
-with row `e*r + j` = row j of expert e's A, and `lora_B [out, r*E]` with column `j*E + e` =
-column j of expert e's B (rank-major, expert fastest: peft's `weight_B.reshape(out, r, E)`).
-lora_jax keeps `A [E, in, r]`, `B [E, r, out]` (`Layout(order="boi")`).
+peft nests the factors of a module's several targeted parameters (`<module>.base_layer.lora_A`
+for the one before the last) and stores per-expert factors fused, rank-major (docs/guides/peft.md,
+"The file format"); lora_jax keeps `A [E, in, r]`, `B [E, r, out]` (`Layout(order="boi")`).
 
     >>> a, b = np.arange(12.).reshape(2, 3, 2), np.arange(16.).reshape(2, 2, 4)  # E=2, r=2
     >>> lora_a, lora_b = to_peft(a, b)
@@ -25,7 +20,6 @@ import numpy as np
 
 from lora_jax.core.factors import Layout
 from lora_jax.core.record import MATERIALISE
-from lora_jax.core.targets import matches
 
 NEST = ".base_layer"
 EXPERTS = "boi"  # the axes of transformers' fused experts: [E, out, in]
@@ -52,13 +46,6 @@ def from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int
     a = np.transpose(lora_a.reshape(experts, r, lora_a.shape[1]), (0, 2, 1))
     b = np.transpose(lora_b.reshape(lora_b.shape[0], r, experts), (2, 1, 0))
     return a, b
-
-
-def targeted(module: str, weights: Sequence[str], target_parameters: Sequence[str]
-             ) -> list[str]:
-    """The weights of `module` (in its parameter order) that `target_parameters` names, as peft
-    matches them (`<module>.<param>` equal to a name or ending in "." + name)."""
-    return [w for w in weights if matches(list(target_parameters), f"{module}.{w}")]
 
 
 def module_path(module: str, weight: str, adapted: Sequence[str]) -> str:
