@@ -1,15 +1,10 @@
 """Sharding for LoRA: factor specs that follow the base's partitioning, and inject onto a mesh.
 
-A kernel `[*stack, *in, *out]` with spec `(*s, *i, *o)` gets `A [*stack, *in, r]` with spec
-`(*s, *i, None)` and `B [*stack, r, *out]` with spec `(*s, None, *o)`: A keeps the contracting
-axes' sharding, B the output axes', the rank axis is replicated and a scanned stack's layer axis
-is kept. So `x @ A` and `(x A) @ B` need the same collectives as `x @ W`, and nobody writes
-factor specs by hand. E.g. kernel `('fsdp', 'tensor')` -> A `('fsdp', None)`, B
-`(None, 'tensor')`.
-
-The base's partitioning can come as a tree of `PartitionSpec`s, as params whose leaves carry
-`NamedSharding`s, or as Flax logical-axis metadata (`nn.with_logical_partitioning` boxes) plus
-axis rules. `match_specs` writes a spec tree from regex rules for models without metadata.
+A keeps the kernel's input axes' sharding, B its output axes', the rank axis is replicated and a
+scanned stack's layer axis kept, so `(x A) @ B` needs the collectives of `x @ W`: kernel
+`('fsdp', 'tensor')` -> A `('fsdp', None)`, B `(None, 'tensor')`. The base's partitioning comes
+as a spec tree (`match_specs` writes one from regex rules), as `NamedSharding`s on its arrays or
+as Flax logical-axis boxes plus axis rules.
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     specs = match_specs(params, [(r".*(c_attn|c_fc)\\.kernel", P(None, "fsdp", "tensor")),
@@ -22,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +31,7 @@ from lora_jax.core.factors import Layout
 from lora_jax.core.inject import inject
 from lora_jax.core.record import LoraRecord, iter_records, record_name, scale_name
 from lora_jax.core.saved import drop_originals, keep_originals, table_of
-from lora_jax.core.targets import with_leaves, without_leaves
+from lora_jax.core.targets import join_path, with_leaves, without_leaves
 from lora_jax.quant.quantize import is_quantized
 from lora_jax.variants.inits import changes_base
 
@@ -98,8 +93,7 @@ def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
 
     def spec(path: tuple[Any, ...], _: Any) -> P:
-        name = ".".join(str(getattr(k, "key", k)) for k in path)
-        return next((s for regex, s in compiled if regex.fullmatch(name)), default)
+        return next((s for regex, s in compiled if regex.fullmatch(join_path(path))), default)
 
     return jax.tree_util.tree_map_with_path(spec, nn.unbox(params), is_leaf=is_quantized)
 
@@ -131,17 +125,6 @@ def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
     return jax.tree.map(spec, nn.unbox(params), is_leaf=is_quantized)
 
 
-def _check_rank(spec: P, ndim: int, path: str, strict: bool) -> P:
-    """`spec`, or a clear error when its rank cannot be the leaf's (`strict`: must equal it)."""
-    if len(spec) > ndim or (strict and 0 < len(spec) < ndim):
-        raise ValueError(
-            f"the PartitionSpec {spec} for {path!r} has {len(spec)} entries but the weight has "
-            f"{ndim} axes. Give one entry per axis (a scanned stack's leading layer axis needs "
-            "its own entry, usually None)"
-        )
-    return spec
-
-
 def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = None) -> Any:
     """`PartitionSpec`s for every leaf of injected `params` (arrays or abstract shapes).
 
@@ -159,16 +142,25 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
     >>> specs["lora_A"], specs["lora_B"]
     (P('fsdp', None), P(None, 'tensor'))
     """
-    flat_base = _flatten(base_specs(base, rules=rules))
+    flat_base = {tuple(str(getattr(k, "key", k)) for k in path): spec for path, spec in
+                 jax.tree_util.tree_flatten_with_path(base_specs(base, rules=rules),
+                                                      is_leaf=_is_spec)[0]}
 
     def base_spec(keys: tuple[str, ...], leaf: Any, strict: bool) -> P:
-        path = ".".join(keys)
-        if keys not in flat_base:
+        """The base's spec of a leaf, checked against its rank (`strict`: must equal it)."""
+        path, spec = ".".join(keys), flat_base.get(keys)
+        if spec is None:
             raise ValueError(
                 f"the base specs have no entry for {path!r}; give a spec (P() for replicated) "
                 "for every leaf of the base params"
             )
-        return _check_rank(flat_base[keys], leaf.ndim, path, strict)
+        if len(spec) > leaf.ndim or (strict and 0 < len(spec) < leaf.ndim):
+            raise ValueError(
+                f"the PartitionSpec {spec} for {path!r} has {len(spec)} entries but the weight has "
+                f"{leaf.ndim} axes. Give one entry per axis (a scanned stack's leading layer axis "
+                "needs its own entry, usually None)"
+            )
+        return spec
 
     plain = nn.unbox(params)
     factor_specs: dict[tuple[str, ...], P] = {}
@@ -202,18 +194,11 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
                 out[key] = factor_specs[(*keys, key)]
             elif is_quantized(value):
                 out[key] = value.specs(base_spec((*keys, key), value, strict=False))
-            elif (table := table_of(key)) is not None:  # a saved table's original: as the table
-                out[key] = base_spec((*keys, table), value, strict=False)
-            else:
-                out[key] = base_spec((*keys, key), value, strict=False)
+            else:  # a saved table's original takes the table's spec
+                out[key] = base_spec((*keys, table_of(key) or key), value, strict=False)
         return out
 
     return visit(plain, ())
-
-
-def _flatten(tree: Any) -> dict[tuple[str, ...], P]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec)[0]
-    return {tuple(str(getattr(k, "key", k)) for k in path): spec for path, spec in leaves}
 
 
 def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
@@ -235,7 +220,7 @@ def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
     shape_of = (dict.fromkeys((p for p, _ in flat)) if shapes is None else
                 dict(jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0]))
     for path, spec in flat:
-        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        name = join_path(path)
         for dim, entry in enumerate(spec):
             axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
             unknown = [a for a in axes if a not in mesh.shape]
@@ -291,20 +276,18 @@ def shard_inject(
         (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
     # PiSSA / OLoRA / LoftQ also give the residual base weight.
     residual = changes_base(getattr(config, "init_lora_weights", True))
+    arrays = lambda record: (*record.arrays, *((record.weight,) if residual else ()))
 
-    def factors(tree: Any) -> dict[str, dict[str, Any]]:
+    def pick(tree: Any, names: Callable[[LoraRecord], tuple[str, ...]]) -> dict[str, Any]:
         out: dict[str, dict[str, Any]] = {}  # a module may hold several adapted weights
         for item in iter_records(tree):
-            names = (*item.record.arrays, *((item.record.weight,) if residual else ()))
-            out.setdefault(item.path, {}).update({name: item.module[name] for name in names})
+            out.setdefault(item.path, {}).update({n: item.module[n] for n in names(item.record)})
         return out
 
     # From the placed base: DoRA's magnitude and the SVD inits read the weight's values.
-    new = jax.jit(lambda base, k: factors(inject(base, config, k, layouts=layouts)),
-                  out_shardings=factors(shardings))(placed, key)
-    records: dict[str, dict[str, Any]] = {}
-    for item in iter_records(abstract):
-        records.setdefault(item.path, {})[record_name(item.record.weight)] = item.record
+    new = jax.jit(lambda base, k: pick(inject(base, config, k, layouts=layouts), arrays),
+                  out_shardings=pick(shardings, arrays))(placed, key)
+    records = pick(abstract, lambda record: (record_name(record.weight),))
     return keep_originals(with_leaves(with_leaves(placed, new), records), config)
 
 
