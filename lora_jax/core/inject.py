@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -50,11 +50,17 @@ class Site:
     shape: tuple[int, ...]
 
 
-def _default_layout(weight: str, shape: tuple[int, ...]) -> Layout | None:
-    """The layout readable from the tree alone: 2-D kernels are Dense, tables are Embed."""
+def _default_layout(weight: str, shape: tuple[int, ...], path: str) -> Layout:
+    """The layout readable from the tree alone: 2-D kernels are Dense, tables are Embed; any
+    other kernel's layout says that it needs `layouts`."""
     if weight == "embedding":
         return Layout("embed", stacked=len(shape) - 2)
-    return Layout("dense", assumed=True) if len(shape) == 2 else None
+    if len(shape) == 2:
+        return Layout("dense", assumed=True)
+    return Layout("dense", error=(
+        f"the kernel at {path!r} has shape {shape}: lora_jax cannot tell its stacked "
+        "(scanned), input and output axes from the tree alone. Pass "
+        "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}"))
 
 
 def _sites(params: Mapping[str, Any], config: AdapterConfig,
@@ -72,10 +78,8 @@ def _sites(params: Mapping[str, Any], config: AdapterConfig,
             target = target_path(path, name, module)
             layout = layouts.get(target)
             if layout is None or layout.weight not in (None, name):
-                layout = None
-                if name in ("kernel", "embedding"):
-                    layout = _default_layout(name, shape) or Layout(
-                        "dense", error=_no_layout_message(target, shape))
+                layout = _default_layout(name, shape, target) if name in (
+                    "kernel", "embedding") else None
             if layout is not None:
                 sites[target] = Site(path, name, layout, shape)
             param_path = f"{path}.{name}" if path else name
@@ -93,12 +97,6 @@ def _parameter_rule(layout: Layout | None) -> bool:
     """Whether a layer rule reads the weight as a parameter peft names (`Rule.parameter`)."""
     rule = None if layout is None or layout.error else rule_named(layout.rule)
     return rule is not None and rule.parameter
-
-
-def _no_layout_message(path: str, shape: tuple[int, ...]) -> str:
-    return (f"the kernel at {path!r} has shape {shape}: lora_jax cannot tell its stacked "
-            "(scanned), input and output axes from the tree alone. Pass "
-            "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +141,12 @@ def _is_target(config: AdapterConfig, view: View, site: Site) -> bool:
     elif spec == "all-linear":
         if matches_any(_HEADS, names):
             return False
-        found = site.weight != "embedding" and (site.layout.error is not None or
+        error = site.layout.error
+        found = site.weight != "embedding" and (error is not None or
                                                 site.layout.kind in ("dense", "einsum"))
-        if found and site.layout.error and site.layout.rule is None:
-            raise ValueError(site.layout.error)
-        if site.layout.error and site.layout.rule is not None:
+        if found and error:
+            if site.layout.rule is None:
+                raise ValueError(error)
             found = False  # all-linear skips layers LoRA cannot apply to
     else:
         found = matches_any(spec, names)
@@ -223,9 +222,8 @@ def find_targets(
     (`transformer.h.3.attn.c_attn`), so exclude_modules, rank/alpha patterns, per-layer targets
     and layers_to_transform select layers of the stack; the others get zero factors. Layers of
     one stack may get different ranks and scales (`per_layer`)."""
-    targets = {path: (site, selected) for path, (site, selected, _) in
-               _find(params, config, layouts, peft_quirks=peft_quirks).items()}
-    return targets
+    return {path: (site, selected) for path, (site, selected, _) in
+            _find(params, config, layouts, peft_quirks=peft_quirks).items()}
 
 
 def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str, Layout] | None,
@@ -238,10 +236,10 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
             "'v_proj'], a regex, or 'all-linear' (or name params with target_parameters)"
         )
     sites = _sites(params, config, layouts)
+    modules = dict(iter_modules(params, leaves=None))
     views = {path: _views(params, path, site) for path, site in sites.items()}
-    matched = {path: [v for v in views[path] if _is_target(config, v, site)]
-               for path, site in sites.items()}
-    matched = {path: found for path, found in matched.items() if found}
+    matched = {path: found for path, site in sites.items()
+               if (found := [v for v in views[path] if _is_target(config, v, site)])}
     # A weight targeted both as a module (with a rule) and as a param keeps its rule.
     ruled = {(sites[p].path, sites[p].weight) for p in matched
              if sites[p].layout.rule != MATERIALISE}
@@ -252,12 +250,9 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
         raise _no_match_error(config, [p for p in sites if sites[p].layout.rule != MATERIALISE])
     _check_unsupported(params, config, sites, views)
     for path in matched:
-        site = sites[path]
-        if site.layout.error:
-            raise ValueError(
-                f"cannot adapt {path!r}: {site.layout.error}" if site.layout.rule else
-                site.layout.error
-            )
+        if error := sites[path].layout.error:
+            raise ValueError(f"cannot adapt {path!r}: {error}" if sites[path].layout.rule
+                             else error)
     if _wanted_layers(config) is not None:
         _check_layer_selection(config, sites, matched)
     targets = {}
@@ -266,9 +261,7 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
         kept = [v for v in found if _layer_selected(config, v, peft_quirks)]
         if not kept:
             continue
-        values = {}
-        for view in kept:
-            values[view.layer] = (config.rank(*view.names), config.scaling(*view.names))
+        values = {v.layer: (config.rank(*v.names), config.scaling(*v.names)) for v in kept}
         layers = [v.layer for v in kept if v.layer is not None]
         if len(layers) < len(kept) or len(layers) == len(views[path]) and \
                 _wanted_layers(config) is None and len(found) == len(views[path]):
@@ -277,8 +270,7 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
             selected = tuple(sorted(layers))
             if len(selected) == site.shape[0]:
                 selected = True
-        if selected is not True and config.adapted_biases and "bias" in _module(
-                params, site.path):
+        if selected is not True and config.adapted_biases and "bias" in modules[site.path]:
             raise ValueError(
                 f"bias={config.bias!r} with only some layers of the scanned stack {path!r} adapted "
                 "would train the biases of every layer (a stacked bias is one leaf); use "
@@ -293,7 +285,7 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
                f" (layer indices read after layers_pattern={config.layers_pattern!r})"))
     # task_type's heads may be absent (peft wraps the names that exist): only the rest must match.
     asked = [m for m in config.modules_to_save or () if m not in config.task_heads]
-    if asked and not any(saved_name_match(asked, p) for p in _module_paths(params)):
+    if asked and not any(saved_name_match(asked, p) for p, _ in _submodules(params)):
         tied = any(saved_name_match(asked, h) for h in _HEADS)
         raise ValueError(
             f"modules_to_save={asked} matched no module; modules with "
@@ -306,22 +298,13 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
     return targets
 
 
-def _module(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-    node = params
-    for part in path.split(".") if path else []:
-        node = node[part]
-    return node
-
-
-def _module_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Every module (dict) path of the tree, containers included."""
-    out = []
+def _submodules(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, dict) of every module below the root, containers included."""
     for key, value in params.items():
         if isinstance(value, Mapping):
             path = f"{prefix}.{key}" if prefix else key
-            out.append(path)
-            out += _module_paths(value, path)
-    return out
+            yield path, value
+            yield from _submodules(value, path)
 
 
 def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
@@ -332,15 +315,9 @@ def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
     if spec is None or spec == "all-linear":
         return
     known = {site.path for site in sites.values()}
-    stacks: dict[str, int] = {}
-    for path, path_views in views.items():
-        if path_views[0].layer is not None:
-            site = sites[path]
-            root = stack_root(params, site.path, site.shape[0])
-            if root is not None:
-                stacks[root] = site.shape[0]
-    for path in _module_paths(params):
-        module = _module(params, path)
+    stacks = {root: sites[p].shape[0] for p, found in views.items() if found[0].layer is not None
+              and (root := stack_root(params, sites[p].path, sites[p].shape[0])) is not None}
+    for path, module in _submodules(params):
         if path in known or owned(module):
             continue
         names = [path, peft_path(path + ".x")[:-2]]  # a container may be a list element
@@ -424,10 +401,6 @@ def new_record(weight: str, layout: Layout, values: Values, config: Any,
     return leaves
 
 
-def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
-    return jnp.zeros(n_layers, bool).at[jnp.asarray(selected)].set(True)
-
-
 def _check_variant(path: str, site: Site, variant: variants.Variant, config: Any) -> None:
     """The variant's refusals where it does not apply to this weight, said once with the
     reason."""
@@ -465,7 +438,7 @@ def _adapter_leaves(path: str, site: Site, weight: Any, variant: variants.Varian
     arrays, residual = variant.init(plain, site.layout, config, values, key, dtype, shared)
     if isinstance(selected, tuple):
         # Unselected layers of a scanned stack: zero arrays keep them at zero during training.
-        mask = _layer_mask(selected, site.shape[0])
+        mask = jnp.zeros(site.shape[0], bool).at[jnp.asarray(selected)].set(True)
         select = lambda new, old: jnp.where(mask.reshape(-1, *[1] * (new.ndim - 1)), new, old)
         arrays = {name: select(value, 0) for name, value in arrays.items()}
         residual = None if residual is None else select(residual, plain)
@@ -513,9 +486,7 @@ def inject(
     for index, (path, (site, selected, by_layer)) in enumerate(sorted(targets.items())):
         module = modules[site.path]
         values = per_layer(by_layer, site.shape[0] if site.layout.stacked else 0)
-        r = values.rank
-        name = record_name(site.weight)
-        if name in module or any(n in module for n in variant.names(site.weight).values()):
+        if record_name(site.weight) in module or any(n in module for n in variant.names(site.weight).values()):
             raise ValueError(
                 f"{path!r} already has LoRA factors; inject once per module (merge first, or "
                 "exclude it with exclude_modules)"
@@ -526,11 +497,11 @@ def inject(
                 "input to drop out: set lora_dropout=0 or target its module instead"
             )
         _check_variant(path, site, variant, config)
-        if r > max_rank(site.shape, site.layout) and not inits.changes_base(
-                config.init_lora_weights):
-            warnings.warn(f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
-                          f"{max_rank(site.shape, site.layout)} of its weight {site.shape}; the "
-                          "update's rank is at most that (peft accepts it too)", stacklevel=2)
+        most = max_rank(site.shape, site.layout)
+        if values.rank > most and not inits.changes_base(config.init_lora_weights):
+            warnings.warn(f"r={values.rank} for {path!r} is larger than min(fan_in, fan_out)="
+                          f"{most} of its weight {site.shape}; the update's rank is at most "
+                          "that (peft accepts it too)", stacklevel=2)
         leaves, arrays = _adapter_leaves(path, site, module[site.weight], variant, config,
                                          values, jax.random.fold_in(key, index), dtype,
                                          selected, shared)
