@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -179,12 +179,16 @@ def _layer_selected(config: AdapterConfig, view: View, peft_quirks: bool = False
     wanted = _wanted_layers(config)
     if wanted is None:
         return True
-    spec = config.target_modules
-    if peft_quirks and not isinstance(spec, str) and spec is not None and any(
-            form in spec for n in view.names for form in path_forms(n)):
+    if peft_quirks and _named_in_full(config.target_modules, view.names):
         return True
     index = _view_index(config, view)
     return index is not None and index in wanted
+
+
+def _named_in_full(spec: str | Sequence[str] | None, names: Sequence[str]) -> bool:
+    """Whether a list target_modules names the module in full (peft then skips the filter)."""
+    return spec is not None and not isinstance(spec, str) and any(
+        form in spec for n in names for form in path_forms(n))
 
 
 def _no_match_error(config: AdapterConfig, paths: list[str]) -> ValueError:
@@ -315,6 +319,7 @@ def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
     if spec is None or spec == "all-linear":
         return
     known = {site.path for site in sites.values()}
+    wanted = _wanted_layers(config)
     stacks = {root: sites[p].shape[0] for p, found in views.items() if found[0].layer is not None
               and (root := stack_root(params, sites[p].path, sites[p].shape[0])) is not None}
     for path, module in _submodules(params):
@@ -327,9 +332,7 @@ def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
         if any(saved_match(config.modules_to_save, n) for n in names):
             continue
         found = matches_any(spec, names)
-        wanted = _wanted_layers(config)
-        if found and wanted is not None and not isinstance(spec, str) and not any(
-                form in spec for n in names for form in path_forms(n)):
+        if found and wanted is not None and not _named_in_full(spec, names):
             # peft filters by layer before it looks at the module's type
             found = any(layer_index(n, config.layers_pattern) in wanted for n in names)
         if found and not (config.exclude_modules is not None and
@@ -402,16 +405,14 @@ def new_record(weight: str, layout: Layout, values: Values, config: Any,
 
 
 def _check_variant(path: str, site: Site, variant: variants.Variant, config: Any) -> None:
-    """The variant's refusals where it does not apply to this weight, said once with the
-    reason."""
+    """The variant's refusals where it does not apply to this weight, with the reason."""
     layout = site.layout
-    roles = layout.roles(len(site.shape))
     where = f"{path!r} ({layout.kind})"
     if layout.kind not in variant.kinds:
         variant.check("kinds", where)
     if layout.rule == MATERIALISE:
         variant.check("materialised", where)
-    if "b" in roles:
+    if "b" in layout.roles(len(site.shape)):
         variant.check("kept_axes", where)
     if config.layers_to_transform is not None and layout.stacked:
         variant.check("layer_selection", where)
@@ -460,13 +461,11 @@ def inject(
     """A copy of `params` with LoRA factors and a `LoraRecord` beside each targeted weight.
 
     Dense-like modules get `lora_A` / `lora_B` (and the record `lora`), Embed gets
-    `lora_embedding_A` / `_B`, another weight `w` gets `w_lora_A` / `w_lora_B`; factors are
-    stored in `dtype` (float32 by default, whatever the base's dtype). 2-D kernels and embedding
-    tables read as Dense / Embed from the tree alone; any other layer needs `layouts`, best from
-    `lora_jax.layouts(model, *example_inputs)`, which asks each layer's rule how it reads its
-    weight (a GPT-2 FlaxConv1D kernel is `[out, in]`, a Gemma einsum stacks q/k/v). Weights
-    named by `config.target_parameters` are adapted by materialising W + scale * A B. Works
-    under `jax.jit`.
+    `lora_embedding_A` / `_B`, another weight `w` gets `w_lora_A` / `w_lora_B`, stored in `dtype`
+    whatever the base's. 2-D kernels and tables read as Dense / Embed from the tree alone; other
+    layers (a GPT-2 FlaxConv1D kernel is `[out, in]`) need `layouts`, best from
+    `lora_jax.layouts(model, *example_inputs)`. Weights named by `config.target_parameters` are
+    adapted by materialising W + scale * A B. Works under `jax.jit`.
 
     >>> import flax.linen as nn
     >>> from lora_jax import LoraConfig

@@ -1,12 +1,8 @@
 """`LoraRecord`: everything about one adapted weight, stored in the params tree beside its factors.
 
-`inject` (and `load_peft`) put a record next to each adapted weight: `{"kernel": W, "lora_A": A,
-"lora_B": B, "lora": LoraRecord(...)}`. The record is a static pytree node (no array leaves), so
-it passes through `jit`, `grad`, `scan`, optax and orbax unchanged and costs nothing, while
-`wrap`, `merge`, `split`, counting, sharding and peft io all read the facts from it instead of
-re-deriving them: the layout (which axes are stacked, input, output; the storage order), the
-layer rule, the rank and the scale. The scale travels with the factors, so a later config can
-never silently rescale them.
+`{"kernel": W, "lora_A": A, "lora_B": B, "lora": LoraRecord(...)}`: a static pytree node (free
+under `jit`, `grad`, optax, orbax) that `wrap`, `merge`, `split`, counting, sharding and peft io
+read the layout, rule, rank and scale from, so a later config can never rescale the factors.
 """
 
 from __future__ import annotations
@@ -41,20 +37,18 @@ def scale_name(weight: str) -> str:
 class LoraRecord:
     """One adapted weight: its name, layout (and rule), rank, scale and dropout rate.
 
-    `layers` lists the stacked layers that are adapted when only some of a scanned stack's are
-    (`layers_to_transform`); the others hold zero factors. `variant` names the adapter method
-    (`lora_jax.variants`: "lora", "dora", ...), which says what arrays lie beside the weight.
-    `scale=None`: the scale is data, an array leaf beside the factors (`scale_name`) shaped
-    like the stacked axes (and the adapter axis), so it can differ per layer or adapter and
-    change without recompiling. `adapters=K > 0`: an adapter set (`lora_jax.adapters`): the
-    variant's arrays and the scale hold K adapters on an axis right after the stacked axes
-    (`rank` is their common, padded rank). `ranks`: each stacked layer's own rank when the
-    layers of a scanned stack differ (peft's rank_pattern naming layers; 0 for layers left
-    out): the arrays are padded to `rank` with zeros along their rank axis (zero columns of A /
-    rows of B), which gradient training keeps at zero. `form`: the variant's leaves this
-    weight has when not all of them (`Variant.leaves_of`). `options`: the variant's own
-    training-time options, `(name, value)` pairs (`Variant.options`, e.g. LoKr's rank dropout);
-    while there are any the frontends hand the forward a dropout key when training.
+    - `layers`: the adapted layers when only some of a scanned stack's are; the others hold
+      zero factors.
+    - `variant`: the adapter method (`lora_jax.variants`: "lora", "dora", ...), which says what
+      arrays lie beside the weight; `form`: the variant's leaves this weight has when not all
+      (`Variant.leaves_of`); `options`: its training-time options, `(name, value)` pairs
+      (e.g. LoKr's rank dropout), which make the frontends hand the forward a dropout key.
+    - `scale=None`: the scale is an array leaf (`scale_name`) shaped like the stacked axes (and
+      the adapter axis), so it can differ per layer or adapter without recompiling.
+    - `adapters=K > 0`: an adapter set (`lora_jax.adapters`): K adapters on an axis right after
+      the stacked axes, `rank` their common, padded rank.
+    - `ranks`: each stacked layer's rank when they differ (0 for layers left out); the arrays
+      are zero-padded to `rank` along their rank axis, which gradient training keeps at zero.
 
     `inject` puts one beside each adapted weight (a static leaf, under `record_name(weight)`):
 
