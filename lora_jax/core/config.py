@@ -277,7 +277,8 @@ class LoraConfig(AdapterConfig):
             raise ValueError("LoraConfig.target_parameters must be a list of param names, got "
                              f"the str {self.target_parameters!r}")
         if not number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError(
+                f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(
                 f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")

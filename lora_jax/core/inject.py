@@ -158,9 +158,7 @@ def _is_target(config: AdapterConfig, view: View, site: Site) -> bool:
 def _wanted_layers(config: AdapterConfig) -> set[int] | None:
     """The layer indices to keep, or None for no filter (peft: None, or an empty list)."""
     layers = config.layers_to_transform
-    if layers is None:
-        return None
-    wanted = {layers} if isinstance(layers, int) else set(layers)
+    wanted = {layers} if isinstance(layers, int) else set(layers or ())
     return wanted or None
 
 
@@ -192,16 +190,14 @@ def _named_in_full(spec: str | Sequence[str] | None, names: Sequence[str]) -> bo
 
 
 def _no_match_error(config: AdapterConfig, paths: list[str]) -> ValueError:
-    spec = config.target_modules
-    if spec is None:
-        spec = config.target_parameters
+    field = "target_modules" if config.target_modules is not None else "target_parameters"
+    spec = getattr(config, field)
     names = sorted({form.rsplit(".", 1)[-1] for p in paths for form in path_forms(p)} - {""})
     wanted = [spec] if isinstance(spec, str) else list(spec or ())
     close = {c for w in wanted for c in difflib.get_close_matches(w, names + paths, n=3,
                                                                   cutoff=0.5)}
     # Names sharing a "_"-separated word also count: "q_proj" suggests "q".
     close |= {n for w in wanted for n in names if set(n.split("_")) & set(w.split("_"))}
-    field = "target_modules" if config.target_modules is not None else "target_parameters"
     hint = projection_hint(wanted, names) if field == "target_modules" else None
     return ValueError(
         f"{field}={spec!r} matched no module"
@@ -485,7 +481,8 @@ def inject(
     for index, (path, (site, selected, by_layer)) in enumerate(sorted(targets.items())):
         module = modules[site.path]
         values = per_layer(by_layer, site.shape[0] if site.layout.stacked else 0)
-        if record_name(site.weight) in module or any(n in module for n in variant.names(site.weight).values()):
+        if any(n in module for n in (record_name(site.weight),
+                                     *variant.names(site.weight).values())):
             raise ValueError(
                 f"{path!r} already has LoRA factors; inject once per module (merge first, or "
                 "exclude it with exclude_modules)"
