@@ -12,9 +12,9 @@ import numpy as np
 from lora_jax import variants
 from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
-from lora_jax.core.record import LoraRecord, check_assumed, check_config, records
+from lora_jax.core.record import LoraRecord, check_assumed, check_config, records, without_adapters
 from lora_jax.core.saved import drop_originals
-from lora_jax.core.targets import unbox, with_leaves, without_leaves
+from lora_jax.core.targets import unbox, with_leaves
 from lora_jax.quant.quantize import dequantize
 
 
@@ -54,8 +54,7 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
             _check_finite(".".join(filter(None, (item.path, record.weight))), plain, merged)
         boxed = weight.replace_boxed(merged) if hasattr(weight, "replace_boxed") else merged
         updates.setdefault(item.path, {})[record.weight] = boxed
-    drop = {(item.path, name) for item in found for name in item.record.leaves}
-    return dequantize(drop_originals(with_leaves(without_leaves(params, drop), updates)))
+    return dequantize(drop_originals(with_leaves(without_adapters(params), updates)))
 
 
 def _check_finite(target: str, weight: Any, merged: Any) -> None:

@@ -29,9 +29,9 @@ from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.factors import Layout
 from lora_jax.core.inject import inject
-from lora_jax.core.record import LoraRecord, iter_records, record_name, scale_name
+from lora_jax.core.record import LoraRecord, iter_records, record_name, scale_name, without_adapters
 from lora_jax.core.saved import drop_originals, keep_originals, table_of
-from lora_jax.core.targets import join_path, with_leaves, without_leaves
+from lora_jax.core.targets import join_path, with_leaves
 from lora_jax.quant.quantize import is_quantized
 from lora_jax.variants.inits import changes_base
 
@@ -272,8 +272,7 @@ def shard_inject(
     abstract = jax.eval_shape(lambda p, k: inject(p, config, k, layouts=layouts), plain, key)
     all_specs = lora_specs(abstract, params if specs is None else specs, rules=rules)
     shardings = named_shardings(all_specs, mesh, abstract)
-    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
-        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
+    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_adapters(shardings)))
     # PiSSA / OLoRA / LoftQ also give the residual base weight.
     residual = changes_base(getattr(config, "init_lora_weights", True))
     arrays = lambda record: (*record.arrays, *((record.weight,) if residual else ()))

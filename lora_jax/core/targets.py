@@ -131,16 +131,11 @@ def layer_index(path: str, layers_pattern: str | Sequence[str] | None) -> int | 
     after `layers_pattern` (a regex, or any of a list), or without a pattern the first number
     component that follows a non-leading component (`encoder.block.0.layer.1.x` is block 0; a
     module's own name, `wi_0`, is never an index)."""
-    form = peft_path(path)
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    if not patterns:
-        found = re.match(r".*?\.[^.]*\.(\d+)\.", form)
-        return int(found.group(1)) if found else None
-    for name in patterns:
-        found = re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", form)
-        if found:
-            return int(found.group(1))
-    return None
+    regexes = [rf"(?:^|.*?\.){name}\.(\d+)\." for name in patterns] if patterns else [
+        r".*?\.[^.]*\.(\d+)\."]
+    found = next(filter(None, (re.match(r, peft_path(path)) for r in regexes)), None)
+    return int(found.group(1)) if found else None
 
 
 def stack_root(params: Mapping[str, Any], path: str, n_layers: int) -> str | None:
