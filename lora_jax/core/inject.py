@@ -262,14 +262,9 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
         if not kept:
             continue
         values = {v.layer: (config.rank(*v.names), config.scaling(*v.names)) for v in kept}
-        layers = [v.layer for v in kept if v.layer is not None]
-        if len(layers) < len(kept) or len(layers) == len(views[path]) and \
-                _wanted_layers(config) is None and len(found) == len(views[path]):
-            selected: tuple[int, ...] | bool = True
-        else:
-            selected = tuple(sorted(layers))
-            if len(selected) == site.shape[0]:
-                selected = True
+        # Unscanned, or every layer of the stack kept: True; else the kept layers.
+        layers = tuple(sorted(v.layer for v in kept if v.layer is not None))
+        selected = True if len(layers) < len(kept) or len(layers) == site.shape[0] else layers
         if selected is not True and config.adapted_biases and "bias" in modules[site.path]:
             raise ValueError(
                 f"bias={config.bias!r} with only some layers of the scanned stack {path!r} adapted "
@@ -503,7 +498,7 @@ def inject(
                                          selected, shared)
         if site.weight in leaves:
             residuals.append(path)
-        layers = tuple(sorted(set(selected))) if isinstance(selected, tuple) else None
+        layers = selected if isinstance(selected, tuple) else None
         leaves.update(new_record(site.weight, site.layout, values, config, layers, arrays))
         new_leaves.setdefault(site.path, {}).update(leaves)
     if residuals and config.init_lora_weights == "loftq":
