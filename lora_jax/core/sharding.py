@@ -47,13 +47,10 @@ def _is_box(x: Any) -> bool:
 
 
 def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
-    """A tree of `PartitionSpec`s from any of the accepted forms of a base's partitioning.
-
-    Leaves may be `PartitionSpec`s (kept), arrays or `jax.ShapeDtypeStruct`s with a
-    `NamedSharding` (its spec), Flax `nn.Partitioned` / `nn.LogicallyPartitioned` boxes (their
-    names, mapped to mesh axes with `rules`, e.g. `[("embed", "fsdp"), ("mlp", "tensor")]`), or
-    anything else (replicated: `P()`). A quantized kernel (`lora_jax.quantize`) is one leaf
-    whose spec is its codes'. None holes stay None.
+    """A tree of `PartitionSpec`s from any accepted form of a base's partitioning: specs (kept),
+    arrays or shapes with a `NamedSharding` (its spec), Flax partitioning boxes (their names,
+    mapped to mesh axes by `rules`, e.g. `[("embed", "fsdp")]`), else `P()`. A quantized kernel
+    is one leaf, its codes' spec; None holes stay None.
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> boxed = nn.Partitioned(jnp.ones((4, 4)), names=("embed", "mlp"))
@@ -78,11 +75,8 @@ def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
 
 
 def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
-    """A spec tree for `params` from `(regex, PartitionSpec)` rules on dotted leaf paths.
-
-    The first rule whose regex `re.fullmatch`es the leaf's path (e.g.
-    `transformer.h.attn.c_attn.kernel`) gives its spec; unmatched leaves get `default`
-    (replicated, `P()`, when None). A quantized kernel is one leaf (see `lora_specs`).
+    """A spec tree for `params` from `(regex, PartitionSpec)` rules: the first regex that
+    `re.fullmatch`es a leaf's dotted path gives its spec, else `default` (None: `P()`).
 
     >>> import jax.numpy as jnp
     >>> params = {"attn": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
@@ -100,11 +94,9 @@ def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
 
 def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
     """A spec tree sharding every weight of `params` over `size` devices of mesh axis `axis`
-    (fully sharded data parallelism), for models without partitioning rules of their own.
-
-    A leaf of 2 or more axes is split along its largest axis that divides by `size` (the first
-    of equals); vectors (biases, norms), leaves with no such axis and quantized kernels (whose
-    blocks must not straddle devices) are replicated. `lora_specs` then gives the factors theirs.
+    (FSDP), for models without partitioning rules: each leaf of 2+ axes along its largest axis
+    that divides by `size` (the first of equals); vectors, leaves with no such axis and quantized
+    kernels (their blocks must not straddle devices) are replicated.
 
     >>> import jax.numpy as jnp
     >>> specs = fsdp_specs({"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(8)}, 4)
@@ -128,10 +120,9 @@ def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
 def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = None) -> Any:
     """`PartitionSpec`s for every leaf of injected `params` (arrays or abstract shapes).
 
-    `base` gives the base weights' partitioning in any form `base_specs` reads, for a tree
-    shaped like the base params (with or without factors); the factors' specs are derived from
-    their weight's spec and the factor shapes. A quantized kernel's spec becomes its codes' and
-    scales' specs (`NF4Tensor.specs`: blocks and scales follow the kernel's axes).
+    `base`: the base's partitioning in any form `base_specs` reads, shaped like the base params
+    (with or without factors); the factors' specs follow their weight's, and a quantized
+    kernel's become its codes' and scales' (`NF4Tensor.specs`).
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> from lora_jax import inject
@@ -204,9 +195,8 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
 def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
     """`NamedSharding`s on `mesh` for a spec tree, checked before anything compiles.
 
-    Raises a ValueError naming the leaf when a spec uses an axis the mesh does not have, or
-    (given `shapes`, a tree of arrays or shapes like `specs`) when a sharded dimension does not
-    divide over its mesh axes.
+    Raises a ValueError naming the leaf when a spec uses an axis the mesh lacks, or (given
+    `shapes`, a tree like `specs`) when a sharded dimension does not divide over its axes.
 
     >>> import jax.numpy as jnp
     >>> mesh = Mesh(jax.devices()[:1], ("fsdp",))
@@ -249,13 +239,11 @@ def shard_inject(
     rules: Rules | None = None,
     layouts: Mapping[str, Layout] | None = None,
 ) -> dict[str, Any]:
-    """`inject` onto a mesh: the factors are created on their devices by a jitted
-    initialiser with sharded outputs, and the base leaves are placed on their specs.
-
-    The base's partitioning is `specs` (a spec tree, see `base_specs`) or, if None, read from
-    `params` itself (`NamedSharding`s on its arrays, or Flax logical-axis boxes with `rules`).
-    Unboxed arrays come back; `jax.tree.map(lambda a: a.sharding, result)` gives the shardings
-    for `jax.jit`. The base is never copied when it is already placed as specified.
+    """`inject` onto a mesh: the factors are created on their devices by a jitted initialiser
+    with sharded outputs, and the base leaves are placed on their specs (not copied when already
+    placed so). The base's partitioning is `specs` (see `base_specs`) or, if None, read from
+    `params` (`NamedSharding`s, or logical-axis boxes with `rules`). Unboxed arrays come back:
+    `jax.tree.map(lambda a: a.sharding, result)` gives the shardings for `jax.jit`.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
     >>> from jax.sharding import Mesh, PartitionSpec as P
@@ -291,10 +279,8 @@ def shard_inject(
 
 
 def opt_state_specs(opt_state: Any, trainable_specs: Any) -> Any:
-    """Specs for an optimizer state: every subtree shaped like the trainable tree (Adam's
-    `mu`, `nu`, ...) gets `trainable_specs`; other leaves (step counts) are replicated.
-
-    `opt_state` may be abstract (`jax.eval_shape(tx.init, params)`).
+    """Specs for an optimizer state (or `jax.eval_shape(tx.init, params)`): every subtree shaped
+    like the trainable tree (Adam's `mu`, `nu`) gets `trainable_specs`, other leaves `P()`.
 
     >>> import jax.numpy as jnp, optax
     >>> trainable = {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 4))}
