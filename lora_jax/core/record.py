@@ -194,22 +194,6 @@ def owned(module: Mapping[str, Any]) -> set[str]:
     return {n for v in module.values() if isinstance(v, LoraRecord) for n in v.leaves}
 
 
-def _config_values(config: Any, path: str) -> tuple[int, float]:
-    rank = config.rank(path)
-    return rank, config.scaling(path, rank=rank)
-
-
-def _agrees(values: tuple[int, float], rank: int, scale: float) -> bool:
-    return values[0] == rank and abs(values[1] - scale) <= 1e-9 * abs(scale)
-
-
-def _layer_names(path: str, layer: int) -> list[str]:
-    """peft's names of one layer of the scanned module at `path`, for each place its stack's
-    name may end."""
-    parts = path.split(".")
-    return [".".join([*parts[:k], str(layer), *parts[k:]]) for k in range(1, len(parts))]
-
-
 def iter_records(params: Mapping[str, Any], prefix: str = "") -> Iterator[Adapted]:
     """Every adapted weight of a params tree, parents first."""
     for value in params.values():
@@ -265,17 +249,25 @@ def check_config(adapted: Adapted, config: Any) -> None:
     path, record, scale = adapted.target, adapted.record, adapted.record.scale
     if scale is None or record.ranks is not None:
         return  # per layer / adapter values (the scale is data): the record decides
-    want_rank, want_scale = _config_values(config, path)
-    if not _agrees((want_rank, want_scale), record.rank, scale):
-        # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns
-        # may name it so (inject matched them per layer; all adapted layers agree).
-        if record.layout.stacked == 1 and any(
-                _agrees(_config_values(config, name), record.rank, scale)
-                for name in _layer_names(path, (record.layers or (0,))[0])):
-            return
-        raise ValueError(
-            f"{path!r} was adapted with r={record.rank}, scale={record.scale:g}, but this "
-            f"LoraConfig gives r={want_rank}, scale={want_scale:g} (lora_alpha, use_rslora, "
-            "rank_pattern or alpha_pattern differ). Pass the config used at inject / returned "
-            "by load_peft"
-        )
+
+    def values(name: str) -> tuple[int, float]:
+        rank = config.rank(name)
+        return rank, config.scaling(name, rank=rank)
+
+    def agrees(name: str) -> bool:
+        rank, want = values(name)
+        return rank == record.rank and abs(want - scale) <= 1e-9 * abs(scale)
+
+    # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns may
+    # name it so (inject matched them per layer; all adapted layers agree).
+    parts, layer = path.split("."), str((record.layers or (0,))[0])
+    layer_names = [".".join([*parts[:k], layer, *parts[k:]]) for k in range(1, len(parts))]
+    if agrees(path) or record.layout.stacked == 1 and any(map(agrees, layer_names)):
+        return
+    want_rank, want_scale = values(path)
+    raise ValueError(
+        f"{path!r} was adapted with r={record.rank}, scale={record.scale:g}, but this "
+        f"LoraConfig gives r={want_rank}, scale={want_scale:g} (lora_alpha, use_rslora, "
+        "rank_pattern or alpha_pattern differ). Pass the config used at inject / returned "
+        "by load_peft"
+    )
