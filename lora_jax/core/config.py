@@ -291,9 +291,9 @@ class LoraConfig(AdapterConfig):
                 f"'pissa_niter_K' (K >= 1), 'olora' or 'loftq', got {init!r}"
             )
         loftq = dict(self.loftq_config)
-        unknown = set(loftq) - {"loftq_bits", "loftq_iter"}
-        if unknown or loftq.get("loftq_bits", 4) not in (4, 8) or not (
-                isinstance(loftq.get("loftq_iter", 1), int) and loftq.get("loftq_iter", 1) >= 1):
+        steps = loftq.get("loftq_iter", 1)
+        if set(loftq) - {"loftq_bits", "loftq_iter"} or loftq.get("loftq_bits", 4) not in (4, 8) \
+                or not (isinstance(steps, int) and steps >= 1):
             raise ValueError(
                 "LoraConfig.loftq_config takes loftq_bits (4 or 8) and loftq_iter (>= 1), got "
                 f"{loftq!r}"

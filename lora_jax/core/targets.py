@@ -172,10 +172,8 @@ def layer_path(path: str, stack: str, layer: int) -> str:
 
 def pattern_value(patterns: Mapping[str, T], path: str, default: T) -> T:
     """The value of the first regex key matching the end of `path` (peft's rank/alpha_pattern)."""
-    for key, value in patterns.items():
-        if any(re.match(rf"(.*\.)?({key})$", form) for form in path_forms(path)):
-            return value
-    return default
+    return next((value for key, value in patterns.items()
+                 if any(re.match(rf"(.*\.)?({key})$", form) for form in path_forms(path))), default)
 
 
 WEIGHT_LEAVES = ("kernel", "embedding")
