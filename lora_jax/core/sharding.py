@@ -207,8 +207,8 @@ def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
     ValueError: ...tensor...
     """
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0]
-    shape_of = (dict.fromkeys((p for p, _ in flat)) if shapes is None else
-                dict(jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0]))
+    shape_of = {} if shapes is None else dict(
+        jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0])
     for path, spec in flat:
         name = join_path(path)
         for dim, entry in enumerate(spec):
