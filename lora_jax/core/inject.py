@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ from lora_jax.core.targets import (
     saved_match,
     saved_name_match,
     stack_root,
+    submodules,
     unbox,
     with_leaves,
 )
@@ -280,7 +281,7 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
                f" (layer indices read after layers_pattern={config.layers_pattern!r})"))
     # task_type's heads may be absent (peft wraps the names that exist): only the rest must match.
     asked = [m for m in config.modules_to_save or () if m not in config.task_heads]
-    if asked and not any(saved_name_match(asked, p) for p, _ in _submodules(params)):
+    if asked and not any(saved_name_match(asked, p) for p, _ in submodules(params)):
         tied = any(saved_name_match(asked, h) for h in _HEADS)
         raise ValueError(
             f"modules_to_save={asked} matched no module; modules with "
@@ -291,15 +292,6 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
                 "weights again (their lm_head.weight)" if tied else "")
         )
     return targets
-
-
-def _submodules(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(path, dict) of every module below the root, containers included."""
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            path = f"{prefix}.{key}" if prefix else key
-            yield path, value
-            yield from _submodules(value, path)
 
 
 def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
@@ -313,7 +305,7 @@ def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
     wanted = _wanted_layers(config)
     stacks = {root: sites[p].shape[0] for p, found in views.items() if found[0].layer is not None
               and (root := stack_root(params, sites[p].path, sites[p].shape[0])) is not None}
-    for path, module in _submodules(params):
+    for path, module in submodules(params):
         if path in known or owned(module):
             continue
         names = [path, peft_path(path + ".x")[:-2]]  # a container may be a list element

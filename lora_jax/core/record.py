@@ -8,6 +8,7 @@ read the layout, rule, rank and scale from, so a later config can never rescale 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax
 
 from lora_jax import variants
 from lora_jax.core.factors import MATERIALISE, Layout
-from lora_jax.core.targets import join_path, same_value, unbox, without_leaves
+from lora_jax.core.targets import join_path, same_value, submodules, unbox, without_leaves
 
 
 def record_name(weight: str) -> str:
@@ -196,12 +197,8 @@ def owned(module: Mapping[str, Any]) -> set[str]:
 
 def iter_records(params: Mapping[str, Any], prefix: str = "") -> Iterator[Adapted]:
     """Every adapted weight of a params tree, parents first."""
-    for value in params.values():
-        if isinstance(value, LoraRecord):
-            yield Adapted(prefix, params, value)
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            yield from iter_records(value, f"{prefix}.{key}" if prefix else key)
+    for path, module in itertools.chain([(prefix, params)], submodules(params, prefix)):
+        yield from (Adapted(path, module, v) for v in module.values() if isinstance(v, LoraRecord))
 
 
 def records(params: Mapping[str, Any]) -> list[Adapted]:

@@ -205,6 +205,15 @@ def iter_modules(params: Mapping[str, Any], prefix: tuple[str, ...] = (), *,
             yield from iter_modules(value, (*prefix, key), leaves=leaves)
 
 
+def submodules(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, dict) of every module below the root, containers included, parents first."""
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            path = f"{prefix}.{key}" if prefix else key
+            yield path, value
+            yield from submodules(value, path)
+
+
 def with_leaves(params: Mapping[str, Any], additions: Mapping[str, Mapping[str, Any]],
                 prefix: str = "") -> dict[str, Any]:
     """A copy of the tree with `additions[path]` merged into the module dict at each path
