@@ -123,9 +123,8 @@ class AdapterConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def _freeze(self) -> None:
-        """Sequence fields as tuples, pattern fields as dicts, for the fields this config has:
-        hashable, so it can be a static jit argument. Then `task_type` is checked and its heads
-        appended to `modules_to_save` (`_add_task_heads`)."""
+        """Sequence fields as tuples, pattern fields as dicts (hashable: a static jit argument);
+        then `_add_task_heads`."""
         own = {f.name for f in dataclasses.fields(self)}
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
                      "target_parameters", "layers_to_transform"):
@@ -154,9 +153,7 @@ class AdapterConfig:
             object.__setattr__(self, "modules_to_save", saved + heads)
 
     def _check_regexes(self) -> None:
-        """Every field read as a regex compiles (a str `target_modules` / `exclude_modules`,
-        `layers_pattern`, `modules_to_save` items, `rank_pattern` / `alpha_pattern` keys); a bad
-        one raises naming the field and the pattern."""
+        """Raise, naming the field and the pattern, unless every field read as a regex compiles."""
         def items(value: Any) -> list[str]:
             return [value] if isinstance(value, str) else list(value or ())
         str_only = lambda value: [value] if isinstance(value, str) else []  # a list: names

@@ -171,10 +171,8 @@ def _view_index(config: AdapterConfig, view: View) -> int | None:
 
 
 def _layer_selected(config: AdapterConfig, view: View, peft_quirks: bool = False) -> bool:
-    """Whether `layers_to_transform` keeps this module (peft's rule: the module's layer index,
-    read after `layers_pattern`, must be listed; a module without one is dropped). With
-    `peft_quirks`, a module named in full by a list target_modules skips the filter, as peft's
-    code does (its docs say the filter applies)."""
+    """Whether `layers_to_transform` keeps this module (its layer index must be listed, as in
+    peft); `peft_quirks`: as peft's code, not its docs, a module named in full skips the filter."""
     wanted = _wanted_layers(config)
     if wanted is None:
         return True

@@ -1,9 +1,5 @@
-"""Module paths in a params tree and peft's rules for matching them.
-
-A path is the "."-joined keys of the params tree down to a module, e.g.
-`transformer.h_0.attn.c_attn`. Flax names list elements `h_0`; peft names them `h.0`. Every rule
-here is tried on both spellings, so peft's target names and layer indices work unchanged.
-"""
+"""Module paths in a params tree (`transformer.h_0.attn.c_attn`) and peft's rules for matching
+them, each tried on the Flax spelling of list elements (`h_0`) and peft's (`h.0`)."""
 
 from __future__ import annotations
 
