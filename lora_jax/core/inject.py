@@ -109,10 +109,6 @@ class View:
     names: tuple[str, ...]
     layer: int | None = None
 
-    @property
-    def peft(self) -> str:
-        return peft_path(self.names[-1])
-
 
 def _views(params: Mapping[str, Any], path: str, site: Site) -> list[View]:
     """The modules a site stands for: itself, or each layer of its scanned stack."""
@@ -164,7 +160,7 @@ def _wanted_layers(config: AdapterConfig) -> set[int] | None:
 
 
 def _view_index(config: AdapterConfig, view: View) -> int | None:
-    index = layer_index(view.peft, config.layers_pattern)
+    index = layer_index(peft_path(view.names[-1]), config.layers_pattern)
     if index is None and view.layer is not None and not config.layers_pattern:
         index = view.layer  # a stack at the root of the tree: its position on the stack axis
     return index

@@ -105,11 +105,9 @@ def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
     """
 
     def spec(x: Any) -> P:
-        shape = getattr(x, "shape", ())
-        if is_quantized(x) or len(shape) < 2:
-            return P()
+        shape = () if is_quantized(x) else getattr(x, "shape", ())
         fits = [d for d in range(len(shape)) if shape[d] % size == 0]
-        if not fits:
+        if len(shape) < 2 or not fits:
             return P()
         best = max(fits, key=lambda d: (shape[d], -d))
         return P(*(axis if d == best else None for d in range(len(shape))))
