@@ -223,9 +223,10 @@ class LoraConfig(AdapterConfig):
       `layouts` says otherwise.
     - `task_type`: "SEQ_CLS" / "TOKEN_CLS" add "classifier" and "score" to `modules_to_save`
       ("QUESTION_ANS": "qa_outputs"); `save_peft` writes it.
-    - `init_lora_weights`: True (kaiming A, B = 0), "gaussian", False (both random, for tests),
-      or, replacing the base by its residual: "pissa", "pissa_niter_K", "olora", "loftq"
-      (`loftq_config={"loftq_bits": 4 or 8, "loftq_iter": n}`, default 4 bits, 1 iteration).
+    - `init_lora_weights`: True (kaiming A, B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0), False
+      (both random, for tests), or, replacing the base by its residual: "pissa",
+      "pissa_niter_K" (K power iterations), "olora" (QR), "loftq" (`loftq_config=
+      {"loftq_bits": 4 or 8, "loftq_iter": n}`, default 4 bits, 1 iteration).
     - `use_dora`: DoRA: a trained magnitude per output feature rescales W + scale * A B.
 
     >>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.05)
