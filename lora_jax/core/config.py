@@ -42,21 +42,14 @@ def alpha_for(scale: float, r: int, rslora: bool = False) -> float:
 
 def _first(patterns: Mapping[str, Any], names: Sequence[str], default: Any) -> Any:
     """The value of the first of `names` (last first: peft's name) that a pattern matches."""
-    for name in reversed(names):
-        found = pattern_value(patterns, name, None)
-        if found is not None:
-            return found
-    return default
+    found = (pattern_value(patterns, name, None) for name in reversed(names))
+    return next((value for value in found if value is not None), default)
 
 
 class AdapterConfig:
     """What the core reads from any adapter method's config (a dataclass with peft's field
-    names; `LoraConfig` is one): `target_modules`, `exclude_modules`, `layers_to_transform`,
-    `layers_pattern`, `modules_to_save`, `bias`, `target_parameters`, `r`, `rank_pattern`,
-    `alpha_pattern`, `task_type`, and these methods. The defaults below stand for fields a
-    method's config does not have; `lora_jax.variants.for_config` tells which variant it asks
-    for.
-    """
+    names; `LoraConfig` is one): the fields below and these methods. The defaults stand for
+    fields a method's config does not have; `lora_jax.variants.for_config` tells its variant."""
 
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # set by @dataclass
     target_modules: str | Sequence[str] | None = None
@@ -76,15 +69,12 @@ class AdapterConfig:
     def __new__(cls: type[_Config], *args: Any, **kwargs: Any) -> _Config:
         """A misspelled keyword raises a TypeError that names the closest field."""
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, names, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise TypeError(
-                f"{cls.__name__} has no field {', '.join(hints)}; its fields are {names}"
-            )
+        hints = [f"{key!r}" + "".join(f" (did you mean {c!r}?)" for c in
+                                      difflib.get_close_matches(key, names, n=1))
+                 for key in kwargs if key not in names]
+        if hints:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(hints)}; its fields are "
+                            f"{names}")
         return super().__new__(cls)
 
     @property
@@ -133,9 +123,8 @@ class AdapterConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def _freeze(self) -> None:
-        """Sequence fields as tuples, pattern fields as dicts, for the fields this config has:
-        hashable, so it can be a static jit argument. Then `task_type` is checked and its heads
-        appended to `modules_to_save` (`_add_task_heads`)."""
+        """Sequence fields as tuples, pattern fields as dicts (hashable: a static jit argument);
+        then `_add_task_heads`."""
         own = {f.name for f in dataclasses.fields(self)}
         for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
                      "target_parameters", "layers_to_transform"):
@@ -164,21 +153,16 @@ class AdapterConfig:
             object.__setattr__(self, "modules_to_save", saved + heads)
 
     def _check_regexes(self) -> None:
-        """Every field read as a regex compiles (a str `target_modules` / `exclude_modules`,
-        `layers_pattern`, `modules_to_save` items, `rank_pattern` / `alpha_pattern` keys); a bad
-        one raises naming the field and the pattern."""
+        """Raise, naming the field and the pattern, unless every field read as a regex compiles."""
         def items(value: Any) -> list[str]:
             return [value] if isinstance(value, str) else list(value or ())
-        fields = {
-            "target_modules": [self.target_modules] if isinstance(self.target_modules, str)
-            else [],
-            "exclude_modules": [self.exclude_modules] if isinstance(self.exclude_modules, str)
-            else [],
-            "layers_pattern": items(self.layers_pattern),
-            "modules_to_save": items(self.modules_to_save),
-            "rank_pattern": list(self.rank_pattern),
-            "alpha_pattern": list(self.alpha_pattern),
-        }
+        str_only = lambda value: [value] if isinstance(value, str) else []  # a list: names
+        fields = {"target_modules": str_only(self.target_modules),
+                  "exclude_modules": str_only(self.exclude_modules),
+                  "layers_pattern": items(self.layers_pattern),
+                  "modules_to_save": items(self.modules_to_save),
+                  "rank_pattern": list(self.rank_pattern),
+                  "alpha_pattern": list(self.alpha_pattern)}
         for field, patterns in fields.items():
             for pattern in patterns:
                 try:
@@ -216,49 +200,34 @@ class AdapterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
-    """What to adapt and how; field names, defaults and matching rules follow peft's `LoraConfig`.
+    """What to adapt and how; field names, defaults and matching rules follow peft's `LoraConfig`
+    (docs/guides/peft.md lists the rules, checked against peft).
 
-    Paths are the "."-joined keys of the Flax params tree down to a module, e.g.
-    `transformer.h_0.attn.c_attn` (a component `h_0` also matches as `h.0`, so peft's names
-    work), or `transformer.h.attn.c_attn` for a scanned stack.
+    Paths are the "."-joined keys of the params tree (`transformer.h_0.attn.c_attn`, also read
+    as peft's `h.0`); a scanned stack's layers are matched under peft's per-layer names too.
 
-    - `target_modules`: a str is a regex `re.fullmatch`ed against the path; a list matches a
-      module whose path equals an item or ends with "." + item; "all-linear" means every
-      Dense-like kernel except the output head (`lm_head`). A module in (or inside a module in)
-      `modules_to_save` is never adapted, and naming a module that has no weight LoRA applies to
-      (a LayerNorm, a block) is an error, as in peft. A layer of a scanned stack is also matched
-      under peft's per-layer name (`transformer.h.3.attn.c_attn`).
-    - `exclude_modules`: same rules; wins over `target_modules`.
-    - `layers_to_transform` / `layers_pattern`: keep only these layer indices (None or [] keep
-      all). The index is read as peft reads it: the first number after `layers_pattern` (a regex),
-      or without one the first index in the path (`encoder.block.1.layer.0...` is layer 1); a
-      module without an index is dropped. Unlike peft's code (but as its docs say), a module named
-      in full in target_modules is filtered too. Indices no targeted module has are warned about.
-      In a scanned stack the layers left out get A = B = 0, a fixed point of gradient training,
-      and are not counted as trainable.
-    - `rank_pattern` / `alpha_pattern`: {regex: value}, matched against the end of the path; the
-      first matching key wins. Keys naming single layers of a scanned stack work too: its
-      factors are padded to the largest rank with zeros, and its scales become an array.
-    - `bias`: "none" | "all" (every bias trains) | "lora_only" (biases of adapted modules).
-    - `modules_to_save`: modules trained in full (e.g. a classifier head): as in peft, every
-      module whose path ends with an entry (a plain suffix: "norm" names `input_layernorm`).
-    - `target_parameters`: params adapted by name (peft's field), matched like a list of
-      `target_modules` against `module.param` paths, e.g. `["experts.w_in"]`: for weights of
-      layers without a rule (see `lora_jax.core.rules`); the forward adds A B to the weight
-      (`W + scale * A B`, materialised) and warns. Leading axes beyond two are kept (separate
-      factors per index, e.g. per expert) unless `layouts` says otherwise.
-    - `task_type`: peft's (e.g. "SEQ_CLS", "CAUSAL_LM"): as in peft, "SEQ_CLS" / "TOKEN_CLS"
-      append "classifier" and "score" to `modules_to_save` ("QUESTION_ANS": "qa_outputs"), and
-      `save_peft` writes it into adapter_config.json.
-    - `init_lora_weights`: True (A kaiming-uniform, B = 0: starts equal to the base), "gaussian"
-      (A ~ N(0, (1/r)^2), B = 0), False (both random: a non-identity start, for tests), or,
-      changing the base weights (inject returns the residual base): "pissa" (top-r SVD),
-      "pissa_niter_K" (randomised SVD, K power iterations), "olora" (QR) or "loftq" (the base
-      comes back quantized, see `loftq_config`).
-    - `loftq_config`: for "loftq", `{"loftq_bits": 4 (NF4) or 8 (int8), "loftq_iter": n}`
-      (peft's LoftQConfig fields; default 4 bits, 1 iteration).
-    - `use_dora`: DoRA (peft's field): a trained magnitude per output feature rescales
-      W + scale * A B to that length.
+    - `target_modules`: a regex (`re.fullmatch`), a list of names / "."-suffixes, or
+      "all-linear" (every Dense-like kernel but `lm_head`). Modules in `modules_to_save` are
+      never adapted; naming a module without a weight LoRA applies to is an error.
+      `exclude_modules` takes the same forms and wins.
+    - `layers_to_transform` / `layers_pattern`: keep these layer indices (None or [] keep all),
+      read as peft reads them; a module named in full is filtered too (as peft's docs say, not
+      its code). In a scanned stack the layers left out get A = B = 0.
+    - `rank_pattern` / `alpha_pattern`: {regex: value} matched against the end of the path, the
+      first matching key wins; per-layer keys on a scanned stack pad its factors to the largest
+      rank and make its scale an array.
+    - `bias`: "none" | "all" | "lora_only" (biases of adapted modules).
+    - `modules_to_save`: modules trained in full, each whose path ends with an entry.
+    - `target_parameters`: `module.param` paths adapted by materialising `W + scale * A B`, for
+      weights of layers without a rule; axes beyond two are kept (factors per expert) unless
+      `layouts` says otherwise.
+    - `task_type`: "SEQ_CLS" / "TOKEN_CLS" add "classifier" and "score" to `modules_to_save`
+      ("QUESTION_ANS": "qa_outputs"); `save_peft` writes it.
+    - `init_lora_weights`: True (kaiming A, B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0), False
+      (both random, for tests), or, replacing the base by its residual: "pissa",
+      "pissa_niter_K" (K power iterations), "olora" (QR), "loftq" (`loftq_config=
+      {"loftq_bits": 4 or 8, "loftq_iter": n}`, default 4 bits, 1 iteration).
+    - `use_dora`: DoRA: a trained magnitude per output feature rescales W + scale * A B.
 
     >>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.05)
     >>> config.scaling("transformer.h_0.attn.c_attn")
@@ -288,32 +257,29 @@ class LoraConfig(AdapterConfig):
         self._validate()
 
     def _validate(self) -> None:
+        number = lambda x: isinstance(x, int | float) and not isinstance(x, bool)
         for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in
                                          self.rank_pattern.items())]:
             if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
                 raise ValueError(f"LoraConfig.{name} must be a positive integer, got {r!r}")
         for name, alpha in [("lora_alpha", self.lora_alpha),
                             *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
-            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or \
-                    not math.isfinite(alpha) or alpha <= 0:
+            if not number(alpha) or not math.isfinite(alpha) or alpha <= 0:
                 raise ValueError(
-                    f"LoraConfig.{name} must be a positive finite number, got {alpha!r}"
-                )
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoraConfig.use_rslora must be True or False, got "
-                             f"{self.use_rslora!r}")
+                    f"LoraConfig.{name} must be a positive finite number, got {alpha!r}")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
         if isinstance(self.target_parameters, str):
             raise ValueError("LoraConfig.target_parameters must be a list of param names, got "
                              f"the str {self.target_parameters!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool) \
-                or not 0.0 <= self.lora_dropout < 1.0:
+        if not number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(
-                f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}"
-            )
+                f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(
-                f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
-            )
+                f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         from lora_jax.variants import inits  # the initialisers' registry (it imports this file)
 
         init = self.init_lora_weights
@@ -323,15 +289,13 @@ class LoraConfig(AdapterConfig):
                 f"'pissa_niter_K' (K >= 1), 'olora' or 'loftq', got {init!r}"
             )
         loftq = dict(self.loftq_config)
-        unknown = set(loftq) - {"loftq_bits", "loftq_iter"}
-        if unknown or loftq.get("loftq_bits", 4) not in (4, 8) or not (
-                isinstance(loftq.get("loftq_iter", 1), int) and loftq.get("loftq_iter", 1) >= 1):
+        steps = loftq.get("loftq_iter", 1)
+        if set(loftq) - {"loftq_bits", "loftq_iter"} or loftq.get("loftq_bits", 4) not in (4, 8) \
+                or not (isinstance(steps, int) and steps >= 1):
             raise ValueError(
                 "LoraConfig.loftq_config takes loftq_bits (4 or 8) and loftq_iter (>= 1), got "
                 f"{loftq!r}"
             )
-        if not isinstance(self.use_dora, bool):
-            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         # peft rejects this too, so such an adapter could never be exported.
         self._check_layer_selection("as in peft")
 

@@ -17,10 +17,9 @@ from lora_jax.core.targets import saved_name_match
 
 
 def _not_counted(params: Mapping[str, Any]) -> tuple[int, int]:
-    """(unused, buffers): adapter entries that stay zero (scanned layers left out by
-    `layers_to_transform`, the padding beyond each layer's own rank in a stack with per-layer
-    ranks), and the frozen leaves of variants (VeRA's projections: buffers in peft, no
-    parameters) and array scales."""
+    """(unused, buffers): adapter entries that stay zero (layers left out, padding beyond a
+    layer's own rank), and frozen variant leaves (VeRA's projections, peft's buffers) and array
+    scales."""
     unused = buffers = 0
     for item in iter_records(params):
         record = item.record

@@ -51,13 +51,13 @@ def batch_sharding(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> NamedShardin
     >>> batch_sharding(mesh).spec  # "tensor" replicates the rows
     P('data',)
     """
-    missing = [a for a in axes if a not in mesh.shape]
-    if missing and len(missing) == len(axes):
+    present = tuple(a for a in axes if a in mesh.shape)
+    if axes and not present:
         raise ValueError(
             f"none of the batch axes {tuple(axes)} is an axis of the mesh "
             f"{tuple(mesh.axis_names)}; pass axes=... naming the data-parallel mesh axes"
         )
-    return NamedSharding(mesh, P(tuple(a for a in axes if a in mesh.shape)))
+    return NamedSharding(mesh, P(present))
 
 
 def process_rows(global_rows: int, mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> slice:

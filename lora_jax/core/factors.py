@@ -82,20 +82,21 @@ class Layout:
         pick = lambda letters: tuple(d for d, r in zip(shape, roles, strict=True) if r in letters)
         return pick("sb"), pick("i"), pick("o")
 
+    def _canonical_order(self, ndim: int) -> list[int]:
+        """The stored axes in `[*stack, *in, *out]` order."""
+        roles = self.roles(ndim)
+        return [i for group in ("sb", "i", "o") for i, r in enumerate(roles) if r in group]
+
     def to_canonical(self, stored: jax.Array) -> jax.Array:
         """The weight as a matrix per stack index: `[*stack, fan_in, fan_out]`."""
-        roles = self.roles(stored.ndim)
-        order = [i for group in ("sb", "i", "o") for i, r in enumerate(roles) if r in group]
         stack, fan_in, fan_out = self.split(stored.shape)
-        return jnp.transpose(stored, order).reshape(*stack, math.prod(fan_in),
-                                                     math.prod(fan_out))
+        return jnp.transpose(stored, self._canonical_order(stored.ndim)).reshape(
+            *stack, math.prod(fan_in), math.prod(fan_out))
 
     def to_stored(self, canonical: jax.Array) -> jax.Array:
         """An array laid out `[*stack, *in, *out]` transposed to the weight's storage order."""
-        roles = self.roles(canonical.ndim)
-        canonical_order = [i for group in ("sb", "i", "o")
-                           for i, r in enumerate(roles) if r in group]
-        return jnp.transpose(canonical, [canonical_order.index(i) for i in range(len(roles))])
+        order = self._canonical_order(canonical.ndim)
+        return jnp.transpose(canonical, [order.index(i) for i in range(len(order))])
 
 
 def factor_shapes(
@@ -104,11 +105,6 @@ def factor_shapes(
     """Shapes of A `[*stack, *in, r]` and B `[*stack, r, *out]` for a weight."""
     stack, fan_in, fan_out = layout.split(kernel_shape)
     return (*stack, *fan_in, r), (*stack, r, *fan_out)
-
-
-def b_rank_axis(layout: Layout) -> int:
-    """The rank axis of B `[*stack, r, *out]`: after the stacked and kept axes."""
-    return layout.stacked + (layout.order or "").count("b")
 
 
 def pad_rank(a: jax.Array, b: jax.Array, layout: Layout, r: int) -> tuple[jax.Array, jax.Array]:
@@ -123,7 +119,7 @@ def pad_rank(a: jax.Array, b: jax.Array, layout: Layout, r: int) -> tuple[jax.Ar
         return jnp.pad(x, [(0, r - x.shape[axis]) if i == axis else (0, 0)
                            for i in range(x.ndim)])
 
-    return pad(a, a.ndim - 1), pad(b, b_rank_axis(layout))
+    return pad(a, a.ndim - 1), pad(b, layout.stacked + (layout.order or "").count("b"))
 
 
 def max_rank(kernel_shape: tuple[int, ...], layout: Layout) -> int:

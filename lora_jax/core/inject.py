@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ from lora_jax.core.targets import (
     saved_match,
     saved_name_match,
     stack_root,
+    submodules,
     unbox,
     with_leaves,
 )
@@ -50,11 +51,17 @@ class Site:
     shape: tuple[int, ...]
 
 
-def _default_layout(weight: str, shape: tuple[int, ...]) -> Layout | None:
-    """The layout readable from the tree alone: 2-D kernels are Dense, tables are Embed."""
+def _default_layout(weight: str, shape: tuple[int, ...], path: str) -> Layout:
+    """The layout readable from the tree alone: 2-D kernels are Dense, tables are Embed; any
+    other kernel's layout says that it needs `layouts`."""
     if weight == "embedding":
         return Layout("embed", stacked=len(shape) - 2)
-    return Layout("dense", assumed=True) if len(shape) == 2 else None
+    if len(shape) == 2:
+        return Layout("dense", assumed=True)
+    return Layout("dense", error=(
+        f"the kernel at {path!r} has shape {shape}: lora_jax cannot tell its stacked "
+        "(scanned), input and output axes from the tree alone. Pass "
+        "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}"))
 
 
 def _sites(params: Mapping[str, Any], config: AdapterConfig,
@@ -72,10 +79,8 @@ def _sites(params: Mapping[str, Any], config: AdapterConfig,
             target = target_path(path, name, module)
             layout = layouts.get(target)
             if layout is None or layout.weight not in (None, name):
-                layout = None
-                if name in ("kernel", "embedding"):
-                    layout = _default_layout(name, shape) or Layout(
-                        "dense", error=_no_layout_message(target, shape))
+                layout = _default_layout(name, shape, target) if name in (
+                    "kernel", "embedding") else None
             if layout is not None:
                 sites[target] = Site(path, name, layout, shape)
             param_path = f"{path}.{name}" if path else name
@@ -95,12 +100,6 @@ def _parameter_rule(layout: Layout | None) -> bool:
     return rule is not None and rule.parameter
 
 
-def _no_layout_message(path: str, shape: tuple[int, ...]) -> str:
-    return (f"the kernel at {path!r} has shape {shape}: lora_jax cannot tell its stacked "
-            "(scanned), input and output axes from the tree alone. Pass "
-            "layouts=lora_jax.layouts(model, *example_inputs), or layouts={path: Layout(...)}")
-
-
 @dataclasses.dataclass(frozen=True)
 class View:
     """One module as peft sees it: the names it goes by (the Flax path; for a layer of a scanned
@@ -109,10 +108,6 @@ class View:
 
     names: tuple[str, ...]
     layer: int | None = None
-
-    @property
-    def peft(self) -> str:
-        return peft_path(self.names[-1])
 
 
 def _views(params: Mapping[str, Any], path: str, site: Site) -> list[View]:
@@ -143,11 +138,12 @@ def _is_target(config: AdapterConfig, view: View, site: Site) -> bool:
     elif spec == "all-linear":
         if matches_any(_HEADS, names):
             return False
-        found = site.weight != "embedding" and (site.layout.error is not None or
+        error = site.layout.error
+        found = site.weight != "embedding" and (error is not None or
                                                 site.layout.kind in ("dense", "einsum"))
-        if found and site.layout.error and site.layout.rule is None:
-            raise ValueError(site.layout.error)
-        if site.layout.error and site.layout.rule is not None:
+        if found and error:
+            if site.layout.rule is None:
+                raise ValueError(error)
             found = False  # all-linear skips layers LoRA cannot apply to
     else:
         found = matches_any(spec, names)
@@ -159,46 +155,44 @@ def _is_target(config: AdapterConfig, view: View, site: Site) -> bool:
 def _wanted_layers(config: AdapterConfig) -> set[int] | None:
     """The layer indices to keep, or None for no filter (peft: None, or an empty list)."""
     layers = config.layers_to_transform
-    if layers is None:
-        return None
-    wanted = {layers} if isinstance(layers, int) else set(layers)
+    wanted = {layers} if isinstance(layers, int) else set(layers or ())
     return wanted or None
 
 
 def _view_index(config: AdapterConfig, view: View) -> int | None:
-    index = layer_index(view.peft, config.layers_pattern)
+    index = layer_index(peft_path(view.names[-1]), config.layers_pattern)
     if index is None and view.layer is not None and not config.layers_pattern:
         index = view.layer  # a stack at the root of the tree: its position on the stack axis
     return index
 
 
 def _layer_selected(config: AdapterConfig, view: View, peft_quirks: bool = False) -> bool:
-    """Whether `layers_to_transform` keeps this module (peft's rule: the module's layer index,
-    read after `layers_pattern`, must be listed; a module without one is dropped). With
-    `peft_quirks`, a module named in full by a list target_modules skips the filter, as peft's
-    code does (its docs say the filter applies)."""
+    """Whether `layers_to_transform` keeps this module (its layer index must be listed, as in
+    peft); `peft_quirks`: as peft's code, not its docs, a module named in full skips the filter."""
     wanted = _wanted_layers(config)
     if wanted is None:
         return True
-    spec = config.target_modules
-    if peft_quirks and not isinstance(spec, str) and spec is not None and any(
-            form in spec for n in view.names for form in path_forms(n)):
+    if peft_quirks and _named_in_full(config.target_modules, view.names):
         return True
     index = _view_index(config, view)
     return index is not None and index in wanted
 
 
+def _named_in_full(spec: str | Sequence[str] | None, names: Sequence[str]) -> bool:
+    """Whether a list target_modules names the module in full (peft then skips the filter)."""
+    return spec is not None and not isinstance(spec, str) and any(
+        form in spec for n in names for form in path_forms(n))
+
+
 def _no_match_error(config: AdapterConfig, paths: list[str]) -> ValueError:
-    spec = config.target_modules
-    if spec is None:
-        spec = config.target_parameters
+    field = "target_modules" if config.target_modules is not None else "target_parameters"
+    spec = getattr(config, field)
     names = sorted({form.rsplit(".", 1)[-1] for p in paths for form in path_forms(p)} - {""})
     wanted = [spec] if isinstance(spec, str) else list(spec or ())
     close = {c for w in wanted for c in difflib.get_close_matches(w, names + paths, n=3,
                                                                   cutoff=0.5)}
     # Names sharing a "_"-separated word also count: "q_proj" suggests "q".
     close |= {n for w in wanted for n in names if set(n.split("_")) & set(w.split("_"))}
-    field = "target_modules" if config.target_modules is not None else "target_parameters"
     hint = projection_hint(wanted, names) if field == "target_modules" else None
     return ValueError(
         f"{field}={spec!r} matched no module"
@@ -223,9 +217,8 @@ def find_targets(
     (`transformer.h.3.attn.c_attn`), so exclude_modules, rank/alpha patterns, per-layer targets
     and layers_to_transform select layers of the stack; the others get zero factors. Layers of
     one stack may get different ranks and scales (`per_layer`)."""
-    targets = {path: (site, selected) for path, (site, selected, _) in
-               _find(params, config, layouts, peft_quirks=peft_quirks).items()}
-    return targets
+    return {path: (site, selected) for path, (site, selected, _) in
+            _find(params, config, layouts, peft_quirks=peft_quirks).items()}
 
 
 def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str, Layout] | None,
@@ -238,10 +231,10 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
             "'v_proj'], a regex, or 'all-linear' (or name params with target_parameters)"
         )
     sites = _sites(params, config, layouts)
+    modules = dict(iter_modules(params, leaves=None))
     views = {path: _views(params, path, site) for path, site in sites.items()}
-    matched = {path: [v for v in views[path] if _is_target(config, v, site)]
-               for path, site in sites.items()}
-    matched = {path: found for path, found in matched.items() if found}
+    matched = {path: found for path, site in sites.items()
+               if (found := [v for v in views[path] if _is_target(config, v, site)])}
     # A weight targeted both as a module (with a rule) and as a param keeps its rule.
     ruled = {(sites[p].path, sites[p].weight) for p in matched
              if sites[p].layout.rule != MATERIALISE}
@@ -252,12 +245,9 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
         raise _no_match_error(config, [p for p in sites if sites[p].layout.rule != MATERIALISE])
     _check_unsupported(params, config, sites, views)
     for path in matched:
-        site = sites[path]
-        if site.layout.error:
-            raise ValueError(
-                f"cannot adapt {path!r}: {site.layout.error}" if site.layout.rule else
-                site.layout.error
-            )
+        if error := sites[path].layout.error:
+            raise ValueError(f"cannot adapt {path!r}: {error}" if sites[path].layout.rule
+                             else error)
     if _wanted_layers(config) is not None:
         _check_layer_selection(config, sites, matched)
     targets = {}
@@ -266,19 +256,11 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
         kept = [v for v in found if _layer_selected(config, v, peft_quirks)]
         if not kept:
             continue
-        values = {}
-        for view in kept:
-            values[view.layer] = (config.rank(*view.names), config.scaling(*view.names))
-        layers = [v.layer for v in kept if v.layer is not None]
-        if len(layers) < len(kept) or len(layers) == len(views[path]) and \
-                _wanted_layers(config) is None and len(found) == len(views[path]):
-            selected: tuple[int, ...] | bool = True
-        else:
-            selected = tuple(sorted(layers))
-            if len(selected) == site.shape[0]:
-                selected = True
-        if selected is not True and config.adapted_biases and "bias" in _module(
-                params, site.path):
+        values = {v.layer: (config.rank(*v.names), config.scaling(*v.names)) for v in kept}
+        # Unscanned, or every layer of the stack kept: True; else the kept layers.
+        layers = tuple(sorted(v.layer for v in kept if v.layer is not None))
+        selected = True if len(layers) < len(kept) or len(layers) == site.shape[0] else layers
+        if selected is not True and config.adapted_biases and "bias" in modules[site.path]:
             raise ValueError(
                 f"bias={config.bias!r} with only some layers of the scanned stack {path!r} adapted "
                 "would train the biases of every layer (a stacked bias is one leaf); use "
@@ -293,7 +275,7 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
                f" (layer indices read after layers_pattern={config.layers_pattern!r})"))
     # task_type's heads may be absent (peft wraps the names that exist): only the rest must match.
     asked = [m for m in config.modules_to_save or () if m not in config.task_heads]
-    if asked and not any(saved_name_match(asked, p) for p in _module_paths(params)):
+    if asked and not any(saved_name_match(asked, p) for p, _ in submodules(params)):
         tied = any(saved_name_match(asked, h) for h in _HEADS)
         raise ValueError(
             f"modules_to_save={asked} matched no module; modules with "
@@ -306,24 +288,6 @@ def _find(params: Mapping[str, Any], config: AdapterConfig, layouts: Mapping[str
     return targets
 
 
-def _module(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-    node = params
-    for part in path.split(".") if path else []:
-        node = node[part]
-    return node
-
-
-def _module_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Every module (dict) path of the tree, containers included."""
-    out = []
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            path = f"{prefix}.{key}" if prefix else key
-            out.append(path)
-            out += _module_paths(value, path)
-    return out
-
-
 def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
                        sites: Mapping[str, Site], views: Mapping[str, list[View]]) -> None:
     """peft raises when target_modules names a module that is not a layer LoRA applies to
@@ -332,15 +296,10 @@ def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
     if spec is None or spec == "all-linear":
         return
     known = {site.path for site in sites.values()}
-    stacks: dict[str, int] = {}
-    for path, path_views in views.items():
-        if path_views[0].layer is not None:
-            site = sites[path]
-            root = stack_root(params, site.path, site.shape[0])
-            if root is not None:
-                stacks[root] = site.shape[0]
-    for path in _module_paths(params):
-        module = _module(params, path)
+    wanted = _wanted_layers(config)
+    stacks = {root: sites[p].shape[0] for p, found in views.items() if found[0].layer is not None
+              and (root := stack_root(params, sites[p].path, sites[p].shape[0])) is not None}
+    for path, module in submodules(params):
         if path in known or owned(module):
             continue
         names = [path, peft_path(path + ".x")[:-2]]  # a container may be a list element
@@ -350,9 +309,7 @@ def _check_unsupported(params: Mapping[str, Any], config: AdapterConfig,
         if any(saved_match(config.modules_to_save, n) for n in names):
             continue
         found = matches_any(spec, names)
-        wanted = _wanted_layers(config)
-        if found and wanted is not None and not isinstance(spec, str) and not any(
-                form in spec for n in names for form in path_forms(n)):
+        if found and wanted is not None and not _named_in_full(spec, names):
             # peft filters by layer before it looks at the module's type
             found = any(layer_index(n, config.layers_pattern) in wanted for n in names)
         if found and not (config.exclude_modules is not None and
@@ -424,21 +381,15 @@ def new_record(weight: str, layout: Layout, values: Values, config: Any,
     return leaves
 
 
-def _layer_mask(selected: tuple[int, ...], n_layers: int) -> jax.Array:
-    return jnp.zeros(n_layers, bool).at[jnp.asarray(selected)].set(True)
-
-
 def _check_variant(path: str, site: Site, variant: variants.Variant, config: Any) -> None:
-    """The variant's refusals where it does not apply to this weight, said once with the
-    reason."""
+    """The variant's refusals where it does not apply to this weight, with the reason."""
     layout = site.layout
-    roles = layout.roles(len(site.shape))
     where = f"{path!r} ({layout.kind})"
     if layout.kind not in variant.kinds:
         variant.check("kinds", where)
     if layout.rule == MATERIALISE:
         variant.check("materialised", where)
-    if "b" in roles:
+    if "b" in layout.roles(len(site.shape)):
         variant.check("kept_axes", where)
     if config.layers_to_transform is not None and layout.stacked:
         variant.check("layer_selection", where)
@@ -465,7 +416,7 @@ def _adapter_leaves(path: str, site: Site, weight: Any, variant: variants.Varian
     arrays, residual = variant.init(plain, site.layout, config, values, key, dtype, shared)
     if isinstance(selected, tuple):
         # Unselected layers of a scanned stack: zero arrays keep them at zero during training.
-        mask = _layer_mask(selected, site.shape[0])
+        mask = jnp.zeros(site.shape[0], bool).at[jnp.asarray(selected)].set(True)
         select = lambda new, old: jnp.where(mask.reshape(-1, *[1] * (new.ndim - 1)), new, old)
         arrays = {name: select(value, 0) for name, value in arrays.items()}
         residual = None if residual is None else select(residual, plain)
@@ -487,13 +438,11 @@ def inject(
     """A copy of `params` with LoRA factors and a `LoraRecord` beside each targeted weight.
 
     Dense-like modules get `lora_A` / `lora_B` (and the record `lora`), Embed gets
-    `lora_embedding_A` / `_B`, another weight `w` gets `w_lora_A` / `w_lora_B`; factors are
-    stored in `dtype` (float32 by default, whatever the base's dtype). 2-D kernels and embedding
-    tables read as Dense / Embed from the tree alone; any other layer needs `layouts`, best from
-    `lora_jax.layouts(model, *example_inputs)`, which asks each layer's rule how it reads its
-    weight (a GPT-2 FlaxConv1D kernel is `[out, in]`, a Gemma einsum stacks q/k/v). Weights
-    named by `config.target_parameters` are adapted by materialising W + scale * A B. Works
-    under `jax.jit`.
+    `lora_embedding_A` / `_B`, another weight `w` gets `w_lora_A` / `w_lora_B`, stored in `dtype`
+    whatever the base's. 2-D kernels and tables read as Dense / Embed from the tree alone; other
+    layers (a GPT-2 FlaxConv1D kernel is `[out, in]`) need `layouts`, best from
+    `lora_jax.layouts(model, *example_inputs)`. Weights named by `config.target_parameters` are
+    adapted by materialising W + scale * A B. Works under `jax.jit`.
 
     >>> import flax.linen as nn
     >>> from lora_jax import LoraConfig
@@ -513,9 +462,8 @@ def inject(
     for index, (path, (site, selected, by_layer)) in enumerate(sorted(targets.items())):
         module = modules[site.path]
         values = per_layer(by_layer, site.shape[0] if site.layout.stacked else 0)
-        r = values.rank
-        name = record_name(site.weight)
-        if name in module or any(n in module for n in variant.names(site.weight).values()):
+        if any(n in module for n in (record_name(site.weight),
+                                     *variant.names(site.weight).values())):
             raise ValueError(
                 f"{path!r} already has LoRA factors; inject once per module (merge first, or "
                 "exclude it with exclude_modules)"
@@ -526,17 +474,17 @@ def inject(
                 "input to drop out: set lora_dropout=0 or target its module instead"
             )
         _check_variant(path, site, variant, config)
-        if r > max_rank(site.shape, site.layout) and not inits.changes_base(
-                config.init_lora_weights):
-            warnings.warn(f"r={r} for {path!r} is larger than min(fan_in, fan_out)="
-                          f"{max_rank(site.shape, site.layout)} of its weight {site.shape}; the "
-                          "update's rank is at most that (peft accepts it too)", stacklevel=2)
+        most = max_rank(site.shape, site.layout)
+        if values.rank > most and not inits.changes_base(config.init_lora_weights):
+            warnings.warn(f"r={values.rank} for {path!r} is larger than min(fan_in, fan_out)="
+                          f"{most} of its weight {site.shape}; the update's rank is at most "
+                          "that (peft accepts it too)", stacklevel=2)
         leaves, arrays = _adapter_leaves(path, site, module[site.weight], variant, config,
                                          values, jax.random.fold_in(key, index), dtype,
                                          selected, shared)
         if site.weight in leaves:
             residuals.append(path)
-        layers = tuple(sorted(set(selected))) if isinstance(selected, tuple) else None
+        layers = selected if isinstance(selected, tuple) else None
         leaves.update(new_record(site.weight, site.layout, values, config, layers, arrays))
         new_leaves.setdefault(site.path, {}).update(leaves)
     if residuals and config.init_lora_weights == "loftq":

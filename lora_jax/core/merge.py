@@ -12,9 +12,9 @@ import numpy as np
 from lora_jax import variants
 from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
-from lora_jax.core.record import LoraRecord, check_assumed, check_config, records
+from lora_jax.core.record import LoraRecord, check_assumed, check_config, records, without_adapters
 from lora_jax.core.saved import drop_originals
-from lora_jax.core.targets import unbox, with_leaves, without_leaves
+from lora_jax.core.targets import unbox, with_leaves
 from lora_jax.quant.quantize import dequantize
 
 
@@ -23,18 +23,13 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
     """Plain params for the unmodified model: W + scale * A B, factors and records removed.
 
     Each weight's layout, rank and scale come from its record; a `config` given is checked to
-    describe the same ranks and scales. The delta is added in float32 and the sum cast once to
-    the weight's dtype (merging in bfloat16 drifts); a boxed (logically partitioned) weight keeps
-    its box. Quantized weights (`lora_jax.quantize`) come back dequantized: a float base for
-    export. `safe=True` raises if a merged weight holds NaN or inf, naming the weight and
-    whether the base weight or the adapter brought it (checked on the host: under `jit` it
-    raises; merge outside `jit`, or without `safe`). An adapted embedding that the model also
-    uses as a tied output head (`Embed.attend`) changes the head too once merged, though not in
-    the wrapped forward (peft behaves the same; `wrap` warns when it sees this). Likewise a table
-    in `modules_to_save`: merged params hold the trained table only, so a head tied to it
-    follows it, while the wrapped forward's head reads the original (`lora_jax.core.saved`).
-    A square kernel adapted without `layouts` (read as `[in, out]` on trust) is refused unless
-    `layouts=lora_jax.layouts(model, x)` confirms that reading.
+    describe the same. The delta is added in float32 and the sum cast once to the weight's dtype;
+    a boxed weight keeps its box, a quantized one comes back dequantized. `safe=True` raises if
+    a merged weight holds NaN or inf, naming the weight and whether the base or the adapter
+    brought it (a host check: not under `jit`). A head tied to an adapted or saved embedding
+    table follows the merged table, unlike in the wrapped forward (as in peft). A square kernel
+    adapted without `layouts` is refused unless `layouts=lora_jax.layouts(model, x)` confirms
+    its `[in, out]` reading.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import LoraConfig, inject
@@ -59,8 +54,7 @@ def merge(params: Mapping[str, Any], config: AdapterConfig | None = None,
             _check_finite(".".join(filter(None, (item.path, record.weight))), plain, merged)
         boxed = weight.replace_boxed(merged) if hasattr(weight, "replace_boxed") else merged
         updates.setdefault(item.path, {})[record.weight] = boxed
-    drop = {(item.path, name) for item in found for name in item.record.leaves}
-    return dequantize(drop_originals(with_leaves(without_leaves(params, drop), updates)))
+    return dequantize(drop_originals(with_leaves(without_adapters(params), updates)))
 
 
 def _check_finite(target: str, weight: Any, merged: Any) -> None:

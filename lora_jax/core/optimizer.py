@@ -19,14 +19,10 @@ def optimizer(
 ) -> optax.GradientTransformation:
     """`tx` applied to the trainable leaves only, on whole-tree params and gradients.
 
-    Optimizer state exists only for the trainable leaves (Adam's state is 2x their bytes, not the
-    model's); frozen leaves get zero updates, so `optax.apply_updates` leaves them bit-identical.
-
-    Cost: this whole-tree form makes a model-sized tree of zero updates and rewrites every frozen
-    weight each step (`apply_updates` adds the zeros). The fast way, which the CLI uses, is to
-    `split` once, differentiate and update only the trainable half with `tx` itself, and
-    `combine` for the forward; `experiments/benchmark.py` measures the difference. Use this form
-    only where an API insists on whole-tree updates.
+    State exists only for the trainable leaves; frozen leaves get zero updates, so
+    `optax.apply_updates` leaves them bit-identical. This form rewrites every frozen weight
+    each step: where no API insists on whole-tree updates, `split` once and update only the
+    trainable half with `tx` itself, as the CLI does (`experiments/benchmark.py` measures it).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
     >>> from lora_jax import inject

@@ -98,13 +98,13 @@ def _combine(trees: tuple[Any, ...], path: str) -> Any:
         keys = list(present[0])
         for tree in present[1:]:
             if set(tree) != set(keys):
-                missing = sorted(set(keys) ^ set(tree))
                 raise ValueError(
-                    f"combine: the trees differ at {path or '<root>'!r}: keys {missing} are "
-                    "in one tree but not the other (were they split from the same params?)"
+                    f"combine: the trees differ at {path or '<root>'!r}: keys "
+                    f"{sorted(set(keys) ^ set(tree))} are in one tree but not the other (were "
+                    "they split from the same params?)"
                 )
-        return {k: _combine(tuple(t[k] if t is not None else None for t in trees),
-                            f"{path}.{k}" if path else k) for k in keys}
+        return {k: _combine(tuple(t[k] for t in present), f"{path}.{k}" if path else k)
+                for k in keys}
     if len(present) > 1:
         raise ValueError(
             f"combine: more than one tree holds a value at {path or '<root>'!r}; each "

@@ -1,17 +1,14 @@
 """`LoraRecord`: everything about one adapted weight, stored in the params tree beside its factors.
 
-`inject` (and `load_peft`) put a record next to each adapted weight: `{"kernel": W, "lora_A": A,
-"lora_B": B, "lora": LoraRecord(...)}`. The record is a static pytree node (no array leaves), so
-it passes through `jit`, `grad`, `scan`, optax and orbax unchanged and costs nothing, while
-`wrap`, `merge`, `split`, counting, sharding and peft io all read the facts from it instead of
-re-deriving them: the layout (which axes are stacked, input, output; the storage order), the
-layer rule, the rank and the scale. The scale travels with the factors, so a later config can
-never silently rescale them.
+`{"kernel": W, "lora_A": A, "lora_B": B, "lora": LoraRecord(...)}`: a static pytree node (free
+under `jit`, `grad`, optax, orbax) that `wrap`, `merge`, `split`, counting, sharding and peft io
+read the layout, rule, rank and scale from, so a later config can never rescale the factors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -19,7 +16,7 @@ import jax
 
 from lora_jax import variants
 from lora_jax.core.factors import MATERIALISE, Layout
-from lora_jax.core.targets import join_path, same_value, unbox, without_leaves
+from lora_jax.core.targets import join_path, same_value, submodules, unbox, without_leaves
 
 
 def record_name(weight: str) -> str:
@@ -41,20 +38,18 @@ def scale_name(weight: str) -> str:
 class LoraRecord:
     """One adapted weight: its name, layout (and rule), rank, scale and dropout rate.
 
-    `layers` lists the stacked layers that are adapted when only some of a scanned stack's are
-    (`layers_to_transform`); the others hold zero factors. `variant` names the adapter method
-    (`lora_jax.variants`: "lora", "dora", ...), which says what arrays lie beside the weight.
-    `scale=None`: the scale is data, an array leaf beside the factors (`scale_name`) shaped
-    like the stacked axes (and the adapter axis), so it can differ per layer or adapter and
-    change without recompiling. `adapters=K > 0`: an adapter set (`lora_jax.adapters`): the
-    variant's arrays and the scale hold K adapters on an axis right after the stacked axes
-    (`rank` is their common, padded rank). `ranks`: each stacked layer's own rank when the
-    layers of a scanned stack differ (peft's rank_pattern naming layers; 0 for layers left
-    out): the arrays are padded to `rank` with zeros along their rank axis (zero columns of A /
-    rows of B), which gradient training keeps at zero. `form`: the variant's leaves this
-    weight has when not all of them (`Variant.leaves_of`). `options`: the variant's own
-    training-time options, `(name, value)` pairs (`Variant.options`, e.g. LoKr's rank dropout);
-    while there are any the frontends hand the forward a dropout key when training.
+    - `layers`: the adapted layers when only some of a scanned stack's are; the others hold
+      zero factors.
+    - `variant`: the adapter method (`lora_jax.variants`: "lora", "dora", ...), which says what
+      arrays lie beside the weight; `form`: the variant's leaves this weight has when not all
+      (`Variant.leaves_of`); `options`: its training-time options, `(name, value)` pairs
+      (e.g. LoKr's rank dropout), which make the frontends hand the forward a dropout key.
+    - `scale=None`: the scale is an array leaf (`scale_name`) shaped like the stacked axes (and
+      the adapter axis), so it can differ per layer or adapter without recompiling.
+    - `adapters=K > 0`: an adapter set (`lora_jax.adapters`): K adapters on an axis right after
+      the stacked axes, `rank` their common, padded rank.
+    - `ranks`: each stacked layer's rank when they differ (0 for layers left out); the arrays
+      are zero-padded to `rank` along their rank axis, which gradient training keeps at zero.
 
     `inject` puts one beside each adapted weight (a static leaf, under `record_name(weight)`):
 
@@ -200,30 +195,10 @@ def owned(module: Mapping[str, Any]) -> set[str]:
     return {n for v in module.values() if isinstance(v, LoraRecord) for n in v.leaves}
 
 
-def _config_values(config: Any, path: str) -> tuple[int, float]:
-    rank = config.rank(path)
-    return rank, config.scaling(path, rank=rank)
-
-
-def _agrees(values: tuple[int, float], rank: int, scale: float) -> bool:
-    return values[0] == rank and abs(values[1] - scale) <= 1e-9 * abs(scale)
-
-
-def _layer_names(path: str, layer: int) -> list[str]:
-    """peft's names of one layer of the scanned module at `path`, for each place its stack's
-    name may end."""
-    parts = path.split(".")
-    return [".".join([*parts[:k], str(layer), *parts[k:]]) for k in range(1, len(parts))]
-
-
 def iter_records(params: Mapping[str, Any], prefix: str = "") -> Iterator[Adapted]:
     """Every adapted weight of a params tree, parents first."""
-    for value in params.values():
-        if isinstance(value, LoraRecord):
-            yield Adapted(prefix, params, value)
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            yield from iter_records(value, f"{prefix}.{key}" if prefix else key)
+    for path, module in itertools.chain([(prefix, params)], submodules(params, prefix)):
+        yield from (Adapted(path, module, v) for v in module.values() if isinstance(v, LoraRecord))
 
 
 def records(params: Mapping[str, Any]) -> list[Adapted]:
@@ -271,17 +246,25 @@ def check_config(adapted: Adapted, config: Any) -> None:
     path, record, scale = adapted.target, adapted.record, adapted.record.scale
     if scale is None or record.ranks is not None:
         return  # per layer / adapter values (the scale is data): the record decides
-    want_rank, want_scale = _config_values(config, path)
-    if not _agrees((want_rank, want_scale), record.rank, scale):
-        # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns
-        # may name it so (inject matched them per layer; all adapted layers agree).
-        if record.layout.stacked == 1 and any(
-                _agrees(_config_values(config, name), record.rank, scale)
-                for name in _layer_names(path, (record.layers or (0,))[0])):
-            return
-        raise ValueError(
-            f"{path!r} was adapted with r={record.rank}, scale={record.scale:g}, but this "
-            f"LoraConfig gives r={want_rank}, scale={want_scale:g} (lora_alpha, use_rslora, "
-            "rank_pattern or alpha_pattern differ). Pass the config used at inject / returned "
-            "by load_peft"
-        )
+
+    def values(name: str) -> tuple[int, float]:
+        rank = config.rank(name)
+        return rank, config.scaling(name, rank=rank)
+
+    def agrees(name: str) -> bool:
+        rank, want = values(name)
+        return rank == record.rank and abs(want - scale) <= 1e-9 * abs(scale)
+
+    # A layer of a scanned stack is named by peft as `stack.<i>...`: rank/alpha patterns may
+    # name it so (inject matched them per layer; all adapted layers agree).
+    parts, layer = path.split("."), str((record.layers or (0,))[0])
+    layer_names = [".".join([*parts[:k], layer, *parts[k:]]) for k in range(1, len(parts))]
+    if agrees(path) or record.layout.stacked == 1 and any(map(agrees, layer_names)):
+        return
+    want_rank, want_scale = values(path)
+    raise ValueError(
+        f"{path!r} was adapted with r={record.rank}, scale={record.scale:g}, but this "
+        f"LoraConfig gives r={want_rank}, scale={want_scale:g} (lora_alpha, use_rslora, "
+        "rank_pattern or alpha_pattern differ). Pass the config used at inject / returned "
+        "by load_peft"
+    )

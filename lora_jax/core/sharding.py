@@ -1,15 +1,10 @@
 """Sharding for LoRA: factor specs that follow the base's partitioning, and inject onto a mesh.
 
-A kernel `[*stack, *in, *out]` with spec `(*s, *i, *o)` gets `A [*stack, *in, r]` with spec
-`(*s, *i, None)` and `B [*stack, r, *out]` with spec `(*s, None, *o)`: A keeps the contracting
-axes' sharding, B the output axes', the rank axis is replicated and a scanned stack's layer axis
-is kept. So `x @ A` and `(x A) @ B` need the same collectives as `x @ W`, and nobody writes
-factor specs by hand. E.g. kernel `('fsdp', 'tensor')` -> A `('fsdp', None)`, B
-`(None, 'tensor')`.
-
-The base's partitioning can come as a tree of `PartitionSpec`s, as params whose leaves carry
-`NamedSharding`s, or as Flax logical-axis metadata (`nn.with_logical_partitioning` boxes) plus
-axis rules. `match_specs` writes a spec tree from regex rules for models without metadata.
+A keeps the kernel's input axes' sharding, B its output axes', the rank axis is replicated and a
+scanned stack's layer axis kept, so `(x A) @ B` needs the collectives of `x @ W`: kernel
+`('fsdp', 'tensor')` -> A `('fsdp', None)`, B `(None, 'tensor')`. The base's partitioning comes
+as a spec tree (`match_specs` writes one from regex rules), as `NamedSharding`s on its arrays or
+as Flax logical-axis boxes plus axis rules.
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     specs = match_specs(params, [(r".*(c_attn|c_fc)\\.kernel", P(None, "fsdp", "tensor")),
@@ -22,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -34,9 +29,9 @@ from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.factors import Layout
 from lora_jax.core.inject import inject
-from lora_jax.core.record import LoraRecord, iter_records, record_name, scale_name
+from lora_jax.core.record import LoraRecord, iter_records, record_name, scale_name, without_adapters
 from lora_jax.core.saved import drop_originals, keep_originals, table_of
-from lora_jax.core.targets import with_leaves, without_leaves
+from lora_jax.core.targets import join_path, with_leaves
 from lora_jax.quant.quantize import is_quantized
 from lora_jax.variants.inits import changes_base
 
@@ -52,13 +47,10 @@ def _is_box(x: Any) -> bool:
 
 
 def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
-    """A tree of `PartitionSpec`s from any of the accepted forms of a base's partitioning.
-
-    Leaves may be `PartitionSpec`s (kept), arrays or `jax.ShapeDtypeStruct`s with a
-    `NamedSharding` (its spec), Flax `nn.Partitioned` / `nn.LogicallyPartitioned` boxes (their
-    names, mapped to mesh axes with `rules`, e.g. `[("embed", "fsdp"), ("mlp", "tensor")]`), or
-    anything else (replicated: `P()`). A quantized kernel (`lora_jax.quantize`) is one leaf
-    whose spec is its codes'. None holes stay None.
+    """A tree of `PartitionSpec`s from any accepted form of a base's partitioning: specs (kept),
+    arrays or shapes with a `NamedSharding` (its spec), Flax partitioning boxes (their names,
+    mapped to mesh axes by `rules`, e.g. `[("embed", "fsdp")]`), else `P()`. A quantized kernel
+    is one leaf, its codes' spec; None holes stay None.
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> boxed = nn.Partitioned(jnp.ones((4, 4)), names=("embed", "mlp"))
@@ -83,11 +75,8 @@ def base_specs(tree: Any, *, rules: Rules | None = None) -> Any:
 
 
 def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
-    """A spec tree for `params` from `(regex, PartitionSpec)` rules on dotted leaf paths.
-
-    The first rule whose regex `re.fullmatch`es the leaf's path (e.g.
-    `transformer.h.attn.c_attn.kernel`) gives its spec; unmatched leaves get `default`
-    (replicated, `P()`, when None). A quantized kernel is one leaf (see `lora_specs`).
+    """A spec tree for `params` from `(regex, PartitionSpec)` rules: the first regex that
+    `re.fullmatch`es a leaf's dotted path gives its spec, else `default` (None: `P()`).
 
     >>> import jax.numpy as jnp
     >>> params = {"attn": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
@@ -98,19 +87,16 @@ def match_specs(params: Any, rules: Rules, default: P | None = None) -> Any:
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
 
     def spec(path: tuple[Any, ...], _: Any) -> P:
-        name = ".".join(str(getattr(k, "key", k)) for k in path)
-        return next((s for regex, s in compiled if regex.fullmatch(name)), default)
+        return next((s for regex, s in compiled if regex.fullmatch(join_path(path))), default)
 
     return jax.tree_util.tree_map_with_path(spec, nn.unbox(params), is_leaf=is_quantized)
 
 
 def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
     """A spec tree sharding every weight of `params` over `size` devices of mesh axis `axis`
-    (fully sharded data parallelism), for models without partitioning rules of their own.
-
-    A leaf of 2 or more axes is split along its largest axis that divides by `size` (the first
-    of equals); vectors (biases, norms), leaves with no such axis and quantized kernels (whose
-    blocks must not straddle devices) are replicated. `lora_specs` then gives the factors theirs.
+    (FSDP), for models without partitioning rules: each leaf of 2+ axes along its largest axis
+    that divides by `size` (the first of equals); vectors, leaves with no such axis and quantized
+    kernels (their blocks must not straddle devices) are replicated.
 
     >>> import jax.numpy as jnp
     >>> specs = fsdp_specs({"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(8)}, 4)
@@ -119,11 +105,9 @@ def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
     """
 
     def spec(x: Any) -> P:
-        shape = getattr(x, "shape", ())
-        if is_quantized(x) or len(shape) < 2:
-            return P()
+        shape = () if is_quantized(x) else getattr(x, "shape", ())
         fits = [d for d in range(len(shape)) if shape[d] % size == 0]
-        if not fits:
+        if len(shape) < 2 or not fits:
             return P()
         best = max(fits, key=lambda d: (shape[d], -d))
         return P(*(axis if d == best else None for d in range(len(shape))))
@@ -131,24 +115,12 @@ def fsdp_specs(params: Any, size: int, axis: str = "fsdp") -> Any:
     return jax.tree.map(spec, nn.unbox(params), is_leaf=is_quantized)
 
 
-def _check_rank(spec: P, ndim: int, path: str, strict: bool) -> P:
-    """`spec`, or a clear error when its rank cannot be the leaf's (`strict`: must equal it)."""
-    if len(spec) > ndim or (strict and 0 < len(spec) < ndim):
-        raise ValueError(
-            f"the PartitionSpec {spec} for {path!r} has {len(spec)} entries but the weight has "
-            f"{ndim} axes. Give one entry per axis (a scanned stack's leading layer axis needs "
-            "its own entry, usually None)"
-        )
-    return spec
-
-
 def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = None) -> Any:
     """`PartitionSpec`s for every leaf of injected `params` (arrays or abstract shapes).
 
-    `base` gives the base weights' partitioning in any form `base_specs` reads, for a tree
-    shaped like the base params (with or without factors); the factors' specs are derived from
-    their weight's spec and the factor shapes. A quantized kernel's spec becomes its codes' and
-    scales' specs (`NF4Tensor.specs`: blocks and scales follow the kernel's axes).
+    `base`: the base's partitioning in any form `base_specs` reads, shaped like the base params
+    (with or without factors); the factors' specs follow their weight's, and a quantized
+    kernel's become its codes' and scales' (`NF4Tensor.specs`).
 
     >>> import flax.linen as nn, jax.numpy as jnp
     >>> from lora_jax import inject
@@ -159,16 +131,25 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
     >>> specs["lora_A"], specs["lora_B"]
     (P('fsdp', None), P(None, 'tensor'))
     """
-    flat_base = _flatten(base_specs(base, rules=rules))
+    flat_base = {tuple(str(getattr(k, "key", k)) for k in path): spec for path, spec in
+                 jax.tree_util.tree_flatten_with_path(base_specs(base, rules=rules),
+                                                      is_leaf=_is_spec)[0]}
 
     def base_spec(keys: tuple[str, ...], leaf: Any, strict: bool) -> P:
-        path = ".".join(keys)
-        if keys not in flat_base:
+        """The base's spec of a leaf, checked against its rank (`strict`: must equal it)."""
+        path, spec = ".".join(keys), flat_base.get(keys)
+        if spec is None:
             raise ValueError(
                 f"the base specs have no entry for {path!r}; give a spec (P() for replicated) "
                 "for every leaf of the base params"
             )
-        return _check_rank(flat_base[keys], leaf.ndim, path, strict)
+        if len(spec) > leaf.ndim or (strict and 0 < len(spec) < leaf.ndim):
+            raise ValueError(
+                f"the PartitionSpec {spec} for {path!r} has {len(spec)} entries but the weight has "
+                f"{leaf.ndim} axes. Give one entry per axis (a scanned stack's leading layer axis "
+                "needs its own entry, usually None)"
+            )
+        return spec
 
     plain = nn.unbox(params)
     factor_specs: dict[tuple[str, ...], P] = {}
@@ -202,26 +183,18 @@ def lora_specs(params: Mapping[str, Any], base: Any, *, rules: Rules | None = No
                 out[key] = factor_specs[(*keys, key)]
             elif is_quantized(value):
                 out[key] = value.specs(base_spec((*keys, key), value, strict=False))
-            elif (table := table_of(key)) is not None:  # a saved table's original: as the table
-                out[key] = base_spec((*keys, table), value, strict=False)
-            else:
-                out[key] = base_spec((*keys, key), value, strict=False)
+            else:  # a saved table's original takes the table's spec
+                out[key] = base_spec((*keys, table_of(key) or key), value, strict=False)
         return out
 
     return visit(plain, ())
 
 
-def _flatten(tree: Any) -> dict[tuple[str, ...], P]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec)[0]
-    return {tuple(str(getattr(k, "key", k)) for k in path): spec for path, spec in leaves}
-
-
 def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
     """`NamedSharding`s on `mesh` for a spec tree, checked before anything compiles.
 
-    Raises a ValueError naming the leaf when a spec uses an axis the mesh does not have, or
-    (given `shapes`, a tree of arrays or shapes like `specs`) when a sharded dimension does not
-    divide over its mesh axes.
+    Raises a ValueError naming the leaf when a spec uses an axis the mesh lacks, or (given
+    `shapes`, a tree like `specs`) when a sharded dimension does not divide over its axes.
 
     >>> import jax.numpy as jnp
     >>> mesh = Mesh(jax.devices()[:1], ("fsdp",))
@@ -232,10 +205,10 @@ def named_shardings(specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
     ValueError: ...tensor...
     """
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0]
-    shape_of = (dict.fromkeys((p for p, _ in flat)) if shapes is None else
-                dict(jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0]))
+    shape_of = {} if shapes is None else dict(
+        jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0])
     for path, spec in flat:
-        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        name = join_path(path)
         for dim, entry in enumerate(spec):
             axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
             unknown = [a for a in axes if a not in mesh.shape]
@@ -264,13 +237,11 @@ def shard_inject(
     rules: Rules | None = None,
     layouts: Mapping[str, Layout] | None = None,
 ) -> dict[str, Any]:
-    """`inject` onto a mesh: the factors are created on their devices by a jitted
-    initialiser with sharded outputs, and the base leaves are placed on their specs.
-
-    The base's partitioning is `specs` (a spec tree, see `base_specs`) or, if None, read from
-    `params` itself (`NamedSharding`s on its arrays, or Flax logical-axis boxes with `rules`).
-    Unboxed arrays come back; `jax.tree.map(lambda a: a.sharding, result)` gives the shardings
-    for `jax.jit`. The base is never copied when it is already placed as specified.
+    """`inject` onto a mesh: the factors are created on their devices by a jitted initialiser
+    with sharded outputs, and the base leaves are placed on their specs (not copied when already
+    placed so). The base's partitioning is `specs` (see `base_specs`) or, if None, read from
+    `params` (`NamedSharding`s, or logical-axis boxes with `rules`). Unboxed arrays come back:
+    `jax.tree.map(lambda a: a.sharding, result)` gives the shardings for `jax.jit`.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
     >>> from jax.sharding import Mesh, PartitionSpec as P
@@ -287,32 +258,27 @@ def shard_inject(
     abstract = jax.eval_shape(lambda p, k: inject(p, config, k, layouts=layouts), plain, key)
     all_specs = lora_specs(abstract, params if specs is None else specs, rules=rules)
     shardings = named_shardings(all_specs, mesh, abstract)
-    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_leaves(shardings, {
-        (item.path, name) for item in iter_records(abstract) for name in item.record.leaves})))
+    placed = jax.tree.map(jax.device_put, plain, drop_originals(without_adapters(shardings)))
     # PiSSA / OLoRA / LoftQ also give the residual base weight.
     residual = changes_base(getattr(config, "init_lora_weights", True))
+    arrays = lambda record: (*record.arrays, *((record.weight,) if residual else ()))
 
-    def factors(tree: Any) -> dict[str, dict[str, Any]]:
+    def pick(tree: Any, names: Callable[[LoraRecord], tuple[str, ...]]) -> dict[str, Any]:
         out: dict[str, dict[str, Any]] = {}  # a module may hold several adapted weights
         for item in iter_records(tree):
-            names = (*item.record.arrays, *((item.record.weight,) if residual else ()))
-            out.setdefault(item.path, {}).update({name: item.module[name] for name in names})
+            out.setdefault(item.path, {}).update({n: item.module[n] for n in names(item.record)})
         return out
 
     # From the placed base: DoRA's magnitude and the SVD inits read the weight's values.
-    new = jax.jit(lambda base, k: factors(inject(base, config, k, layouts=layouts)),
-                  out_shardings=factors(shardings))(placed, key)
-    records: dict[str, dict[str, Any]] = {}
-    for item in iter_records(abstract):
-        records.setdefault(item.path, {})[record_name(item.record.weight)] = item.record
+    new = jax.jit(lambda base, k: pick(inject(base, config, k, layouts=layouts), arrays),
+                  out_shardings=pick(shardings, arrays))(placed, key)
+    records = pick(abstract, lambda record: (record_name(record.weight),))
     return keep_originals(with_leaves(with_leaves(placed, new), records), config)
 
 
 def opt_state_specs(opt_state: Any, trainable_specs: Any) -> Any:
-    """Specs for an optimizer state: every subtree shaped like the trainable tree (Adam's
-    `mu`, `nu`, ...) gets `trainable_specs`; other leaves (step counts) are replicated.
-
-    `opt_state` may be abstract (`jax.eval_shape(tx.init, params)`).
+    """Specs for an optimizer state (or `jax.eval_shape(tx.init, params)`): every subtree shaped
+    like the trainable tree (Adam's `mu`, `nu`) gets `trainable_specs`, other leaves `P()`.
 
     >>> import jax.numpy as jnp, optax
     >>> trainable = {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.ones((2, 4))}

@@ -1,9 +1,5 @@
-"""Module paths in a params tree and peft's rules for matching them.
-
-A path is the "."-joined keys of the params tree down to a module, e.g.
-`transformer.h_0.attn.c_attn`. Flax names list elements `h_0`; peft names them `h.0`. Every rule
-here is tried on both spellings, so peft's target names and layer indices work unchanged.
-"""
+"""Module paths in a params tree (`transformer.h_0.attn.c_attn`) and peft's rules for matching
+them, each tried on the Flax spelling of list elements (`h_0`) and peft's (`h.0`)."""
 
 from __future__ import annotations
 
@@ -131,16 +127,11 @@ def layer_index(path: str, layers_pattern: str | Sequence[str] | None) -> int | 
     after `layers_pattern` (a regex, or any of a list), or without a pattern the first number
     component that follows a non-leading component (`encoder.block.0.layer.1.x` is block 0; a
     module's own name, `wi_0`, is never an index)."""
-    form = peft_path(path)
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    if not patterns:
-        found = re.match(r".*?\.[^.]*\.(\d+)\.", form)
-        return int(found.group(1)) if found else None
-    for name in patterns:
-        found = re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", form)
-        if found:
-            return int(found.group(1))
-    return None
+    regexes = [rf"(?:^|.*?\.){name}\.(\d+)\." for name in patterns] if patterns else [
+        r".*?\.[^.]*\.(\d+)\."]
+    found = next(filter(None, (re.match(r, peft_path(path)) for r in regexes)), None)
+    return int(found.group(1)) if found else None
 
 
 def stack_root(params: Mapping[str, Any], path: str, n_layers: int) -> str | None:
@@ -177,10 +168,8 @@ def layer_path(path: str, stack: str, layer: int) -> str:
 
 def pattern_value(patterns: Mapping[str, T], path: str, default: T) -> T:
     """The value of the first regex key matching the end of `path` (peft's rank/alpha_pattern)."""
-    for key, value in patterns.items():
-        if any(re.match(rf"(.*\.)?({key})$", form) for form in path_forms(path)):
-            return value
-    return default
+    return next((value for key, value in patterns.items()
+                 if any(re.match(rf"(.*\.)?({key})$", form) for form in path_forms(path))), default)
 
 
 WEIGHT_LEAVES = ("kernel", "embedding")
@@ -210,6 +199,15 @@ def iter_modules(params: Mapping[str, Any], prefix: tuple[str, ...] = (), *,
     for key, value in params.items():
         if isinstance(value, Mapping):
             yield from iter_modules(value, (*prefix, key), leaves=leaves)
+
+
+def submodules(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, dict) of every module below the root, containers included, parents first."""
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            path = f"{prefix}.{key}" if prefix else key
+            yield path, value
+            yield from submodules(value, path)
 
 
 def with_leaves(params: Mapping[str, Any], additions: Mapping[str, Mapping[str, Any]],
