@@ -139,6 +139,17 @@ def rule_named(name: str | None) -> Rule | None:
     return None if name is None else _RULES.get(name)
 
 
+def read_layout(rule: Rule, module: Any, name: str, weight: Any, args: tuple[Any, ...],
+                kwargs: Mapping[str, Any], **fields: Any) -> Layout:
+    """The layout `rule` gives `module`'s weight `name` on a call, naming the rule and weight
+    (and setting `fields`, e.g. `stacked`); one with the reason as `error` if `NotAdaptable`."""
+    try:
+        layout = rule.layout(module, weight, args, dict(kwargs))
+    except NotAdaptable as e:
+        return Layout("dense", rule=rule.name, weight=name, error=str(e), **fields)
+    return dataclasses.replace(layout, rule=rule.name, weight=name, **fields)
+
+
 # --- pieces the frontends' rules share (flax.linen and nnx layers have the same fields) ---------
 
 def axes(value: Any) -> tuple[int, ...]:

@@ -29,47 +29,21 @@ from lora_jax import variants
 from lora_jax.core import counting
 from lora_jax.core.config import AdapterConfig, LoraConfig
 from lora_jax.core.factors import Layout
-from lora_jax.core.forward import (
-    MATERIALISE_WARNING,
-    TIED_HEAD_WARNING,
-    Call,
-    check_reading,
-    forward,
-)
+from lora_jax.core.forward import TIED_HEAD_WARNING, Call, check_reading, forward, materialised
 from lora_jax.core.inject import find_targets
 from lora_jax.core.inject import inject as core_inject
-from lora_jax.core.merge import fold
 from lora_jax.core.merge import merge as core_merge
 from lora_jax.core.partition import trainable_mask
-from lora_jax.core.record import (
-    LoraRecord,
-    check_config,
-    iter_records,
-    record_name,
-    target_path,
-)
-from lora_jax.core.rules import NotAdaptable, Rule, rule_for
+from lora_jax.core.record import LoraRecord, check_config, iter_records, record_name, target_path
+from lora_jax.core.rules import Rule, read_layout, rule_for
 from lora_jax.core.saved import originals
 from lora_jax.core.sharding import lora_specs
 from lora_jax.core.targets import iter_modules
-from lora_jax.nnx.rules import NnxRule
 from lora_jax.peft import files as peft_io
 
-__all__ = [
-    "LoraRecordVar",
-    "adapt",
-    "count_parameters",
-    "functional",
-    "inject",
-    "layouts",
-    "load_peft",
-    "merge",
-    "params",
-    "print_trainable_parameters",
-    "save_peft",
-    "trainable",
-    "update",
-]
+__all__ = ["LoraRecordVar", "adapt", "count_parameters", "functional", "inject", "layouts",
+           "load_peft", "merge", "params", "print_trainable_parameters", "save_peft", "trainable",
+           "update"]
 
 _RNGS = "lora_rngs"  # the attribute holding an adapted module's LoRA dropout stream
 # Where `layouts`' probe classes record the calls they see ({path: (rule, weight, ndim, args,
@@ -133,12 +107,10 @@ def _read(rule: Rule, module: nnx.Module, name: str, shape: tuple[int, ...], dty
         return Layout("dense", rule=rule.name, weight=name, error=(
             f"its weight {name!r} has shape {shape}, fewer axes than the module's "
             f"{inner_ndim}"))
-    try:
-        layout = rule.layout(module, jax.ShapeDtypeStruct(shape[stacked:], dtype), args,
-                             dict(kwargs))
-    except NotAdaptable as e:
-        return Layout("dense", stacked=stacked, rule=rule.name, weight=name, error=str(e))
-    layout = dataclasses.replace(layout, stacked=stacked, rule=rule.name, weight=name)
+    layout = read_layout(rule, module, name, jax.ShapeDtypeStruct(shape[stacked:], dtype), args,
+                         kwargs, stacked=stacked)
+    if layout.error:
+        return layout
     try:
         layout.roles(len(shape))
     except ValueError as e:
@@ -174,9 +146,8 @@ def _static_layouts(model: nnx.Module, tree: Mapping[str, Any],
     for path, module in modules.items():
         rule = rule_for(module)
         if rule is not None:
-            inner = rule.weight_ndim(module) if isinstance(rule, NnxRule) and rule.weight_ndim \
-                else None
-            calls[path] = (rule, rule.weight_name(module), inner, (), {})
+            ndim = getattr(rule, "weight_ndim", None)  # an NnxRule's
+            calls[path] = (rule, rule.weight_name(module), ndim(module) if ndim else None, (), {})
     return {**_layouts(modules, tree, calls), **dict(given or {})}
 
 
@@ -250,10 +221,8 @@ def _materialised(module: nnx.Module, records: list[LoraRecord]) -> Iterator[Non
             own = (layout.order or "").count("b") + sum(layout.n_in if c == "i" else 1
                                                         for c in leaf.axes)
             layout = dataclasses.replace(layout, stacked=leaves[leaf.name].ndim - own)
-            warnings.warn(MATERIALISE_WARNING.format(
-                path=f"{getattr(module, '_lora_path', '?')}.{record.weight}",
-                shape=tuple(weight.shape), size=weight.size), stacklevel=4)
-            var.set_value(fold(record, weight, leaves, scale, layout))
+            var.set_value(materialised(f"{getattr(module, '_lora_path', '?')}.{record.weight}",
+                                       record, weight, leaves, scale, layout, stacklevel=4))
             saved.append((var, weight))
         yield
     finally:
