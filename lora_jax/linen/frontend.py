@@ -92,8 +92,8 @@ class _Trace:
 def _check_no_orphans(module: nn.Module, path: str) -> None:
     """A module without a rule must not hold factors that expect one (they would be ignored)."""
     for name in ("lora", "lora_embedding"):
-        if module.has_variable("params", name) and \
-                not module.get_variable("params", name).materialised:
+        record: Any = module.get_variable("params", name)
+        if record is not None and not record.materialised:
             raise ValueError(
                 f"{path!r} is a {type(module).__name__}, which has no layer rule, but holds LoRA "
                 "factors: register a Rule for its class (lora_jax.register_rule), or target its "
@@ -164,19 +164,19 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy, trace: _Trace) -> Ca
         if rule is None:
             _check_no_orphans(module, path)
             return out
-        name = record_name(rule.weight_name(module))
-        if not module.has_variable("params", name):
+        weight_name = rule.weight_name(module)
+        record = module.get_variable("params", record_name(weight_name))
+        if record is None:
             return out
         if context.method_name == "attend":
-            trace.applied.add((path, rule.weight_name(module)))  # not a bypass: warned
+            trace.applied.add((path, weight_name))  # not a bypass: warned
             trace.attended.add(path)
             warnings.warn(TIED_HEAD_WARNING.format(path=path, how="Embed.attend"),
                           stacklevel=2)
             return out
-        record = module.get_variable("params", name)
         if record.materialised:
             return out
-        weight = unbox(module.get_variable("params", rule.weight_name(module)))
+        weight = unbox(module.get_variable("params", weight_name))
         bias = unbox(module.get_variable("params", "bias"))  # None without one
         rng = lambda: module.make_rng("dropout") if module.has_rng("dropout") else None
         call = Call(rule, module, args, kwargs, out, weight, bias, record, rng,

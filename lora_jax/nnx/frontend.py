@@ -385,10 +385,8 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
     for item, module in owners:
         record = item.record
         weight = getattr(module, record.weight)
-        specs = _factor_specs(item, weight)
-        for name in record.arrays:
-            kind = nnx.LoRAParam if name in record.trained else nnx.Param
-            setattr(module, name, _factor(kind, item.module[name], weight, specs.get(name)))
+        for name, var in _factors(item, weight).items():
+            setattr(module, name, var)
         setattr(module, record_name(record.weight), LoraRecordVar(record))
         added = [*getattr(module, "_lora_added", ()), *record.arrays, record_name(record.weight)]
         if record.draws and stream is not None and _RNGS not in vars(module):
@@ -435,32 +433,27 @@ def update(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
     return model
 
 
-def _factor_specs(item: Any, weight: nnx.Variable) -> dict[str, Any]:
-    """{factor name: PartitionSpec} from the weight's sharding metadata (the core's
-    `lora_specs`: A keeps the weight's input and stacked axes' mesh axes, B its output axes);
-    {} when the weight has none."""
+def _factors(item: Any, weight: nnx.Variable) -> dict[str, nnx.Variable]:
+    """The record's arrays as `nnx.LoRAParam` variables if they train, else frozen `nnx.Param`s.
+    When the weight has sharding metadata, each carries its spec from the core's `lora_specs`
+    (A keeps the weight's input and stacked axes' mesh axes, B its output axes), and is placed
+    on the weight's mesh when the weight's value is."""
+    record = item.record
+    values = {name: item.module[name] for name in record.arrays}
+    kinds = {name: nnx.LoRAParam if name in record.trained else nnx.Param for name in values}
     metadata = weight.get_metadata()
     names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
     if names is None:
-        return {}
-    record = item.record
-    arrays = record.arrays
-    node = {record.weight: item.weight, record_name(record.weight): record,
-            **{name: item.module[name] for name in arrays}}
+        return {name: kinds[name](value) for name, value in values.items()}
+    node = {record.weight: item.weight, record_name(record.weight): record, **values}
     specs = lora_specs(node, {record.weight: jax.sharding.PartitionSpec(*names)})
-    return {name: specs[name] for name in arrays}
-
-
-def _factor(kind: type, value: Any, weight: nnx.Variable, spec: Any) -> nnx.Variable:
-    """An adapter's array as a `kind` variable (`nnx.LoRAParam` if it trains, else a frozen
-    `nnx.Param`); with a spec, carrying it as its sharding metadata and placed on the weight's
-    mesh when the weight's value is."""
-    if spec is None:
-        return kind(value)
     sharding = getattr(weight.get_value(), "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
-    return kind(value, out_sharding=tuple(spec), eager_sharding=False)
+    out: dict[str, nnx.Variable] = {}
+    for name, value in values.items():
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, specs[name]))
+        out[name] = kinds[name](value, out_sharding=tuple(specs[name]), eager_sharding=False)
+    return out
 
 
 def _detach(module: nnx.Module) -> None:
