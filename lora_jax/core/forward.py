@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import variants
-from lora_jax.core.factors import broadcast_scale, dropout, project
+from lora_jax.core.factors import Layout, broadcast_scale, dropout, project
+from lora_jax.core.merge import fold
 from lora_jax.core.record import LoraRecord
 from lora_jax.core.rules import NotAdaptable, Rule
 
@@ -121,9 +123,18 @@ def check_reading(call: Call, hint: str) -> None:
                          "*example_inputs) so inject reads each layer the way its rule does")
 
 
+def materialised(path: str, record: LoraRecord, weight: Any, leaves: Mapping[str, Any],
+                 scale: Any, layout: Layout | None = None, stacklevel: int = 2) -> jax.Array:
+    """`fold`'s W + scale * A B (differentiable in the factors) for a weight adapted without a
+    layer rule, formed on every call: warned with MATERIALISE_WARNING at `stacklevel`."""
+    warnings.warn(MATERIALISE_WARNING.format(path=path, shape=tuple(weight.shape),
+                                             size=weight.size), stacklevel=stacklevel + 1)
+    return fold(record, weight, leaves, scale, layout)
+
+
 # --- mixed batches: one adapter per example, inside a layer -------------------------------------
 
-def check_ids(ids: Any, batch: int | None = None) -> jax.Array:
+def check_ids(ids: Any) -> jax.Array:
     """`ids` as int32 [batch]; raises on a float / bool dtype, a wrong shape or (when concrete)
     an id below -1 (`_mixed` refuses one >= K). Under `jax.jit` the values are unknown when
     tracing: an out-of-range id then runs that example on the base alone, as -1 does."""
@@ -131,21 +142,13 @@ def check_ids(ids: Any, batch: int | None = None) -> jax.Array:
     if not jnp.issubdtype(array.dtype, jnp.integer):
         raise ValueError(f"adapter_ids must be integers (one adapter slot per example, -1 for "
                          f"none), got dtype {array.dtype}")
-    if array.ndim != 1 or (batch is not None and array.shape[0] != batch):
-        want = "[batch]" if batch is None else f"[{batch}]"
-        raise ValueError(f"adapter_ids must have shape {want}, one id per example, got "
+    if array.ndim != 1:
+        raise ValueError(f"adapter_ids must have shape [batch], one id per example, got "
                          f"{array.shape}")
     if not isinstance(array, jax.core.Tracer) and bool(jnp.any(array < -1)):
         raise ValueError(f"adapter_ids holds {int(array.min())}; ids are slots 0..K-1, or -1 "
                          "for the base alone")
     return array.astype(jnp.int32)
-
-
-def _per_example(ids: jax.Array, scale: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """(slot clipped into range, each example's scale: 0 for -1 or an unknown slot)."""
-    on = (ids >= 0) & (ids < k)
-    slot = jnp.where(on, ids, 0)
-    return slot, jnp.where(on, scale[slot], 0.0)
 
 
 def _mixed(call: Call, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
@@ -170,8 +173,10 @@ def _mixed(call: Call, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Arra
     if not isinstance(ids, jax.core.Tracer) and (top := int(np.asarray(ids).max())) >= k:
         raise ValueError(f"adapter_ids holds {top} but {call.where} holds {k} "
                          f"adapters: ids are slots 0..{k - 1}, or -1 for the base alone")
-    slot, weight = _per_example(ids, scale, k)
-    weight = weight.astype(b.dtype)
+    # Each example's slot clipped into range, and its scale: 0 for -1 or an unknown slot.
+    on = (ids >= 0) & (ids < k)
+    slot = jnp.where(on, ids, 0)
+    weight = jnp.where(on, scale[slot], 0.0).astype(b.dtype)
     if strategy == "gather" or not rule.is_matmul(module):
         a_e = jnp.take(a, slot, axis=0)
         b_e = jnp.take(b, slot, axis=0) * broadcast_scale(weight, b.ndim)

@@ -39,7 +39,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lora_jax.core.factors import Layout, einsum_roles
+from lora_jax.core.factors import Layout, dense_delta, einsum_roles, embed_delta, project
 
 
 class NotAdaptable(ValueError):
@@ -139,11 +139,45 @@ def rule_named(name: str | None) -> Rule | None:
     return None if name is None else _RULES.get(name)
 
 
+def read_layout(rule: Rule, module: Any, name: str, weight: Any, args: tuple[Any, ...],
+                kwargs: Mapping[str, Any], **fields: Any) -> Layout:
+    """The layout `rule` gives `module`'s weight `name` on a call, naming the rule and weight
+    (and setting `fields`, e.g. `stacked`); one with the reason as `error` if `NotAdaptable`."""
+    try:
+        layout = rule.layout(module, weight, args, dict(kwargs))
+    except NotAdaptable as e:
+        return Layout("dense", rule=rule.name, weight=name, error=str(e), **fields)
+    return dataclasses.replace(layout, rule=rule.name, weight=name, **fields)
+
+
 # --- pieces the frontends' rules share (flax.linen and nnx layers have the same fields) ---------
 
 def axes(value: Any) -> tuple[int, ...]:
     """An `axis` / `features` field as a tuple."""
     return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def flax_dense_delta(module: Any, x: Any, a: Any, b: Any, args: Any, kwargs: Any) -> Any:
+    """The delta of flax's dense layers (linen's Dense / DenseGeneral, nnx's Linear /
+    LinearGeneral): over the module's `axis` (the last without one), at its precision."""
+    return dense_delta(x, a, b, axes(getattr(module, "axis", -1)), precision=module.precision)
+
+
+def flax_dense_base(module: Any, x: Any, w: Any, args: Any, kwargs: Any) -> Any:
+    """The product of flax's dense layers without their bias (as `flax_dense_delta`)."""
+    return project(x, w, axes(getattr(module, "axis", -1)), precision=module.precision)
+
+
+def lookup_delta(module: Any, ids: Any, a: Any, b: Any, args: Any, kwargs: Any) -> Any:
+    """An embedding lookup's delta `A[ids] @ B`."""
+    return embed_delta(ids, a, b)
+
+
+def einsum_equation(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """flax's Einsum's equation: the call's `einsum_str` (keyword or second argument), else the
+    module's (None in neither)."""
+    given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+    return given if given is not None else module.einsum_str
 
 
 def einsum_layout(equation: str) -> Layout:

@@ -30,7 +30,6 @@ import lora_jax.linen.rules  # noqa: F401  (registers the rules for flax's and o
 from lora_jax.core.config import AdapterConfig
 from lora_jax.core.factors import Layout
 from lora_jax.core.forward import (
-    MATERIALISE_WARNING,
     STRATEGIES,
     TIED_HEAD_WARNING,
     Call,
@@ -38,8 +37,8 @@ from lora_jax.core.forward import (
     check_ids,
     check_reading,
     forward,
+    materialised,
 )
-from lora_jax.core.merge import fold
 from lora_jax.core.partition import combine, split
 from lora_jax.core.record import (
     Adapted,
@@ -49,7 +48,7 @@ from lora_jax.core.record import (
     target_path,
     without_adapters,
 )
-from lora_jax.core.rules import NotAdaptable, Rule, rule_for
+from lora_jax.core.rules import read_layout, rule_for
 from lora_jax.core.saved import is_original, original_name
 from lora_jax.core.targets import iter_modules, join_path, unbox, with_leaves
 from lora_jax.core.tied import contracted
@@ -90,23 +89,11 @@ class _Trace:
     attended: set[str] = dataclasses.field(default_factory=set)
 
 
-def _call_layout(rule: Rule, module: nn.Module, args: tuple[Any, ...],
-                 kwargs: Mapping[str, Any]) -> tuple[str, Any, Layout]:
-    """(weight name, weight as the module sees it, layout for this call) of a ruled module."""
-    name = rule.weight_name(module)
-    weight = unbox(module.get_variable("params", name))
-    try:
-        layout = rule.layout(module, weight, args, dict(kwargs))
-    except NotAdaptable as e:
-        return name, weight, Layout("dense", rule=rule.name, weight=name, error=str(e))
-    return name, weight, dataclasses.replace(layout, rule=rule.name, weight=name)
-
-
 def _check_no_orphans(module: nn.Module, path: str) -> None:
     """A module without a rule must not hold factors that expect one (they would be ignored)."""
     for name in ("lora", "lora_embedding"):
-        if module.has_variable("params", name) and \
-                not module.get_variable("params", name).materialised:
+        record: Any = module.get_variable("params", name)
+        if record is not None and not record.materialised:
             raise ValueError(
                 f"{path!r} is a {type(module).__name__}, which has no layer rule, but holds LoRA "
                 "factors: register a Rule for its class (lora_jax.register_rule), or target its "
@@ -177,23 +164,22 @@ def _interceptor(ids: jax.Array | None, strategy: Strategy, trace: _Trace) -> Ca
         if rule is None:
             _check_no_orphans(module, path)
             return out
-        name = record_name(rule.weight_name(module))
-        if not module.has_variable("params", name):
+        weight_name = rule.weight_name(module)
+        record = module.get_variable("params", record_name(weight_name))
+        if record is None:
             return out
         if context.method_name == "attend":
-            trace.applied.add((path, rule.weight_name(module)))  # not a bypass: warned
+            trace.applied.add((path, weight_name))  # not a bypass: warned
             trace.attended.add(path)
             warnings.warn(TIED_HEAD_WARNING.format(path=path, how="Embed.attend"),
                           stacklevel=2)
             return out
-        record = module.get_variable("params", name)
         if record.materialised:
             return out
-        weight = unbox(module.get_variable("params", rule.weight_name(module)))
-        bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") \
-            else None
+        weight = unbox(module.get_variable("params", weight_name))
+        bias = unbox(module.get_variable("params", "bias"))  # None without one
         rng = lambda: module.make_rng("dropout") if module.has_rng("dropout") else None
-        call = Call(rule, module, args, kwargs, out, weight, unbox(bias), record, rng,
+        call = Call(rule, module, args, kwargs, out, weight, bias, record, rng,
                     f"{path!r} ({type(module).__name__})", ids, strategy)
         check_reading(call, "lora_jax.layouts")
         trace.applied.add((path, record.weight))
@@ -233,12 +219,9 @@ def materialise(params: Mapping[str, Any], adapted: list[Adapted]) -> dict[str, 
     for item in adapted:
         if not item.record.materialised:
             continue
-        weight = unbox(item.weight)
-        warnings.warn(MATERIALISE_WARNING.format(path=f"{item.path}.{item.record.weight}",
-                                                  shape=tuple(weight.shape),
-                                                  size=weight.size), stacklevel=3)
-        value = fold(item.record, weight, *item.record.read(item.module.__getitem__))
-        updates.setdefault(item.path, {})[item.record.weight] = value
+        updates.setdefault(item.path, {})[item.record.weight] = materialised(
+            f"{item.path}.{item.record.weight}", item.record, unbox(item.weight),
+            *item.record.read(item.module.__getitem__), stacklevel=3)
     return with_leaves(params, updates) if updates else dict(params)
 
 
@@ -331,8 +314,10 @@ def layouts(module: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
         rule = rule_for(layer)
         if context.method_name == "__call__" and rule is not None and layer.scope is not None \
                 and layer.has_variable("params", rule.weight_name(layer)):
-            name, weight, layout = _call_layout(rule, layer, call_args, call_kwargs)
-            seen[(join_path(layer.path), name)] = (layout, weight.ndim)
+            name = rule.weight_name(layer)
+            weight = unbox(layer.get_variable("params", name))
+            seen[(join_path(layer.path), name)] = (
+                read_layout(rule, layer, name, weight, call_args, call_kwargs), weight.ndim)
         return out
 
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}

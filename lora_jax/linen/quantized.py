@@ -22,11 +22,6 @@ from lora_jax.core.targets import unbox
 from lora_jax.quant.quantize import is_quantized, quantized_product
 
 
-def _param(module: Any, name: str) -> Any:
-    return unbox(module.get_variable("params", name)) if module.has_variable("params", name) \
-        else None
-
-
 def _field(module: Any, name: str, default: Any = None) -> Any:
     """A module's attribute, `default` if it has none, without running its class's
     `__getattr__` (found in the instance or its class, the lookup never reaches it)."""
@@ -44,7 +39,7 @@ def quantized_calls(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     if rule is None or rule.base is None:
         return next_fun(*args, **kwargs)
     base = rule.base
-    weight = _param(module, rule.weight_name(module))
+    weight = unbox(module.get_variable("params", rule.weight_name(module)))
     # A layer with its own dot_general (e.g. AQT / fp8 injection) keeps its own product. Read
     # without `getattr`: a module's own `__getattr__` (Gemma's) is a module method, which would
     # call this interceptor again.
@@ -52,7 +47,8 @@ def quantized_calls(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
             None, jax.lax.dot_general) or _field(module, "dot_general_cls") is not None:
         return next_fun(*args, **kwargs)
     x = rule.inputs(args, kwargs)
-    bias = _param(module, "bias") if _field(module, "use_bias", True) else None
+    use_bias = _field(module, "use_bias", True)
+    bias = unbox(module.get_variable("params", "bias")) if use_bias else None
     dtype = _field(module, "dtype") or jnp.result_type(
         *(v.dtype for v in (x, weight, bias) if v is not None))
 

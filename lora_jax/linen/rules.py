@@ -11,22 +11,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lora_jax.core.factors import (
-    Layout,
-    dense_delta,
-    einsum_delta,
-    embed_delta,
-    project,
-)
-from lora_jax.core.rules import (
-    NotAdaptable,
-    Rule,
-    axes,
-    conv_layout,
-    einsum_layout,
-    qualname,
-    register_rule,
-)
+from lora_jax.core import rules
+from lora_jax.core.factors import Layout, dense_delta, einsum_delta, project
+from lora_jax.core.rules import NotAdaptable, Rule, axes, qualname, register_rule
 
 # --- flax's own layers ----------------------------------------------------------------------------
 
@@ -37,51 +24,43 @@ def _dense_general_layout(module: nn.DenseGeneral, weight: Any, args: Any, kwarg
     return Layout("dense", n_in=weight.ndim - len(axes(module.features)))
 
 
+def _conv(module: nn.Conv, x: Any, kernel: Any) -> Any:
+    """The module's own convolution with another kernel (same window, strides, padding and
+    dilations), no bias."""
+    conv = module.clone(parent=None, name=None, features=kernel.shape[-1], use_bias=False,
+                        dtype=x.dtype)
+    return conv.bind({"params": {"kernel": kernel}})(x)
+
+
 def _conv_delta(module: nn.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any) -> Any:
     # A is a conv with the base's window, strides, padding and dilations; B is a 1x1 conv.
-    conv_a = module.clone(parent=None, name=None, features=a.shape[-1], use_bias=False,
-                          dtype=x.dtype)
-    low = conv_a.bind({"params": {"kernel": a}})(x)
-    return jnp.tensordot(low, b, axes=1, precision=module.precision)
+    return jnp.tensordot(_conv(module, x, a), b, axes=1, precision=module.precision)
 
 
 def _flax_einsum_str(module: nn.Einsum, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    equation = given if given is not None else module.einsum_str
+    equation = rules.einsum_equation(module, args, kwargs)
     if equation is None:
         raise ValueError("nn.Einsum needs an einsum_str, on the module or in the call")
     return equation
 
 
-def _conv_base(module: nn.Conv, x: Any, weight: Any, args: Any, kwargs: Any) -> Any:
-    conv = module.clone(parent=None, name=None, use_bias=False, dtype=x.dtype)
-    return conv.bind({"params": {"kernel": weight}})(x)
-
-
 register_rule(Rule(
     names=(qualname(nn.Dense),),
     layout=lambda module, weight, args, kwargs: Layout("dense"),
-    delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b,
-                                                            precision=module.precision),
-    base=lambda module, x, w, args, kwargs: project(x, w, precision=module.precision),
-    matmul=True))
+    delta=rules.flax_dense_delta, base=rules.flax_dense_base, matmul=True))
 register_rule(Rule(
-    names=(qualname(nn.DenseGeneral),),
-    layout=_dense_general_layout,
-    delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, axes(module.axis), precision=module.precision),
-    base=lambda module, x, w, args, kwargs: project(x, w, axes(module.axis),
-                                                    precision=module.precision),
+    names=(qualname(nn.DenseGeneral),), layout=_dense_general_layout,
+    delta=rules.flax_dense_delta, base=rules.flax_dense_base,
     matmul=lambda module: axes(module.axis) in ((-1,),) and not module.batch_dims))
-register_rule(Rule(names=(qualname(nn.Conv),), layout=conv_layout, delta=_conv_delta,
-                   base=_conv_base))
+register_rule(Rule(
+    names=(qualname(nn.Conv),), layout=rules.conv_layout, delta=_conv_delta,
+    base=lambda module, x, w, args, kwargs: _conv(module, x, w)))
 register_rule(Rule(
     names=(qualname(nn.Embed),), weight="embedding", dropout=False,
-    layout=lambda module, weight, args, kwargs: Layout("embed"),
-    delta=lambda module, ids, a, b, args, kwargs: embed_delta(ids, a, b)))
+    layout=lambda module, weight, args, kwargs: Layout("embed"), delta=rules.lookup_delta))
 register_rule(Rule(
     names=(qualname(nn.Einsum),),
-    layout=lambda module, weight, args, kwargs: einsum_layout(
+    layout=lambda module, weight, args, kwargs: rules.einsum_layout(
         _flax_einsum_str(module, args, kwargs)),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         _flax_einsum_str(module, args, kwargs), x, a, b, precision=module.precision)))
@@ -112,7 +91,7 @@ register_rule(Rule(
     names=("gemma.gm.nn._layers.Einsum", "gemma.layers.Einsum"),
     weight=lambda module: getattr(module, "weight_name", "w"),
     inputs=lambda args, kwargs: kwargs["x"] if "x" in kwargs else args[1],
-    layout=lambda module, weight, args, kwargs: einsum_layout(_gemma_equation(args, kwargs)),
+    layout=lambda module, weight, args, kwargs: rules.einsum_layout(_gemma_equation(args, kwargs)),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         _gemma_equation(args, kwargs), x, a, b)))
 

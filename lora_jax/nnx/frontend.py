@@ -1,29 +1,20 @@
-"""Flax NNX frontend: the same LoRA on `nnx.Module` models.
+"""Flax NNX frontend: the same LoRA on `nnx.Module` models (guide: docs/guides/nnx.md).
 
-`inject(model, config, rngs)` reads the model's parameters as a plain dict (the nnx state's
-`to_pure_dict()`), lets the framework-free core (`lora_jax.inject`) choose the targets and
-initialise the factors exactly as for linen, and puts the result back on the modules:
-
-- the factors become `nnx.LoRAParam` variables of the adapted module, beside its weight
-  (`q.kernel`, `q.lora_A`, `q.lora_B`), so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`,
-  `nnx.DiffState(0, nnx.LoRAParam)` and `nnx.split(model, nnx.LoRAParam, ...)` see them;
-- the `LoraRecord` becomes a `LoraRecordVar` variable (`q.lora`; no arrays), so the module's
-  state as a pure dict is exactly the tree the core reads: `lora_jax.split`, `combine`,
-  `merge`, `count_parameters`, `save_peft` work on `nnx.to_pure_dict(nnx.state(model))`;
-- the module's class is swapped for a subclass whose `__call__` runs the layer's own call and
-  adds `scale * (dropout(x) @ A) @ B` (the layer's `lora_jax.Rule`, `lora_jax.nnx.rules`), so
-  `W + A B` is never formed. `nnx.jit`, `nnx.grad`, `nnx.vmap` / `nnx.scan` stacks (the factors
-  get the stack's leading axis and are sliced with the weights) and `nnx.remat` see a plain
-  module.
-
-LoRA dropout uses an rng stream forked from `rngs` onto each adapted module (as `nnx.Dropout`
-does) and follows `model.train()` / `model.eval()` (the module's `deterministic` attribute).
+`inject` runs the core (`lora_jax.inject`) on the model's parameters as a pure dict and puts the
+result back on the modules: the factors as `nnx.LoRAParam` variables beside the weight, the
+`LoraRecord` as a `LoraRecordVar` (`q.lora`; no arrays), so `nnx.to_pure_dict(nnx.state(model))`
+is exactly the tree the core reads. Each adapted module's class becomes a subclass whose call adds
+`scale * (dropout(x) @ A) @ B` after the layer's own (its `lora_jax.Rule`, `lora_jax.nnx.rules`).
+LoRA dropout draws from a stream forked from `rngs` onto each adapted module (as `nnx.Dropout`
+does) and follows `model.train()` / `model.eval()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import functools
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -38,61 +29,36 @@ from lora_jax import variants
 from lora_jax.core import counting
 from lora_jax.core.config import AdapterConfig, LoraConfig
 from lora_jax.core.factors import Layout
-from lora_jax.core.forward import (
-    MATERIALISE_WARNING,
-    TIED_HEAD_WARNING,
-    Call,
-    check_reading,
-    forward,
-)
+from lora_jax.core.forward import TIED_HEAD_WARNING, Call, check_reading, forward, materialised
 from lora_jax.core.inject import find_targets
 from lora_jax.core.inject import inject as core_inject
-from lora_jax.core.merge import fold
 from lora_jax.core.merge import merge as core_merge
 from lora_jax.core.partition import trainable_mask
-from lora_jax.core.record import (
-    LoraRecord,
-    check_config,
-    iter_records,
-    record_name,
-    target_path,
-)
-from lora_jax.core.rules import NotAdaptable, Rule, rule_for
+from lora_jax.core.record import LoraRecord, check_config, iter_records, record_name, target_path
+from lora_jax.core.rules import Rule, read_layout, rule_for
 from lora_jax.core.saved import originals
 from lora_jax.core.sharding import lora_specs
 from lora_jax.core.targets import iter_modules
-from lora_jax.nnx.rules import NnxRule
 from lora_jax.peft import files as peft_io
 
-__all__ = [
-    "LoraRecordVar",
-    "adapt",
-    "count_parameters",
-    "functional",
-    "inject",
-    "layouts",
-    "load_peft",
-    "merge",
-    "params",
-    "print_trainable_parameters",
-    "save_peft",
-    "trainable",
-    "update",
-]
+__all__ = ["LoraRecordVar", "adapt", "count_parameters", "functional", "inject", "layouts",
+           "load_peft", "merge", "params", "print_trainable_parameters", "save_peft", "trainable",
+           "update"]
 
 _RNGS = "lora_rngs"  # the attribute holding an adapted module's LoRA dropout stream
+# Where `layouts`' probe classes record the calls they see ({path: (rule, weight, ndim, args,
+# kwargs)}); a context variable, so a nested `layouts` call gets its own.
+_PROBE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("lora_probe",
+                                                                                default=None)
+
 
 class LoraRecordVar(nnx.Variable):
     """An adapted weight's `LoraRecord` as an NNX variable: no arrays (free under jit), but part
     of the module's state, so the functional side reads it from `to_pure_dict()`."""
 
 
-def _path(keys: tuple[Any, ...]) -> str:
-    return ".".join(str(k) for k in keys)
-
-
 def _set(module: nnx.Module, **attributes: Any) -> None:
-    """Give a model's module the frontend's own attributes (through nnx's `__setattr__`)."""
+    """Give a model's module the frontend's own attributes (which mypy does not know of)."""
     for name, value in attributes.items():
         setattr(module, name, value)
 
@@ -100,7 +66,7 @@ def _set(module: nnx.Module, **attributes: Any) -> None:
 def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
     """{dotted path: module} of every module in the graph (a shared module under its first
     path)."""
-    return {_path(tuple(p)): node for p, node in nnx.iter_graph(model)
+    return {".".join(str(k) for k in p): node for p, node in nnx.iter_graph(model)
             if isinstance(node, nnx.Module)}
 
 
@@ -132,8 +98,7 @@ def params(model: Any) -> dict[str, Any]:
 # --- how each module reads its weight ----------------------------------------------------------
 
 def _read(rule: Rule, module: nnx.Module, name: str, shape: tuple[int, ...], dtype: Any,
-          inner_ndim: int | None, args: tuple[Any, ...] = (),
-          kwargs: Mapping[str, Any] | None = None) -> Layout:
+          inner_ndim: int | None, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Layout:
     """The layout of `module`'s weight `name` (stored `shape`) as its rule reads it."""
     if inner_ndim is None:
         inner_ndim = len(shape)
@@ -142,12 +107,10 @@ def _read(rule: Rule, module: nnx.Module, name: str, shape: tuple[int, ...], dty
         return Layout("dense", rule=rule.name, weight=name, error=(
             f"its weight {name!r} has shape {shape}, fewer axes than the module's "
             f"{inner_ndim}"))
-    try:
-        layout = rule.layout(module, jax.ShapeDtypeStruct(shape[stacked:], dtype), args,
-                             dict(kwargs or {}))
-    except NotAdaptable as e:
-        return Layout("dense", stacked=stacked, rule=rule.name, weight=name, error=str(e))
-    layout = dataclasses.replace(layout, stacked=stacked, rule=rule.name, weight=name)
+    layout = read_layout(rule, module, name, jax.ShapeDtypeStruct(shape[stacked:], dtype), args,
+                         kwargs, stacked=stacked)
+    if layout.error:
+        return layout
     try:
         layout.roles(len(shape))
     except ValueError as e:
@@ -158,23 +121,34 @@ def _read(rule: Rule, module: nnx.Module, name: str, shape: tuple[int, ...], dty
     return layout
 
 
-def _static_layouts(model: nnx.Module, tree: Mapping[str, Any]) -> dict[str, Layout]:
-    """{target path: Layout} of the modules with a rule, read from their attributes alone."""
+def _layouts(modules: Mapping[str, nnx.Module], tree: Mapping[str, Any],
+             calls: Mapping[str, tuple[Any, ...]]) -> dict[str, Layout]:
+    """{target path: Layout} of the weights in `tree` for `calls` ({module path: (rule, weight
+    name, the module's own weight ndim or None, args, kwargs)})."""
     nodes = dict(iter_modules(tree, leaves=None))
     out = {}
-    for path, module in _modules(model).items():
-        rule = rule_for(module)
-        if rule is None:
-            continue
-        name = rule.weight_name(module)
+    for path, (rule, name, inner, args, kwargs) in calls.items():
         node = nodes.get(path)
         if node is None or name not in node or not hasattr(node[name], "shape"):
             continue
-        inner = rule.weight_ndim(module) if isinstance(rule, NnxRule) and rule.weight_ndim \
-            else None
-        out[target_path(path, name, node)] = _read(rule, module, name, tuple(node[name].shape),
-                                                   node[name].dtype, inner)
+        out[target_path(path, name, node)] = _read(rule, modules[path], name,
+                                                   tuple(node[name].shape), node[name].dtype,
+                                                   inner, args, kwargs)
     return out
+
+
+def _static_layouts(model: nnx.Module, tree: Mapping[str, Any],
+                    given: Mapping[str, Layout] | None) -> dict[str, Layout]:
+    """{target path: Layout} of the modules with a rule, read from their attributes alone,
+    updated with the `given` layouts (`lora_jax.nnx.layouts`)."""
+    modules = _modules(model)
+    calls: dict[str, tuple[Any, ...]] = {}
+    for path, module in modules.items():
+        rule = rule_for(module)
+        if rule is not None:
+            ndim = getattr(rule, "weight_ndim", None)  # an NnxRule's
+            calls[path] = (rule, rule.weight_name(module), ndim(module) if ndim else None, (), {})
+    return {**_layouts(modules, tree, calls), **dict(given or {})}
 
 
 def layouts(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
@@ -185,9 +159,7 @@ def layouts(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
     own layers need no example: `inject` reads them from their attributes.
     """
     graphdef, state = nnx.split(model)
-    seen: dict[str, tuple[Rule, str, tuple[int, ...], tuple[Any, ...], dict[str, Any]]] = {}
-    stored = params(state)
-    nodes = dict(iter_modules(stored, leaves=None))
+    seen: dict[str, tuple[Any, ...]] = {}
 
     def run(state: nnx.State) -> Any:
         copy = nnx.merge(graphdef, state)
@@ -204,63 +176,26 @@ def layouts(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, Layout]:
         jax.eval_shape(run, state)
     finally:
         _PROBE.reset(token)
-    out = {}
-    modules = _modules(model)
-    for path, (rule, name, inner, call_args, call_kwargs) in seen.items():
-        node = nodes.get(path)
-        if node is None or name not in node:
-            continue
-        shape = tuple(node[name].shape)
-        out[target_path(path, name, node)] = _read(rule, modules[path], name, shape,
-                                                   node[name].dtype, len(inner), call_args,
-                                                   call_kwargs)
-    return out
-
-
-class _ProbeContext:
-    """Where `layouts`' probe classes record the calls they see (a stack for nesting)."""
-
-    def __init__(self) -> None:
-        self.stack: list[dict[str, Any]] = []
-
-    def set(self, seen: dict[str, Any]) -> int:
-        self.stack.append(seen)
-        return len(self.stack)
-
-    def reset(self, token: int) -> None:
-        del self.stack[token - 1:]
-
-    @property
-    def current(self) -> dict[str, Any] | None:
-        return self.stack[-1] if self.stack else None
-
-
-_PROBE = _ProbeContext()
-_PROBE_CLASSES: dict[type, type] = {}
+    return _layouts(_modules(model), params(state), seen)
 
 
 def _probe_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-    base = type(self)._lora_probed
-    seen = _PROBE.current
+    seen = _PROBE.get()
     path = getattr(self, "_lora_probe", None)
     rule = rule_for(self)
     if seen is not None and path is not None and path not in seen and rule is not None:
         name = rule.weight_name(self)
-        seen[path] = (rule, name, tuple(getattr(self, name)[...].shape), args, dict(kwargs))
-    return base.__call__(self, *args, **kwargs)
+        seen[path] = (rule, name, getattr(self, name)[...].ndim, args, dict(kwargs))
+    return type(self)._lora_probed.__call__(self, *args, **kwargs)
 
 
+@functools.cache
 def _probe_class(base: type) -> type:
-    if base not in _PROBE_CLASSES:
-        _PROBE_CLASSES[base] = type(base.__name__, (base,), {
-            "__call__": _probe_call, "__module__": __name__, "_lora_probed": base})
-    return _PROBE_CLASSES[base]
+    return type(base.__name__, (base,), {"__call__": _probe_call, "__module__": __name__,
+                                         "_lora_probed": base})
 
 
 # --- the adapted forward ------------------------------------------------------------------------
-
-_ADAPTED_CLASSES: dict[type, type] = {}
-
 
 def _records(module: nnx.Module) -> list[LoraRecord]:
     return [v.get_value() for v in vars(module).values() if isinstance(v, LoraRecordVar)]
@@ -286,10 +221,8 @@ def _materialised(module: nnx.Module, records: list[LoraRecord]) -> Iterator[Non
             own = (layout.order or "").count("b") + sum(layout.n_in if c == "i" else 1
                                                         for c in leaf.axes)
             layout = dataclasses.replace(layout, stacked=leaves[leaf.name].ndim - own)
-            warnings.warn(MATERIALISE_WARNING.format(
-                path=f"{getattr(module, '_lora_path', '?')}.{record.weight}",
-                shape=tuple(weight.shape), size=weight.size), stacklevel=4)
-            var.set_value(fold(record, weight, leaves, scale, layout))
+            var.set_value(materialised(f"{getattr(module, '_lora_path', '?')}.{record.weight}",
+                                       record, weight, leaves, scale, layout, stacklevel=4))
             saved.append((var, weight))
         yield
     finally:
@@ -298,14 +231,9 @@ def _materialised(module: nnx.Module, records: list[LoraRecord]) -> Iterator[Non
 
 
 def _adapted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-    base = type(self)._lora_base
     records = _records(self)
-    whole = [r for r in records if r.materialised]
-    if whole:
-        with _materialised(self, whole):
-            out = base.__call__(self, *args, **kwargs)
-    else:
-        out = base.__call__(self, *args, **kwargs)
+    with _materialised(self, [r for r in records if r.materialised]):
+        out = type(self)._lora_base.__call__(self, *args, **kwargs)
     rule = rule_for(self)
     for record in records:
         if not record.materialised:
@@ -331,37 +259,28 @@ def _adapted_attend(self: Any, *args: Any, **kwargs: Any) -> Any:
     return type(self)._lora_base.attend(self, *args, **kwargs)
 
 
+@functools.cache
 def _adapted_class(base: type) -> type:
     """The subclass of `base` whose call adds the LoRA deltas (one per base class)."""
     if "_lora_base" in vars(base):
         return base
-    if base not in _ADAPTED_CLASSES:
-        namespace = {"__call__": _adapted_call, "__module__": __name__, "_lora_base": base,
-                     "__doc__": f"{base.__qualname__} with LoRA deltas added to its output."}
-        if hasattr(base, "attend"):
-            namespace["attend"] = _adapted_attend
-        _ADAPTED_CLASSES[base] = type(f"{base.__name__}WithLoRA", (base,), namespace)
-    return _ADAPTED_CLASSES[base]
+    namespace = {"__call__": _adapted_call, "__module__": __name__, "_lora_base": base,
+                 "__doc__": f"{base.__qualname__} with LoRA deltas added to its output."}
+    if hasattr(base, "attend"):
+        namespace["attend"] = _adapted_attend
+    return type(f"{base.__name__}WithLoRA", (base,), namespace)
 
 
 # --- inject / adapt / merge ---------------------------------------------------------------------
 
 def _keys(rngs: nnx.Rngs | jax.Array | int, config: LoraConfig) -> tuple[jax.Array, Any]:
-    """(init key, dropout stream or None)."""
+    """(init key, dropout stream, or None when the adapter draws no dropout keys: neither
+    lora_dropout nor its variant's own options, e.g. LoKr's rank dropout)."""
+    draws = config.dropout or variants.for_config(config).options(config)
     if isinstance(rngs, nnx.Rngs):
-        key = rngs.params()
-        stream = rngs.dropout if _draws(config) else None  # else the default stream
-        return key, stream
+        return rngs.params(), rngs.dropout if draws else None  # (`dropout`, else `default`)
     key = jax.random.key(rngs) if isinstance(rngs, int) else rngs
-    stream = nnx.RngStream(jax.random.fold_in(key, 1 << 30), tag="dropout") \
-        if _draws(config) else None
-    return key, stream
-
-
-def _draws(config: LoraConfig) -> bool:
-    """Whether `config`'s adapter draws dropout keys while training (lora_dropout, or its
-    variant's own options, e.g. LoKr's rank dropout)."""
-    return bool(config.dropout or variants.for_config(config).options(config))
+    return key, nnx.RngStream(jax.random.fold_in(key, 1 << 30), tag="dropout") if draws else None
 
 
 def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array | int, *,
@@ -389,7 +308,7 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array | i
     (1, 4)
     """
     tree = params(model)
-    found = {**_static_layouts(model, tree), **dict(layouts or {})}
+    found = _static_layouts(model, tree, layouts)
     key, stream = _keys(rngs, config)
     _check_rules(model, config, tree, found)
     adapted = core_inject(tree, config, key, layouts=found, dtype=dtype)
@@ -431,7 +350,7 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
     modules = _modules(model)
     stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
     records = list(iter_records(tree))
-    owners = {}
+    owners = []
     for item in records:  # check everything before changing anything
         record = item.record
         module = modules.get(rename.get(item.path, item.path))
@@ -455,7 +374,7 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
             if name in vars(module):
                 raise ValueError(f"{item.target!r} already has an attribute {name!r}; inject "
                                  "once per module (merge first, or exclude it)")
-        owners[id(item)] = module
+        owners.append((item, module))
     _replace_changed(modules, tree, rename)
     if originals(tree):
         warnings.warn(
@@ -463,17 +382,13 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
             "frontend trains each table in place, so a tied head (Embed.attend) follows it; "
             "peft and lora_jax's linen frontend keep a tied head on the original table",
             stacklevel=3)
-    for item in records:
-        record, module = item.record, owners[id(item)]
+    for item, module in owners:
+        record = item.record
         weight = getattr(module, record.weight)
-        added = list(getattr(module, "_lora_added", ()))
-        specs = _factor_specs(item, weight)
-        for name in record.arrays:
-            kind = nnx.LoRAParam if name in record.trained else nnx.Param
-            setattr(module, name, _factor(kind, item.module[name], weight, specs.get(name)))
-            added.append(name)
+        for name, var in _factors(item, weight).items():
+            setattr(module, name, var)
         setattr(module, record_name(record.weight), LoraRecordVar(record))
-        added.append(record_name(record.weight))
+        added = [*getattr(module, "_lora_added", ()), *record.arrays, record_name(record.weight)]
         if record.draws and stream is not None and _RNGS not in vars(module):
             fork = stream.fork()
             shape = item.weight.shape[:record.layout.stacked]
@@ -518,40 +433,32 @@ def update(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
     return model
 
 
-def _factor_specs(item: Any, weight: nnx.Variable) -> dict[str, Any]:
-    """{factor name: PartitionSpec} from the weight's sharding metadata (the core's
-    `lora_specs`: A keeps the weight's input and stacked axes' mesh axes, B its output axes);
-    {} when the weight has none."""
+def _factors(item: Any, weight: nnx.Variable) -> dict[str, nnx.Variable]:
+    """The record's arrays as `nnx.LoRAParam` variables if they train, else frozen `nnx.Param`s.
+    When the weight has sharding metadata, each carries its spec from the core's `lora_specs`
+    (A keeps the weight's input and stacked axes' mesh axes, B its output axes), and is placed
+    on the weight's mesh when the weight's value is."""
+    record = item.record
+    values = {name: item.module[name] for name in record.arrays}
+    kinds = {name: nnx.LoRAParam if name in record.trained else nnx.Param for name in values}
     metadata = weight.get_metadata()
     names = next((metadata[k] for k in _SHARDING_KEYS if metadata.get(k) is not None), None)
     if names is None:
-        return {}
-    record = item.record
-    arrays = record.arrays
-    node = {record.weight: item.weight, record_name(record.weight): record,
-            **{name: item.module[name] for name in arrays}}
+        return {name: kinds[name](value) for name, value in values.items()}
+    node = {record.weight: item.weight, record_name(record.weight): record, **values}
     specs = lora_specs(node, {record.weight: jax.sharding.PartitionSpec(*names)})
-    return {name: specs[name] for name in arrays}
-
-
-def _factor(kind: type, value: Any, weight: nnx.Variable, spec: Any) -> nnx.Variable:
-    """An adapter's array as a `kind` variable (`nnx.LoRAParam` if it trains, else a frozen
-    `nnx.Param`); with a spec, carrying it as its sharding metadata and placed on the weight's
-    mesh when the weight's value is."""
-    if spec is None:
-        return kind(value)
     sharding = getattr(weight.get_value(), "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
-    return kind(value, out_sharding=tuple(spec), eager_sharding=False)
+    out: dict[str, nnx.Variable] = {}
+    for name, value in values.items():
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, specs[name]))
+        out[name] = kinds[name](value, out_sharding=tuple(specs[name]), eager_sharding=False)
+    return out
 
 
 def _detach(module: nnx.Module) -> None:
     """Remove what `adapt` added to `module` and restore its class."""
-    for name in getattr(module, "_lora_added", ()):
-        if name in vars(module):
-            delattr(module, name)
-    for name in ("_lora_added", "_lora_path"):
+    for name in (*getattr(module, "_lora_added", ()), "_lora_added", "_lora_path"):
         if name in vars(module):
             delattr(module, name)
     base = vars(type(module)).get("_lora_base")
@@ -602,16 +509,8 @@ def trainable(model: nnx.Module, config: LoraConfig) -> Callable[[tuple[Any, ...
     tree = params(model)
     for item in iter_records(tree):
         check_config(item, config)
-    chosen: set[tuple[Any, ...]] = set()
-
-    def visit(mask: Mapping[Any, Any], keys: tuple[Any, ...]) -> None:
-        for key, value in mask.items():
-            if isinstance(value, Mapping):
-                visit(value, (*keys, key))
-            elif value:
-                chosen.add((*keys, key))
-
-    visit(trainable_mask(tree, config), ())
+    leaves = jax.tree_util.tree_leaves_with_path(trainable_mask(tree, config))
+    chosen = {tuple(k.key for k in path) for path, on in leaves if on}
     return lambda path, value: tuple(str(k) for k in path) in chosen
 
 
@@ -726,7 +625,7 @@ def load_peft(path: Any, model: nnx.Module, rngs: nnx.Rngs | Any = None, *,
     B [r, N, H]). `layouts` (`lora_jax.nnx.layouts(model, x)`) for rules that must see a call;
     other keyword arguments go to `lora_jax.load_peft` (`model_type`, `stacks`, `path_map`)."""
     tree = params(model)
-    found = {**_static_layouts(model, tree), **dict(layouts or {})}
+    found = _static_layouts(model, tree, layouts)
     linen, rename = _linen_form(tree)
     to_linen = {v: k for k, v in rename.items()}
 

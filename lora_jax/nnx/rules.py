@@ -18,16 +18,9 @@ from typing import Any, cast
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.core.factors import Layout, dense_delta, einsum_delta, embed_delta, project
-from lora_jax.core.rules import (
-    NotAdaptable,
-    Rule,
-    axes,
-    conv_layout,
-    einsum_layout,
-    qualname,
-    register_rule,
-)
+from lora_jax.core import rules
+from lora_jax.core.factors import Layout, einsum_delta
+from lora_jax.core.rules import NotAdaptable, Rule, qualname, register_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +38,7 @@ register_rule(NnxRule(
     names=(qualname(nnx.Linear),),
     weight_ndim=lambda module: 2,
     layout=lambda module, weight, args, kwargs: Layout("dense"),
-    delta=lambda module, x, a, b, args, kwargs: dense_delta(x, a, b,
-                                                            precision=module.precision),
-    base=lambda module, x, w, args, kwargs: project(x, w, precision=module.precision)))
+    delta=rules.flax_dense_delta, base=rules.flax_dense_base))
 
 
 # --- nnx.LinearGeneral: kernel [*batch, *in_features, *out_features]; like linen's DenseGeneral it
@@ -65,11 +56,7 @@ register_rule(NnxRule(
     names=(qualname(nnx.LinearGeneral),),
     weight_ndim=lambda module: len(module.batch_axis) + len(module.in_features)
     + len(module.out_features),
-    layout=_linear_general_layout,
-    delta=lambda module, x, a, b, args, kwargs: dense_delta(
-        x, a, b, axes(module.axis), precision=module.precision),
-    base=lambda module, x, w, args, kwargs: project(x, w, axes(module.axis),
-                                                    precision=module.precision)))
+    layout=_linear_general_layout, delta=rules.flax_dense_delta, base=rules.flax_dense_base))
 
 
 # --- nnx.Conv ------------------------------------------------------------------------------------
@@ -97,7 +84,7 @@ def _conv_delta(module: nnx.Conv, x: Any, a: Any, b: Any, args: Any, kwargs: Any
 register_rule(NnxRule(
     names=(qualname(nnx.Conv),),
     weight_ndim=lambda module: len(module.kernel_size) + 2,
-    layout=conv_layout,
+    layout=rules.conv_layout,
     delta=_conv_delta,
     base=lambda module, x, w, args, kwargs: _conv(module, x, w)))
 
@@ -107,15 +94,13 @@ register_rule(NnxRule(
 register_rule(NnxRule(
     names=(qualname(nnx.Embed),), weight="embedding", dropout=False,
     weight_ndim=lambda module: 2,
-    layout=lambda module, weight, args, kwargs: Layout("embed"),
-    delta=lambda module, ids, a, b, args, kwargs: embed_delta(ids, a, b)))
+    layout=lambda module, weight, args, kwargs: Layout("embed"), delta=rules.lookup_delta))
 
 
 # --- nnx.Einsum: the equation from the call (`einsum_str=`) or the module ------------------------
 
 def _einsum_str(module: nnx.Einsum, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    equation = given if given is not None else module.einsum_str
+    equation = rules.einsum_equation(module, args, kwargs)
     if equation is None:
         raise NotAdaptable(
             "its einsum_str is given only at call time; pass "
@@ -127,7 +112,8 @@ def _einsum_str(module: nnx.Einsum, args: tuple[Any, ...], kwargs: dict[str, Any
 register_rule(NnxRule(
     names=(qualname(nnx.Einsum),),
     weight_ndim=lambda module: len(module.kernel_shape),
-    layout=lambda module, weight, args, kwargs: einsum_layout(_einsum_str(module, args, kwargs)),
+    layout=lambda module, weight, args, kwargs: rules.einsum_layout(
+        _einsum_str(module, args, kwargs)),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         _einsum_str(module, args, kwargs).replace(" ", ""), x, a, b,
         precision=module.precision)))
@@ -147,6 +133,6 @@ register_rule(NnxRule(
                                                           "gemma3")),
     weight="w",
     weight_ndim=lambda module: len(_kernel_spec(module.einsum_str)),
-    layout=lambda module, weight, args, kwargs: einsum_layout(module.einsum_str),
+    layout=lambda module, weight, args, kwargs: rules.einsum_layout(module.einsum_str),
     delta=lambda module, x, a, b, args, kwargs: einsum_delta(
         module.einsum_str.replace(" ", ""), x, a, b)))
