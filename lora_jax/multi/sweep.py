@@ -46,12 +46,12 @@ from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.inject import inject
 from lora_jax.core.partition import combine, split
-from lora_jax.core.record import Adapted, LoraRecord, leading, record_name, records, scale_name
+from lora_jax.core.record import LoraRecord, leading, record_name, records, scale_name
 from lora_jax.core.targets import join_path, same_value, with_leaves, without_leaves
+from lora_jax.multi.adapters import Key, _by_weight, _full_scale, _own_leaves
 from lora_jax.train.loop import Forward, train_step
 
 Params = dict[str, Any]
-Key = tuple[str, str]  # (module path, weight name)
 
 # What a point may set: its key for `inject` (and dropout), its config's r and lora_alpha, and
 # the optimizer's hyperparameters (passed by name to the `tx` factory, as data).
@@ -91,13 +91,12 @@ class Sweep:
 def point_config(config: LoraConfig, point: Mapping[str, Any]) -> LoraConfig:
     """`config` with the point's `r` / `lora_alpha`; raises on an unknown or fixed key."""
     fields = {f.name for f in dataclasses.fields(config)}
-    for key in point:
-        if key in fields and key not in SWEEP_KEYS:  # e.g. target_modules, use_dora
+    for key in (k for k in point if k not in SWEEP_KEYS):
+        if key in fields:  # e.g. target_modules, use_dora
             raise ValueError(
                 f"a sweep point sets {key!r}: the K adapters of a sweep share one static "
                 f"structure, so only {list(SWEEP_KEYS)} may vary; run one sweep per {key}")
-        if key not in SWEEP_KEYS:
-            raise ValueError(f"unknown sweep key {key!r}: a point may set {list(SWEEP_KEYS)}")
+        raise ValueError(f"unknown sweep key {key!r}: a point may set {list(SWEEP_KEYS)}")
     return dataclasses.replace(config, **{k: point[k] for k in ("r", "lora_alpha")
                                           if k in point})
 
@@ -130,23 +129,17 @@ def _hyperparams(points: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
-def _key(item: Adapted) -> Key:
-    return item.path, item.record.weight
-
-
 def _padded(tree: Mapping[str, Any], ranks: Mapping[Key, int]) -> Params:
     """`tree` with every adapter's ranks padded to `ranks` and its scale an array leaf."""
     updates: dict[str, dict[str, Any]] = {}
-    for item in records(tree):
-        record, rank = item.record, ranks[_key(item)]
+    for key, item in _by_weight(tree).items():
+        record, rank = item.record, ranks[key]
         variant = variants.of(record)
         variant.check("sweeps", repr(item.target))
-        stacked = item.weight.shape[:record.layout.stacked]
         updates.setdefault(item.path, {}).update({
             **{record.keys[n]: v for n, v in variant.resize(
                 item.leaves, leading(record), rank).items()},
-            scale_name(record.weight): jnp.broadcast_to(
-                jnp.asarray(item.scale, jnp.float32), stacked),
+            scale_name(record.weight): _full_scale(item),
             record_name(record.weight): dataclasses.replace(record, rank=rank, scale=None),
         })
     return with_leaves(tree, updates)
@@ -184,7 +177,7 @@ def stack(adapters: Sequence[tuple[Mapping[str, Any], LoraConfig]], *,
     for the optimizer factory; `seeds`: the points' dropout seeds (default 0)."""
     if not adapters:
         raise ValueError("the sweep is empty: give at least one point")
-    found = [{_key(i): i for i in records(params)} for params, _ in adapters]
+    found = [_by_weight(params) for params, _ in adapters]
     for k, items in enumerate(found[1:], 1):
         if items.keys() != found[0].keys():
             diff = sorted(f"{p}.{w}" for p, w in items.keys() ^ found[0].keys())
@@ -264,13 +257,10 @@ def unstack(sw: Sweep, trainable: Params) -> list[tuple[Params, LoraConfig]]:
         params = combine(*jax.tree.map(lambda x, k=k: x[k], (trainable, sw.scales)), sw.frozen)
         updates: dict[str, dict[str, Any]] = {}
         drop: set[tuple[str, str]] = set()
-        for item in records(params):
-            own = sw.records[k][_key(item)]
-            leaves = {own.keys[n]: v for n, v in variants.of(own).resize(
-                item.leaves, leading(own), own.rank).items()}
-            leaves[record_name(own.weight)] = own
+        for key, item in _by_weight(params).items():
+            own = sw.records[k][key]
             if own.scale is not None:
                 drop.add((item.path, scale_name(own.weight)))
-            updates.setdefault(item.path, {}).update(leaves)
+            updates.setdefault(item.path, {}).update(_own_leaves(own, item.leaves))
         out.append((with_leaves(without_leaves(params, drop), updates), sw.configs[k]))
     return out
