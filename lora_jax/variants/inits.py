@@ -132,7 +132,6 @@ def init_factors(w: Any, layout: Layout, r: int, scale: Any, config: Any, key: j
     return a, b, None
 
 
-
 def _randomized_svd(w: jax.Array, r: int, niter: int, key: jax.Array
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rank-r SVD of `w [..., m, n]` by subspace iteration (Halko et al.; what torch's
@@ -207,7 +206,6 @@ def _factors_and_residual(w: jax.Array, wc: jax.Array, a: jax.Array, b: jax.Arra
     residual = layout.to_stored((wc - scale * product).reshape(*stack, *fan_in, *fan_out))
     return (a.reshape(*stack, *fan_in, a.shape[-1]), b.reshape(*stack, b.shape[-2], *fan_out),
             residual.astype(w.dtype))
-
 
 
 def pad_ranks(a: jax.Array, b: jax.Array, ranks: tuple[int, ...], layout: Layout,
