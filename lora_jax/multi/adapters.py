@@ -1,17 +1,14 @@
-"""Adapter sets: many LoRA adapters over one frozen base, as data.
+"""Adapter sets: many LoRA adapters over one frozen base, as data (docs/guides/many_adapters.md).
 
 An `AdapterSet` keeps the base once and K adapters beside each adapted weight: the factors gain
 an adapter axis right after the weight's stacked axes (so `nn.scan` slices them with their
-layer and never copies the base), padded with zeros to the set's largest rank (zero columns of
-A and rows of B add nothing), and the scale becomes an array `[*stacked, K]` (0 where an
-adapter does not adapt the weight). Selecting, disabling or swapping in another adapter of the
-same shapes changes array values only, so a jitted function never recompiles.
-
-Two ways to run a set through `lora_jax.wrap(model.apply, config)`:
-- `select(set.params, index)`: one adapter for the whole call (-1: the base alone, e.g. a DPO
-  reference), a pure function of traced values;
-- `apply(variables, x, adapter_ids=ids)`: a mixed batch, one adapter id per example (-1: none),
-  equal to running each example with its own adapter.
+layer), padded with zeros to the set's largest rank, and the scale becomes an array `[*stacked,
+K]` (0 where an adapter does not adapt the weight). Selecting, disabling or swapping in another
+adapter of the same shapes changes array values only, so a jitted function never recompiles.
+Through `lora_jax.wrap(model.apply, config)`, `select(set.params, index)` runs one adapter for
+the whole call (-1: the base alone, e.g. a DPO reference), and `apply(variables, x,
+adapter_ids=ids)` a mixed batch, one adapter id per example (-1: none), equal to running each
+example with its own adapter.
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
 >>> model, x = nn.Dense(4), jnp.ones((3, 5))
@@ -268,12 +265,10 @@ def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
     True
     """
     k = aset.index(name)
-    members = _members(aset)
-    members[name] = (params, config)
     new, current = _by_weight(params), _by_weight(aset.params)
     if not set(new) <= set(current) or any(new[key].record.rank > current[key].record.rank
                                            for key in new):
-        return adapter_set(members)
+        return adapter_set({**_members(aset), name: (params, config)})
     check_same_base(aset.params, params, f"adapter {name!r}")
     # One slot of the new adapter (scales as arrays), padded to the set's ranks below.
     rebuilt = _by_weight(adapter_set({name: (params, config)}).params)

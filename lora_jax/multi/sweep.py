@@ -1,15 +1,13 @@
 """Sweeps: K LoRA adapters (seeds, learning rates, alphas, ranks) trained at once on one frozen
-base, in one compiled step that `vmap`s over the adapter axis.
+base, in one compiled step that `vmap`s over the adapter axis (docs/guides/many_adapters.md).
 
-Each point's adapter is injected with its own config and key (so it starts exactly as when
-trained alone), its ranks are padded with zeros to the sweep's largest (a zero column of A and
-row of B get zero gradients, so Adam / AdamW, weight decay included, keep them zero: the padded
-adapter trains exactly as the unpadded one), and its scales become array leaves
-(`LoraRecord.scale=None`), so that all K trees have one static structure. Only the trainable
-leaves and the scales are stacked on a new leading K axis; the frozen base is passed once
-(`in_axes=None`), never copied per point. Each point has its own optimizer state, its learning
-rate (and weight decay) as data in it (`optax.inject_hyperparams`). `unstack` gives each point
-back as a plain adapter with its true ranks and float scales, for `lora_jax.save_peft`.
+Each point is injected with its own config and key (it starts as when trained alone), its ranks
+padded with zeros to the largest (zero columns of A and rows of B get zero gradients, so Adam /
+AdamW, weight decay included, keep them zero) and its scales made array leaves
+(`LoraRecord.scale=None`), so all K trees share one structure. Only the trained leaves and the
+scales gain a leading K axis; the base is passed once (`in_axes=None`). Each point's learning
+rate is data in its optimizer state (`optax.inject_hyperparams`). `unstack` gives each point
+back as a plain adapter.
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, lora_jax
 >>> model, x = nn.Dense(4), jnp.ones((2, 8))
@@ -145,10 +143,6 @@ def _padded(tree: Mapping[str, Any], ranks: Mapping[Key, int]) -> Params:
     return with_leaves(tree, updates)
 
 
-def _scale_leaves(tree: Mapping[str, Any]) -> set[tuple[str, str]]:
-    return {(i.path, scale_name(i.record.weight)) for i in records(tree)}
-
-
 def _part(tree: Mapping[str, Any], leaves: set[tuple[str, str]], keep: bool,
           prefix: str = "") -> Params:
     """`tree` with None in place of every leaf not in `leaves` (`keep`) or in it (a part as
@@ -192,7 +186,7 @@ def stack(adapters: Sequence[tuple[Mapping[str, Any], LoraConfig]], *,
     trainables, scales, frozens = [], [], []
     for k, (params, config) in enumerate(adapters):
         padded = _padded(params, ranks)
-        scale_leaves = _scale_leaves(padded)
+        scale_leaves = {(i.path, scale_name(i.record.weight)) for i in records(padded)}
         trainable, frozen = split(padded, config)
         trainables.append(trainable)
         scales.append(_part(padded, scale_leaves, True))

@@ -129,14 +129,14 @@ def weighted_adapter(
         first = next(item for item in items if item is not None)
         layout, shape = first.record.layout, tuple(unbox(first.weight).shape)
         a, b = _combine_module(
-            tuple(None if item is None else _factors(item) for item in items),
+            tuple(None if item is None else item.factors for item in items),
             jnp.asarray([0.0 if item is None else item.record.scale for item in items]),
             jnp.asarray(weights), None if combination_type != "cat" else
             jnp.asarray(_cat_order(items, max(ranks), shape[:layout.stacked])[..., :new_rank]),
             jax.random.fold_in(jax.random.key(0) if key is None else key, number),
             combination_type=combination_type, layout=layout, shape=shape,
             width=max(ranks), new_rank=new_rank, clamp=svd_clamp, prune=prune)
-        dtype = _factors(first)[0].dtype
+        dtype = first.factors[0].dtype
         updates.setdefault(first.path, {}).update({
             first.record.keys["lora_A"]: a.astype(dtype),
             first.record.keys["lora_B"]: b.astype(dtype),
@@ -184,11 +184,6 @@ def _check_one_rank(found: Sequence[Mapping[tuple[str, str], Adapted]]) -> None:
 
 
 # --- one adapted weight ---------------------------------------------------------------------------
-
-def _factors(item: Adapted) -> tuple[jax.Array, jax.Array]:
-    """A plain LoRA adapter's (A, B)."""
-    return item.leaves["lora_A"], item.leaves["lora_B"]
-
 
 def _layers(items: Sequence[Adapted | None]) -> tuple[int, ...] | None:
     """The adapted layers of a scanned stack: those of any adapter (None: all)."""
