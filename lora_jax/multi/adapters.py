@@ -131,11 +131,10 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]])
                              "adapters; inject them with the same layouts")
         rank = max(m.record.rank for m in members if m is not None)
         stacked, variant = record.layout.stacked, variants.of(record)
-        leaves = [None if m is None else variant.resize(m.leaves, leading(record), rank)
-                  for m in members]
-        absent = {n: jnp.zeros_like(v)
-                  for n, v in next(arrays for arrays in leaves if arrays is not None).items()}
-        leaves = [absent if arrays is None else arrays for arrays in leaves]
+        own = {id(m): variant.resize(m.leaves, leading(record), rank)
+               for m in members if m is not None}
+        absent = {n: jnp.zeros_like(v) for n, v in own[id(first)].items()}
+        leaves = [absent if m is None else own[id(m)] for m in members]
         scales = [jnp.zeros_like(_full_scale(first)) if m is None else _full_scale(m)
                   for m in members]
         dtype = jnp.result_type(*(v for arrays in leaves for v in arrays.values()))

@@ -187,8 +187,13 @@ def _check_one_rank(found: Sequence[Mapping[tuple[str, str], Adapted]]) -> None:
 
 def _layers(items: Sequence[Adapted | None]) -> tuple[int, ...] | None:
     """The adapted layers of a scanned stack: those of any adapter (None: all)."""
-    present = [item.record.layers for item in items if item is not None]
-    return None if None in present else tuple(sorted(set().union(*present)))
+    layers: set[int] = set()
+    for item in items:
+        if item is not None:
+            if item.record.layers is None:
+                return None
+            layers.update(item.record.layers)
+    return tuple(sorted(layers))
 
 
 def _cat_order(items: Sequence[Adapted | None], width: int, scanned: tuple[int, ...]
@@ -223,8 +228,9 @@ def _combine_module(factors: tuple[tuple[jax.Array, jax.Array] | None, ...], sca
     and weight; the factors are zero-padded to rank `width` and stacked."""
     n_stack = len(layout.split(shape)[0])
     zeros = tuple(jnp.zeros(s, jnp.float32) for s in factor_shapes(shape, layout, width))
-    padded = [zeros if pair is None else pad_rank(*(f.astype(jnp.float32) for f in pair),
-                                                  layout, width) for pair in factors]
+    padded = [zeros if pair is None else pad_rank(pair[0].astype(jnp.float32),
+                                                  pair[1].astype(jnp.float32), layout, width)
+              for pair in factors]
     a, b = (jnp.stack(side) for side in zip(*padded, strict=True))
     coefficients = weights * scales
     if combination_type in _FACTORED:

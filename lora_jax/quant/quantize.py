@@ -360,7 +360,7 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
     updates: dict[str, dict[str, Any]] = {}
     refused, already = [], []
     for path, module in iter_modules(params, leaves=None):
-        kernel = module.get("kernel")
+        kernel: Any = module.get("kernel")
         if is_quantized(kernel):
             already.append(path)
         elif chosen(path, kernel):
