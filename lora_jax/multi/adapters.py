@@ -1,17 +1,14 @@
-"""Adapter sets: many LoRA adapters over one frozen base, as data.
+"""Adapter sets: many LoRA adapters over one frozen base, as data (docs/guides/many_adapters.md).
 
 An `AdapterSet` keeps the base once and K adapters beside each adapted weight: the factors gain
 an adapter axis right after the weight's stacked axes (so `nn.scan` slices them with their
-layer and never copies the base), padded with zeros to the set's largest rank (zero columns of
-A and rows of B add nothing), and the scale becomes an array `[*stacked, K]` (0 where an
-adapter does not adapt the weight). Selecting, disabling or swapping in another adapter of the
-same shapes changes array values only, so a jitted function never recompiles.
-
-Two ways to run a set through `lora_jax.wrap(model.apply, config)`:
-- `select(set.params, index)`: one adapter for the whole call (-1: the base alone, e.g. a DPO
-  reference), a pure function of traced values;
-- `apply(variables, x, adapter_ids=ids)`: a mixed batch, one adapter id per example (-1: none),
-  equal to running each example with its own adapter.
+layer), padded with zeros to the set's largest rank, and the scale becomes an array `[*stacked,
+K]` (0 where an adapter does not adapt the weight). Selecting, disabling or swapping in another
+adapter of the same shapes changes array values only, so a jitted function never recompiles.
+Through `lora_jax.wrap(model.apply, config)`, `select(set.params, index)` runs one adapter for
+the whole call (-1: the base alone, e.g. a DPO reference), and `apply(variables, x,
+adapter_ids=ids)` a mixed batch, one adapter id per example (-1: none), equal to running each
+example with its own adapter.
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
 >>> model, x = nn.Dense(4), jnp.ones((3, 5))
@@ -35,7 +32,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +52,6 @@ from lora_jax.core.record import (
 )
 from lora_jax.core.targets import unbox, with_leaves, without_leaves
 from lora_jax.peft.files import load_peft, save_peft
-
-Strategy = Literal["gather", "onehot", "ragged"]
-STRATEGIES: tuple[str, ...] = ("gather", "onehot", "ragged")
 
 Key = tuple[str, str]  # (module path, weight name)
 
@@ -87,14 +81,21 @@ class AdapterSet:
         return jnp.asarray([self.index(n) for n in names], jnp.int32)
 
 
-def _key(item: Adapted) -> Key:
-    return item.path, item.record.weight
+def _by_weight(tree: Mapping[str, Any]) -> dict[Key, Adapted]:
+    """The adapted weights of a params tree by (module path, weight name)."""
+    return {(i.path, i.record.weight): i for i in records(tree)}
 
 
 def _full_scale(item: Adapted) -> jax.Array:
     """The item's scale as an array over its stacked axes."""
     stacked = np.shape(unbox(item.weight))[:item.record.layout.stacked]
     return jnp.broadcast_to(jnp.asarray(item.scale, jnp.float32), stacked)
+
+
+def _own_leaves(own: LoraRecord, leaves: Mapping[str, Any]) -> dict[str, Any]:
+    """One adapter's leaves (by leaf name) cut back to its own rank, with its own record."""
+    resized = variants.of(own).resize(leaves, leading(own), own.rank)
+    return {**{own.keys[n]: v for n, v in resized.items()}, record_name(own.weight): own}
 
 
 def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]]) -> AdapterSet:
@@ -110,7 +111,7 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]])
     trees = [adapters[n][0] for n in names]
     found: list[dict[Key, Adapted]] = []
     for name, tree in zip(names, trees, strict=True):
-        items = {_key(i): i for i in records(tree)}
+        items = _by_weight(tree)
         for item in items.values():
             variants.of(item.record).check("adapter_sets", f"adapter {name!r}: {item.target!r}")
             if item.record.adapters or item.record.materialised:
@@ -120,34 +121,28 @@ def adapter_set(adapters: Mapping[str, tuple[Mapping[str, Any], AdapterConfig]])
         if found:
             check_same_base(trees[0], tree, f"adapter {name!r}")
         found.append(items)
-    keys = list(dict.fromkeys(k for items in found for k in items))
     updates: dict[str, dict[str, Any]] = {}
-    for key in keys:
-        present = [items[key] for items in found if key in items]
-        first = present[0]
-        for item in present[1:]:
-            if item.record.layout != first.record.layout:
-                raise ValueError(f"{first.target!r} is read with different layouts by the "
-                                 "adapters; inject them with the same layouts")
-        rank = max(i.record.rank for i in present)
+    for key in dict.fromkeys(k for items in found for k in items):
+        members = [items.get(key) for items in found]
+        first = next(m for m in members if m is not None)
         record = first.record
+        if any(m is not None and m.record.layout != record.layout for m in members):
+            raise ValueError(f"{first.target!r} is read with different layouts by the "
+                             "adapters; inject them with the same layouts")
+        rank = max(m.record.rank for m in members if m is not None)
         stacked, variant = record.layout.stacked, variants.of(record)
-        padded = {id(i): variant.resize(i.leaves, leading(record), rank) for i in present}
-        absent = {n: jnp.zeros_like(v) for n, v in padded[id(first)].items()}
-        stacks: dict[str, list[Any]] = {n: [] for n in absent}
-        scales = []
-        for items in found:
-            member = items.get(key)
-            arrays = absent if member is None else padded[id(member)]
-            for n, value in arrays.items():
-                stacks[n].append(value)
-            scales.append(jnp.zeros(np.shape(unbox(first.weight))[:stacked], jnp.float32)
-                          if member is None else _full_scale(member))
-        dtype = jnp.result_type(*(v for values in stacks.values() for v in values))
+        own = {id(m): variant.resize(m.leaves, leading(record), rank)
+               for m in members if m is not None}
+        absent = {n: jnp.zeros_like(v) for n, v in own[id(first)].items()}
+        leaves = [absent if m is None else own[id(m)] for m in members]
+        scales = [jnp.zeros_like(_full_scale(first)) if m is None else _full_scale(m)
+                  for m in members]
+        dtype = jnp.result_type(*(v for arrays in leaves for v in arrays.values()))
         record = dataclasses.replace(record, rank=rank, scale=None, layers=None, ranks=None,
                                      adapters=len(names))
         updates.setdefault(first.path, {}).update({
-            **{record.keys[n]: jnp.stack(v, stacked).astype(dtype) for n, v in stacks.items()},
+            **{record.keys[n]: jnp.stack([arrays[n] for arrays in leaves], stacked).astype(dtype)
+               for n in absent},
             scale_name(record.weight): jnp.stack(scales, stacked),
             record_name(record.weight): record,
         })
@@ -206,18 +201,12 @@ def adapter(aset: AdapterSet, name: str) -> tuple[dict[str, Any], AdapterConfig]
     own = aset.records[k]
     updates: dict[str, dict[str, Any]] = {}
     drop: set[tuple[str, str]] = set()
-    for item in records(aset.params):
-        record = item.record
-        key = _key(item)
-        drop.update((item.path, n) for n in record.leaves)
+    for key, item in _by_weight(aset.params).items():
+        drop.update((item.path, n) for n in item.record.leaves)
         if key not in own:
             continue
-        mine = own[key]
-        axis = record.layout.stacked
-        taken = {n: jnp.take(v, k, axis=axis) for n, v in item.leaves.items()}
-        leaves = {mine.keys[n]: v for n, v in variants.of(mine).resize(
-            taken, leading(mine), mine.rank).items()}
-        leaves[record_name(mine.weight)] = mine
+        mine, axis = own[key], item.record.layout.stacked
+        leaves = _own_leaves(mine, {n: jnp.take(v, k, axis=axis) for n, v in item.leaves.items()})
         if mine.scale is None:
             leaves[scale_name(mine.weight)] = jnp.take(item.scale, k, axis=axis)
         updates.setdefault(item.path, {}).update(leaves)
@@ -275,16 +264,13 @@ def replace(aset: AdapterSet, name: str, params: Mapping[str, Any],
     True
     """
     k = aset.index(name)
-    members = _members(aset)
-    members[name] = (params, config)
-    new = {_key(i): i for i in records(params)}
-    current = {_key(i): i for i in records(aset.params)}
+    new, current = _by_weight(params), _by_weight(aset.params)
     if not set(new) <= set(current) or any(new[key].record.rank > current[key].record.rank
                                            for key in new):
-        return adapter_set(members)
+        return adapter_set({**_members(aset), name: (params, config)})
     check_same_base(aset.params, params, f"adapter {name!r}")
     # One slot of the new adapter (scales as arrays), padded to the set's ranks below.
-    rebuilt = {_key(i): i for i in records(adapter_set({name: (params, config)}).params)}
+    rebuilt = _by_weight(adapter_set({name: (params, config)}).params)
     updates: dict[str, dict[str, Any]] = {}
     for key, item in current.items():
         record, axis = item.record, item.record.layout.stacked
@@ -316,8 +302,6 @@ def _put(full: jax.Array, part: jax.Array, k: int, axis: int) -> jax.Array:
 def _members(aset: AdapterSet) -> dict[str, tuple[Mapping[str, Any], AdapterConfig]]:
     return {name: adapter(aset, name) for name in aset.names}
 
-
-# --- mixed batches: one adapter per example, inside a layer -------------------------------------
 
 # --- files: peft's multi-adapter folder layout ---------------------------------------------------
 

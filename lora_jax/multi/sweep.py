@@ -1,15 +1,13 @@
 """Sweeps: K LoRA adapters (seeds, learning rates, alphas, ranks) trained at once on one frozen
-base, in one compiled step that `vmap`s over the adapter axis.
+base, in one compiled step that `vmap`s over the adapter axis (docs/guides/many_adapters.md).
 
-Each point's adapter is injected with its own config and key (so it starts exactly as when
-trained alone), its ranks are padded with zeros to the sweep's largest (a zero column of A and
-row of B get zero gradients, so Adam / AdamW, weight decay included, keep them zero: the padded
-adapter trains exactly as the unpadded one), and its scales become array leaves
-(`LoraRecord.scale=None`), so that all K trees have one static structure. Only the trainable
-leaves and the scales are stacked on a new leading K axis; the frozen base is passed once
-(`in_axes=None`), never copied per point. Each point has its own optimizer state, its learning
-rate (and weight decay) as data in it (`optax.inject_hyperparams`). `unstack` gives each point
-back as a plain adapter with its true ranks and float scales, for `lora_jax.save_peft`.
+Each point is injected with its own config and key (it starts as when trained alone), its ranks
+padded with zeros to the largest (zero columns of A and rows of B get zero gradients, so Adam /
+AdamW, weight decay included, keep them zero) and its scales made array leaves
+(`LoraRecord.scale=None`), so all K trees share one structure. Only the trained leaves and the
+scales gain a leading K axis; the base is passed once (`in_axes=None`). Each point's learning
+rate is data in its optimizer state (`optax.inject_hyperparams`). `unstack` gives each point
+back as a plain adapter.
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, lora_jax
 >>> model, x = nn.Dense(4), jnp.ones((2, 8))
@@ -46,12 +44,12 @@ from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.inject import inject
 from lora_jax.core.partition import combine, split
-from lora_jax.core.record import Adapted, LoraRecord, leading, record_name, records, scale_name
+from lora_jax.core.record import LoraRecord, leading, record_name, records, scale_name
 from lora_jax.core.targets import join_path, same_value, with_leaves, without_leaves
+from lora_jax.multi.adapters import Key, _by_weight, _full_scale, _own_leaves
 from lora_jax.train.loop import Forward, train_step
 
 Params = dict[str, Any]
-Key = tuple[str, str]  # (module path, weight name)
 
 # What a point may set: its key for `inject` (and dropout), its config's r and lora_alpha, and
 # the optimizer's hyperparameters (passed by name to the `tx` factory, as data).
@@ -91,13 +89,12 @@ class Sweep:
 def point_config(config: LoraConfig, point: Mapping[str, Any]) -> LoraConfig:
     """`config` with the point's `r` / `lora_alpha`; raises on an unknown or fixed key."""
     fields = {f.name for f in dataclasses.fields(config)}
-    for key in point:
-        if key in fields and key not in SWEEP_KEYS:  # e.g. target_modules, use_dora
+    for key in (k for k in point if k not in SWEEP_KEYS):
+        if key in fields:  # e.g. target_modules, use_dora
             raise ValueError(
                 f"a sweep point sets {key!r}: the K adapters of a sweep share one static "
                 f"structure, so only {list(SWEEP_KEYS)} may vary; run one sweep per {key}")
-        if key not in SWEEP_KEYS:
-            raise ValueError(f"unknown sweep key {key!r}: a point may set {list(SWEEP_KEYS)}")
+        raise ValueError(f"unknown sweep key {key!r}: a point may set {list(SWEEP_KEYS)}")
     return dataclasses.replace(config, **{k: point[k] for k in ("r", "lora_alpha")
                                           if k in point})
 
@@ -130,30 +127,20 @@ def _hyperparams(points: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
-def _key(item: Adapted) -> Key:
-    return item.path, item.record.weight
-
-
 def _padded(tree: Mapping[str, Any], ranks: Mapping[Key, int]) -> Params:
     """`tree` with every adapter's ranks padded to `ranks` and its scale an array leaf."""
     updates: dict[str, dict[str, Any]] = {}
-    for item in records(tree):
-        record, rank = item.record, ranks[_key(item)]
+    for key, item in _by_weight(tree).items():
+        record, rank = item.record, ranks[key]
         variant = variants.of(record)
         variant.check("sweeps", repr(item.target))
-        stacked = item.weight.shape[:record.layout.stacked]
         updates.setdefault(item.path, {}).update({
             **{record.keys[n]: v for n, v in variant.resize(
                 item.leaves, leading(record), rank).items()},
-            scale_name(record.weight): jnp.broadcast_to(
-                jnp.asarray(item.scale, jnp.float32), stacked),
+            scale_name(record.weight): _full_scale(item),
             record_name(record.weight): dataclasses.replace(record, rank=rank, scale=None),
         })
     return with_leaves(tree, updates)
-
-
-def _scale_leaves(tree: Mapping[str, Any]) -> set[tuple[str, str]]:
-    return {(i.path, scale_name(i.record.weight)) for i in records(tree)}
 
 
 def _part(tree: Mapping[str, Any], leaves: set[tuple[str, str]], keep: bool,
@@ -184,7 +171,7 @@ def stack(adapters: Sequence[tuple[Mapping[str, Any], LoraConfig]], *,
     for the optimizer factory; `seeds`: the points' dropout seeds (default 0)."""
     if not adapters:
         raise ValueError("the sweep is empty: give at least one point")
-    found = [{_key(i): i for i in records(params)} for params, _ in adapters]
+    found = [_by_weight(params) for params, _ in adapters]
     for k, items in enumerate(found[1:], 1):
         if items.keys() != found[0].keys():
             diff = sorted(f"{p}.{w}" for p, w in items.keys() ^ found[0].keys())
@@ -199,7 +186,7 @@ def stack(adapters: Sequence[tuple[Mapping[str, Any], LoraConfig]], *,
     trainables, scales, frozens = [], [], []
     for k, (params, config) in enumerate(adapters):
         padded = _padded(params, ranks)
-        scale_leaves = _scale_leaves(padded)
+        scale_leaves = {(i.path, scale_name(i.record.weight)) for i in records(padded)}
         trainable, frozen = split(padded, config)
         trainables.append(trainable)
         scales.append(_part(padded, scale_leaves, True))
@@ -264,13 +251,10 @@ def unstack(sw: Sweep, trainable: Params) -> list[tuple[Params, LoraConfig]]:
         params = combine(*jax.tree.map(lambda x, k=k: x[k], (trainable, sw.scales)), sw.frozen)
         updates: dict[str, dict[str, Any]] = {}
         drop: set[tuple[str, str]] = set()
-        for item in records(params):
-            own = sw.records[k][_key(item)]
-            leaves = {own.keys[n]: v for n, v in variants.of(own).resize(
-                item.leaves, leading(own), own.rank).items()}
-            leaves[record_name(own.weight)] = own
+        for key, item in _by_weight(params).items():
+            own = sw.records[k][key]
             if own.scale is not None:
                 drop.add((item.path, scale_name(own.weight)))
-            updates.setdefault(item.path, {}).update(leaves)
+            updates.setdefault(item.path, {}).update(_own_leaves(own, item.leaves))
         out.append((with_leaves(without_leaves(params, drop), updates), sw.configs[k]))
     return out

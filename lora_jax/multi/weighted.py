@@ -1,34 +1,23 @@
 """`weighted_adapter`: one new LoRA adapter from a weighted combination of several, as peft's
-`LoraModel.add_weighted_adapter`.
+`LoraModel.add_weighted_adapter` (the combination types: docs/guides/many_adapters.md).
 
-Every adapted weight of the result holds new factors computed from the adapters' factors at
-that weight (an adapter that does not adapt it counts as zero there), with the adapters' scales
-folded in, so the new adapter's scale is 1 (`r = lora_alpha = new rank`, as in peft):
+The adapters' scales are folded into the new factors, so the result's scale is 1 (`r = lora_alpha
+= new rank`, as in peft). The linear family combines A and B separately, with `sign(c) sqrt(|c|)`
+on A and `sqrt(|c|)` on B, `c = weight * scale`. A module only some adapters adapt is combined
+from those (the others count as zero); scanned stacks combine per layer, as peft does per module;
+`cat` packs, per layer, the adapters' own columns first and pads with zeros to the sum of their
+largest ranks, as peft does. `svd` works from the stacked factors (QR of each side, then the SVD
+of a small `R x R` core, R the sum of ranks) and never forms an `in x out` matrix; the other
+`*_svd` types prune elements of the deltas, so they form each module's `in x out` delta.
 
-- `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` combine A and B separately
-  with coefficients `sign(c) sqrt(|c|)` on A and `sqrt(|c|)` on B, `c = weight * scale` (all
-  adapters must have one rank, which the result keeps): `linear` adds them, the others prune
-  first (largest magnitudes, `density`; `dare_*`: random with rescaling) and `ties` / `dare_ties`
-  keep per element only the values agreeing with the majority sign and average those.
-- `cat` concatenates ranks: A' = [c_1 A_1 | c_2 A_2 | ...], B' = [B_1 ; B_2 ; ...], rank the sum
-  of the adapters' ranks; the delta is exactly the weighted sum of the adapters' deltas.
-- `svd` and `*_svd` take the rank-`svd_rank` SVD of the combined delta (`svd`: the weighted sum;
-  the others: the same pruning / sign election on the deltas); `svd_clamp` clips the factors at
-  that quantile of their entries. `svd` works from the stacked factors (QR of each side, then
-  the SVD of a small `R x R` core, R the sum of ranks) and never forms an `in x out` matrix; the
-  other `*_svd` types prune elements of the deltas, so they form each module's `in x out` delta.
-
-Modules that only some adapters adapt are combined from those (as peft); cat packs, per layer,
-the adapters' own columns first and pads with zeros to the sum of the adapters' largest ranks, as
-peft does. Scanned stacks combine per layer, as peft does per module. Differences from peft 0.21,
-on purpose: its combined adapter keeps `use_rslora` and so is scaled by `sqrt(new rank)` (peft
-issue #3761, fixed upstream in #3449); here the scale is 1 whatever the inputs used. DoRA
-adapters are refused (peft keeps the base weight's norm as the combined magnitude, #3761).
-peft's `svd_full_matrices` / `svd_driver` only change how the SVD is computed (full matrices of
-an embedding's delta are `V x V`), not its leading triplets, so they are not taken. Singular
-vectors have arbitrary signs, which `svd_clamp`'s quantile depends on: clamped factors can differ
-from peft's (the unclamped ones agree); where a delta has fewer than `svd_rank` singular values
-the extra columns are zero (peft's are arbitrary null-space vectors).
+Differences from peft 0.21, on purpose: its combined adapter keeps `use_rslora` and so is scaled
+by `sqrt(new rank)` (peft issue #3761, fixed upstream in #3449), here the scale is 1; DoRA
+adapters are refused (peft keeps the base weight's norm as the combined magnitude, #3761). peft's
+`svd_full_matrices` / `svd_driver` only change how the SVD is computed, not its leading triplets,
+so they are not taken. Singular vectors have arbitrary signs, which `svd_clamp`'s quantile depends
+on: clamped factors can differ from peft's (the unclamped ones agree); where a delta has fewer
+than `svd_rank` singular values the extra columns are zero (peft's are arbitrary null-space
+vectors).
 """
 
 from __future__ import annotations
@@ -45,8 +34,9 @@ import numpy as np
 from lora_jax import variants
 from lora_jax.core.config import LoraConfig
 from lora_jax.core.factors import Layout, factor_shapes, pad_rank
-from lora_jax.core.record import Adapted, check_same_base, record_name, records, without_adapters
+from lora_jax.core.record import Adapted, check_same_base, record_name, without_adapters
 from lora_jax.core.targets import unbox, with_leaves
+from lora_jax.multi.adapters import _by_weight
 
 _FACTORED = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -117,8 +107,7 @@ def weighted_adapter(
             raise ValueError(f"weighted_adapter: {combination_type!r} draws random masks: pass "
                              "key=jax.random.key(...)")
 
-    found = [{(item.path, item.record.weight): item for item in records(tree)}
-             for tree in adapters]
+    found = [_by_weight(tree) for tree in adapters]
     for number, tree in enumerate(adapters[1:], 1):
         check_same_base(adapters[0], tree, f"weighted_adapter: adapter {number}")
     modules = list(dict.fromkeys(k for by_module in found for k in by_module))
@@ -137,17 +126,17 @@ def weighted_adapter(
     updates: dict[str, dict[str, Any]] = {}
     for number, where in enumerate(modules):
         items = [by_module.get(where) for by_module in found]
-        first = _first(items)
+        first = next(item for item in items if item is not None)
         layout, shape = first.record.layout, tuple(unbox(first.weight).shape)
         a, b = _combine_module(
-            tuple(None if item is None else _factors(item) for item in items),
+            tuple(None if item is None else item.factors for item in items),
             jnp.asarray([0.0 if item is None else item.record.scale for item in items]),
             jnp.asarray(weights), None if combination_type != "cat" else
             jnp.asarray(_cat_order(items, max(ranks), shape[:layout.stacked])[..., :new_rank]),
             jax.random.fold_in(jax.random.key(0) if key is None else key, number),
             combination_type=combination_type, layout=layout, shape=shape,
             width=max(ranks), new_rank=new_rank, clamp=svd_clamp, prune=prune)
-        dtype = _factors(first)[0].dtype
+        dtype = first.factors[0].dtype
         updates.setdefault(first.path, {}).update({
             first.record.keys["lora_A"]: a.astype(dtype),
             first.record.keys["lora_B"]: b.astype(dtype),
@@ -196,11 +185,6 @@ def _check_one_rank(found: Sequence[Mapping[tuple[str, str], Adapted]]) -> None:
 
 # --- one adapted weight ---------------------------------------------------------------------------
 
-def _factors(item: Adapted) -> tuple[jax.Array, jax.Array]:
-    """A plain LoRA adapter's (A, B)."""
-    return item.leaves["lora_A"], item.leaves["lora_B"]
-
-
 def _layers(items: Sequence[Adapted | None]) -> tuple[int, ...] | None:
     """The adapted layers of a scanned stack: those of any adapter (None: all)."""
     layers: set[int] = set()
@@ -210,10 +194,6 @@ def _layers(items: Sequence[Adapted | None]) -> tuple[int, ...] | None:
                 return None
             layers.update(item.record.layers)
     return tuple(sorted(layers))
-
-
-def _first(items: Sequence[Adapted | None]) -> Adapted:
-    return next(item for item in items if item is not None)
 
 
 def _cat_order(items: Sequence[Adapted | None], width: int, scanned: tuple[int, ...]
@@ -247,23 +227,18 @@ def _combine_module(factors: tuple[tuple[jax.Array, jax.Array] | None, ...], sca
     """The new A, B of one weight from each adapter's (A, B) (None: not adapted there), scale
     and weight; the factors are zero-padded to rank `width` and stacked."""
     n_stack = len(layout.split(shape)[0])
-    padded = []
-    a_shape, b_shape = factor_shapes(shape, layout, width)
-    for pair in factors:
-        if pair is None:
-            padded.append((jnp.zeros(a_shape, jnp.float32), jnp.zeros(b_shape, jnp.float32)))
-        else:
-            padded.append(pad_rank(pair[0].astype(jnp.float32), pair[1].astype(jnp.float32),
-                                   layout, width))
+    zeros = tuple(jnp.zeros(s, jnp.float32) for s in factor_shapes(shape, layout, width))
+    padded = [zeros if pair is None else pad_rank(pair[0].astype(jnp.float32),
+                                                  pair[1].astype(jnp.float32), layout, width)
+              for pair in factors]
     a, b = (jnp.stack(side) for side in zip(*padded, strict=True))
     coefficients = weights * scales
     if combination_type in _FACTORED:
         root = jnp.sqrt(jnp.abs(coefficients))
-        new_a, new_b = (
-            _combine(_per_layer(f, layout.stacked), c, jax.random.fold_in(key, side),
-                     prune).reshape(f.shape[1:])
-            for side, (f, c) in enumerate(((a, jnp.where(coefficients < 0, -root, root)),
-                                           (b, root))))
+        signed = jnp.where(coefficients < 0, -root, root)
+        new_a, new_b = (_combine(_per_layer(f, layout.stacked), c, jax.random.fold_in(key, side),
+                                 prune).reshape(f.shape[1:])
+                        for side, (f, c) in enumerate(((a, signed), (b, root))))
         return new_a, new_b
     if order is not None:  # combination_type "cat"
         return _concatenate(a, b, coefficients, order, n_stack, layout.stacked)

@@ -13,12 +13,10 @@ axis of torch's [out, in] layout). The formats (ggml-common.h's `block_q4_0` ...
 - Q6_K: super-blocks of 256 with float16 d and 16 sub-blocks of 16 with signed 8-bit scales sc;
   values d sc q for 6-bit codes q - 32 (4 low and 2 high bits stored apart).
 
-`from_gguf` turns a tensor's raw bytes into a `GGMLTensor`: the codes as an array of the weight's
-shape, the scales (and minimums) as arrays with one entry per block (two levels for the K
-formats), so LoRA trains on the file's own base without a float round trip. The values equal
-what llama.cpp's (and the `gguf` package's) dequantization gives, bit for bit, and like
-`lora_jax.quantize`'s NF4 it is dequantized inside the jitted layer, one weight at a time. (5- and
-6-bit codes are held in 8 bits: Q5_K and Q6_K take 8.6 bits a weight here, Q4_K 4.6.)
+`from_gguf` turns a tensor's raw bytes into a `GGMLTensor` (codes of the weight's shape, scales
+and minimums with one entry per block, two levels for the K formats), so LoRA trains on the file's
+own base: it dequantizes inside the jitted layer, one weight at a time, to exactly llama.cpp's
+values (docs/guides/qlora.md; 5- and 6-bit codes are held in 8 bits).
 
 >>> import jax.numpy as jnp, numpy as np
 >>> d = np.float16(0.5).tobytes()

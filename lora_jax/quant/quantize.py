@@ -1,19 +1,16 @@
-"""Quantized frozen weights for QLoRA: NF4 as bitsandbytes defines it, and int8.
-
-A quantized weight is a pytree of integer arrays and scales that stands in for the float kernel
-in the params tree. It is dequantized where the layer uses it (`jnp.asarray(w)`, which flax's
-layers call), inside the jitted forward, so the step's arguments hold the packed codes only; in a
-scanned + remat stack one layer's float kernel exists at a time. LoRA's factors stay float.
+"""Quantized frozen weights for QLoRA (docs/guides/qlora.md): NF4 as bitsandbytes defines it,
+and int8. A quantized weight is a pytree of integer codes and scales that stands in for the float
+kernel and is dequantized where the layer uses it (`jnp.asarray(w)`, which flax's layers call),
+inside the jitted forward; in a scanned + remat stack one layer's float kernel exists at a time.
 
 - NF4 (QLoRA, arXiv 2305.14314; bitsandbytes `quantize_4bit(quant_type="nf4")`): blocks of 64
   consecutive values of each trailing matrix in row-major order (as bitsandbytes flattens), each
-  scaled by its absmax and rounded to the nearest of the
-  16 normal-float levels, stored as a `uint4` array of the weight's shape (XLA packs two per byte;
-  bitsandbytes' bytes hold the same codes, the first in the high nibble). Double quantisation: the
-  absmax values of each matrix minus their mean, in blocks of 256, as 8-bit codes of bitsandbytes'
-  dynamic map, with one float scale per block. About 4.13 bits per weight. The block codes are
-  stored `[*stack, rows, cols / 64]` (flat `[*stack, blocks]` when 64 does not divide cols), so
-  they shard like the kernel (`specs`).
+  scaled by its absmax and rounded to the nearest of the 16 normal-float levels, as a `uint4`
+  array of the weight's shape (bitsandbytes' bytes hold the same codes, the first in the high
+  nibble). Double quantisation: the absmax values of each matrix minus their mean, in blocks of
+  256, as 8-bit codes of bitsandbytes' dynamic map with one float scale per block. The block codes
+  are stored `[*stack, rows, cols / 64]` (flat `[*stack, blocks]` when 64 does not divide cols),
+  so they shard like the kernel (`specs`).
 - int8: one absmax scale per column of each trailing matrix (per output feature and stacked
   layer), codes round(127 w / absmax).
 
@@ -294,19 +291,16 @@ KINDS = {"nf4": nf4, "int8": int8}
 _SKIPPED = ("lm_head", "classifier", "score")
 
 
-def _skipped(kind: str, exclude: Sequence[str], modules_to_save: Sequence[str] | None
-             ) -> tuple[str, ...]:
-    """The module names left in float (heads, `exclude`, `modules_to_save`); checks `kind`."""
+def _chooser(kind: str, exclude: Sequence[str], modules_to_save: Sequence[str] | None
+             ) -> Callable[[str, Any], bool]:
+    """Whether `quantize` quantizes the kernel of a module: float, 2 axes or more, not already
+    quantized, not in a head, `exclude` or `modules_to_save`. Checks `kind`."""
     if kind not in KINDS:
         raise ValueError(f"quantize: kind must be one of {sorted(KINDS)}, got {kind!r}")
-    return (*_SKIPPED, *exclude, *(modules_to_save or ()))
-
-
-def _chosen(skipped: Sequence[str], module: str, kernel: Any) -> bool:
-    """Whether the kernel of `module` is one `quantize` quantizes: float, 2 axes or more, not
-    already quantized, not in a skipped module."""
-    return kernel is not None and not is_quantized(kernel) and getattr(kernel, "ndim", 0) >= 2 \
-        and jnp.issubdtype(kernel.dtype, jnp.floating) and not matches(skipped, module)
+    skipped = (*_SKIPPED, *exclude, *(modules_to_save or ()))
+    return lambda module, kernel: (
+        kernel is not None and not is_quantized(kernel) and getattr(kernel, "ndim", 0) >= 2
+        and jnp.issubdtype(kernel.dtype, jnp.floating) and not matches(skipped, module))
 
 
 def _misfits(kind: str, kernel: Any) -> bool:
@@ -331,11 +325,11 @@ def leaf_quantizer(kind: str = "nf4", *, exclude: Sequence[str] = (),
     >>> [type(convert(p, jnp.ones((4, 3)))).__name__ for p in ("h.q.kernel", "lm_head.kernel")]
     ['Int8Tensor', 'ArrayImpl']
     """
-    skipped = _skipped(kind, exclude, modules_to_save)
+    chosen = _chooser(kind, exclude, modules_to_save)
 
     def convert(path: str, value: Any) -> Any:
         module, _, name = path.rpartition(".")
-        if name != "kernel" or not _chosen(skipped, module, value):
+        if name != "kernel" or not chosen(module, value):
             return value
         if _misfits(kind, value):
             raise _misfit_error([f"{module} {tuple(value.shape)}"])
@@ -362,14 +356,14 @@ def quantize(params: Mapping[str, Any], kind: str = "nf4", *,
     >>> type(q["up"]["kernel"]).__name__, type(q["lm_head"]["kernel"]).__name__  # heads stay float
     ('NF4Tensor', 'ArrayImpl')
     """
-    skipped = _skipped(kind, exclude, modules_to_save)
+    chosen = _chooser(kind, exclude, modules_to_save)
     updates: dict[str, dict[str, Any]] = {}
     refused, already = [], []
     for path, module in iter_modules(params, leaves=None):
-        kernel = module.get("kernel")
+        kernel: Any = module.get("kernel")
         if is_quantized(kernel):
             already.append(path)
-        elif kernel is not None and _chosen(skipped, path, kernel):
+        elif chosen(path, kernel):
             if _misfits(kind, kernel):
                 refused.append(f"{path} {tuple(kernel.shape)}")
             else:

@@ -98,10 +98,7 @@ class Variant:
     peft_type: ClassVar[str] = "LORA"
     leaves: ClassVar[tuple[Leaf, ...]]
     kinds: ClassVar[tuple[str, ...]] = ("dense", "conv", "embed", "einsum")
-    # {what it does not support: why}, what among: kinds (a layer kind not in `kinds`),
-    # kept_axes (weights with kept axes, e.g. Gemma's q/k/v axis), materialised (weights without
-    # a rule, target_parameters), layer_selection (layers_to_transform on a scanned stack),
-    # adapter_sets, sweeps, combinations (weighted_adapter), conversion (to_plain_lora).
+    # {what it does not support (a key of `_WHAT`; "kinds": a layer kind not in `kinds`): why}
     unsupported: ClassVar[Mapping[str, str]] = {}
     recomputes_base: ClassVar[bool] = False  # needs the rule's `base` under dropout
     # peft's adapter_config.json for this method: its fields with peft's defaults as its

@@ -23,14 +23,6 @@ from lora_jax.variants.base import Leaf
 from lora_jax.variants.lora import Lora
 
 
-def _letters(layout: Layout, ndim: int) -> tuple[str, str, str, str]:
-    """Einsum letters of a weight's axes in storage order, and its stack / in / out letters."""
-    roles = layout.roles(ndim)
-    letters = string.ascii_lowercase[:ndim]
-    pick = lambda group: "".join(c for c, r in zip(letters, roles, strict=True) if r in group)
-    return letters, pick("sb"), pick("i"), pick("o")
-
-
 def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, layout: Layout) -> jax.Array:
     """||W + A B|| over the input axes, per output feature: `[*stack, *out]`, float32 (the
     scale already in `b`).
@@ -39,7 +31,10 @@ def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, layout: Layout) -> jax
     n_j^2 = ||w_j||^2 + 2 (A^T w_j) . b_j + b_j^T (A^T A) b_j.
     """
     w, a, b = (t.astype(jnp.float32) for t in (w, a, b))
-    k, stack, fan_in, out = _letters(layout, w.ndim)
+    k = string.ascii_lowercase[:w.ndim]  # einsum letters of the weight's axes, in storage order
+    pick = lambda group: "".join(c for c, r in zip(k, layout.roles(w.ndim), strict=True)
+                                 if r in group)
+    stack, fan_in, out = pick("sb"), pick("i"), pick("o")
     r, q = "R", "S"
     hi = jax.lax.Precision.HIGHEST
     squares = jnp.einsum(f"{k},{k}->{stack}{out}", w, w, precision=hi)

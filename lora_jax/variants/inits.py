@@ -43,11 +43,8 @@ def register_init(init: Initialiser) -> Initialiser:
 
 
 def _lookup(name: Any) -> Initialiser | None:
-    for init in _INITS:
-        if init.name is name or isinstance(init.name, str) and isinstance(name, str) \
-                and re.fullmatch(init.name, name):
-            return init
-    return None
+    return next((init for init in _INITS if init.name is name or isinstance(init.name, str)
+                 and isinstance(name, str) and re.fullmatch(init.name, name)), None)
 
 
 def _named(name: Any) -> Initialiser:
@@ -132,7 +129,6 @@ def init_factors(w: Any, layout: Layout, r: int, scale: Any, config: Any, key: j
     return a, b, None
 
 
-
 def _randomized_svd(w: jax.Array, r: int, niter: int, key: jax.Array
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rank-r SVD of `w [..., m, n]` by subspace iteration (Halko et al.; what torch's
@@ -152,12 +148,11 @@ def svd_init(w: jax.Array, layout: Layout, r: int, scale: float, config: Any, ke
     singular triplets of W with the singular values divided by `scale`, and the residual base
     W - scale * A B in W's storage order and dtype; "pissa_niter_K": the randomised SVD."""
     init = config.init_lora_weights
-    niter = int(init.rsplit("_", 1)[1]) if init != "pissa" else None
     wc = layout.to_canonical(w).astype(jnp.float32)
-    if niter is None:
+    if init == "pissa":
         u, s, vh = jnp.linalg.svd(wc, full_matrices=False)
-    else:
-        u, s, vh = _randomized_svd(wc, r, niter, key)
+    else:  # "pissa_niter_K"
+        u, s, vh = _randomized_svd(wc, r, int(init.rsplit("_", 1)[1]), key)
     root = jnp.sqrt(s[..., :r] / scale)
     a = u[..., :r] * root[..., None, :]
     b = root[..., :, None] * vh[..., :r, :]
@@ -207,7 +202,6 @@ def _factors_and_residual(w: jax.Array, wc: jax.Array, a: jax.Array, b: jax.Arra
     residual = layout.to_stored((wc - scale * product).reshape(*stack, *fan_in, *fan_out))
     return (a.reshape(*stack, *fan_in, a.shape[-1]), b.reshape(*stack, b.shape[-2], *fan_out),
             residual.astype(w.dtype))
-
 
 
 def pad_ranks(a: jax.Array, b: jax.Array, ranks: tuple[int, ...], layout: Layout,

@@ -1,25 +1,16 @@
-"""LoKr (peft's `LoKrConfig`, from LyCORIS): the update of a weight is a Kronecker product,
-`delta W = alpha / r * kron(w1, w2)` on PyTorch's `[out, in]` weight.
+"""LoKr (peft's `LoKrConfig`, from LyCORIS; docs/guides/variants.md), as peft 0.21 does it: the
+update of a weight is a Kronecker product, `delta W = alpha / r * kron(w1, w2)` on PyTorch's
+`[out, in]` weight.
 
-What peft 0.21 does, and this file with it:
-
-- The sizes split as `out = a * b`, `in = c * d` by `factorization(dim, decompose_factor)`
-  (the first of each pair the smaller, near the square root for -1). `w1 [a, c]` is the full
-  `lokr_w1`, or `lokr_w1_a [a, r] @ lokr_w1_b [r, c]` with `decompose_both` when
-  `r < max(a, c) / 2`; `w2 [b, d]` is the full `lokr_w2` when `r >= max(b, d) / 2`, else
-  `lokr_w2_a [b, r] @ lokr_w2_b [r, d]`. The leaves hold these transposed (a weight's input
-  side first, as LoRA's A `[in, r]`), so peft's files hold them with the axes reversed.
-- The scale is `alpha / r`, also when both factors are full (no rank anywhere).
-- `init_weights=True`: `w1` (or `w1_a`) zero, the rest kaiming-uniform, U(+-1/sqrt(fan_in)) with
-  fan_in peft's second axis; `"lycoris"`: `w2` (or `w2_b`) zero instead; `False`: none.
-- Training: `module_dropout` drops the whole term with probability p (one draw per call, not
-  rescaled); `rank_dropout` zeroes each output feature of the term with probability p (one
-  mask per call), divided by the kept fraction with `rank_dropout_scale`.
-- Files: `<module>.lokr_w1` etc. (no `.weight`), `peft_type` "LOKR"; peft adapts torch Linear
-  (and Conv) layers only: GPT-2's `Conv1D` and embeddings are refused.
-
-The forward never forms the `in x out` matrix: for `x [..., c * d]`,
-`y[..., a, b] = scale * sum_cd w1[a, c] w2[b, d] x[..., c, d]`, two small contractions.
+The sizes split as `out = a * b`, `in = c * d` (`factorization`); `w1 [a, c]` and `w2 [b, d]` are
+full, or low-rank products, as peft chooses (`leaf_shapes`). The leaves hold them transposed (a
+weight's input side first, as LoRA's A `[in, r]`), so peft's files hold them with the axes
+reversed. The scale is `alpha / r`, also when both factors are full (no rank anywhere). While
+training, `module_dropout` drops the whole term (one draw per call, not rescaled) and
+`rank_dropout` output features (`dropout_masks`). peft adapts torch Linear (and Conv) layers only:
+GPT-2's `Conv1D` and embeddings are refused. The forward never forms the `in x out` matrix: for
+`x [..., c * d]`, `y[..., a, b] = scale * sum_cd w1[a, c] w2[b, d] x[..., c, d]`, two small
+contractions.
 
 >>> w1, w2 = jnp.arange(6.0).reshape(2, 3), jnp.arange(8.0).reshape(2, 4)
 >>> x = jnp.ones((5, 12))

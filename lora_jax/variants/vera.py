@@ -1,38 +1,24 @@
-"""VeRA (peft's `VeraConfig`, arXiv 2310.11454): one pair of frozen random projections shared by
-every adapted layer, and two trained vectors per layer.
+"""VeRA (peft's `VeraConfig`, arXiv 2310.11454; docs/guides/variants.md): one pair of frozen
+random projections shared by every adapted layer, and two trained vectors per layer, as peft 0.21
+does (read from `peft/tuners/vera` and checked by running it, tests/test_vera.py).
 
-What peft 0.21 does (read from `peft/tuners/vera` and checked by running it, tests/test_vera.py):
+peft draws `vera_A [r, max_in]` then `vera_B [max_out, r]` from one
+`torch.Generator().manual_seed(projection_prng_key)` (`max_in` / `max_out`: the largest input /
+output sizes of the targeted layers, after `layers_to_transform`); a layer uses `A[:, :in]` and
+`B[:out, :]`, buffers outside the trainable counts, and trains `vera_lambda_d [r]` and
+`vera_lambda_b [out]`; no alpha, no scale. Its files hold per layer `<path>.vera_lambda_d` and
+`.vera_lambda_b` (no `.weight`), with `save_projection=True` also `base_model.vera_A` / `vera_B`,
+and `fan_in_fan_out` in `adapter_config.json` (True for GPT-2's Conv1D). peft refuses layers other
+than Linear / Conv1D, and a second adapter whose layers or rank need larger projections.
 
-- Projections: `vera_A [r, max_in]` then `vera_B [max_out, r]`, drawn in that order from one
-  `torch.Generator().manual_seed(projection_prng_key)` as kaiming-uniform with gain sqrt(2)
-  (bound `sqrt(6 / fan_in)`: `max_in` for A, `r` for B; not LoRA's a = sqrt(5)). `max_in` /
-  `max_out` are the largest input / output sizes of the targeted layers (after
-  `layers_to_transform`). A layer uses `A[:, :in]` and `B[:out, :]`. They are buffers: not
-  trained, not in `print_trainable_parameters`' counts.
-- Per layer, trained: `vera_lambda_d [r]` (init `d_initial`, 0.1) and `vera_lambda_b [out]` (init
-  0, so the adapted model starts equal to the base); with `init_weights=False` lambda_b = 1 and
-  lambda_d ~ N(0, 1).
-- Forward `h = W x + lambda_b * (B[:out] (lambda_d * (A[:, :in] dropout(x))))`; merge
-  `W += (lambda_b B[:out]) (lambda_d A[:, :in])`. No alpha, no scale.
-- Files: per layer `base_model.model.<path>.vera_lambda_d [r]` and `.vera_lambda_b [out]` (no
-  `.weight`); with `save_projection=True` (the default) also `base_model.vera_A [r, max_in]` and
-  `base_model.vera_B [max_out, r]`. `adapter_config.json` has `peft_type: "VERA"` and the fields
-  of `VeraConfig` below, plus `fan_in_fan_out` (True for GPT-2's Conv1D).
-- Refused by peft: layers other than Linear / Conv1D (Embedding, Conv2d: TypeError when named
-  with a Linear, "No layers types compatible with VeRA" when only such are named); a second
-  adapter whose layers or rank need larger projections than the first one's.
-
-Here, in JAX layout (a kernel is `[in, out]`): `A = vera_A.T [max_in, r]`, `B = vera_B.T [r,
-max_out]`. `inject` draws them once for all targeted weights (`Vera.prepare`) and keeps each
-weight's slices `vera_A [*in, r]`, `vera_B [r, *out]` beside it, frozen, with its trained
-`vera_lambda_d [r]` and `vera_lambda_b [*out]`: the forward, merge, sharding (A as the weight's
-input axes, B as its output axes) and both frontends then read them like any variant's leaves;
-the price is `r * (in + out)` frozen numbers a layer where peft holds references to one pair.
-The delta of a call is the low-rank product `(x (A lambda_d)) (B lambda_b)`: no `in x out`
-matrix is formed. peft's `torch.Generator` is a Mersenne Twister, whose numbers numpy's
-`MT19937` reproduces exactly, so the projections for a `projection_prng_key` are peft's, bit for
-bit: an adapter saved with `save_projection=False` loads in peft exactly, and `load_peft` draws
-them for such a file as peft does (`Vera.peft_shared_read`).
+Here, in JAX layout (`A = vera_A.T [max_in, r]`, `B = vera_B.T [r, max_out]`), `inject` draws
+them once for all targeted weights (`Vera.prepare`) and keeps each weight's frozen slices
+`vera_A [*in, r]`, `vera_B [r, *out]` beside it, so the forward, merge, sharding and both
+frontends read them like any variant's leaves (the price: `r * (in + out)` frozen numbers a layer,
+where peft holds references to one pair). numpy's `MT19937` is torch's Mersenne Twister, so the
+projections of a `projection_prng_key` are peft's bit for bit: a file saved with
+`save_projection=False` loads in peft exactly, and `load_peft` draws them for such a file as
+peft does (`Vera.peft_shared_read`).
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax
 >>> model, x = nn.Dense(8), jnp.ones((2, 16))
@@ -103,28 +89,25 @@ class VeraConfig(AdapterConfig):
         self._validate()
 
     def _validate(self) -> None:
-        def number(value: Any) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool)
+        def fail(name: str, want: str) -> None:
+            raise ValueError(f"VeraConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key,
-                                                                       bool):
-            raise ValueError("VeraConfig.projection_prng_key must be an integer (a torch seed), "
-                             f"got {self.projection_prng_key!r}")
+        def number(value: Any, kind: type | tuple[type, ...] = (int, float)) -> bool:
+            return isinstance(value, kind) and not isinstance(value, bool)
+
+        if not number(self.r, int) or self.r <= 0:
+            fail("r", "a positive integer")
+        if not number(self.projection_prng_key, int):
+            fail("projection_prng_key", "an integer (a torch seed)")
         for name in ("save_projection", "init_weights"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"VeraConfig.{name} must be True or False, got "
-                                 f"{getattr(self, name)!r}")
+                fail(name, "True or False")
         if not number(self.vera_dropout) or not 0.0 <= self.vera_dropout < 1.0:
-            raise ValueError(f"VeraConfig.vera_dropout must be in [0, 1), got "
-                             f"{self.vera_dropout!r}")
+            fail("vera_dropout", "in [0, 1)")
         if not number(self.d_initial) or not math.isfinite(self.d_initial):
-            raise ValueError(f"VeraConfig.d_initial must be a finite number, got "
-                             f"{self.d_initial!r}")
+            fail("d_initial", "a finite number")
         if self.bias not in ("none", "all", "vera_only"):
-            raise ValueError(f"VeraConfig.bias must be 'none', 'all' or 'vera_only', got "
-                             f"{self.bias!r}")
+            fail("bias", "'none', 'all' or 'vera_only'")
         self._check_layer_selection("peft accepts it but then ignores layers_to_transform")
 
     @property
@@ -152,7 +135,8 @@ def _torch_generator(seed: int) -> np.random.MT19937:
 
 def _kaiming_uniform(generator: np.random.MT19937, shape: tuple[int, int]) -> np.ndarray:
     """peft's `_kaiming_init(shape, generator)`: torch's `uniform_(-bound, bound)` of a float32
-    tensor, fan_in = shape[1] (torch draws 24 bits a number and maps them in double)."""
+    tensor, gain sqrt(2) (not LoRA's a = sqrt(5)), fan_in = shape[1] (torch draws 24 bits a
+    number and maps them in double)."""
     bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
     low, high = float(np.float32(-bound)), float(np.float32(bound))
     bits = generator.random_raw(math.prod(shape)) & 0xFFFFFF
@@ -229,10 +213,8 @@ def init_lambdas(shape: tuple[int, ...], layout: Layout, config: VeraConfig, key
 def scaled_projections(a: jax.Array, b: jax.Array, lambda_d: jax.Array, lambda_b: jax.Array
                        ) -> tuple[jax.Array, jax.Array]:
     """`(A lambda_d, B lambda_b)`: the low-rank factors of a layer's VeRA delta, `[*stack, *in,
-    r]` and `[*stack, r, *out]`, for `lambda_d [*stack, r]` and `lambda_b [*stack, *out]`.
-
-    The delta of a call is `product(x, *scaled_projections(...))` for the layer's low-rank
-    product `(x @ a) @ b`, and the merged weight adds `kernel_delta` of them.
+    r]` and `[*stack, r, *out]`, for `lambda_d [*stack, r]` and `lambda_b [*stack, *out]` (a
+    call's delta is their low-rank product with `x`; merging adds their `kernel_delta`).
 
     >>> a, b = scaled_projections(jnp.ones((3, 2)), jnp.ones((2, 4)), jnp.array([1.0, 2.0]),
     ...                           jnp.arange(4.0))
