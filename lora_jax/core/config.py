@@ -40,6 +40,14 @@ def alpha_for(scale: float, r: int, rslora: bool = False) -> float:
     return scale * (math.sqrt(r) if rslora else r)
 
 
+def is_number(value: Any, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    """Whether `value` is an int / float (or of `kind`), not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+_FIELD = object()  # `_require`'s default value: the named field's own
+
+
 def _first(patterns: Mapping[str, Any], names: Sequence[str], default: Any) -> Any:
     """The value of the first of `names` (last first: peft's name) that a pattern matches."""
     found = (pattern_value(patterns, name, None) for name in reversed(names))
@@ -152,6 +160,30 @@ class AdapterConfig:
         if heads and saved[len(saved) - len(heads):] != heads:
             object.__setattr__(self, "modules_to_save", saved + heads)
 
+    def _require(self, ok: bool, name: str, want: str, value: Any = _FIELD) -> None:
+        """Unless `ok`, raise "<Config>.<name> must be <want>, got <value>" (`value`: the field
+        `name`'s own unless given)."""
+        if not ok:
+            value = getattr(self, name) if value is _FIELD else value
+            raise ValueError(f"{type(self).__name__}.{name} must be {want}, got {value!r}")
+
+    def _check_numbers(self, alpha: str | None = None, flags: Sequence[str] = (),
+                       rates: Sequence[str] = ()) -> None:
+        """r and rank_pattern's values are positive integers, the `alpha` field and
+        alpha_pattern's values positive finite numbers, `flags` bools, `rates` in [0, 1)."""
+        entries = lambda field: [(f"{field}[{k!r}]", v) for k, v in getattr(self, field).items()]
+        for name, r in [("r", self.r), *entries("rank_pattern")]:
+            self._require(is_number(r, int) and r > 0, name, "a positive integer", r)
+        alphas = [(alpha, getattr(self, alpha))] if alpha else []
+        for name, value in alphas + entries("alpha_pattern"):
+            self._require(is_number(value) and math.isfinite(value) and value > 0, name,
+                          "a positive finite number", value)
+        for name in flags:
+            self._require(isinstance(getattr(self, name), bool), name, "True or False")
+        for name in rates:
+            rate = getattr(self, name)
+            self._require(is_number(rate) and 0 <= rate < 1, name, "in [0, 1)")
+
     def _check_regexes(self) -> None:
         """Raise, naming the field and the pattern, unless every field read as a regex compiles."""
         def items(value: Any) -> list[str]:
@@ -257,37 +289,18 @@ class LoraConfig(AdapterConfig):
         self._validate()
 
     def _validate(self) -> None:
-        number = lambda x: isinstance(x, int | float) and not isinstance(x, bool)
-        for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in
-                                         self.rank_pattern.items())]:
-            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-                raise ValueError(f"LoraConfig.{name} must be a positive integer, got {r!r}")
-        for name, alpha in [("lora_alpha", self.lora_alpha),
-                            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
-            if not number(alpha) or not math.isfinite(alpha) or alpha <= 0:
-                raise ValueError(
-                    f"LoraConfig.{name} must be a positive finite number, got {alpha!r}")
-        for name in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LoraConfig.{name} must be True or False, got "
-                                 f"{getattr(self, name)!r}")
+        self._check_numbers("lora_alpha", flags=("use_rslora", "use_dora"),
+                            rates=("lora_dropout",))
         if isinstance(self.target_parameters, str):
             raise ValueError("LoraConfig.target_parameters must be a list of param names, got "
                              f"the str {self.target_parameters!r}")
-        if not number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(
-                f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(
-                f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        self._require(self.bias in ("none", "all", "lora_only"), "bias",
+                      "'none', 'all' or 'lora_only'")
         from lora_jax.variants import inits  # the initialisers' registry (it imports this file)
 
-        init = self.init_lora_weights
-        if not inits.known(init):
-            raise ValueError(
-                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K' (K >= 1), 'olora' or 'loftq', got {init!r}"
-            )
+        self._require(inits.known(self.init_lora_weights), "init_lora_weights",
+                      "True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K >= 1), 'olora' or "
+                      "'loftq'")
         loftq = dict(self.loftq_config)
         steps = loftq.get("loftq_iter", 1)
         if set(loftq) - {"loftq_bits", "loftq_iter"} or loftq.get("loftq_bits", 4) not in (4, 8) \

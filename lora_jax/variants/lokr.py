@@ -28,7 +28,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core.config import AdapterConfig
+from lora_jax.core.config import AdapterConfig, is_number
 from lora_jax.core.factors import Layout
 from lora_jax.variants import register_variant
 from lora_jax.variants.base import Leaf, Variant
@@ -77,30 +77,13 @@ class LoKrConfig(AdapterConfig):
         self._validate()
 
     def _validate(self) -> None:
-        def fail(name: str, want: str, value: Any) -> None:
-            raise ValueError(f"LoKrConfig.{name} must be {want}, got {value!r}")
-
-        for name, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v)
-                                         for k, v in self.rank_pattern.items())]:
-            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-                fail(name, "a positive integer", r)
-        for name, alpha in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v)
-                                                     for k, v in self.alpha_pattern.items())]:
-            if not isinstance(alpha, int | float) or isinstance(alpha, bool) or \
-                    not math.isfinite(alpha) or alpha <= 0:
-                fail(name, "a positive finite number", alpha)
-        for name in ("rank_dropout", "module_dropout"):
-            rate = getattr(self, name)
-            if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate < 1:
-                fail(name, "in [0, 1)", rate)
-        for name in ("use_effective_conv2d", "decompose_both", "rank_dropout_scale"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "True or False", getattr(self, name))
-        if not isinstance(self.decompose_factor, int) or isinstance(self.decompose_factor, bool):
-            fail("decompose_factor", "an integer (-1: near the square root)",
-                 self.decompose_factor)
-        if self.init_weights not in (True, False, "lycoris"):
-            fail("init_weights", "True, False or 'lycoris'", self.init_weights)
+        self._check_numbers("alpha", flags=("use_effective_conv2d", "decompose_both",
+                                            "rank_dropout_scale"),
+                            rates=("rank_dropout", "module_dropout"))
+        self._require(is_number(self.decompose_factor, int), "decompose_factor",
+                      "an integer (-1: near the square root)")
+        self._require(self.init_weights in (True, False, "lycoris"), "init_weights",
+                      "True, False or 'lycoris'")
         self._check_layer_selection("peft ignores it there")
 
     @property

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.core.config import AdapterConfig
+from lora_jax.core.config import AdapterConfig, is_number
 from lora_jax.core.factors import Layout, kernel_delta
 from lora_jax.variants import register_variant
 from lora_jax.variants.base import Leaf, Variant
@@ -89,25 +89,13 @@ class VeraConfig(AdapterConfig):
         self._validate()
 
     def _validate(self) -> None:
-        def fail(name: str, want: str) -> None:
-            raise ValueError(f"VeraConfig.{name} must be {want}, got {getattr(self, name)!r}")
-
-        def number(value: Any, kind: type | tuple[type, ...] = (int, float)) -> bool:
-            return isinstance(value, kind) and not isinstance(value, bool)
-
-        if not number(self.r, int) or self.r <= 0:
-            fail("r", "a positive integer")
-        if not number(self.projection_prng_key, int):
-            fail("projection_prng_key", "an integer (a torch seed)")
-        for name in ("save_projection", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "True or False")
-        if not number(self.vera_dropout) or not 0.0 <= self.vera_dropout < 1.0:
-            fail("vera_dropout", "in [0, 1)")
-        if not number(self.d_initial) or not math.isfinite(self.d_initial):
-            fail("d_initial", "a finite number")
-        if self.bias not in ("none", "all", "vera_only"):
-            fail("bias", "'none', 'all' or 'vera_only'")
+        self._check_numbers(flags=("save_projection", "init_weights"), rates=("vera_dropout",))
+        self._require(is_number(self.projection_prng_key, int), "projection_prng_key",
+                      "an integer (a torch seed)")
+        self._require(is_number(self.d_initial) and math.isfinite(self.d_initial), "d_initial",
+                      "a finite number")
+        self._require(self.bias in ("none", "all", "vera_only"), "bias",
+                      "'none', 'all' or 'vera_only'")
         self._check_layer_selection("peft accepts it but then ignores layers_to_transform")
 
     @property
