@@ -1,17 +1,9 @@
 """`lora-jax finetune --frontend nnx`: the run's LoRA on the Flax NNX reference models.
 
-The run's setup (`lora_jax.cli.method.setup_method`: the config, the factors from the framework-free
-`lora_jax.inject`, the optimizer) is the same for both frontends; `on_nnx` puts its params on
-the NNX twin of the model (`lora_jax.models.nnx_gpt2` / `nnx_llama`, the same HF paths) with
-`lora_jax.nnx.adapt` and makes the forward the NNX model's (`lora_jax.nnx.functional`). The
-params stay the linen-form dict (list elements `h_0`), so training, checkpoints, `--resume`
-and the saved peft adapter are the linen run's: `lora-jax generate` / `merge` read that adapter
-as any other (with the linen models, which have the KV cache).
-
-Same seed, same factors: with `--dropout 0` both frontends compute the same losses (up to
-float32 rounding). LoRA dropout draws its masks differently (linen folds the module path into
-the step's key, NNX a stream per adapted module), so with dropout the runs differ by the
-masks.
+`on_nnx` puts the run's setup (the same for both frontends) on the NNX twin of the model and
+makes the forward the NNX model's; the params stay the linen-form dict, so training,
+checkpoints, `--resume` and the saved peft adapter are the linen run's (docs/guides/nnx.md).
+With `--dropout 0` both frontends give the same losses; with dropout their masks differ.
 
     setup = on_nnx(setup_method(loaded, "lm", "lora"), loaded, "lm", "lora")
 """
