@@ -49,10 +49,9 @@ def mesh_text(sizes: Sizes) -> str:
 
 def start_processes(coordinator: str | None, num_processes: int | None,
                     process_id: int | None) -> None:
-    """Start `jax.distributed` when this run is one of several processes: from the three flags
-    (all needed), or from the environment (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID, or a SLURM / Open MPI job of several tasks, which JAX reads itself).
-    Nothing happens for one process or when JAX's processes are already started."""
+    """Start `jax.distributed` for a run of several processes: from the three flags (all
+    needed) or the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or
+    a SLURM / Open MPI job of several tasks); a no-op for one process or once started."""
     import jax
 
     from lora_jax.core import distributed
@@ -118,8 +117,7 @@ class Placement:
             raise ValueError(f"--batch-size {batch_size} does not divide over the {parallel} "
                              f"batch devices of {shown} (data x fsdp): use a multiple of "
                              f"{parallel}")
-        full = dict(sizes)
-        shape = tuple(full.get(name, 1) for name in MESH_AXES)
+        shape = tuple(dict(sizes).get(name, 1) for name in MESH_AXES)
         mesh = jax.make_mesh(shape, MESH_AXES, devices=jax.devices()[:used],
                              axis_types=(AxisType.Auto,) * len(MESH_AXES))
         return cls(mesh)

@@ -382,10 +382,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
 
 
 class Best:
-    """`--eval-every`'s evaluation: `best(step, trainable)` returns the validation metrics of
-    `evaluate(trainable)` (`validation_loss`, and accuracy or perplexity) and, when the loss is
-    the lowest so far, calls `save(trainable)` (the adapter to out/best_adapter). A resumed run
-    starts from the best of the steps up to its checkpoint that metrics.jsonl logged."""
+    """`--eval-every`'s evaluation: `best(step, trainable)` returns the validation metrics and
+    calls `save(trainable)` when the loss is the lowest so far (a resumed run's best so far is
+    read from metrics.jsonl, up to its checkpoint)."""
 
     def __init__(self, out: Path, start_step: int, evaluate: Any, save: Any) -> None:
         self.evaluate, self.save = evaluate, save
@@ -409,9 +408,8 @@ class Best:
 
 def _resume(checkpointer: Any, target: tuple[Any, Any], config: Any, out: Path, steps: int
             ) -> tuple[Any, list[float]]:
-    """(the newest intact checkpoint of the run in `out`, its losses), after checking that the
-    run's settings (run_config.json: `config` and the arrays of `target`) are those the
-    checkpoints were saved with: an edited file is an error naming it, not a damaged step."""
+    """(the newest intact checkpoint of the run in `out`, its losses); run_config.json's
+    settings edited since the checkpoints is an error naming it, not a damaged step."""
     from lora_jax.core.checkpoint import CheckpointMismatch, CorruptCheckpoint
 
     settings = out / "run_config.json"
@@ -440,8 +438,7 @@ def _resume(checkpointer: Any, target: tuple[Any, Any], config: Any, out: Path, 
 
 
 def _diverged(bad: Any, out: Path, args: argparse.Namespace, lr: float) -> int:
-    """Report a diverged run: the losses file matches the checkpoint kept, metrics.json says
-    what happened (valid JSON), and the message says what to do."""
+    """Report a diverged run: losses.json as of the checkpoint kept, metrics.json, a hint."""
     kept = bad.last_saved
     write_json(out / "losses.json", bad.losses[:kept or 0], indent=None)
     write_json(out / "metrics.json", {
@@ -456,8 +453,7 @@ def _diverged(bad: Any, out: Path, args: argparse.Namespace, lr: float) -> int:
 
 
 def _saved_losses(checkpointer: Any, step: int, out: Path) -> list[float]:
-    """The losses up to `step`: from the checkpoint itself (committed with it), else (older
-    checkpoints) from losses.json when it covers the step."""
+    """The losses up to `step`: the checkpoint's own, else (older checkpoints) losses.json's."""
     extra = checkpointer.extra(step)
     if isinstance(extra, dict) and isinstance(extra.get("losses"), list):
         losses = extra["losses"]
