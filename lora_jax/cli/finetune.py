@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                          f"training {'blocks' if task == 'lm' else 'examples'}: use a smaller "
                          "batch or more data")
     if nnx_frontend:  # the same setup, the NNX model's forward
-        setup = nnx_run.on_nnx(setup, loaded, task, args.method, args.quantize)
+        setup = nnx_run.on_nnx(setup, loaded)
     # The base and factors on the mesh (fsdp shards them), the optimizer state beside them.
     shardings = placement.shardings(setup.params,
                                     getattr(loaded.family.module, "SHARDING_RULES", None),
@@ -466,8 +466,7 @@ def _saved_losses(checkpointer: Any, step: int, out: Path) -> list[float]:
 
 
 def run_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    fields = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
-    return fields | {"out": str(out)}
+    return {k: v for k, v in vars(args).items() if k not in NOT_SAVED} | {"out": str(out)}
 
 
 def adapter_options(args: argparse.Namespace) -> dict[str, Any]:

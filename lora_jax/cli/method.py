@@ -94,8 +94,8 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         # modules stay float). `load_model(..., quantize=)` gives the same tree while reading.
         params = lora_jax.quantize(params, quantize, modules_to_save=head)
     config: Any
-    adapter = {"target_modules": targets if isinstance(targets, str)
-               else tuple(targets or family.default_targets), "modules_to_save": head or None}
+    targets = targets if isinstance(targets, str) else tuple(targets or family.default_targets)
+    adapter: dict[str, Any] = {"target_modules": targets, "modules_to_save": head or None}
     if method == "vera":
         config = lora_jax.VeraConfig(r=r, vera_dropout=dropout, **adapter, **(options or {}))
     elif method == "lokr":

@@ -146,30 +146,28 @@ def with_classifier(module: Any, params: dict[str, Any], model_type: str,
                     num_labels: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
     """The sequence-classification model of `num_labels` classes on an encoder: a base encoder
     (e.g. all-MiniLM-L6-v2's BertModel) gets a freshly initialised `classifier` head."""
-    import dataclasses as dc
-
     import jax
     import jax.numpy as jnp
 
-    family = architecture(model_type)
+    family: Any = architecture(model_type)  # an encoder's: its classifier and prefix are set
     if num_labels is None:
         raise ValueError("--task classify needs labelled data")
     head = family.classifier
     if head in params and params[head]["kernel"].shape[-1] == num_labels:
         return module, params
-    config = dc.replace(module.config, num_labels=num_labels)
+    config = dataclasses.replace(module.config, num_labels=num_labels)
     model = family.module.build(config, dtype=module.dtype, param_dtype=module.param_dtype,
                                 task="classify")
     encoder = {k: v for k, v in params.items() if k != head}
     if family.base_model_prefix not in encoder:  # a base model: its params become that subtree
         encoder = {family.base_model_prefix: encoder}
     # HF's initialisation of a new head: N(0, initializer_range^2) weights, zero bias.
-    hidden = config.hidden_size
     std = getattr(config, "initializer_range", 0.02)
-    kernel = std * jax.random.normal(jax.random.key(seed), (hidden, num_labels), jnp.float32)
+    kernel = std * jax.random.normal(jax.random.key(seed), (config.hidden_size, num_labels),
+                                     jnp.float32)
     dtype = module.param_dtype
-    head_params = {"kernel": kernel.astype(dtype), "bias": jnp.zeros(num_labels, dtype)}
-    return model, {**encoder, head: head_params}
+    return model, {**encoder, head: {"kernel": kernel.astype(dtype),
+                                     "bias": jnp.zeros(num_labels, dtype)}}
 
 
 def max_positions(module: Any) -> int | None:

@@ -5,7 +5,8 @@ makes the forward the NNX model's; the params stay the linen-form dict, so train
 checkpoints, `--resume` and the saved peft adapter are the linen run's (docs/guides/nnx.md).
 With `--dropout 0` both frontends give the same losses; with dropout their masks differ.
 
-    setup = on_nnx(setup_method(loaded, "lm", "lora"), loaded, "lm", "lora")
+    check(loaded.model_type, "lm", "lora", None)   # before any setup: a one-line error
+    setup = on_nnx(setup_method(loaded, "lm", "lora"), loaded)
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ def check(model_type: str, task: str, method: str, quantize: str | None) -> None
                          "use --frontend linen for QLoRA")
 
 
-def on_nnx(setup: Any, loaded: Any, task: str, method: str, quantize: str | None = None
-           ) -> Any:
-    """`setup` (a `lora_jax.cli.method.Setup` of the linen model in `loaded`) with the forward of
-    the NNX twin of the model carrying the same base weights, factors and records."""
+def on_nnx(setup: Any, loaded: Any) -> Any:
+    """`setup` (a `lora_jax.cli.method.Setup` of the linen model in `loaded`, as `check` allows)
+    with the forward of the NNX twin of the model carrying the same weights and records."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -46,7 +46,6 @@ def on_nnx(setup: Any, loaded: Any, task: str, method: str, quantize: str | None
     from lora_jax.core.record import iter_records
     from lora_jax.core.targets import without_leaves
 
-    check(loaded.model_type, task, method, quantize)
     cls, stacks = NNX_MODELS[loaded.model_type]
     module = loaded.module
     model = nnx.eval_shape(lambda: cls(
