@@ -409,7 +409,7 @@ class Best:
 def _resume(checkpointer: Any, target: tuple[Any, Any], config: Any, out: Path, steps: int
             ) -> tuple[Any, list[float]]:
     """(the newest intact checkpoint of the run in `out`, its losses); run_config.json's
-    settings edited since the checkpoints is an error naming it, not a damaged step."""
+    settings edited since the checkpoints are an error naming it, not a damaged step."""
     from lora_jax.core.checkpoint import CheckpointMismatch, CorruptCheckpoint
 
     settings = out / "run_config.json"
