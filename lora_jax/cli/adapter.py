@@ -7,11 +7,11 @@ A LoRA run saves peft's folder (`adapter_config.json` + `adapter_model.safetenso
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lora_jax.cli.files import write_json
 from lora_jax.cli.method import Setup
 from lora_jax.cli.model import Loaded
 
@@ -69,6 +69,6 @@ def save_adapter(folder: Path, params: Mapping[str, Any], setup: Setup, loaded: 
                for path, module in iter_modules(trainable)
                for name, value in module.items() if value is not None}
     save_file(tensors, str(folder / "trained_weights.safetensors"))
-    (folder / "method.json").write_text(json.dumps(
-        {"method": method, "base_model_name_or_path": loaded.source, "task": task,
-         "prompt_tokens": prompt_tokens if method == "prompt" else None}, indent=1))
+    write_json(folder / "method.json", {
+        "method": method, "base_model_name_or_path": loaded.source, "task": task,
+        "prompt_tokens": prompt_tokens if method == "prompt" else None})

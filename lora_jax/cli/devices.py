@@ -1,16 +1,10 @@
-"""Devices and hosts of `lora-jax finetune`: `--mesh`, `jax.distributed` from the flags or the
-environment, and where params, optimizer state and batches live on the mesh.
-
-The mesh has `data`, `fsdp` and `tensor` axes. The global batch (`--batch-size`) is split over
-`data` x `fsdp`; `fsdp` also splits the frozen base (`lora_jax.core.sharding.fsdp_specs`), and
-the factors follow their weights (`lora_specs`). `tensor` (Megatron-style tensor parallelism)
-takes the partitioning rules of architectures that have them (`SHARDING_RULES` of GPT-2 and the
-decoder families), which place `fsdp` too. Every process runs the same program; each feeds only
-its own rows of each global batch.
+"""Devices and hosts of `lora-jax finetune`: `--mesh` (axes `data`, `fsdp`, `tensor`),
+`jax.distributed` from the flags or the environment, and where params, optimizer state and
+batches live on the mesh (docs/guides/cli.md, "Devices and hosts").
 
     start_processes(None, None, None)            # before any other JAX call; one host: no-op
     placement = Placement.of(parse_mesh("data=2,fsdp=4"), batch_size=16)
-    params = placement.place(params, config)     # the base and factors on their devices
+    params = placement.place(params, placement.shardings(params))   # the base and factors
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ import argparse
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -55,10 +49,9 @@ def mesh_text(sizes: Sizes) -> str:
 
 def start_processes(coordinator: str | None, num_processes: int | None,
                     process_id: int | None) -> None:
-    """Start `jax.distributed` when this run is one of several processes: from the three flags
-    (all needed), or from the environment (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID, or a SLURM / Open MPI job of several tasks, which JAX reads itself).
-    Nothing happens for one process or when JAX's processes are already started."""
+    """Start `jax.distributed` for a run of several processes: from the three flags (all
+    needed) or the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or
+    a SLURM / Open MPI job of several tasks); a no-op for one process or once started."""
     import jax
 
     from lora_jax.core import distributed
@@ -124,8 +117,7 @@ class Placement:
             raise ValueError(f"--batch-size {batch_size} does not divide over the {parallel} "
                              f"batch devices of {shown} (data x fsdp): use a multiple of "
                              f"{parallel}")
-        full = dict(sizes)
-        shape = tuple(full.get(name, 1) for name in MESH_AXES)
+        shape = tuple(dict(sizes).get(name, 1) for name in MESH_AXES)
         mesh = jax.make_mesh(shape, MESH_AXES, devices=jax.devices()[:used],
                              axis_types=(AxisType.Auto,) * len(MESH_AXES))
         return cls(mesh)
@@ -136,17 +128,15 @@ class Placement:
         sizes = tuple((name, int(n)) for name, n in self.mesh.shape.items() if n > 1)
         return sizes or (("data", 1),)
 
-    @property
-    def batch_devices(self) -> int:
-        """How many ways each global batch is split (data x fsdp)."""
-        return int(math.prod(self.mesh.shape[a] for a in ("data", "fsdp")))
-
     def shardings(self, params: Mapping[str, Any], rules: Any = None, model: str = "model"
                   ) -> Any:
         """`NamedSharding`s for injected `params`: fsdp on the base's largest dividing axes, or
         with a `tensor` axis the architecture's `(regex, spec)` `rules` (written for scanned
         layers: an unscanned weight takes the spec's trailing entries); the factors follow
         their weights. A mesh the weights do not divide over is a ValueError naming --mesh."""
+        import jax
+        from jax.sharding import PartitionSpec as P
+
         from lora_jax.core.sharding import fsdp_specs, lora_specs, match_specs, named_shardings
 
         shown = f"--mesh {mesh_text(self.sizes)}"
@@ -159,7 +149,8 @@ class Placement:
         else:
             base = _trailing(match_specs(params, rules), params)
         specs = lora_specs(params, base)
-        if fsdp > 1 and not any("fsdp" in spec for spec in _specs(specs)):
+        if fsdp > 1 and not any("fsdp" in spec for spec in jax.tree.leaves(
+                specs, is_leaf=lambda x: isinstance(x, P))):
             raise ValueError(f"{shown}: no weight of the model has an axis that divides over "
                              f"{fsdp} devices; use a smaller fsdp")
         try:
@@ -220,14 +211,9 @@ class Placement:
         return distributed.shard_batch(dict(local), self.mesh)
 
     def eval_batch(self, size: int) -> int:
-        """`size` rounded up to a multiple of the batch devices."""
-        return -(-size // self.batch_devices) * self.batch_devices
-
-    def gather(self, tree: Any) -> Any:
-        """`tree`'s arrays whole on every process (as numpy)."""
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
+        """`size` rounded up to a multiple of the batch devices (data x fsdp)."""
+        devices = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        return -(-size // devices) * devices
 
 
 def _trailing(specs: Any, params: Any) -> Any:
@@ -241,9 +227,3 @@ def _trailing(specs: Any, params: Any) -> Any:
 
     return jax.tree.map(cut, specs, nn.unbox(params), is_leaf=lambda x: isinstance(x, P))
 
-
-def _specs(tree: Any) -> Sequence[Any]:
-    import jax
-    from jax.sharding import PartitionSpec as P
-
-    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, P))

@@ -1,8 +1,5 @@
-"""Files of a run: read with errors that name the file, write whole or not at all.
-
-`write_json` / `write_bytes` write a temporary file and rename it, `new_folder` fills a
-temporary folder and renames it, so a process killed midway leaves the old content or none,
-never a part.
+"""Files of a run: read with errors that name the file, written whole or not at all (a
+temporary file or folder, then a rename: a process killed midway leaves the old content).
 
     write_json(out / "metrics.json", {"loss": float("nan")})   # written as {"loss": null}
     with new_folder(out / "adapter") as tmp:
@@ -80,12 +77,9 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def new_folder(final: Path) -> Iterator[Path]:
-    """A temporary sibling folder to fill; on success it is renamed to `final` (replacing an
-    older `final` of ours only after the new one is complete), on failure it is removed.
-
-    The folder and what is written in it get the modes the umask gives (safetensors writes its
-    files 0600 whatever the umask). Temporary folders of `final` that a killed process left
-    (their lock is free) are removed first."""
+    """A temporary sibling folder to fill, renamed to `final` on success (an older `final`
+    replaced only then), removed on failure. Its files get the umask's modes (safetensors
+    writes 0600); temporary folders of `final` that a killed process left are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(final)
@@ -121,9 +115,9 @@ def _create(parent: Path, name: str, suffix: str, make: Callable[[Path], Any]) -
 
 
 def _locked_folder(parent: Path, name: str, suffix: str) -> tuple[Path, int]:
-    """A new hidden folder `.name.<random><suffix>` in `parent` and an open descriptor holding
-    an exclusive lock on it until closed (the kernel drops it when the process dies). Made as
-    `.new`, locked, then renamed, so `_remove_stale` never sees it unlocked."""
+    """A new folder `parent/.name.<random><suffix>` and a descriptor locking it until closed
+    (or the process dies); made as `.new`, then renamed, so `_remove_stale` never sees it
+    unlocked."""
     new, _ = _create(parent, name, ".new", lambda p: os.mkdir(p, 0o777))
     fd = os.open(new, os.O_RDONLY)
     if fcntl is not None:
@@ -134,9 +128,8 @@ def _locked_folder(parent: Path, name: str, suffix: str) -> tuple[Path, int]:
 
 
 def _remove_stale(final: Path) -> None:
-    """Remove the temporary folders of `final` whose process is gone (their lock is free): a
-    killed merge or save leaves one, as large as what it was writing. `.old` ones (the
-    previous `final`) only when `final` exists."""
+    """Remove the temporary folders of `final` that a killed process left (their lock is
+    free); `.old` ones (the previous `final`) only when `final` exists."""
     if fcntl is None:
         return
     suffixes = (".tmp", ".old") if final.exists() else (".tmp",)
@@ -158,8 +151,7 @@ def _remove_stale(final: Path) -> None:
 
 
 def _follow_umask(folder: Path) -> None:
-    """Give everything under `folder` the mode the umask gives new files and folders (read
-    from `folder` itself, made by `mkdir(0o777)`)."""
+    """Everything under `folder` to the umask's modes (read from `folder`, made 0o777)."""
     folder_mode = stat.S_IMODE(folder.stat().st_mode)
     for path in folder.rglob("*"):
         if not path.is_symlink():
@@ -181,17 +173,12 @@ def empty_or_absent(folder: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
-def _checkpoint_steps(folder: Path) -> list[int]:
-    """Complete checkpoint steps under `folder` (digit-named subfolders)."""
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def unstarted_run(folder: Path) -> bool:
     """A run folder that holds no checkpoint yet (stopped before the first one, or killed
     while writing run_config.json: only our temporary files): reusable."""
     names = {p.name for p in folder.iterdir()}
     ours = {"run_config.json", "losses.json", "checkpoint", "metrics.jsonl", "tensorboard"}
     leftovers = {n for n in names - ours if not (n.startswith(".") and n.endswith(".tmp"))}
-    return not leftovers and not _checkpoint_steps(folder / "checkpoint")
+    checkpoints = folder / "checkpoint"  # a complete step is a digit-named folder
+    return not leftovers and not (checkpoints.is_dir() and any(
+        p.is_dir() and p.name.isdigit() for p in checkpoints.iterdir()))

@@ -1,14 +1,6 @@
-"""`lora-jax finetune`: prepare the data, set up the method, train (with checkpoints, Ctrl-C and
-`--resume`), evaluate, and write the adapter, metrics.json, metrics.jsonl (a line per step:
-`lora_jax.train.metrics`) and loss.png; with `--eval-every`, the best step's adapter in
-best_adapter/.
-
-`finetune(args)` takes the parsed flags (any object with their attributes); `prepare` and
-`encode_split` give the model and its encoded splits to other runs (the sweep, experiments).
-Errors in what the user asked for are ValueErrors with one line naming the flag or file. The
-run never writes over an input: a non-empty `--out` is refused unless it holds a run that stopped
-before its first checkpoint. A diverging run (non-finite loss) returns `EXIT_DIVERGED` and keeps
-its last finite checkpoint; Ctrl-C saves and returns `EXIT_INTERRUPTED`.
+"""`lora-jax finetune`: data, method, training (checkpoints, Ctrl-C, `--resume`), evaluation,
+and the run folder (adapter/, metrics.json, metrics.jsonl, loss.png; best_adapter/ with
+`--eval-every`). `prepare` and `encode_split` also serve the sweep and experiments/.
 """
 
 from __future__ import annotations
@@ -192,15 +184,9 @@ def _in_memory(args: argparse.Namespace, task: str
 def finetune(args: argparse.Namespace) -> int:
     """`lora-jax finetune`: train, evaluate, and write the adapter, checkpoint and metrics.
 
-    `args` holds the finetune flags as attributes (`model`, `task`, `data`, `method`, `r`,
-    `alpha`, `dropout`, `targets`, `steps`, `epochs`, `batch_size`, `seq_len`, `lr`,
-    `prompt_tokens`, `seed`, `limit`, `save_every`, `out`, `resume`, `no_progress`, `dtype`,
-    `param_dtype`, `grad_accum`, `schedule`, `warmup_steps`, `weight_decay`, `max_grad_norm`,
-    `eval_every`, `tensorboard`, `stream` (`lora_jax.train.stream`), and where it runs: `mesh`,
-    `coordinator`, `num_processes`, `process_id`, see `lora_jax.cli.devices`); a resumed run
-    passes its saved settings with `resume` set (see `lora_jax.cli.main`). Returns the exit
-    status: 0, `EXIT_DIVERGED` or `EXIT_INTERRUPTED`. With several processes every one runs
-    this; process 0 alone prints and writes the side files and the adapter.
+    `args` holds the finetune flags as attributes (a resumed run's saved ones, with `resume`
+    set: `lora_jax.cli.main`). Returns 0, `EXIT_DIVERGED` or `EXIT_INTERRUPTED`. Every process
+    of a multi-process run runs this; process 0 alone prints and writes the files.
     """
     import jax
 
@@ -244,6 +230,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     start = time.perf_counter()
 
     import jax
+    from jax.experimental import multihost_utils
 
     import lora_jax
     from lora_jax.cli.devices import Placement, mesh_text
@@ -261,13 +248,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     streamed = getattr(args, "stream", False)
     n_train = None if streamed else len(train_a["input_ids"])
     lr = args.lr or DEFAULT_LR[args.method]
-    setup = setup_method(loaded, task, args.method, r=args.r, alpha=args.alpha,
-                         dropout=args.dropout,
-                         targets=args.target_regex or split_targets(args.targets),
-                         prompt_tokens=args.prompt_tokens, lr=lr, steps=steps, seed=args.seed,
-                         dora=args.dora, init=True if args.init == "default" else args.init,
-                         loraplus_ratio=args.loraplus_ratio,
-                         quantize=args.quantize,
+    setup = setup_method(loaded, task, args.method, **adapter_options(args), lr=lr, steps=steps,
+                         prompt_tokens=args.prompt_tokens, dora=args.dora,
+                         loraplus_ratio=args.loraplus_ratio, quantize=args.quantize,
                          options=method_options(args.method, vars(args)),
                          schedule=args.schedule, warmup_steps=args.warmup_steps,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
@@ -277,7 +260,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                          f"training {'blocks' if task == 'lm' else 'examples'}: use a smaller "
                          "batch or more data")
     if nnx_frontend:  # the same setup, the NNX model's forward
-        setup = nnx_run.on_nnx(setup, loaded, task, args.method, args.quantize)
+        setup = nnx_run.on_nnx(setup, loaded)
     # The base and factors on the mesh (fsdp shards them), the optimizer state beside them.
     shardings = placement.shardings(setup.params,
                                     getattr(loaded.family.module, "SHARDING_RULES", None),
@@ -320,23 +303,24 @@ def _run(args: argparse.Namespace, out: Path) -> int:
             if main_process:
                 write_json(out / "losses.json", so_far, indent=None)
 
-        before = None
         eval_batch = placement.eval_batch(64)  # one compiled evaluation before and after
-        if task != "classify" and not start_step:
-            before = train.evaluate(setup.forward, task, params, test_a, eval_batch,
-                                    placement.feed)
+
+        def evaluate(p: Any, split: Any) -> dict[str, Any]:
+            return train.evaluate(setup.forward, task, p, split, eval_batch, placement.feed)
+
+        before = evaluate(params, test_a) if task != "classify" and not start_step else None
+
         def write_adapter(folder: Path, trained: Any) -> None:
             """The adapter of `trained` (every process gathers it; process 0 writes it)."""
-            trained = placement.gather(trained)
+            trained = multihost_utils.process_allgather(trained, tiled=True)
             if main_process:
                 with new_folder(folder) as tmp:
                     save_adapter(tmp, lora_jax.combine(trained, frozen), setup, loaded, task,
                                  args.method, args.prompt_tokens)
 
         result: train.FitResult | train.Interrupted | train.Diverged
-        best = Best(out, start_step, lambda t: train.evaluate(
-            setup.forward, task, lora_jax.combine(t, frozen), val_a, eval_batch, placement.feed),
-            lambda t: write_adapter(out / "best_adapter", t))
+        best = Best(out, start_step, lambda t: evaluate(lora_jax.combine(t, frozen), val_a),
+                    lambda t: write_adapter(out / "best_adapter", t))
         log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if args.tensorboard else None,
                          start_step)
         rows = args.batch_size * args.grad_accum  # each step's global batch
@@ -365,8 +349,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     if isinstance(result, train.Diverged):
         return _diverged(result, out, args, lr) if main_process else EXIT_DIVERGED
     params = lora_jax.combine(result.trainable, frozen)
-    val = train.evaluate(setup.forward, task, params, val_a, eval_batch, placement.feed)
-    test = train.evaluate(setup.forward, task, params, test_a, eval_batch, placement.feed)
+    val, test = evaluate(params, val_a), evaluate(params, test_a)
     _print_eval(task, val, test, before)
     write_adapter(out / "adapter", result.trainable)
     if not main_process:
@@ -399,10 +382,9 @@ def _run(args: argparse.Namespace, out: Path) -> int:
 
 
 class Best:
-    """`--eval-every`'s evaluation: `best(step, trainable)` returns the validation metrics of
-    `evaluate(trainable)` (`validation_loss`, and accuracy or perplexity) and, when the loss is
-    the lowest so far, calls `save(trainable)` (the adapter to out/best_adapter). A resumed run
-    starts from the best of the steps up to its checkpoint that metrics.jsonl logged."""
+    """`--eval-every`'s evaluation: `best(step, trainable)` returns the validation metrics and
+    calls `save(trainable)` when the loss is the lowest so far (a resumed run's best so far is
+    read from metrics.jsonl, up to its checkpoint)."""
 
     def __init__(self, out: Path, start_step: int, evaluate: Any, save: Any) -> None:
         self.evaluate, self.save = evaluate, save
@@ -426,9 +408,8 @@ class Best:
 
 def _resume(checkpointer: Any, target: tuple[Any, Any], config: Any, out: Path, steps: int
             ) -> tuple[Any, list[float]]:
-    """(the newest intact checkpoint of the run in `out`, its losses), after checking that the
-    run's settings (run_config.json: `config` and the arrays of `target`) are those the
-    checkpoints were saved with: an edited file is an error naming it, not a damaged step."""
+    """(the newest intact checkpoint of the run in `out`, its losses); run_config.json's
+    settings edited since the checkpoints are an error naming it, not a damaged step."""
     from lora_jax.core.checkpoint import CheckpointMismatch, CorruptCheckpoint
 
     settings = out / "run_config.json"
@@ -457,8 +438,7 @@ def _resume(checkpointer: Any, target: tuple[Any, Any], config: Any, out: Path, 
 
 
 def _diverged(bad: Any, out: Path, args: argparse.Namespace, lr: float) -> int:
-    """Report a diverged run: the losses file matches the checkpoint kept, metrics.json says
-    what happened (valid JSON), and the message says what to do."""
+    """Report a diverged run: losses.json as of the checkpoint kept, metrics.json, a hint."""
     kept = bad.last_saved
     write_json(out / "losses.json", bad.losses[:kept or 0], indent=None)
     write_json(out / "metrics.json", {
@@ -473,8 +453,7 @@ def _diverged(bad: Any, out: Path, args: argparse.Namespace, lr: float) -> int:
 
 
 def _saved_losses(checkpointer: Any, step: int, out: Path) -> list[float]:
-    """The losses up to `step`: from the checkpoint itself (committed with it), else (older
-    checkpoints) from losses.json when it covers the step."""
+    """The losses up to `step`: the checkpoint's own, else (older checkpoints) losses.json's."""
     extra = checkpointer.extra(step)
     if isinstance(extra, dict) and isinstance(extra.get("losses"), list):
         losses = extra["losses"]
@@ -487,8 +466,14 @@ def _saved_losses(checkpointer: Any, step: int, out: Path) -> list[float]:
 
 
 def run_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    fields = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
-    return fields | {"out": str(out)}
+    return {k: v for k, v in vars(args).items() if k not in NOT_SAVED} | {"out": str(out)}
+
+
+def adapter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`setup_method`'s adapter keywords of the flags (shared by a run and a sweep's points)."""
+    return {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "seed": args.seed,
+            "targets": args.target_regex or split_targets(args.targets),
+            "init": True if args.init == "default" else args.init}
 
 
 def split_targets(text: str | None) -> tuple[str, ...] | None:

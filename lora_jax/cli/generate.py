@@ -1,5 +1,6 @@
 """`lora-jax generate`: continue prompts with a causal LM, or decode from them with an
-encoder-decoder (T5); with one adapter, or one adapter per prompt run as one batch."""
+encoder-decoder (T5); with one adapter, or one adapter per prompt (an adapter set: one batch,
+one compiled decode loop)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ from lora_jax.core.config import AdapterConfig
 
 
 def generate(args: argparse.Namespace) -> int:
-    """`lora-jax generate`: continue prompts with a causal LM, or (an encoder-decoder such as
-    T5) decode from each prompt as the encoder's input; optionally with an adapter, or one
-    adapter per prompt (an adapter set: one batch, one compiled decode loop)."""
+    """`lora-jax generate` with the parsed flags; returns the exit status (0)."""
     import jax
     import jax.numpy as jnp
 

@@ -7,16 +7,9 @@
     lora-jax generate --model smollm2 --adapter runs/X/adapter --prompt "The match"
     lora-jax merge --adapter runs/X/adapter --out merged/
 
-Errors in what the user asked for (bad flags, missing or damaged files, unknown models, a
-one-class dataset) print one line and exit with status 2; a file that cannot be written (a full
-disk) prints one line and exits with status 1, keeping what was saved (a run resumes from its
-last checkpoint); a diverging run (non-finite loss) stops with status 3 and keeps its last
-finite checkpoint; Ctrl-C exits with 130 after saving.
-
-Nothing is written over an input: `merge` writes a new folder (through a temporary folder and a
-rename), `finetune` refuses a non-empty `--out` unless it holds a run that stopped before its
-first checkpoint, and every side file (run_config.json, losses.json, metrics.json, adapter/) is
-written whole or not at all.
+A user error (bad flags, missing or damaged files, unknown models) is one line on stderr and
+exit status 2; an unwritable file (a full disk) 1, what was saved kept; a diverging run 3, its
+last finite checkpoint kept; Ctrl-C 130 after saving. Nothing is written over an input.
 """
 
 from __future__ import annotations
@@ -57,8 +50,8 @@ class _Parser(argparse.ArgumentParser):
 # --- the command line ----------------------------------------------------------------------------
 
 def _init(text: str) -> str:
-    """--init: "default" (peft's True) or an init_lora_weights string LoraConfig accepts; kept
-    as text so that a saved run_config.json parses again on --resume."""
+    """--init: "default" (peft's True) or a LoraConfig init_lora_weights string, kept as text
+    so that a saved run_config.json parses again on --resume."""
     from lora_jax import LoraConfig
 
     try:

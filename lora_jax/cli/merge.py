@@ -12,8 +12,7 @@ from lora_jax.cli.model import load_model
 
 
 def merge(args: argparse.Namespace) -> int:
-    """`lora-jax merge`: base + adapter -> merged weights as HF-format safetensors, in a new
-    folder `--out` (written as a temporary folder, then renamed: never over an input)."""
+    """`lora-jax merge`: base + adapter -> HF-format safetensors in the new folder `--out`."""
     import lora_jax
     from lora_jax.models.loading import read_safetensors, save_hf
     from lora_jax.peft.files import load_peft

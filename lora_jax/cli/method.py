@@ -85,7 +85,8 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
     if quantize and init not in (True, False, "gaussian"):
         raise ValueError(f"--quantize with --init {init}: PiSSA/OLoRA/LoftQ start from the float "
                          "base (LoftQ quantizes the adapted weights itself); drop one of them")
-    if dora and init in ("pissa", "olora") or dora and str(init).startswith("pissa_niter"):
+    converts = init in ("pissa", "olora") or str(init).startswith("pissa_niter")
+    if dora and converts:
         raise ValueError(f"--dora with --init {init}: a DoRA adapter trained from the residual "
                          "base cannot be converted to the original base; use one of them")
     if quantize and not lora_jax.quant.quantize.has_quantized(params):
@@ -93,24 +94,19 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
         # modules stay float). `load_model(..., quantize=)` gives the same tree while reading.
         params = lora_jax.quantize(params, quantize, modules_to_save=head)
     config: Any
-    target_modules = targets if isinstance(targets, str) else tuple(
-        targets or family.default_targets)
+    targets = targets if isinstance(targets, str) else tuple(targets or family.default_targets)
+    adapter: dict[str, Any] = {"target_modules": targets, "modules_to_save": head or None}
     if method == "vera":
-        config = lora_jax.VeraConfig(r=r, vera_dropout=dropout, target_modules=target_modules,
-                                     modules_to_save=head or None, **(options or {}))
+        config = lora_jax.VeraConfig(r=r, vera_dropout=dropout, **adapter, **(options or {}))
     elif method == "lokr":
-        config = lora_jax.LoKrConfig(r=r, alpha=alpha, target_modules=target_modules,
-                                     modules_to_save=head or None, **(options or {}))
-    if method in ("vera", "lokr"):
+        config = lora_jax.LoKrConfig(r=r, alpha=alpha, **adapter, **(options or {}))
+    elif method == "lora":
+        config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=dora,
+                                     init_lora_weights=init, **adapter)
+    if method in ADAPTERS:
         params = lora_jax.inject(params, config, key, layouts=loaded.layouts())
         apply = lora_jax.wrap(apply, config)
-    elif method == "lora":
-        config = lora_jax.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                     target_modules=target_modules,
-                                     modules_to_save=head or None, use_dora=dora,
-                                     init_lora_weights=init)
-        params = lora_jax.inject(params, config, key, layouts=loaded.layouts())
-        if init in ("pissa", "olora") or str(init).startswith("pissa_niter"):
+        if converts:
             # The starting factors, copied: training donates the trainable buffers.
             from lora_jax.core.record import iter_records
             from lora_jax.core.targets import with_leaves
@@ -118,7 +114,6 @@ def setup_method(loaded: Loaded, task: str, method: str, *, r: int = 8, alpha: f
             initial = with_leaves(params, {
                 item.path: {n: jax.numpy.array(item.module[n], copy=True)
                             for n in item.record.arrays} for item in iter_records(params)})
-        apply = lora_jax.wrap(apply, config)
     elif method == "full":
         config = lora_jax.LoraConfig(modules_to_save=tuple(params))
     elif method == "head":

@@ -13,18 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax.cli.files import read_json
-
-
-def architecture_of(model_type: str | None) -> Any:
-    """The architecture record of an HF `model_type` (`lora_jax.models.registry`: default
-    targets, word embeddings, classifier head, default task); an unsupported one is a
-    ValueError."""
-    from lora_jax.models.registry import ARCHITECTURES
-
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"a {model_type!r} model: lora-jax supports {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[model_type]
-
+from lora_jax.models.registry import architecture
 
 _KINDS = {"classify": "encoder", "lm": "causal LM", "seq2seq": "encoder-decoder"}
 
@@ -42,7 +31,7 @@ class Loaded:
 
     @property
     def family(self) -> Any:
-        return architecture_of(self.model_type)
+        return architecture(self.model_type)
 
     def layouts(self) -> dict[str, Any]:
         """How each layer reads its weight (`lora_jax.layouts` on one token), for inject and
@@ -87,7 +76,7 @@ def model_task(spec: str, task: str | None) -> str:
     (`classify` for an encoder, else its default)."""
     path = resolve_model(spec)
     model_type = "llama" if path.suffix == ".gguf" else _model_type(path)
-    family = architecture_of(model_type)
+    family = architecture(model_type)
     if task is None:
         return family.task
     if task == "base":
@@ -107,9 +96,9 @@ def _model_type(path: Path) -> str:
     hf_config = read_json(path / "config.json")
     model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     try:
-        architecture_of(model_type)
+        architecture(model_type)
     except ValueError as err:
-        raise ValueError(f"--model {str(path)!r} is {err}") from None
+        raise ValueError(f"--model {str(path)!r}: {err}") from None
     return str(model_type)
 
 
@@ -157,33 +146,28 @@ def with_classifier(module: Any, params: dict[str, Any], model_type: str,
                     num_labels: int | None, seed: int) -> tuple[Any, dict[str, Any]]:
     """The sequence-classification model of `num_labels` classes on an encoder: a base encoder
     (e.g. all-MiniLM-L6-v2's BertModel) gets a freshly initialised `classifier` head."""
-    import dataclasses as dc
-
     import jax
     import jax.numpy as jnp
 
-    family = architecture_of(model_type)
-    if family.classifier is None:
-        raise ValueError(f"--task classify needs an encoder; this is a {model_type} "
-                         f"{_KINDS[family.task]} (use --task {family.task})")
+    family: Any = architecture(model_type)  # an encoder's: its classifier and prefix are set
     if num_labels is None:
         raise ValueError("--task classify needs labelled data")
     head = family.classifier
     if head in params and params[head]["kernel"].shape[-1] == num_labels:
         return module, params
-    config = dc.replace(module.config, num_labels=num_labels)
+    config = dataclasses.replace(module.config, num_labels=num_labels)
     model = family.module.build(config, dtype=module.dtype, param_dtype=module.param_dtype,
                                 task="classify")
     encoder = {k: v for k, v in params.items() if k != head}
     if family.base_model_prefix not in encoder:  # a base model: its params become that subtree
         encoder = {family.base_model_prefix: encoder}
     # HF's initialisation of a new head: N(0, initializer_range^2) weights, zero bias.
-    hidden = config.hidden_size
     std = getattr(config, "initializer_range", 0.02)
-    kernel = std * jax.random.normal(jax.random.key(seed), (hidden, num_labels), jnp.float32)
+    kernel = std * jax.random.normal(jax.random.key(seed), (config.hidden_size, num_labels),
+                                     jnp.float32)
     dtype = module.param_dtype
-    head_params = {"kernel": kernel.astype(dtype), "bias": jnp.zeros(num_labels, dtype)}
-    return model, {**encoder, head: head_params}
+    return model, {**encoder, head: {"kernel": kernel.astype(dtype),
+                                     "bias": jnp.zeros(num_labels, dtype)}}
 
 
 def max_positions(module: Any) -> int | None:

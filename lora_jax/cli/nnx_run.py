@@ -1,19 +1,12 @@
 """`lora-jax finetune --frontend nnx`: the run's LoRA on the Flax NNX reference models.
 
-The run's setup (`lora_jax.cli.method.setup_method`: the config, the factors from the framework-free
-`lora_jax.inject`, the optimizer) is the same for both frontends; `on_nnx` puts its params on
-the NNX twin of the model (`lora_jax.models.nnx_gpt2` / `nnx_llama`, the same HF paths) with
-`lora_jax.nnx.adapt` and makes the forward the NNX model's (`lora_jax.nnx.functional`). The
-params stay the linen-form dict (list elements `h_0`), so training, checkpoints, `--resume`
-and the saved peft adapter are the linen run's: `lora-jax generate` / `merge` read that adapter
-as any other (with the linen models, which have the KV cache).
+`on_nnx` puts the run's setup (the same for both frontends) on the NNX twin of the model and
+makes the forward the NNX model's; the params stay the linen-form dict, so training,
+checkpoints, `--resume` and the saved peft adapter are the linen run's (docs/guides/nnx.md).
+With `--dropout 0` both frontends give the same losses; with dropout their masks differ.
 
-Same seed, same factors: with `--dropout 0` both frontends compute the same losses (up to
-float32 rounding). LoRA dropout draws its masks differently (linen folds the module path into
-the step's key, NNX a stream per adapted module), so with dropout the runs differ by the
-masks.
-
-    setup = on_nnx(setup_method(loaded, "lm", "lora"), loaded, "lm", "lora")
+    check(loaded.model_type, "lm", "lora", None)   # before any setup: a one-line error
+    setup = on_nnx(setup_method(loaded, "lm", "lora"), loaded)
 """
 
 from __future__ import annotations
@@ -43,10 +36,9 @@ def check(model_type: str, task: str, method: str, quantize: str | None) -> None
                          "use --frontend linen for QLoRA")
 
 
-def on_nnx(setup: Any, loaded: Any, task: str, method: str, quantize: str | None = None
-           ) -> Any:
-    """`setup` (a `lora_jax.cli.method.Setup` of the linen model in `loaded`) with the forward of
-    the NNX twin of the model carrying the same base weights, factors and records."""
+def on_nnx(setup: Any, loaded: Any) -> Any:
+    """`setup` (a `lora_jax.cli.method.Setup` of the linen model in `loaded`, as `check` allows)
+    with the forward of the NNX twin of the model carrying the same weights and records."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -54,7 +46,6 @@ def on_nnx(setup: Any, loaded: Any, task: str, method: str, quantize: str | None
     from lora_jax.core.record import iter_records
     from lora_jax.core.targets import without_leaves
 
-    check(loaded.model_type, task, method, quantize)
     cls, stacks = NNX_MODELS[loaded.model_type]
     module = loaded.module
     model = nnx.eval_shape(lambda: cls(

@@ -1,16 +1,7 @@
 """`lora-jax finetune --sweep KEY=V1,V2 ...`: one LoRA run per point of the sweeps' cartesian
-product, all trained together in one compiled step on one frozen base (`lora_jax.multi.sweep`).
-
-    lora-jax finetune --model smollm2 --task lm --data notes.txt --steps 200 \\
-        --sweep lr=1e-4,3e-4,1e-3 --sweep r=8,16 --out runs/sweep
-
-writes one run folder per point under --out (`lr=0.0001_r=8/`: adapter/, losses.json,
-metrics.json, run_config.json, loss.png, as a normal run) and summary.json / summary.md (point,
-final loss, evaluation metric, steps/s). Keys, as `lora_jax.multi.sweep` names them: `lr`, `r`,
-`lora_alpha` and `seed` (the adapter's init, batch order and dropout; the data split and a new
-classifier head come from --seed); each value is checked as its flag's (`--lr`, `--r`,
-`--alpha`, `--seed`) is, when the command line is parsed. Every other flag is shared by all
-points.
+product, trained together in one compiled step on one frozen base (`lora_jax.multi.sweep`); a
+run folder per point under --out (`lr=0.0001_r=8/`, as a normal run's) and summary.json / .md.
+Keys: `lr`, `r`, `lora_alpha`, `seed` (docs/guides/many_adapters.md); other flags are shared.
 """
 
 from __future__ import annotations
@@ -24,7 +15,13 @@ from typing import Any
 
 from lora_jax.cli.adapter import save_adapter
 from lora_jax.cli.files import check_writable, new_folder, write_bytes, write_json
-from lora_jax.cli.finetune import EXIT_DIVERGED, plot_losses, prepare, run_config, split_targets
+from lora_jax.cli.finetune import (
+    EXIT_DIVERGED,
+    adapter_options,
+    plot_losses,
+    prepare,
+    run_config,
+)
 from lora_jax.cli.method import DEFAULT_LR, setup_method, training_tx
 
 # --sweep key (a point key of `lora_jax.multi.sweep`: peft's field names) -> the finetune flag
@@ -132,11 +129,8 @@ def finetune(args: argparse.Namespace) -> int:
                                         "lr": args.lr or DEFAULT_LR["lora"],
                                         **{KEYS[k]: v for k, v in p.items()}})
                   for p in grid]
-    setups = [setup_method(loaded, task, "lora", r=a.r, alpha=a.alpha, dropout=a.dropout,
-                               targets=a.target_regex or split_targets(a.targets),
-                               lr=a.lr, steps=steps, seed=a.seed,
-                               init=True if a.init == "default" else a.init,
-                               **optimizer_flags(args))
+    setups = [setup_method(loaded, task, "lora", **adapter_options(a), lr=a.lr, steps=steps,
+                           **optimizer_flags(args))
               for a in point_args]
     sw = sweep.stack([(s.params, s.config) for s in setups],
                      hyperparams={"lr": np.asarray([a.lr for a in point_args], np.float32)},
