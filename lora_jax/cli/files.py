@@ -27,20 +27,6 @@ except ImportError:  # Windows: stale temporary folders are left in place
     fcntl = None  # type: ignore[assignment]
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's value; a missing, non-UTF-8 or malformed file is a ValueError naming it."""
-    try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
-
-
 def json_safe(value: Any) -> Any:
     """`value` with every non-finite float replaced by None (JSON has no NaN / Infinity)."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -21,13 +21,13 @@ from lora_jax.cli.files import (
     check_writable,
     empty_or_absent,
     new_folder,
-    read_json,
     unstarted_run,
     write_bytes,
     write_json,
 )
 from lora_jax.cli.method import DEFAULT_LR, method_options, setup_method
 from lora_jax.cli.model import Loaded, check_seq_len, eos_id, load_model, model_task
+from lora_jax.core.jsonfile import read_json
 from lora_jax.train.metrics import MetricsLog, check_tensorboard, read_rows
 
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130

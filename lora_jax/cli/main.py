@@ -26,11 +26,11 @@ from lora_jax import __version__
 from lora_jax.cli import finetune as run_finetune
 from lora_jax.cli import sweep
 from lora_jax.cli.devices import parse_mesh
-from lora_jax.cli.files import read_json
 from lora_jax.cli.finetune import EXIT_DIVERGED, EXIT_INTERRUPTED, LAUNCH, NOT_SAVED
 from lora_jax.cli.generate import generate
 from lora_jax.cli.merge import merge
 from lora_jax.cli.method import METHODS, SCHEDULES
+from lora_jax.core.jsonfile import read_json
 from lora_jax.train.metrics import INSTALL_TENSORBOARD
 
 EXIT_USAGE = 2

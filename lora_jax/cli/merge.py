@@ -7,8 +7,9 @@ import argparse
 from pathlib import Path
 
 from lora_jax.cli.adapter import check_adapter
-from lora_jax.cli.files import check_writable, empty_or_absent, new_folder, read_json
+from lora_jax.cli.files import check_writable, empty_or_absent, new_folder
 from lora_jax.cli.model import load_model
+from lora_jax.core.jsonfile import read_json
 
 
 def merge(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lora_jax.cli.files import read_json
+from lora_jax.core.jsonfile import read_json
 from lora_jax.models.registry import architecture
 
 _KINDS = {"classify": "encoder", "lm": "causal LM", "seq2seq": "encoder-decoder"}

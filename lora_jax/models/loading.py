@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.core.jsonfile import read_json
 from lora_jax.models.registry import architecture, of_module
 from lora_jax.models.stacking import Converter
 from lora_jax.quant.quantize import is_quantized, leaf_quantizer
@@ -85,16 +86,6 @@ def from_torch(hf_model: Any, *, dtype: Any = jnp.float32, param_dtype: Any = jn
     return _build(hf_model.config.model_type, type(hf_model).__name__, hf_model.config.to_dict(),
                   state_dict, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                   remat_policy=remat_policy)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def read_safetensors(path: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -159,7 +150,7 @@ def _read_weights(path: str) -> _LazyTensors:
     if not os.path.exists(index):
         raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
                          f"(save the model with safe_serialization=True)")
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} has no 'weight_map'")
     for file in sorted(set(weight_map.values())):
@@ -187,7 +178,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32,
         module, params = from_pretrained(folder, param_dtype=jnp.bfloat16, quantize="nf4")
     """
     path = os.fspath(path)
-    config = _read_json(os.path.join(path, "config.json"))
+    config = read_json(os.path.join(path, "config.json"))
     if "model_type" not in config:
         raise ValueError(f"{path}/config.json has no 'model_type'")
     classes = config.get("architectures") or [None]

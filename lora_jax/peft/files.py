@@ -29,6 +29,7 @@ from lora_jax import variants
 from lora_jax.core.config import AdapterConfig, LoraConfig, alpha_for, scaling
 from lora_jax.core.factors import Layout
 from lora_jax.core.inject import Values, find_targets, new_record, per_layer
+from lora_jax.core.jsonfile import read_json
 from lora_jax.core.record import LoraRecord, check_assumed, owned, scale_name
 from lora_jax.core.saved import is_original, keep_originals
 from lora_jax.core.targets import (
@@ -589,14 +590,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
         if not os.path.isfile(file):
             raise ValueError(f"load_peft: no {file!r} (lora_jax reads peft's safetensors "
                              "adapters: adapter_config.json + adapter_model.safetensors)")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            fields = json.load(f)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{config_file} is not UTF-8 text (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err.msg}, line {err.lineno})"
-                         ) from None
+    fields = read_json(config_file)
     if not isinstance(fields, dict):
         raise ValueError(f"{config_file} is not a JSON object but a {type(fields).__name__}")
     try:

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_jax.core.jsonfile import read_json
+
 Message = Mapping[str, str]
 
 
@@ -118,7 +120,7 @@ def read_chat_template(folder: str | Path) -> ChatTemplate | None:
     the config's `bos_token` / `eos_token`; None when the folder has none."""
     folder = Path(folder)
     config_file = folder / "tokenizer_config.json"
-    loaded = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    loaded = read_json(config_file) if config_file.is_file() else {}
     config: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
     source: Any = config.get("chat_template")
     where = f"the chat template of {config_file}"
