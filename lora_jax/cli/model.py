@@ -149,7 +149,10 @@ def with_classifier(module: Any, params: dict[str, Any], model_type: str,
     import jax
     import jax.numpy as jnp
 
-    family: Any = architecture(model_type)  # an encoder's: its classifier and prefix are set
+    family = architecture(model_type)
+    if family.classifier is None or family.base_model_prefix is None:
+        raise ValueError(f"--task classify needs an encoder; this is a {model_type} "
+                         f"{_KINDS[family.task]} (use --task {family.task})")
     if num_labels is None:
         raise ValueError("--task classify needs labelled data")
     head = family.classifier

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax import variants
-from lora_jax.core.config import AdapterConfig
+from lora_jax.core.config import AdapterConfig, is_number
 
 _FORMAT = "lora_jax.adapter_checkpoint/1"
 
@@ -93,9 +93,9 @@ class AdapterCheckpointer:
         max_to_keep: int | None = None,
         async_save: bool = True,
     ) -> None:
-        if not isinstance(save_every, int) or save_every < 1:
+        if not is_number(save_every, int) or save_every < 1:
             raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+        if max_to_keep is not None and (not is_number(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
@@ -144,7 +144,7 @@ class AdapterCheckpointer:
 
         `target = (trainable, opt_state)` gives the structure, dtypes and shardings to restore
         onto (arrays, or `jax.ShapeDtypeStruct`s carrying `.sharding`), on any mesh (8 devices
-        -> 4 -> 1): e.g. the freshly initialised `split(params, config)[0]` and `tx.init(params)`.
+        -> 4 -> 1): e.g. the freshly initialised `split(params, config)[0]` and `tx.init` of it.
         Missing or damaged files, or arrays that fail their digest, raise `CorruptCheckpoint`
         naming the step's folder; arrays of other paths or shapes than the target's raise
         `CheckpointMismatch` (checked from the metadata, before any array is read).

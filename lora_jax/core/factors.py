@@ -66,6 +66,11 @@ class Layout:
                 )
             object.__setattr__(self, "n_in", self.order.count("i"))
 
+    @property
+    def leading(self) -> int:
+        """How many axes come before a factor's own: the stacked axes, then the batch ("b")."""
+        return self.stacked + (self.order or "").count("b")
+
     def roles(self, ndim: int) -> str:
         """One role letter per axis of a weight with `ndim` axes ("s" for stacked layers)."""
         inner = self.order or "i" * self.n_in + "o" * (ndim - self.stacked - self.n_in)
@@ -119,7 +124,7 @@ def pad_rank(a: jax.Array, b: jax.Array, layout: Layout, r: int) -> tuple[jax.Ar
         return jnp.pad(x, [(0, r - x.shape[axis]) if i == axis else (0, 0)
                            for i in range(x.ndim)])
 
-    return pad(a, a.ndim - 1), pad(b, layout.stacked + (layout.order or "").count("b"))
+    return pad(a, a.ndim - 1), pad(b, layout.leading)
 
 
 def max_rank(kernel_shape: tuple[int, ...], layout: Layout) -> int:

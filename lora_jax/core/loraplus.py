@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
+
+from lora_jax.core.config import is_number
 
 _EMBEDDING_FACTORS = ("lora_embedding_A", "lora_embedding_B")
 
@@ -50,7 +53,7 @@ def loraplus(
     for name, value in (("loraplus_lr_ratio", loraplus_lr_ratio),
                         ("learning_rate", learning_rate),
                         ("loraplus_lr_embedding", loraplus_lr_embedding)):
-        if not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+        if not is_number(value) or not math.isfinite(value) or not value > 0:
             raise ValueError(f"loraplus: {name} must be a positive finite number, got {value!r}")
     return optax.multi_transform(
         {"A": optimizer(learning_rate), "B": optimizer(learning_rate * loraplus_lr_ratio),

@@ -176,7 +176,7 @@ def check_same_base(first: Mapping[str, Any], other: Mapping[str, Any], who: str
 
 def leading(record: LoraRecord) -> int:
     """The axes before one adapter's arrays' own (`Leaf.axes`): the stacked and kept axes."""
-    return record.layout.stacked + (record.layout.order or "").count("b")
+    return record.layout.leading
 
 
 def target_path(path: str, weight: str, module: Mapping[str, Any]) -> str:

@@ -203,7 +203,7 @@ def save_hf(path: str | os.PathLike, module: nn.Module, params: Params, *,
     `module` must be unscanned (`scan_layers=False`).
 
         module, params = from_pretrained(folder)
-        save_hf(out, module, lora_jax.merge(params), hf_config=json.load(open(config_file)))
+        save_hf(out, module, lora_jax.merge(params), hf_config=read_json(config_file))
     """
     import dataclasses
 

@@ -349,9 +349,8 @@ def _adapt(model: nnx.Module, tree: Mapping[str, Any], rngs: Any,
     """`adapt`, with `rename` mapping the tree's module paths to the model's."""
     modules = _modules(model)
     stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
-    records = list(iter_records(tree))
     owners = []
-    for item in records:  # check everything before changing anything
+    for item in iter_records(tree):  # check everything before changing anything
         record = item.record
         module = modules.get(rename.get(item.path, item.path))
         if module is None:

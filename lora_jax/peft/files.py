@@ -252,7 +252,7 @@ def _shape_tree(index: Mapping[str, _Slot]) -> tuple[dict[str, Any], dict[str, L
         for part in path.split("."):
             node = node.setdefault(part, {})
         node[names[0]] = jax.ShapeDtypeStruct(weight.shape, weight.dtype)
-        layouts[path] = _default_layout(names[0], n_in=weight.ndim - 1)
+        layouts[path] = _plain_layout(names[0], n_in=weight.ndim - 1)
     return tree, layouts
 
 
@@ -783,7 +783,7 @@ def load_peft(
                                  assumed=model_type is None)
     new_params = with_leaves(new_params, _expert_leaves(experts, config, dtype, layouts))
     # Flax-side layouts (scanned modules have one stacked axis) for matching on Flax paths.
-    flax_layouts = {s.flax_path: _default_layout(
+    flax_layouts = {s.flax_path: _plain_layout(
                         _weight_name(s.node), stacked=int(s.layer is not None),
                         n_in=max(s.leaf(_weight_name(s.node)).ndim - 1, 1))
                     for s in index.values() if "kernel" in s.node or "embedding" in s.node}
@@ -867,7 +867,7 @@ def _expert_leaves(experts: _Experts, config: AdapterConfig, dtype: jnp.dtype,
 def _torch_layout(slot: _Slot, layouts: Mapping[str, Layout] | None) -> Layout:
     """The layout of one layer's weight in the slot: its (in, out) as the layout reads it (a
     FlaxConv1D kernel is [out, in])."""
-    layout = (layouts or {}).get(slot.flax_path) or _default_layout(_weight_name(slot.node))
+    layout = (layouts or {}).get(slot.flax_path) or _plain_layout(_weight_name(slot.node))
     return dataclasses.replace(layout, stacked=0)
 
 
@@ -883,7 +883,7 @@ def _weight_name(node: Mapping[str, Any]) -> str:
     return "embedding" if "embedding" in node else "kernel"
 
 
-def _default_layout(weight: str, **fields: Any) -> Layout:
+def _plain_layout(weight: str, **fields: Any) -> Layout:
     """The layout of a `kernel` (dense) or `embedding` (embed) read without `layouts`."""
     return Layout("embed" if weight == "embedding" else "dense", **fields)
 
@@ -920,7 +920,7 @@ def _build(params: Mapping[str, Any], index: Mapping[str, _Slot], updates: _Upda
                                for i, (r, alpha) in values.items()}, n_layers if scanned else 0)
             if found.ranks or found.scales:
                 adapted[flax_path] = None  # no one (rank, alpha): the file's patterns give them
-            layout = (layouts or {}).get(flax_path) or _default_layout(
+            layout = (layouts or {}).get(flax_path) or _plain_layout(
                 weight, stacked=int(scanned), assumed=assumed and weight != "embedding")
             adapted_layers = tuple(sorted(i for i in values if i is not None)) if scanned else None
             if scanned and len(values) < n_layers:

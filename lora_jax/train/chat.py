@@ -95,9 +95,14 @@ def _compiled(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:  # transformers' filter: these options only
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = functools.partial(json.dumps, ensure_ascii=False)  # as transformers'
+    env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda f: datetime.datetime.now().strftime(f))
     try:

@@ -210,7 +210,7 @@ def pad_ranks(a: jax.Array, b: jax.Array, ranks: tuple[int, ...], layout: Layout
     of B beyond it (exact: they never change the output and get zero gradients), the kept
     ones drawn as peft draws a factor of that layer's rank."""
     rank = a.shape[-1]
-    n_out = b.ndim - 1 - layout.stacked - (layout.order or "").count("b")
+    n_out = b.ndim - 1 - layout.leading
     per = jnp.asarray(ranks)
     keep = jnp.arange(rank)[None, :] < per[:, None]  # [L, rank]
     a = a * keep.reshape(len(ranks), *[1] * (a.ndim - 2), rank)
